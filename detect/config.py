@@ -1,0 +1,356 @@
+"""Typed, strict configuration: small nested dataclasses loaded from YAML.
+
+Every field says where its default comes from. Papers: [RCNN] Girshick et al. 2014 and the
+original ``rcnn`` code; [FRCN] Girshick 2015 and ``rbgirshick/fast-rcnn``
+(``lib/fast_rcnn/config.py``); [SS] Uijlings et al. 2013.
+
+Loading is strict: an unknown key or a value of the wrong type raises ``ConfigError`` naming
+the key and the file. ``key=value`` overrides (``train.lr=0.01``) are parsed as YAML scalars and
+checked the same way. ``save_config`` writes the resolved config beside every output and
+``to_dict`` puts it inside every checkpoint. Modules never read the config object: the wiring
+code (``build_*`` functions, the CLI) passes plain values to constructors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value. The message names the key and the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetConfig:
+    # "coco": an instances JSON plus an image folder. "voc": a VOC2007-style folder with
+    # Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt.
+    format: str = "coco"
+    # coco: the instances JSON. voc: the dataset folder (e.g. VOCdevkit/VOC2007).
+    path: str = ""
+    # coco: the image folder (file_name entries are relative to it). voc: unused.
+    images: str = ""
+    # voc: the split name in ImageSets/Main. coco: unused.
+    split: str = ""
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig = field(default_factory=DatasetConfig)
+    # Proposal stores (see detect.proposals). Computed by `detect propose` if missing.
+    train_proposals: str = ""
+    val_proposals: str = ""
+
+
+@dataclass
+class ProposalConfig:
+    # [RCNN] used selective search "fast" mode; [SS] also defines "quality"; "single" is
+    # OpenCV's single-strategy mode.
+    mode: str = "fast"
+    # [RCNN] resized each image to 500 px wide before selective search (0 = no resize).
+    resize: int = 500
+    # Which side `resize` sets: "width" ([RCNN]), "longer" or "shorter".
+    resize_side: str = "width"
+    # [RCNN] code dropped boxes with a side under 20 px (in original-image pixels).
+    min_size: int = 20
+    # Keep at most this many boxes per image, in selective search's ranking (0 = all).
+    # [FRCN] tested with up to ~2k proposals per image.
+    top_k: int = 2000
+
+
+@dataclass
+class ModelConfig:
+    # vgg16 ([FRCN] model L), alexnet (close to [FRCN] model S), resnet18, resnet50,
+    # mobilenet_v3_large, efficientnet_lite0 (ImageNet weights installed offline).
+    backbone: str = "vgg16"
+    # "none", a torchvision weights name (e.g. IMAGENET1K_V1), "default" (the backbone's own
+    # offline weights, efficientnet_lite0 only), or a path to a state_dict file.
+    weights: str = "IMAGENET1K_V1"
+    # Freeze the backbone's first layers: [FRCN] fine-tunes VGG16 from conv3_1 up (so conv1
+    # and conv2 stay frozen). Names are per backbone, see detect.backbones.
+    freeze_at: str = "conv3_1"
+    # [FRCN] RoI max pooling to 7x7 (roi_pool); roi_align is an option.
+    roi_op: str = "roi_pool"
+    roi_size: int = 7
+    # Width of the two fc layers of the head when the backbone has none ([FRCN] fc6/fc7: 4096).
+    head_dim: int = 4096
+    # [FRCN] dropout 0.5 on fc6 and fc7 during training.
+    dropout: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    # [FRCN] hierarchical sampling: N=2 images, R=128 RoIs per mini-batch (64 per image).
+    images_per_batch: int = 2
+    rois_per_image: int = 64
+    # [FRCN] 25% foreground (IoU >= 0.5), background IoU in [0.1, 0.5).
+    fg_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou_low: float = 0.1
+    bg_iou_high: float = 0.5
+    # [FRCN] shorter side 600, longer side at most 1000; more scales = multi-scale training.
+    scales: list[int] = field(default_factory=lambda: [600])
+    max_size: int = 1000
+    # [FRCN] horizontal flip augmentation.
+    flip: bool = True
+    # [FRCN] SGD, lr 0.001, momentum 0.9, weight decay 5e-4; lr x0.1 at `steps`.
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    # [FRCN] VOC07: 40k iterations, step at 30k.
+    max_iter: int = 40000
+    steps: list[int] = field(default_factory=lambda: [30000])
+    gamma: float = 0.1
+    # Linear warm-up (not in [FRCN]; detectron2's default shape).
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    # [FRCN] lambda = 1 weighting smooth-L1 against the log loss; targets normalised by the
+    # std (0.1, 0.1, 0.2, 0.2) ([FRCN] BBOX_NORMALIZE_STDS).
+    bbox_loss_weight: float = 1.0
+    bbox_std: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
+    # Mixed precision, CUDA only.
+    amp: bool = True
+    checkpoint_period: int = 10000
+    eval_period: int = 0  # 0 = evaluate only at the end
+    log_period: int = 20
+    seed: int = 0
+    num_workers: int = 2
+
+
+@dataclass
+class RCNNConfig:
+    # [RCNN] context padding: p = 16 pixels of context around each warped proposal.
+    context_pad: int = 16
+    # Warp size: 224 for VGG16 ([RCNN] code), 227 for AlexNet. 0 = the backbone's default.
+    crop_size: int = 0
+    # Fine-tuning ([RCNN] code rcnn_finetune): batches of 128 = 32 fg + 96 bg, lr 0.001.
+    ft_batch_size: int = 128
+    ft_fg_per_batch: int = 32
+    ft_fg_iou: float = 0.5
+    ft_lr: float = 0.001
+    ft_momentum: float = 0.9
+    ft_weight_decay: float = 0.0005
+    ft_max_iter: int = 40000
+    ft_steps: list[int] = field(default_factory=lambda: [20000])
+    # Feature stage: cache features to disk as float16 shards (False = stream them).
+    cache_features: bool = True
+    feature_batch_size: int = 128
+    # SVMs ([RCNN] code rcnn_train.m): C=0.001, positive weight 2, bias (intercept) scaling 10,
+    # features scaled to an average L2 norm of 20, negatives IoU < 0.3.
+    svm_C: float = 0.001
+    svm_pos_weight: float = 2.0
+    svm_intercept_scaling: float = 10.0
+    svm_feat_norm: float = 20.0
+    svm_neg_iou: float = 0.3
+    # Hard-negative mining: add negatives scoring > -1.0001, evict those < -1.2, retrain
+    # after ~2000 new negatives ([RCNN] code).
+    svm_hard_thresh: float = -1.0001
+    svm_evict_thresh: float = -1.2
+    svm_retrain_limit: int = 2000
+    svm_passes: int = 1
+    svm_workers: int = 0  # processes for per-class training; 0 = all cores
+    # Box regression ([RCNN] appendix C): ridge, lambda = 1000, from proposals with IoU > 0.6.
+    bbox_ridge_lambda: float = 1000.0
+    bbox_min_iou: float = 0.6
+    # Proposals scored per chunk at test time (bounds memory).
+    test_chunk: int = 512
+
+
+@dataclass
+class TestConfig:
+    # [FRCN] test: shorter side 600, longer at most 1000.
+    scale: int = 600
+    max_size: int = 1000
+    # Post-processing, shared by both detectors: score threshold 0.05, per-class NMS 0.3
+    # ([FRCN] TEST.NMS), at most 100 detections per image (COCO's limit).
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.3
+    detections_per_image: int = 100
+    # [FRCN] section 3.1: truncated SVD, top 1024 singular values of fc6, 256 of fc7.
+    svd: bool = False
+    svd_fc6: int = 1024
+    svd_fc7: int = 256
+
+
+@dataclass
+class Config:
+    # "fast_rcnn" or "rcnn".
+    detector: str = "fast_rcnn"
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rcnn: RCNNConfig = field(default_factory=RCNNConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+# ----------------------------------------------------------------------------------------------
+
+T = typing.TypeVar("T")
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key`` and ``source``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: '{key}' has the wrong type: {value!r}")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: '{key}': unsupported type {tp}")
+
+
+def _build(cls: type[T], data: dict, prefix: str, source: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        kwargs[k] = _check_value(v, hints[k], key, source)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict, source: str = "<dict>", cls: type[T] = Config) -> T:
+    """Build a config from a nested dict, strictly. ``source`` names the origin in errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    cfg = _build(cls, data, "", source)
+    if isinstance(cfg, Config):
+        validate(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: malformed YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping")
+    for item in overrides or []:
+        apply_override(data, item)
+    return from_dict(data, source if not overrides else f"{source} + overrides {overrides}")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=0.01)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Range and choice checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' {msg}")
+
+    need(cfg.detector in ("fast_rcnn", "rcnn"), "detector", f"must be fast_rcnn or rcnn, got {cfg.detector!r}")
+    for name in ("train", "val"):
+        ds = getattr(cfg.data, name)
+        need(ds.format in ("coco", "voc"), f"data.{name}.format", f"must be coco or voc, got {ds.format!r}")
+    p = cfg.proposals
+    need(p.mode in ("fast", "quality", "single"), "proposals.mode", f"must be fast, quality or single, got {p.mode!r}")
+    need(p.resize_side in ("width", "longer", "shorter"), "proposals.resize_side", f"must be width, longer or shorter, got {p.resize_side!r}")
+    need(p.resize >= 0, "proposals.resize", "must be >= 0")
+    need(p.min_size >= 0, "proposals.min_size", "must be >= 0")
+    need(p.top_k >= 0, "proposals.top_k", "must be >= 0")
+    m = cfg.model
+    need(m.roi_op in ("roi_pool", "roi_align"), "model.roi_op", f"must be roi_pool or roi_align, got {m.roi_op!r}")
+    need(m.roi_size > 0, "model.roi_size", "must be > 0")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    t = cfg.train
+    need(t.images_per_batch > 0, "train.images_per_batch", "must be > 0")
+    need(t.rois_per_image > 0, "train.rois_per_image", "must be > 0")
+    need(0.0 <= t.fg_fraction <= 1.0, "train.fg_fraction", "must be in [0, 1]")
+    need(0.0 <= t.bg_iou_low <= t.bg_iou_high <= t.fg_iou <= 1.0, "train.bg_iou_low",
+         "needs 0 <= bg_iou_low <= bg_iou_high <= fg_iou <= 1")
+    need(len(t.scales) > 0 and all(s > 0 for s in t.scales), "train.scales", "must be positive sizes")
+    need(t.lr > 0, "train.lr", "must be > 0")
+    need(t.max_iter > 0, "train.max_iter", "must be > 0")
+    need(len(t.bbox_std) == 4 and all(s > 0 for s in t.bbox_std), "train.bbox_std", "must be 4 positive numbers")
+    need(t.checkpoint_period > 0, "train.checkpoint_period", "must be > 0")
+    r = cfg.rcnn
+    need(r.context_pad >= 0, "rcnn.context_pad", "must be >= 0")
+    need(0 < r.ft_fg_per_batch <= r.ft_batch_size, "rcnn.ft_fg_per_batch", "must be in (0, ft_batch_size]")
+    need(r.svm_C > 0, "rcnn.svm_C", "must be > 0")
+    need(r.svm_evict_thresh < r.svm_hard_thresh, "rcnn.svm_evict_thresh", "must be below svm_hard_thresh")
+    need(r.test_chunk > 0, "rcnn.test_chunk", "must be > 0")
+    e = cfg.test
+    need(0.0 <= e.nms_thresh <= 1.0, "test.nms_thresh", "must be in [0, 1]")
+    need(e.detections_per_image > 0, "test.detections_per_image", "must be > 0")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from detect.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

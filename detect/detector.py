@@ -1,0 +1,161 @@
+"""The one ``Detector`` interface and the one post-processing path both detectors share.
+
+R-CNN and Fast R-CNN differ only in ``score_proposals``: given an image and its proposals it
+returns per-class scores and per-class box deltas (as ``im_detect`` in rbgirshick/fast-rcnn).
+Everything after that is ``postprocess``: decode, clip, threshold, per-class NMS, top-k.
+
+Shapes: R proposals, K object classes (background is not a column), D detections.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from detect.boxes import clip_boxes, decode_boxes
+
+
+@dataclass
+class ProposalScores:
+    """What a detector says about each proposal of one image.
+
+    ``scores[r, k - 1]`` scores class k for proposal r: a softmax probability (Fast R-CNN) or a
+    squashed SVM margin (R-CNN); higher is better. ``deltas[r, k - 1]`` is the class-specific
+    box regression (tx, ty, tw, th), un-normalised, relative to ``proposal_boxes[r]``.
+    """
+
+    proposal_boxes: Tensor  # [R, 4] xyxy, original-image pixels
+    scores: Tensor  # [R, K]
+    deltas: Tensor  # [R, K, 4]
+
+
+@dataclass
+class Detections:
+    """Final detections of one image."""
+
+    boxes: Tensor  # [D, 4] xyxy, original-image pixels
+    scores: Tensor  # [D]
+    labels: Tensor  # [D] int64 class indices in 1..K
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to(self, device: torch.device | str) -> "Detections":
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
+
+    @staticmethod
+    def empty() -> "Detections":
+        return Detections(torch.zeros((0, 4)), torch.zeros((0,)), torch.zeros((0,), dtype=torch.int64))
+
+
+def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
+                score_thresh: float = 0.05, nms_thresh: float = 0.3,
+                detections_per_image: int = 100) -> Detections:
+    """Decode, clip, threshold, per-class NMS, keep the top ``detections_per_image``.
+
+    The shared step of both detectors (as torchvision's ``postprocess_detections`` and
+    detectron2's ``fast_rcnn_inference_single_image``). Defaults: [FRCN] test config.
+    """
+    scores = out.scores.float()  # [R, K]
+    num_props, num_classes = scores.shape
+    if num_props == 0:
+        return Detections.empty().to(scores.device)
+    boxes = decode_boxes(out.deltas.float(), out.proposal_boxes.float())  # [R, K, 4]
+    boxes = clip_boxes(boxes, image_height, image_width)
+    labels = torch.arange(1, num_classes + 1, device=scores.device).expand(num_props, num_classes)
+
+    boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
+    keep = scores > score_thresh
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    keep &= (w > 1e-3) & (h > 1e-3) & torch.isfinite(boxes).all(dim=1)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_image]
+    return Detections(boxes[keep], scores[keep], labels[keep])
+
+
+class StageTimer:
+    """Wall-clock milliseconds per named stage, summed over calls.
+
+    On CUDA it synchronises before reading the clock, so a stage's time is its own.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.totals_ms: dict[str, float] = {}
+        self.sync = torch.device(device).type == "cuda" if device is not None else False
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.totals_ms[stage] = self.totals_ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    def per_image(self, num_images: int) -> dict[str, float]:
+        n = max(num_images, 1)
+        return {k: v / n for k, v in self.totals_ms.items()}
+
+
+class Detector(nn.Module):
+    """Base class of ``FastRCNN`` and ``RCNN``.
+
+    Subclasses implement ``score_proposals``; ``detect`` is shared. Images are uint8 RGB numpy
+    arrays [H, W, 3] as returned by ``detect.data.read_image``; the detector moves them to its
+    own device. Proposals are an explicit input (None runs selective search).
+    """
+
+    kind: str = ""
+
+    def __init__(self, *, class_names: list[str], score_thresh: float = 0.05,
+                 nms_thresh: float = 0.3, detections_per_image: int = 100):
+        super().__init__()
+        if not class_names:
+            raise ValueError("class_names must list at least one class")
+        self.class_names = list(class_names)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+        # Selective-search settings used when detect() gets no proposals (set by the loader).
+        self.proposal_settings: dict = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
+                        timer: StageTimer | None = None) -> ProposalScores:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def detect(self, image: np.ndarray, proposals: np.ndarray | Tensor | None = None,
+               timer: StageTimer | None = None) -> Detections:
+        """Detect objects in one uint8 RGB image [H, W, 3] given proposals [R, 4] xyxy."""
+        timer = timer or StageTimer(self.device)
+        if proposals is None:
+            from detect.proposals import selective_search
+
+            with timer("proposals"):
+                proposals = selective_search(image, **self.proposal_settings)
+        proposal_boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
+        proposal_boxes = proposal_boxes.to(self.device)
+        out = self.score_proposals(image, proposal_boxes, timer)
+        with timer("postprocess"):
+            dets = postprocess(out, image.shape[0], image.shape[1], score_thresh=self.score_thresh,
+                               nms_thresh=self.nms_thresh,
+                               detections_per_image=self.detections_per_image)
+        return dets.to("cpu")
