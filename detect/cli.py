@@ -1,0 +1,138 @@
+"""The ``detect`` command: one entry point, one subcommand per job.
+
+Each subcommand's work lives in its module (imported only when the subcommand runs, so
+``--help`` is quick); this file only declares the flags. Errors we expect (bad config, bad
+dataset, bad checkpoint) print one clear line naming the file or key and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.lr=0.01 data.train.path=...")
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--data", help="COCO instances JSON, or a VOC dataset folder with --format voc")
+    g.add_argument("--images", default="", help="COCO image folder (default: beside the JSON)")
+    g.add_argument("--format", default="coco", choices=["coco", "voc"])
+    g.add_argument("--split", default="", help="VOC split in ImageSets/Main (e.g. test)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="detect",
+        description="Selective search, R-CNN and Fast R-CNN: propose, train, evaluate, detect, compare.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-synthetic", help="write the built-in synthetic COCO-format dataset")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=200, help="number of training images")
+    p.add_argument("--val", type=int, default=50, help="number of validation images")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("propose", help="selective-search proposals for a dataset or image folder")
+    _add_dataset_args(p)
+    p.add_argument("--input", nargs="*", default=[], help="image files, folders or globs (instead of --data)")
+    p.add_argument("--out", required=True, help="proposal store folder")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--shard", default="", help="i/N: compute only shard i of N (job arrays)")
+    _add_config_args(p)
+
+    p = sub.add_parser("recall", help="proposal recall and MABO against ground truth")
+    _add_dataset_args(p)
+    p.add_argument("--proposals", required=True, help="proposal store folder")
+    p.add_argument("--out", default="", help="write the figures as JSON here")
+
+    p = sub.add_parser("eval", help="COCO mAP of a results file, or of a trained detector")
+    _add_dataset_args(p)
+    p.add_argument("--results", default="", help="COCO results JSON to score")
+    p.add_argument("--checkpoint", default="", help="trained detector to run and score")
+    p.add_argument("--proposals", default="", help="proposal store for --checkpoint")
+    p.add_argument("--output-dir", default="", help="where metrics.json (and detections) go")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+
+    p = sub.add_parser("train", help="train a detector from a config")
+    _add_config_args(p, required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+
+    p = sub.add_parser("predict", help="detect objects in image files, folders or globs")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=0, help="proposal processes (default: all cores)")
+    p.add_argument("--proposals", default="", help="use this proposal store instead of selective search")
+    p.add_argument("--visualize", action="store_true", help="also write images with boxes drawn")
+
+    p = sub.add_parser("compare", help="side-by-side report of evaluated runs")
+    p.add_argument("runs", nargs="+", help="run folders (outputs of `detect train`/`detect eval`)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--data", default="", help="dataset for the detection grid (default: from the runs)")
+
+    p = sub.add_parser("demo", help="the whole story on the synthetic dataset (README's main command)")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    from detect.config import ConfigError
+    from detect.data import ImageReadError
+
+    try:
+        return _dispatch(args) or 0
+    except (ConfigError, ImageReadError, FileNotFoundError, ValueError) as e:
+        print(f"detect {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"detect {args.command}: interrupted; finished outputs are kept, re-run to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int | None:
+    cmd = args.command
+    if cmd == "make-synthetic":
+        from detect.synthetic import cli_make_synthetic
+        return cli_make_synthetic(args)
+    if cmd == "propose":
+        from detect.proposals import cli_propose
+        return cli_propose(args)
+    if cmd == "recall":
+        from detect.proposals import cli_recall
+        return cli_recall(args)
+    if cmd == "eval":
+        from detect.evaluation import cli_eval
+        return cli_eval(args)
+    if cmd == "train":
+        from detect.engine import cli_train
+        return cli_train(args)
+    if cmd == "predict":
+        from detect.predict import cli_predict
+        return cli_predict(args)
+    if cmd == "compare":
+        from detect.report import cli_compare
+        return cli_compare(args)
+    if cmd == "demo":
+        from detect.demo import cli_demo
+        return cli_demo(args)
+    raise ValueError(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
