@@ -1,0 +1,64 @@
+"""Strict YAML configs: unknown keys, wrong types and bad values name the key and the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from detect.config import Config, ConfigError, load_config, save_config
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_follow_the_papers():
+    cfg = load_config(None)
+    assert cfg.train.images_per_batch == 2 and cfg.train.rois_per_image == 64  # [FRCN] N=2, R=128
+    assert cfg.train.fg_fraction == 0.25 and cfg.train.bbox_std == [0.1, 0.1, 0.2, 0.2]
+    assert cfg.test.nms_thresh == 0.3 and cfg.proposals.min_size == 20 and cfg.proposals.resize == 500
+    assert cfg.rcnn.svm_C == 0.001 and cfg.rcnn.context_pad == 16
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: 0.01\n  lrr: 3\n", "unknown key 'train.lrr'"),
+    ("detectr: rcnn\n", "unknown key 'detectr'"),
+    ("train:\n  max_iter: ten\n", "'train.max_iter' must be an integer"),
+    ("train:\n  flip: 1\n", "'train.flip' must be true or false"),
+    ("train:\n  scales: 600\n", "'train.scales' must be a list"),
+    ("test:\n  nms_thresh: 1.5\n", "'test.nms_thresh' must be in [0, 1]"),
+    ("proposals:\n  mode: slow\n", "'proposals.mode' must be fast, quality or single"),
+    ("detector: yolo\n", "'detector' must be fast_rcnn or rcnn"),
+    ("train: [1, 2]\n", "'train' must be a mapping"),
+    ("train:\n  lr: [0.1\n", "malformed YAML"),
+])
+def test_bad_configs_name_the_key_and_the_file(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    path = _write(tmp_path, "train:\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.lr=0.02", "train.scales=[480, 576]", "detector=rcnn", "train.flip=false"])
+    assert cfg.train.lr == 0.02 and cfg.train.scales == [480, 576] and cfg.detector == "rcnn"
+    assert cfg.train.flip is False
+    assert isinstance(load_config(path, ["train.lr=1"]).train.lr, float)  # int widens to float
+    with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
+        load_config(path, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["train.lr"])
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(None, ["train.lr=0.005", "model.backbone=resnet18"])
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+    assert isinstance(cfg, Config)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
