@@ -1,0 +1,324 @@
+"""COCO box evaluation: a thin wrapper around pycocotools' ``COCOeval(iouType="bbox")``.
+
+The one place where detections leave the package's internal format: ``coco_results`` turns
+``Detections`` (xyxy pixels, class indices 1..K) into COCO results entries (xywh pixels,
+dataset category ids through ``Dataset.category_ids``). ``evaluate_coco`` scores results against
+a COCO ground-truth dict or file and returns plain numbers; ``format_metrics_table`` prints them.
+
+Known traps, each pinned by a test in tests/test_evaluation.py:
+- ``COCO.loadRes`` crashes on an empty results list: we build an empty results index instead,
+  so no detections scores AP 0.0.
+- An annotation id of 0 silently breaks COCOeval's matching (pytorch/vision#1530): ground
+  truth with id 0, duplicate or missing ids is re-numbered 1..N on a copy.
+- Category ids need not be contiguous; images without ground truth are allowed (their
+  detections count as false positives).
+- pycocotools prints; its output goes to ``log_path`` (or nowhere), never to the console.
+
+Metric values are floats in [0, 1]; -1.0 means "not defined" (no ground truth in that class or
+area range), as pycocotools reports it; ``format_metrics_table`` prints it as "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from detect.boxes import xyxy_to_xywh
+from detect.data import Dataset
+from detect.detector import Detections
+from detect.io import read_json, write_json_atomic, write_text_atomic
+
+# pycocotools' stats[0:9], in its order.
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+
+
+def coco_results(dataset: Dataset, detections: dict[int, Detections]) -> list[dict]:
+    """COCO results entries for ``detections`` (image id -> ``Detections``).
+
+    Each entry is ``{"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}``. Class
+    index k (1..K) maps to ``dataset.category_ids[k - 1]``; an index outside 1..K, an image id
+    that is not in ``dataset``, or a non-finite box or score raises ``ValueError`` naming it.
+    """
+    num_classes = dataset.num_classes
+    if len(dataset.category_ids) != num_classes:
+        raise ValueError(f"dataset {dataset.name!r}: {len(dataset.category_ids)} category ids "
+                         f"for {num_classes} class names")
+    image_ids = {r.image_id for r in dataset.records}
+    results: list[dict] = []
+    for image_id in sorted(detections):
+        dets = detections[image_id]
+        if image_id not in image_ids:
+            raise ValueError(f"detections for image id {image_id}, which is not in dataset "
+                             f"{dataset.name!r}")
+        boxes = dets.boxes.detach().cpu().double().numpy().reshape(-1, 4)  # [D, 4] xyxy
+        scores = dets.scores.detach().cpu().double().numpy().reshape(-1)  # [D]
+        labels = dets.labels.detach().cpu().numpy().reshape(-1)  # [D] in 1..K
+        if not len(boxes) == len(scores) == len(labels):
+            raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and "
+                             f"{len(labels)} labels; they must match")
+        bad = (labels < 1) | (labels > num_classes)
+        if bad.any():
+            raise ValueError(f"image {image_id}: class index {int(labels[bad][0])} is out of "
+                             f"range 1..{num_classes} (0 is background)")
+        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+        if not finite.all():
+            raise ValueError(f"image {image_id}: detection {int(np.flatnonzero(~finite)[0])} "
+                             "has a non-finite box or score")
+        xywh = xyxy_to_xywh(boxes).astype(np.float64)  # [D, 4]
+        for box, score, label in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
+            results.append({"image_id": int(image_id),
+                            "category_id": int(dataset.category_ids[label - 1]),
+                            "bbox": box, "score": score})
+    return results
+
+
+def evaluate_detections(dataset: Dataset, detections: dict[int, Detections], *,
+                        log_path: str | Path | None = None) -> dict:
+    """COCO metrics of in-memory ``detections`` (image id -> ``Detections``) on ``dataset``.
+
+    Images of ``dataset`` missing from ``detections`` count as images with no detections.
+    """
+    from detect.data import dataset_to_coco
+
+    return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections),
+                         log_path=log_path)
+
+
+def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, *,
+                  log_path: str | Path | None = None) -> dict:
+    """Score COCO box ``results`` against ground truth ``coco_gt`` with pycocotools' COCOeval.
+
+    ``coco_gt`` is a COCO instances dict or JSON file (boxes xywh pixels); ``results`` a list of
+    ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` or a JSON file of one.
+    Only the images of ``coco_gt`` are evaluated. Neither input is modified: the ground truth
+    is copied, and on the copy annotation ids are re-numbered 1..N when any is 0, missing or
+    repeated (pytorch/vision#1530), a missing ``area`` becomes w * h and a missing
+    ``iscrowd`` 0. Malformed input raises ``ValueError`` naming the file and the entry.
+
+    Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
+    "per_class_AP": {name: AP}, "per_class_AP50": {name: AP50},
+    "pr_curve_50": {"recall": [101], "precision": {"all": [101], name: [101]}},
+    "num_images", "num_detections"}`` with values in [0, 1], -1.0 where undefined. The PR
+    curves are at IoU 0.5, all areas, 100 detections per image; "all" is the mean over the
+    classes that have ground truth.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_source = str(coco_gt) if isinstance(coco_gt, (str, Path)) else "ground truth"
+    gt = _clean_ground_truth(read_json(coco_gt) if isinstance(coco_gt, (str, Path)) else coco_gt,
+                             gt_source)
+    res_source = str(results) if isinstance(results, (str, Path)) else "results"
+    entries = _clean_results(read_json(results) if isinstance(results, (str, Path)) else results,
+                             res_source, gt)
+
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        if entries:
+            coco_dt = coco.loadRes(entries)
+        else:  # loadRes indexes results[0]: build the empty index ourselves
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(gt["images"]), "annotations": [],
+                               "categories": copy.deepcopy(gt["categories"])}
+            coco_dt.createIndex()
+        coco_eval = COCOeval(coco, coco_dt, iouType="bbox")
+        coco_eval.params.imgIds = sorted(img["id"] for img in gt["images"])
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    if log_path is not None:
+        write_text_atomic(log_path, log.getvalue())
+
+    metrics: dict = {key: float(v) for key, v in zip(SUMMARY_KEYS, coco_eval.stats[:9])}
+    metrics.update(_per_class_metrics(coco_eval, gt["categories"]))
+    metrics["num_images"] = len(gt["images"])
+    metrics["num_detections"] = len(entries)
+    return metrics
+
+
+def _per_class_metrics(coco_eval, categories: list[dict]) -> dict:
+    """Per-class AP, AP50 and the IoU-0.5 PR curves from ``coco_eval.eval["precision"]``."""
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]  # [T iou, R recall, K classes, A areas, M maxDets]
+    iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+    names = _class_names(categories)
+    name_by_id = {c["id"]: names[i] for i, c in enumerate(categories)}
+
+    per_class_ap, per_class_ap50, curves = {}, {}, {}
+    for k, cat_id in enumerate(params.catIds):
+        name = name_by_id[cat_id]
+        p_all = precision[:, :, k, 0, -1]  # [T, R] area "all", 100 detections
+        p_50 = precision[iou50, :, k, 0, -1]  # [R]
+        per_class_ap[name] = _mean_defined(p_all)
+        per_class_ap50[name] = _mean_defined(p_50)
+        curves[name] = [float(v) for v in p_50]
+
+    with_gt = [c for c in curves.values() if c[0] > -1]  # a class without ground truth is all -1
+    mean_curve = np.mean(with_gt, axis=0) if with_gt else -np.ones(len(params.recThrs))
+    return {"per_class_AP": per_class_ap, "per_class_AP50": per_class_ap50,
+            "pr_curve_50": {"recall": [float(r) for r in params.recThrs],
+                            "precision": {"all": [float(v) for v in mean_curve], **curves}}}
+
+
+def _mean_defined(values: np.ndarray) -> float:
+    defined = values[values > -1]
+    return float(defined.mean()) if defined.size else -1.0
+
+
+def _class_names(categories: list[dict]) -> list[str]:
+    """Category names as metric keys; a repeated name gets its id appended to stay unique."""
+    names = [str(c.get("name", c["id"])) for c in categories]
+    return [f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)]
+
+
+def _clean_ground_truth(gt, source: str) -> dict:
+    """Validated shallow copy of a COCO gt dict (pycocotools adds keys to the annotations)."""
+    if not isinstance(gt, dict):
+        raise ValueError(f"{source}: expected a COCO instances object, got {type(gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise ValueError(f"{source}: no {key!r} list (is this a COCO instances file?)")
+    images = [dict(img) for img in gt["images"]]
+    image_ids = set()
+    for i, img in enumerate(images):
+        if not _is_int(img.get("id")):
+            raise ValueError(f"{source}: images[{i}] has no integer 'id'")
+        if img["id"] in image_ids:
+            raise ValueError(f"{source}: images[{i}]: image id {img['id']} is repeated")
+        image_ids.add(img["id"])
+    categories = [dict(c) for c in gt["categories"]]
+    cat_ids = set()
+    for i, cat in enumerate(categories):
+        if not _is_int(cat.get("id")):
+            raise ValueError(f"{source}: categories[{i}] has no integer 'id'")
+        if cat["id"] in cat_ids:
+            raise ValueError(f"{source}: categories[{i}]: category id {cat['id']} is repeated")
+        cat_ids.add(cat["id"])
+
+    annotations = [dict(a) for a in gt["annotations"]]
+    for i, ann in enumerate(annotations):
+        where = f"{source}: annotations[{i}]"
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        if ann.get("category_id") not in cat_ids:
+            raise ValueError(f"{where}: category_id {ann.get('category_id')!r} "
+                             "is not in 'categories'")
+        ann["bbox"] = _check_bbox(ann.get("bbox"), where)
+        ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
+        ann.setdefault("iscrowd", 0)
+    ids = [a.get("id") for a in annotations]
+    if not all(_is_int(x) and x >= 1 for x in ids) or len(set(ids)) != len(ids):
+        for i, ann in enumerate(annotations):
+            ann["id"] = i + 1
+    return {**gt, "images": images, "annotations": annotations, "categories": categories}
+
+
+def _clean_results(results, source: str, gt: dict) -> list[dict]:
+    """Validated copies of results entries (``loadRes`` writes into the entries it gets)."""
+    if not isinstance(results, list):
+        looks_like_gt = isinstance(results, dict) and "annotations" in results
+        hint = " (this looks like a ground-truth file)" if looks_like_gt else ""
+        raise ValueError(f"{source}: expected a list of results entries, got "
+                         f"{type(results).__name__}{hint}")
+    image_ids = {img["id"] for img in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    entries = []
+    for i, r in enumerate(results):
+        where = f"{source}: entry {i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected an object, got {type(r).__name__}")
+        if r.get("image_id") not in image_ids:
+            raise ValueError(f"{where}: image_id {r.get('image_id')!r} "
+                             "is not an image of the ground truth")
+        if r.get("category_id") not in cat_ids:
+            raise ValueError(f"{where}: category_id {r.get('category_id')!r} "
+                             "is not a category of the ground truth")
+        score = r.get("score")
+        if not _is_number(score) or not math.isfinite(score):
+            raise ValueError(f"{where}: 'score' must be a finite number, got {score!r}")
+        entries.append({"image_id": r["image_id"], "category_id": r["category_id"],
+                        "bbox": _check_bbox(r.get("bbox"), where), "score": float(score)})
+    return entries
+
+
+def _check_bbox(bbox, where: str) -> list[float]:
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(_is_number(v) and math.isfinite(v) for v in bbox)):
+        raise ValueError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise ValueError(f"{where}: 'bbox' {list(bbox)} has a negative width or height")
+    return [float(v) for v in bbox]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def format_metrics_table(metrics: dict) -> str:
+    """Fixed-width table of the 9 summary numbers, then per-class AP and AP50, in percent."""
+
+    def pct(v) -> str:
+        return "n/a" if v is None or v < 0 else f"{100.0 * v:.1f}"
+
+    lines = [f"COCO box metrics (%): {metrics.get('num_images', '?')} images, "
+             f"{metrics.get('num_detections', '?')} detections",
+             "".join(f"{k:>7}" for k in SUMMARY_KEYS),
+             "".join(f"{pct(metrics.get(k)):>7}" for k in SUMMARY_KEYS)]
+    per_class_ap = metrics.get("per_class_AP", {})
+    per_class_ap50 = metrics.get("per_class_AP50", {})
+    if per_class_ap:
+        width = max(len("class"), *(len(name) for name in per_class_ap))
+        lines += ["", f"{'class':<{width}}{'AP':>7}{'AP50':>7}"]
+        lines += [f"{name:<{width}}{pct(ap):>7}{pct(per_class_ap50.get(name)):>7}"
+                  for name, ap in per_class_ap.items()]
+    return "\n".join(lines)
+
+
+def cli_eval(args: argparse.Namespace) -> int:
+    """``detect eval``: score a results file (``--results``) or a trained detector
+    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log."""
+    if bool(args.results) == bool(args.checkpoint):
+        raise ValueError("give exactly one of --results (a COCO results JSON to score) or "
+                         "--checkpoint (a trained detector to run and score)")
+    if args.checkpoint:
+        from detect.inference import evaluate_checkpoint
+
+        return evaluate_checkpoint(args)
+    if not args.data:
+        raise ValueError("--data is required: the ground-truth dataset to score against")
+
+    from detect.data import dataset_to_coco, load_dataset
+
+    results_path = Path(args.results)
+    results = read_json(results_path)
+    dataset = load_dataset(args.format, args.data, args.images, args.split)
+    if args.limit > 0:
+        dataset.records = dataset.records[:args.limit]
+        kept = {r.image_id for r in dataset.records}
+        if isinstance(results, list):
+            results = [r for r in results if not isinstance(r, dict) or r.get("image_id") in kept]
+    output_dir = Path(args.output_dir) if args.output_dir else results_path.parent
+    try:
+        metrics = evaluate_coco(dataset_to_coco(dataset), results,
+                                log_path=output_dir / "coco_eval.log")
+    except ValueError as e:  # name the results file, not the in-memory list
+        if not str(e).startswith("results: "):
+            raise
+        raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
+    print(format_metrics_table(metrics))
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
+    return 0
