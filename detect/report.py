@@ -1,0 +1,568 @@
+"""Side-by-side reports of evaluated runs: ``detect compare RUN_DIR... --output-dir REPORT``.
+
+``make_report`` writes ``report.md`` (its figures saved beside it as PNG files) and
+``report.html`` (self-contained: inline CSS, figures embedded as base64 PNG ``data:`` URIs, no
+script, font or any other external URL). Given the same runs, both files are identical apart
+from the one ``Generated:`` line, and the PNGs are byte-identical (fixed sizes and dpi,
+matplotlib's default style whatever the user's matplotlibrc says, no dates or software tag in
+the PNG metadata).
+
+Run-folder contract (written by ``detect train`` / ``detect eval``)
+-------------------------------------------------------------------
+``metrics.json`` (required). ``coco`` must be present; any other key may be missing or null,
+and its part of the report then says "not available". (A scored results file, ``detect eval
+--results``, has no ``detector`` and its COCO numbers at the top level: accepted too.)::
+
+    {"detector": "fast_rcnn" | "rcnn", "name": str, "backbone": str,
+     "device": "cpu" | "cuda: NVIDIA H100 ...", "num_parameters": int, "num_images": int,
+     "coco": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"},  # in [0, 1]; -1 = n/a
+     "per_class_AP": {class name: float}, "per_class_AP50": {class name: float},    # -1 = no gt
+     "pr_curve_50": {"recall": [101 floats],
+                     "precision": {"all": [101 floats], class name: [101 floats]}},  # -1 = n/a
+     "timing_ms_per_image": {stage: ms},
+         # fast_rcnn stages: proposals, backbone, roi_head, postprocess
+         # rcnn stages: proposals, warp, features, svm, bbox_reg, postprocess
+         # "proposals" (selective search) is present only when it was measured
+     "images_per_second": float,
+     "peak_memory_mb": float,          # CUDA max allocated on a GPU, max RSS of the process on CPU
+     "train_time_s": float | null,
+     "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
+                         "AR": [...], "MABO": [...]} | null,       # one value per top_k
+     "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str}}
+
+``detections.json`` (optional): the COCO results of the evaluated images, a list of
+``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
+
+Test time per image "excluding proposals" is the sum of all stages but ``proposals``: the
+detectors' own cost, as [FRCN] Table 4 compares them (selective search is the same for both
+and costs seconds per image on a CPU).
+
+The detection grid loads the dataset named by the first run's ``data`` (or the ``data``
+argument) with ``detect.data.load_dataset`` and shows the first ``num_grid_images`` image ids
+(ascending) that have ground truth. Relative dataset paths are tried from the current folder,
+then from the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib.style
+
+from detect import report_render as render
+from detect.data import Dataset, ImageReadError, load_dataset
+from detect.io import read_json, write_bytes_atomic, write_text_atomic
+from detect.report_render import Figure, Heading, Table, Text
+
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+ACCURACY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+# Display order of timing stages; stages not listed here follow in the order the runs give them.
+STAGE_ORDER = ("backbone", "roi_head", "warp", "features", "svm", "bbox_reg", "postprocess")
+DETECTOR_NAMES = {"fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN"}
+GRID_SCORE_THRESH = 0.5  # detections drawn in the grid: score >= this ...
+GRID_MAX_DETECTIONS = 10  # ... and at most this many per image, best first
+
+
+def _warn(message: str) -> None:
+    print(f"detect compare: warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading run folders
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Run:
+    """One run folder's ``metrics.json``, checked; missing pieces are None or empty."""
+
+    run_dir: Path
+    name: str
+    detector: str
+    backbone: str
+    device: str
+    coco: dict[str, float | None]  # COCO_KEYS -> value in [0, 1]; None = n/a
+    per_class_ap: dict[str, float | None]
+    per_class_ap50: dict[str, float | None]
+    pr_recall: list[float] | None  # [101] recall points of the IoU 0.5 curve
+    pr_precision: dict[str, list[float]]  # "all" or class name -> [101] precision, NaN = n/a
+    timing_ms: dict[str, float]  # stage -> ms per image
+    images_per_second: float | None
+    peak_memory_mb: float | None
+    train_time_s: float | None
+    num_parameters: int | None
+    num_images: int | None
+    proposal_recall: dict[str, list[float]] | None  # "top_k", "recall@0.5", ... -> [T]
+    data: dict[str, str] | None
+    detections_path: Path | None  # detections.json, when the folder has one
+    label: str = ""  # unique display name (set by make_report)
+    color: str = ""  # this run's colour in every figure (set by make_report)
+
+    @property
+    def test_ms(self) -> float | None:
+        """Test time per image excluding proposals: the sum of the other stages (ms)."""
+        stages = [ms for stage, ms in self.timing_ms.items() if stage != "proposals"]
+        return sum(stages) if stages else None
+
+
+def _number(value, where: str, path: Path, *, minus_one_is_na: bool = False) -> float | None:
+    """A float from JSON; None for null/NaN (and -1, COCO's n/a, where flagged)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{path}: key '{where}' should be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (minus_one_is_na and value < 0):
+        return None
+    return value
+
+
+def _mapping(m: dict, key: str, path: Path) -> dict | None:
+    value = m.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: key '{key}' should be an object, got {type(value).__name__}")
+    return value
+
+
+def _curve(values, where: str, path: Path, length: int | None) -> list[float]:
+    if not isinstance(values, list):
+        raise ValueError(f"{path}: key '{where}' should be a list of numbers")
+    curve = [_number(v, where, path, minus_one_is_na=True) for v in values]
+    if length is not None and len(curve) != length:
+        raise ValueError(f"{path}: key '{where}' has {len(curve)} values, expected {length}")
+    return [math.nan if v is None else v for v in curve]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read and check ``run_dir/metrics.json`` (format: module docstring)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run folder not found")
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.json in this folder (expected the output "
+                                "folder of `detect train` or `detect eval`)")
+    m = read_json(path)
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(m).__name__}")
+    detector = m.get("detector") or "n/a"
+    if not isinstance(detector, str):
+        raise ValueError(f"{path}: key 'detector' should be 'fast_rcnn' or 'rcnn', got {detector!r}")
+    coco = _mapping(m, "coco", path)
+    if coco is None and "AP" in m:  # `detect eval --results` writes the COCO numbers at the top
+        coco = m
+    if coco is None:
+        raise ValueError(f"{path}: key 'coco' is missing (the COCO summary numbers)")
+
+    def per_class(key: str) -> dict[str, float | None]:
+        values = _mapping(m, key, path) or {}
+        return {str(k): _number(v, f"{key}.{k}", path, minus_one_is_na=True) for k, v in values.items()}
+
+    pr_recall, pr_precision = None, {}
+    pr = _mapping(m, "pr_curve_50", path)
+    if pr is not None and pr.get("recall") is not None:
+        pr_recall = _curve(pr["recall"], "pr_curve_50.recall", path, None)
+        precision = pr.get("precision") or {}
+        if not isinstance(precision, dict):
+            raise ValueError(f"{path}: key 'pr_curve_50.precision' should be an object")
+        pr_precision = {str(k): _curve(v, f"pr_curve_50.precision.{k}", path, len(pr_recall))
+                        for k, v in precision.items()}
+
+    recall = _mapping(m, "proposal_recall", path)
+    if recall is not None:
+        top_k = recall.get("top_k")
+        if not isinstance(top_k, list) or not top_k:
+            raise ValueError(f"{path}: key 'proposal_recall.top_k' should be a non-empty list")
+        recall = {k: _curve(v, f"proposal_recall.{k}", path, len(top_k))
+                  for k, v in recall.items() if v is not None}
+
+    timing = _mapping(m, "timing_ms_per_image", path) or {}
+    timing_ms = {str(k): _number(v, f"timing_ms_per_image.{k}", path) for k, v in timing.items()}
+    num_parameters = _number(m.get("num_parameters"), "num_parameters", path)
+    num_images = _number(m.get("num_images"), "num_images", path)
+    data = _mapping(m, "data", path)
+    detections = run_dir / "detections.json"
+    return Run(
+        run_dir=run_dir,
+        name=str(m.get("name") or run_dir.name),
+        detector=detector,
+        backbone=str(m.get("backbone") or "n/a"),
+        device=str(m.get("device") or "n/a"),
+        coco={k: _number(coco.get(k), f"coco.{k}", path, minus_one_is_na=True) for k in COCO_KEYS},
+        per_class_ap=per_class("per_class_AP"),
+        per_class_ap50=per_class("per_class_AP50"),
+        pr_recall=pr_recall,
+        pr_precision=pr_precision,
+        timing_ms={k: v for k, v in timing_ms.items() if v is not None},
+        images_per_second=_number(m.get("images_per_second"), "images_per_second", path),
+        peak_memory_mb=_number(m.get("peak_memory_mb"), "peak_memory_mb", path),
+        train_time_s=_number(m.get("train_time_s"), "train_time_s", path),
+        num_parameters=None if num_parameters is None else int(num_parameters),
+        num_images=None if num_images is None else int(num_images),
+        proposal_recall=recall,
+        data={str(k): str(v) for k, v in data.items() if v is not None} if data else None,
+        detections_path=detections if detections.is_file() else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Section contents and number formats
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """One part of the report: its blocks (``detect.report_render``) and its figures."""
+
+    blocks: list = field(default_factory=list)
+    pngs: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "n/a"
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+
+
+def _fmt_ratio(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _union(names) -> list[str]:
+    """Distinct names in first-seen order."""
+    return list(dict.fromkeys(names))
+
+
+def _detector_name(kind: str) -> str:
+    return DETECTOR_NAMES.get(kind, kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+def _runs_section(runs: list[Run]) -> Section:
+    rows = [[r.label, _detector_name(r.detector), r.backbone, r.device,
+             "n/a" if r.num_images is None else str(r.num_images), str(r.run_dir)] for r in runs]
+    return Section([Heading("Runs"),
+                    Table(["run", "detector", "backbone", "device", "val images", "folder"], rows)])
+
+
+def _accuracy_section(runs: list[Run]) -> Section:
+    rows = [[r.label, _detector_name(r.detector), r.backbone]
+            + [_fmt(r.coco[k]) for k in ACCURACY_COLUMNS] for r in runs]
+    section = Section([Heading("Accuracy (COCO box AP)"),
+                       Table(["run", "detector", "backbone", *ACCURACY_COLUMNS], rows),
+                       Text("AP is averaged over IoU 0.50:0.95; AP50 and AP75 at one IoU; APs/APm/APl "
+                            "by object area (small < 32², large > 96² pixels); AR100: recall with "
+                            "100 detections per image. n/a: not measured, or no ground truth.")])
+    class_names = _union(key for r in runs for key in [*r.per_class_ap, *r.per_class_ap50])
+    section.blocks.append(Heading("Per-class AP", 3))
+    if not class_names:
+        section.blocks.append(Text("Per-class AP: not available (no per_class_AP in metrics.json)."))
+        return section
+    header = ["class"] + [f"{r.label} {k}" for r in runs for k in ("AP", "AP50")]
+    rows = [[c] + [_fmt(d.get(c)) for r in runs for d in (r.per_class_ap, r.per_class_ap50)]
+            for c in class_names]
+    section.blocks.append(Table(header, rows))
+    section.pngs["per_class_ap.png"] = render.per_class_ap_bars(runs, class_names)
+    section.blocks.append(Figure("per_class_ap.png", "Per-class AP (IoU 0.50:0.95), one bar per run."))
+    return section
+
+
+def _speed_section(runs: list[Run]) -> Section:
+    stages = _union([s for s in STAGE_ORDER if any(s in r.timing_ms for r in runs)]
+                    + [s for r in runs for s in r.timing_ms if s != "proposals"])
+    timed = [r for r in runs if r.test_ms]
+    fastest = min((r.test_ms for r in timed), default=None)
+
+    rows = [["device"] + [r.device for r in runs],
+            ["training time"] + [_fmt_duration(r.train_time_s) for r in runs],
+            ["proposals (selective search), ms/image"]
+            + [_fmt_ms(r.timing_ms.get("proposals")) for r in runs]]
+    rows += [[f"{stage}, ms/image"] + [_fmt_ms(r.timing_ms[stage]) if stage in r.timing_ms else "-"
+                                        for r in runs] for stage in stages]
+    rows.append(["**test time excluding proposals, ms/image**"] + [_fmt_ms(r.test_ms) for r in runs])
+    if any("proposals" in r.timing_ms for r in runs):
+        rows.append(["test time with proposals, ms/image"]
+                    + [_fmt_ms(r.test_ms + r.timing_ms["proposals"])
+                       if r.test_ms is not None and "proposals" in r.timing_ms else "n/a" for r in runs])
+    if len(timed) >= 2:
+        rows.append(["relative to the fastest (excluding proposals)"]
+                    + [_fmt_ratio(r.test_ms / fastest) if r.test_ms else "n/a" for r in runs])
+    rows += [["images/s"] + [_fmt(r.images_per_second, 2) for r in runs],
+             ["peak memory, MB"] + ["n/a" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.0f}"
+                                    for r in runs],
+             ["parameters"] + ["n/a" if r.num_parameters is None else f"{r.num_parameters:,}"
+                               for r in runs]]
+    section = Section([Heading("Speed"), Table(["", *[r.label for r in runs]], rows),
+                       Text("Times are per test image as recorded by the run; peak memory is CUDA "
+                            "max allocated on a GPU, the process's max RSS on a CPU.")])
+
+    fast = [r for r in runs if r.detector == "fast_rcnn"]
+    slow = [r for r in runs if r.detector == "rcnn"]
+    if len(fast) == 1 and len(slow) == 1 and fast[0].test_ms and slow[0].test_ms:
+        section.blocks.append(Text(
+            f"R-CNN / Fast R-CNN = {_fmt_ratio(slow[0].test_ms / fast[0].test_ms)} test time per "
+            f"image, excluding proposals ({slow[0].label}: {_fmt_ms(slow[0].test_ms)} ms, "
+            f"{fast[0].label}: {_fmt_ms(fast[0].test_ms)} ms).", strong=True))
+    elif len(timed) >= 2:
+        best = next(r for r in timed if r.test_ms == fastest)
+        section.blocks.append(Text(f"Fastest run excluding proposals: {best.label} "
+                                   f"({_fmt_ms(best.test_ms)} ms/image); the table gives each "
+                                   "run's ratio to it."))
+    elif not timed:
+        section.blocks.append(Text("Test-time speed: not available (no timing_ms_per_image)."))
+    devices = sorted({r.device for r in timed})
+    if len(devices) > 1:
+        section.blocks.append(Text("Note: these runs were timed on different devices ("
+                                   + "; ".join(devices) + "), so their ratios compare hardware too."))
+
+    section.blocks.append(Heading("Accuracy against test time", 3))
+    if timed:
+        section.pngs["accuracy_vs_time.png"] = render.accuracy_vs_time(timed)
+        section.blocks.append(Figure("accuracy_vs_time.png",
+                                     "AP (circles) and AP50 (triangles) against test time per image, "
+                                     "excluding proposals; up and to the left is better."))
+    else:
+        section.blocks.append(Text("Accuracy against test time: not available (no timings)."))
+    return section
+
+
+def _pr_section(runs: list[Run]) -> Section:
+    section = Section([Heading("Precision-recall at IoU 0.5")])
+    with_pr = [r for r in runs if r.pr_recall is not None and r.pr_precision]
+    missing = [r.label for r in runs if r.pr_recall is None or not r.pr_precision]
+    if missing:
+        section.blocks.append(Text("Precision-recall curve not available for: "
+                                   + ", ".join(missing) + "."))
+    if not with_pr:
+        return section
+    section.pngs["pr_overall.png"] = render.pr_overall(with_pr)
+    section.blocks.append(Figure("pr_overall.png", "All classes (mean precision over classes with "
+                                 "ground truth, 101 recall points, 100 detections per image)."))
+    class_names = _union(c for r in with_pr for c in r.pr_precision if c != "all")
+    if class_names:
+        section.pngs["pr_per_class.png"] = render.pr_per_class(with_pr, class_names)
+        section.blocks.append(Figure("pr_per_class.png", "Per class."))
+    return section
+
+
+def _proposal_section(runs: list[Run]) -> Section:
+    section = Section([Heading("Proposal recall")])
+    # Runs that share one proposal store report the same figures: show each distinct set once.
+    groups: list[tuple[list[Run], dict]] = []
+    for r in runs:
+        if r.proposal_recall is None:
+            continue
+        match = next((g for g in groups if g[1] == r.proposal_recall), None)
+        if match:
+            match[0].append(r)
+        else:
+            groups.append(([r], r.proposal_recall))
+    missing = [r.label for r in runs if r.proposal_recall is None]
+    if missing:
+        section.blocks.append(Text("Proposal recall not available for: " + ", ".join(missing) + "."))
+    if not groups:
+        return section
+    labels = [", ".join(r.label for r in members) for members, _ in groups]
+    metrics = [k for k in ("recall@0.5", "recall@0.7", "AR", "MABO") if any(k in g for _, g in groups)]
+    rows = []
+    for label, (_, recall) in zip(labels, groups):
+        for i, top_k in enumerate(recall["top_k"]):
+            rows.append([label, f"{top_k:.0f}"] + [_fmt(recall[k][i]) if k in recall else "n/a"
+                                                   for k in metrics])
+    section.blocks.append(Table(["runs", "proposals per image", *metrics], rows))
+    section.pngs["proposal_recall.png"] = render.proposal_recall(
+        labels, [members[0].color for members, _ in groups], [g for _, g in groups])
+    section.blocks.append(Figure("proposal_recall.png", "Recall of ground-truth boxes by the top-k "
+                                 "proposals (AR: average recall over IoU 0.5:0.95; MABO: mean "
+                                 "best overlap)."))
+    return section
+
+
+def _resolve_data(spec: dict[str, str], run_dir: Path | None) -> dict[str, str]:
+    """Relative dataset paths: from the current folder if they exist there, else from ``run_dir``."""
+    spec = dict(spec)
+    for key in ("path", "images"):
+        value = spec.get(key, "")
+        if value and not Path(value).is_absolute() and not Path(value).exists() and run_dir:
+            if (run_dir / value).exists():
+                spec[key] = str(run_dir / value)
+    return spec
+
+
+def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset | None, str]:
+    """The dataset of the detection grid, or None and the reason why not.
+
+    ``data`` given (``--data``): a load failure is an error. Otherwise the first run's "data":
+    a failure there (the dataset lives on another machine, say) only skips the grid.
+    """
+    explicit = data is not None
+    run_dir = None
+    if data is None:
+        owner = next((r for r in runs if r.data and r.data.get("path")), None)
+        if owner is None:
+            return None, "no \"data\" in metrics.json; pass --data"
+        data, run_dir = owner.data, owner.run_dir
+    data = _resolve_data(data, run_dir)
+    try:
+        return load_dataset(data.get("format", "coco"), data["path"], data.get("images", ""),
+                            data.get("split", "")), ""
+    except (FileNotFoundError, ValueError, ImageReadError, OSError) as e:
+        if explicit:
+            raise
+        _warn(f"detection grid skipped: dataset {data['path']!r} could not be loaded ({e})")
+        return None, f"dataset {data['path']} could not be loaded; pass --data"
+
+
+def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_images: int) -> Section:
+    section = Section([Heading("Detections")])
+    if num_images <= 0:
+        section.blocks.append(Text("Detection grid: not requested."))
+        return section
+    if dataset is None:
+        section.blocks.append(Text(f"Detection grid: not available ({reason})."))
+        return section
+    records = sorted((r for r in dataset.records if len(r.gt_boxes) > 0), key=lambda r: r.image_id)
+    records = records[:num_images]
+    if not records:
+        section.blocks.append(Text("Detection grid: not available (no image with ground truth)."))
+        return section
+
+    image_ids = {r.image_id for r in records}
+    class_of_category = {cid: k + 1 for k, cid in enumerate(dataset.category_ids)}
+    detections_per_run: list[dict[int, list] | None] = []
+    for run in runs:
+        detections_per_run.append(_grid_detections(run, image_ids, class_of_category))
+    missing = [r.label for r, d in zip(runs, detections_per_run) if d is None]
+    if missing:
+        section.blocks.append(Text("Detections not available for: " + ", ".join(missing) + "."))
+    section.pngs["detections.png"] = render.detection_grid(records, dataset.class_names, runs,
+                                                          detections_per_run)
+    section.blocks.append(Figure(
+        "detections.png",
+        f"The first {len(records)} val images (by image id) with ground truth; left the ground truth, "
+        f"then each run's detections with score >= {GRID_SCORE_THRESH} (at most "
+        f"{GRID_MAX_DETECTIONS} per image, best first)."))
+    return section
+
+
+def _grid_detections(run: Run, image_ids: set[int], class_of_category: dict[int, int]
+                     ) -> dict[int, list[tuple[float, int, tuple[float, float, float, float]]]] | None:
+    """A run's detections on ``image_ids``: image id -> [(score, class 1..K, xyxy)], best first.
+
+    Entries with score < GRID_SCORE_THRESH are dropped; malformed entries and unknown category
+    ids are counted and reported with one warning. None when the run has no usable
+    detections.json.
+    """
+    if run.detections_path is None:
+        return None
+    try:
+        entries = read_json(run.detections_path)
+    except ValueError as e:
+        _warn(f"{e}; its detections are left out of the grid")
+        return None
+    if not isinstance(entries, list):
+        _warn(f"{run.detections_path}: expected a list of COCO results; left out of the grid")
+        return None
+    by_image: dict[int, list] = {i: [] for i in image_ids}
+    malformed = unknown = 0
+    for entry in entries:
+        try:
+            image_id = int(entry["image_id"])
+            if image_id not in by_image:
+                continue
+            x, y, w, h = (float(v) for v in entry["bbox"])
+            score, category_id = float(entry["score"]), int(entry["category_id"])
+        except (KeyError, TypeError, ValueError):
+            malformed += 1
+            continue
+        if category_id not in class_of_category:
+            unknown += 1
+        elif score >= GRID_SCORE_THRESH:
+            by_image[image_id].append((score, class_of_category[category_id], (x, y, x + w, y + h)))
+    if malformed or unknown:
+        _warn(f"{run.detections_path}: skipped {malformed} malformed entries and {unknown} with a "
+              "category id not in the dataset")
+    for image_id, dets in by_image.items():
+        dets.sort(key=lambda d: -d[0])  # stable: ties keep file order
+        by_image[image_id] = dets[:GRID_MAX_DETECTIONS]
+    return by_image
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None = None,
+                data: dict[str, str] | None = None, num_grid_images: int = 4) -> tuple[Path, Path]:
+    """Compare the runs in ``run_dirs``; write ``report.md`` + PNGs and ``report.html``.
+
+    ``data``: {"format", "path", "images", "split"} of the dataset for the detection grid
+    (default: the first run's metrics.json "data"). ``timestamp`` is the report's one varying
+    line (default: now, UTC). Returns (md_path, html_path).
+    """
+    if not run_dirs:
+        raise ValueError("no run folders given")
+    runs = [load_run(d) for d in run_dirs]
+    seen: dict[str, int] = {}
+    for i, run in enumerate(runs):  # unique display names: a repeated name gets " (2)", ...
+        seen[run.name] = seen.get(run.name, 0) + 1
+        run.color = render.RUN_COLORS[i % len(render.RUN_COLORS)]
+        run.label = run.name if seen[run.name] == 1 else f"{run.name} ({seen[run.name]})"
+    dataset, reason = _grid_dataset(runs, data) if num_grid_images > 0 else (None, "")
+    if timestamp is None:
+        timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
+        sections = [_runs_section(runs), _accuracy_section(runs), _speed_section(runs),
+                    _pr_section(runs), _proposal_section(runs),
+                    _grid_section(runs, dataset, reason, num_grid_images)]
+    blocks: list = [Heading("Detector comparison", 1)]
+    pngs: dict[str, bytes] = {}
+    for section in sections:
+        blocks += section.blocks
+        pngs.update(section.pngs)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for file_name, png in pngs.items():
+        write_bytes_atomic(output_dir / file_name, png)
+    md_path, html_path = output_dir / "report.md", output_dir / "report.html"
+    write_text_atomic(md_path, render.render_markdown(blocks, timestamp))
+    write_text_atomic(html_path, render.render_html(blocks, pngs, timestamp))
+    return md_path, html_path
+
+
+def cli_compare(args: argparse.Namespace) -> int:
+    data = None
+    if args.data:
+        data = {"format": args.format, "path": args.data, "images": args.images, "split": args.split}
+    md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir), data=data,
+                                     num_grid_images=args.grid_images)
+    print(f"wrote {md_path} and {html_path}")
+    return 0

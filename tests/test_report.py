@@ -1,0 +1,220 @@
+"""``detect compare``: tables, speed ratio, self-contained HTML, determinism, missing pieces."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detect.cli import main
+from detect.report import load_run, make_report
+
+RECALL = np.linspace(0, 1, 101).round(2).tolist()  # [101] COCO recall points
+PROPOSAL_RECALL = {"top_k": [100, 300, 1000, 2000], "recall@0.5": [0.6, 0.8, 0.9, 0.95],
+                   "recall@0.7": [0.3, 0.5, 0.6, 0.7], "AR": [0.35, 0.5, 0.6, 0.66],
+                   "MABO": [0.7, 0.75, 0.8, 0.82]}
+
+
+def _write_tiny_coco(root: Path) -> Path:
+    """3 images (id 1 has no ground truth), categories 3 "cat" and 7 "dog" (not contiguous)."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+    coco = {"images": [{"id": i, "file_name": f"im{i}.png", "width": 64, "height": 48} for i in (1, 2, 3)],
+            "annotations": [{"id": 1, "image_id": 2, "category_id": 3, "bbox": [5, 6, 30, 20],
+                             "area": 600, "iscrowd": 0},
+                            {"id": 2, "image_id": 3, "category_id": 7, "bbox": [20, 10, 40, 30],
+                             "area": 1200, "iscrowd": 0}],
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    (root / "val.json").write_text(json.dumps(coco))
+    return root / "val.json"
+
+
+def _write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_json: Path | None,
+               detections: list | None = None, full: bool = True) -> Path:
+    metrics = {"detector": detector, "coco": {"AP": ap, "AP50": 0.801, "AP75": 0.55, "APs": -1.0,
+                                              "APm": 0.4, "APl": 0.6, "AR1": 0.3, "AR10": 0.5,
+                                              "AR100": 0.65}}
+    if full:
+        dog = [round(0.9 - 0.5 * r, 4) if r <= 0.8 else -1.0 for r in RECALL]  # -1: unreached recall
+        metrics.update({
+            "name": run_dir.name, "backbone": "efficientnet_lite0", "device": "cpu",
+            "num_parameters": 3_412_345, "num_images": 3,
+            "per_class_AP": {"cat": ap + 0.1, "dog": 0.324}, "per_class_AP50": {"cat": 0.9, "dog": -1.0},
+            "pr_curve_50": {"recall": RECALL, "precision": {"all": [round(1 - ap * r, 4) for r in RECALL],
+                                                            "cat": [1.0] * 101, "dog": dog}},
+            "timing_ms_per_image": timing, "images_per_second": 1000.0 / sum(timing.values()),
+            "peak_memory_mb": 1234.5, "train_time_s": 95.0, "proposal_recall": PROPOSAL_RECALL})
+    if data_json is not None:
+        metrics["data"] = {"format": "coco", "path": str(data_json), "images": "", "split": ""}
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if detections is not None:
+        (run_dir / "detections.json").write_text(json.dumps(detections))
+    return run_dir
+
+
+FAST_TIMING = {"proposals": 1900.0, "backbone": 10.0, "roi_head": 4.0, "postprocess": 1.0}  # 15 ms
+RCNN_TIMING = {"proposals": 1900.0, "warp": 30.0, "features": 300.0, "svm": 5.0, "bbox_reg": 2.0,
+               "postprocess": 1.0}  # 338 ms: 338 / 15 = 22.5x
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    data_json = _write_tiny_coco(root / "data")
+    detections = [{"image_id": 2, "category_id": 3, "bbox": [6, 6, 30, 20], "score": 0.9},
+                  {"image_id": 3, "category_id": 7, "bbox": [18, 12, 40, 30], "score": 0.7},
+                  {"image_id": 3, "category_id": 3, "bbox": [1, 1, 10, 10], "score": 0.2}]
+    return [_write_run(root / "fast", detector="fast_rcnn", ap=0.512, timing=FAST_TIMING,
+                       data_json=data_json, detections=detections),
+            _write_run(root / "slow", detector="rcnn", ap=0.431, timing=RCNN_TIMING,
+                       data_json=data_json, detections=detections[:1])]
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory) -> tuple[Path, Path]:
+    return make_report(runs, tmp_path_factory.mktemp("report"), timestamp="2024-01-01 00:00:00 UTC")
+
+
+def test_tables_hold_the_runs_numbers(report):
+    md = report[0].read_text()
+    assert "| fast | Fast R-CNN | efficientnet_lite0 | 0.512 | 0.801 | 0.550 | n/a | 0.400 | 0.600 | 0.650 |" in md
+    assert "| slow | R-CNN | efficientnet_lite0 | 0.431 | 0.801 |" in md
+    assert "| cat | 0.612 | 0.900 | 0.531 | 0.900 |" in md  # per-class AP and AP50 of both runs
+    assert "| dog | 0.324 | n/a | 0.324 | n/a |" in md  # -1 (no ground truth) prints n/a
+    assert md.count("| cat |") == 1  # classes named by both AP and AP50 listed once
+    assert "| **test time excluding proposals, ms/image** | 15.0 | 338.0 |" in md
+    assert "| relative to the fastest (excluding proposals) | 1.00x | 22.5x |" in md
+    assert "| warp, ms/image | - | 30.0 |" in md
+    assert "| parameters | 3,412,345 | 3,412,345 |" in md
+    assert "| training time | 1.6 min | 1.6 min |" in md
+    assert "**R-CNN / Fast R-CNN = 22.5x test time per image, excluding proposals" in md
+    assert "| fast, slow | 1000 | 0.900 | 0.600 | 0.600 | 0.800 |" in md  # one shared proposal set
+    assert "The first 2 val images" in md  # image 1 has no ground truth
+    html = report[1].read_text()
+    assert "<td>0.512</td>" in html and "R-CNN / Fast R-CNN = 22.5x" in html
+    assert "not available" not in md
+
+
+def test_markdown_figures_exist_and_html_embeds_them(report):
+    md_path, html_path = report
+    md, html = md_path.read_text(), html_path.read_text()
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(figures) == ["accuracy_vs_time.png", "detections.png", "per_class_ap.png",
+                               "pr_overall.png", "pr_per_class.png", "proposal_recall.png"]
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(embedded) == len(figures)
+    on_disk = {(md_path.parent / f).read_bytes() for f in figures}
+    for data in embedded:
+        png = base64.b64decode(data, validate=True)
+        assert png in on_disk
+        with Image.open(io.BytesIO(png)) as im:
+            im.load()
+            assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+def test_html_references_nothing_outside_itself(report):
+    html = report[1].read_text()
+    assert not re.search(r"https?://|ftp://", html, re.I)
+    assert not re.search(r"""(?:src|href|action)\s*=\s*(?!["']?data:)""", html, re.I)
+    assert not re.search(r"url\(\s*['\"]?(?!data:)|@import|<script|<link|<iframe", html, re.I)
+    assert not re.search(r"""["'(]//""", html)  # protocol-relative URLs
+
+
+def _without_timestamp(text: str) -> list[str]:
+    lines = text.splitlines()
+    assert sum("Generated:" in line for line in lines) == 1
+    return [line for line in lines if "Generated:" not in line]
+
+
+def test_same_runs_give_the_same_report(runs, report, tmp_path):
+    md2, html2 = make_report(runs, tmp_path / "again")  # default timestamp: now
+    assert _without_timestamp(md2.read_text()) == _without_timestamp(report[0].read_text())
+    assert _without_timestamp(html2.read_text()) == _without_timestamp(report[1].read_text())
+    assert md2.read_text() != report[0].read_text()  # only the timestamp line differs
+    pngs = sorted(p.name for p in report[0].parent.glob("*.png"))
+    assert pngs == sorted(p.name for p in md2.parent.glob("*.png")) and len(pngs) == 6
+    for name in pngs:
+        assert (md2.parent / name).read_bytes() == (report[0].parent / name).read_bytes(), name
+
+
+def test_missing_optional_pieces_say_not_available(tmp_path):
+    bare = _write_run(tmp_path / "bare", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
+    md, html = make_report([bare], tmp_path / "report", timestamp="t")
+    text = md.read_text()
+    assert "| bare | R-CNN | n/a | 0.200 |" in text
+    for piece in ("Per-class AP: not available", "Test-time speed: not available",
+                  "Precision-recall curve not available for: bare", "Proposal recall not available for: bare",
+                  "Detection grid: not available", "Accuracy against test time: not available"):
+        assert piece in text
+    assert "data:image/png" not in html.read_text() and not list((tmp_path / "report").glob("*.png"))
+
+
+def test_grid_without_detections_file_and_bad_entries(runs, tmp_path, capsys):
+    # A relative dataset path is found from the run folder (it does not exist from the cwd).
+    data_json = Path(os.path.relpath(load_run(runs[0]).data["path"], tmp_path / "odd"))
+    entries = [{"image_id": 2, "category_id": 99, "bbox": [1, 1, 5, 5], "score": 0.9},  # unknown id
+               {"image_id": 2, "bbox": [1, 1, 5, 5], "score": 0.9}]  # no category_id
+    odd = _write_run(tmp_path / "odd", detector="fast_rcnn", ap=0.3, timing={}, data_json=data_json,
+                     detections=entries, full=False)
+    none = _write_run(tmp_path / "none", detector="rcnn", ap=0.3, timing={}, data_json=None, full=False)
+    md, _ = make_report([odd, none], tmp_path / "report", timestamp="t", num_grid_images=1)
+    text = md.read_text()
+    assert "Detections not available for: none." in text
+    assert "The first 1 val images" in text and (tmp_path / "report" / "detections.png").is_file()
+    assert not (Path.cwd() / data_json).exists()
+    assert "skipped 1 malformed entries and 1 with a category id not in the dataset" in capsys.readouterr().err
+
+
+def test_duplicate_names_are_told_apart(runs, tmp_path):
+    md, _ = make_report([runs[0], runs[0]], tmp_path / "report", timestamp="t", num_grid_images=0)
+    text = md.read_text()
+    assert "| fast | Fast R-CNN |" in text and "| fast (2) | Fast R-CNN |" in text
+    assert "R-CNN / Fast R-CNN" not in text  # two fast_rcnn runs: ratios to the fastest instead
+    assert "| relative to the fastest (excluding proposals) | 1.00x | 1.00x |" in text
+
+
+def test_bad_run_folders_give_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no metrics.json"):
+        load_run(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="nowhere: run folder not found"):
+        load_run(tmp_path / "nowhere")
+    bad = _write_run(tmp_path / "bad", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
+    metrics = json.loads((bad / "metrics.json").read_text())
+    metrics["coco"]["AP50"] = "high"
+    (bad / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match=r"bad/metrics.json: key 'coco.AP50' should be a number"):
+        load_run(bad)
+    (bad / "metrics.json").write_text(json.dumps({"detector": "rcnn", "AR": 0.5}))
+    with pytest.raises(ValueError, match="key 'coco' is missing"):
+        load_run(bad)
+    # `detect eval --results` output: no detector, COCO numbers at the top level.
+    (bad / "metrics.json").write_text(json.dumps({"AP": 0.25, "AP50": -1.0, "per_class_AP": {"cat": 0.25}}))
+    run = load_run(bad)
+    assert (run.detector, run.coco["AP"], run.coco["AP50"], run.per_class_ap) == ("n/a", 0.25, None, {"cat": 0.25})
+    (bad / "metrics.json").write_text("{")
+    with pytest.raises(ValueError, match="malformed JSON"):
+        load_run(bad)
+
+
+def test_cli_compare(runs, tmp_path, capsys):
+    bare = _write_run(tmp_path / "bare", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
+    assert main(["compare", str(bare), "--output-dir", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "report.md").is_file()
+    assert main(["compare", str(runs[0]), str(tmp_path / "missing"), "--output-dir", str(tmp_path / "s")]) == 2
+    assert "missing: run folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "report.md").exists()
+    # An explicit --data that cannot be loaded is an error, not a skipped grid.
+    assert main(["compare", str(runs[0]), "--output-dir", str(tmp_path / "t"),
+                 "--data", str(tmp_path / "no.json")]) == 2
+    assert "no.json" in capsys.readouterr().err
