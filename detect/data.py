@@ -1,20 +1,40 @@
-"""Datasets in one internal representation, and robust image reading.
+"""Datasets in one internal representation, their loaders, and robust image reading.
 
 ``Dataset`` holds ``ImageRecord``s with ground truth as float xyxy pixels and contiguous class
 indices 1..K (0 is background). ``Dataset.category_ids[k - 1]`` is the dataset's own category
 id of class k: the only place indices map back to category ids.
+
+Loaders convert each format's boxes once, here: COCO ``[x, y, w, h]`` -> xyxy (``load_coco``),
+VOC 1-based inclusive corners -> 0-based continuous xyxy (``load_voc``). They validate as they
+go: structural problems (malformed files, missing fields, duplicate or dangling ids) raise
+``ValueError`` naming the file and the entry; bad boxes are skipped or clipped and counted in a
+``LoadReport`` (``dataset.report``), summarised in one ``DatasetWarning``.
+
+``gt_difficult`` marks boxes that neither train nor count: VOC ``difficult`` and COCO
+``iscrowd``. Training code drops them; evaluation treats them as ignore regions.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from detect.io import read_json, write_json_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+# Boxes sticking out of the image by at most this many pixels are clipped without being
+# counted: annotation tools round, and COCO has many boxes 0.01 px past the border.
+CLIP_TOLERANCE = 1.0
 
 
 class ImageReadError(Exception):
@@ -26,6 +46,69 @@ class ImageReadError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+class DatasetWarning(UserWarning):
+    """Entries of a dataset that were skipped or repaired while loading it."""
+
+
+@dataclass
+class LoadReport:
+    """What a loader skipped or repaired: counters plus the first few messages, each naming the
+    file and the entry."""
+
+    source: str
+    num_images: int = 0  # images kept
+    num_boxes: int = 0  # boxes kept, difficult/crowd included
+    num_difficult: int = 0  # kept boxes flagged gt_difficult (VOC difficult, COCO iscrowd)
+    boxes_nonfinite: int = 0  # a NaN/inf coordinate: skipped
+    boxes_empty: int = 0  # zero or negative width or height: skipped
+    boxes_outside: int = 0  # entirely outside the image: skipped
+    boxes_clipped: int = 0  # partly outside the image (by more than CLIP_TOLERANCE): clipped
+    images_missing: int = 0  # check_images: no such file: image skipped
+    images_unreadable: int = 0  # check_images: empty, corrupt or not an image: image skipped
+    images_wrong_size: int = 0  # check_images: size differs from the annotation: image skipped
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 5
+
+    _PROBLEMS = (
+        ("boxes_nonfinite", "boxes with NaN/inf skipped"),
+        ("boxes_empty", "boxes of zero or negative size skipped"),
+        ("boxes_outside", "boxes entirely outside the image skipped"),
+        ("boxes_clipped", "boxes partly outside the image clipped"),
+        ("images_missing", "missing images skipped"),
+        ("images_unreadable", "unreadable images skipped"),
+        ("images_wrong_size", "images whose size differs from the annotation skipped"),
+    )
+
+    def add(self, problem: str, message: str) -> None:
+        """Count one ``problem`` (a counter's name above) and keep ``message`` as an example."""
+        setattr(self, problem, getattr(self, problem) + 1)
+        if len(self.examples) < self.max_examples:
+            self.examples.append(message)
+
+    def add_many(self, problem: str, indices: np.ndarray, message_of: Callable[[int], str]) -> None:
+        """Count ``len(indices)`` of ``problem``; ``message_of(i)`` writes an example (only as
+        many as are kept, so a million clipped boxes cost no million messages)."""
+        setattr(self, problem, getattr(self, problem) + len(indices))
+        for i in indices[:max(0, self.max_examples - len(self.examples))]:
+            self.examples.append(message_of(int(i)))
+
+    @property
+    def num_problems(self) -> int:
+        return sum(getattr(self, name) for name, _ in self._PROBLEMS)
+
+    def summary(self) -> str:
+        parts = [f"{getattr(self, name)} {text}" for name, text in self._PROBLEMS if getattr(self, name)]
+        line = (f"{self.source}: {self.num_images} images, {self.num_boxes} boxes "
+                f"({self.num_difficult} difficult/crowd)")
+        if parts:
+            line += "; " + ", ".join(parts) + "; e.g. " + " | ".join(self.examples)
+        return line
+
+    def warn_if_problems(self) -> None:
+        if self.num_problems:
+            warnings.warn(self.summary(), DatasetWarning, stacklevel=4)  # at the loader's caller
+
+
 @dataclass
 class ImageRecord:
     image_id: int
@@ -34,7 +117,11 @@ class ImageRecord:
     height: int
     gt_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [G, 4] xyxy
     gt_classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # [G] in 1..K
-    gt_difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))  # [G] VOC flag
+    # [G] VOC difficult or COCO iscrowd: training skips these, evaluation ignores them
+    gt_difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    # [G] the dataset's own object areas (COCO segmentation area; NaN = unknown, use the box):
+    # COCO's small/medium/large split is by this area, so evaluation writes it back unchanged.
+    gt_areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
 
 
 @dataclass
@@ -43,6 +130,7 @@ class Dataset:
     records: list[ImageRecord]
     class_names: list[str]  # [K] names of classes 1..K (background is not listed)
     category_ids: list[int]  # [K] dataset category id of class k at position k - 1
+    report: LoadReport | None = None  # what the loader skipped or repaired
 
     @property
     def num_classes(self) -> int:
@@ -55,6 +143,407 @@ class Dataset:
         return {r.image_id: r for r in self.records}
 
 
+# ----------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------
+
+
+def load_dataset(fmt: str, path: str | os.PathLike, images: str | os.PathLike = "",
+                 split: str = "", *, check_images: bool = False) -> Dataset:
+    """Load a dataset by format name, as the CLI flags and ``DatasetConfig`` give it.
+
+    ``fmt="coco"``: ``path`` is the instances JSON, ``images`` the image folder (default: the
+    JSON's folder). ``fmt="voc"``: ``path`` is the VOC folder, ``split`` the ImageSets/Main name.
+    """
+    if not str(path):
+        raise ValueError(f"no dataset path given for the {fmt!r} dataset (--data or data.*.path)")
+    if fmt == "coco":
+        return load_coco(path, images or None, check_images=check_images)
+    if fmt == "voc":
+        return load_voc(path, split, check_images=check_images)
+    raise ValueError(f"unknown dataset format {fmt!r}: expected 'coco' or 'voc'")
+
+
+def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *,
+              check_images: bool = False) -> Dataset:
+    """Load a COCO instances JSON.
+
+    Boxes: COCO ``[x, y, w, h]`` -> xyxy float32, converted here once (in float64, so an
+    exported xyxy box comes back bit for bit). Classes: category ids in ascending order become
+    classes 1..K. ``iscrowd=1`` boxes are kept with ``gt_difficult=True`` (ignored by training
+    and evaluation). Images without annotations are kept. ``file_name`` is relative to
+    ``image_dir`` (default: the JSON's folder). ``check_images=True`` opens every image header
+    (fast, no decoding) and skips missing, unreadable or wrongly sized ones; by default images
+    are only read when used.
+    """
+    json_path = Path(json_path)
+    src = str(json_path)
+    data = read_json(json_path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{src}: the top level must be an object with 'images', 'annotations' "
+                         f"and 'categories', got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{src}: missing required key '{key}' (a COCO instances file has "
+                             "'images', 'annotations' and 'categories'; an empty list is fine)")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
+    image_dir = (Path(image_dir) if image_dir else json_path.parent).absolute()
+    report = LoadReport(source=src)
+
+    names_by_id: dict[int, str] = {}
+    for i, cat in enumerate(data["categories"]):
+        where = f"categories[{i}]"
+        cat_id = _field(cat, "id", int, src, where)
+        name = _field(cat, "name", str, src, where)
+        if cat_id in names_by_id:
+            raise ValueError(f"{src}: duplicate category id {cat_id} ({where})")
+        names_by_id[cat_id] = name
+    category_ids = sorted(names_by_id)
+    class_of_category = {cat_id: k + 1 for k, cat_id in enumerate(category_ids)}
+
+    records: list[ImageRecord] = []
+    seen_images: dict[int, int] = {}
+    for i, entry in enumerate(data["images"]):
+        where = f"images[{i}]"
+        image_id = _field(entry, "id", int, src, where)
+        where = f"images[{i}] (id {image_id})"
+        file_name = _field(entry, "file_name", str, src, where)
+        width = _field(entry, "width", (int, float), src, where)
+        height = _field(entry, "height", (int, float), src, where)
+        if not (width > 0 and height > 0):
+            raise ValueError(f"{src}: {where}: width and height must be positive, got {width}x{height}")
+        if image_id in seen_images:
+            raise ValueError(f"{src}: duplicate image id {image_id} (images[{seen_images[image_id]}] "
+                             f"and images[{i}])")
+        seen_images[image_id] = i
+        records.append(ImageRecord(image_id=image_id, file_name=str(image_dir / file_name),
+                                   width=int(width), height=int(height)))
+
+    # Annotations: a lean loop for the common, well-formed case; an entry that fails it goes to
+    # _explain_bad_annotation, which names the problem. Boxes are then checked all at once.
+    row_of_image = {r.image_id: row for row, r in enumerate(records)}
+    ann_ids, rows, classes, crowd, bboxes, areas = [], [], [], [], [], []
+    for i, ann in enumerate(data["annotations"]):
+        try:
+            ann_id, image_id, category_id, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
+            iscrowd = ann.get("iscrowd", 0)
+            row, cls = row_of_image[image_id], class_of_category[category_id]
+            well_formed = (type(ann_id) is int and type(image_id) is int and type(category_id) is int
+                           and type(bbox) is list and len(bbox) == 4 and iscrowd in (0, 1))
+        except (KeyError, TypeError, AttributeError):
+            well_formed = False
+        if not well_formed:
+            _explain_bad_annotation(ann, i, src, row_of_image, class_of_category)
+        ann_ids.append(ann_id)
+        rows.append(row)
+        classes.append(cls)
+        crowd.append(bool(iscrowd))
+        bboxes.append(bbox)
+        area = ann.get("area")
+        areas.append(float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else np.nan)
+    if len(set(ann_ids)) != len(ann_ids):
+        duplicates = sorted(a for a, n in Counter(ann_ids).items() if n > 1)
+        where = [i for i, a in enumerate(ann_ids) if a == duplicates[0]]
+        raise ValueError(f"{src}: duplicate annotation id {duplicates[0]} (annotations[{where[0]}] and "
+                         f"annotations[{where[1]}]); {len(duplicates)} duplicated ids in all")
+    xywh = _number_array(bboxes, ann_ids, src)  # [A, 4] float64
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # [A, 4]
+    rows = np.asarray(rows, dtype=np.int64)  # [A]
+    widths = np.array([r.width for r in records], dtype=np.float64)[rows]  # [A]
+    heights = np.array([r.height for r in records], dtype=np.float64)[rows]  # [A]
+    boxes, keep = clean_boxes(xyxy, widths, heights, report, lambda j: (
+        f"{src}: annotations[{j}] (id {ann_ids[j]}), image id {records[rows[j]].image_id}"))
+
+    # Group the kept boxes by image, keeping the file's order within an image.
+    kept = np.flatnonzero(keep)
+    kept = kept[np.argsort(rows[kept], kind="stable")]  # [A']
+    starts = np.concatenate([[0], np.cumsum(np.bincount(rows[kept], minlength=len(records)))])
+    boxes = boxes[kept].astype(np.float32)  # [A', 4]
+    classes = np.asarray(classes, dtype=np.int64)[kept]  # [A']
+    crowd = np.asarray(crowd, dtype=bool)[kept]  # [A']
+    areas = np.asarray(areas, dtype=np.float32)[kept]  # [A']
+    for row, record in enumerate(records):
+        record.gt_boxes = boxes[starts[row]:starts[row + 1]]
+        record.gt_classes = classes[starts[row]:starts[row + 1]]
+        record.gt_difficult = crowd[starts[row]:starts[row + 1]]
+        record.gt_areas = areas[starts[row]:starts[row + 1]]
+    dataset = Dataset(name=json_path.stem, records=records,
+                      class_names=[names_by_id[c] for c in category_ids],
+                      category_ids=category_ids, report=report)
+    return _finish_loading(dataset, check_images, src)
+
+
+def _field(entry: Any, key: str, types: type | tuple[type, ...], src: str, where: str) -> Any:
+    """``entry[key]``, checked to be of ``types``; otherwise ValueError naming file and entry."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{src}: {where} must be an object, got {type(entry).__name__}")
+    if key not in entry:
+        raise ValueError(f"{src}: {where} is missing '{key}'")
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ValueError(f"{src}: {where}: '{key}' has the wrong type: {value!r}")
+    return value
+
+
+def _explain_bad_annotation(ann: Any, i: int, src: str, row_of_image: dict, class_of_category: dict) -> None:
+    """Raise the ValueError that says what is wrong with annotation ``i``."""
+    where = f"annotations[{i}]"
+    ann_id = _field(ann, "id", int, src, where)
+    where = f"annotations[{i}] (id {ann_id})"
+    image_id = _field(ann, "image_id", int, src, where)
+    category_id = _field(ann, "category_id", int, src, where)
+    bbox = _field(ann, "bbox", list, src, where)
+    if image_id not in row_of_image:
+        raise ValueError(f"{src}: {where} refers to unknown image id {image_id}")
+    if category_id not in class_of_category:
+        raise ValueError(f"{src}: {where} has unknown category id {category_id} "
+                         f"(known: {sorted(class_of_category)})")
+    if len(bbox) != 4:
+        raise ValueError(f"{src}: {where}: 'bbox' must be 4 numbers [x, y, w, h], got {bbox!r}")
+    iscrowd = ann.get("iscrowd", 0)
+    if iscrowd not in (0, 1):
+        raise ValueError(f"{src}: {where}: 'iscrowd' must be 0 or 1, got {iscrowd!r}")
+    raise ValueError(f"{src}: {where}: malformed annotation")
+
+
+def _number_array(bboxes: list[list], ann_ids: list[int], src: str) -> np.ndarray:
+    """The COCO bboxes as a float64 array [A, 4]; ValueError naming the first non-number."""
+    try:
+        array = np.array(bboxes) if bboxes else np.zeros((0, 4))
+    except ValueError:  # a nested list inside a bbox
+        array = np.zeros((0,), dtype=object)
+    if array.dtype.kind in "iuf" and array.shape == (len(bboxes), 4):
+        return array.astype(np.float64)
+    for i, bbox in enumerate(bboxes):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox):
+            raise ValueError(f"{src}: annotations[{i}] (id {ann_ids[i]}): 'bbox' must be 4 numbers "
+                             f"[x, y, w, h], got {bbox!r}")
+    raise ValueError(f"{src}: 'bbox' entries must be 4 numbers each")
+
+
+def clean_boxes(boxes: np.ndarray, widths: np.ndarray, heights: np.ndarray, report: LoadReport,
+                describe: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
+    """Check xyxy boxes [N, 4] (float64) against their images' ``widths`` and ``heights`` [N].
+
+    Returns the boxes clipped to their images [N, 4] and ``keep`` [N] bool. Boxes with a NaN or
+    inf, of zero or negative size, or entirely outside the image are dropped; boxes partly
+    outside are clipped. Each case is counted in ``report``; ``describe(j)`` names box j in the
+    example messages (file and entry). Clipping by at most CLIP_TOLERANCE is not counted.
+    """
+    with np.errstate(invalid="ignore"):
+        x1, y1, x2, y2 = boxes.T  # [N] each
+        finite = np.isfinite(boxes).all(axis=1)  # [N]
+        empty = finite & ((x2 <= x1) | (y2 <= y1))
+        outside = finite & ~empty & ((x2 <= 0) | (y2 <= 0) | (x1 >= widths) | (y1 >= heights))
+        keep = finite & ~empty & ~outside
+        clipped = np.stack([np.maximum(x1, 0), np.maximum(y1, 0), np.minimum(x2, widths),
+                            np.minimum(y2, heights)], axis=1)  # [N, 4]
+        moved = keep & (np.abs(clipped - boxes).max(axis=1) > CLIP_TOLERANCE)
+
+    def size(j: int) -> str:
+        return f"{widths[j]:g}x{heights[j]:g}"
+
+    report.add_many("boxes_nonfinite", np.flatnonzero(~finite),
+                    lambda j: f"{describe(j)}: non-finite box {boxes[j].tolist()}")
+    report.add_many("boxes_empty", np.flatnonzero(empty),
+                    lambda j: f"{describe(j)}: empty box, width {x2[j] - x1[j]:g}, height {y2[j] - y1[j]:g}")
+    report.add_many("boxes_outside", np.flatnonzero(outside),
+                    lambda j: f"{describe(j)}: box {boxes[j].tolist()} outside the {size(j)} image")
+    report.add_many("boxes_clipped", np.flatnonzero(moved),
+                    lambda j: f"{describe(j)}: box {boxes[j].tolist()} clipped to the {size(j)} image")
+    return clipped, keep
+
+
+def _finish_loading(dataset: Dataset, check_images: bool, src: str) -> Dataset:
+    """Shared end of every loader: optional image checks, counts, the warning, the empty check."""
+    report = dataset.report
+    if check_images:
+        dataset.records = _check_image_files(dataset.records, report)
+    report.num_images = len(dataset.records)
+    report.num_boxes = sum(len(r.gt_boxes) for r in dataset.records)
+    report.num_difficult = sum(int(r.gt_difficult.sum()) for r in dataset.records)
+    report.warn_if_problems()
+    if not dataset.records:
+        skipped = report.images_missing + report.images_unreadable + report.images_wrong_size
+        reason = f" left: all {skipped} were skipped ({report.summary()})" if skipped else ""
+        raise ValueError(f"{src}: the dataset has no images{reason}")
+    return dataset
+
+
+def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[ImageRecord]:
+    """Keep the records whose file exists, has a readable header and the annotated size (after
+    EXIF rotation). Reads headers only (PIL ``verify``), so it is fast but misses truncation."""
+    kept = []
+    for record in tqdm(records, desc="checking images", unit="img", disable=None):
+        path = Path(record.file_name)
+        if not path.is_file():
+            report.add("images_missing", f"{path}: image id {record.image_id}: file not found")
+            continue
+        try:
+            with Image.open(path) as im:
+                im.verify()  # must come first: it leaves the image unusable
+            with Image.open(path) as im:
+                width, height = im.size
+                orientation = im.getexif().get(0x0112, 1)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            report.add("images_unreadable", f"{path}: image id {record.image_id}: cannot read ({e})")
+            continue
+        if orientation in (5, 6, 7, 8):  # EXIF transposes: the user sees the other way round
+            width, height = height, width
+        if (width, height) != (record.width, record.height):
+            report.add("images_wrong_size", f"{path}: image id {record.image_id}: file is "
+                       f"{width}x{height}, annotation says {record.width}x{record.height}")
+            continue
+        kept.append(record)
+    return kept
+
+
+# The 20 PASCAL VOC classes in the standard order: class k is the same whatever the split holds.
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+
+def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False) -> Dataset:
+    """Load a VOC-style folder: ``Annotations/<name>.xml``, ``JPEGImages/<name>.jpg`` and the
+    image names in ``ImageSets/Main/<split>.txt``.
+
+    Boxes: VOC corners are 1-based and inclusive; the pixels xmin..xmax cover the continuous
+    0-based span [xmin - 1, xmax], so a box becomes ``(xmin - 1, ymin - 1, xmax, ymax)``, once,
+    here (rbgirshick/fast-rcnn ``datasets/pascal_voc.py`` also subtracted 1; it kept inclusive
+    corners for its ``+ 1`` widths, which this package does not use). ``difficult`` objects are
+    kept with ``gt_difficult=True``. Classes are ``VOC_CLASSES`` with category ids 1..20.
+    Image ids are the names as integers ("2008_000008" -> 2008000008) when they all are digits
+    and distinct, otherwise the 1-based position in the split file.
+    """
+    root = Path(root)
+    if not split:
+        raise ValueError(f"{root}: a VOC dataset needs a split name (e.g. --split test)")
+    split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not split_file.is_file():
+        raise FileNotFoundError(f"{split_file}: split file not found (a VOC folder has "
+                                "Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt)")
+    names = [line.split()[0] for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"{split_file}: duplicate image names {duplicates[:10]}")
+    digits = [n.replace("_", "") for n in names]
+    if all(d.isdigit() for d in digits) and len({int(d) for d in digits}) == len(digits):
+        image_ids = [int(d) for d in digits]
+    else:
+        image_ids = list(range(1, len(names) + 1))
+
+    report = LoadReport(source=str(split_file))
+    class_of_name = {name: k + 1 for k, name in enumerate(VOC_CLASSES)}
+    records = []
+    for i in tqdm(range(len(names)), desc="reading VOC annotations", unit="img", disable=None):
+        records.append(_read_voc_xml(root / "Annotations" / f"{names[i]}.xml", image_ids[i],
+                                     root / "JPEGImages" / f"{names[i]}.jpg", class_of_name, report))
+    dataset = Dataset(name=f"{root.name}_{split}", records=records, class_names=list(VOC_CLASSES),
+                      category_ids=list(range(1, len(VOC_CLASSES) + 1)), report=report)
+    return _finish_loading(dataset, check_images, str(split_file))
+
+
+def _read_voc_xml(xml_path: Path, image_id: int, image_path: Path, class_of_name: dict[str, int],
+                  report: LoadReport) -> ImageRecord:
+    try:
+        tree = ET.parse(xml_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{xml_path}: annotation file not found (its image is in the split "
+                                "file)") from None
+    except ET.ParseError as e:
+        raise ValueError(f"{xml_path}: malformed XML ({e})") from None
+    annotation = tree.getroot()
+    width = _voc_number(annotation, "size/width", xml_path, "<annotation>")
+    height = _voc_number(annotation, "size/height", xml_path, "<annotation>")
+    if not (width > 0 and height > 0):
+        raise ValueError(f"{xml_path}: width and height must be positive, got {width:g}x{height:g}")
+    width, height = int(width), int(height)
+    boxes, classes, difficult = [], [], []
+    for j, obj in enumerate(annotation.findall("object")):
+        where = f"object {j}"
+        name = (obj.findtext("name") or "").strip()
+        if name not in class_of_name:
+            raise ValueError(f"{xml_path}: {where}: unknown class {name!r} (expected one of the 20 "
+                             "VOC classes)")
+        xmin, ymin, xmax, ymax = (_voc_number(obj, f"bndbox/{k}", xml_path, where)
+                                  for k in ("xmin", "ymin", "xmax", "ymax"))
+        flag = (obj.findtext("difficult") or "0").strip()
+        if flag not in ("0", "1"):
+            raise ValueError(f"{xml_path}: {where}: <difficult> must be 0 or 1, got {flag!r}")
+        boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based continuous
+        classes.append(class_of_name[name])
+        difficult.append(flag == "1")
+    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)  # [G, 4]
+    widths, heights = np.full(len(boxes), float(width)), np.full(len(boxes), float(height))
+    boxes, keep = clean_boxes(boxes, widths, heights, report, lambda j: f"{xml_path}: object {j}")
+    record = ImageRecord(image_id=image_id, file_name=str(image_path.absolute()), width=width, height=height)
+    record.gt_boxes = boxes[keep].astype(np.float32)  # [G, 4]
+    record.gt_classes = np.array(classes, dtype=np.int64)[keep]  # [G]
+    record.gt_difficult = np.array(difficult, dtype=bool)[keep]  # [G]
+    return record
+
+
+def _voc_number(element: ET.Element, path: str, xml_path: Path, where: str) -> float:
+    text = element.findtext(path)
+    if text is None or not text.strip():
+        raise ValueError(f"{xml_path}: {where} is missing <{path}>")
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{xml_path}: {where}: <{path}> is not a number: {text.strip()!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Export to COCO
+# ----------------------------------------------------------------------------------------------
+
+
+def dataset_to_coco(dataset: Dataset, *, image_root: str | os.PathLike | None = None) -> dict:
+    """A COCO ground-truth dict for ``dataset``: for VOC -> COCO export and for evaluation.
+
+    Annotation ids start at 1 (pycocotools treats id 0 as "no match", pytorch/vision#1530).
+    Boxes are written as ``[x, y, w, h]``; ``area`` is the source's own area where it had one
+    (COCO: the segmentation area, which decides APs/APm/APl), else the box area. Difficult (and crowd) boxes are written as
+    ``iscrowd=1``: COCOeval has no "difficult" flag, but it ignores crowd boxes the way VOC
+    ignores difficult ones, neither true nor false positive. (One difference: a crowd box
+    matches a detection by intersection over the detection's area, so detections inside it are
+    ignored too.) ``file_name`` is absolute, or relative to ``image_root`` when given.
+    """
+    images, annotations = [], []
+    for record in dataset.records:
+        file_name = record.file_name if image_root is None else os.path.relpath(record.file_name, image_root)
+        images.append({"id": int(record.image_id), "file_name": file_name,
+                       "width": int(record.width), "height": int(record.height)})
+        areas = record.gt_areas.tolist() if len(record.gt_areas) == len(record.gt_boxes) else []
+        for j, (box, cls, difficult) in enumerate(zip(record.gt_boxes.tolist(), record.gt_classes.tolist(),
+                                                      record.gt_difficult.tolist())):
+            if not 1 <= cls <= dataset.num_classes:
+                raise ValueError(f"image id {record.image_id}: class index {cls} outside "
+                                 f"1..{dataset.num_classes}")
+            x1, y1, x2, y2 = box
+            w, h = x2 - x1, y2 - y1
+            area = areas[j] if areas and areas[j] > 0 else w * h  # NaN > 0 is False: the box area
+            annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
+                                "category_id": int(dataset.category_ids[cls - 1]),
+                                "bbox": [x1, y1, w, h], "area": area, "iscrowd": int(difficult)})
+    categories = [{"id": int(cat_id), "name": name}
+                  for cat_id, name in zip(dataset.category_ids, dataset.class_names)]
+    return {"info": {"description": dataset.name}, "images": images, "annotations": annotations,
+            "categories": categories}
+
+
+def export_coco(dataset: Dataset, path: str | os.PathLike) -> None:
+    """Write ``dataset`` as a COCO JSON (atomically), file names relative to the JSON's folder,
+    so ``load_coco(path)`` finds the images while the two stay side by side."""
+    path = Path(path)
+    write_json_atomic(path, dataset_to_coco(dataset, image_root=path.parent.resolve()), indent=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as uint8 RGB [H, W, 3], in the orientation the user sees.
 
