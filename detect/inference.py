@@ -157,26 +157,37 @@ def _open_store(path: str):
     return ProposalStore(path)
 
 
+def _evaluate_split(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
+                    device: torch.device, limit: int = 0) -> dict:
+    """Load the dataset, its proposals and the detector; evaluate; print and write metrics."""
+    dataset = load_dataset(data_spec["format"], data_spec["path"], data_spec["images"], data_spec["split"])
+    if limit:
+        dataset = Dataset(dataset.name, dataset.records[:limit], dataset.class_names, dataset.category_ids)
+    store = _open_store(proposals)
+    if store is not None:
+        store.check_dataset(dataset)
+    detector = load_detector(checkpoint, device)
+    if detector.class_names != dataset.class_names:
+        raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but {data_spec['path']} "
+                         f"has {dataset.class_names}")
+    tt = output_dir / "train_time.json"
+    metrics = evaluate_detector(detector, dataset, output_dir, store=store, name=output_dir.name,
+                                data_spec=data_spec,
+                                train_time_s=read_json(tt)["seconds"] if tt.is_file() else None)
+    if metrics:
+        print_metrics(metrics)
+        print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
+    return metrics
+
+
 def evaluate_after_training(cfg, checkpoint: Path, output_dir: Path, *, device: torch.device) -> dict:
     """``detect train`` ends here: score the final detector on the config's val split."""
     val = cfg.data.val
     if not val.path:
         print("no data.val.path in the config: skipping evaluation")
         return {}
-    dataset = load_dataset(val.format, val.path, val.images, val.split)
-    store = _open_store(cfg.data.val_proposals)
-    if store is not None:
-        store.check_dataset(dataset)
-    detector = load_detector(checkpoint, device)
-    tt = output_dir / "train_time.json"
-    metrics = evaluate_detector(detector, dataset, output_dir, store=store, name=output_dir.name,
-                                data_spec={"format": val.format, "path": val.path, "images": val.images,
-                                           "split": val.split},
-                                train_time_s=read_json(tt)["seconds"] if tt.is_file() else None)
-    if metrics:
-        print_metrics(metrics)
-        print(f"wrote {output_dir / 'metrics.json'}")
-    return metrics
+    spec = {"format": val.format, "path": val.path, "images": val.images, "split": val.split}
+    return _evaluate_split(checkpoint, spec, cfg.data.val_proposals, output_dir, device=device)
 
 
 def evaluate_checkpoint(args) -> int:
@@ -187,24 +198,7 @@ def evaluate_checkpoint(args) -> int:
     init_distributed(device)
     if not args.data:
         raise ValueError("--data is required with --checkpoint")
-    dataset = load_dataset(args.format, args.data, args.images, args.split)
-    if args.limit:
-        dataset = Dataset(dataset.name, dataset.records[: args.limit], dataset.class_names, dataset.category_ids)
-    store = _open_store(args.proposals)
-    if store is not None:
-        store.check_dataset(dataset)
-    detector = load_detector(args.checkpoint, device)
-    if detector.class_names != dataset.class_names:
-        raise ValueError(f"{args.checkpoint}: trained on classes {detector.class_names}, but {args.data} "
-                         f"has {dataset.class_names}")
+    spec = {"format": args.format, "path": args.data, "images": args.images, "split": args.split}
     output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
-    tt = output_dir / "train_time.json"
-    metrics = evaluate_detector(detector, dataset, output_dir, store=store,
-                                data_spec={"format": args.format, "path": args.data, "images": args.images,
-                                           "split": args.split},
-                                train_time_s=read_json(tt)["seconds"] if tt.is_file() else None)
-    if metrics:
-        print_metrics(metrics)
-        print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
+    _evaluate_split(args.checkpoint, spec, args.proposals, output_dir, device=device, limit=args.limit)
     return 0
-
