@@ -40,16 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("propose", help="selective-search proposals for a dataset or image folder")
     _add_dataset_args(p)
-    p.add_argument("--input", nargs="*", default=[], help="image files, folders or globs (instead of --data)")
-    p.add_argument("--out", required=True, help="proposal store folder")
+    p.add_argument("--input", nargs="*", default=[],
+                   help="image files, folders (searched recursively) or globs, instead of --data; image "
+                        "ids are 1-based positions in sorted order. Put key=value overrides before --input")
+    p.add_argument("--out", required=True,
+                   help="proposal store folder (format: detect/proposal_store.py); work in progress is kept "
+                        "in OUT.partial/, re-run the same command to resume")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-    p.add_argument("--shard", default="", help="i/N: compute only shard i of N (job arrays)")
+    p.add_argument("--shard", default="",
+                   help="i/N: compute only chunks k with k %% N == i (job arrays); the last shard to finish "
+                        "merges. Under torchrun the rank and world size are used automatically")
     _add_config_args(p)
 
     p = sub.add_parser("recall", help="proposal recall and MABO against ground truth")
     _add_dataset_args(p)
-    p.add_argument("--proposals", required=True, help="proposal store folder")
-    p.add_argument("--out", default="", help="write the figures as JSON here")
+    p.add_argument("--proposals", required=True, help="proposal store folder (from `detect propose`)")
+    p.add_argument("--out", default="", help="write the figures as JSON here (recall.json)")
 
     p = sub.add_parser("eval", help="COCO mAP of a results file, or of a trained detector")
     _add_dataset_args(p)
@@ -67,20 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
 
     p = sub.add_parser("predict", help="detect objects in image files, folders or globs")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--score-threshold", type=float, default=0.5)
+    p.add_argument("--checkpoint", required=True, help="a trained detector (a run's model_final.pt)")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="image files, folders (searched recursively) or globs")
+    p.add_argument("--output-dir", required=True,
+                   help="detections.json/.jsonl, images.json, errors.json, summary.json; "
+                        "re-run into the same folder to resume")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=0, help="proposal processes (default: all cores)")
-    p.add_argument("--proposals", default="", help="use this proposal store instead of selective search")
-    p.add_argument("--visualize", action="store_true", help="also write images with boxes drawn")
+    p.add_argument("--batch-size", type=int, default=1, help="images per detector step")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes reading images and proposing ahead of the detector (default: all cores)")
+    p.add_argument("--proposals", default="",
+                   help="proposal store made by `detect propose --input` on the same inputs "
+                        "(instead of selective search)")
+    p.add_argument("--visualize", action="store_true", help="also write vis/*.jpg with boxes drawn")
 
     p = sub.add_parser("compare", help="side-by-side report of evaluated runs")
     p.add_argument("runs", nargs="+", help="run folders (outputs of `detect train`/`detect eval`)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--data", default="", help="dataset for the detection grid (default: from the runs)")
+    p.add_argument("--output-dir", required=True, help="where report.md, report.html and PNGs go")
+    _add_dataset_args(p)  # --data: the detection grid's dataset (default: the first run's)
+    p.add_argument("--grid-images", type=int, default=4, help="val images in the detection grid")
 
     p = sub.add_parser("demo", help="the whole story on the synthetic dataset (README's main command)")
     p.add_argument("--output-dir", default="runs/demo")
@@ -98,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args) or 0
     except (ConfigError, ImageReadError, FileNotFoundError, ValueError) as e:
         print(f"detect {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder: outputs finished before it are intact
+        where = getattr(args, "output_dir", "") or getattr(args, "out", "")
+        hint = f" (writing to {where})" if e.filename is None and where else ""
+        print(f"detect {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"detect {args.command}: interrupted; finished outputs are kept, re-run to resume",

@@ -19,9 +19,12 @@ checkpoints, and ``step_fn`` is expected to give each rank its own share of the 
 
 from __future__ import annotations
 
+import datetime
+import errno
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -53,9 +56,18 @@ def is_main_process() -> bool:
     return dist_info()[0] == 0
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist_info()[1] > 1:
-        torch.distributed.barrier()
+        torch.distributed.barrier(group=group)
+
+
+def long_wait_group():
+    """A gloo process group with a 7-day timeout (None outside torch.distributed); every rank
+    must create it. Its ``barrier`` lets ranks idle while rank 0 alone works for longer than a
+    collective's default timeout (NCCL: 10 minutes), which would otherwise abort the job."""
+    if dist_info()[1] <= 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
 
 def init_distributed(device: torch.device) -> None:
@@ -134,9 +146,18 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint.
+
+    A failed write (a full disk) raises ``OSError`` naming ``path``; the previous checkpoints
+    are untouched.
+    """
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch reports a failed write as "enforce fail ... unexpected pos"
+            free_mb = shutil.disk_usage(tmp.parent).free / 2**20
+            raise OSError(errno.EIO, f"could not write the checkpoint (disk full? {free_mb:.0f} MiB free; "
+                                     f"torch: {str(e).strip().splitlines()[0]})", str(path)) from None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -278,17 +299,23 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
         window_losses.append({k: float(v.detach()) for k, v in losses.items()})
         done = iteration + 1
         bar.update(1)
-        if main and (done % log_period == 0 or done == max_iter):
+        if done % log_period == 0 or done == max_iter:
             now = time.perf_counter()
-            record = {"iteration": done, "lr": lr}
-            for k in window_losses[0]:
-                record[k] = sum(w[k] for w in window_losses) / len(window_losses)
-            record["loss"] = sum(record[k] for k in window_losses[0])
-            record["time_per_iter_s"] = (now - t_last) / len(window_losses)
-            if device.type == "cuda":
-                record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            append_jsonl(log_path, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
+            names = list(window_losses[0])
+            means = torch.tensor([sum(w[k] for w in window_losses) / len(window_losses) for k in names],
+                                 dtype=torch.float64)  # [L] this rank's mean losses over the window
+            if world > 1:  # log the global batch's losses (the mean over ranks), not rank 0's share
+                means = means.to(device)
+                torch.distributed.all_reduce(means)
+                means = means.cpu() / world
+            if main:
+                record = {"iteration": done, "lr": lr, **{k: float(v) for k, v in zip(names, means)}}
+                record["loss"] = float(means.sum())
+                record["time_per_iter_s"] = (now - t_last) / len(window_losses)
+                if device.type == "cuda":
+                    record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                append_jsonl(log_path, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
             t_last, window_losses = now, []
         if done % checkpoint_period == 0 or done == max_iter:
             save(done)

@@ -31,9 +31,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            # e.g. "[Errno 28] No space left on device" from a write: say which output failed
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

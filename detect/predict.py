@@ -587,9 +587,12 @@ def cli_predict(args) -> int:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     stat = checkpoint.stat()
     detector = load_detector(checkpoint, args.device)  # '' = cuda if available, else cpu
+    workers = args.workers
+    if workers == 0 and world_size > 1:  # share the node's cores between its ranks
+        workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     summary = predict(
         detector, args.input, args.output_dir, score_threshold=args.score_threshold,
-        proposal_settings=detector.proposal_settings, workers=args.workers,
+        proposal_settings=detector.proposal_settings, workers=workers,
         batch_size=args.batch_size, proposal_store=args.proposals or None,
         visualize=args.visualize, category_ids=getattr(detector, "category_ids", None),
         rank=rank, world_size=world_size,
