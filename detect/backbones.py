@@ -47,6 +47,7 @@ Freezing (``freeze_at``): every parameter of the layers before the named one is 
 - resnet18 / resnet50: stem layer1 layer2 layer3 layer4
 - mobilenet_v3_large: stem block1 .. block15 last_conv (features[0], [1..15], [16])
 - efficientnet_lite0: stem block0 .. block15 last_conv
+- with ``head_dim > 0`` the conv backbones' lists end with fc6 fc7 (their last stage is unused)
 "" freezes nothing. BatchNorm layers are always frozen (``FrozenBatchNorm2d``: ImageNet
 statistics and affine terms) because detection batches of 2 images are too small for them.
 """
@@ -272,7 +273,7 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
     except Exception as e:  # no network, a proxy, a truncated download, ...
         file_name = weights_enum.url.rsplit("/", 1)[-1]
         cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-        raise RuntimeError(
+        raise OSError(
             f"could not get the {name} {weights_enum.name} weights ({type(e).__name__}: {e}). "
             f"Download {weights_enum.url} elsewhere and either put it at {cache} (torchvision's "
             f"cache) or pass model.weights=/path/to/{file_name}") from None

@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args) or 0
-    except (ConfigError, ImageReadError, FileNotFoundError, ValueError) as e:
+    # Expected failures (bad config, data or checkpoint; no network for weights; a full disk)
+    # print one line naming the file or key. Anything else is a bug and keeps its traceback.
+    except (ConfigError, ImageReadError, OSError, ValueError) as e:
         print(f"detect {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder: outputs finished before it are intact

@@ -196,8 +196,9 @@ class FastRCNN(Detector):
         """[FRCN] section 3.1: replace fc6 and fc7 by their truncated SVDs, in place.
 
         A Linear W [out, in] becomes Linear(in, t, no bias) with weight Sigma_t V_t^T, then
-        Linear(t, out) with weight U_t and W's bias. Ranks above min(out, in) are clamped
-        (then the result equals the original up to rounding). Only heads with fc layers.
+        Linear(t, out) with weight U_t and W's bias (see ``_svd_linear``). Ranks above
+        min(out, in) are clamped (then the result equals the original up to rounding). Only
+        heads with fc layers. VGG16's fc6 takes about a minute on a 2-core CPU.
         """
         if not isinstance(self.head, FcHead) or not isinstance(self.head.fc6, nn.Linear):
             raise ValueError("truncated SVD needs a head with plain fc6/fc7 layers (vgg16, alexnet, or "
@@ -207,13 +208,29 @@ class FastRCNN(Detector):
 
 
 def _svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
-    weight = layer.weight.detach().to("cpu", torch.float64)  # [out, in]
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # [out, k], [k], [k, in]
-    t = max(1, min(rank, s.numel()))
-    first = nn.Linear(layer.in_features, t, bias=False)
-    second = nn.Linear(t, layer.out_features, bias=layer.bias is not None)
-    first.weight.copy_(s[:t, None] * vh[:t])  # [t, in]
-    second.weight.copy_(u[:, :t])  # [out, t]
+    """Linear W [out, in] -> Sequential(Linear(in, t, no bias), Linear(t, out)) whose product is
+    W's rank-t truncated SVD, U_t Sigma_t V_t^T.
+
+    Computed from the eigenvectors of the smaller Gram matrix (W W^T or W^T W) in float64: for
+    VGG16's fc6 (4096 x 25088) that takes seconds where a full SVD takes minutes on a CPU. When
+    out <= in, the layers are Sigma_t V_t^T = U_t^T W and U_t, as [FRCN]; otherwise V_t^T and
+    W V_t = U_t Sigma_t. Neither divides by a singular value, and at full rank the product is W.
+    """
+    weight = layer.weight.detach().double()  # [out, in]
+    out_features, in_features = weight.shape
+    t = max(1, min(rank, out_features, in_features))
+    if out_features <= in_features:
+        _, u = torch.linalg.eigh(weight @ weight.T)  # eigenvalues ascending: [out, out]
+        u_t = u[:, -t:].flip(1)  # [out, t]
+        first_weight, second_weight = u_t.T @ weight, u_t  # [t, in], [out, t]
+    else:
+        _, v = torch.linalg.eigh(weight.T @ weight)  # [in, in]
+        v_t = v[:, -t:].flip(1)  # [in, t]
+        first_weight, second_weight = v_t.T, weight @ v_t  # [t, in], [out, t]
+    first = nn.Linear(in_features, t, bias=False)
+    second = nn.Linear(t, out_features, bias=layer.bias is not None)
+    first.weight.copy_(first_weight)
+    second.weight.copy_(second_weight)
     if layer.bias is not None:
         second.bias.copy_(layer.bias)
     return nn.Sequential(first, second).to(layer.weight.device, layer.weight.dtype)
@@ -379,7 +396,7 @@ class FastRCNNTrainData:
             except ImageReadError as e:
                 self._unreadable.add(record.file_name)
                 skipped.append(str(e))
-        raise RuntimeError(f"none of the {len(self.records)} training images can be read "
+        raise ValueError(f"none of the {len(self.records)} training images can be read "
                            f"(e.g. {sorted(self._unreadable)[:3]})")
 
     def batch(self, iteration: int) -> TrainBatch:

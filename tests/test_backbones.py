@@ -109,7 +109,7 @@ def test_download_failure_says_how_to_supply_a_file(monkeypatch):
 
     original = torchvision.models.get_model
     monkeypatch.setattr(torchvision.models, "get_model", offline)
-    with pytest.raises(RuntimeError, match=r"model.weights=/path/to/resnet18-f37072fd\.pth"):
+    with pytest.raises(OSError, match=r"model.weights=/path/to/resnet18-f37072fd\.pth"):
         build_backbone("resnet18", weights="IMAGENET1K_V1")
 
 

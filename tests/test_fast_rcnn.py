@@ -245,6 +245,23 @@ def test_svd_full_rank_exact_and_high_rank_close():
     assert (approx - reference).norm() / reference.norm() < 1e-2
 
 
+
+@pytest.mark.parametrize("shape", [(24, 80), (80, 24)])
+def test_svd_linear_equals_truncated_svd(shape):
+    """Both factorisations (out <= in and out > in) give the rank-t truncated SVD product."""
+    from detect.fast_rcnn import _svd_linear
+
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[1], shape[0])
+    u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+    reference = (u[:, :10] * s[:10]) @ vh[:10]  # [out, in]
+    with torch.no_grad():
+        pair = _svd_linear(layer, 10)
+    assert pair[0].weight.shape == (10, shape[1]) and pair[1].weight.shape == (shape[0], 10)
+    product = pair[1].weight.double() @ pair[0].weight.double()
+    torch.testing.assert_close(product, reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pair[1].bias, layer.bias)
+
 def test_svd_needs_fc_layers():
     backbone = tiny_backbone()
     backbone.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
