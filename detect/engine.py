@@ -331,6 +331,20 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
     return _unwrap(train_model)
 
 
+def load_train_split(cfg):
+    """The training dataset of ``cfg`` and its proposal store, checked against each other."""
+    from detect.data import load_dataset
+    from detect.proposals import ProposalStore
+
+    spec = cfg.data.train
+    dataset = load_dataset(spec.format, spec.path, spec.images, spec.split)
+    if not cfg.data.train_proposals:
+        raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
+    store = ProposalStore(cfg.data.train_proposals)
+    store.check_dataset(dataset)
+    return dataset, store
+
+
 # ----------------------------------------------------------------------------------------------
 # `detect train`
 # ----------------------------------------------------------------------------------------------

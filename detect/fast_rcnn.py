@@ -37,7 +37,7 @@ from torchvision.ops import roi_align, roi_pool
 from detect.backbones import Backbone, FcHead, build_backbone
 from detect.boxes import box_iou, encode_boxes, flip_boxes
 from detect.config import Config, from_dict, to_dict
-from detect.data import ImageReadError, ImageRecord, load_dataset, read_image
+from detect.data import ImageReadError, ImageRecord, read_image
 from detect.detector import Detector, ProposalScores, StageTimer
 
 __all__ = ["FastRCNN", "resize_scale", "prepare_image", "sample_rois", "fast_rcnn_loss", "TrainBatch",
@@ -517,17 +517,10 @@ def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_deca
 def train(cfg: Config, output_dir: Path, *, resume: bool, device: torch.device) -> Path:
     """Train Fast R-CNN as ``cfg`` says; returns the path of ``model_final.pt``."""
     from detect import engine
-    from detect.proposals import ProposalStore
-
     output_dir = Path(output_dir)
     rank, world_size = engine.dist_info()
     t = cfg.train
-    spec = cfg.data.train
-    dataset = load_dataset(spec.format, spec.path, spec.images, spec.split)
-    if not cfg.data.train_proposals:
-        raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
-    store = ProposalStore(cfg.data.train_proposals)
-    store.check_dataset(dataset)
+    dataset, store = engine.load_train_split(cfg)
     engine.seed_everything(t.seed)
     model = build_fast_rcnn(cfg, dataset.class_names).to(device)
     data = FastRCNNTrainData(

@@ -537,8 +537,6 @@ def train(cfg, output_dir: str | Path, *, resume: bool = False, device: torch.de
     """
     from detect import engine
     from detect.config import to_dict
-    from detect.data import load_dataset
-    from detect.proposal_store import ProposalStore
     from detect.svm import feature_cache_bytes, mean_feature_norm, train_box_regressors, train_svms
 
     output_dir = Path(output_dir)
@@ -549,12 +547,7 @@ def train(cfg, output_dir: str | Path, *, resume: bool = False, device: torch.de
     rank, world = engine.dist_info()
     idle_group = engine.long_wait_group()  # other ranks wait in it while rank 0 trains the SVMs
     r, m = cfg.rcnn, cfg.model
-    ds = cfg.data.train
-    dataset = load_dataset(ds.format, ds.path, ds.images, ds.split)
-    if not cfg.data.train_proposals:
-        raise ValueError("data.train_proposals is empty: R-CNN trains on a proposal store (`detect propose`)")
-    store = ProposalStore(cfg.data.train_proposals)
-    store.check_dataset(dataset)
+    dataset, store = engine.load_train_split(cfg)
     top_k = cfg.proposals.top_k
 
     def get_proposals(image_id: int) -> np.ndarray:
@@ -572,7 +565,7 @@ def train(cfg, output_dir: str | Path, *, resume: bool = False, device: torch.de
 
     # 1. Fine-tune the CNN on warped regions.
     ft_dir = stage_dirs["finetune"]
-    ft_settings = {"data": {**to_dict(ds), "proposals": cfg.data.train_proposals, "top_k": top_k,
+    ft_settings = {"data": {**to_dict(cfg.data.train), "proposals": cfg.data.train_proposals, "top_k": top_k,
                             "num_images": len(dataset)},
                    "model": to_dict(m), "crop_size": crop_size, "context_pad": r.context_pad, "seed": cfg.train.seed,
                    "flip": cfg.train.flip, **{k: v for k, v in to_dict(r).items() if k.startswith("ft_")}}

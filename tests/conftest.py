@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -61,3 +62,13 @@ def tiny_coco(tmp_path) -> tuple[Path, Path]:
     json_path = tmp_path / "tiny.json"
     json_path.write_text(json.dumps(TINY_COCO))
     return json_path, image_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for modules of small tensors: OpenMP's spin-waits cost a busy
+    2-core runner far more than a second thread gains (use via ``pytestmark``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ STD = (0.1, 0.1, 0.2, 0.2)
 COLOURS = {1: (230, 40, 40), 2: (40, 200, 60)}  # class -> RGB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one intra-op thread avoids OpenMP's spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_backbone(head_dim: int = 64, roi_size: int = 4) -> Backbone:

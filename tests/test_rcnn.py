@@ -21,13 +21,7 @@ from detect.boxes import encode_boxes
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny batches gain nothing from threads, and a busy 2-core runner loses a lot to them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +307,7 @@ def test_scores_are_chunk_independent_and_empty_proposals_work(trained):
 def test_feature_cache_holds_the_network_features(trained):
     from detect.svm import mine_svms as mine
 
-    cfg, run = trained["cfg"], trained["root"] / "run"
+    run = trained["root"] / "run"
     cache = FeatureCache(run / "features")
     rows = cache.rows(1)
     assert rows.image_id == trained["dataset"].records[1].image_id
