@@ -114,11 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ImageReadError, OSError, ValueError) as e:
         print(f"detect {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk, a read-only folder: outputs finished before it are intact
-        where = getattr(args, "output_dir", "") or getattr(args, "out", "")
-        hint = f" (writing to {where})" if e.filename is None and where else ""
-        print(f"detect {args.command}: error: {e}{hint}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"detect {args.command}: interrupted; finished outputs are kept, re-run to resume",
               file=sys.stderr)

@@ -172,8 +172,12 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        if "Weights only load failed" in str(e):  # torch's own advice (load it unsafely) is not ours
+            raise ValueError(f"{path}: not a loadable checkpoint: refused, it holds Python objects other than "
+                             "tensors and plain containers, which could run code when loaded") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a loadable checkpoint (refused or corrupt: {first})") from None
+        raise ValueError(f"{path}: not a loadable checkpoint (corrupt, truncated or not a torch file: "
+                         f"{first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (TRAIN_FORMAT, DETECTOR_FORMAT):
         raise ValueError(f"{path}: not a detect checkpoint (no 'format' field of ours)")
     return ckpt
@@ -229,6 +233,8 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
     main = rank == 0
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(".*.tmp"):  # a checkpoint write cut short by a kill (atomic_path's)
+            stale.unlink(missing_ok=True)
     model.to(device)
 
     start_iter = 0
@@ -355,6 +361,7 @@ def cli_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     output_dir = Path(args.output_dir)
+    _check_same_detector(output_dir, cfg.detector)
     device = resolve_device(args.device)
     init_distributed(device)
     if is_main_process():
@@ -379,6 +386,25 @@ def cli_train(args) -> int:
 
     evaluate_after_training(cfg, checkpoint, output_dir, device=device)
     return 0
+
+
+def _check_same_detector(output_dir: Path, detector: str) -> None:
+    """Refuse to train one detector into another's run folder: the stage checks of each (R-CNN's
+    stage folders, Fast R-CNN's checkpoints/) do not see the other's files, and its
+    model_final.pt and metrics.json would be overwritten."""
+    import yaml
+
+    previous = output_dir / "config.yaml"
+    if not previous.is_file():
+        return
+    try:
+        found = yaml.safe_load(previous.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        found = None
+    kind = found.get("detector") if isinstance(found, dict) else None
+    if kind is not None and kind != detector:
+        raise ValueError(f"{output_dir}: holds a {kind} run ({previous}); training {detector} there would "
+                         f"overwrite its model_final.pt; choose another --output-dir")
 
 
 def _record_train_time(output_dir: Path, seconds: float) -> None:

@@ -125,7 +125,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "backbone": getattr(detector, "backbone_name", ""),
         "device": _device_name(device),
         "num_parameters": sum(p.numel() for p in detector.parameters()),
-        "num_images": len(dataset),
+        "num_images": len(dataset), "num_detections": m["num_detections"],
         "coco": {k: m[k] for k in COCO_KEYS},
         "per_class_AP": m["per_class_AP"], "per_class_AP50": m["per_class_AP50"],
         "pr_curve_50": m["pr_curve_50"],
@@ -143,7 +143,8 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
 def print_metrics(metrics: dict) -> None:
     from detect.evaluation import format_metrics_table
 
-    flat = dict(metrics["coco"], per_class_AP=metrics["per_class_AP"], per_class_AP50=metrics["per_class_AP50"])
+    flat = dict(metrics["coco"], per_class_AP=metrics["per_class_AP"], per_class_AP50=metrics["per_class_AP50"],
+                num_images=metrics["num_images"], num_detections=metrics["num_detections"])
     print(format_metrics_table(flat))
     stages = ", ".join(f"{k} {v:.1f}" for k, v in metrics["timing_ms_per_image"].items())
     print(f"test time (ms/image): {stages}; {metrics['images_per_second']:.2f} images/s on {metrics['device']}")

@@ -497,6 +497,13 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
 
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or None,
                dynamic_ncols=True, file=sys.stderr)
+    # Fork the workers while this process's OpenCV thread pool is stopped: a forked worker whose
+    # parent had the pool running (e.g. after make-synthetic or selective search in the same
+    # process, as `detect demo` does) hangs forever in cv2.setNumThreads (_init_worker).
+    import cv2
+
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
     pool = ProcessPoolExecutor(max_workers=min(workers, max(len(todo), 1)),
                                mp_context=_mp_context(), initializer=_init_worker)
     journal = _open_journal(partial_dir / journal_name)
@@ -543,6 +550,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         journal.close()
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
+        cv2.setNumThreads(cv2_threads)
 
     counts = merge()
     elapsed = time.perf_counter() - start
