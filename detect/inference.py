@@ -90,10 +90,31 @@ def _device_name(device: torch.device) -> str:
     return f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's allocator stats, or on Linux the process's RSS high-water mark
+    (``/proc/self/clear_refs``), so that a process that evaluates two runs reports each its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated, or the peak resident memory since ``_reset_peak_memory`` (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # whole-process peak
 
 
 def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Path, *, store=None,
@@ -104,8 +125,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
 
     output_dir = Path(output_dir)
     device = detector.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     timer = StageTimer(device)
     t0 = time.perf_counter()
     detections = run_detector(detector, dataset.records, store=store, timer=timer, progress=progress)
