@@ -175,9 +175,12 @@ def load_checkpoint(path: str | Path) -> dict:
         if "Weights only load failed" in str(e):  # torch's own advice (load it unsafely) is not ours
             raise ValueError(f"{path}: not a loadable checkpoint: refused, it holds Python objects other than "
                              "tensors and plain containers, which could run code when loaded") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not (head.startswith(b"PK") or head.startswith(b"\x80")):  # torch.save: a zip (or a pickle)
+            raise ValueError(f"{path}: not a loadable checkpoint (not a file written by torch.save)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a loadable checkpoint (corrupt, truncated or not a torch file: "
-                         f"{first})") from None
+        raise ValueError(f"{path}: not a loadable checkpoint (corrupt or truncated: {first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (TRAIN_FORMAT, DETECTOR_FORMAT):
         raise ValueError(f"{path}: not a detect checkpoint (no 'format' field of ours)")
     return ckpt

@@ -493,6 +493,9 @@ def build_from_checkpoint(ckpt: dict) -> FastRCNN:
     The config inside gives the architecture (built with weights "none", then the state dict
     is loaded strictly); ``test.svd`` applies truncated SVD after loading.
     """
+    if ckpt.get("kind", "fast_rcnn") != "fast_rcnn":
+        raise ValueError(f"a {ckpt['kind']!r} checkpoint, not a Fast R-CNN one (detect.inference.load_detector "
+                         "reads either kind)")
     cfg = from_dict(ckpt["config"], "checkpoint config")
     cfg.model.weights = "none"
     model = build_fast_rcnn(cfg, list(ckpt["class_names"]))

@@ -248,6 +248,9 @@ def build_from_checkpoint(ckpt: dict) -> RCNN:
     """Rebuild a trained R-CNN from a detector checkpoint dict (``engine.load_checkpoint``)."""
     from detect.config import from_dict
 
+    if ckpt.get("kind", "rcnn") != "rcnn":
+        raise ValueError(f"a {ckpt['kind']!r} checkpoint, not an R-CNN one (detect.inference.load_detector "
+                         "reads either kind)")
     cfg = from_dict(ckpt["config"], "checkpoint config")
     model = build_rcnn(cfg, ckpt["class_names"], ckpt["extra"])
     model.load_state_dict(ckpt["model"])
