@@ -188,21 +188,9 @@ def _clean_ground_truth(gt, source: str) -> dict:
         if not isinstance(gt.get(key), list):
             raise ValueError(f"{source}: no {key!r} list (is this a COCO instances file?)")
     images = [dict(img) for img in gt["images"]]
-    image_ids = set()
-    for i, img in enumerate(images):
-        if not _is_int(img.get("id")):
-            raise ValueError(f"{source}: images[{i}] has no integer 'id'")
-        if img["id"] in image_ids:
-            raise ValueError(f"{source}: images[{i}]: image id {img['id']} is repeated")
-        image_ids.add(img["id"])
+    image_ids = _unique_ids(images, "images", "image", source)
     categories = [dict(c) for c in gt["categories"]]
-    cat_ids = set()
-    for i, cat in enumerate(categories):
-        if not _is_int(cat.get("id")):
-            raise ValueError(f"{source}: categories[{i}] has no integer 'id'")
-        if cat["id"] in cat_ids:
-            raise ValueError(f"{source}: categories[{i}]: category id {cat['id']} is repeated")
-        cat_ids.add(cat["id"])
+    cat_ids = _unique_ids(categories, "categories", "category", source)
 
     annotations = [dict(a) for a in gt["annotations"]]
     for i, ann in enumerate(annotations):
@@ -257,6 +245,19 @@ def _check_bbox(bbox, where: str) -> list[float]:
     if bbox[2] < 0 or bbox[3] < 0:
         raise ValueError(f"{where}: 'bbox' {list(bbox)} has a negative width or height")
     return [float(v) for v in bbox]
+
+
+def _unique_ids(entries: list[dict], key: str, noun: str, source: str) -> set[int]:
+    """The integer ``id``s of ``entries`` (gt[key]); ValueError naming the entry if one is
+    missing or repeated."""
+    ids: set[int] = set()
+    for i, entry in enumerate(entries):
+        if not _is_int(entry.get("id")):
+            raise ValueError(f"{source}: {key}[{i}] has no integer 'id'")
+        if entry["id"] in ids:
+            raise ValueError(f"{source}: {key}[{i}]: {noun} id {entry['id']} is repeated")
+        ids.add(entry["id"])
+    return ids
 
 
 def _is_int(x) -> bool:
