@@ -14,7 +14,7 @@ Each test launches ``python -m torch.distributed.run --nproc_per_node=2 --master
 - ``detect propose``: byte-identical stores from torchrun, one process, and ``--shard i/N`` runs.
 - ``detect predict``: ranks split the images; merged outputs byte-identical to one process.
 - R-CNN: all four stages under torchrun (fine-tuning with DDP, features split by rank, SVMs and
-  box regression on rank 0 while rank 1 waits), then distributed evaluation.
+  box regression on rank 0 while rank 1 waits).
 """
 
 from __future__ import annotations
@@ -118,13 +118,13 @@ def test_propose_under_torchrun_and_with_shards_gives_the_single_process_store(s
                                                                               monkeypatch, capsys):
     from detect.cli import main
 
-    monkeypatch.setenv("DETECT_PROPOSAL_CHUNK", "2")  # 4 chunks: 2 per rank
-    argv = ["propose", "--data", str(synthetic_dir / "train.json"), "--workers", "1", *PROPOSE_OVERRIDES]
+    monkeypatch.setenv("DETECT_PROPOSAL_CHUNK", "1")  # 4 images, 4 chunks: 2 per rank
+    argv = ["propose", "--data", str(synthetic_dir / "val.json"), "--workers", "1", *PROPOSE_OVERRIDES]
     assert main([*argv, "--out", str(tmp_path / "single")]) == 0
     for shard in ("1/2", "0/2"):  # a job array: the last shard to finish merges
         assert main([*argv, "--out", str(tmp_path / "sharded"), "--shard", shard]) == 0
     assert "other shards' work" in capsys.readouterr().err
-    run_ok(torchrun_cmd(*argv, "--out", str(tmp_path / "torchrun")), DETECT_PROPOSAL_CHUNK="2")
+    run_ok(torchrun_cmd(*argv, "--out", str(tmp_path / "torchrun")), DETECT_PROPOSAL_CHUNK="1")
     reference = store_bytes(tmp_path / "single")
     assert len(reference) == 4
     assert store_bytes(tmp_path / "sharded") == reference
@@ -151,7 +151,7 @@ def test_rcnn_trains_all_stages_under_torchrun(data, tmp_path):
     from detect.engine import load_checkpoint
     from detect.inference import load_detector
 
-    config = write_config(tmp_path / "rcnn.yaml", rcnn_config(data["train"], data["val"]))
+    config = write_config(tmp_path / "rcnn.yaml", rcnn_config(data["train"]))  # evaluation: see Fast R-CNN
     out = tmp_path / "run"
     run_ok(torchrun_cmd("train", "--config", str(config), "--output-dir", str(out), "--device", "cpu"))
     for stage in ("finetune", "features", "svm", "bbox_reg"):
@@ -159,5 +159,3 @@ def test_rcnn_trains_all_stages_under_torchrun(data, tmp_path):
     assert [r["iteration"] for r in _log(out / "finetune" / "log.jsonl")] == [1, 2, 3, 4]  # rank 0 only
     assert load_checkpoint(out / "model_final.pt")["kind"] == "rcnn"
     assert load_detector(out / "model_final.pt", "cpu").num_classes == 2
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_images"] == 3 and metrics["coco"]["AP50"] >= 0
