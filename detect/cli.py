@@ -1,8 +1,8 @@
-"""The ``detect`` command: one entry point, one subcommand per job.
+"""The ``detect`` command: one entry point, one subcommand per job; argparse only.
 
-Each subcommand's work lives in its module (imported only when the subcommand runs, so
-``--help`` is quick); this file only declares the flags. Errors we expect (bad config, bad
-dataset, bad checkpoint) print one clear line naming the file or key and exit with status 2.
+This file declares the flags; ``detect.commands`` has one function per subcommand (``demo``:
+``detect.demo``). Errors we expect (bad config, bad dataset, bad checkpoint, a full disk)
+print one clear line naming the file or key and exit with status 2.
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from detect import commands, demo
+from detect.common.config import ConfigError
+from detect.data.images import ImageReadError
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files, folders (searched recursively) or globs, instead of --data; image "
                         "ids are 1-based positions in sorted order. Put key=value overrides before --input")
     p.add_argument("--out", required=True,
-                   help="proposal store folder (format: detect/proposal_store.py); work in progress is kept "
+                   help="proposal store folder (format: detect/proposals/store.py); work in progress is kept "
                         "in OUT.partial/, re-run the same command to resume")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.add_argument("--shard", default="",
@@ -104,9 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    from detect.config import ConfigError
-    from detect.data import ImageReadError
-
     try:
         return _dispatch(args) or 0
     # Expected failures (bad config, data or checkpoint; no network for weights; a full disk)
@@ -120,33 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+COMMANDS = {"make-synthetic": commands.make_synthetic, "propose": commands.propose, "recall": commands.recall,
+            "eval": commands.evaluate, "train": commands.train, "predict": commands.predict,
+            "compare": commands.compare}
+
+
 def _dispatch(args: argparse.Namespace) -> int | None:
-    cmd = args.command
-    if cmd == "make-synthetic":
-        from detect.synthetic import cli_make_synthetic
-        return cli_make_synthetic(args)
-    if cmd == "propose":
-        from detect.proposals import cli_propose
-        return cli_propose(args)
-    if cmd == "recall":
-        from detect.proposals import cli_recall
-        return cli_recall(args)
-    if cmd == "eval":
-        from detect.evaluation import cli_eval
-        return cli_eval(args)
-    if cmd == "train":
-        from detect.engine import cli_train
-        return cli_train(args)
-    if cmd == "predict":
-        from detect.predict import cli_predict
-        return cli_predict(args)
-    if cmd == "compare":
-        from detect.report import cli_compare
-        return cli_compare(args)
-    if cmd == "demo":
-        from detect.demo import cli_demo
-        return cli_demo(args)
-    raise ValueError(f"unknown command {cmd}")
+    if args.command == "demo":
+        return demo.run_demo(args.output_dir, device=args.device, run_command=main)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

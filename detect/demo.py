@@ -5,6 +5,9 @@ Fast R-CNN -> train and evaluate R-CNN (all four stages) -> ``detect predict`` o
 images with drawings -> ``detect compare``. Each step prints the ``detect`` command it runs, so
 the demo doubles as a tour of the CLI, and each step is skipped when its output is complete:
 re-running the demo reuses what is finished.
+
+It imports nothing of the package: ``detect.cli`` hands it ``run_command`` (its own ``main``),
+and each step is a ``detect`` command line.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import shlex
 import time
 from pathlib import Path
+from typing import Callable
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -20,60 +24,59 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # `detect train` with the configs alone gives the figures in the README's benchmark table.
 NUM_TRAIN, NUM_VAL, SEED = 80, 30, 0
 NUM_PREDICT = 6
+DETECTORS = ("fast_rcnn", "rcnn")
 SHORT_SCHEDULE = {
     "fast_rcnn": ["train.max_iter=300", "train.steps=[225]", "train.checkpoint_period=100"],
     "rcnn": ["rcnn.ft_max_iter=100", "rcnn.ft_steps=[75]"],
 }
 
 
-def _run(argv: list[str]) -> None:
-    from detect.cli import main
-
-    print(f"\n$ detect {shlex.join(argv)}", flush=True)
-    t0 = time.perf_counter()
-    code = main(argv)
-    if code != 0:
-        raise SystemExit(f"demo: `detect {shlex.join(argv)}` failed with status {code}")
-    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-
-
-def cli_demo(args) -> int:
-    out = Path(args.output_dir)
+def demo_steps(out: Path, device: str = "") -> list[tuple[list[str], Path | None]]:
+    """The demo as (``detect`` argv, done-file) pairs, in order: a step whose done-file exists
+    is skipped (None: always run)."""
     data = out / "data"
-    device = ["--device", args.device] if args.device else []
+    device_flag = ["--device", device] if device else []
+    stores = {split: out / "proposals" / split for split in ("train", "val")}
+    steps: list[tuple[list[str], Path | None]] = [
+        (["make-synthetic", "--out", str(data), "--train", str(NUM_TRAIN), "--val", str(NUM_VAL),
+          "--seed", str(SEED)], data / "val.json")]
+    for split, store in stores.items():
+        steps.append((["propose", "--data", str(data / f"{split}.json"), "--out", str(store),
+                       "--config", str(CONFIGS / "fast_rcnn_synthetic_cpu.yaml")], store / "meta.json"))
+    steps.append((["recall", "--data", str(data / "val.json"), "--proposals", str(stores["val"]),
+                   "--out", str(out / "proposals" / "val_recall.json")], None))
+    data_overrides = [f"data.train.path={data / 'train.json'}", f"data.val.path={data / 'val.json'}",
+                      f"data.train_proposals={stores['train']}", f"data.val_proposals={stores['val']}"]
+    for name in DETECTORS:
+        steps.append((["train", "--config", str(CONFIGS / f"{name}_synthetic_cpu.yaml"),
+                       "--output-dir", str(out / name), "--resume", *device_flag, *data_overrides,
+                       *SHORT_SCHEDULE[name]], out / name / "metrics.json"))
+    val_images = [str(p) for p in sorted((data / "images" / "val").glob("*.png"))[:NUM_PREDICT]]
+    for name in DETECTORS:
+        # The val images exist only once make-synthetic has run: listed when the step runs.
+        steps.append((["predict", "--checkpoint", str(out / name / "model_final.pt"), "--input",
+                       *(val_images or [str(data / "images" / "val")]), "--output-dir",
+                       str(out / "predict" / name), "--visualize", *device_flag], None))
+    steps.append((["compare", *(str(out / name) for name in DETECTORS), "--output-dir", str(out / "report")],
+                  None))
+    return steps
+
+
+def run_demo(output_dir: str, *, device: str, run_command: Callable[[list[str]], int]) -> int:
+    """Run ``demo_steps`` with ``run_command`` (``detect.cli.main``), skipping finished steps."""
+    out = Path(output_dir)
     t0 = time.perf_counter()
-
-    if not (data / "val.json").is_file():
-        _run(["make-synthetic", "--out", str(data), "--train", str(NUM_TRAIN), "--val", str(NUM_VAL),
-              "--seed", str(SEED)])
-    stores = {}
-    for split in ("train", "val"):
-        stores[split] = out / "proposals" / split
-        if not (stores[split] / "meta.json").is_file():
-            _run(["propose", "--data", str(data / f"{split}.json"), "--out", str(stores[split]), "--config", str(CONFIGS / "fast_rcnn_synthetic_cpu.yaml")])
-    _run(["recall", "--data", str(data / "val.json"),
-          "--proposals", str(stores["val"]), "--out", str(out / "proposals" / "val_recall.json")])
-
-    data_overrides = [
-        f"data.train.path={data / 'train.json'}", f"data.val.path={data / 'val.json'}",
-        f"data.train_proposals={stores['train']}", f"data.val_proposals={stores['val']}",
-    ]
-    runs = []
-    for name in ("fast_rcnn", "rcnn"):
-        run_dir = out / name
-        runs.append(str(run_dir))
-        if not (run_dir / "metrics.json").is_file():
-            _run(["train", "--config", str(CONFIGS / f"{name}_synthetic_cpu.yaml"), "--output-dir", str(run_dir),
-                  "--resume", *device, *data_overrides, *SHORT_SCHEDULE[name]])
-
-    val_images = sorted((data / "images" / "val").glob("*.png"))[:NUM_PREDICT]
-    for name in ("fast_rcnn", "rcnn"):
-        _run(["predict", "--checkpoint", str(out / name / "model_final.pt"), "--input", *map(str, val_images),
-              "--output-dir", str(out / "predict" / name), "--visualize", *device])
-    _run(["compare", *runs, "--output-dir", str(out / "report")])
-
-    minutes = (time.perf_counter() - t0) / 60
-    print(f"\ndemo finished in {minutes:.1f} min")
+    for index in range(len(demo_steps(out, device))):
+        argv, done = demo_steps(out, device)[index]  # re-listed: earlier steps make the inputs
+        if done is not None and done.is_file():
+            continue
+        print(f"\n$ detect {shlex.join(argv)}", flush=True)
+        t_step = time.perf_counter()
+        code = run_command(argv)
+        if code != 0:
+            raise SystemExit(f"demo: `detect {shlex.join(argv)}` failed with status {code}")
+        print(f"  ({time.perf_counter() - t_step:.0f} s)", flush=True)
+    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min")
     print(f"report:      {out / 'report' / 'report.html'} (and report.md)")
     print(f"predictions: {out / 'predict'}/<detector>/vis/")
     return 0

@@ -16,7 +16,7 @@ def synthetic_dir(tmp_path_factory) -> Path:
     """The synthetic dataset, 8 train and 4 val images, seed 0: a folder holding train.json,
     val.json (file names relative to the folder) and images/{train,val}/*.png.
     Category ids 1 disc, 3 box, 7 triangle, 9 ring (classes 1..4)."""
-    from detect.synthetic import make_synthetic
+    from detect.data.synthetic import make_synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic(out, num_train=8, num_val=4, seed=0)

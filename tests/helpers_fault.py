@@ -45,7 +45,7 @@ def make_square_dataset(root: Path, *, num_images: int = 4, size: int = 96, seed
     ``root/proposals_<name>``; returns (json, image folder, store). Each image (size x size)
     holds one rectangle (category 3) and one disc (category 7); the store holds 4 jittered
     copies of each gt box and 12 random boxes per image (xyxy pixels)."""
-    from detect.proposal_store import write_store
+    from detect.proposals.store import write_store
 
     rng = np.random.default_rng(seed)
     image_dir = root / "images"
@@ -273,7 +273,7 @@ def assert_outputs_intact(folder: Path) -> dict[str, int]:
     last line), .npy/.npz load without pickle, .pt load (detect checkpoints through
     ``load_checkpoint``, bare state dicts with ``weights_only``). Temporary files are skipped.
     Returns counts per kind, so a test can see something was checked."""
-    from detect.engine import load_checkpoint
+    from detect.common.checkpoints import load_checkpoint
 
     counts = {"json": 0, "jsonl": 0, "npy": 0, "npz": 0, "pt": 0}
     for path in sorted(folder.rglob("*")):
@@ -312,7 +312,7 @@ def store_bytes(store: Path) -> dict[str, bytes]:
 
 
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from detect.engine import load_checkpoint
+    from detect.common.checkpoints import load_checkpoint
 
     return load_checkpoint(checkpoint)["model"]
 

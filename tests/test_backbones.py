@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detect.backbones import BACKBONE_NAMES, FcHead, build_backbone, load_state_dict_file
+from detect.models.backbones import BACKBONE_NAMES, FcHead, build_backbone, load_state_dict_file
 
 # name -> (C, pooled head width without extra fc, S)
 EXPECTED = {

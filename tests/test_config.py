@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from detect.config import Config, ConfigError, load_config, save_config
+from detect.common.config import Config, ConfigError, load_config, save_config
 
 
 def _write(tmp_path, text):

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect.data import (VOC_CLASSES, DatasetWarning, ImageReadError, dataset_to_coco, export_coco,
-                         load_coco, load_dataset, load_voc, read_image)
+from detect.data.datasets import DatasetWarning, VOC_CLASSES, load_coco, load_dataset, load_voc
+from detect.data.images import ImageReadError, read_image
+from detect.evaluation.coco import dataset_to_coco, export_coco
 
 
 @contextlib.contextmanager
@@ -433,7 +434,8 @@ def test_coco_segmentation_area_survives_for_size_buckets(tmp_path):
     """APs/APm/APl split by the dataset's own area, not the box's: it must round-trip."""
     import json
 
-    from detect.data import dataset_to_coco, load_coco
+    from detect.data.datasets import load_coco
+    from detect.evaluation.coco import dataset_to_coco
 
     gt = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}],
           "categories": [{"id": 1, "name": "x"}],

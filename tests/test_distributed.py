@@ -71,7 +71,7 @@ def test_two_ranks_train_the_weights_of_one_process_with_the_same_global_batch(f
     dist = model_weights(frcn_runs["dist"] / "model_final.pt")
     assert max_weight_difference(single, dist) < WEIGHT_TOLERANCE
     # The weights moved (the test could fail): three SGD steps change them far beyond the tolerance.
-    from detect.engine import load_checkpoint
+    from detect.common.checkpoints import load_checkpoint
 
     assert load_checkpoint(frcn_runs["single"] / "checkpoints" / "iter_0000003.pt")["iteration"] == 3
     assert max_weight_difference(single, model_weights(frcn_runs["single"] / "model_final.pt")) > 1e-3
@@ -148,8 +148,8 @@ def test_predict_under_torchrun_splits_images_and_merges_identical_outputs(frcn_
 
 
 def test_rcnn_trains_all_stages_under_torchrun(data, tmp_path):
-    from detect.engine import load_checkpoint
-    from detect.inference import load_detector
+    from detect.common.checkpoints import load_checkpoint
+    from detect.models.build import load_detector
 
     config = write_config(tmp_path / "rcnn.yaml", rcnn_config(data["train"]))  # evaluation: see Fast R-CNN
     out = tmp_path / "run"

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from detect import engine
+from detect.common import checkpoints
+from detect.training import engine
 
 
 def _model() -> nn.Module:
@@ -56,9 +57,9 @@ def test_existing_checkpoints_need_resume(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match="iteration 7.*iter_0000006.pt"):
         _train(tmp_path, 10, nan_at=7)
-    last = engine.last_checkpoint(tmp_path)
+    last = checkpoints.last_checkpoint(tmp_path)
     assert last.name == "iter_0000006.pt"
-    state = engine.load_checkpoint(last)
+    state = checkpoints.load_checkpoint(last)
     assert state["iteration"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -83,10 +84,10 @@ def test_a_crafted_pickle_never_runs(tmp_path, monkeypatch):
     with open(bad, "wb") as f:
         pickle.dump({"format": "detect-detector", "x": _Evil()}, f)
     with pytest.raises(ValueError, match="model.pt: not a loadable checkpoint"):
-        engine.load_checkpoint(bad)
+        checkpoints.load_checkpoint(bad)
     torch.save({"format": "detect-detector", "x": _Evil()}, tmp_path / "evil2.pt")
     with pytest.raises(ValueError, match="evil2.pt"):
-        engine.load_checkpoint(tmp_path / "evil2.pt")
+        checkpoints.load_checkpoint(tmp_path / "evil2.pt")
     assert not marker.exists()
 
 
@@ -94,7 +95,7 @@ def test_not_a_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00not a checkpoint at all")
     with pytest.raises(ValueError, match="junk.pt"):
-        engine.load_checkpoint(junk)
+        checkpoints.load_checkpoint(junk)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: not a detect checkpoint"):
-        engine.load_checkpoint(tmp_path / "other.pt")
+        checkpoints.load_checkpoint(tmp_path / "other.pt")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from detect.data import Dataset, ImageRecord
-from detect.detector import Detections
-from detect.evaluation import (SUMMARY_KEYS, coco_results, evaluate_coco, evaluate_detections,
-                               format_metrics_table)
+from detect.data.datasets import Dataset, ImageRecord
+from detect.models.detector import Detections
+from detect.evaluation.coco import COCO_KEYS as SUMMARY_KEYS
+from detect.evaluation.coco import coco_results, evaluate_coco, evaluate_detections, format_metrics_table
 
 def _gt(annotations, *, num_images=2, categories=((3, "cat"), (7, "dog"))) -> dict:
     """COCO gt dict; ``annotations`` are (image_id, category_id, [x, y, w, h]), ids from 1."""

@@ -8,13 +8,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from detect.backbones import Backbone, FcHead
-from detect.boxes import box_iou, decode_boxes, encode_boxes, flip_boxes
-from detect.config import Config, to_dict
-from detect.data import Dataset, ImageRecord
-from detect.detector import Detections
-from detect.fast_rcnn import (FastRCNN, FastRCNNTrainData, build_fast_rcnn, build_from_checkpoint,
-                              build_optimizer, fast_rcnn_loss, prepare_image, sample_rois)
+from detect.models.backbones import Backbone, FcHead
+from detect.common.boxes import box_iou, decode_boxes, encode_boxes, flip_boxes
+from detect.common.config import Config, to_dict
+from detect.data.datasets import Dataset, ImageRecord
+from detect.models.detector import Detections
+from detect.models.build import build_fast_rcnn, build_from_checkpoint
+from detect.models.fast_rcnn import FastRCNN, prepare_image
+from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, fast_rcnn_loss, sample_rois
 
 STD = (0.1, 0.1, 0.2, 0.2)
 COLOURS = {1: (230, 40, 40), 2: (40, 200, 60)}  # class -> RGB
@@ -243,7 +244,7 @@ def test_svd_full_rank_exact_and_high_rank_close():
 @pytest.mark.parametrize("shape", [(24, 80), (80, 24)])
 def test_svd_linear_equals_truncated_svd(shape):
     """Both factorisations (out <= in and out > in) give the rank-t truncated SVD product."""
-    from detect.fast_rcnn import _svd_linear
+    from detect.models.fast_rcnn import _svd_linear
 
     torch.manual_seed(0)
     layer = nn.Linear(shape[1], shape[0])
@@ -361,7 +362,7 @@ def test_checkpoint_round_trip_with_svd():
     cfg.test.scale, cfg.test.max_size = 64, 96
     torch.manual_seed(0)
     model = build_fast_rcnn(cfg, ["a", "b"]).eval()
-    ckpt = {"config": to_dict(cfg), "class_names": ["a", "b"], "model": model.state_dict()}
+    ckpt = {"kind": "fast_rcnn", "config": to_dict(cfg), "class_names": ["a", "b"], "model": model.state_dict()}
     image = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
     proposals = torch.tensor([[0.0, 0.0, 30.0, 40.0], [10.0, 5.0, 60.0, 45.0]])
     reference = model.score_proposals(image, proposals)
@@ -377,7 +378,7 @@ def test_checkpoint_round_trip_with_svd():
 
 def test_tiny_dataset_overfits(tmp_path):
     """3 scenes with 2 classes, gt-jittered proposals: AP50 close to 1 after 150 iterations."""
-    from detect.evaluation import evaluate_detections
+    from detect.evaluation.coco import evaluate_detections
 
     records = scene_records(tmp_path)
     get = proposals_for(records)

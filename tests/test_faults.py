@@ -67,7 +67,7 @@ def _log(path: Path) -> list[dict]:
 
 
 def _checkpoint_iteration(run: Path) -> int:
-    from detect.engine import last_checkpoint, load_checkpoint
+    from detect.common.checkpoints import last_checkpoint, load_checkpoint
 
     path = last_checkpoint(run)
     return 0 if path is None else int(load_checkpoint(path)["iteration"])
@@ -115,7 +115,7 @@ def test_propose_killed_at_seeded_points_gives_the_uninterrupted_store(synthetic
     def check() -> None:
         assert_outputs_intact(tmp_path)  # job.json, every chunk_*.npz
         if out.exists():  # the merge renames a complete folder into place, or nothing
-            from detect.proposal_store import ProposalStore
+            from detect.proposals.store import ProposalStore
 
             assert len(ProposalStore(out)) == 4
 
@@ -180,7 +180,7 @@ def test_fast_rcnn_train_resumes_exactly_after_kills(frcn_reference, tmp_path):
 
 
 def test_rcnn_train_killed_in_every_stage_gives_the_uninterrupted_detector(data, tmp_path):
-    from detect.engine import load_checkpoint
+    from detect.common.checkpoints import load_checkpoint
 
     config = write_config(tmp_path / "rcnn.yaml", rcnn_config(data["train"]))  # no val: not evaluated
     run_warm(_train_argv(config, tmp_path / "reference"), tmp_path / "reference.log")
@@ -201,7 +201,7 @@ def test_rcnn_train_killed_in_every_stage_gives_the_uninterrupted_detector(data,
             if (out / stage / "done").is_file():
                 assert (out / stage / product).is_file(), f"{stage} is marked done without {product}"
         if (out / "features" / "done").is_file():
-            from detect.svm import FeatureCache
+            from detect.training.feature_cache import FeatureCache
 
             assert FeatureCache(out / "features").num_images == 4
 
@@ -301,7 +301,7 @@ def test_full_disk_during_propose_keeps_finished_chunks(synthetic_dir, tmp_path,
 def test_full_disk_while_saving_a_checkpoint(frcn_reference, tmp_path, capsys, monkeypatch):
     """torch.save fails half-way through the second checkpoint, as it does on a full disk."""
     from detect.cli import main
-    from detect.engine import last_checkpoint, load_checkpoint
+    from detect.common.checkpoints import last_checkpoint, load_checkpoint
 
     real_save = torch.save
     calls = {"n": 0}

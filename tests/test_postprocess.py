@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from detect.detector import ProposalScores, postprocess
+from detect.models.detector import ProposalScores, postprocess
 
 
 def _out(proposal_boxes, scores, deltas=None) -> ProposalScores:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from detect.detector import Detector, ProposalScores
-from detect.predict import find_inputs, predict, safe_relative_name
+from detect.models.detector import Detector, ProposalScores
+from detect.predict.batch import predict
+from detect.predict.batch import find_inputs
+from detect.predict.outputs import safe_relative_name
+from detect.proposals.selective_search import selective_search
+from detect.proposals.store import write_store
 
 CLASS_NAMES = ["cat", "dog"]
 
@@ -27,8 +30,8 @@ class FakeDetector(Detector):
 
     kind = "fake"
 
-    def __init__(self):
-        super().__init__(class_names=CLASS_NAMES)
+    def __init__(self, **detector_kwargs):
+        super().__init__(class_names=CLASS_NAMES, **detector_kwargs)
         self.calls = 0
 
     def score_proposals(self, image, proposal_boxes, timer=None):
@@ -268,7 +271,6 @@ def test_batches_and_ranks_give_the_same_outputs(mixed_dir, tmp_path):
 
 
 def test_real_selective_search(tmp_path):
-    proposals = pytest.importorskip("detect.proposals")
     img = np.zeros((96, 128, 3), np.uint8)
     img[20:70, 30:90] = (220, 40, 40)
     Image.fromarray(img).save(tmp_path / "square.png")
@@ -278,14 +280,14 @@ def test_real_selective_search(tmp_path):
     assert summary.num_images == 1 and summary.num_errors == 0
     assert detector.calls == 1
     line = load_outputs(tmp_path / "out")["lines"][0]
-    for det in line["detections"]:
-        x1, y1, x2, y2 = det["box"]
-        assert 0 <= x1 < x2 <= 128 and 0 <= y1 < y2 <= 96
-    assert proposals.selective_search is not None
+    expected = selective_search(img, resize=0, min_size=5)  # [R, 4]: what the workers computed
+    assert len(expected) >= 2
+    cats = [d for d in line["detections"] if d["label"] == "cat"]
+    assert len(cats) == 1  # the fake detector's cat 0.9 on proposal 0, unmoved (zero deltas)
+    assert np.allclose(cats[0]["box"], expected[0], atol=1e-3)
 
 
 def test_proposals_from_a_store_matched_by_file(tmp_path):
-    store_mod = pytest.importorskip("detect.proposal_store")
     d = tmp_path / "images"
     d.mkdir()
     names = ["b.png", "a.png", "c.png"]
@@ -295,7 +297,7 @@ def test_proposals_from_a_store_matched_by_file(tmp_path):
     ids = [30, 10, 20]
     boxes = [np.array([[i, i, 40 + i, 30 + i], [0, 0, 60, 50]], np.float32) for i in range(3)]
     store = tmp_path / "store"
-    store_mod.write_store(store, image_ids=ids, boxes_per_image=boxes, meta={"mode": "fast"},
+    write_store(store, image_ids=ids, boxes_per_image=boxes, meta={"mode": "fast"},
                           files=[str((d / n).resolve()) for n in names])
     _, summary = run([d], tmp_path / "out", proposal_store=store, propose_fn=None)
     assert summary.num_images == 3
@@ -310,18 +312,13 @@ def test_proposals_from_a_store_matched_by_file(tmp_path):
 
 
 def test_cli_wires_flags_through(tmp_path, monkeypatch):
-    import types
-
+    from detect import commands
     from detect.cli import main
 
-    pytest.importorskip("detect.proposals")
-    detector = FakeDetector()
-    detector.proposal_settings = {"resize": 0, "min_size": 4}
-    detector.category_ids = [7, 8]
+    detector = FakeDetector(category_ids=[7, 8], proposal_settings={"resize": 0, "min_size": 4})
     loaded = []
-    fake = types.ModuleType("detect.inference")
-    fake.load_detector = lambda checkpoint, device: loaded.append((str(checkpoint), device)) or detector
-    monkeypatch.setitem(sys.modules, "detect.inference", fake)
+    monkeypatch.setattr(commands, "load_detector",
+                        lambda checkpoint, device: loaded.append((str(checkpoint), device)) or detector)
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"weights")
     img = np.zeros((64, 80, 3), np.uint8)

@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect.config import ProposalConfig
-from detect.data import Dataset, ImageRecord, read_image
-from detect.proposal_store import BOXES_FILE, INDEX_FILE, META_FILE, ProposalStore, write_store
-from detect.proposals import (find_images, generate_proposals, proposal_recall, proposal_settings,
-                              selective_search)
+from detect.common.config import ProposalConfig, to_dict
+from detect.data.datasets import Dataset, ImageRecord
+from detect.data.images import read_image
+from detect.proposals.store import BOXES_FILE, INDEX_FILE, META_FILE, ProposalStore, write_store
+from detect.data.images import find_images
+from detect.evaluation.recall import proposal_recall
+from detect.proposals.batch import generate_proposals
+from detect.proposals.selective_search import SETTINGS_KEYS, selective_search
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for the batch tests: no resize, tiny min_size.
@@ -130,9 +133,10 @@ def test_image_kinds_through_read_image(tmp_path):
 
 def test_proposal_settings_follow_config():
     cfg = ProposalConfig(mode="quality", resize=300, resize_side="longer", min_size=8, top_k=50)
-    settings = proposal_settings(cfg)
+    settings = to_dict(cfg)
     assert settings == {"mode": "quality", "resize": 300, "resize_side": "longer", "min_size": 8, "top_k": 50}
-    selective_search(np.zeros((8, 8, 3), np.uint8), **proposal_settings(ProposalConfig()))  # kwargs fit
+    assert tuple(settings) == SETTINGS_KEYS
+    selective_search(np.zeros((8, 8, 3), np.uint8), **to_dict(ProposalConfig()))  # kwargs fit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +298,7 @@ def test_shards_and_worker_pool_match_a_single_process_run(tmp_path, capsys):
     assert not out.exists() and sorted(p.name for p in Path(f"{out}.partial").glob("chunk_*")) == [
         "chunk_000001.npz", "chunk_000003.npz"]
     # A resumed run must keep its chunking and settings.
-    with pytest.raises(ValueError, match="unfinished run.*chunk_size"):
+    with pytest.raises(ValueError, match="other settings.*chunk_size"):
         generate_proposals(items, out, settings=FAST, shard=(0, 2), chunk_size=3, progress=False)
     merged = generate_proposals(items, out, settings=FAST, workers=2, shard=(0, 2), chunk_size=2,
                                 progress=False)  # the last shard merges; this one uses a pool
@@ -401,7 +405,7 @@ def test_recall_matching_difficult_and_class_average():
 
 def test_cli_propose_and_recall_on_a_coco_dataset(tmp_path, capsys):
     from detect.cli import main
-    from detect.data import load_coco
+    from detect.data.datasets import load_coco
 
     items = _write_images(tmp_path / "images", 3)
     coco = {"images": [{"id": 10 + i, "file_name": f"{i:03d}.png", "width": 80, "height": 60} for i in range(3)],

@@ -12,12 +12,18 @@ import torch
 from sklearn.linear_model import Ridge
 from sklearn.svm import LinearSVC
 
-from detect import rcnn
-from detect.config import from_dict
-from detect.data import load_coco, read_image
-from detect.engine import load_checkpoint
-from detect.svm import FeatureCache, ImageRows, fit_ridge, mine_svms, train_box_regressors
-from detect.boxes import encode_boxes
+from detect.commands import train_from_config
+from detect.models import rcnn
+from detect.models.build import build_from_checkpoint
+from detect.training.rcnn_train import FineTuneSampler
+from detect.common.config import from_dict
+from detect.data.datasets import load_coco
+from detect.data.images import read_image
+from detect.common.checkpoints import load_checkpoint
+from detect.training.box_regression import fit_ridge, train_box_regressors
+from detect.training.feature_cache import FeatureCache, ImageRows
+from detect.training.rcnn_svm import mine_svms
+from detect.common.boxes import encode_boxes
 
 
 
@@ -261,7 +267,7 @@ def _tiny_config(json_path: Path, images: Path, store: Path, **rcnn_overrides):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from detect.proposal_store import write_store
+    from detect.proposals.store import write_store
 
     root = tmp_path_factory.mktemp("rcnn")
     json_path, images, proposals = _tiny_dataset(root / "data")
@@ -269,13 +275,13 @@ def trained(tmp_path_factory):
     store = write_store(root / "proposals", image_ids=[r.image_id for r in dataset.records],
                         boxes_per_image=proposals, meta={})
     cfg = _tiny_config(json_path, images, store)
-    checkpoint = rcnn.train(cfg, root / "run", resume=False, progress=False)
-    detector = rcnn.build_from_checkpoint(load_checkpoint(checkpoint))
+    checkpoint = train_from_config(cfg, root / "run", resume=False, progress=False)
+    detector = build_from_checkpoint(load_checkpoint(checkpoint))
     return {"root": root, "cfg": cfg, "dataset": dataset, "proposals": proposals, "detector": detector}
 
 
 def test_tiny_dataset_is_overfit_end_to_end(trained):
-    from detect.evaluation import evaluate_detections
+    from detect.evaluation.coco import evaluate_detections
 
     detector = trained["detector"]
     assert detector.kind == "rcnn" and detector.class_names == ["box", "disc"]
@@ -305,7 +311,7 @@ def test_scores_are_chunk_independent_and_empty_proposals_work(trained):
 
 
 def test_feature_cache_holds_the_network_features(trained):
-    from detect.svm import mine_svms as mine
+    from detect.training.rcnn_svm import mine_svms as mine
 
     run = trained["root"] / "run"
     cache = FeatureCache(run / "features")
@@ -358,8 +364,8 @@ def test_stages_resume_and_refuse_mismatches(trained):
     (run / "svm" / "class_001.npz").unlink()
     class2 = (run / "svm" / "class_002.npz").stat().st_mtime_ns
     with pytest.raises(ValueError, match="--resume"):
-        rcnn.train(cfg, run, resume=False, progress=False)
-    rcnn.train(cfg, run, resume=True, progress=False)
+        train_from_config(cfg, run, resume=False, progress=False)
+    train_from_config(cfg, run, resume=True, progress=False)
     assert (run / "svm" / "done").is_file() and (run / "svm" / "class_001.npz").is_file()
     assert (run / "svm" / "class_002.npz").stat().st_mtime_ns == class2  # a finished class is kept
     assert (run / "finetune" / "net.pt").stat().st_mtime_ns == net_mtime  # finished stages not redone
@@ -369,14 +375,14 @@ def test_stages_resume_and_refuse_mismatches(trained):
     # Other settings for a finished stage: an error that names it, not a silent mix.
     changed = _tiny_config(Path(cfg.data.train.path), Path(cfg.data.train.images), Path(cfg.data.train_proposals),
                            svm_C=0.01)
-    with pytest.raises(ValueError, match="svm: finished with other settings"):
-        rcnn.train(changed, run, resume=True, progress=False)
+    with pytest.raises(ValueError, match="svm: holds work done with other settings"):
+        train_from_config(changed, run, resume=True, progress=False)
 
 
 def test_finetune_batches_are_deterministic_and_balanced(trained):
     dataset = trained["dataset"]
     proposals = {r.image_id: p for r, p in zip(dataset.records, trained["proposals"])}
-    sampler = rcnn.FineTuneSampler(records=dataset.records, get_proposals=proposals.__getitem__, num_classes=2,
+    sampler = FineTuneSampler(records=dataset.records, get_proposals=proposals.__getitem__, num_classes=2,
                                    crop_size=32, context_pad=4, pixel_mean=(0.5,) * 3, pixel_std=(0.25,) * 3,
                                    device=torch.device("cpu"), batch_size=24, fg_per_batch=6, images_per_batch=2,
                                    seed=3)
@@ -395,7 +401,7 @@ def test_streamed_features_train_the_same_svms_as_cached_ones(trained, tmp_path)
     shutil.copytree(run / "finetune", tmp_path / "finetune")  # same fine-tuning settings: reused
     streamed_cfg = _tiny_config(Path(cfg.data.train.path), Path(cfg.data.train.images),
                                 Path(cfg.data.train_proposals), cache_features=False)
-    checkpoint = rcnn.train(streamed_cfg, tmp_path, resume=True, progress=False)
+    checkpoint = train_from_config(streamed_cfg, tmp_path, resume=True, progress=False)
     assert not (tmp_path / "features").exists()
     streamed, cached = load_checkpoint(checkpoint)["extra"], load_checkpoint(run / "model_final.pt")["extra"]
     for name in ("svm_weight", "bbox_weight"):

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from detect.cli import main
-from detect.report import load_run, make_report
+from detect.report.runs import load_run
+from detect.report.sections import make_report
 
 RECALL = np.linspace(0, 1, 101).round(2).tolist()  # [101] COCO recall points
 PROPOSAL_RECALL = {"top_k": [100, 300, 1000, 2000], "recall@0.5": [0.6, 0.8, 0.9, 0.95],

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detect import synthetic
 from detect.cli import main
-from detect.data import load_coco, read_image
-from detect.synthetic import CATEGORIES, generate_image, make_synthetic
+from detect.data.datasets import load_coco
+from detect.data.images import read_image
+from detect.data import synthetic
+from detect.data.synthetic import make_synthetic
+from detect.data.synthetic import CATEGORIES, generate_image
 
 
 def _digests(folder: Path) -> dict[str, str]:

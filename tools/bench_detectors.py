@@ -22,11 +22,12 @@ import time
 import numpy as np
 import torch
 
-from detect.config import Config
-from detect.detector import StageTimer
-from detect.fast_rcnn import build_fast_rcnn, build_optimizer, fast_rcnn_loss
-from detect.rcnn import RCNN
-from detect.backbones import build_backbone
+from detect.common.config import Config
+from detect.models.detector import StageTimer
+from detect.models.build import build_fast_rcnn
+from detect.training.fast_rcnn_train import build_optimizer, fast_rcnn_loss
+from detect.models.rcnn import RCNN
+from detect.models.backbones import build_backbone
 
 
 def _image_and_proposals(num: int, height: int, width: int, seed: int = 0):

@@ -28,14 +28,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from detect.proposal_store import BOXES_FILE, ProposalStore, write_store
-from detect.proposals import find_images, generate_proposals
+from detect.proposals.store import BOXES_FILE, ProposalStore, write_store
+from detect.data.images import find_images
+from detect.proposals.batch import generate_proposals
 
 SETTINGS = {"mode": "fast", "resize": 500, "resize_side": "width", "min_size": 20, "top_k": 2000}
 
 
 def synthetic_images(folder: Path, count: int) -> list[Path]:
-    from detect.synthetic import encode_png, generate_image
+    from detect.data.synthetic import encode_png, generate_image
 
     paths = []
     for i in range(count):

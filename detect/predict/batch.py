@@ -38,11 +38,9 @@ writes the complete outputs.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import multiprocessing
 import os
-import re
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -51,18 +49,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from detect.data import IMAGE_EXTENSIONS, ImageReadError, read_image
-from detect.detector import Detections, Detector, StageTimer
-from detect.io import read_json, write_bytes_atomic, write_json_atomic
+from detect.common.fileio import check_settings, write_json_atomic, write_settings
+from detect.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, read_image
+from detect.models.detector import Detections, Detector, StageTimer
+from detect.predict.outputs import (journal_record, load_results, open_journal, safe_relative_name,
+                                    write_outputs, write_visualisation)
+from detect.proposals.selective_search import selective_search
+from detect.proposals.store import ProposalStore
 
-try:
-    import fcntl  # POSIX: serialises the ranks' merges
-except ImportError:  # Windows: one process at a time anyway
-    fcntl = None
 
 # Rewrite the final outputs from the journal every this many images, but not more often than
 # every this many seconds (a merge re-reads the whole journal).
@@ -79,13 +78,11 @@ ProposeFn = Callable[..., np.ndarray]  # (image uint8 RGB [H, W, 3], **settings)
 def find_inputs(inputs: list[str], *, exclude: str | os.PathLike | None = None) -> list[Path]:
     """Files, folders (searched recursively) and globs -> sorted, unique resolved image paths.
 
-    The same listing as ``detect propose --input`` (``detect.proposals.find_images``: folders
+    The same listing as ``detect propose --input`` (``detect.data.datasets.find_images``: folders
     and globs keep ``IMAGE_EXTENSIONS`` in any case, a file named explicitly is kept whatever
     its name, an input matching nothing raises ``FileNotFoundError``), less the files under
     ``exclude`` (the output folder), so a re-run never reads its own ``vis/`` images back.
     """
-    from detect.proposals import find_images
-
     found = find_images(inputs)
     if exclude is not None:
         exclude_dir = Path(exclude).resolve()
@@ -93,52 +90,12 @@ def find_inputs(inputs: list[str], *, exclude: str | os.PathLike | None = None) 
     return found
 
 
-_SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike, suffix: str = ".jpg") -> str:
-    """A relative output name for ``path`` that cannot leave the folder it is joined to.
-
-    The name is ``path`` relative to ``root`` (or just its file name when it is not under
-    ``root``) plus ``suffix``, so ``a/b.png`` -> ``a/b.png.jpg`` (keeping the extension keeps
-    ``b.png`` and ``b.jpg`` apart). Each part is reduced to ``[A-Za-z0-9._-]``, ``.``/``..``
-    and hidden names are prefixed with ``_``, long parts are cut; when anything changed, a
-    short hash of the full path is added so two different inputs never share a name.
-    """
-    path = os.path.abspath(path)
-    root = os.path.abspath(root)
-    try:
-        rel = os.path.relpath(path, root)
-    except ValueError:  # different drives (Windows)
-        rel = os.path.basename(path)
-    parts = [p for p in Path(rel).parts if p not in ("", os.sep)]
-    if not parts or parts[0] == "..":
-        parts = [os.path.basename(path) or "image"]
-    safe_parts = []
-    for part in parts:
-        safe = _SAFE_CHARS.sub("_", part)[:100]
-        if not safe or safe.startswith("."):
-            safe = "_" + safe
-        safe_parts.append(safe)
-    name = "/".join(safe_parts)
-    if safe_parts != parts:
-        digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-        name = f"{name}-{digest}"
-    return name + suffix
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
 
 # ---------------------------------------------------------------------------------------------
 # Worker processes: read the image, compute proposals
 # ---------------------------------------------------------------------------------------------
 
 def _init_worker() -> None:
-    import cv2
-
     cv2.setNumThreads(1)  # one core per worker; the pool provides the parallelism
     torch.set_num_threads(1)
 
@@ -176,12 +133,6 @@ def _load_and_propose(index: int, file: str, propose_fn: ProposeFn | None, setti
     return Loaded(index, image, proposals, "", read_ms, (time.perf_counter() - t1) * 1e3)
 
 
-def _default_propose_fn() -> ProposeFn:
-    from detect.proposals import selective_search
-
-    return selective_search
-
-
 def _mp_context() -> multiprocessing.context.BaseContext:
     # fork where the platform has it (as torch's DataLoader): workers start instantly and never
     # touch the detector or CUDA; spawn elsewhere.
@@ -210,172 +161,6 @@ def _store_ids(store, files: list[str]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Journal and final outputs
-# ---------------------------------------------------------------------------------------------
-
-def _read_journal(path: Path) -> tuple[list[dict], int]:
-    """Records of one journal, and the number of unreadable lines skipped (a torn last line
-    from a killed run is skipped silently and not counted)."""
-    records, bad = [], 0
-    with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    last = len(lines) - 1  # the text after the final newline: empty, or a torn line
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if not (isinstance(rec, dict) and isinstance(rec.get("file"), str)
-                    and ("error" in rec or isinstance(rec.get("detections"), list))):
-                raise ValueError("not a record")
-        except ValueError:
-            bad += i != last
-            continue
-        if i == last:  # complete JSON but no newline: the write was cut short, redo the image
-            continue
-        records.append(rec)
-    return records, bad
-
-
-def _journal_paths(partial_dir: Path) -> list[Path]:
-    return sorted(partial_dir.glob("done*.jsonl"))
-
-
-def _open_journal(path: Path):
-    """Open a journal for appending, first cutting off a torn last line (no final newline)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
-
-
-def _load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """All journals -> (file -> result record, file -> error reason, bad line count).
-
-    A file may have both (a retried failure that now works): the result wins."""
-    results: dict[str, dict] = {}
-    errors: dict[str, str] = {}
-    bad_total = 0
-    for path in _journal_paths(partial_dir):
-        records, bad = _read_journal(path)
-        bad_total += bad
-        for rec in records:
-            if "error" in rec:
-                errors[rec["file"]] = str(rec["error"])
-            else:
-                results[rec["file"]] = rec
-    return results, errors, bad_total
-
-
-def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_names: list[str],
-                  category_ids: list[int]) -> dict[str, int]:
-    """Rewrite detections.json, images.json, categories.json, detections.jsonl and errors.json
-    from every journal in ``output_dir/partial``, keeping only ``files`` (the sorted inputs;
-    image id = position + 1). Returns counts {"images", "errors", "detections"}."""
-    output_dir = Path(output_dir)
-    partial_dir = output_dir / "partial"
-    partial_dir.mkdir(parents=True, exist_ok=True)
-    with open(partial_dir / "merge.lock", "a") as lock:
-        if fcntl is not None:  # ranks merging at once: the last one sees everything
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        results, errors, bad = _load_results(partial_dir)
-        if bad:
-            print(f"detect predict: warning: skipped {bad} unreadable journal line(s) in "
-                  f"{partial_dir}", file=sys.stderr)
-        coco, images, lines, error_list = [], [], [], []
-        for index, file in enumerate(files):
-            image_id = index + 1
-            rec = results.get(file)
-            if rec is None:
-                if file in errors:
-                    error_list.append({"file": file, "reason": errors[file]})
-                continue
-            images.append({"id": image_id, "file_name": file, "width": rec["width"],
-                           "height": rec["height"]})
-            dets = []
-            for det in rec["detections"]:
-                x1, y1, x2, y2 = det["box"]
-                label = int(det["label"])
-                coco.append({"image_id": image_id, "category_id": category_ids[label - 1],
-                             "bbox": [x1, y1, round(x2 - x1, 3), round(y2 - y1, 3)],
-                             "score": det["score"]})
-                dets.append({"box": det["box"], "label": class_names[label - 1],
-                             "score": det["score"]})
-            lines.append(json.dumps({"image_id": image_id, "file": file, "width": rec["width"],
-                                     "height": rec["height"], "detections": dets}))
-        categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names)]
-        write_json_atomic(output_dir / "detections.json", coco, indent=None)
-        write_json_atomic(output_dir / "images.json", images, indent=None)
-        write_json_atomic(output_dir / "categories.json", categories)
-        write_bytes_atomic(output_dir / "detections.jsonl",
-                           "".join(line + "\n" for line in lines).encode("utf-8"))
-        write_json_atomic(output_dir / "errors.json", error_list)
-    return {"images": len(images), "errors": len(error_list), "detections": len(coco)}
-
-
-def _record(file: str, image: np.ndarray, dets: Detections, score_threshold: float) -> dict:
-    keep = dets.scores >= score_threshold
-    boxes = dets.boxes[keep].tolist()  # [D, 4] xyxy
-    scores = dets.scores[keep].tolist()
-    labels = dets.labels[keep].tolist()
-    return {"file": file, "width": int(image.shape[1]), "height": int(image.shape[0]),
-            "detections": [{"box": [round(float(v), 3) for v in box], "label": int(label),
-                            "score": round(float(score), 6)}
-                           for box, label, score in zip(boxes, labels, scores)]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Visualisation
-# ---------------------------------------------------------------------------------------------
-
-# Tableau-10, as RGB: distinct, readable on photos; black or white text by the colour's luma.
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def draw_detections(image: np.ndarray, record: dict, class_names: list[str]) -> np.ndarray:
-    """Draw a journal record's boxes (xyxy), labels and scores on a copy of ``image`` (uint8
-    RGB [H, W, 3]) -> uint8 RGB [H, W, 3]."""
-    import cv2
-
-    canvas = np.ascontiguousarray(image.copy())
-    height, width = canvas.shape[:2]
-    thickness = max(1, round(min(height, width) / 300))
-    font_scale = max(0.35, min(height, width) / 900)
-    for det in record["detections"]:
-        label = int(det["label"])
-        color = _PALETTE[(label - 1) % len(_PALETTE)]
-        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
-        text = f"{class_names[label - 1]} {det['score']:.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
-        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y1 + th + base + 2, height - 1)
-        cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw + 2, ty + base // 2), color, -1)
-        luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        text_color = (0, 0, 0) if luma > 140 else (255, 255, 255)
-        cv2.putText(canvas, text, (x1 + 1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX,
-                    font_scale, text_color, 1, cv2.LINE_AA)
-    return canvas
-
-
-def _write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dict,
-                         class_names: list[str]) -> None:
-    import cv2
-
-    path = vis_dir / name
-    if not _inside(path, vis_dir):  # safe_relative_name makes this impossible; keep it so
-        raise ValueError(f"refusing to write {path}: outside {vis_dir}")
-    canvas = draw_detections(image, record, class_names)
-    ok, buf = cv2.imencode(".jpg", canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-    if not ok:
-        raise ValueError(f"could not encode the visualisation of {record['file']}")
-    write_bytes_atomic(path, buf.tobytes())
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
@@ -397,22 +182,6 @@ class PredictSummary:
     ms_per_image: dict[str, float]
 
 
-def _check_settings(path: Path, settings: dict) -> None:
-    """Refuse to resume into a folder whose journal was made with other settings."""
-    settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
-    if path.exists():
-        previous = read_json(path)
-        if previous != settings:
-            changed = sorted(k for k in settings.keys() | previous.keys()
-                             if settings.get(k) != previous.get(k))
-            raise ValueError(
-                f"{path.parent.parent}: holds results made with other settings ({', '.join(changed)}"
-                f" differ from {path}); use a new --output-dir, or delete its partial/ folder to "
-                f"start over")
-    else:
-        write_json_atomic(path, settings)
-
-
 def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike, *,
             score_threshold: float = 0.5, proposal_settings: dict | None = None,
             workers: int = 0, batch_size: int = 1, proposal_store: str | os.PathLike | None = None,
@@ -423,7 +192,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     described in the module docstring to ``output_dir``; resume a previous run there.
 
     ``proposal_settings`` are the keyword arguments of ``propose_fn`` (default
-    ``detect.proposals.selective_search``); with ``proposal_store`` (a ``detect propose
+    ``detect.proposals.selective_search.selective_search``); with ``proposal_store`` (a ``detect propose
     --input`` store) proposals come from the store instead. ``workers`` processes (0 = all
     cores) read images and propose while the detector runs ``batch_size`` images per step.
     ``category_ids[k - 1]`` is the category id of class k (default k). ``model_fingerprint``
@@ -454,20 +223,22 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
 
     store = store_ids = None
     if proposal_store is not None:
-        from detect.proposals import ProposalStore
-
         store = ProposalStore(proposal_store)
         store_ids = _store_ids(store, files)
     elif propose_fn is None:
-        propose_fn = _default_propose_fn()
+        propose_fn = selective_search
 
     partial_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(partial_dir / "settings.json", {
+    settings_path = partial_dir / "settings.json"
+    run_settings = {
         "score_threshold": score_threshold, "class_names": class_names,
         "category_ids": category_ids, "model": model_fingerprint,
         "proposals": ({"store": str(Path(proposal_store).resolve())} if proposal_store is not None
-                      else proposal_settings)})
-    done, _, _ = _load_results(partial_dir)
+                      else proposal_settings)}
+    hint = "use a new --output-dir, or delete its partial/ folder to start over"
+    if not check_settings(settings_path, run_settings, hint=hint):
+        write_settings(settings_path, run_settings)
+    done, _, _ = load_results(partial_dir)
     mine = [i for i in range(len(files)) if i % world_size == rank]
     todo = [i for i in mine if files[i] not in done]
     num_skipped = len(mine) - len(todo)
@@ -500,13 +271,12 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     # Fork the workers while this process's OpenCV thread pool is stopped: a forked worker whose
     # parent had the pool running (e.g. after make-synthetic or selective search in the same
     # process, as `detect demo` does) hangs forever in cv2.setNumThreads (_init_worker).
-    import cv2
 
     cv2_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     pool = ProcessPoolExecutor(max_workers=min(workers, max(len(todo), 1)),
                                mp_context=_mp_context(), initializer=_init_worker)
-    journal = _open_journal(partial_dir / journal_name)
+    journal = open_journal(partial_dir / journal_name)
     try:
         submit_more(pool)
         while pending:
@@ -538,7 +308,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
                 journal.flush()
                 if visualize and "error" not in record:
                     with timer("visualize"):
-                        _write_visualisation(vis_dir, safe_relative_name(file, common_root),
+                        write_visualisation(vis_dir, safe_relative_name(file, common_root),
                                              image, record, class_names)
                 bar.update(1)
             since_merge += len(batch)
@@ -570,43 +340,11 @@ def _detect_one(detector: Detector, file: str, image: np.ndarray, proposals: np.
                 score_threshold: float, timer: StageTimer) -> tuple[dict | None, str]:
     """Run the detector on one image -> (journal record, "") or (None, reason) on GPU OOM."""
     if len(proposals) == 0:  # nothing to score (e.g. a tiny image): no detections
-        return _record(file, image, Detections.empty(), score_threshold), ""
+        return journal_record(file, image, Detections.empty(), score_threshold), ""
     try:
         dets = detector.detect(image, proposals, timer=timer)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None, (f"out of GPU memory ({image.shape[1]}x{image.shape[0]} image, "
                       f"{len(proposals)} proposals)")
-    return _record(file, image, dets, score_threshold), ""
-
-
-def cli_predict(args) -> int:
-    """``detect predict``: load the checkpoint, run ``predict``, print where the outputs are.
-
-    Under ``torchrun`` (env RANK / WORLD_SIZE) each rank takes its share of the images on GPU
-    LOCAL_RANK; no process group is needed (ranks meet only in the journal merge).
-    """
-    from detect.inference import load_detector
-
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
-    stat = checkpoint.stat()
-    detector = load_detector(checkpoint, args.device)  # '' = cuda if available, else cpu
-    workers = args.workers
-    if workers == 0 and world_size > 1:  # share the node's cores between its ranks
-        workers = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    summary = predict(
-        detector, args.input, args.output_dir, score_threshold=args.score_threshold,
-        proposal_settings=detector.proposal_settings, workers=workers,
-        batch_size=args.batch_size, proposal_store=args.proposals or None,
-        visualize=args.visualize, category_ids=getattr(detector, "category_ids", None),
-        rank=rank, world_size=world_size,
-        model_fingerprint=f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    print(f"detect predict: {summary.num_images} image(s), {summary.num_detections} detection(s) "
-          f">= {args.score_threshold}, {summary.num_errors} error(s) (see errors.json); "
-          f"{summary.images_per_s:.2f} images/s on {summary.device}; outputs in {args.output_dir}",
-          file=sys.stderr)
-    return 0
+    return journal_record(file, image, dets, score_threshold), ""

@@ -1,12 +1,12 @@
 """How ``detect compare`` shows things: the figures (PNG bytes) and the document (Markdown, HTML).
 
-``detect.report`` decides what the report says, as a list of blocks (``Heading``, ``Text``,
+``detect.report.sections`` decides what the report says, as a list of blocks (``Heading``, ``Text``,
 ``Table``, ``Figure``); ``render_markdown`` and ``render_html`` write them out. The HTML is
 self-contained: inline CSS, figures as base64 PNG ``data:`` URIs, no scripts, no external URL.
 
 Figures are built with ``matplotlib.figure.Figure`` directly: no pyplot, so no global figure
 state and no backend switch in the caller's process. Bytes are stable for the same inputs:
-fixed sizes and dpi, and no software tag or date in the PNG metadata (``detect.report``
+fixed sizes and dpi, and no software tag or date in the PNG metadata (``detect.report.sections``
 also pins matplotlib's default style). Each run keeps one colour (``run.color``) in every figure.
 Boxes are xyxy pixels of the original image.
 """
@@ -19,7 +19,6 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure as MplFigure
@@ -27,13 +26,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from detect.data import ImageReadError, ImageRecord, read_image
+from detect.common.palette import TAB10_HEX
+from detect.data.datasets import ImageRecord
+from detect.data.images import ImageReadError, read_image
+from detect.report.runs import Run
 
-if TYPE_CHECKING:
-    from detect.report import Run
-
-RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
-              "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # matplotlib's tab10
+RUN_COLORS = tuple(TAB10_HEX[i] for i in (0, 3, 2, 1, 4, 5, 6, 7, 8, 9))  # blue, red, green, orange, ...
 GT_COLOR = "#00a651"
 FIG_DPI = 100
 GRID_CELL_INCHES = 3.2  # width of one image in the detection grid

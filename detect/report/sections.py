@@ -7,35 +7,7 @@ from the one ``Generated:`` line, and the PNGs are byte-identical (fixed sizes a
 matplotlib's default style whatever the user's matplotlibrc says, no dates or software tag in
 the PNG metadata).
 
-Run-folder contract (written by ``detect train`` / ``detect eval``)
--------------------------------------------------------------------
-``metrics.json`` (required). ``coco`` must be present; any other key may be missing or null,
-and its part of the report then says "not available". (A scored results file, ``detect eval
---results``, has no ``detector`` and its COCO numbers at the top level: accepted too.)::
-
-    {"detector": "fast_rcnn" | "rcnn", "name": str, "backbone": str,
-     "device": "cpu" | "cuda: NVIDIA H100 ...", "num_parameters": int, "num_images": int,
-     "coco": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"},  # in [0, 1]; -1 = n/a
-     "per_class_AP": {class name: float}, "per_class_AP50": {class name: float},    # -1 = no gt
-     "pr_curve_50": {"recall": [101 floats],
-                     "precision": {"all": [101 floats], class name: [101 floats]}},  # -1 = n/a
-     "timing_ms_per_image": {stage: ms},
-         # fast_rcnn stages: proposals, backbone, roi_head, postprocess
-         # rcnn stages: proposals, warp, features, svm, bbox_reg, postprocess
-         # "proposals" (selective search) is present only when it was measured
-     "images_per_second": float,
-     "peak_memory_mb": float,          # CUDA max allocated on a GPU, max RSS of the process on CPU
-     "train_time_s": float | null,
-     "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
-                         "AR": [...], "MABO": [...]} | null,       # one value per top_k
-     "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str}}
-
-``detections.json`` (optional): the COCO results of the evaluated images, a list of
-``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
-
-Test time per image "excluding proposals" is the sum of all stages but ``proposals``: the
-detectors' own cost, as [FRCN] Table 4 compares them (selective search is the same for both
-and costs seconds per image on a CPU).
+The run folders it reads: ``detect.report.runs``.
 
 The detection grid loads the dataset named by the first run's ``data`` (or the ``data``
 argument) with ``detect.data.load_dataset`` and shows the first ``num_grid_images`` image ids
@@ -45,21 +17,23 @@ then from the run folder.
 
 from __future__ import annotations
 
-import argparse
-import math
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib.style
+import numpy as np
 
-from detect import report_render as render
-from detect.data import Dataset, ImageReadError, load_dataset
-from detect.io import read_json, write_bytes_atomic, write_text_atomic
-from detect.report_render import Figure, Heading, Table, Text
+from detect.common.boxes import xywh_to_xyxy
+from detect.common.fileio import read_json, write_bytes_atomic, write_text_atomic
+from detect.data.datasets import Dataset, load_dataset
+from detect.data.images import ImageReadError
+from detect.evaluation.coco import class_of_category
+from detect.report import render
+from detect.report.render import Figure, Heading, Table, Text
+from detect.report.runs import Run, load_run
 
-COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 ACCURACY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 # Display order of timing stages; stages not listed here follow in the order the runs give them.
 STAGE_ORDER = ("backbone", "roi_head", "warp", "features", "svm", "bbox_reg", "postprocess")
@@ -68,158 +42,18 @@ GRID_SCORE_THRESH = 0.5  # detections drawn in the grid: score >= this ...
 GRID_MAX_DETECTIONS = 10  # ... and at most this many per image, best first
 
 
+
+
 def _warn(message: str) -> None:
     print(f"detect compare: warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading run folders
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Run:
-    """One run folder's ``metrics.json``, checked; missing pieces are None or empty."""
-
-    run_dir: Path
-    name: str
-    detector: str
-    backbone: str
-    device: str
-    coco: dict[str, float | None]  # COCO_KEYS -> value in [0, 1]; None = n/a
-    per_class_ap: dict[str, float | None]
-    per_class_ap50: dict[str, float | None]
-    pr_recall: list[float] | None  # [101] recall points of the IoU 0.5 curve
-    pr_precision: dict[str, list[float]]  # "all" or class name -> [101] precision, NaN = n/a
-    timing_ms: dict[str, float]  # stage -> ms per image
-    images_per_second: float | None
-    peak_memory_mb: float | None
-    train_time_s: float | None
-    num_parameters: int | None
-    num_images: int | None
-    proposal_recall: dict[str, list[float]] | None  # "top_k", "recall@0.5", ... -> [T]
-    data: dict[str, str] | None
-    detections_path: Path | None  # detections.json, when the folder has one
-    label: str = ""  # unique display name (set by make_report)
-    color: str = ""  # this run's colour in every figure (set by make_report)
-
-    @property
-    def test_ms(self) -> float | None:
-        """Test time per image excluding proposals: the sum of the other stages (ms)."""
-        stages = [ms for stage, ms in self.timing_ms.items() if stage != "proposals"]
-        return sum(stages) if stages else None
-
-
-def _number(value, where: str, path: Path, *, minus_one_is_na: bool = False) -> float | None:
-    """A float from JSON; None for null/NaN (and -1, COCO's n/a, where flagged)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{path}: key '{where}' should be a number, got {value!r}")
-    value = float(value)
-    if math.isnan(value) or (minus_one_is_na and value < 0):
-        return None
-    return value
-
-
-def _mapping(m: dict, key: str, path: Path) -> dict | None:
-    value = m.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: key '{key}' should be an object, got {type(value).__name__}")
-    return value
-
-
-def _curve(values, where: str, path: Path, length: int | None) -> list[float]:
-    if not isinstance(values, list):
-        raise ValueError(f"{path}: key '{where}' should be a list of numbers")
-    curve = [_number(v, where, path, minus_one_is_na=True) for v in values]
-    if length is not None and len(curve) != length:
-        raise ValueError(f"{path}: key '{where}' has {len(curve)} values, expected {length}")
-    return [math.nan if v is None else v for v in curve]
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read and check ``run_dir/metrics.json`` (format: module docstring)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found")
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.json in this folder (expected the output "
-                                "folder of `detect train` or `detect eval`)")
-    m = read_json(path)
-    if not isinstance(m, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(m).__name__}")
-    detector = m.get("detector") or "n/a"
-    if not isinstance(detector, str):
-        raise ValueError(f"{path}: key 'detector' should be 'fast_rcnn' or 'rcnn', got {detector!r}")
-    coco = _mapping(m, "coco", path)
-    if coco is None and "AP" in m:  # `detect eval --results` writes the COCO numbers at the top
-        coco = m
-    if coco is None:
-        raise ValueError(f"{path}: key 'coco' is missing (the COCO summary numbers)")
-
-    def per_class(key: str) -> dict[str, float | None]:
-        values = _mapping(m, key, path) or {}
-        return {str(k): _number(v, f"{key}.{k}", path, minus_one_is_na=True) for k, v in values.items()}
-
-    pr_recall, pr_precision = None, {}
-    pr = _mapping(m, "pr_curve_50", path)
-    if pr is not None and pr.get("recall") is not None:
-        pr_recall = _curve(pr["recall"], "pr_curve_50.recall", path, None)
-        precision = pr.get("precision") or {}
-        if not isinstance(precision, dict):
-            raise ValueError(f"{path}: key 'pr_curve_50.precision' should be an object")
-        pr_precision = {str(k): _curve(v, f"pr_curve_50.precision.{k}", path, len(pr_recall))
-                        for k, v in precision.items()}
-
-    recall = _mapping(m, "proposal_recall", path)
-    if recall is not None:
-        top_k = recall.get("top_k")
-        if not isinstance(top_k, list) or not top_k:
-            raise ValueError(f"{path}: key 'proposal_recall.top_k' should be a non-empty list")
-        recall = {k: _curve(v, f"proposal_recall.{k}", path, len(top_k))
-                  for k, v in recall.items() if v is not None}
-
-    timing = _mapping(m, "timing_ms_per_image", path) or {}
-    timing_ms = {str(k): _number(v, f"timing_ms_per_image.{k}", path) for k, v in timing.items()}
-    num_parameters = _number(m.get("num_parameters"), "num_parameters", path)
-    num_images = _number(m.get("num_images"), "num_images", path)
-    data = _mapping(m, "data", path)
-    detections = run_dir / "detections.json"
-    return Run(
-        run_dir=run_dir,
-        name=str(m.get("name") or run_dir.name),
-        detector=detector,
-        backbone=str(m.get("backbone") or "n/a"),
-        device=str(m.get("device") or "n/a"),
-        coco={k: _number(coco.get(k), f"coco.{k}", path, minus_one_is_na=True) for k in COCO_KEYS},
-        per_class_ap=per_class("per_class_AP"),
-        per_class_ap50=per_class("per_class_AP50"),
-        pr_recall=pr_recall,
-        pr_precision=pr_precision,
-        timing_ms={k: v for k, v in timing_ms.items() if v is not None},
-        images_per_second=_number(m.get("images_per_second"), "images_per_second", path),
-        peak_memory_mb=_number(m.get("peak_memory_mb"), "peak_memory_mb", path),
-        train_time_s=_number(m.get("train_time_s"), "train_time_s", path),
-        num_parameters=None if num_parameters is None else int(num_parameters),
-        num_images=None if num_images is None else int(num_images),
-        proposal_recall=recall,
-        data={str(k): str(v) for k, v in data.items() if v is not None} if data else None,
-        detections_path=detections if detections.is_file() else None,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Section contents and number formats
-# ----------------------------------------------------------------------------------------------
-
 
 @dataclass
 class Section:
-    """One part of the report: its blocks (``detect.report_render``) and its figures."""
+    """One part of the report: its blocks (``detect.report.render``) and its figures."""
 
     blocks: list = field(default_factory=list)
     pngs: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
@@ -453,10 +287,10 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
         return section
 
     image_ids = {r.image_id for r in records}
-    class_of_category = {cid: k + 1 for k, cid in enumerate(dataset.category_ids)}
+    classes = class_of_category(dataset.category_ids)
     detections_per_run: list[dict[int, list] | None] = []
     for run in runs:
-        detections_per_run.append(_grid_detections(run, image_ids, class_of_category))
+        detections_per_run.append(_grid_detections(run, image_ids, classes))
     missing = [r.label for r, d in zip(runs, detections_per_run) if d is None]
     if missing:
         section.blocks.append(Text("Detections not available for: " + ", ".join(missing) + "."))
@@ -470,7 +304,7 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
     return section
 
 
-def _grid_detections(run: Run, image_ids: set[int], class_of_category: dict[int, int]
+def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
                      ) -> dict[int, list[tuple[float, int, tuple[float, float, float, float]]]] | None:
     """A run's detections on ``image_ids``: image id -> [(score, class 1..K, xyxy)], best first.
 
@@ -500,10 +334,11 @@ def _grid_detections(run: Run, image_ids: set[int], class_of_category: dict[int,
         except (KeyError, TypeError, ValueError):
             malformed += 1
             continue
-        if category_id not in class_of_category:
+        if category_id not in classes:
             unknown += 1
         elif score >= GRID_SCORE_THRESH:
-            by_image[image_id].append((score, class_of_category[category_id], (x, y, x + w, y + h)))
+            box = tuple(xywh_to_xyxy(np.array([[x, y, w, h]], np.float64))[0].tolist())
+            by_image[image_id].append((score, classes[category_id], box))
     if malformed or unknown:
         _warn(f"{run.detections_path}: skipped {malformed} malformed entries and {unknown} with a "
               "category id not in the dataset")
@@ -556,13 +391,3 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
     write_text_atomic(md_path, render.render_markdown(blocks, timestamp))
     write_text_atomic(html_path, render.render_html(blocks, pngs, timestamp))
     return md_path, html_path
-
-
-def cli_compare(args: argparse.Namespace) -> int:
-    data = None
-    if args.data:
-        data = {"format": args.format, "path": args.data, "images": args.images, "split": args.split}
-    md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir), data=data,
-                                     num_grid_images=args.grid_images)
-    print(f"wrote {md_path} and {html_path}")
-    return 0

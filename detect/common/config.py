@@ -7,8 +7,9 @@ original ``rcnn`` code; [FRCN] Girshick 2015 and ``rbgirshick/fast-rcnn``
 Loading is strict: an unknown key or a value of the wrong type raises ``ConfigError`` naming
 the key and the file. ``key=value`` overrides (``train.lr=0.01``) are parsed as YAML scalars and
 checked the same way. ``save_config`` writes the resolved config beside every output and
-``to_dict`` puts it inside every checkpoint. Modules never read the config object: the wiring
-code (``build_*`` functions, the CLI) passes plain values to constructors.
+``to_dict`` puts it inside every checkpoint. Stage modules never read the config object: the
+wiring (``detect.commands``, and ``detect.models.build`` for models) passes plain values to
+constructors and functions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from detect.common.fileio import write_text_atomic
 
 
 class ConfigError(ValueError):
@@ -351,6 +354,4 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from detect.io import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -65,7 +65,8 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["Backbone", "FcHead", "build_backbone", "BACKBONE_NAMES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Backbone", "FcHead", "build_backbone", "normalize_pixels", "BACKBONE_NAMES", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TFLITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
 TFLITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+
+
+def normalize_pixels(pixels: torch.Tensor, pixel_mean, pixel_std) -> torch.Tensor:
+    """Float RGB pixels in 0..255 [3, H, W] -> the backbone's input, ``(x / 255 - mean) / std``,
+    computed as ``(x - 255 mean) / (255 std)``. The one image normalisation of both detectors."""
+    mean = torch.as_tensor(pixel_mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1) * 255.0
+    std = torch.as_tensor(pixel_std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1) * 255.0
+    return (pixels - mean) / std
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """COCO box evaluation: a thin wrapper around pycocotools' ``COCOeval(iouType="bbox")``.
 
-The one place where detections leave the package's internal format: ``coco_results`` turns
-``Detections`` (xyxy pixels, class indices 1..K) into COCO results entries (xywh pixels,
-dataset category ids through ``Dataset.category_ids``). ``evaluate_coco`` scores results against
+The one place where boxes and classes leave the package's internal format:
+``detections_to_coco`` turns detections (xyxy pixels, class indices 1..K) into COCO results
+entries (xywh pixels, dataset category ids, range-checked) for ``detect eval`` and ``detect
+predict``; ``dataset_to_coco`` writes ground truth the same way; ``class_of_category`` is the
+inverse mapping, for readers of COCO results. ``evaluate_coco`` scores results against
 a COCO ground-truth dict or file and returns plain numbers; ``format_metrics_table`` prints them.
 
 Known traps, each pinned by a test in tests/test_evaluation.py:
@@ -20,8 +22,8 @@ area range), as pycocotools reports it; ``format_metrics_table`` prints it as "n
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import os
 import copy
 import io
 import math
@@ -29,52 +31,67 @@ from pathlib import Path
 
 import numpy as np
 
-from detect.boxes import xyxy_to_xywh
-from detect.data import Dataset
-from detect.detector import Detections
-from detect.io import read_json, write_json_atomic, write_text_atomic
+from detect.common.boxes import xyxy_to_xywh
+from detect.common.fileio import read_json, write_json_atomic, write_text_atomic
+from detect.data.datasets import Dataset
+from detect.models.detector import Detections
 
 # pycocotools' stats[0:9], in its order.
-SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+
+
+def category_ids_of(labels: np.ndarray, category_ids: list[int], where: str) -> list[int]:
+    """Class indices 1..K [D] -> the dataset's category ids; ValueError naming ``where`` when an
+    index is out of range (0 is background)."""
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    bad = (labels < 1) | (labels > len(category_ids))
+    if bad.any():
+        raise ValueError(f"{where}: class index {int(labels[bad][0])} is out of range "
+                         f"1..{len(category_ids)} (0 is background)")
+    return [int(category_ids[k - 1]) for k in labels.tolist()]
+
+
+def class_of_category(category_ids: list[int]) -> dict[int, int]:
+    """The inverse mapping: dataset category id -> class index 1..K."""
+    return {int(cat_id): k + 1 for k, cat_id in enumerate(category_ids)}
+
+
+def detections_to_coco(image_id: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                       category_ids: list[int]) -> list[dict]:
+    """COCO results entries ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` of
+    one image's detections: ``boxes`` [D, 4] xyxy pixels, ``scores`` [D], ``labels`` [D] 1..K."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)  # [D, 4] xyxy
+    scores = np.asarray(scores, np.float64).reshape(-1)  # [D]
+    labels = np.asarray(labels).reshape(-1)  # [D]
+    where = f"image {image_id}"
+    if not len(boxes) == len(scores) == len(labels):
+        raise ValueError(f"{where}: {len(boxes)} boxes, {len(scores)} scores and {len(labels)} "
+                         "labels; they must match")
+    cats = category_ids_of(labels, category_ids, where)
+    finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+    if not finite.all():
+        raise ValueError(f"{where}: detection {int(np.flatnonzero(~finite)[0])} has a non-finite box or score")
+    return [{"image_id": int(image_id), "category_id": cat, "bbox": box, "score": score}
+            for box, score, cat in zip(xyxy_to_xywh(boxes).tolist(), scores.tolist(), cats)]
 
 
 def coco_results(dataset: Dataset, detections: dict[int, Detections]) -> list[dict]:
-    """COCO results entries for ``detections`` (image id -> ``Detections``).
-
-    Each entry is ``{"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}``. Class
-    index k (1..K) maps to ``dataset.category_ids[k - 1]``; an index outside 1..K, an image id
-    that is not in ``dataset``, or a non-finite box or score raises ``ValueError`` naming it.
-    """
-    num_classes = dataset.num_classes
-    if len(dataset.category_ids) != num_classes:
+    """COCO results entries for ``detections`` (image id -> ``Detections``), by
+    ``detections_to_coco`` with ``dataset.category_ids``; an image id that is not in
+    ``dataset`` raises ``ValueError`` naming it."""
+    if len(dataset.category_ids) != dataset.num_classes:
         raise ValueError(f"dataset {dataset.name!r}: {len(dataset.category_ids)} category ids "
-                         f"for {num_classes} class names")
+                         f"for {dataset.num_classes} class names")
     image_ids = {r.image_id for r in dataset.records}
     results: list[dict] = []
     for image_id in sorted(detections):
-        dets = detections[image_id]
         if image_id not in image_ids:
             raise ValueError(f"detections for image id {image_id}, which is not in dataset "
                              f"{dataset.name!r}")
-        boxes = dets.boxes.detach().cpu().double().numpy().reshape(-1, 4)  # [D, 4] xyxy
-        scores = dets.scores.detach().cpu().double().numpy().reshape(-1)  # [D]
-        labels = dets.labels.detach().cpu().numpy().reshape(-1)  # [D] in 1..K
-        if not len(boxes) == len(scores) == len(labels):
-            raise ValueError(f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores and "
-                             f"{len(labels)} labels; they must match")
-        bad = (labels < 1) | (labels > num_classes)
-        if bad.any():
-            raise ValueError(f"image {image_id}: class index {int(labels[bad][0])} is out of "
-                             f"range 1..{num_classes} (0 is background)")
-        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
-        if not finite.all():
-            raise ValueError(f"image {image_id}: detection {int(np.flatnonzero(~finite)[0])} "
-                             "has a non-finite box or score")
-        xywh = xyxy_to_xywh(boxes).astype(np.float64)  # [D, 4]
-        for box, score, label in zip(xywh.tolist(), scores.tolist(), labels.tolist()):
-            results.append({"image_id": int(image_id),
-                            "category_id": int(dataset.category_ids[label - 1]),
-                            "bbox": box, "score": score})
+        dets = detections[image_id]
+        results += detections_to_coco(image_id, dets.boxes.detach().cpu().double().numpy(),
+                                      dets.scores.detach().cpu().double().numpy(),
+                                      dets.labels.detach().cpu().numpy(), dataset.category_ids)
     return results
 
 
@@ -84,8 +101,6 @@ def evaluate_detections(dataset: Dataset, detections: dict[int, Detections], *,
 
     Images of ``dataset`` missing from ``detections`` count as images with no detections.
     """
-    from detect.data import dataset_to_coco
-
     return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections),
                          log_path=log_path)
 
@@ -138,7 +153,7 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     if log_path is not None:
         write_text_atomic(log_path, log.getvalue())
 
-    metrics: dict = {key: float(v) for key, v in zip(SUMMARY_KEYS, coco_eval.stats[:9])}
+    metrics: dict = {key: float(v) for key, v in zip(COCO_KEYS, coco_eval.stats[:9])}
     metrics.update(_per_class_metrics(coco_eval, gt["categories"]))
     metrics["num_images"] = len(gt["images"])
     metrics["num_detections"] = len(entries)
@@ -276,8 +291,8 @@ def format_metrics_table(metrics: dict) -> str:
 
     lines = [f"COCO box metrics (%): {metrics.get('num_images', '?')} images, "
              f"{metrics.get('num_detections', '?')} detections",
-             "".join(f"{k:>7}" for k in SUMMARY_KEYS),
-             "".join(f"{pct(metrics.get(k)):>7}" for k in SUMMARY_KEYS)]
+             "".join(f"{k:>7}" for k in COCO_KEYS),
+             "".join(f"{pct(metrics.get(k)):>7}" for k in COCO_KEYS)]
     per_class_ap = metrics.get("per_class_AP", {})
     per_class_ap50 = metrics.get("per_class_AP50", {})
     if per_class_ap:
@@ -288,38 +303,39 @@ def format_metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def cli_eval(args: argparse.Namespace) -> int:
-    """``detect eval``: score a results file (``--results``) or a trained detector
-    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log."""
-    if bool(args.results) == bool(args.checkpoint):
-        raise ValueError("give exactly one of --results (a COCO results JSON to score) or "
-                         "--checkpoint (a trained detector to run and score)")
-    if args.checkpoint:
-        from detect.inference import evaluate_checkpoint
+def dataset_to_coco(dataset: Dataset, *, image_root: str | os.PathLike | None = None) -> dict:
+    """A COCO ground-truth dict for ``dataset``: for VOC -> COCO export and for evaluation.
 
-        return evaluate_checkpoint(args)
-    if not args.data:
-        raise ValueError("--data is required: the ground-truth dataset to score against")
+    Annotation ids start at 1 (pycocotools treats id 0 as "no match", pytorch/vision#1530).
+    Boxes are written as ``[x, y, w, h]``; ``area`` is the source's own area where it had one
+    (COCO: the segmentation area, which decides APs/APm/APl), else the box area. Difficult (and crowd) boxes are written as
+    ``iscrowd=1``: COCOeval has no "difficult" flag, but it ignores crowd boxes the way VOC
+    ignores difficult ones, neither true nor false positive. (One difference: a crowd box
+    matches a detection by intersection over the detection's area, so detections inside it are
+    ignored too.) ``file_name`` is absolute, or relative to ``image_root`` when given.
+    """
+    images, annotations = [], []
+    for record in dataset.records:
+        file_name = record.file_name if image_root is None else os.path.relpath(record.file_name, image_root)
+        images.append({"id": int(record.image_id), "file_name": file_name,
+                       "width": int(record.width), "height": int(record.height)})
+        areas = record.gt_areas.tolist() if len(record.gt_areas) == len(record.gt_boxes) else []
+        for j, (box, cls, difficult) in enumerate(zip(record.gt_boxes.tolist(), record.gt_classes.tolist(),
+                                                      record.gt_difficult.tolist())):
+            (category_id,) = category_ids_of(np.array([cls]), dataset.category_ids, f"image id {record.image_id}")
+            x1, y1, w, h = xyxy_to_xywh(np.array([box], np.float64))[0].tolist()
+            area = areas[j] if areas and areas[j] > 0 else w * h  # NaN > 0 is False: the box area
+            annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
+                                "category_id": category_id,
+                                "bbox": [x1, y1, w, h], "area": area, "iscrowd": int(difficult)})
+    categories = [{"id": int(cat_id), "name": name}
+                  for cat_id, name in zip(dataset.category_ids, dataset.class_names)]
+    return {"info": {"description": dataset.name}, "images": images, "annotations": annotations,
+            "categories": categories}
 
-    from detect.data import dataset_to_coco, load_dataset
 
-    results_path = Path(args.results)
-    results = read_json(results_path)
-    dataset = load_dataset(args.format, args.data, args.images, args.split)
-    if args.limit > 0:
-        dataset.records = dataset.records[:args.limit]
-        kept = {r.image_id for r in dataset.records}
-        if isinstance(results, list):
-            results = [r for r in results if not isinstance(r, dict) or r.get("image_id") in kept]
-    output_dir = Path(args.output_dir) if args.output_dir else results_path.parent
-    try:
-        metrics = evaluate_coco(dataset_to_coco(dataset), results,
-                                log_path=output_dir / "coco_eval.log")
-    except ValueError as e:  # name the results file, not the in-memory list
-        if not str(e).startswith("results: "):
-            raise
-        raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
-    print(format_metrics_table(metrics))
-    write_json_atomic(output_dir / "metrics.json", metrics)
-    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
-    return 0
+def export_coco(dataset: Dataset, path: str | os.PathLike) -> None:
+    """Write ``dataset`` as a COCO JSON (atomically), file names relative to the JSON's folder,
+    so ``load_coco(path)`` finds the images while the two stay side by side."""
+    path = Path(path)
+    write_json_atomic(path, dataset_to_coco(dataset, image_root=path.parent.resolve()), indent=None)

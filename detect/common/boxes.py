@@ -91,15 +91,21 @@ def flip_boxes(boxes: Tensor | np.ndarray, width: int) -> Tensor | np.ndarray:
     return out
 
 
+def _float_array(boxes) -> np.ndarray:
+    """[R, 4] float64 when given float64 (coordinates written to JSON), float32 otherwise."""
+    boxes = np.asarray(boxes)
+    return boxes.astype(np.float64 if boxes.dtype == np.float64 else np.float32).reshape(-1, 4)
+
+
 def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     """COCO / OpenCV (x, y, w, h) [R, 4] -> xyxy [R, 4]."""
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    boxes = _float_array(boxes)
     return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
 
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     """xyxy [R, 4] -> COCO (x, y, w, h) [R, 4]."""
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    boxes = _float_array(boxes)
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 

@@ -25,25 +25,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from detect.io import read_json, write_json_atomic
+from detect.common.fileio import read_json
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
 
 # Boxes sticking out of the image by at most this many pixels are clipped without being
 # counted: annotation tools round, and COCO has many boxes 0.01 px past the border.
 CLIP_TOLERANCE = 1.0
 
-
-class ImageReadError(Exception):
-    """An image that cannot be read. ``str()`` names the file and the reason."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 class DatasetWarning(UserWarning):
@@ -493,102 +485,3 @@ def _voc_number(element: ET.Element, path: str, xml_path: Path, where: str) -> f
         return float(text)
     except ValueError:
         raise ValueError(f"{xml_path}: {where}: <{path}> is not a number: {text.strip()!r}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Export to COCO
-# ----------------------------------------------------------------------------------------------
-
-
-def dataset_to_coco(dataset: Dataset, *, image_root: str | os.PathLike | None = None) -> dict:
-    """A COCO ground-truth dict for ``dataset``: for VOC -> COCO export and for evaluation.
-
-    Annotation ids start at 1 (pycocotools treats id 0 as "no match", pytorch/vision#1530).
-    Boxes are written as ``[x, y, w, h]``; ``area`` is the source's own area where it had one
-    (COCO: the segmentation area, which decides APs/APm/APl), else the box area. Difficult (and crowd) boxes are written as
-    ``iscrowd=1``: COCOeval has no "difficult" flag, but it ignores crowd boxes the way VOC
-    ignores difficult ones, neither true nor false positive. (One difference: a crowd box
-    matches a detection by intersection over the detection's area, so detections inside it are
-    ignored too.) ``file_name`` is absolute, or relative to ``image_root`` when given.
-    """
-    images, annotations = [], []
-    for record in dataset.records:
-        file_name = record.file_name if image_root is None else os.path.relpath(record.file_name, image_root)
-        images.append({"id": int(record.image_id), "file_name": file_name,
-                       "width": int(record.width), "height": int(record.height)})
-        areas = record.gt_areas.tolist() if len(record.gt_areas) == len(record.gt_boxes) else []
-        for j, (box, cls, difficult) in enumerate(zip(record.gt_boxes.tolist(), record.gt_classes.tolist(),
-                                                      record.gt_difficult.tolist())):
-            if not 1 <= cls <= dataset.num_classes:
-                raise ValueError(f"image id {record.image_id}: class index {cls} outside "
-                                 f"1..{dataset.num_classes}")
-            x1, y1, x2, y2 = box
-            w, h = x2 - x1, y2 - y1
-            area = areas[j] if areas and areas[j] > 0 else w * h  # NaN > 0 is False: the box area
-            annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
-                                "category_id": int(dataset.category_ids[cls - 1]),
-                                "bbox": [x1, y1, w, h], "area": area, "iscrowd": int(difficult)})
-    categories = [{"id": int(cat_id), "name": name}
-                  for cat_id, name in zip(dataset.category_ids, dataset.class_names)]
-    return {"info": {"description": dataset.name}, "images": images, "annotations": annotations,
-            "categories": categories}
-
-
-def export_coco(dataset: Dataset, path: str | os.PathLike) -> None:
-    """Write ``dataset`` as a COCO JSON (atomically), file names relative to the JSON's folder,
-    so ``load_coco(path)`` finds the images while the two stay side by side."""
-    path = Path(path)
-    write_json_atomic(path, dataset_to_coco(dataset, image_root=path.parent.resolve()), indent=None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 RGB [H, W, 3], in the orientation the user sees.
-
-    Handles EXIF rotation, grayscale, palette, RGBA (alpha dropped) and 16-bit images (scaled
-    to 8 bits). Raises ``ImageReadError`` naming the file for missing, empty, corrupt or truncated
-    files and for anything that is not an image.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
-    except OSError as e:
-        raise ImageReadError(path, f"cannot stat: {e.strerror}") from None
-    if size == 0:
-        raise ImageReadError(path, "empty file (0 bytes)")
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-            return _to_rgb8(im)
-    except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image (unrecognised format)") from None
-    except PermissionError:
-        raise ImageReadError(path, "permission denied") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
-    except Image.DecompressionBombError as e:
-        raise ImageReadError(path, f"image too large ({e})") from None
-
-
-def _to_rgb8(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if a.max(initial=0) > 255 else 255.0
-        a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min(initial=0)), float(a.max(initial=1))
-        a = ((a - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    arr = np.asarray(im, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"unexpected decoded shape {arr.shape}")
-    return np.ascontiguousarray(arr)

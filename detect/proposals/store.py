@@ -11,7 +11,7 @@ A store is a folder (written by ``detect propose``, read by training, evaluation
                       Image i's boxes are boxes.f32 rows first_box_row .. first_box_row + num_boxes.
     STORE/meta.json   {"format": "detect-proposals", "version": 1,
                        "mode", "resize", "resize_side", "min_size", "top_k": the selective
-                           search settings (detect.config.ProposalConfig),
+                           search settings (detect.common.config.ProposalConfig),
                        "code_version": detect.__version__, "opencv_version",
                        "num_images", "num_boxes",
                        "dataset_fingerprint": sha256 of the JSON list [[image_id, file basename],
@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from detect.common.fileio import read_json
 
 FORMAT = "detect-proposals"
 VERSION = 1
@@ -152,8 +154,6 @@ class ProposalStore:
         self._row_of: dict[int, int] | None = None  # image_id -> index row, built on first use
 
     def _read_meta(self) -> dict[str, Any]:
-        from detect.io import read_json
-
         meta_path = self.path / META_FILE
         meta = read_json(meta_path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -231,8 +231,6 @@ class ProposalStore:
         files_path = self.path / FILES_FILE
         if not files_path.is_file():
             return None
-        from detect.io import read_json
-
         entries = read_json(files_path)
         try:
             return {int(e["image_id"]): str(e["file"]) for e in entries}

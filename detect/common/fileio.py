@@ -73,3 +73,49 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings markers: the one resume check of every long job
+# ----------------------------------------------------------------------------------------------
+
+
+class SettingsMismatch(ValueError):
+    """A job's folder holds work done with other settings; the message names the keys."""
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # as it reads back: tuples become lists, keys strings
+
+
+def check_settings(path: str | os.PathLike, settings: dict, *, hint: str) -> bool:
+    """Compare ``settings`` with the marker at ``path`` (``{"settings": ..., ...}``).
+
+    Returns False when there is no marker (the work is not done, or not started), True when
+    it records the same settings, and raises ``SettingsMismatch`` naming the marker, each
+    differing key and ``hint`` (what the user can do) when it records others. Every long job
+    (proposals, predict, R-CNN stages and SVM classes, training runs, the synthetic dataset)
+    checks its folder with this function before it reuses anything there.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    record = read_json(path)
+    previous = record.get("settings") if isinstance(record, dict) else None
+    settings = _as_json(settings)
+    if previous == settings:
+        return True
+    if not isinstance(previous, dict):
+        raise SettingsMismatch(f"{path}: not a settings marker of ours; {hint}")
+    differ = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+    shown = ", ".join(f"{k}: before {previous.get(k)!r}, now {settings.get(k)!r}" for k in differ)
+    raise SettingsMismatch(f"{path.parent}: holds work done with other settings ({_shorten(shown)}); {hint}")
+
+
+def write_settings(path: str | os.PathLike, settings: dict, **info: Any) -> None:
+    """Write the marker ``{"settings": settings, **info}`` atomically (see ``check_settings``)."""
+    write_json_atomic(path, {"settings": _as_json(settings), **info})
+
+
+def _shorten(text: str, limit: int = 600) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from detect.boxes import clip_boxes, decode_boxes
+from detect.common.boxes import clip_boxes, decode_boxes
+from detect.proposals.selective_search import selective_search
 
 
 @dataclass
@@ -107,26 +108,39 @@ class StageTimer:
 
 
 class Detector(nn.Module):
-    """Base class of ``FastRCNN`` and ``RCNN``.
+    """Base class of ``FastRCNN`` and ``RCNN``: complete after construction.
 
-    Subclasses implement ``score_proposals``; ``detect`` is shared. Images are uint8 RGB numpy
-    arrays [H, W, 3] as returned by ``detect.data.read_image``; the detector moves them to its
-    own device. Proposals are an explicit input (None runs selective search).
+    Subclasses implement ``score_proposals``; everything else is shared: ``detect`` trims the
+    proposals to ``proposal_top_k`` (selective search's ranking; 0 = all), scores them, and
+    runs the one ``postprocess``. Images are uint8 RGB numpy arrays [H, W, 3] as returned by
+    ``detect.data.datasets.read_image``; the detector moves them to its own device. Proposals
+    are an explicit input; None runs selective search with ``proposal_settings``.
+    ``category_ids[k - 1]`` is the dataset category id of class k (default k); ``amp`` runs the
+    network under bf16/fp16 autocast on CUDA (scores and deltas are computed in float32).
     """
 
     kind: str = ""
 
     def __init__(self, *, class_names: list[str], score_thresh: float = 0.05,
-                 nms_thresh: float = 0.3, detections_per_image: int = 100):
+                 nms_thresh: float = 0.3, detections_per_image: int = 100,
+                 category_ids: list[int] | None = None, proposal_settings: dict | None = None,
+                 proposal_top_k: int = 0, backbone_name: str = "", amp: bool = True):
         super().__init__()
         if not class_names:
             raise ValueError("class_names must list at least one class")
         self.class_names = list(class_names)
+        self.category_ids = list(category_ids) if category_ids is not None else list(range(1, len(class_names) + 1))
+        if len(self.category_ids) != len(self.class_names):
+            raise ValueError(f"{len(self.category_ids)} category ids for {len(self.class_names)} classes")
+        if proposal_top_k < 0:
+            raise ValueError(f"proposal_top_k must be >= 0 (0 = all), got {proposal_top_k}")
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
-        # Selective-search settings used when detect() gets no proposals (set by the loader).
-        self.proposal_settings: dict = {}
+        self.proposal_settings = dict(proposal_settings or {})  # selective search's, when detect() gets None
+        self.proposal_top_k = proposal_top_k
+        self.backbone_name = backbone_name
+        self.amp = amp
 
     @property
     def num_classes(self) -> int:
@@ -147,11 +161,11 @@ class Detector(nn.Module):
         """Detect objects in one uint8 RGB image [H, W, 3] given proposals [R, 4] xyxy."""
         timer = timer or StageTimer(self.device)
         if proposals is None:
-            from detect.proposals import selective_search
-
             with timer("proposals"):
                 proposals = selective_search(image, **self.proposal_settings)
         proposal_boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
+        if self.proposal_top_k > 0:
+            proposal_boxes = proposal_boxes[: self.proposal_top_k]  # [R, 4], best-ranked first
         proposal_boxes = proposal_boxes.to(self.device)
         out = self.score_proposals(image, proposal_boxes, timer)
         with timer("postprocess"):

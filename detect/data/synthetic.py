@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from detect.io import read_json, write_bytes_atomic
+from detect.common.fileio import SettingsMismatch, check_settings, write_bytes_atomic, write_settings
 
 # Bump when the drawing changes: a folder drawn by another version is redrawn, not reused.
 GENERATOR_VERSION = 1
@@ -106,12 +106,16 @@ def make_synthetic(out_dir: str | Path, num_train: int, num_val: int, seed: int)
     out_dir = Path(out_dir)
     marker = {"generator_version": GENERATOR_VERSION, "seed": int(seed)}
     marker_path = out_dir / "generator.json"
-    reuse_images = _read_marker(marker_path) == marker
+    try:
+        reuse_images = check_settings(marker_path, marker, hint="the images are redrawn")
+    except (SettingsMismatch, ValueError):  # another seed or version (or a damaged marker)
+        reuse_images = False
     if not reuse_images:  # clear what another seed or version drew, so no stale file survives a crash
         for split in SPLITS:
             _remove_images(out_dir / "images" / split, first_index=0)
             (out_dir / f"{split}.json").unlink(missing_ok=True)
-    _write_if_changed(marker_path, _json_bytes(marker))
+    if not reuse_images:
+        write_settings(marker_path, marker)
 
     json_paths = []
     with tqdm(total=num_train + num_val, desc="make-synthetic", unit="img", disable=None) as bar:
@@ -143,21 +147,6 @@ def make_synthetic(out_dir: str | Path, num_train: int, num_val: int, seed: int)
     return json_paths[0], json_paths[1]
 
 
-def cli_make_synthetic(args) -> int:
-    """``detect make-synthetic``: write the dataset and print what it holds."""
-    from detect.data import load_coco
-
-    train_json, val_json = make_synthetic(args.out, args.train, args.val, args.seed)
-    for json_path in (train_json, val_json):
-        dataset = load_coco(json_path)
-        counts = np.bincount(np.concatenate([r.gt_classes[~r.gt_difficult] for r in dataset.records]),
-                             minlength=dataset.num_classes + 1)
-        per_class = ", ".join(f"{name} {n}" for name, n in zip(dataset.class_names, counts[1:]))
-        print(f"{json_path}: {len(dataset)} images, {per_class} "
-              f"({dataset.report.num_difficult} mostly occluded, ignored)")
-    return 0
-
-
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 RGB [H, W, 3] -> PNG bytes, with fixed parameters (byte-identical for equal input)."""
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]), PNG_PARAMS)
@@ -169,15 +158,6 @@ def encode_png(image: np.ndarray) -> bytes:
 def _json_bytes(obj: dict) -> bytes:
     """Compact JSON with sorted keys (one line, as COCO's own files): the same dict, the same bytes."""
     return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def _read_marker(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return read_json(path)
-    except ValueError:
-        return None
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:

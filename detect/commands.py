@@ -1,0 +1,405 @@
+"""One function per ``detect`` subcommand: the wiring of the stages.
+
+This module (with ``detect.models.build``, which turns a config into a model) is the only reader
+of the ``Config`` object: it loads the config, the dataset and its proposals, and passes plain
+values to the stage functions in ``detect.data``, ``detect.proposals``, ``detect.training``,
+``detect.evaluation``, ``detect.predict`` and ``detect.report``. ``detect.cli`` declares the
+flags and calls these functions with the parsed arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from detect.common.checkpoints import save_detector_checkpoint
+from detect.common.config import Config, load_config, save_config, to_dict
+from detect.common.fileio import check_settings, read_json, write_json_atomic, write_settings
+from detect.common.runtime import (available_cores, barrier, init_distributed, is_main_process,
+                                   local_world_size, long_wait_group, rank_and_world, resolve_device,
+                                   seed_everything)
+from detect.data.datasets import Dataset, load_coco, load_dataset
+from detect.data.images import find_images
+from detect.data.synthetic import make_synthetic as write_synthetic
+from detect.evaluation.coco import dataset_to_coco, evaluate_coco, format_metrics_table
+from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
+from detect.evaluation.run import evaluate_detector, print_metrics
+from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
+from detect.predict.batch import predict as predict_images
+from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals
+from detect.proposals.store import ProposalStore
+from detect.report.sections import make_report
+from detect.training.engine import step_lr
+from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, train_fast_rcnn
+from detect.training.rcnn_train import FineTuneSettings, SVMSettings, train_rcnn
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def make_synthetic(args: argparse.Namespace) -> int:
+    """``detect make-synthetic``: write the dataset and print what it holds."""
+    train_json, val_json = write_synthetic(args.out, args.train, args.val, args.seed)
+    for json_path in (train_json, val_json):
+        dataset = load_coco(json_path)
+        counts = np.bincount(np.concatenate([r.gt_classes[~r.gt_difficult] for r in dataset.records]),
+                             minlength=dataset.num_classes + 1)
+        per_class = ", ".join(f"{name} {n}" for name, n in zip(dataset.class_names, counts[1:]))
+        print(f"{json_path}: {len(dataset)} images, {per_class} "
+              f"({dataset.report.num_difficult} mostly occluded, ignored)")
+    return 0
+
+
+def _dataset_from_args(args: argparse.Namespace) -> Dataset:
+    return load_dataset(args.format, args.data, args.images, args.split)
+
+
+def _dataset_spec(args: argparse.Namespace) -> dict[str, str]:
+    return {"format": args.format, "path": args.data, "images": args.images, "split": args.split}
+
+
+def _load_spec(spec: dict[str, str]) -> Dataset:
+    return load_dataset(spec["format"], spec["path"], spec["images"], spec["split"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Proposals
+# ----------------------------------------------------------------------------------------------
+
+
+def propose(args: argparse.Namespace) -> int:
+    """``detect propose``: a store for a dataset (``--data``) or for files (``--input``).
+
+    With ``--input`` (files, folders searched recursively, globs) the image ids are the 1-based
+    positions in the sorted list of resolved paths (the ids ``detect predict`` gives them). The
+    resolved config is written to ``<out>/config.yaml``. Hidden: ``DETECT_PROPOSAL_CHUNK`` sets
+    the images per chunk file (default 256; tests use small chunks). Under torchrun each rank
+    computes its shard and rank 0 merges after a barrier.
+    """
+    cfg = load_config(args.config, args.overrides)
+    settings = to_dict(cfg.proposals)
+    if args.input and args.data:
+        raise ValueError("give either --data (a dataset) or --input (image files), not both")
+    if args.input:
+        items = [(i + 1, str(path)) for i, path in enumerate(find_images(args.input))]
+    elif args.data:
+        items = [(r.image_id, r.file_name) for r in _dataset_from_args(args).records]
+    else:
+        raise ValueError("give --data (a dataset) or --input (image files, folders or globs)")
+    chunk_size = int(os.environ.get("DETECT_PROPOSAL_CHUNK", DEFAULT_CHUNK_SIZE))
+    shard = _parse_shard(args.shard)
+    workers = args.workers
+
+    distributed = False
+    rank, world_size = rank_and_world()
+    if shard is None and world_size > 1:  # under torchrun
+        shard = (rank, world_size)
+        if workers <= 0:  # share the node's cores between its ranks
+            workers = max(1, available_cores() // local_world_size())
+        distributed = _join_gloo_group()
+    store = generate_proposals(items, args.out, settings=settings, workers=workers, shard=shard,
+                               chunk_size=chunk_size, merge=not distributed)
+    if distributed:
+        barrier()  # every rank's chunks are on disk
+        if shard[0] == 0:
+            store = generate_proposals(items, args.out, settings=settings, workers=workers,
+                                       chunk_size=chunk_size)
+        torch.distributed.destroy_process_group()
+    if store is None:
+        return 0
+    save_config(cfg, store.path / "config.yaml")
+    num_boxes = store.meta["num_boxes"]
+    print(f"{store.path}: {len(store)} images, {num_boxes} proposals "
+          f"({num_boxes / max(len(store), 1):.0f} per image), {len(store.meta['failures'])} failed")
+    return 0
+
+
+def _parse_shard(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: needs 0 <= i < N")
+    return i, n
+
+
+def _join_gloo_group() -> bool:
+    """Join torchrun's process group (gloo) so rank 0 can merge after a barrier; False if not."""
+    try:
+        return init_distributed(backend="gloo")
+    except Exception as e:  # noqa: BLE001 -- fall back to plain shards
+        print(f"proposals: no process group ({type(e).__name__}: {e}); each rank computes its shard "
+              f"and the last to finish merges", file=sys.stderr)
+        return False
+
+
+def recall(args: argparse.Namespace) -> int:
+    """``detect recall``: print recall / AR / (M)ABO of a store on a dataset; ``--out`` JSON.
+
+    The JSON is ``proposal_recall``'s result plus "num_images", "num_gt" (non-difficult GT
+    boxes) and "avg_proposals_per_image" (all proposals in the store for these images).
+    """
+    if not args.data:
+        raise ValueError("detect recall needs --data (the dataset the proposals were made for)")
+    dataset = _dataset_from_args(args)
+    store = ProposalStore(args.proposals)
+    result = proposal_recall(dataset, store, progress=True)
+    num_gt = sum(len(counted_gt(r)[0]) for r in dataset.records)
+    avg = float(np.mean([store.num_boxes(r.image_id) for r in dataset.records])) if len(dataset) else 0.0
+    summary = {**result, "num_images": len(dataset), "num_gt": num_gt, "avg_proposals_per_image": avg}
+    print(f"{store.path} on {dataset.name}: {len(dataset)} images, {num_gt} GT boxes, "
+          f"{avg:.1f} proposals per image ({store.meta.get('mode')} mode)")
+    print(format_recall_table(result))
+    if args.out:
+        write_json_atomic(args.out, summary)
+        print(f"wrote {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> int:
+    """``detect train``: train the config's detector into ``--output-dir``, then evaluate it on
+    the config's val split (metrics.json)."""
+    cfg = load_config(args.config, args.overrides)
+    output_dir = Path(args.output_dir)
+    check_settings(output_dir / "run.json", {"detector": cfg.detector},
+                   hint="training another detector there would overwrite its model_final.pt; "
+                        "choose another --output-dir")
+    device = resolve_device(args.device)
+    init_distributed(device)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_settings(output_dir / "run.json", {"detector": cfg.detector})
+        save_config(cfg, output_dir / "config.yaml")
+    t0 = time.perf_counter()
+    checkpoint = train_from_config(cfg, output_dir, device=device, resume=args.resume)
+    if is_main_process():
+        _record_train_time(output_dir, time.perf_counter() - t0)
+        print(f"trained {cfg.detector}: {checkpoint}")
+    val = cfg.data.val
+    if not val.path:
+        print("no data.val.path in the config: skipping evaluation")
+        return 0
+    _evaluate_checkpoint(checkpoint, to_dict(val), cfg.data.val_proposals, output_dir, device=device)
+    return 0
+
+
+def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.device = torch.device("cpu"),
+                      resume: bool = False, progress: bool = True) -> Path:
+    """Train ``cfg.detector`` on ``cfg``'s training split into ``output_dir``; returns the path of
+    its ``model_final.pt`` (the training part of ``detect train``)."""
+    output_dir = Path(output_dir)
+    dataset, store = _train_split(cfg)
+    top_k = cfg.proposals.top_k
+
+    def get_proposals(image_id: int) -> np.ndarray:  # [P, 4] xyxy, selective search's best first
+        boxes = store.get(image_id)
+        return boxes[:top_k] if top_k > 0 else boxes
+
+    if cfg.detector == "fast_rcnn":
+        return _train_fast_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume)
+    if cfg.detector == "rcnn":
+        return _train_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume,
+                           progress=progress)
+    raise ValueError(f"unknown detector {cfg.detector!r}")  # validated by the config loader already
+
+
+def _train_split(cfg: Config) -> tuple[Dataset, ProposalStore]:
+    """The training dataset of ``cfg`` and its proposal store, checked against each other."""
+    dataset = _load_spec(to_dict(cfg.data.train))
+    if not cfg.data.train_proposals:
+        raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
+    store = ProposalStore(cfg.data.train_proposals)
+    store.check_dataset(dataset)
+    return dataset, store
+
+
+def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, *,
+                     device: torch.device, resume: bool) -> Path:
+    t = cfg.train
+    rank, world_size = rank_and_world()
+    seed_everything(t.seed)
+    model = build_fast_rcnn(cfg, dataset.class_names, dataset.category_ids).to(device)
+    data = FastRCNNTrainData(
+        records=dataset.records, get_proposals=get_proposals, pixel_mean=model.pixel_mean,
+        pixel_std=model.pixel_std, images_per_batch=t.images_per_batch, rois_per_image=t.rois_per_image,
+        scales=t.scales, max_size=t.max_size, flip=t.flip, fg_fraction=t.fg_fraction, fg_iou=t.fg_iou,
+        bg_iou_low=t.bg_iou_low, bg_iou_high=t.bg_iou_high, bbox_std=t.bbox_std, seed=t.seed,
+        rank=rank, world_size=world_size)
+    skipped = train_fast_rcnn(
+        model, data, output_dir,
+        optimizer=build_optimizer(model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
+        lr_at=step_lr(t.lr, t.steps, t.gamma, t.warmup_iters, t.warmup_factor), max_iter=t.max_iter,
+        checkpoint_period=t.checkpoint_period, log_period=t.log_period, amp=t.amp,
+        bbox_loss_weight=t.bbox_loss_weight, num_workers=t.num_workers, device=device, resume=resume)
+    path = output_dir / "model_final.pt"
+    if rank == 0:
+        save_detector_checkpoint(path, kind="fast_rcnn", config=to_dict(cfg), class_names=dataset.class_names,
+                                 category_ids=dataset.category_ids, state_dict=model.state_dict(),
+                                 extra={"skipped_images": skipped})
+    barrier()
+    return path
+
+
+def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, *,
+                device: torch.device, resume: bool, progress: bool = True) -> Path:
+    r, t = cfg.rcnn, cfg.train
+    idle_group = long_wait_group()  # other ranks wait in it while rank 0 trains the SVMs
+    backbone = build_backbone_from(cfg)
+    finetune = FineTuneSettings(
+        lr=r.ft_lr, momentum=r.ft_momentum, weight_decay=r.ft_weight_decay, max_iter=r.ft_max_iter,
+        steps=list(r.ft_steps), batch_size=r.ft_batch_size, fg_per_batch=r.ft_fg_per_batch, fg_iou=r.ft_fg_iou,
+        gamma=t.gamma, warmup_iters=t.warmup_iters, warmup_factor=t.warmup_factor, flip=t.flip, seed=t.seed,
+        checkpoint_period=t.checkpoint_period, log_period=t.log_period)
+    svm = SVMSettings(feat_norm=r.svm_feat_norm, C=r.svm_C, pos_weight=r.svm_pos_weight,
+                      intercept_scaling=r.svm_intercept_scaling, neg_iou=r.svm_neg_iou,
+                      hard_thresh=r.svm_hard_thresh, evict_thresh=r.svm_evict_thresh,
+                      retrain_limit=r.svm_retrain_limit, passes=r.svm_passes, workers=r.svm_workers)
+    fingerprint = {**to_dict(cfg.data.train), "proposals": cfg.data.train_proposals,
+                   "top_k": cfg.proposals.top_k, "num_images": len(dataset), "model": to_dict(cfg.model)}
+    extra = train_rcnn(backbone, dataset.records, get_proposals, output_dir, num_classes=dataset.num_classes,
+                       crop_size=r.crop_size or backbone.crop_size, context_pad=r.context_pad,
+                       finetune=finetune, svm=svm, bbox_lambda=r.bbox_ridge_lambda, bbox_min_iou=r.bbox_min_iou,
+                       cache_features=r.cache_features, feature_batch_size=r.feature_batch_size, amp=t.amp,
+                       fingerprint=fingerprint, resume=resume, device=device,
+                       progress=progress)
+    path = output_dir / "model_final.pt"
+    if extra is not None:  # rank 0
+        extra = {k: torch.from_numpy(np.asarray(v)) for k, v in extra.items()}
+        detector = build_rcnn(cfg, dataset.class_names, extra, dataset.category_ids, backbone=backbone)
+        save_detector_checkpoint(path, kind="rcnn", config=to_dict(cfg), class_names=dataset.class_names,
+                                 category_ids=dataset.category_ids, state_dict=detector.state_dict(), extra=extra)
+    barrier(idle_group)  # a 7-day timeout: the other ranks wait here while rank 0 trains the SVMs
+    return path
+
+
+def _record_train_time(output_dir: Path, seconds: float) -> None:
+    """Add this session's training seconds to ``train_time.json`` (a resumed run adds up)."""
+    path = output_dir / "train_time.json"
+    total = read_json(path)["seconds"] if path.is_file() else 0.0
+    if math.isfinite(seconds):
+        write_json_atomic(path, {"seconds": total + seconds})
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``detect eval``: score a results file (``--results``) or a trained detector
+    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log."""
+    if bool(args.results) == bool(args.checkpoint):
+        raise ValueError("give exactly one of --results (a COCO results JSON to score) or "
+                         "--checkpoint (a trained detector to run and score)")
+    if not args.data:
+        raise ValueError(f"--data is required with {'--checkpoint' if args.checkpoint else '--results'}: "
+                         "the ground-truth dataset to score against")
+    if args.checkpoint:
+        device = resolve_device(args.device)
+        init_distributed(device)
+        output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
+        _evaluate_checkpoint(args.checkpoint, _dataset_spec(args), args.proposals, output_dir, device=device,
+                             limit=args.limit)
+        return 0
+
+    results_path = Path(args.results)
+    results = read_json(results_path)
+    dataset = _dataset_from_args(args)
+    if args.limit > 0:
+        dataset.records = dataset.records[:args.limit]
+        kept = {r.image_id for r in dataset.records}
+        if isinstance(results, list):
+            results = [r for r in results if not isinstance(r, dict) or r.get("image_id") in kept]
+    output_dir = Path(args.output_dir) if args.output_dir else results_path.parent
+    try:
+        metrics = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
+    except ValueError as e:  # name the results file, not the in-memory list
+        if not str(e).startswith("results: "):
+            raise
+        raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
+    print(format_metrics_table(metrics))
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
+    return 0
+
+
+def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
+                         device: torch.device, limit: int = 0) -> dict:
+    """Load the dataset, its proposals and the detector; evaluate; print and write metrics."""
+    dataset = _load_spec(data_spec)
+    if limit:
+        dataset = Dataset(dataset.name, dataset.records[:limit], dataset.class_names, dataset.category_ids)
+    store = ProposalStore(proposals) if proposals else None
+    if store is not None:
+        store.check_dataset(dataset)
+    detector = load_detector(checkpoint, device)
+    if detector.class_names != dataset.class_names:
+        raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but {data_spec['path']} "
+                         f"has {dataset.class_names}")
+    tt = output_dir / "train_time.json"
+    metrics = evaluate_detector(detector, dataset, output_dir, store=store, name=output_dir.name,
+                                data_spec=data_spec,
+                                train_time_s=read_json(tt)["seconds"] if tt.is_file() else None)
+    if metrics:
+        print_metrics(metrics)
+        print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch detection and reports
+# ----------------------------------------------------------------------------------------------
+
+
+def predict(args: argparse.Namespace) -> int:
+    """``detect predict``: load the checkpoint, run ``detect.predict.batch.predict``, print where
+    the outputs are.
+
+    Under ``torchrun`` (env RANK / WORLD_SIZE) each rank takes its share of the images on GPU
+    LOCAL_RANK; no process group is needed (ranks meet only in the journal merge).
+    """
+    rank, world_size = rank_and_world()
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
+    stat = checkpoint.stat()
+    detector = load_detector(checkpoint, args.device)  # '' = cuda if available, else cpu
+    workers = args.workers
+    if workers == 0 and world_size > 1:  # share the node's cores between its ranks
+        workers = max(1, available_cores() // local_world_size())
+    summary = predict_images(
+        detector, args.input, args.output_dir, score_threshold=args.score_threshold,
+        proposal_settings=detector.proposal_settings, workers=workers,
+        batch_size=args.batch_size, proposal_store=args.proposals or None,
+        visualize=args.visualize, category_ids=detector.category_ids, rank=rank, world_size=world_size,
+        model_fingerprint=f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    print(f"detect predict: {summary.num_images} image(s), {summary.num_detections} detection(s) "
+          f">= {args.score_threshold}, {summary.num_errors} error(s) (see errors.json); "
+          f"{summary.images_per_s:.2f} images/s on {summary.device}; outputs in {args.output_dir}",
+          file=sys.stderr)
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """``detect compare``: report.md and report.html of evaluated runs."""
+    data = _dataset_spec(args) if args.data else None
+    md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir), data=data,
+                                     num_grid_images=args.grid_images)
+    print(f"wrote {md_path} and {html_path}")
+    return 0

@@ -1,0 +1,189 @@
+"""Where the code runs: device, ranks, mixed precision, random state, peak memory.
+
+Written once here and imported everywhere else (thin wrappers over torch.distributed and
+torch.cuda; no distribution layer of our own):
+
+- ``rank_and_world()``: (rank, world size) from the process group when one is initialised,
+  else from torchrun's environment (RANK / WORLD_SIZE), else (0, 1).
+- ``init_distributed`` / ``barrier`` / ``long_wait_group``: joining and waiting.
+- ``resolve_device``: '' -> this rank's GPU when CUDA is available, else the CPU.
+- ``autocast(device, enabled)``: bf16 where the GPU supports it, else fp16; off on the CPU.
+- ``seed_everything`` / ``rng_state`` / ``set_rng_state``: seeds and resumable RNG state.
+- ``reset_peak_memory`` / ``peak_memory_mb`` / ``device_name``: what a run reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import resource
+from typing import Any
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Ranks
+# ----------------------------------------------------------------------------------------------
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world_size): the process group's when initialised, else torchrun's environment
+    variables (``detect predict`` and ``detect propose`` need no process group), else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def local_world_size() -> int:
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def barrier(group=None) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier(group=group)
+
+
+def long_wait_group():
+    """A gloo process group with a 7-day timeout (None outside torch.distributed); every rank
+    must create it. Its ``barrier`` lets ranks idle while rank 0 alone works for longer than a
+    collective's default timeout (NCCL: 10 minutes), which would otherwise abort the job."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() <= 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+
+
+def init_distributed(device: torch.device | None = None, backend: str = "") -> bool:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    NCCL for CUDA, gloo for the CPU (or ``backend``); each rank uses GPU ``LOCAL_RANK``.
+    Returns True when this process is in a group of more than one rank.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.distributed.is_initialized():
+        return True
+    if not backend:
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend=backend)
+    return True
+
+
+def resolve_device(name: str = "") -> torch.device:
+    """'' -> cuda (this rank's GPU, LOCAL_RANK) if available, else cpu; 'cuda'/'cpu' as given."""
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+        if name == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that supports it (no loss scaling needed), else fp16."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """Autocast on CUDA when ``enabled``; a no-op context on the CPU or when disabled."""
+    use = enabled and device.type == "cuda"
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=autocast_dtype(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Random state
+# ----------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (CPU) and this process's current CUDA device RNG states."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run reports
+# ----------------------------------------------------------------------------------------------
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's allocator stats, or on Linux the process's RSS high-water mark
+    (``/proc/self/clear_refs``), so that a process that measures two runs reports each its own."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated, or the peak resident memory since ``reset_peak_memory`` (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # whole-process peak

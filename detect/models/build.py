@@ -1,0 +1,104 @@
+"""Config -> detector: the one place that knows every detector kind (a plain if/elif, as DETR's
+``build(args)``), and the loader of trained detectors.
+
+- ``build_backbone_from(cfg)``: the backbone a config asks for (both detectors share it).
+- ``build_fast_rcnn(cfg, ...)`` / ``build_rcnn(cfg, ...)``: a detector, complete after
+  construction (classes, category ids, proposal settings, post-processing, AMP).
+- ``load_detector(checkpoint, device)``: rebuild a trained detector of either kind from its
+  ``model_final.pt`` (the config saved inside gives the architecture).
+
+The config object is read here and in ``detect.commands`` only; everything below takes plain
+values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from detect.common.checkpoints import DETECTOR_FORMAT, load_checkpoint
+from detect.common.config import Config, from_dict, to_dict
+from detect.common.runtime import resolve_device
+from detect.models.backbones import Backbone, build_backbone
+from detect.models.detector import Detector
+from detect.models.fast_rcnn import FastRCNN
+from detect.models.rcnn import RCNN
+
+
+def build_backbone_from(cfg: Config, *, weights: str | None = None) -> Backbone:
+    """The backbone of ``cfg.model`` (``weights`` overrides ``cfg.model.weights``)."""
+    m = cfg.model
+    return build_backbone(m.backbone, weights=m.weights if weights is None else weights,
+                          freeze_at=m.freeze_at, head_dim=m.head_dim, dropout=m.dropout,
+                          roi_size=m.roi_size)
+
+
+def _detector_kwargs(cfg: Config, class_names: list[str], category_ids: list[int] | None) -> dict:
+    """What both detectors take from a config: classes, proposals, post-processing, AMP."""
+    t = cfg.test
+    return dict(class_names=list(class_names), category_ids=category_ids,
+                proposal_settings=to_dict(cfg.proposals), proposal_top_k=cfg.proposals.top_k,
+                backbone_name=cfg.model.backbone, amp=cfg.train.amp, score_thresh=t.score_thresh,
+                nms_thresh=t.nms_thresh, detections_per_image=t.detections_per_image)
+
+
+def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int] | None = None, *,
+                    backbone: Backbone | None = None) -> FastRCNN:
+    """The one place a ``FastRCNN`` is made from a config."""
+    return FastRCNN(backbone=backbone or build_backbone_from(cfg), roi_op=cfg.model.roi_op,
+                    bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale,
+                    test_max_size=cfg.test.max_size, **_detector_kwargs(cfg, class_names, category_ids))
+
+
+def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: list[int] | None = None, *,
+               backbone: Backbone | None = None) -> RCNN:
+    """An ``RCNN`` from a config and its trained SVM / regressor tensors ``extra`` (see
+    ``detect.training.rcnn_train``). Without ``backbone`` it starts random (weights "none"):
+    load the trained state dict next."""
+    backbone = backbone or build_backbone_from(cfg, weights="none")
+    return RCNN(backbone=backbone, crop_size=cfg.rcnn.crop_size or backbone.crop_size,
+                context_pad=cfg.rcnn.context_pad, svm_weight=extra["svm_weight"], svm_bias=extra["svm_bias"],
+                feat_scale=float(extra["feat_scale"]), bbox_weight=extra["bbox_weight"],
+                bbox_bias=extra["bbox_bias"], bbox_target_mean=extra["bbox_target_mean"],
+                bbox_target_std=extra["bbox_target_std"], test_chunk=cfg.rcnn.test_chunk,
+                **_detector_kwargs(cfg, class_names, category_ids))
+
+
+def build_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
+    """Rebuild a trained detector from a detector checkpoint dict (``load_checkpoint``).
+
+    The config inside gives the architecture (built with weights "none", then the state dict
+    is loaded strictly); a Fast R-CNN config with ``test.svd`` gets truncated SVD after loading.
+    """
+    kind = ckpt.get("kind")
+    cfg = from_dict(ckpt["config"], f"{source} (config)")
+    class_names, category_ids = list(ckpt["class_names"]), ckpt.get("category_ids")  # None: 1..K
+    if kind == "fast_rcnn":
+        model = build_fast_rcnn(cfg, class_names, category_ids,
+                                backbone=build_backbone_from(cfg, weights="none"))
+        model.load_state_dict(ckpt["model"])
+        if cfg.test.svd:
+            model.apply_svd(cfg.test.svd_fc6, cfg.test.svd_fc7)
+    elif kind == "rcnn":
+        model = build_rcnn(cfg, class_names, ckpt["extra"], category_ids)
+        model.load_state_dict(ckpt["model"])
+    else:
+        raise ValueError(f"{source}: unknown detector kind {kind!r} (expected fast_rcnn or rcnn)")
+    return model.eval()
+
+
+def load_detector(checkpoint: str | Path, device: str | torch.device | None = None) -> Detector:
+    """Rebuild the detector saved in ``checkpoint`` (either kind), in eval mode on ``device``
+    ('' or None: the GPU when there is one)."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("format") != DETECTOR_FORMAT:
+        raise ValueError(f"{checkpoint}: a training-state checkpoint, not a trained detector "
+                         "(use the run's model_final.pt)")
+    try:
+        detector = build_from_checkpoint(ckpt, str(checkpoint))
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"{checkpoint}: does not match a {ckpt.get('kind')} model "
+                         f"({str(e).splitlines()[0]})") from None
+    device = resolve_device(str(device) if device is not None else "")
+    return detector.to(device).eval()

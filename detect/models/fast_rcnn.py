@@ -1,0 +1,225 @@
+"""Fast R-CNN ([FRCN] Girshick 2015): one conv feature map per image, RoI pooling, two siblings.
+
+Shape shorthand used in this file:
+    N: number of images in the mini-batch
+    R: number of RoIs, summed over the images of the batch (or the proposals of one test image)
+    P: number of proposals of one image;  G: number of ground-truth boxes of one image
+    K: number of object classes (background is class 0 and is not counted in K)
+    C, S: channels of the feature map; RoI pooled size (S x S)
+    D: width of the head's output feature (head_dim)
+
+Naming: ``proposal_boxes`` and ``gt_boxes`` are xyxy float pixels of the ORIGINAL image;
+``rois`` [R, 5] are (batch index, x1, y1, x2, y2) in pixels of the RESIZED image the network
+sees; ``box_deltas`` from the network are normalised by ``bbox_std`` ([FRCN]'s
+BBOX_NORMALIZE_STDS), ``deltas`` in ``ProposalScores`` are not. Deltas are scale invariant
+(tx = dx / w, tw = log(w' / w)), so deltas predicted in the resized image apply unchanged to
+boxes of the original image, even when the two axes are scaled by slightly different factors.
+
+Training (sampling, loss, mini-batches) is in ``detect.training.fast_rcnn_train``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align, roi_pool
+
+from detect.common.runtime import autocast
+from detect.models.backbones import Backbone, FcHead, normalize_pixels
+from detect.models.detector import Detector, ProposalScores, StageTimer
+
+__all__ = ["FastRCNN", "resize_scale", "prepare_image"]
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Image preparation (shared by training and test)
+# ----------------------------------------------------------------------------------------------
+
+
+def resize_scale(height: int, width: int, target_size: int, max_size: int) -> float:
+    """[FRCN] ``prep_im_for_blob``: the shorter side becomes ``target_size`` unless the longer
+    side would then exceed ``max_size``, in which case the longer side becomes ``max_size``."""
+    scale = target_size / min(height, width)
+    if round(scale * max(height, width)) > max_size:
+        scale = max_size / max(height, width)
+    return scale
+
+
+def prepare_image(image: Tensor, *, target_size: int, max_size: int,
+                  pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                  flip: bool = False) -> tuple[Tensor, tuple[float, float]]:
+    """uint8 RGB [H, W, 3] (on any device) -> normalised float [3, h, w] and (scale_x, scale_y).
+
+    Optionally mirrored left-right first; then resized bilinearly (as [FRCN]'s cv2.resize,
+    no anti-aliasing) by ``resize_scale``; then ``(x / 255 - mean) / std``. The returned
+    per-axis factors map original pixels to resized ones: x' = x * scale_x.
+    """
+    height, width = int(image.shape[0]), int(image.shape[1])
+    scale = resize_scale(height, width, target_size, max_size)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    x = image.permute(2, 0, 1).unsqueeze(0).float()  # [1, 3, H, W]
+    if flip:
+        x = x.flip(-1)
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return normalize_pixels(x[0], pixel_mean, pixel_std), (new_w / width, new_h / height)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class FastRCNN(Detector):
+    """Backbone body -> RoI pool (S x S, 1/stride) -> head -> cls_score [K+1], bbox_pred [4K].
+
+    Class-specific box regression, one (tx, ty, tw, th) per object class (no background row).
+    Test-time resizing: shorter side ``test_scale``, longer side <= ``test_max_size`` ([FRCN]
+    600 / 1000). ``detector_kwargs`` are ``Detector``'s (category ids, proposal settings, amp).
+    ``roi_chunk`` bounds the RoIs run through the head at once at test time (the
+    memory of conv heads grows with R x S x S).
+    """
+
+    kind = "fast_rcnn"
+
+    def __init__(self, *, backbone: Backbone, class_names: list[str], roi_op: str = "roi_pool",
+                 bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
+                 test_max_size: int = 1000, score_thresh: float = 0.05, nms_thresh: float = 0.3,
+                 detections_per_image: int = 100, roi_chunk: int = 1024, **detector_kwargs):
+        super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                         detections_per_image=detections_per_image, **detector_kwargs)
+        if roi_op not in ("roi_pool", "roi_align"):
+            raise ValueError(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
+        if len(bbox_std) != 4 or any(s <= 0 for s in bbox_std):
+            raise ValueError(f"bbox_std must be 4 positive numbers, got {bbox_std!r}")
+        if test_scale <= 0 or test_max_size <= 0 or roi_chunk <= 0:
+            raise ValueError("test_scale, test_max_size and roi_chunk must be positive")
+        self.body = backbone.body
+        self.head = backbone.head
+        self.roi_op = roi_op
+        self.roi_size = backbone.roi_size
+        self.stride = backbone.stride
+        self.pixel_mean = tuple(backbone.pixel_mean)
+        self.pixel_std = tuple(backbone.pixel_std)
+        self.test_scale = test_scale
+        self.test_max_size = test_max_size
+        self.roi_chunk = roi_chunk
+        num_classes = len(self.class_names)
+        self.cls_score = nn.Linear(backbone.head_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(backbone.head_dim, 4 * num_classes)
+        # [FRCN]: Gaussian init, std 0.01 for the classifier and 0.001 for the box regressor.
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.register_buffer("bbox_std", torch.tensor(bbox_std, dtype=torch.float32), persistent=False)
+
+    def forward(self, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised images [N, 3, H, W] and rois [R, 5] (batch index, xyxy in those images'
+        pixels) -> (class_logits [R, K+1], box_deltas [R, K, 4] normalised by bbox_std)."""
+        features = self.body(images)  # [N, C, H/16, W/16]
+        return self.roi_heads(features, rois)
+
+    def roi_heads(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+        """Feature map [N, C, h, w], rois [R, 5] -> (class_logits [R, K+1], box_deltas [R, K, 4])."""
+        # RoI ops in float32 (as torchvision's autocast rule does): bf16 would round coordinates.
+        features, rois = features.float(), rois.float()
+        if self.roi_op == "roi_pool":  # [FRCN] max pooling into S x S bins
+            pooled = roi_pool(features, rois, self.roi_size, 1.0 / self.stride)  # [R, C, S, S]
+        else:
+            pooled = roi_align(features, rois, self.roi_size, 1.0 / self.stride,
+                               sampling_ratio=2, aligned=True)  # [R, C, S, S]
+        x = self.head(pooled)  # [R, D]
+        # The two output layers in float32, outside autocast: bf16 logits would quantise the
+        # softmax scores into ties.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            class_logits = self.cls_score(x)  # [R, K+1]
+            box_deltas = self.bbox_pred(x).view(-1, self.num_classes, 4)  # [R, K, 4]
+        return class_logits, box_deltas
+
+    @torch.no_grad()
+    def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
+                        timer: StageTimer | None = None) -> ProposalScores:
+        """Softmax scores [R, K] and un-normalised deltas [R, K, 4] of each proposal.
+
+        ``image``: uint8 RGB [H, W, 3]; ``proposal_boxes``: [R, 4] xyxy original pixels. Call
+        ``.eval()`` first (dropout). Zero proposals give empty outputs without running the net.
+        """
+        timer = timer or StageTimer(self.device)
+        device = self.device
+        proposal_boxes = proposal_boxes.to(device=device, dtype=torch.float32).reshape(-1, 4)
+        num_props, num_classes = proposal_boxes.shape[0], self.num_classes
+        if num_props == 0:
+            return ProposalScores(proposal_boxes, torch.zeros((0, num_classes), device=device),
+                                  torch.zeros((0, num_classes, 4), device=device))
+        with timer("backbone"):
+            pixels = torch.tensor(image, dtype=torch.uint8, device=device)  # [H, W, 3], a copy
+            x, (scale_x, scale_y) = prepare_image(pixels, target_size=self.test_scale,
+                                                  max_size=self.test_max_size,
+                                                  pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
+            with autocast(device, self.amp):
+                features = self.body(x[None])  # [1, C, h, w]
+        with timer("roi_head"):
+            scale = torch.tensor([scale_x, scale_y, scale_x, scale_y], device=device)
+            rois = torch.cat([proposal_boxes.new_zeros((num_props, 1)), proposal_boxes * scale], dim=1)
+            logits, deltas = [], []
+            with autocast(device, self.amp):
+                for start in range(0, num_props, self.roi_chunk):
+                    chunk_logits, chunk_deltas = self.roi_heads(features, rois[start:start + self.roi_chunk])
+                    logits.append(chunk_logits.float())
+                    deltas.append(chunk_deltas.float())
+            scores = torch.softmax(torch.cat(logits), dim=1)[:, 1:]  # [R, K], background dropped
+            deltas = torch.cat(deltas) * self.bbox_std  # [R, K, 4], un-normalised
+        return ProposalScores(proposal_boxes, scores, deltas)
+
+    @torch.no_grad()
+    def apply_svd(self, fc6_rank: int = 1024, fc7_rank: int = 256) -> None:
+        """[FRCN] section 3.1: replace fc6 and fc7 by their truncated SVDs, in place.
+
+        A Linear W [out, in] becomes Linear(in, t, no bias) with weight Sigma_t V_t^T, then
+        Linear(t, out) with weight U_t and W's bias (see ``_svd_linear``). Ranks above
+        min(out, in) are clamped (then the result equals the original up to rounding). Only
+        heads with fc layers. VGG16's fc6 takes about a minute on a 2-core CPU.
+        """
+        if not isinstance(self.head, FcHead) or not isinstance(self.head.fc6, nn.Linear):
+            raise ValueError("truncated SVD needs a head with plain fc6/fc7 layers (vgg16, alexnet, or "
+                             "a conv backbone with model.head_dim > 0), applied once")
+        self.head.fc6 = _svd_linear(self.head.fc6, fc6_rank)
+        self.head.fc7 = _svd_linear(self.head.fc7, fc7_rank)
+
+
+def _svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
+    """Linear W [out, in] -> Sequential(Linear(in, t, no bias), Linear(t, out)) whose product is
+    W's rank-t truncated SVD, U_t Sigma_t V_t^T.
+
+    Computed from the eigenvectors of the smaller Gram matrix (W W^T or W^T W) in float64: for
+    VGG16's fc6 (4096 x 25088) that takes seconds where a full SVD takes minutes on a CPU. When
+    out <= in, the layers are Sigma_t V_t^T = U_t^T W and U_t, as [FRCN]; otherwise V_t^T and
+    W V_t = U_t Sigma_t. Neither divides by a singular value, and at full rank the product is W.
+    """
+    weight = layer.weight.detach().double()  # [out, in]
+    out_features, in_features = weight.shape
+    t = max(1, min(rank, out_features, in_features))
+    if out_features <= in_features:
+        _, u = torch.linalg.eigh(weight @ weight.T)  # eigenvalues ascending: [out, out]
+        u_t = u[:, -t:].flip(1)  # [out, t]
+        first_weight, second_weight = u_t.T @ weight, u_t  # [t, in], [out, t]
+    else:
+        _, v = torch.linalg.eigh(weight.T @ weight)  # [in, in]
+        v_t = v[:, -t:].flip(1)  # [in, t]
+        first_weight, second_weight = v_t.T, weight @ v_t  # [t, in], [out, t]
+    first = nn.Linear(in_features, t, bias=False)
+    second = nn.Linear(t, out_features, bias=layer.bias is not None)
+    first.weight.copy_(first_weight)
+    second.weight.copy_(second_weight)
+    if layer.bias is not None:
+        second.bias.copy_(layer.bias)
+    return nn.Sequential(first, second).to(layer.weight.device, layer.weight.dtype)
+
+

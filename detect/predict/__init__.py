@@ -1,0 +1,1 @@
+"""predict layer of detect (see detect/__init__.py for the layer order)."""

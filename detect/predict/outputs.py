@@ -1,0 +1,228 @@
+"""The outputs of ``detect predict``: the resume journal, the final files, the drawings.
+
+File formats are described in ``detect.predict.batch``. Every file is written atomically and
+output paths never leave ``output_dir`` (``safe_relative_name``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from detect.common.fileio import write_bytes_atomic, write_json_atomic
+from detect.common.palette import TAB10_RGB
+from detect.evaluation.coco import detections_to_coco
+from detect.models.detector import Detections
+
+try:
+    import fcntl  # POSIX: serialises the ranks' merges
+except ImportError:  # Windows: one process at a time anyway
+    fcntl = None
+
+
+_SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike, suffix: str = ".jpg") -> str:
+    """A relative output name for ``path`` that cannot leave the folder it is joined to.
+
+    The name is ``path`` relative to ``root`` (or just its file name when it is not under
+    ``root``) plus ``suffix``, so ``a/b.png`` -> ``a/b.png.jpg`` (keeping the extension keeps
+    ``b.png`` and ``b.jpg`` apart). Each part is reduced to ``[A-Za-z0-9._-]``, ``.``/``..``
+    and hidden names are prefixed with ``_``, long parts are cut; when anything changed, a
+    short hash of the full path is added so two different inputs never share a name.
+    """
+    path = os.path.abspath(path)
+    root = os.path.abspath(root)
+    try:
+        rel = os.path.relpath(path, root)
+    except ValueError:  # different drives (Windows)
+        rel = os.path.basename(path)
+    parts = [p for p in Path(rel).parts if p not in ("", os.sep)]
+    if not parts or parts[0] == "..":
+        parts = [os.path.basename(path) or "image"]
+    safe_parts = []
+    for part in parts:
+        safe = _SAFE_CHARS.sub("_", part)[:100]
+        if not safe or safe.startswith("."):
+            safe = "_" + safe
+        safe_parts.append(safe)
+    name = "/".join(safe_parts)
+    if safe_parts != parts:
+        digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"{name}-{digest}"
+    return name + suffix
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Journal and final outputs
+# ---------------------------------------------------------------------------------------------
+
+def read_journal(path: Path) -> tuple[list[dict], int]:
+    """Records of one journal, and the number of unreadable lines skipped (a torn last line
+    from a killed run is skipped silently and not counted)."""
+    records, bad = [], 0
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = len(lines) - 1  # the text after the final newline: empty, or a torn line
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not (isinstance(rec, dict) and isinstance(rec.get("file"), str)
+                    and ("error" in rec or isinstance(rec.get("detections"), list))):
+                raise ValueError("not a record")
+        except ValueError:
+            bad += i != last
+            continue
+        if i == last:  # complete JSON but no newline: the write was cut short, redo the image
+            continue
+        records.append(rec)
+    return records, bad
+
+
+def journal_paths(partial_dir: Path) -> list[Path]:
+    return sorted(partial_dir.glob("done*.jsonl"))
+
+
+def open_journal(path: Path):
+    """Open a journal for appending, first cutting off a torn last line (no final newline)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+def load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """All journals -> (file -> result record, file -> error reason, bad line count).
+
+    A file may have both (a retried failure that now works): the result wins."""
+    results: dict[str, dict] = {}
+    errors: dict[str, str] = {}
+    bad_total = 0
+    for path in journal_paths(partial_dir):
+        records, bad = read_journal(path)
+        bad_total += bad
+        for rec in records:
+            if "error" in rec:
+                errors[rec["file"]] = str(rec["error"])
+            else:
+                results[rec["file"]] = rec
+    return results, errors, bad_total
+
+
+def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_names: list[str],
+                  category_ids: list[int]) -> dict[str, int]:
+    """Rewrite detections.json, images.json, categories.json, detections.jsonl and errors.json
+    from every journal in ``output_dir/partial``, keeping only ``files`` (the sorted inputs;
+    image id = position + 1). Returns counts {"images", "errors", "detections"}."""
+    output_dir = Path(output_dir)
+    partial_dir = output_dir / "partial"
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    with open(partial_dir / "merge.lock", "a") as lock:
+        if fcntl is not None:  # ranks merging at once: the last one sees everything
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        results, errors, bad = load_results(partial_dir)
+        if bad:
+            print(f"detect predict: warning: skipped {bad} unreadable journal line(s) in "
+                  f"{partial_dir}", file=sys.stderr)
+        coco, images, lines, error_list = [], [], [], []
+        for index, file in enumerate(files):
+            image_id = index + 1
+            rec = results.get(file)
+            if rec is None:
+                if file in errors:
+                    error_list.append({"file": file, "reason": errors[file]})
+                continue
+            images.append({"id": image_id, "file_name": file, "width": rec["width"],
+                           "height": rec["height"]})
+            found = rec["detections"]
+            entries = detections_to_coco(image_id, [d["box"] for d in found], [d["score"] for d in found],
+                                         [int(d["label"]) for d in found], category_ids)
+            for entry in entries:
+                entry["bbox"] = [round(v, 3) for v in entry["bbox"]]
+            coco += entries
+            dets = [{"box": d["box"], "label": class_names[int(d["label"]) - 1], "score": d["score"]}
+                    for d in found]
+            lines.append(json.dumps({"image_id": image_id, "file": file, "width": rec["width"],
+                                     "height": rec["height"], "detections": dets}))
+        categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names)]
+        write_json_atomic(output_dir / "detections.json", coco, indent=None)
+        write_json_atomic(output_dir / "images.json", images, indent=None)
+        write_json_atomic(output_dir / "categories.json", categories)
+        write_bytes_atomic(output_dir / "detections.jsonl",
+                           "".join(line + "\n" for line in lines).encode("utf-8"))
+        write_json_atomic(output_dir / "errors.json", error_list)
+    return {"images": len(images), "errors": len(error_list), "detections": len(coco)}
+
+
+def journal_record(file: str, image: np.ndarray, dets: Detections, score_threshold: float) -> dict:
+    keep = dets.scores >= score_threshold
+    boxes = dets.boxes[keep].tolist()  # [D, 4] xyxy
+    scores = dets.scores[keep].tolist()
+    labels = dets.labels[keep].tolist()
+    return {"file": file, "width": int(image.shape[1]), "height": int(image.shape[0]),
+            "detections": [{"box": [round(float(v), 3) for v in box], "label": int(label),
+                            "score": round(float(score), 6)}
+                           for box, label, score in zip(boxes, labels, scores)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Visualisation
+# ---------------------------------------------------------------------------------------------
+
+# Tableau-10, as RGB: distinct, readable on photos; black or white text by the colour's luma.
+_PALETTE = TAB10_RGB
+
+
+def draw_detections(image: np.ndarray, record: dict, class_names: list[str]) -> np.ndarray:
+    """Draw a journal record's boxes (xyxy), labels and scores on a copy of ``image`` (uint8
+    RGB [H, W, 3]) -> uint8 RGB [H, W, 3]."""
+    canvas = np.ascontiguousarray(image.copy())
+    height, width = canvas.shape[:2]
+    thickness = max(1, round(min(height, width) / 300))
+    font_scale = max(0.35, min(height, width) / 900)
+    for det in record["detections"]:
+        label = int(det["label"])
+        color = _PALETTE[(label - 1) % len(_PALETTE)]
+        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
+        text = f"{class_names[label - 1]} {det['score']:.2f}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y1 + th + base + 2, height - 1)
+        cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw + 2, ty + base // 2), color, -1)
+        luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+        text_color = (0, 0, 0) if luma > 140 else (255, 255, 255)
+        cv2.putText(canvas, text, (x1 + 1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX,
+                    font_scale, text_color, 1, cv2.LINE_AA)
+    return canvas
+
+
+def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dict,
+                         class_names: list[str]) -> None:
+    path = vis_dir / name
+    if not _inside(path, vis_dir):  # safe_relative_name makes this impossible; keep it so
+        raise ValueError(f"refusing to write {path}: outside {vis_dir}")
+    canvas = draw_detections(image, record, class_names)
+    ok, buf = cv2.imencode(".jpg", canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise ValueError(f"could not encode the visualisation of {record['file']}")
+    write_bytes_atomic(path, buf.tobytes())
+
+

@@ -1,0 +1,234 @@
+"""Selective search over many images: a process pool, resumable chunks, shards, one store.
+
+``generate_proposals(items, out_dir, ...)`` writes a ``ProposalStore`` (format:
+``detect.proposals.store``). Work goes into ``<out>.partial/`` as chunks of ``chunk_size``
+images in input order (chunk k = items[k*256:(k+1)*256]), each file written atomically; a
+re-run skips finished chunks, and when all exist they are merged into the store (built in a
+scratch folder, then renamed). A killed and re-run job gives a store byte-identical to an
+uninterrupted one; so does a job split into shards (``shard=(i, N)`` computes chunks with
+k % N == i).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from detect import __version__
+from detect.common.fileio import atomic_path, check_settings, write_settings
+from detect.common.runtime import available_cores
+from detect.data.images import ImageReadError, read_image
+from detect.proposals.selective_search import SETTINGS_KEYS, check_proposal_settings, selective_search
+from detect.proposals.store import ProposalStore, dataset_fingerprint, write_store
+
+DEFAULT_CHUNK_SIZE = 256  # images per chunk file of a run in progress (DETECT_PROPOSAL_CHUNK)
+
+
+def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike, *, settings: dict,
+                       workers: int = 0, shard: tuple[int, int] | None = None, progress: bool = True,
+                       chunk_size: int = DEFAULT_CHUNK_SIZE, merge: bool = True) -> ProposalStore | None:
+    """Selective search on every ``(image_id, path)`` of ``items``; write the store ``out_dir``.
+
+    ``settings`` are ``selective_search``'s keyword arguments (``proposal_settings(cfg)``).
+    ``workers`` processes (0 = all available cores; 1 = in this process). An image that cannot
+    be read or proposed gets 0 boxes and is listed in ``meta.json`` "failures"; the run goes on
+    (delete the store to retry them). If every image fails, no store is written (ValueError).
+    With ``shard=(i, N)`` only chunks k with k % N == i are computed. When every chunk of the
+    run exists (and ``merge``), they are merged into the store and the partial folder removed;
+    returns the store, or None when chunks are still missing (other shards' work). If
+    ``out_dir`` already holds a store of the same images and settings, it is returned as is.
+    """
+    out = Path(out_dir)
+    settings = check_proposal_settings(settings)
+    items = [(int(image_id), str(path)) for image_id, path in items]
+    ids, counts = np.unique(np.array([i for i, _ in items], dtype=np.int64), return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"proposals for {out}: image ids listed twice: {ids[counts > 1][:5].tolist()}")
+    if chunk_size < 1:
+        raise ValueError(f"proposals: chunk_size must be >= 1, got {chunk_size}")
+    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"proposals: shard must be i/N with 0 <= i < N, got {shard[0]}/{shard[1]}")
+    meta = {**settings, "code_version": __version__, "opencv_version": cv2.__version__,
+            "dataset_fingerprint": dataset_fingerprint(items)}
+    if out.exists():
+        return _existing_store(out, meta, len(items))
+
+    partial = Path(f"{out}.partial")
+    _start_or_check_job(partial, {**meta, "num_images": len(items), "chunk_size": chunk_size})
+    num_chunks = math.ceil(len(items) / chunk_size)
+    mine = [k for k in range(num_chunks) if shard is None or k % shard[1] == shard[0]]
+    todo = [k for k in mine if not _chunk_path(partial, k).is_file()]
+    if todo and len(todo) < len(mine):
+        print(f"proposals: resuming {partial}: {len(mine) - len(todo)} of {len(mine)} chunks already done",
+              file=sys.stderr)
+    desc = "proposals" if shard is None else f"proposals {shard[0]}/{shard[1]}"
+    _compute_chunks(items, todo, partial, settings, workers=workers, chunk_size=chunk_size,
+                    progress=progress, desc=desc)
+
+    missing = sum(not _chunk_path(partial, k).is_file() for k in range(num_chunks))
+    if missing and merge:
+        print(f"proposals: this shard is done; {missing} of {num_chunks} chunks in {partial} are other "
+              f"shards' work. The last shard to finish merges them into {out} (or re-run without "
+              f"--shard once all shards are done).", file=sys.stderr)
+    if missing or not merge:
+        return None
+    return _merge_chunks(items, partial, out, meta, num_chunks=num_chunks, chunk_size=chunk_size)
+
+
+def _existing_store(out: Path, meta: dict, num_images: int) -> ProposalStore:
+    store = ProposalStore(out)
+    expected = {**{k: meta[k] for k in (*SETTINGS_KEYS, "dataset_fingerprint")}, "num_images": num_images}
+    differ = [k for k, v in expected.items() if store.meta.get(k) != v]
+    if differ:
+        shown = ", ".join(f"{k}: store {store.meta.get(k)!r}, asked {expected[k]!r}" for k in differ)
+        raise ValueError(f"{out}: a proposal store for other images or settings is already there ({shown}); "
+                         f"delete it or choose another output folder")
+    print(f"proposals: {out} is already complete ({len(store)} images)", file=sys.stderr)
+    return store
+
+
+def _start_or_check_job(partial: Path, job: dict) -> None:
+    """Record the run's settings in ``partial/job.json``, or check a resumed run matches them."""
+    hint = f"delete {partial} to start over, or re-run with the same inputs and settings"
+    if not check_settings(partial / "job.json", job, hint=hint):
+        write_settings(partial / "job.json", job)
+
+
+def _chunk_path(partial: Path, k: int) -> Path:
+    return partial / f"chunk_{k:06d}.npz"
+
+
+def _num_workers(workers: int, num_tasks: int) -> int:
+    return max(1, min(workers if workers > 0 else available_cores(), num_tasks))
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only compete
+
+
+def _propose_file(task: tuple[int, str, dict]) -> tuple[np.ndarray, str]:
+    """Worker task (image_id, path, settings) -> (boxes float32 [R, 4] xyxy, failure reason or "")."""
+    _, path, settings = task
+    try:
+        return selective_search(read_image(path), **settings), ""
+    except ImageReadError as e:
+        return np.zeros((0, 4), np.float32), e.reason
+    except Exception as e:  # noqa: BLE001 -- one bad image must not stop a 100k-image run
+        return np.zeros((0, 4), np.float32), f"{type(e).__name__}: {e}"
+
+
+def _compute_chunks(items: list[tuple[int, str]], todo: list[int], partial: Path, settings: dict, *,
+                    workers: int, chunk_size: int, progress: bool, desc: str) -> None:
+    """Propose the images of chunks ``todo`` and write one chunk file per chunk, in order."""
+    chunks = [items[k * chunk_size:(k + 1) * chunk_size] for k in todo]
+    tasks = [(image_id, path, settings) for chunk in chunks for image_id, path in chunk]
+    if not tasks:
+        return
+    num_workers = _num_workers(workers, len(tasks))
+    # In a log file (a batch job) the bar still shows, once every 30 s.
+    with tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+              mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+        if num_workers == 1:
+            _write_chunks(todo, chunks, map(_propose_file, tasks), partial, bar)
+            return
+        # spawn: workers start clean (no inherited OpenCV/torch thread state) on every OS. An
+        # executor rather than multiprocessing.Pool: if a worker dies (killed for memory, a crash
+        # inside OpenCV) it raises BrokenProcessPool where Pool.imap would wait forever.
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker)
+        try:
+            # Ordered results, one image per task: an image takes ~1 s, so the IPC is negligible
+            # and small tasks keep every worker busy to the end.
+            _write_chunks(todo, chunks, pool.map(_propose_file, tasks, chunksize=1), partial, bar)
+        except BrokenProcessPool:
+            raise ValueError(f"proposals: a worker process died (out of memory, or a crash inside "
+                             f"OpenCV); finished chunks are kept in {partial}. Re-run to resume, "
+                             f"with fewer --workers if memory is short") from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an error, drop the queued images
+
+
+def _write_chunks(todo: list[int], chunks: list[list[tuple[int, str]]],
+                  results: Iterator[tuple[np.ndarray, str]], partial: Path, bar: tqdm) -> None:
+    results = iter(results)
+    for k, chunk in zip(todo, chunks):
+        boxes_per_image, reasons = [], []
+        for _ in chunk:
+            boxes, reason = next(results)
+            boxes_per_image.append(boxes)
+            reasons.append(reason)
+            bar.update(1)
+        failed = np.array([i for i, r in enumerate(reasons) if r], dtype=np.int64)
+        with atomic_path(_chunk_path(partial, k)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, image_ids=np.array([i for i, _ in chunk], dtype=np.int64),  # [n]
+                     counts=np.array([len(b) for b in boxes_per_image], dtype=np.int64),  # [n]
+                     boxes=np.concatenate([np.zeros((0, 4), np.float32), *boxes_per_image]),  # [sum, 4]
+                     failed=failed,  # [f] positions in the chunk
+                     reasons=np.array([reasons[i] for i in failed], dtype=str))  # [f]
+
+
+def _read_chunk(partial: Path, k: int, chunk: list[tuple[int, str]],
+                with_boxes: bool = True) -> dict[str, np.ndarray]:
+    """Arrays of chunk file k, checked against the chunk's (image_id, path) list."""
+    path = _chunk_path(partial, k)
+    keys = ["image_ids", "counts", "failed", "reasons"] + (["boxes"] if with_boxes else [])
+    try:
+        with np.load(path, allow_pickle=False) as z:  # an npz reads only the arrays asked for
+            data = {key: z[key] for key in keys}
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable chunk ({e}); delete it and re-run to redo it") from None
+    if data["image_ids"].tolist() != [i for i, _ in chunk] or (
+            with_boxes and data["counts"].sum() != len(data["boxes"])):
+        raise ValueError(f"{path}: holds other images than chunk {k} of this run; delete {partial} and re-run")
+    return data
+
+
+def _merge_chunks(items: list[tuple[int, str]], partial: Path, out: Path, meta: dict, *,
+                  num_chunks: int, chunk_size: int) -> ProposalStore:
+    """Stream all chunk files, in order, into the store ``out``; remove ``partial``."""
+    def chunk_items(k: int) -> list[tuple[int, str]]:
+        return items[k * chunk_size:(k + 1) * chunk_size]
+
+    def boxes_stream() -> Iterable[np.ndarray]:
+        for k in range(num_chunks):
+            data = _read_chunk(partial, k, chunk_items(k))
+            yield from np.split(data["boxes"], np.cumsum(data["counts"])[:-1])
+
+    try:
+        failures = []
+        for k in range(num_chunks):
+            data = _read_chunk(partial, k, chunk_items(k), with_boxes=False)
+            for position, reason in zip(data["failed"].tolist(), data["reasons"].tolist()):
+                image_id, path = chunk_items(k)[position]
+                failures.append({"image_id": image_id, "file": path, "reason": reason})
+        if items and len(failures) == len(items):  # a wrong image folder, not bad images
+            shutil.rmtree(partial, ignore_errors=True)
+            first = failures[0]
+            raise ValueError(f"proposals: all {len(items)} images failed, e.g. {first['file']}: "
+                             f"{first['reason']}; check the image paths (--images); no store written")
+        write_store(out, image_ids=[i for i, _ in items], boxes_per_image=boxes_stream(),
+                    meta={**meta, "failures": failures}, files=[p for _, p in items], scratch_dir=partial)
+    except (FileExistsError, ValueError):
+        # Another shard finished at the same moment and merged first (and may have removed
+        # ``partial`` under us): its store is the same bytes.
+        if not (out / "meta.json").is_file():
+            raise
+        return _existing_store(out, meta, len(items))
+    shutil.rmtree(partial, ignore_errors=True)
+    store = ProposalStore(out)
+    if failures:
+        shown = "; ".join(f"id {f['image_id']} {f['file']}: {f['reason']}" for f in failures[:3])
+        print(f"proposals: {len(failures)} of {len(items)} images failed and have no proposals "
+              f"(listed in {out / 'meta.json'}): {shown}{' ...' if len(failures) > 3 else ''}", file=sys.stderr)
+    return store

@@ -1,0 +1,307 @@
+"""Fast R-CNN training ([FRCN] section 2.3): RoI sampling, the multi-task loss, mini-batches.
+
+Hierarchical sampling (``lib/roi_data_layer/minibatch.py``): N images per mini-batch, then
+R / N RoIs per image with 25% foreground; multi-task loss = log loss + lambda * smooth-L1 on
+the true class's deltas of foreground RoIs. ``train_fast_rcnn`` runs ``engine.train_loop``
+over a ``FastRCNN`` and a ``FastRCNNTrainData`` (a dataset's records and a proposal source).
+
+Shapes as in ``detect.models.fast_rcnn``: N images, R RoIs, P proposals and G gt boxes of one
+image, K object classes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detect.common.boxes import box_iou, encode_boxes, flip_boxes
+from detect.data.datasets import ImageRecord
+from detect.data.images import ImageReadError, read_image
+from detect.models.fast_rcnn import FastRCNN, prepare_image
+from detect.training.engine import train_loop
+
+def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *, num_rois: int = 64,
+                fg_fraction: float = 0.25, fg_iou: float = 0.5, bg_iou_low: float = 0.1,
+                bg_iou_high: float = 0.5, bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+                generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """[FRCN] ``_sample_rois``: up to ``num_rois`` RoIs of one image, ``fg_fraction`` foreground.
+
+    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; pass non-difficult gt
+    only), ``gt_classes`` [G] in 1..K. The ground-truth boxes join the candidates. Foreground:
+    IoU >= ``fg_iou`` with some gt box (label = its class); background: max IoU in
+    [``bg_iou_low``, ``bg_iou_high``) (label 0). As [FRCN], fewer foreground than the quota means
+    more background. Unlike [FRCN] (which drops such images), when the [low, high) band holds too
+    few candidates the background is topped up with IoU < ``bg_iou_low`` ones, so images without
+    gt still train the background class; with too few candidates in all, fewer RoIs come back
+    (zero when P = G = 0).
+
+    Returns ``roi_boxes`` [R, 4], ``labels`` [R] (foreground first) and ``box_targets`` [R, 4]:
+    deltas to the matched gt divided by ``bbox_std``, zeros for background.
+    """
+    device = proposal_boxes.device
+    boxes = torch.cat([gt_boxes.to(device, torch.float32), proposal_boxes.float()])  # [G + P, 4]
+    gt_boxes = gt_boxes.to(device, torch.float32)
+    gt_classes = gt_classes.to(device, torch.int64)
+    if gt_boxes.shape[0] > 0:
+        max_iou, matched_gt = box_iou(boxes, gt_boxes).max(dim=1)  # [G + P]
+    else:
+        max_iou = boxes.new_zeros(boxes.shape[0])
+        matched_gt = torch.zeros(boxes.shape[0], dtype=torch.int64, device=device)
+
+    def pick(candidates: Tensor, count: int) -> Tensor:
+        order = torch.randperm(candidates.numel(), generator=generator).to(device)
+        return candidates[order[:count]]
+
+    fg = pick(torch.nonzero(max_iou >= fg_iou).flatten(), int(round(fg_fraction * num_rois)))
+    num_bg = num_rois - fg.numel()
+    in_band = (max_iou >= bg_iou_low) & (max_iou < bg_iou_high)
+    bg = pick(torch.nonzero(in_band).flatten(), num_bg)
+    if bg.numel() < num_bg:
+        bg = torch.cat([bg, pick(torch.nonzero(max_iou < bg_iou_low).flatten(), num_bg - bg.numel())])
+    keep = torch.cat([fg, bg])  # [R]
+    roi_boxes = boxes[keep]  # [R, 4]
+    labels = torch.zeros(keep.numel(), dtype=torch.int64, device=device)  # [R]
+    box_targets = boxes.new_zeros((keep.numel(), 4))  # [R, 4]
+    if fg.numel() > 0:
+        labels[: fg.numel()] = gt_classes[matched_gt[fg]]
+        weights = tuple(1.0 / s for s in bbox_std)
+        box_targets[: fg.numel()] = encode_boxes(boxes[fg], gt_boxes[matched_gt[fg]], weights)
+    return roi_boxes, labels, box_targets
+
+
+def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box_targets: Tensor, *,
+                   bbox_loss_weight: float = 1.0) -> dict[str, Tensor]:
+    """[FRCN] eq. 1: log loss over all RoIs + lambda * smooth-L1 (beta = 1) on foreground RoIs.
+
+    ``class_logits`` [R, K+1], ``box_deltas`` [R, K, 4] and ``box_targets`` [R, 4] (both
+    normalised by bbox_std), ``labels`` [R] in 0..K. Only the true class's deltas of foreground
+    RoIs enter the box loss, which is summed and divided by R (as [FRCN]'s SmoothL1Loss layer
+    normalises by the batch). No foreground gives a box loss of exactly 0; R = 0 gives zero
+    losses that still carry gradients.
+    """
+    num_rois = class_logits.shape[0]
+    if num_rois == 0:
+        zero = class_logits.sum() * 0.0 + box_deltas.sum() * 0.0
+        return {"loss_cls": zero, "loss_box": zero.clone()}
+    loss_cls = F.cross_entropy(class_logits.float(), labels)
+    fg = torch.nonzero(labels > 0).flatten()  # [F]
+    fg_deltas = box_deltas[fg, labels[fg] - 1].float()  # [F, 4]
+    loss_box = F.smooth_l1_loss(fg_deltas, box_targets[fg].float(), beta=1.0, reduction="sum")
+    return {"loss_cls": loss_cls, "loss_box": loss_box * (bbox_loss_weight / num_rois)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training mini-batches ([FRCN] hierarchical sampling)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainBatch:
+    images: Tensor  # [N, 3, H, W] normalised, zero-padded on the right and bottom
+    rois: Tensor  # [R, 5] (batch index, x1, y1, x2, y2) in resized-image pixels
+    labels: Tensor  # [R] int64 in 0..K
+    box_targets: Tensor  # [R, 4] normalised by bbox_std (zeros for background)
+    image_ids: list[int]
+    skipped_files: list[str]  # unreadable images passed over while building this batch (reasons)
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A torch.Generator seeded from a tuple of integers (well mixed by numpy's SeedSequence)."""
+    state = np.random.SeedSequence([int(k) % 2**32 for k in keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Mask [B] of the boxes [B, 4] that are finite with positive width and height."""
+    ok = np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return ok
+
+
+class FastRCNNTrainData:
+    """Builds the mini-batch of any iteration deterministically from (seed, iteration).
+
+    Image order: per epoch a permutation of ``records`` drawn from a generator seeded with
+    (seed, epoch); the epochs are concatenated and global batch i takes the next
+    ``images_per_batch * world_size`` positions, of which rank r takes its own
+    ``images_per_batch``. Scale (from ``scales``), flip and RoI sampling of each image use a
+    generator seeded with (seed, iteration, global image slot), so a resumed run rebuilds
+    exactly the batches it would have seen, with no sampler state in the checkpoint.
+    An image that cannot be read is passed over for the next one in the sequence and named in
+    ``TrainBatch.skipped_files`` (the first time only); difficult and degenerate gt boxes are
+    left out ([FRCN] trains without VOC's difficult objects).
+    ``get_proposals(image_id)`` returns proposals [P, 4] xyxy in original-image pixels.
+    """
+
+    def __init__(self, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
+                 pixel_mean: Sequence[float], pixel_std: Sequence[float], images_per_batch: int = 2,
+                 rois_per_image: int = 64, scales: Sequence[int] = (600,), max_size: int = 1000,
+                 flip: bool = True, fg_fraction: float = 0.25, fg_iou: float = 0.5,
+                 bg_iou_low: float = 0.1, bg_iou_high: float = 0.5,
+                 bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if not records:
+            raise ValueError("no training images")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if images_per_batch <= 0 or rois_per_image <= 0 or not scales:
+            raise ValueError("images_per_batch and rois_per_image must be positive and scales non-empty")
+        self.records = list(records)
+        self.get_proposals = get_proposals
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+        self.images_per_batch, self.rois_per_image = images_per_batch, rois_per_image
+        self.scales, self.max_size, self.flip = list(scales), max_size, flip
+        self.sampling = dict(num_rois=rois_per_image, fg_fraction=fg_fraction, fg_iou=fg_iou,
+                             bg_iou_low=bg_iou_low, bg_iou_high=bg_iou_high, bbox_std=tuple(bbox_std))
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self._permutations: dict[int, np.ndarray] = {}
+        self._unreadable: set[str] = set()
+
+    def record_at(self, position: int) -> ImageRecord:
+        """The record at ``position`` of the concatenated per-epoch permutations."""
+        epoch, index = divmod(position, len(self.records))
+        perm = self._permutations.get(epoch)
+        if perm is None:
+            perm = torch.randperm(len(self.records), generator=_generator(self.seed, epoch)).numpy()
+            self._permutations = {epoch: perm}  # batches move forward: keep only the newest epoch
+        return self.records[int(perm[index])]
+
+    def _read(self, position: int, skipped: list[str]) -> tuple[ImageRecord, np.ndarray]:
+        for offset in range(len(self.records)):
+            record = self.record_at(position + offset)
+            if record.file_name in self._unreadable:
+                continue
+            try:
+                return record, read_image(record.file_name)
+            except ImageReadError as e:
+                self._unreadable.add(record.file_name)
+                skipped.append(str(e))
+        raise ValueError(f"none of the {len(self.records)} training images can be read "
+                           f"(e.g. {sorted(self._unreadable)[:3]})")
+
+    def batch(self, iteration: int) -> TrainBatch:
+        first = (iteration * self.world_size + self.rank) * self.images_per_batch
+        images, rois, labels, targets, image_ids, skipped = [], [], [], [], [], []
+        for slot in range(self.images_per_batch):
+            record, image = self._read(first + slot, skipped)
+            generator = _generator(self.seed, iteration, self.rank * self.images_per_batch + slot)
+            flip = self.flip and bool(torch.rand((), generator=generator) < 0.5)
+            scale = self.scales[int(torch.randint(len(self.scales), (), generator=generator))]
+            x, (scale_x, scale_y) = prepare_image(torch.tensor(image), target_size=scale,
+                                                  max_size=self.max_size, pixel_mean=self.pixel_mean,
+                                                  pixel_std=self.pixel_std, flip=flip)
+            proposal_boxes = np.array(self.get_proposals(record.image_id), np.float32).reshape(-1, 4)
+            height, width = image.shape[:2]
+            proposal_boxes[:, 0::2] = proposal_boxes[:, 0::2].clip(0, width)
+            proposal_boxes[:, 1::2] = proposal_boxes[:, 1::2].clip(0, height)
+            proposal_boxes = proposal_boxes[_valid_boxes(proposal_boxes)]  # [P, 4], inside the image
+            gt_boxes = np.asarray(record.gt_boxes, np.float32).reshape(-1, 4)
+            keep = _valid_boxes(gt_boxes)
+            if len(record.gt_difficult) == len(gt_boxes):
+                keep &= ~np.asarray(record.gt_difficult, bool)
+            gt_boxes, gt_classes = gt_boxes[keep], np.asarray(record.gt_classes, np.int64)[keep]
+            if flip:
+                proposal_boxes, gt_boxes = flip_boxes(proposal_boxes, width), flip_boxes(gt_boxes, width)
+            roi_boxes, roi_labels, roi_targets = sample_rois(
+                torch.from_numpy(proposal_boxes), torch.from_numpy(gt_boxes), torch.from_numpy(gt_classes),
+                generator=generator, **self.sampling)
+            scaled = roi_boxes * torch.tensor([scale_x, scale_y, scale_x, scale_y])  # [R_i, 4]
+            rois.append(torch.cat([torch.full((len(scaled), 1), float(slot)), scaled], dim=1))
+            images.append(x)
+            labels.append(roi_labels)
+            targets.append(roi_targets)
+            image_ids.append(record.image_id)
+        height = max(x.shape[1] for x in images)
+        width = max(x.shape[2] for x in images)
+        batch_images = images[0].new_zeros((len(images), 3, height, width))  # [N, 3, H, W]
+        for i, x in enumerate(images):
+            batch_images[i, :, : x.shape[1], : x.shape[2]] = x
+        return TrainBatch(batch_images, torch.cat(rois), torch.cat(labels), torch.cat(targets),
+                          image_ids, skipped)
+
+
+class _Prefetcher:
+    """Builds the batches of the coming iterations in background threads, handed out in order.
+
+    Threads, not processes: image decoding and resizing release the GIL, and the proposal store
+    need not be picklable. Asking for an unexpected iteration (a resume) restarts from there.
+    """
+
+    def __init__(self, data: FastRCNNTrainData, *, num_workers: int, max_iter: int):
+        self.data, self.max_iter = data, max_iter
+        self.depth = 2 * num_workers
+        self.pool = ThreadPoolExecutor(num_workers, "frcn-data") if num_workers > 0 else None
+        self.pending: dict[int, Future] = {}
+
+    def get(self, iteration: int) -> TrainBatch:
+        if self.pool is None:
+            return self.data.batch(iteration)
+        for it in range(iteration, min(iteration + self.depth, self.max_iter)):
+            if it not in self.pending:
+                self.pending[it] = self.pool.submit(self.data.batch, it)
+        future = self.pending.pop(iteration, None) or self.pool.submit(self.data.batch, iteration)
+        for stale in [it for it in self.pending if it < iteration]:
+            self.pending.pop(stale).cancel()
+        return future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+
+def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD over the trainable parameters; [FRCN]: biases get 2x the lr and no weight decay.
+
+    The groups carry ``lr_scale`` (read by ``engine.train_loop`` when it sets the lr).
+    """
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
+    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": biases, "lr": 2 * lr, "weight_decay": 0.0, "lr_scale": 2.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum)
+
+
+def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | Path, *,
+                    optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float], max_iter: int,
+                    checkpoint_period: int, log_period: int = 20, amp: bool = True,
+                    bbox_loss_weight: float = 1.0, num_workers: int = 2,
+                    device: torch.device = torch.device("cpu"), resume: bool = False,
+                    eval_fn: Callable[[nn.Module, int], dict] | None = None, eval_period: int = 0) -> int:
+    """Train ``model`` in place on the mini-batches of ``data``; returns the number of
+    unreadable training images that were passed over (each is warned about once).
+
+    ``num_workers`` threads build the coming batches ahead of the loop; the rest are
+    ``engine.train_loop``'s arguments.
+    """
+    prefetcher = _Prefetcher(data, num_workers=num_workers, max_iter=max_iter)
+    skipped: list[str] = []
+
+    def step_fn(train_model: nn.Module, iteration: int) -> dict[str, Tensor]:
+        batch = prefetcher.get(iteration)
+        for reason in batch.skipped_files:
+            warnings.warn(f"skipping unreadable training image {reason}", stacklevel=2)
+        skipped.extend(batch.skipped_files)
+        class_logits, box_deltas = train_model(batch.images.to(device, non_blocking=True),
+                                               batch.rois.to(device))
+        return fast_rcnn_loss(class_logits, box_deltas, batch.labels.to(device),
+                              batch.box_targets.to(device), bbox_loss_weight=bbox_loss_weight)
+
+    try:
+        train_loop(model=model, step_fn=step_fn, optimizer=optimizer, lr_at=lr_at, max_iter=max_iter,
+                   output_dir=output_dir, checkpoint_period=checkpoint_period, log_period=log_period,
+                   amp=amp, device=device, resume=resume,
+                   checkpoint_extra={"class_names": model.class_names}, eval_fn=eval_fn,
+                   eval_period=eval_period, desc="train fast_rcnn")
+    finally:
+        prefetcher.close()
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable training images (listed in the warnings above)")
+    return len(skipped)

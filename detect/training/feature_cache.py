@@ -1,0 +1,238 @@
+"""R-CNN's feature cache: per-image rows (regions) and their fc7 / pool5 features on disk.
+
+numpy only (no torch at import): the SVM worker processes start fast and read the
+memory-mapped cache themselves. ``detect.training.rcnn_train`` computes the features.
+
+Shapes: R rows of one image (its ground-truth boxes, then its proposals), K object classes,
+D fc7 width (SVM features), D5 flattened pool5 width (box-regression features).
+
+Feature cache (one folder, written by ``detect.training.rcnn_train.extract_features``)::
+
+    meta.json                 {"format": "detect-rcnn-features", "version", "num_images",
+                               "images_per_shard", "num_shards", "fc7_dim", "pool5_dim",
+                               "num_classes", "bbox_min_iou", "image_ids"}
+    shard_00000/              images [0, images_per_shard) of the dataset, in dataset order
+        fc7.f16               raw little-endian float16 [rows, D], every row of every image
+        pool5.f16             raw float16 [P, D5], only rows with best IoU >= bbox_min_iou
+        index.npy             int64 [images, 3]: (image_id, first row, number of rows)
+        rows.npz              per-row arrays of ImageRows (below) + pool5_index [rows] int32
+                              (row of pool5.f16, -1 when the row has no pool5)
+        meta.json             counts and dims of this shard
+    done                      written last
+
+A shard folder is built under a temporary name and renamed into place, so a shard either exists
+whole or not at all; a resumed run skips existing shards. Ranks write disjoint shards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from detect.common.fileio import read_json, write_json_atomic
+
+FEATURE_FORMAT = "detect-rcnn-features"
+FEATURE_VERSION = 1
+_ROW_FIELDS = ("boxes", "gt_classes", "overlaps", "best_iou", "best_classes", "best_gt_boxes", "has_pool5")
+
+
+@dataclass
+class ImageRows:
+    """What R-CNN's later stages need to know about each row (region) of one image."""
+
+    image_id: int
+    boxes: np.ndarray  # [R, 4] float32 xyxy: the image's (non-difficult) gt boxes, then proposals
+    gt_classes: np.ndarray  # [R] int16: class 1..K of a ground-truth row, 0 for a proposal
+    overlaps: np.ndarray  # [R, K] float32: IoU with the closest gt box of each class (any gt)
+    best_iou: np.ndarray  # [R] float32: IoU with the best-overlapping non-difficult gt box
+    best_classes: np.ndarray  # [R] int16: that gt box's class (0 when the image has none)
+    best_gt_boxes: np.ndarray  # [R, 4] float32: that gt box (zeros when none)
+    has_pool5: np.ndarray  # [R] bool: best_iou >= bbox_min_iou, i.e. used by box regression
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+class FeatureSource(Protocol):
+    """Per-image rows and their features: the on-disk ``FeatureCache`` or a streaming source
+    that recomputes features with the network (``detect.training.rcnn_train.StreamingFeatures``)."""
+
+    num_images: int
+    fc7_dim: int  # D
+    pool5_dim: int  # D5
+
+    def rows(self, i: int) -> ImageRows: ...
+
+    def fc7(self, i: int, rows: np.ndarray) -> np.ndarray: ...  # [len(rows), D] float32
+
+    def pool5(self, i: int, rows: np.ndarray) -> np.ndarray: ...  # [len(rows), D5] float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature cache: writer and reader
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}"
+
+
+class ShardWriter:
+    """Appends images' rows and features to one shard; ``close()`` publishes it atomically."""
+
+    def __init__(self, cache_dir: str | os.PathLike, shard_index: int, *, fc7_dim: int, pool5_dim: int):
+        self.final = Path(cache_dir) / shard_name(shard_index)
+        for stale in Path(cache_dir).glob(f".{shard_name(shard_index)}.tmp*"):  # a killed run's
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = Path(cache_dir) / f".{shard_name(shard_index)}.tmp{os.getpid()}"
+        self.tmp.mkdir(parents=True)
+        self.fc7_dim, self.pool5_dim = fc7_dim, pool5_dim
+        self._fc7 = open(self.tmp / "fc7.f16", "wb")
+        self._pool5 = open(self.tmp / "pool5.f16", "wb")
+        self._index: list[tuple[int, int, int]] = []
+        self._rows: dict[str, list[np.ndarray]] = {k: [] for k in _ROW_FIELDS + ("pool5_index",)}
+        self._num_rows = self._num_pool5 = 0
+
+    def add(self, rows: ImageRows, fc7: np.ndarray, pool5: np.ndarray) -> None:
+        """``fc7`` [R, D] for every row; ``pool5`` [P, D5] for the rows with ``has_pool5``."""
+        n, p = len(rows), int(rows.has_pool5.sum())
+        if fc7.shape != (n, self.fc7_dim) or pool5.shape != (p, self.pool5_dim):
+            raise ValueError(f"image {rows.image_id}: fc7 {fc7.shape} / pool5 {pool5.shape} do not match "
+                             f"{n} rows ({p} with pool5) of dims {self.fc7_dim} / {self.pool5_dim}")
+        self._fc7.write(np.ascontiguousarray(fc7, dtype="<f2").tobytes())
+        self._pool5.write(np.ascontiguousarray(pool5, dtype="<f2").tobytes())
+        for k in _ROW_FIELDS:
+            self._rows[k].append(getattr(rows, k))
+        pool5_index = np.full(n, -1, np.int32)
+        pool5_index[rows.has_pool5] = self._num_pool5 + np.arange(p, dtype=np.int32)
+        self._rows["pool5_index"].append(pool5_index)
+        self._index.append((rows.image_id, self._num_rows, n))
+        self._num_rows += n
+        self._num_pool5 += p
+
+    def close(self) -> Path:
+        for f in (self._fc7, self._pool5):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        np.save(self.tmp / "index.npy", np.asarray(self._index, np.int64).reshape(-1, 3))
+        np.savez(self.tmp / "rows.npz", **{k: np.concatenate(v) if v else np.zeros(0) for k, v in self._rows.items()})
+        write_json_atomic(self.tmp / "meta.json", {
+            "num_images": len(self._index), "num_rows": self._num_rows, "num_pool5": self._num_pool5,
+            "fc7_dim": self.fc7_dim, "pool5_dim": self.pool5_dim})
+        os.replace(self.tmp, self.final)
+        return self.final
+
+
+class FeatureCache:
+    """Reads the cache folder described in the module docstring. Implements ``FeatureSource``.
+
+    Image ``i`` is the i-th image of the dataset the cache was made from. Features come back as
+    float32 copies of the memory-mapped rows asked for; only those rows are read from disk.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        meta = read_json(self.path / "meta.json")
+        if meta.get("format") != FEATURE_FORMAT:
+            raise ValueError(f"{self.path / 'meta.json'}: not an R-CNN feature cache (format {meta.get('format')!r})")
+        self.meta = meta
+        self.num_images = int(meta["num_images"])
+        self.images_per_shard = int(meta["images_per_shard"])
+        self.fc7_dim, self.pool5_dim = int(meta["fc7_dim"]), int(meta["pool5_dim"])
+        self.image_ids = [int(i) for i in meta["image_ids"]]
+        self._shard_index = -1
+        self._shard: dict = {}
+
+    def _open_shard(self, k: int) -> dict:
+        if k == self._shard_index:
+            return self._shard
+        folder = self.path / shard_name(k)
+        meta = read_json(folder / "meta.json")
+        shard = {"index": np.load(folder / "index.npy", allow_pickle=False)}
+        with np.load(folder / "rows.npz", allow_pickle=False) as z:
+            shard.update({name: z[name] for name in z.files})
+        for name, rows, dim in (("fc7", meta["num_rows"], self.fc7_dim), ("pool5", meta["num_pool5"], self.pool5_dim)):
+            file = folder / f"{name}.f16"
+            expected = rows * dim * 2
+            if not file.is_file() or file.stat().st_size != expected:
+                size = file.stat().st_size if file.is_file() else "missing"
+                raise ValueError(f"{file}: expected {expected} bytes ({rows} rows x {dim} float16), found {size}")
+            shard[name] = (np.memmap(file, dtype="<f2", mode="r", shape=(rows, dim)) if rows
+                           else np.zeros((0, dim), np.float16))
+        self._shard_index, self._shard = k, shard
+        return shard
+
+    def _locate(self, i: int) -> tuple[dict, int, int]:
+        if not 0 <= i < self.num_images:
+            raise IndexError(f"{self.path}: image index {i} out of range [0, {self.num_images})")
+        shard = self._open_shard(i // self.images_per_shard)
+        _, start, count = shard["index"][i % self.images_per_shard]
+        return shard, int(start), int(count)
+
+    def rows(self, i: int) -> ImageRows:
+        shard, start, count = self._locate(i)
+        sl = slice(start, start + count)
+        return ImageRows(image_id=int(shard["index"][i % self.images_per_shard, 0]),
+                         **{k: shard[k][sl] for k in _ROW_FIELDS})
+
+    def fc7(self, i: int, rows: np.ndarray) -> np.ndarray:
+        shard, start, _ = self._locate(i)
+        return np.asarray(shard["fc7"][start + np.asarray(rows, np.int64)], np.float32)
+
+    def pool5(self, i: int, rows: np.ndarray) -> np.ndarray:
+        shard, start, _ = self._locate(i)
+        where = shard["pool5_index"][start + np.asarray(rows, np.int64)]
+        if (where < 0).any():
+            raise ValueError(f"{self.path}: image {i}: pool5 was cached only for rows with IoU >= "
+                             f"{self.meta['bbox_min_iou']}")
+        return np.asarray(shard["pool5"][where], np.float32)
+
+
+def feature_cache_bytes(cache_dir: str | Path) -> dict:
+    """Bytes on disk of a feature cache, in total and per image (fc7, pool5, row metadata)."""
+    cache = FeatureCache(cache_dir)
+    parts = {"fc7": 0, "pool5": 0, "rows": 0}
+    for shard in sorted(Path(cache_dir).glob("shard_*")):
+        for f in shard.iterdir():
+            key = "fc7" if f.name == "fc7.f16" else "pool5" if f.name == "pool5.f16" else "rows"
+            parts[key] += f.stat().st_size
+    total = sum(parts.values())
+    n = max(cache.num_images, 1)
+    return {"total": total, "per_image": total / n, **{f"{k}_per_image": v / n for k, v in parts.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature scaling ([RCNN] rcnn_feature_stats.m / rcnn_scale_features.m)
+# ----------------------------------------------------------------------------------------------
+
+
+def mean_feature_norm(source: FeatureSource, layer: str, *, max_images: int = 200,
+                      rows_per_image: int = 200, seed: int = 0) -> float:
+    """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over a seeded sample of rows.
+
+    [RCNN] sampled 200 boxes from each of 200 random training images; features are then scaled
+    by ``20 / mean_norm``. pool5 is sampled among the rows that have pool5 (IoU >= 0.6).
+    """
+    rng = np.random.default_rng(seed)
+    images = rng.permutation(source.num_images)[:max_images]
+    norms = []
+    for i in sorted(images.tolist()):
+        rows = source.rows(i)
+        pool = np.arange(len(rows)) if layer == "fc7" else np.flatnonzero(rows.has_pool5)
+        if pool.size == 0:
+            continue
+        pick = np.sort(rng.permutation(pool)[:rows_per_image])
+        feats = source.fc7(i, pick) if layer == "fc7" else source.pool5(i, pick)
+        norms.append(np.linalg.norm(feats.astype(np.float64), axis=1))
+    if not norms:
+        raise ValueError(f"no {layer} features to measure (no proposals or ground truth in the training set?)")
+    mean = float(np.concatenate(norms).mean())
+    if not mean > 0:
+        raise ValueError(f"{layer} features are all zero: the network gives no signal")
+    return mean
