@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="proposal store folder (format: detect/proposals/store.py); work in progress is kept "
                         "in OUT.partial/, re-run the same command to resume")
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "FILE"), default=None,
+                   help="also write the store as FILE for FORMAT detectron2 (PROPOSAL_FILES_*) or mmdet "
+                        "(proposal_file): precomputed-proposal pickles those frameworks read")
     p.add_argument("--shard", default="",
                    help="i/N: compute only chunks k with k %% N == i (job arrays); the last shard to finish "
                         "merges. Under torchrun the rank and world size are used automatically")

@@ -34,6 +34,8 @@ from detect.evaluation.run import evaluate_detector, print_metrics
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals
+from detect.proposals.export import FORMATS as EXPORT_FORMATS
+from detect.proposals.export import export_proposals
 from detect.proposals.store import ProposalStore
 from detect.report.sections import make_report
 from detect.training.engine import step_lr
@@ -86,6 +88,8 @@ def propose(args: argparse.Namespace) -> int:
     """
     cfg = load_config(args.config, args.overrides)
     settings = to_dict(cfg.proposals)
+    if args.export and args.export[0] not in EXPORT_FORMATS:  # before hours of work, not after
+        raise ValueError(f"--export: format must be one of {list(EXPORT_FORMATS)}, got {args.export[0]!r}")
     if args.input and args.data:
         raise ValueError("give either --data (a dataset) or --input (image files), not both")
     if args.input:
@@ -119,6 +123,9 @@ def propose(args: argparse.Namespace) -> int:
     num_boxes = store.meta["num_boxes"]
     print(f"{store.path}: {len(store)} images, {num_boxes} proposals "
           f"({num_boxes / max(len(store), 1):.0f} per image), {len(store.meta['failures'])} failed")
+    if args.export:
+        fmt, path = args.export
+        print(f"wrote {path}: {export_proposals(store, fmt, path)} images as {fmt} precomputed proposals")
     return 0
 
 

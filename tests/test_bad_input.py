@@ -392,8 +392,10 @@ CASES = [
          ("1 of 2 images failed", "empty.jpg", "empty file (0 bytes)")),
     Case("image_1x1", lambda t, s: _propose_images(t, s, "dot.png", _png_bytes(np.zeros((1, 1, 3), np.uint8))), "ok",
          ("2 images", "0 failed"), lambda t: _store_counts(t)["dot.png"] == 0),
+    # At 500 px wide the strip is 1 px tall: no box reaches min_size in the resized image, where
+    # [RCNN]'s FilterBoxesWidth measures it. Proposed without failing, with 0 boxes.
     Case("image_20000x8", lambda t, s: _propose_images(t, s, "wide.png", _wide_png, resize=500), "ok", ("0 failed",),
-         lambda t: _store_counts(t)["wide.png"] > 0),
+         lambda t: _store_counts(t)["wide.png"] == 0),
     Case("image_16_bit", lambda t, s: _propose_images(t, s, "deep.png", _gray16_png), "ok", ("0 failed",),
          lambda t: _store_counts(t)["deep.png"] > 0),
     Case("predict_on_odd_images", _predict_odd_images, "ok", ("4 image(s)", "0 error(s)"),

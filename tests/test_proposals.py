@@ -26,7 +26,7 @@ from detect.proposals.selective_search import SETTINGS_KEYS, selective_search
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for the batch tests: no resize, tiny min_size.
-FAST = {"mode": "fast", "resize": 0, "resize_side": "width", "min_size": 4, "top_k": 0}
+FAST = {"engine": "ours", "mode": "fast", "resize": 0, "resize_side": "width", "min_size": 4, "top_k": 0, "seed": 0}
 
 
 def _scene(rng: np.random.Generator, height: int = 60, width: int = 80) -> np.ndarray:
@@ -69,7 +69,9 @@ def test_selective_search_boxes_are_valid_ranked_and_deterministic():
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 90).all()
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (widths >= 10).all() and (heights >= 10).all()  # min_size in original pixels
+    scale = 200 / 120  # original -> resized pixels: min_size applies in the resized image
+    assert (widths * scale >= 10 - 1e-3).all() and (heights * scale >= 10 - 1e-3).all()
+    assert (np.minimum(widths, heights) < 10).any()  # so a box under 10 original pixels may stay
     assert len(np.unique(boxes, axis=0)) == len(boxes)
     # OpenCV ranks with C rand(): without re-seeding, a second call in the same process (after
     # another image advanced the generator) would come back in another order.
@@ -86,20 +88,21 @@ def test_selective_search_boxes_are_in_original_pixels():
     image = _scene(np.random.default_rng(2), 50, 70)
     big = image.repeat(2, axis=0).repeat(2, axis=1)  # [100, 140, 3]
     small_boxes = selective_search(image, resize=0, min_size=5, top_k=0)
-    big_boxes = selective_search(big, resize=70, resize_side="width", min_size=10, top_k=0)
+    big_boxes = selective_search(big, resize=70, resize_side="width", min_size=5, top_k=0)
     assert len(small_boxes) > 10
     np.testing.assert_allclose(big_boxes, small_boxes * 2, atol=1e-4)
     # "longer" / "shorter" pick the side that is resized; the boxes stay in original pixels.
     tall = np.ascontiguousarray(big.transpose(1, 0, 2))  # [140, 100, 3]
-    np.testing.assert_allclose(selective_search(tall, resize=70, resize_side="longer", min_size=10, top_k=0),
-                               small_boxes[:, [1, 0, 3, 2]] * 2, atol=1e-4)
-    np.testing.assert_allclose(selective_search(big, resize=50, resize_side="shorter", min_size=10, top_k=0),
+    tall_small = np.ascontiguousarray(image.transpose(1, 0, 2))  # [70, 50, 3]
+    np.testing.assert_allclose(selective_search(tall, resize=70, resize_side="longer", min_size=5, top_k=0),
+                               selective_search(tall_small, resize=0, min_size=5, top_k=0) * 2, atol=1e-4)
+    np.testing.assert_allclose(selective_search(big, resize=50, resize_side="shorter", min_size=5, top_k=0),
                                small_boxes * 2, atol=1e-4)
 
 
 def test_selective_search_tiny_and_bad_images():
     for shape in [(1, 1, 3), (5, 5, 3), (2, 300, 3)]:
-        boxes = selective_search(np.zeros(shape, np.uint8))
+        boxes = selective_search(np.zeros(shape, np.uint8), resize=0)
         assert boxes.shape == (0, 4) and boxes.dtype == np.float32  # all under min_size
         boxes = selective_search(np.zeros(shape, np.uint8), resize=40, min_size=0)
         np.testing.assert_array_equal(boxes, [[0, 0, shape[1], shape[0]]])  # the whole image
@@ -134,7 +137,8 @@ def test_image_kinds_through_read_image(tmp_path):
 def test_proposal_settings_follow_config():
     cfg = ProposalConfig(mode="quality", resize=300, resize_side="longer", min_size=8, top_k=50)
     settings = to_dict(cfg)
-    assert settings == {"mode": "quality", "resize": 300, "resize_side": "longer", "min_size": 8, "top_k": 50}
+    assert settings == {"engine": "ours", "mode": "quality", "resize": 300, "resize_side": "longer", "min_size": 8,
+                        "top_k": 50, "seed": 0}
     assert tuple(settings) == SETTINGS_KEYS
     selective_search(np.zeros((8, 8, 3), np.uint8), **to_dict(ProposalConfig()))  # kwargs fit
 

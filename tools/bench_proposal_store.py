@@ -10,8 +10,8 @@ about ``--boxes-per-image`` boxes (written with ``write_store``; 100k x 2000 = 3
 folder, deleted afterwards) and read the proposals of random images, with the file evicted from
 the page cache first (posix_fadvise DONTNEED) so the first reads come from disk.
 
-    python tools/bench_proposals.py                      # 16 synthetic images (detect.synthetic)
-    python tools/bench_proposals.py --images DIR --store-images 10000
+    python tools/bench_proposal_store.py                      # 16 synthetic images (detect.synthetic)
+    python tools/bench_proposal_store.py --images DIR --store-images 10000
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from detect.proposals.store import BOXES_FILE, ProposalStore, write_store
 from detect.data.images import find_images
 from detect.proposals.batch import generate_proposals
 
-SETTINGS = {"mode": "fast", "resize": 500, "resize_side": "width", "min_size": 20, "top_k": 2000}
+SETTINGS = {"engine": "ours", "mode": "fast", "resize": 500, "resize_side": "width", "min_size": 20, "top_k": 2000,
+            "seed": 0}
 
 
 def synthetic_images(folder: Path, count: int) -> list[Path]:

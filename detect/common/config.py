@@ -59,18 +59,25 @@ class DataConfig:
 
 @dataclass
 class ProposalConfig:
-    # [RCNN] used selective search "fast" mode; [SS] also defines "quality"; "single" is
-    # OpenCV's single-strategy mode.
+    # "ours": our implementation of [SS] (detect.proposals.ss); "opencv": OpenCV's ximgproc
+    # machinery assembled with the paper's settings (not OpenCV's own "fast" switch, which uses
+    # k = 150, 300, 450 and min size 100). Both give the paper's modes.
+    engine: str = "ours"
+    # [RCNN] code selective_search_boxes.m runs [SS] "fast" mode: HSV + Lab, k = 50, 100,
+    # strategies C+T+S+F and T+S+F (8 hierarchies). "quality": [SS] section 5.2, 80 hierarchies.
+    # "single": HSV, k = 100, C+T+S+F.
     mode: str = "fast"
-    # [RCNN] resized each image to 500 px wide before selective search (0 = no resize).
+    # [RCNN] selective_search_boxes.m resized each image to 500 px wide (0 = no resize).
     resize: int = 500
     # Which side `resize` sets: "width" ([RCNN]), "longer" or "shorter".
     resize_side: str = "width"
-    # [RCNN] code dropped boxes with a side under 20 px (in original-image pixels).
+    # [RCNN] FilterBoxesWidth(boxes, 20): drop boxes with a side under 20 px of the RESIZED image.
     min_size: int = 20
     # Keep at most this many boxes per image, in selective search's ranking (0 = all).
     # [FRCN] tested with up to ~2k proposals per image.
     top_k: int = 2000
+    # Seed of [SS]'s pseudo-random ranking (position x uniform random), engine "ours".
+    seed: int = 0
 
 
 @dataclass
@@ -317,7 +324,9 @@ def validate(cfg: Config, source: str) -> None:
         ds = getattr(cfg.data, name)
         need(ds.format in ("coco", "voc"), f"data.{name}.format", f"must be coco or voc, got {ds.format!r}")
     p = cfg.proposals
+    need(p.engine in ("ours", "opencv"), "proposals.engine", f"must be ours or opencv, got {p.engine!r}")
     need(p.mode in ("fast", "quality", "single"), "proposals.mode", f"must be fast, quality or single, got {p.mode!r}")
+    need(p.seed >= 0, "proposals.seed", "must be >= 0")
     need(p.resize_side in ("width", "longer", "shorter"), "proposals.resize_side", f"must be width, longer or shorter, got {p.resize_side!r}")
     need(p.resize >= 0, "proposals.resize", "must be >= 0")
     need(p.min_size >= 0, "proposals.min_size", "must be >= 0")

@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from detect.common.fileio import check_settings, write_json_atomic, write_settings
+from detect.common.runtime import available_cores
 from detect.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, read_image
 from detect.models.detector import Detections, Detector, StageTimer
 from detect.predict.outputs import (journal_record, load_results, open_journal, safe_relative_name,
@@ -257,13 +258,19 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     next_todo = 0
     since_merge, last_merge = 0, time.perf_counter()
 
+    # One image to do: selective search runs its hierarchies on all cores (the same boxes), so
+    # a single photo waits less; with many images each worker process takes one image.
+    call_settings = dict(proposal_settings)
+    if propose_fn is selective_search and len(todo) == 1:
+        call_settings["threads"] = available_cores()
+
     def submit_more(pool: ProcessPoolExecutor) -> None:
         nonlocal next_todo
         while next_todo < len(todo) and len(pending) < window:
             i = todo[next_todo]
             pending.append((i, pool.submit(_load_and_propose, i, files[i],
                                            None if store is not None else propose_fn,
-                                           proposal_settings)))
+                                           call_settings)))
             next_todo += 1
 
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or None,

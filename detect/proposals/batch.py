@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import cv2
+import numba
 import numpy as np
 from tqdm import tqdm
 
@@ -60,6 +61,7 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"proposals: shard must be i/N with 0 <= i < N, got {shard[0]}/{shard[1]}")
     meta = {**settings, "code_version": __version__, "opencv_version": cv2.__version__,
+            "numba_version": numba.__version__,
             "dataset_fingerprint": dataset_fingerprint(items)}
     if out.exists():
         return _existing_store(out, meta, len(items))
@@ -118,14 +120,15 @@ def _init_worker() -> None:
 
 
 def _propose_file(task: tuple[int, str, dict]) -> tuple[np.ndarray, str]:
-    """Worker task (image_id, path, settings) -> (boxes float32 [R, 4] xyxy, failure reason or "")."""
+    """Worker task (image_id, path, settings) -> (boxes float32 [R, 4] xyxy, their ranking
+    values float32 [R], failure reason or "")."""
     _, path, settings = task
     try:
-        return selective_search(read_image(path), **settings), ""
+        return (*selective_search(read_image(path), **settings, return_scores=True), "")
     except ImageReadError as e:
-        return np.zeros((0, 4), np.float32), e.reason
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), e.reason
     except Exception as e:  # noqa: BLE001 -- one bad image must not stop a 100k-image run
-        return np.zeros((0, 4), np.float32), f"{type(e).__name__}: {e}"
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), f"{type(e).__name__}: {e}"
 
 
 def _compute_chunks(items: list[tuple[int, str]], todo: list[int], partial: Path, settings: dict, *,
@@ -163,10 +166,11 @@ def _write_chunks(todo: list[int], chunks: list[list[tuple[int, str]]],
                   results: Iterator[tuple[np.ndarray, str]], partial: Path, bar: tqdm) -> None:
     results = iter(results)
     for k, chunk in zip(todo, chunks):
-        boxes_per_image, reasons = [], []
+        boxes_per_image, scores_per_image, reasons = [], [], []
         for _ in chunk:
-            boxes, reason = next(results)
+            boxes, scores, reason = next(results)
             boxes_per_image.append(boxes)
+            scores_per_image.append(scores)
             reasons.append(reason)
             bar.update(1)
         failed = np.array([i for i, r in enumerate(reasons) if r], dtype=np.int64)
@@ -174,6 +178,7 @@ def _write_chunks(todo: list[int], chunks: list[list[tuple[int, str]]],
             np.savez(f, image_ids=np.array([i for i, _ in chunk], dtype=np.int64),  # [n]
                      counts=np.array([len(b) for b in boxes_per_image], dtype=np.int64),  # [n]
                      boxes=np.concatenate([np.zeros((0, 4), np.float32), *boxes_per_image]),  # [sum, 4]
+                     scores=np.concatenate([np.zeros(0, np.float32), *scores_per_image]),  # [sum]
                      failed=failed,  # [f] positions in the chunk
                      reasons=np.array([reasons[i] for i in failed], dtype=str))  # [f]
 
@@ -182,7 +187,7 @@ def _read_chunk(partial: Path, k: int, chunk: list[tuple[int, str]],
                 with_boxes: bool = True) -> dict[str, np.ndarray]:
     """Arrays of chunk file k, checked against the chunk's (image_id, path) list."""
     path = _chunk_path(partial, k)
-    keys = ["image_ids", "counts", "failed", "reasons"] + (["boxes"] if with_boxes else [])
+    keys = ["image_ids", "counts", "failed", "reasons"] + (["boxes", "scores"] if with_boxes else [])
     try:
         with np.load(path, allow_pickle=False) as z:  # an npz reads only the arrays asked for
             data = {key: z[key] for key in keys}
@@ -200,10 +205,11 @@ def _merge_chunks(items: list[tuple[int, str]], partial: Path, out: Path, meta: 
     def chunk_items(k: int) -> list[tuple[int, str]]:
         return items[k * chunk_size:(k + 1) * chunk_size]
 
-    def boxes_stream() -> Iterable[np.ndarray]:
+    def boxes_stream() -> Iterable[tuple[np.ndarray, np.ndarray]]:
         for k in range(num_chunks):
             data = _read_chunk(partial, k, chunk_items(k))
-            yield from np.split(data["boxes"], np.cumsum(data["counts"])[:-1])
+            splits = np.cumsum(data["counts"])[:-1]
+            yield from zip(np.split(data["boxes"], splits), np.split(data["scores"], splits))
 
     try:
         failures = []
@@ -217,7 +223,7 @@ def _merge_chunks(items: list[tuple[int, str]], partial: Path, out: Path, meta: 
             first = failures[0]
             raise ValueError(f"proposals: all {len(items)} images failed, e.g. {first['file']}: "
                              f"{first['reason']}; check the image paths (--images); no store written")
-        write_store(out, image_ids=[i for i, _ in items], boxes_per_image=boxes_stream(),
+        write_store(out, image_ids=[i for i, _ in items], boxes_per_image=boxes_stream(), with_scores=True,
                     meta={**meta, "failures": failures}, files=[p for _, p in items], scratch_dir=partial)
     except (FileExistsError, ValueError):
         # Another shard finished at the same moment and merged first (and may have removed

@@ -1,16 +1,26 @@
-"""Selective search on one image: OpenCV's implementation, deterministic, boxes in original pixels.
+"""Selective search on one image ([SS] Uijlings et al., IJCV 2013), boxes in original pixels.
 
-``selective_search(image, ...)``: OpenCV's selective search ([SS], ``cv2.ximgproc``) on one
-uint8 RGB image -> float32 [R, 4] xyxy boxes in original pixels, as [RCNN] used it: resize to
-500 px wide, "fast" mode, drop duplicates and boxes under 20 px a side. Its keyword arguments
-are the fields of ``detect.common.config.ProposalConfig`` (``SETTINGS_KEYS``).
+``selective_search(image, ...)``: uint8 RGB [H, W, 3] -> float32 [R, 4] xyxy boxes in pixels of
+``image`` (and, with ``return_scores``, their ranking values [R]: lower is ranked earlier), as
+[RCNN] used it: resize to 500 px wide, the paper's "fast" mode, drop duplicates and boxes with a
+side under 20 px of the RESIZED image (``selective_search_boxes.m`` calls ``FilterBoxesWidth``
+on the 500 px image), keep the first ``top_k``. Its keyword arguments are the fields of
+``detect.common.config.ProposalConfig`` (``SETTINGS_KEYS``) plus ``threads``.
 
-Determinism: OpenCV ranks regions with C ``rand()`` (``rank = rand() * level``), whose state
-is process-wide and advances with every call, so the same image proposed twice in one process
-comes back in two orders (and ``top_k`` keeps two different sets). ``selective_search`` seeds
-libc's generator (``srand(1)``, glibc's start-up seed) right before each run, under a lock, so
-the boxes depend only on the image and the settings. On a platform whose C library cannot be
-reached through ctypes (Windows), the order may vary between runs.
+Two engines, with the paper's settings in every mode (``MODES`` below):
+- ``"ours"`` (default): ``detect.proposals.ss``, our numba implementation of the paper's
+  algorithm; deterministic for a given ``seed`` at any number of threads or processes.
+- ``"opencv"``: OpenCV's ``cv2.ximgproc`` machinery assembled from its parts with the paper's
+  settings (``addImage`` / ``addGraphSegmentation`` / ``addStrategy``). OpenCV's own
+  ``switchToSelectiveSearchFast`` is NOT the paper's fast mode (k = 150, 300, 450, min size 100,
+  12 hierarchies) and ranks by ``rand() x level``, small fragments first; it is not used.
+  OpenCV ranks regions with libc's process-wide ``rand()``: we seed it (``srand(1)``) right
+  before each run, under a lock, so the order depends only on the image (not on Windows).
+
+Modes ([SS] section 5.2; rbgirshick/rcnn ``selective_search_boxes.m`` runs "fast"):
+- ``fast``: HSV and Lab; k = 50, 100 (min size = k, sigma 0.8); C+T+S+F and T+S+F: 8 hierarchies.
+- ``quality``: HSV, Lab, rgI, H, I; k = 50, 100, 150, 300; C+T+S+F, T+S+F, F, S: 80 hierarchies.
+- ``single``: HSV, k = 100, C+T+S+F.
 """
 
 from __future__ import annotations
@@ -21,75 +31,59 @@ import threading
 import cv2
 import numpy as np
 
-MODES = {  # our name -> OpenCV's switch
-    "fast": "switchToSelectiveSearchFast",  # [RCNN]: 2 colour spaces x 3 k's x 2 strategies
-    "quality": "switchToSelectiveSearchQuality",  # [SS] quality: 5 colour spaces x 5 k's x 4 strategies
-    "single": "switchToSingleStrategy",  # one colour space, one k, one strategy
-}
+from detect.proposals.ss.engine import MODES as OUR_MODES
+from detect.proposals.ss.engine import selective_search_boxes
+from detect.proposals.ss.features import colour_space
+
+ENGINES = ("ours", "opencv")
+MODES = tuple(OUR_MODES)  # fast, quality, single
 RESIZE_SIDES = ("width", "longer", "shorter")
-SETTINGS_KEYS = ("mode", "resize", "resize_side", "min_size", "top_k")  # = ProposalConfig fields
+SETTINGS_KEYS = ("engine", "mode", "resize", "resize_side", "min_size", "top_k", "seed")  # = ProposalConfig fields
 MAX_ELONGATION = 4  # the resized longer side is at most 4 x resize (extreme aspect ratios)
-RANK_SEED = 1  # srand() seed before each run; 1 is glibc's default, as in a fresh process
-
-try:
-    _srand = ctypes.CDLL(None).srand
-except (OSError, AttributeError, TypeError):  # no C library reachable this way (Windows)
-    _srand = None
-_rand_lock = threading.Lock()  # rand() is process-wide: one selective search at a time per process
 
 
-# ---------------------------------------------------------------------------------------------
-# One image
-# ---------------------------------------------------------------------------------------------
-
-def selective_search(image: np.ndarray, *, mode: str = "fast", resize: int = 500,
-                     resize_side: str = "width", min_size: int = 20, top_k: int = 2000) -> np.ndarray:
+def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
+                     resize_side: str = "width", min_size: int = 20, top_k: int = 2000, seed: int = 0,
+                     threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of one image: float32 [R, 4] xyxy in pixels of ``image``.
 
-    ``image`` is uint8 RGB [H, W, 3] (``detect.data.read_image``). It is resized so that
-    ``resize_side`` ("width", "longer" or "shorter") is ``resize`` pixels ([RCNN]: width 500;
-    0 = no resize), proposed on in ``mode`` ("fast" [RCNN], "quality" [SS] or "single"), and
-    the boxes are scaled back to the original pixels (the resized longer side is capped at
-    ``MAX_ELONGATION`` x ``resize``, which only matters beyond 4:1 aspect ratios). Exact
-    duplicates are dropped (the first one is kept, so selective search's ranking is preserved),
-    then boxes with a side under ``min_size`` original pixels ([RCNN] code: 20), then all but
-    the first ``top_k`` (0 = keep all). A tiny image may give no box at all: shape [0, 4].
-    Deterministic (see the module docstring).
+    ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). It is resized so
+    that ``resize_side`` ("width", "longer" or "shorter") is ``resize`` pixels ([RCNN]: width
+    500; 0 = no resize), proposed on by ``engine`` in ``mode``, and the boxes are scaled back
+    to the original pixels (the resized longer side is capped at ``MAX_ELONGATION`` x
+    ``resize``, which only matters beyond 4:1). Exact duplicates are dropped (the first is
+    kept, so the ranking is preserved), then boxes with a side under ``min_size`` pixels of
+    the resized image, then all but the first ``top_k`` (0 = keep all). ``threads`` runs the
+    hierarchies of this one image in parallel (our engine; same output). A tiny image may give
+    no box at all: shape [0, 4]. With ``return_scores``, also the boxes' ranking values
+    float32 [R] (ascending; OpenCV's engine: the rank position).
     """
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
             and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0):
         desc = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"selective_search needs a uint8 RGB image [H, W, 3], got {desc}")
     if mode not in MODES:
-        raise ValueError(f"selective_search: mode must be one of {sorted(MODES)}, got {mode!r}")
+        raise ValueError(f"selective_search: mode must be one of {list(MODES)}, got {mode!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"selective_search: engine must be one of {list(ENGINES)}, got {engine!r}")
     height, width = image.shape[:2]
-    if min(height, width) < min_size:  # every box would be dropped: skip the work
-        return np.zeros((0, 4), dtype=np.float32)
     small = _resize_for_proposals(image, resize, resize_side)  # [h, w, 3] RGB
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))  # OpenCV wants BGR
-    getattr(ss, MODES[mode])()
-    with _rand_lock:
-        if _srand is not None:
-            _srand(RANK_SEED)
-        rects = np.asarray(ss.process(), dtype=np.int64).reshape(-1, 4)  # [R, 4] (x, y, w, h) in `small`
-
-    _, first = np.unique(rects, axis=0, return_index=True)
-    rects = rects[np.sort(first)]  # [R, 4] duplicates dropped, ranking kept
-    scale_x = width / small.shape[1]
-    scale_y = height / small.shape[0]
-    boxes = np.empty(rects.shape, dtype=np.float64)  # [R, 4] xyxy original pixels
-    boxes[:, 0] = rects[:, 0] * scale_x
-    boxes[:, 1] = rects[:, 1] * scale_y
-    boxes[:, 2] = (rects[:, 0] + rects[:, 2]) * scale_x
-    boxes[:, 3] = (rects[:, 1] + rects[:, 3]) * scale_y
-    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
-    keep = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
-    boxes = boxes[keep]
+    if engine == "ours":
+        boxes, scores = selective_search_boxes(small, mode=mode, seed=seed, threads=threads)  # [R, 4], [R]
+    else:
+        boxes = opencv_selective_search(small, mode)
+        scores = np.arange(len(boxes), dtype=np.float32)
+    _, first = np.unique(boxes, axis=0, return_index=True)
+    keep = np.sort(first)  # duplicates dropped, ranking kept
+    boxes, scores = boxes[keep].astype(np.float64), scores[keep]
+    big_enough = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
+    boxes, scores = boxes[big_enough], scores[big_enough]  # [R, 4] in `small`, as FilterBoxesWidth
+    boxes[:, 0::2] = (boxes[:, 0::2] * (width / small.shape[1])).clip(0, width)
+    boxes[:, 1::2] = (boxes[:, 1::2] * (height / small.shape[0])).clip(0, height)
     if top_k > 0:
-        boxes = boxes[:top_k]
-    return boxes.astype(np.float32)  # [R, 4]
+        boxes, scores = boxes[:top_k], scores[:top_k]
+    boxes = boxes.astype(np.float32)  # [R, 4] xyxy original pixels
+    return (boxes, scores.astype(np.float32)) if return_scores else boxes
 
 
 def _resize_for_proposals(image: np.ndarray, resize: int, resize_side: str) -> np.ndarray:
@@ -122,13 +116,86 @@ def check_proposal_settings(settings: dict) -> dict:
     if unknown or missing:
         raise ValueError(f"proposal settings: unknown keys {unknown}, missing keys {missing} "
                          f"(expected {list(SETTINGS_KEYS)})")
-    if settings["mode"] not in MODES:
-        raise ValueError(f"proposal settings: mode must be one of {sorted(MODES)}, got {settings['mode']!r}")
-    if settings["resize_side"] not in RESIZE_SIDES:
-        raise ValueError(f"proposal settings: resize_side must be one of {RESIZE_SIDES}, "
-                         f"got {settings['resize_side']!r}")
-    for key in ("resize", "min_size", "top_k"):
+    for key, choices in (("engine", ENGINES), ("mode", MODES), ("resize_side", RESIZE_SIDES)):
+        if settings[key] not in choices:
+            raise ValueError(f"proposal settings: {key} must be one of {list(choices)}, got {settings[key]!r}")
+    for key in ("resize", "min_size", "top_k", "seed"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < 0:
             raise ValueError(f"proposal settings: {key} must be an integer >= 0, got {settings[key]!r}")
     return {key: settings[key] for key in SETTINGS_KEYS}
 
+
+# ---------------------------------------------------------------------------------------------
+# OpenCV's engine with the paper's settings
+# ---------------------------------------------------------------------------------------------
+
+PAPER_SETTINGS = {  # mode -> (colour spaces, ks, strategies)
+    "single": (("hsv",), (100,), ("CTSF",)),
+    "fast": (("hsv", "lab"), (50, 100), ("CTSF", "TSF")),
+    "quality": (("hsv", "lab", "rgi", "h", "i"), (50, 100, 150, 300), ("CTSF", "TSF", "F", "S")),
+}
+SIGMA = 0.8
+RANK_SEED = 1
+
+try:
+    _srand = ctypes.CDLL(None).srand
+except (OSError, AttributeError, TypeError):  # no C library reachable this way (Windows)
+    _srand = None
+_rand_lock = threading.Lock()
+
+
+def _strategy(name: str):
+    seg = cv2.ximgproc.segmentation
+    parts = {"C": seg.createSelectiveSearchSegmentationStrategyColor,
+             "T": seg.createSelectiveSearchSegmentationStrategyTexture,
+             "S": seg.createSelectiveSearchSegmentationStrategySize,
+             "F": seg.createSelectiveSearchSegmentationStrategyFill}
+    strategies = [parts[letter]() for letter in name]  # fresh objects: they hold state
+    if len(strategies) == 1:
+        return strategies[0]
+    return seg.createSelectiveSearchSegmentationStrategyMultiple(*strategies)
+
+
+def _opencv_image(image_rgb: np.ndarray, bgr: np.ndarray, name: str) -> np.ndarray:
+    if name == "hsv":
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    if name == "lab":
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2Lab)
+    return colour_space(image_rgb, name)[0]  # paper's rgI, H x 3, I x 3
+
+
+def opencv_selective_search(image: np.ndarray, mode: str = "fast") -> np.ndarray:
+    """OpenCV selective search with the paper's settings on a uint8 RGB [H, W, 3] image.
+
+    Returns float32 [R, 4] xyxy boxes (x2, y2 exclusive), in OpenCV's ranking order.
+    """
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0):
+        raise ValueError("opencv_selective_search needs a non-empty uint8 RGB image [H, W, 3]")
+    if mode not in PAPER_SETTINGS:
+        raise ValueError(f"mode must be one of {sorted(PAPER_SETTINGS)}, got {mode!r}")
+    colour_spaces, ks, strategies = PAPER_SETTINGS[mode]
+    seg = cv2.ximgproc.segmentation
+    image = np.ascontiguousarray(image)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ss = seg.createSelectiveSearchSegmentation()
+    ss.setBaseImage(bgr)
+    ss.clearImages()
+    ss.clearGraphSegmentations()
+    ss.clearStrategies()
+    for name in colour_spaces:
+        ss.addImage(_opencv_image(image, bgr, name))
+    for k in ks:
+        ss.addGraphSegmentation(seg.createGraphSegmentation(SIGMA, float(k), int(k)))
+    for name in strategies:
+        ss.addStrategy(_strategy(name))
+    with _rand_lock:
+        if _srand is not None:
+            _srand(RANK_SEED)
+        rects = np.asarray(ss.process(), dtype=np.int64).reshape(-1, 4)  # (x, y, w, h)
+    boxes = np.empty(rects.shape, np.float32)
+    boxes[:, 0] = rects[:, 0]
+    boxes[:, 1] = rects[:, 1]
+    boxes[:, 2] = rects[:, 0] + rects[:, 2]
+    boxes[:, 3] = rects[:, 1] + rects[:, 3]
+    return boxes

@@ -6,11 +6,13 @@ A store is a folder (written by ``detect propose``, read by training, evaluation
     STORE/boxes.f32   raw little-endian float32 [total_boxes, 4]: every image's boxes, xyxy
                       pixels of the original image (as the user sees it, after EXIF rotation),
                       image after image, each image's boxes in selective search's ranking.
+    STORE/scores.f32  optional, raw little-endian float32 [total_boxes]: each box's selective
+                      search ranking value (ascending: lower is ranked earlier), same order.
     STORE/index.npy   int64 [num_images, 3] rows (image_id, first_box_row, num_boxes), in the
                       input order (np.save; read with allow_pickle=False, mmap_mode="r").
                       Image i's boxes are boxes.f32 rows first_box_row .. first_box_row + num_boxes.
     STORE/meta.json   {"format": "detect-proposals", "version": 1,
-                       "mode", "resize", "resize_side", "min_size", "top_k": the selective
+                       "engine", "mode", "resize", "resize_side", "min_size", "top_k", "seed": the selective
                            search settings (detect.common.config.ProposalConfig),
                        "code_version": detect.__version__, "opencv_version",
                        "num_images", "num_boxes",
@@ -54,6 +56,7 @@ from detect.common.fileio import read_json
 FORMAT = "detect-proposals"
 VERSION = 1
 BOXES_FILE = "boxes.f32"
+SCORES_FILE = "scores.f32"
 INDEX_FILE = "index.npy"
 META_FILE = "meta.json"
 FILES_FILE = "files.json"
@@ -71,12 +74,13 @@ def dataset_fingerprint(items: Iterable[tuple[int, str]]) -> str:
 
 
 def write_store(path: str | os.PathLike, *, image_ids: list[int],
-                boxes_per_image: Iterable[np.ndarray], meta: dict[str, Any],
-                files: list[str] | None = None, scratch_dir: str | os.PathLike | None = None) -> Path:
+                boxes_per_image: Iterable, meta: dict[str, Any], files: list[str] | None = None,
+                scratch_dir: str | os.PathLike | None = None, with_scores: bool = False) -> Path:
     """Write a store at ``path`` atomically and return ``path``.
 
     ``boxes_per_image`` yields one float xyxy array [R_i, 4] per id of ``image_ids``, in that
-    order; it is consumed as a stream (a generator reading chunk files keeps memory flat).
+    order (with ``with_scores``: a pair (boxes [R_i, 4], ranking values [R_i]), written to
+    scores.f32); it is consumed as a stream (a generator reading chunk files keeps memory flat).
     ``meta`` holds the settings and provenance fields of the module docstring; ``format``,
     ``version``, ``num_images`` and ``num_boxes`` are filled in here. ``files`` (one path per
     image) becomes files.json. The store is built in a folder under ``scratch_dir`` (default:
@@ -94,17 +98,25 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
         index = np.zeros((len(image_ids), 3), dtype=np.int64)  # [N, 3]
         num_boxes = 0
         num_written = 0
-        with open(scratch / BOXES_FILE, "wb") as f:
-            for i, boxes in enumerate(boxes_per_image):
+        with open(scratch / BOXES_FILE, "wb") as f, open(scratch / SCORES_FILE, "wb") as g:
+            for i, item in enumerate(boxes_per_image):
                 if i >= len(image_ids):
                     raise ValueError(f"{path}: more box arrays than the {len(image_ids)} image ids")
+                boxes, scores = item if with_scores else (item, None)
                 boxes = np.ascontiguousarray(boxes, dtype=BOX_DTYPE).reshape(-1, 4)  # [R, 4]
                 f.write(boxes.tobytes())
+                if with_scores:
+                    scores = np.ascontiguousarray(scores, dtype=BOX_DTYPE).reshape(-1)  # [R]
+                    if len(scores) != len(boxes):
+                        raise ValueError(f"{path}: image {image_ids[i]}: {len(scores)} scores for {len(boxes)} boxes")
+                    g.write(scores.tobytes())
                 index[i] = (image_ids[i], num_boxes, len(boxes))
                 num_boxes += len(boxes)
                 num_written += 1
             f.flush()
             os.fsync(f.fileno())
+        if not with_scores:
+            (scratch / SCORES_FILE).unlink()
         if num_written != len(image_ids):
             raise ValueError(f"{path}: {num_written} box arrays for {len(image_ids)} image ids")
         with open(scratch / INDEX_FILE, "wb") as f:
@@ -204,6 +216,20 @@ class ProposalStore:
             raise KeyError(f"image id {image_id} is not in proposal store {self.path}")
         _, first, count = self._index[row]
         return np.array(self._boxes[first:first + count], dtype=np.float32)  # [R, 4]
+
+    def scores(self, image_id: int) -> np.ndarray | None:
+        """Ranking values of one image's proposals, float32 [R] (lower = ranked earlier), or None
+        for a store without scores.f32."""
+        path = self.path / SCORES_FILE
+        if not path.is_file():
+            return None
+        row = self._rows().get(int(image_id))
+        if row is None:
+            raise KeyError(f"image id {image_id} is not in proposal store {self.path}")
+        _, first, count = self._index[row]
+        with open(path, "rb") as f:
+            f.seek(int(first) * BOX_DTYPE.itemsize)
+            return np.frombuffer(f.read(int(count) * BOX_DTYPE.itemsize), dtype=BOX_DTYPE).astype(np.float32)
 
     def num_boxes(self, image_id: int) -> int:
         """Number of proposals of one image, without reading them."""

@@ -1,0 +1,52 @@
+"""Write a proposal store as the precomputed-proposal files detectron2 and mmdetection read.
+
+Users of those frameworks ask for selective search and find none (detectron2#2521,
+mmdetection#7300). Both read pickles, so these files are pickles; this package only writes
+them and never loads a pickle.
+
+- ``detectron2``: a dict ``{"ids": [image ids], "boxes": [float32 [R, 4] XYXY_ABS],
+  "objectness_logits": [float32 [R]], "bbox_mode": 0}`` (``BoxMode.XYXY_ABS``), the format of
+  ``detectron2.data.detection_utils.load_proposals_into_dataset`` (``DATASETS.PROPOSAL_FILES_*``).
+  Logits are higher-is-better: minus the ranking value.
+- ``mmdet``: a list, in store order, of float32 [R, 5] arrays (x1, y1, x2, y2, score), as
+  mmdetection's ``proposal_file`` holds; score = 1 / (1 + ranking value), in (0, 1].
+
+A store without ranking values (scores.f32, written by older versions) gets its rank position.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+from detect.common.fileio import write_bytes_atomic
+from detect.proposals.store import ProposalStore
+
+FORMATS = ("detectron2", "mmdet")
+
+
+def _ranking_values(store: ProposalStore, image_id: int, num_boxes: int) -> np.ndarray:
+    scores = store.scores(image_id)
+    return np.arange(num_boxes, dtype=np.float32) if scores is None else scores  # [R], ascending
+
+
+def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
+    """Write ``store`` as ``fmt`` ("detectron2" or "mmdet") to ``path``, atomically; returns the
+    number of images written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--export: format must be one of {list(FORMATS)}, got {fmt!r}")
+    ids, boxes, values = [], [], []
+    for image_id in store.image_ids:
+        image_boxes = store.get(image_id)  # [R, 4] xyxy
+        ids.append(int(image_id))
+        boxes.append(image_boxes)
+        values.append(_ranking_values(store, image_id, len(image_boxes)))
+    if fmt == "detectron2":
+        data = {"ids": ids, "boxes": boxes, "objectness_logits": [-v for v in values], "bbox_mode": 0}
+    else:
+        data = [np.concatenate([b, (1.0 / (1.0 + v))[:, None]], axis=1).astype(np.float32)
+                for b, v in zip(boxes, values)]
+    write_bytes_atomic(path, pickle.dumps(data, protocol=4))
+    return len(ids)

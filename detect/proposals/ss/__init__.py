@@ -1,0 +1,30 @@
+"""Fast, deterministic selective search (Uijlings et al., IJCV 2013) in numpy + numba.
+
+Public API: ``selective_search_boxes(image, *, mode="fast", seed=0, threads=1, timings=None,
+randomize=True) -> (boxes float32 [R, 4] xyxy, x2 / y2 exclusive, scores float32 [R])``,
+``warm_up()``, ``MODES`` (see ``engine``). ``detect.proposals.selective_search`` wraps it (resize,
+min size, top-k) beside OpenCV's implementation with the paper's settings.
+
+Modules: ``segmentation`` (Felzenszwalb-Huttenlocher), ``features`` (colour spaces,
+histograms, adjacency), ``grouping`` (greedy hierarchical grouping), ``ranking`` (the
+paper's pseudo-random ranking), ``engine`` (the pipeline).
+
+Where this differs from the original MATLAB code, and why:
+
+- edges are sorted with a stable radix sort (ties in generation order; std::sort left them
+  unspecified), so results are reproducible everywhere;
+- texture: first-order Gaussian derivatives (sigma 1, as the paper; the released code used
+  0.8 and, by a bug, only the first channel) steered to 8 orientations, positive parts,
+  10 bins over [0, 0.43) (the released code's range);
+- Lab is OpenCV's 8-bit conversion (D65) rather than MATLAB's ``applycform``; rgI's
+  ``Rgb2Rgi`` is unpublished: r = R/(R+G+B), g = G/(R+G+B) (1/3 for black), I = (R+G+B)/3;
+- H and I: the image to segment is the channel replicated 3 times (as the original); the
+  histograms use the single channel (identical similarities, a third of the work);
+- grouping keeps histograms in float32 and orders pairs by their similarity rounded to
+  float32 (ties: the pair found first); the ranking uses numpy's generator seeded with
+  (seed, hierarchy index) instead of MATLAB's ``rand``.
+"""
+
+from detect.proposals.ss.engine import MODES, selective_search_boxes, warm_up
+
+__all__ = ["MODES", "selective_search_boxes", "warm_up"]

@@ -1,0 +1,159 @@
+"""Selective search [SS] (Uijlings et al., IJCV 2013): public API.
+
+``selective_search_boxes(image, mode=..., seed=..., threads=..., timings=...)`` runs, for each
+colour space of the mode: the colour conversion, the smoothed 8-connected graph sorted once,
+the per-pixel colour / texture bins once; then for each k: Felzenszwalb-Huttenlocher
+segmentation (min_size = k), region features in one pass, and one greedy hierarchical
+grouping per similarity strategy. The boxes of all hierarchies are ranked as in the paper
+(see ``ranking``) and returned best first.
+
+Modes, as the paper defines them:
+
+=============  ====================  =================  ======================  ===========
+mode           colour spaces         k (= min_size)     strategies              hierarchies
+=============  ====================  =================  ======================  ===========
+``"single"``   HSV                   100                C+T+S+F                 1
+``"fast"``     HSV, Lab              50, 100            C+T+S+F, T+S+F          8
+``"quality"``  HSV, Lab, rgI, H, I   50, 100, 150, 300  C+T+S+F, T+S+F, F, S    80
+=============  ====================  =================  ======================  ===========
+
+Hierarchy index (seeds the ranking): ((k index) * n_colour_spaces + colour index) *
+n_strategies + strategy index, as the loops of the original demo (k outer, colour inner).
+
+The caller resizes the image beforehand ([RCNN]: 500 px wide); no resizing and no filtering
+of small boxes happens here. A 0 x 0 (empty) image raises ValueError.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from detect.proposals.ss.features import colour_space, pixel_bins, region_features
+from detect.proposals.ss.grouping import STRATEGIES, hierarchical_grouping
+from detect.proposals.ss.ranking import rank_boxes
+from detect.proposals.ss.segmentation import SIGMA, segment_graph, sorted_edges
+
+MODES = {  # mode -> (colour spaces, ks, strategies)
+    "single": (("hsv",), (100,), ("CTSF",)),
+    "fast": (("hsv", "lab"), (50, 100), ("CTSF", "TSF")),
+    "quality": (("hsv", "lab", "rgi", "h", "i"), (50, 100, 150, 300), ("CTSF", "TSF", "F", "S")),
+}
+STAGES = ("segmentation", "features", "grouping", "ranking")
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"selective search needs a numpy uint8 RGB image [H, W, 3], got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"selective search needs a uint8 RGB image [H, W, 3], got dtype {image.dtype} "
+                         "(convert it first, e.g. scale uint16 to 0..255 and cast)")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"selective search needs a uint8 RGB image [H, W, 3], got shape {list(image.shape)} "
+                         "(replicate a grayscale image to 3 channels first)")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"selective search needs a non-empty image, got shape {list(image.shape)}")
+    if image.shape[0] * image.shape[1] >= 2 ** 29:  # edge slots are int32 (4 per pixel)
+        raise ValueError(f"selective search: image too large ({image.shape[0]} x {image.shape[1]}), resize it first")
+
+
+def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str) -> tuple[dict, dict]:
+    """All hierarchies of one colour space: ({hierarchy index: (boxes int32 [T, 4] inclusive,
+    n_initial, include_initial)}, {stage: seconds})."""
+    colour_spaces, ks, strategies = MODES[mode]
+    height, width = image.shape[:2]
+    seconds = dict.fromkeys(STAGES, 0.0)
+    t0 = time.perf_counter()
+    seg_image, feat_image = colour_space(image, colour_spaces[colour_index])
+    order, sorted_weights = sorted_edges(seg_image, SIGMA)
+    t1 = time.perf_counter()
+    colour_bins, texture_bins = pixel_bins(feat_image)
+    t2 = time.perf_counter()
+    seconds["segmentation"] += t1 - t0
+    seconds["features"] += t2 - t1
+    out = {}
+    for k_index, k in enumerate(ks):
+        t0 = time.perf_counter()
+        labels, n_regions = segment_graph(order, sorted_weights, height, width, float(k), int(k))
+        t1 = time.perf_counter()
+        sizes, boxes, colour_hist, texture_hist, pairs = region_features(
+            labels, n_regions, colour_bins, texture_bins)
+        t2 = time.perf_counter()
+        seconds["segmentation"] += t1 - t0
+        seconds["features"] += t2 - t1
+        for s_index, strategy in enumerate(strategies):
+            index = (k_index * len(colour_spaces) + colour_index) * len(strategies) + s_index
+            if n_regions == 1:
+                out[index] = (boxes, 1, s_index == 0)
+                continue
+            t0 = time.perf_counter()
+            use = STRATEGIES[strategy]
+            all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
+                                              height * width, use[0], use[1], use[2], use[3])[0]
+            seconds["grouping"] += time.perf_counter() - t0
+            out[index] = (all_boxes, n_regions, s_index == 0)
+    return out, seconds
+
+
+def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int = 0,
+                           threads: int = 1, timings: dict | None = None,
+                           randomize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Selective-search boxes of one image, best first.
+
+    image: uint8 RGB [H, W, 3] (H, W >= 1; grayscale must be replicated to 3 channels, other
+    dtypes are rejected with ValueError). mode: "fast", "quality" or "single" (table in the
+    module docstring). seed: int >= 0 for the pseudo-random ranking. threads: the hierarchies
+    of the image are computed in a pool of this many threads (per colour space; the numba
+    kernels release the GIL); the result is byte-identical for any value. timings: if a
+    dict, receives seconds per stage ("segmentation", "features", "grouping", "ranking";
+    summed over threads) and "total" (wall). randomize=False sets the random factor to 1
+    (for tests: the whole-image box comes first).
+
+    Returns (boxes float32 [R, 4] xyxy in pixels of ``image``, x2 / y2 exclusive: the box of
+    pixels x0..x1, y0..y1 is (x0, y0, x1 + 1, y1 + 1); scores float32 [R], the ranking
+    values, ascending = best first). No duplicate boxes; a uniform image gives one box,
+    the whole image.
+    """
+    _check_image(image)
+    if mode not in MODES:
+        raise ValueError(f"selective search: mode must be one of {sorted(MODES)}, got {mode!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"selective search: seed must be an integer >= 0, got {seed!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"selective search: threads must be an integer >= 1, got {threads!r}")
+    start = time.perf_counter()
+    image = np.ascontiguousarray(image)
+    n_colours = len(MODES[mode][0])
+    if threads == 1 or n_colours == 1:
+        parts = [_colour_space_hierarchies(image, c, mode) for c in range(n_colours)]
+    else:
+        with ThreadPoolExecutor(max_workers=min(int(threads), n_colours)) as pool:
+            parts = list(pool.map(lambda c: _colour_space_hierarchies(image, c, mode), range(n_colours)))
+    hierarchies = {}
+    seconds = dict.fromkeys(STAGES, 0.0)
+    for out, part_seconds in parts:
+        hierarchies.update(out)
+        for stage in STAGES:
+            seconds[stage] += part_seconds[stage]
+    t0 = time.perf_counter()
+    boxes, values = rank_boxes([hierarchies[i] for i in sorted(hierarchies)], seed=int(seed),
+                               randomize=randomize)
+    result = boxes.astype(np.float32)
+    result[:, 2:] += 1.0  # inclusive -> exclusive
+    seconds["ranking"] += time.perf_counter() - t0
+    if timings is not None:
+        timings.update(seconds)
+        timings["total"] = time.perf_counter() - start
+    return result, values.astype(np.float32)
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's on-disk cache) every kernel on a tiny image; returns the
+    seconds it took."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    image = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 4, 0), 4, 1)
+    selective_search_boxes(image, mode="quality")
+    return time.perf_counter() - start

@@ -1,0 +1,266 @@
+"""Colour spaces, per-pixel histogram bins and per-region features for selective search.
+
+Colour spaces ([SS] ``Image2ColourSpace.m``; every result is uint8, i.e. ``im2uint8`` of a
+value in [0, 1]):
+
+- ``hsv``: MATLAB ``rgb2hsv`` (H in [0, 1) -> 0..255, S, V);
+- ``lab``: CIE L*a*b* 8-bit encoding (L * 255 / 100, a + 128, b + 128; OpenCV's conversion,
+  D65 white, where MATLAB's ``applycform`` used its ICC profile);
+- ``rgi``: normalised r = R / (R+G+B), g = G / (R+G+B) (1/3 for black) and I = (R+G+B) / 3;
+- ``h``: the hue channel of ``hsv``; ``i``: intensity, MATLAB ``rgb2gray``.
+
+``h`` and ``i`` are single channels: the original replicates them 3 times, which only
+matters to the segmentation (the colour distance is sqrt(3) times the channel's), so the
+image to segment is replicated while histograms are taken of the one channel (histogram
+intersections and size-weighted merges come out identical to those of the replicated image).
+
+Features of one colour space, computed ONCE (``pixel_bins``), reused for every k:
+
+- colour: 25 equal bins of the uint8 value per channel (bin = v * 25 // 256);
+- texture: Gaussian derivatives (sigma = 1) of each channel (scaled to [0, 1]) in 8
+  orientations 0, 45, ..., 315 degrees (steered from the x and y derivatives; orientation
+  o + 180 is the negative of o, only positive responses are kept, the rest count as 0), each
+  quantised into 10 equal bins of [0, 0.43) (last bin open-ended; 0.43 is the original's
+  maximum gradient value).
+
+``region_features`` then makes, in one pass over the pixels of a label image: sizes, boxes,
+L1-normalised colour histograms [n, 25 C], texture histograms [n, 80 C], and the
+4-connected region adjacency (pairs a < b).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+from numba import njit
+
+COLOUR_BINS = 25
+TEXTURE_BINS = 10
+ORIENTATIONS = 8
+TEXTURE_SIGMA = 1.0
+TEXTURE_MAX = 0.43  # original BlobStructTextureHist: "maximum value of gradient"
+COLOUR_SPACES = ("hsv", "lab", "rgi", "h", "i")
+_JIT = dict(cache=True, nogil=True)
+
+
+@njit(**_JIT)
+def _im2uint8(value: float) -> np.uint8:
+    return np.uint8(min(max(math.floor(value * 255.0 + 0.5), 0.0), 255.0))
+
+
+@njit(**_JIT)
+def _rgb_to_hsv_rgi_gray(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 RGB [H, W, 3] -> (hsv uint8 [H, W, 3], rgi uint8 [H, W, 3], gray uint8 [H, W])."""
+    height, width = image.shape[:2]
+    hsv = np.empty((height, width, 3), np.uint8)
+    rgi = np.empty((height, width, 3), np.uint8)
+    gray = np.empty((height, width), np.uint8)
+    for y in range(height):
+        for x in range(width):
+            r = image[y, x, 0] / 255.0
+            g = image[y, x, 1] / 255.0
+            b = image[y, x, 2] / 255.0
+            v = max(r, g, b)
+            delta = v - min(r, g, b)
+            h = 0.0
+            if delta > 0.0:  # MATLAB rgb2hsv: the blue case overrides green overrides red
+                if b == v:
+                    h = 4.0 + (r - g) / delta
+                elif g == v:
+                    h = 2.0 + (b - r) / delta
+                else:
+                    h = (g - b) / delta
+                h /= 6.0
+                if h < 0.0:
+                    h += 1.0
+            s = delta / v if v > 0.0 else 0.0
+            hsv[y, x, 0] = _im2uint8(h)
+            hsv[y, x, 1] = _im2uint8(s)
+            hsv[y, x, 2] = _im2uint8(v)
+            total = r + g + b
+            rgi[y, x, 0] = _im2uint8(r / total if total > 0.0 else 1.0 / 3.0)
+            rgi[y, x, 1] = _im2uint8(g / total if total > 0.0 else 1.0 / 3.0)
+            rgi[y, x, 2] = _im2uint8(total / 3.0)
+            gray[y, x] = _im2uint8(0.298936021293775 * r + 0.587043074451121 * g
+                                   + 0.114020904255103 * b)
+    return hsv, rgi, gray
+
+
+def colour_space(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 RGB [H, W, 3] -> (image to segment uint8 [H, W, 3], feature image uint8 [H, W, C]).
+
+    C = 3 for "hsv", "lab", "rgi"; C = 1 for "h", "i" (see the module docstring).
+    """
+    if name == "lab":
+        lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2Lab)
+        return lab, lab
+    if name not in COLOUR_SPACES:
+        raise ValueError(f"colour space must be one of {COLOUR_SPACES}, got {name!r}")
+    hsv, rgi, gray = _rgb_to_hsv_rgi_gray(np.ascontiguousarray(image))
+    if name == "hsv":
+        return hsv, hsv
+    if name == "rgi":
+        return rgi, rgi
+    single = np.ascontiguousarray(hsv[:, :, :1]) if name == "h" else gray[:, :, None]
+    return np.ascontiguousarray(np.repeat(single, 3, axis=2)), single
+
+
+@njit(**_JIT)
+def _gaussian_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Gaussian, first derivative of Gaussian), float64 [2r + 1] each, r = ceil(4 sigma)."""
+    radius = int(math.ceil(4.0 * sigma))
+    gauss = np.empty(2 * radius + 1)
+    for i in range(-radius, radius + 1):
+        gauss[i + radius] = math.exp(-0.5 * i * i / (sigma * sigma))
+    gauss /= gauss.sum()
+    deriv = np.empty(2 * radius + 1)
+    for i in range(-radius, radius + 1):
+        deriv[i + radius] = -i / (sigma * sigma) * gauss[i + radius]
+    return gauss, deriv
+
+
+@njit(**_JIT)
+def _convolve_x(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlate each row with ``kernel`` (odd length), borders replicated: [H, W] -> [H, W]."""
+    height, width = src.shape
+    radius = kernel.size // 2
+    padded = np.empty(width + 2 * radius)
+    out = np.zeros((height, width))
+    for y in range(height):
+        for x in range(width + 2 * radius):
+            padded[x] = src[y, min(max(x - radius, 0), width - 1)]
+        for i in range(kernel.size):
+            weight = kernel[i]
+            for x in range(width):
+                out[y, x] += weight * padded[x + i]
+    return out
+
+
+@njit(**_JIT)
+def _convolve_y(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Correlate each column with ``kernel`` (odd length), borders replicated."""
+    height, width = src.shape
+    radius = kernel.size // 2
+    out = np.zeros((height, width))
+    for i in range(-radius, radius + 1):
+        weight = kernel[i + radius]
+        for y in range(height):
+            row = min(max(y + i, 0), height - 1)
+            for x in range(width):
+                out[y, x] += weight * src[row, x]
+    return out
+
+
+@njit(**_JIT)
+def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel histogram bins of one colour space image (uint8 [H, W, C]).
+
+    Returns (colour uint8 [H * W, C]: bin 0..24 of channel c; texture uint8 [H * W, 8 C]:
+    bin 0..9 of orientation o of channel c at column c * 8 + o).
+    """
+    height, width, channels = feat_image.shape
+    n = height * width
+    colour = np.empty((n, channels), np.uint8)
+    texture = np.empty((n, ORIENTATIONS * channels), np.uint8)
+    gauss, deriv = _gaussian_kernels(TEXTURE_SIGMA)
+    scale = TEXTURE_BINS / TEXTURE_MAX
+    cosines = np.array([1.0, math.sqrt(0.5), 0.0, -math.sqrt(0.5)])
+    sines = np.array([0.0, math.sqrt(0.5), 1.0, math.sqrt(0.5)])
+    plane = np.empty((height, width))
+    for c in range(channels):
+        for y in range(height):
+            for x in range(width):
+                value = feat_image[y, x, c]
+                colour[y * width + x, c] = value * COLOUR_BINS // 256
+                plane[y, x] = value / 255.0
+        grad_x = _convolve_y(_convolve_x(plane, deriv), gauss)
+        grad_y = _convolve_y(_convolve_x(plane, gauss), deriv)
+        for y in range(height):
+            for x in range(width):
+                p = y * width + x
+                for o in range(4):
+                    d = cosines[o] * grad_x[y, x] + sines[o] * grad_y[y, x]
+                    b = int(abs(d) * scale)
+                    b = min(b, TEXTURE_BINS - 1)
+                    if d > 0.0:
+                        texture[p, c * ORIENTATIONS + o] = b
+                        texture[p, c * ORIENTATIONS + o + 4] = 0
+                    else:
+                        texture[p, c * ORIENTATIONS + o] = 0
+                        texture[p, c * ORIENTATIONS + o + 4] = b
+    return colour, texture
+
+
+@njit(**_JIT)
+def region_features(labels: np.ndarray, n_regions: int, colour_bins: np.ndarray,
+                    texture_bins: np.ndarray):
+    """Features of every region of one segmentation, in one pass over the pixels.
+
+    labels: int32 [H, W] in 0..n-1; colour_bins uint8 [H*W, C], texture_bins uint8 [H*W, 8C]
+    from ``pixel_bins``. Returns
+    sizes int64 [n] (pixels), boxes int32 [n, 4] (x0, y0, x1, y1, inclusive pixel
+    coordinates), colour_hist float32 [n, 25 C] and texture_hist float32 [n, 80 C] (each row
+    sums to 1), pairs int32 [m, 2] (a < b, sorted) of 4-connected neighbouring regions.
+    """
+    height, width = labels.shape
+    channels = colour_bins.shape[1]
+    n_tex = texture_bins.shape[1]
+    sizes = np.zeros(n_regions, np.int64)
+    boxes = np.empty((n_regions, 4), np.int32)
+    boxes[:, 0] = width
+    boxes[:, 1] = height
+    boxes[:, 2] = -1
+    boxes[:, 3] = -1
+    colour_counts = np.zeros((n_regions, COLOUR_BINS * channels), np.int32)
+    texture_counts = np.zeros((n_regions, TEXTURE_BINS * n_tex), np.int32)
+    keys = np.empty(2 * height * width, np.int64)
+    n_keys = 0
+    for y in range(height):
+        for x in range(width):
+            p = y * width + x
+            label = labels[y, x]
+            sizes[label] += 1
+            if x < boxes[label, 0]:
+                boxes[label, 0] = x
+            if y < boxes[label, 1]:
+                boxes[label, 1] = y
+            if x > boxes[label, 2]:
+                boxes[label, 2] = x
+            if y > boxes[label, 3]:
+                boxes[label, 3] = y
+            for c in range(channels):
+                colour_counts[label, c * COLOUR_BINS + colour_bins[p, c]] += 1
+            for t in range(n_tex):
+                texture_counts[label, t * TEXTURE_BINS + texture_bins[p, t]] += 1
+            if x + 1 < width and labels[y, x + 1] != label:
+                other = labels[y, x + 1]
+                keys[n_keys] = min(label, other) * np.int64(n_regions) + max(label, other)
+                n_keys += 1
+            if y + 1 < height and labels[y + 1, x] != label:
+                other = labels[y + 1, x]
+                keys[n_keys] = min(label, other) * np.int64(n_regions) + max(label, other)
+                n_keys += 1
+    keys = np.sort(keys[:n_keys])
+    n_pairs = 0
+    for i in range(n_keys):
+        if i == 0 or keys[i] != keys[i - 1]:
+            n_pairs += 1
+    pairs = np.empty((n_pairs, 2), np.int32)
+    j = 0
+    for i in range(n_keys):
+        if i == 0 or keys[i] != keys[i - 1]:
+            pairs[j, 0] = keys[i] // n_regions
+            pairs[j, 1] = keys[i] % n_regions
+            j += 1
+    colour_hist = np.empty((n_regions, COLOUR_BINS * channels), np.float32)
+    texture_hist = np.empty((n_regions, TEXTURE_BINS * n_tex), np.float32)
+    for r in range(n_regions):
+        colour_norm = 1.0 / (sizes[r] * channels)
+        for i in range(COLOUR_BINS * channels):
+            colour_hist[r, i] = colour_counts[r, i] * colour_norm
+        texture_norm = 1.0 / (sizes[r] * n_tex)
+        for i in range(TEXTURE_BINS * n_tex):
+            texture_hist[r, i] = texture_counts[r, i] * texture_norm
+    return sizes, boxes, colour_hist, texture_hist, pairs

@@ -1,0 +1,74 @@
+"""Pseudo-random ranking of the boxes of several hierarchies [SS, section 3.4].
+
+As ``Image2HierarchicalGrouping.m`` and the demo / [RCNN] ``selective_search_boxes.m``:
+within one hierarchy of n initial regions the LAST merge (the whole image) has position 1,
+the one before position 2, ..., the first merge position n - 1, and the initial regions
+position n. The initial regions are listed once per segmentation (with the first strategy's
+hierarchy), as the original adds ``blobBoxes`` once per ``Image2HierarchicalGrouping`` call.
+A segmentation with a single region gives just its box, position 1.
+
+value = position * U[0, 1), the uniform numbers drawn from
+``np.random.default_rng([seed, hierarchy_index])`` (one draw per listed box, in list order),
+so the result does not depend on threads or processes. All hierarchies are pooled, sorted
+by value ascending (stable), and duplicate boxes removed keeping the first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hierarchy_positions(n_initial: int, n_boxes: int, include_initial: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which boxes of a hierarchy are listed, and their positions.
+
+    A hierarchy holds n_boxes regions in creation order (n_initial initial ones, then the
+    merges). Returns (indices int64 [L] into those regions, positions float64 [L]).
+    """
+    n_merges = n_boxes - n_initial
+    merged = np.arange(n_initial, n_boxes, dtype=np.int64)
+    merged_pos = np.arange(n_merges, 0, -1, dtype=np.float64)  # last merge -> 1
+    if n_merges == 0:  # single region: its box, position 1 (listed once per segmentation)
+        if not include_initial:
+            return np.zeros(0, np.int64), np.zeros(0)
+        return np.arange(n_initial, dtype=np.int64), np.ones(n_initial)
+    if not include_initial:
+        return merged, merged_pos
+    initial = np.arange(n_initial, dtype=np.int64)
+    return (np.concatenate([initial, merged]),
+            np.concatenate([np.full(n_initial, float(n_initial)), merged_pos]))
+
+
+def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
+               randomize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Pool and rank the boxes of several hierarchies.
+
+    hierarchies: in hierarchy-index order, (boxes int32 [T, 4] x0, y0, x1, y1 inclusive of all
+    regions in creation order, n_initial, include_initial). randomize=False uses a random
+    factor of 1 (values = positions), so a whole-image box comes first.
+    Returns (boxes int32 [R, 4] inclusive, values float64 [R]), best first, no duplicates.
+    """
+    all_boxes = []
+    all_values = []
+    for index, (boxes, n_initial, include_initial) in enumerate(hierarchies):
+        rows, positions = hierarchy_positions(int(n_initial), boxes.shape[0], include_initial)
+        if randomize:
+            factors = np.random.default_rng([int(seed), index]).random(rows.size)
+        else:
+            factors = np.ones(rows.size)
+        all_boxes.append(boxes[rows])
+        all_values.append(positions * factors)
+    if not all_boxes:
+        return np.zeros((0, 4), np.int32), np.zeros(0)
+    boxes = np.concatenate(all_boxes).astype(np.int64)
+    values = np.concatenate(all_values)
+    order = np.argsort(values, kind="stable")
+    boxes = boxes[order]
+    values = values[order]
+    span = int(boxes.max()) + 2 if boxes.size else 1  # coordinates are in 0..span-2
+    if span ** 4 < 2 ** 63:  # one int64 key per box
+        keys = ((boxes[:, 0] * span + boxes[:, 1]) * span + boxes[:, 2]) * span + boxes[:, 3]
+        _, first = np.unique(keys, return_index=True)
+    else:  # giant images: row-wise unique
+        _, first = np.unique(boxes, axis=0, return_index=True)
+    first = np.sort(first)
+    return boxes[first].astype(np.int32), values[first]
