@@ -173,14 +173,24 @@ class RCNNConfig:
 
 @dataclass
 class TestConfig:
-    # [FRCN] test: shorter side 600, longer at most 1000.
+    # [FRCN] test: shorter side 600, longer at most 1000 (TEST.SCALES (600,), TEST.MAX_SIZE).
     scale: int = 600
     max_size: int = 1000
-    # Post-processing, shared by both detectors: score threshold 0.05, per-class NMS 0.3
-    # ([FRCN] TEST.NMS), at most 100 detections per image (COCO's limit).
+    # Fast R-CNN multi-scale test ([FRCN] Table 7: 480, 576, 688, 864, 1200): an image pyramid,
+    # each proposal scored on the level where its area is closest to 224^2 (fast-rcnn
+    # lib/fast_rcnn/test.py::_project_im_rois). Empty = the single `scale`.
+    scales: list[int] = field(default_factory=list)
+    # Post-processing, shared by both detectors: score threshold 0.05 (fast-rcnn test.py::test_net
+    # thresh), per-class NMS 0.3 ([FRCN] TEST.NMS).
     score_thresh: float = 0.05
     nms_thresh: float = 0.3
+    # At most this many detections per image over all classes, after NMS (0 = no cap): 100 is
+    # fast-rcnn test.py::test_net's max_per_image and COCO's limit.
     detections_per_image: int = 100
+    # At most this many boxes per class per image, best first, before NMS (0 = no cap): rcnn
+    # rcnn_test.m keeps max_per_image = 100 per class (its dataset-wide max_per_set threshold
+    # is not implemented here).
+    per_class_top_k: int = 0
     # [FRCN] section 3.1: truncated SVD, top 1024 singular values of fc6, 256 of fc7.
     svd: bool = False
     svd_fc6: int = 1024
@@ -345,7 +355,9 @@ def validate(cfg: Config, source: str) -> None:
     need(r.test_chunk > 0, "rcnn.test_chunk", "must be > 0")
     e = cfg.test
     need(0.0 <= e.nms_thresh <= 1.0, "test.nms_thresh", "must be in [0, 1]")
-    need(e.detections_per_image > 0, "test.detections_per_image", "must be > 0")
+    need(e.detections_per_image >= 0, "test.detections_per_image", "must be >= 0 (0 = no cap)")
+    need(e.per_class_top_k >= 0, "test.per_class_top_k", "must be >= 0 (0 = no cap)")
+    need(all(s > 0 for s in e.scales), "test.scales", "must be positive sizes")
 
 
 def to_dict(cfg: Any) -> dict:
