@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="", help="where metrics.json (and detections) go")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    p.add_argument("--metric", default="coco", choices=["coco", "voc07", "voc"],
+                   help="table to print: COCO AP, VOC2007 11-point AP or VOC2010+ all-point AP "
+                        "(metrics.json holds all three)")
 
     p = sub.add_parser("train", help="train a detector from a config")
     _add_config_args(p, required=True)

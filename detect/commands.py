@@ -31,6 +31,7 @@ from detect.data.synthetic import make_synthetic as write_synthetic
 from detect.evaluation.coco import dataset_to_coco, evaluate_coco, format_metrics_table
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
 from detect.evaluation.run import evaluate_detector, print_metrics
+from detect.evaluation.voc import detections_from_results, evaluate_voc, for_json, format_voc_table
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals
@@ -303,7 +304,8 @@ def _record_train_time(output_dir: Path, seconds: float) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``detect eval``: score a results file (``--results``) or a trained detector
-    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log."""
+    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log. Both write
+    COCO and VOC AP (11-point "voc07", all-point "voc"); ``--metric`` picks the table printed."""
     if bool(args.results) == bool(args.checkpoint):
         raise ValueError("give exactly one of --results (a COCO results JSON to score) or "
                          "--checkpoint (a trained detector to run and score)")
@@ -315,7 +317,7 @@ def evaluate(args: argparse.Namespace) -> int:
         init_distributed(device)
         output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         _evaluate_checkpoint(args.checkpoint, _dataset_spec(args), args.proposals, output_dir, device=device,
-                             limit=args.limit)
+                             limit=args.limit, metric=args.metric)
         return 0
 
     results_path = Path(args.results)
@@ -333,14 +335,19 @@ def evaluate(args: argparse.Namespace) -> int:
         if not str(e).startswith("results: "):
             raise
         raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
-    print(format_metrics_table(metrics))
+    if isinstance(results, list):  # evaluate_coco checked every entry
+        voc_detections = detections_from_results(dataset, results)
+        for name in ("voc07", "voc"):
+            metrics[name] = for_json(evaluate_voc(dataset, voc_detections, name))
+    print(format_voc_table(metrics[args.metric], args.metric) if args.metric != "coco"
+          else format_metrics_table(metrics))
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
     return 0
 
 
 def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
-                         device: torch.device, limit: int = 0) -> dict:
+                         device: torch.device, limit: int = 0, metric: str = "coco") -> dict:
     """Load the dataset, its proposals and the detector; evaluate; print and write metrics."""
     dataset = _load_spec(data_spec)
     if limit:
@@ -357,7 +364,7 @@ def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str
                                 data_spec=data_spec,
                                 train_time_s=read_json(tt)["seconds"] if tt.is_file() else None)
     if metrics:
-        print_metrics(metrics)
+        print_metrics(metrics, metric)
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
     return metrics
 

@@ -10,6 +10,8 @@ and its part of the report then says "not available". (A scored results file, ``
      "device": "cpu" | "cuda: NVIDIA H100 ...", "num_parameters": int, "num_images": int,
      "coco": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"},  # in [0, 1]; -1 = n/a
      "per_class_AP": {class name: float}, "per_class_AP50": {class name: float},    # -1 = no gt
+     "voc07": {"mAP": float, "per_class_AP": {class name: float}},  # VOC2007 11-point AP; -1 = n/a
+     "voc": {"mAP": float, "per_class_AP": {class name: float}},    # VOC2010+ all-point AP
      "pr_curve_50": {"recall": [101 floats],
                      "precision": {"all": [101 floats], class name: [101 floats]}},  # -1 = n/a
      "timing_ms_per_image": {stage: ms},
@@ -59,6 +61,7 @@ class Run:
     coco: dict[str, float | None]  # COCO_KEYS -> value in [0, 1]; None = n/a
     per_class_ap: dict[str, float | None]
     per_class_ap50: dict[str, float | None]
+    voc_map: dict[str, float | None]  # "voc07" / "voc" -> mAP (None = n/a or not in metrics.json)
     pr_recall: list[float] | None  # [101] recall points of the IoU 0.5 curve
     pr_precision: dict[str, list[float]]  # "all" or class name -> [101] precision, NaN = n/a
     timing_ms: dict[str, float]  # stage -> ms per image
@@ -135,6 +138,11 @@ def load_run(run_dir: str | Path) -> Run:
         values = _mapping(m, key, path) or {}
         return {str(k): _number(v, f"{key}.{k}", path, minus_one_is_na=True) for k, v in values.items()}
 
+    voc_map = {}
+    for key in ("voc07", "voc"):
+        voc = _mapping(m, key, path)
+        voc_map[key] = None if voc is None else _number(voc.get("mAP"), f"{key}.mAP", path, minus_one_is_na=True)
+
     pr_recall, pr_precision = None, {}
     pr = _mapping(m, "pr_curve_50", path)
     if pr is not None and pr.get("recall") is not None:
@@ -168,6 +176,7 @@ def load_run(run_dir: str | Path) -> Run:
         coco={k: _number(coco.get(k), f"coco.{k}", path, minus_one_is_na=True) for k in COCO_KEYS},
         per_class_ap=per_class("per_class_AP"),
         per_class_ap50=per_class("per_class_AP50"),
+        voc_map=voc_map,
         pr_recall=pr_recall,
         pr_precision=pr_precision,
         timing_ms={k: v for k, v in timing_ms.items() if v is not None},
