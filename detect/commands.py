@@ -241,7 +241,7 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
         pixel_std=model.pixel_std, images_per_batch=t.images_per_batch, rois_per_image=t.rois_per_image,
         scales=t.scales, max_size=t.max_size, flip=t.flip, fg_fraction=t.fg_fraction, fg_iou=t.fg_iou,
         bg_iou_low=t.bg_iou_low, bg_iou_high=t.bg_iou_high, bbox_std=t.bbox_std, seed=t.seed,
-        rank=rank, world_size=world_size)
+        rank=rank, world_size=world_size, use_difficult=t.use_difficult)
     skipped = train_fast_rcnn(
         model, data, output_dir,
         optimizer=build_optimizer(model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
@@ -277,7 +277,7 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
                        crop_size=r.crop_size or backbone.crop_size, context_pad=r.context_pad,
                        finetune=finetune, svm=svm, bbox_lambda=r.bbox_ridge_lambda, bbox_min_iou=r.bbox_min_iou,
                        cache_features=r.cache_features, feature_batch_size=r.feature_batch_size, amp=t.amp,
-                       fingerprint=fingerprint, resume=resume, device=device,
+                       fingerprint=fingerprint, resume=resume, use_difficult=t.use_difficult, device=device,
                        progress=progress)
     path = output_dir / "model_final.pt"
     if extra is not None:  # rank 0

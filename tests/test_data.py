@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect.data.datasets import DatasetWarning, VOC_CLASSES, load_coco, load_dataset, load_voc
+from detect.data.datasets import DatasetWarning, VOC_CLASSES, load_coco, load_dataset, load_voc, training_gt
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.coco import dataset_to_coco, export_coco
 
@@ -67,6 +67,8 @@ def test_crowd_boxes_are_kept_and_flagged(tmp_path):
     dataset = load_coco(_write(tmp_path, data))
     record = dataset.records[0]
     assert record.gt_difficult.tolist() == [False, True]
+    assert record.gt_crowd.tolist() == [False, True]  # never trained on, whatever train.use_difficult
+    assert training_gt(record, True).tolist() == training_gt(record, False).tolist() == [True, False]
     np.testing.assert_array_equal(record.gt_boxes[1], [30, 5, 50, 25])
     assert dataset.report.num_difficult == 1
 

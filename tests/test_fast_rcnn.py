@@ -424,3 +424,20 @@ def test_multi_scale_test_scores_each_proposal_on_the_level_closest_to_224_squar
     one = tiny_model(test_scales=[100], test_max_size=1000).eval().score_proposals(image, proposals)
     torch.testing.assert_close(one.scores, tiny_model(test_scale=100, test_max_size=1000).eval()
                                .score_proposals(image, proposals).scores)
+
+
+def test_difficult_objects_are_trained_on_by_default_and_crowd_boxes_never(tmp_path):
+    record = make_scene(tmp_path / "d.png", [(1, [10, 10, 50, 60]), (2, [70, 30, 120, 80])])
+    record.gt_difficult = np.array([True, False])  # the red box is VOC difficult
+    proposals = {record.image_id: np.array([[10, 10, 50, 60], [11, 9, 50, 61], [70, 30, 120, 80]], np.float32)}
+
+    def labels(use_difficult: bool) -> set[int]:
+        data = FastRCNNTrainData(records=[record], get_proposals=proposals.__getitem__, pixel_mean=(0.5,) * 3,
+                                 pixel_std=(0.25,) * 3, images_per_batch=1, rois_per_image=16, scales=[96],
+                                 max_size=200, flip=False, fg_fraction=1.0, use_difficult=use_difficult)
+        return set(data.batch(0).labels.tolist()) - {0}  # the foreground classes sampled
+
+    assert labels(True) == {1, 2}  # fast-rcnn pascal_voc.py keeps difficult objects
+    assert labels(False) == {2}
+    record.gt_crowd = np.array([True, False])  # a COCO crowd box is never an object to learn
+    assert labels(True) == {2}

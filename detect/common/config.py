@@ -108,6 +108,10 @@ class TrainConfig:
     max_size: int = 1000
     # [FRCN] horizontal flip augmentation.
     flip: bool = True
+    # Train on VOC difficult objects, as both papers' code does: fast-rcnn
+    # lib/datasets/pascal_voc.py::_load_pascal_annotation keeps them, rcnn
+    # imdb/roidb_from_voc.m uses every object. COCO crowd boxes are never trained on.
+    use_difficult: bool = True
     # [FRCN] SGD, lr 0.001, momentum 0.9, weight decay 5e-4; lr x0.1 at `steps`.
     lr: float = 0.001
     momentum: float = 0.9

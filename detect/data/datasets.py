@@ -10,8 +10,12 @@ go: structural problems (malformed files, missing fields, duplicate or dangling 
 ``ValueError`` naming the file and the entry; bad boxes are skipped or clipped and counted in a
 ``LoadReport`` (``dataset.report``), summarised in one ``DatasetWarning``.
 
-``gt_difficult`` marks boxes that neither train nor count: VOC ``difficult`` and COCO
-``iscrowd``. Training code drops them; evaluation treats them as ignore regions.
+``gt_difficult`` marks boxes that evaluation ignores (neither true nor false positive): VOC
+``difficult`` and COCO ``iscrowd``; ``gt_crowd`` marks the COCO crowd ones among them.
+Training (``training_gt``) uses VOC difficult objects by default, as both papers' code does
+(rbgirshick/fast-rcnn ``lib/datasets/pascal_voc.py::_load_pascal_annotation`` keeps them;
+rbgirshick/rcnn ``imdb/roidb_from_voc.m`` uses every object), and never crowd boxes (one box
+around many objects is no object box; detectron2 and torchvision drop them in training too).
 """
 
 from __future__ import annotations
@@ -109,11 +113,28 @@ class ImageRecord:
     height: int
     gt_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [G, 4] xyxy
     gt_classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # [G] in 1..K
-    # [G] VOC difficult or COCO iscrowd: training skips these, evaluation ignores them
+    # [G] VOC difficult or COCO iscrowd: evaluation ignores these (training: see training_gt)
     gt_difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    # [G] COCO iscrowd (a subset of gt_difficult): never trained on. Empty = none.
+    gt_crowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     # [G] the dataset's own object areas (COCO segmentation area; NaN = unknown, use the box):
     # COCO's small/medium/large split is by this area, so evaluation writes it back unchanged.
     gt_areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+
+
+def training_gt(record: ImageRecord, use_difficult: bool) -> np.ndarray:
+    """Mask [G] of the gt boxes of ``record`` that training learns from: all but crowd boxes,
+    and but VOC difficult ones when ``use_difficult`` is False."""
+    num_gt = len(np.asarray(record.gt_boxes).reshape(-1, 4))
+
+    def flags(values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, bool).reshape(-1)
+        return values if values.shape == (num_gt,) else np.zeros(num_gt, bool)  # empty: none
+
+    keep = ~flags(record.gt_crowd)
+    if not use_difficult:
+        keep &= ~flags(record.gt_difficult)
+    return keep
 
 
 @dataclass
@@ -162,8 +183,8 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
 
     Boxes: COCO ``[x, y, w, h]`` -> xyxy float32, converted here once (in float64, so an
     exported xyxy box comes back bit for bit). Classes: category ids in ascending order become
-    classes 1..K. ``iscrowd=1`` boxes are kept with ``gt_difficult=True`` (ignored by training
-    and evaluation). Images without annotations are kept. ``file_name`` is relative to
+    classes 1..K. ``iscrowd=1`` boxes are kept with ``gt_difficult=True`` and ``gt_crowd=True``
+    (ignored by training and evaluation). Images without annotations are kept. ``file_name`` is relative to
     ``image_dir`` (default: the JSON's folder). ``check_images=True`` opens every image header
     (fast, no decoding) and skips missing, unreadable or wrongly sized ones; by default images
     are only read when used.
@@ -259,6 +280,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         record.gt_boxes = boxes[starts[row]:starts[row + 1]]
         record.gt_classes = classes[starts[row]:starts[row + 1]]
         record.gt_difficult = crowd[starts[row]:starts[row + 1]]
+        record.gt_crowd = record.gt_difficult
         record.gt_areas = areas[starts[row]:starts[row + 1]]
     dataset = Dataset(name=json_path.stem, records=records,
                       class_names=[names_by_id[c] for c in category_ids],
