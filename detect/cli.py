@@ -28,6 +28,10 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", default="", help="COCO image folder (default: beside the JSON)")
     g.add_argument("--format", default="coco", choices=["coco", "voc"])
     g.add_argument("--split", default="", help="VOC split in ImageSets/Main (e.g. test)")
+    g.add_argument("--classes", default="",
+                   help="VOC: a text file of class names, one a line, in class order (default: the "
+                        "20 VOC classes when all names are VOC's, else the sorted names in the split; "
+                        "eval --checkpoint: the checkpoint's classes)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,15 +60,34 @@ def make_synthetic(args: argparse.Namespace) -> int:
 
 
 def _dataset_from_args(args: argparse.Namespace) -> Dataset:
-    return load_dataset(args.format, args.data, args.images, args.split)
+    return _load_spec(_dataset_spec(args))
 
 
-def _dataset_spec(args: argparse.Namespace) -> dict[str, str]:
-    return {"format": args.format, "path": args.data, "images": args.images, "split": args.split}
+def _dataset_spec(args: argparse.Namespace) -> dict:
+    return {"format": args.format, "path": args.data, "images": args.images, "split": args.split,
+            "classes": read_class_names(args.classes) if args.classes else []}
 
 
-def _load_spec(spec: dict[str, str]) -> Dataset:
-    return load_dataset(spec["format"], spec["path"], spec["images"], spec["split"])
+def read_class_names(path: str | Path) -> list[str]:
+    """``--classes FILE``: one class name a line, in class order; blank lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--classes {path}: no such file") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--classes {path}: no class names in the file (one per line)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"--classes {path}: duplicate class names {duplicates}")
+    return names
+
+
+def _load_spec(spec: dict, classes: list[str] | None = None) -> Dataset:
+    """The dataset of a spec (``DatasetConfig`` as a dict); ``classes`` (the trained detector's)
+    take precedence over the spec's own."""
+    return load_dataset(spec["format"], spec["path"], spec["images"], spec["split"],
+                        classes=classes or spec.get("classes") or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,14 +367,22 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
                          device: torch.device, limit: int = 0, metric: str = "coco") -> dict:
-    """Load the dataset, its proposals and the detector; evaluate; print and write metrics."""
-    dataset = _load_spec(data_spec)
+    """Load the detector, the dataset (with the detector's classes) and its proposals; evaluate;
+    print and write metrics."""
+    detector = load_detector(checkpoint, device)
+    if data_spec.get("classes") and list(data_spec["classes"]) != detector.class_names:
+        raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but the dataset's "
+                         f"classes are given as {list(data_spec['classes'])}")
+    if data_spec["format"] == "voc":  # VOC objects are mapped to the trained classes by name
+        dataset = _load_spec(data_spec, detector.class_names)
+        data_spec = {**data_spec, "classes": dataset.class_names}  # the report's grid loads it alike
+    else:
+        dataset = _load_spec(data_spec)
     if limit:
         dataset = Dataset(dataset.name, dataset.records[:limit], dataset.class_names, dataset.category_ids)
     store = ProposalStore(proposals) if proposals else None
     if store is not None:
         store.check_dataset(dataset)
-    detector = load_detector(checkpoint, device)
     if detector.class_names != dataset.class_names:
         raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but {data_spec['path']} "
                          f"has {dataset.class_names}")

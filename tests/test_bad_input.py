@@ -372,12 +372,15 @@ CASES = [
     # VOC
     Case("voc_malformed_xml", lambda t, s: _voc(t, "<annotation><size>"), "error",
          ("000001.xml", "malformed XML")),
-    Case("voc_missing_size", lambda t, s: _voc(t, _voc_xml(size="")), "error",
+    Case("voc_missing_size_read_from_the_image", lambda t, s: _voc(t, _voc_xml(size="")), "ok",
+         ("metrics.json",)),
+    Case("voc_missing_width", lambda t, s: _voc(t, _voc_xml(size="<size><height>48</height></size>")), "error",
          ("000001.xml", "missing <size/width>")),
     Case("voc_missing_box_corner", lambda t, s: _voc(t, _voc_xml(box="<xmin>5</xmin><ymin>5</ymin><xmax>9</xmax>")),
          "error", ("000001.xml", "object 0", "<bndbox/ymax>")),
-    Case("voc_unknown_class", lambda t, s: _voc(t, _voc_xml(name="unicorn")), "error",
-         ("000001.xml", "unknown class 'unicorn'")),
+    Case("voc_class_not_in_classes_file", lambda t, s: _voc(t, _voc_xml(name="unicorn")) + [
+         "--classes", str(_write(t / "classes.txt", "cat\ndog\n"))], "error",
+         ("000001.xml", "object 0", "'unicorn' is not one of the 2 training classes")),
     Case("voc_missing_split_file", lambda t, s: ["eval", "--format", "voc", "--data", str(t), "--split", "test",
                                                  "--results", str(_write(t / "r.json", []))], "error",
          ("ImageSets/Main/test.txt", "split file not found")),

@@ -46,6 +46,10 @@ class DatasetConfig:
     images: str = ""
     # voc: the split name in ImageSets/Main. coco: unused.
     split: str = ""
+    # voc: class names of classes 1..K. Empty: the 20 VOC classes (standard order) when every
+    # name in the split is one of them, else the sorted names found. The val split always uses
+    # the trained detector's classes. coco: the categories' names, checked when given.
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,7 +23,8 @@ and its part of the report then says "not available". (A scored results file, ``
      "train_time_s": float | null,
      "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
                          "AR": [...], "MABO": [...]} | null,       # one value per top_k
-     "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str}}
+     "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str,
+              "classes": [class names]}}   # classes: VOC only, the evaluated class order
 
 ``detections.json`` (optional): the COCO results of the evaluated images, a list of
 ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
@@ -71,7 +72,7 @@ class Run:
     num_parameters: int | None
     num_images: int | None
     proposal_recall: dict[str, list[float]] | None  # "top_k", "recall@0.5", ... -> [T]
-    data: dict[str, str] | None
+    data: dict | None  # str values, but "classes": list[str]
     detections_path: Path | None  # detections.json, when the folder has one
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
@@ -186,7 +187,8 @@ def load_run(run_dir: str | Path) -> Run:
         num_parameters=None if num_parameters is None else int(num_parameters),
         num_images=None if num_images is None else int(num_images),
         proposal_recall=recall,
-        data={str(k): str(v) for k, v in data.items() if v is not None} if data else None,
+        data={str(k): [str(c) for c in v] if k == "classes" and isinstance(v, list) else str(v)
+              for k, v in data.items() if v is not None} if data else None,
         detections_path=detections if detections.is_file() else None,
     )
 

@@ -268,7 +268,7 @@ def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset
     data = _resolve_data(data, run_dir)
     try:
         return load_dataset(data.get("format", "coco"), data["path"], data.get("images", ""),
-                            data.get("split", "")), ""
+                            data.get("split", ""), classes=data.get("classes") or None), ""
     except (FileNotFoundError, ValueError, ImageReadError, OSError) as e:
         if explicit:
             raise
