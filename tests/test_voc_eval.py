@@ -1,5 +1,5 @@
 """detect.evaluation.voc: VOC 11-point and all-point AP, checked against hand-computed cases of
-fast-rcnn voc_eval.py's algorithm."""
+py-faster-rcnn voc_eval.py's algorithm."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """PASCAL VOC average precision: VOC2007's 11-point AP and VOC2010+'s all-point AP.
 
-The algorithm of rbgirshick/fast-rcnn ``lib/datasets/voc_eval.py`` (``voc_eval`` and
-``voc_ap``), per class:
+The algorithm of ``lib/datasets/voc_eval.py`` (``voc_eval`` and ``voc_ap``) in
+rbgirshick/py-faster-rcnn, the Python port of the VOCdevkit's MATLAB evaluation that
+rbgirshick/fast-rcnn itself called (``lib/datasets/VOCdevkit-matlab-wrapper/voc_eval.m``),
+per class:
 
 1. all detections of the class over all images, sorted by score, best first;
 2. each detection is matched to the ground-truth box of its image (same class) with the
@@ -14,12 +16,14 @@ The algorithm of rbgirshick/fast-rcnn ``lib/datasets/voc_eval.py`` (``voc_eval``
    envelope (precision made monotone from the right), summed over the points where recall
    changes.
 
-One deliberate difference: voc_eval.py measures boxes in inclusive 1-based pixels (widths
+Differences, deliberate: voc_eval.py measures boxes in inclusive 1-based pixels (widths
 ``x2 - x1 + 1``); our boxes are continuous xyxy (see ``detect.data.datasets.load_voc``), so
-IoU here is plain IoU without the ``+ 1``. A class without non-difficult gt boxes has no
-AP (NaN, written as -1 in metrics.json) and is left out of the mean, as COCO's per-class AP.
-Ties in score keep the order of the input (numpy's stable sort; voc_eval.py's argsort is not
-stable).
+IoU here is plain IoU without the ``+ 1``. A detection on a difficult box is left out of the
+precision/recall points rather than kept as a point that changes nothing (the same AP, except
+that voc_eval.py gets 0/0 = NaN when such a detection comes first). A class without
+non-difficult gt boxes has no AP (NaN, written as -1 in metrics.json) and is left out of the
+mean, as COCO's per-class AP. Ties in score keep the order of the input (numpy's stable sort;
+voc_eval.py's argsort is not stable).
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def _accuracy_section(runs: list[Run]) -> Section:
                             "by object area (small < 32², large > 96² pixels); AR100: recall with "
                             "100 detections per image. VOC07 mAP: PASCAL VOC2007's 11-point AP at "
                             "IoU > 0.5, VOC mAP: VOC2010+'s all-point AP (difficult objects ignored, "
-                            "fast-rcnn voc_eval.py). n/a: not measured, or no ground truth.")])
+                            "py-faster-rcnn voc_eval.py). n/a: not measured, or no ground truth.")])
     class_names = _union(key for r in runs for key in [*r.per_class_ap, *r.per_class_ap50])
     section.blocks.append(Heading("Per-class AP", 3))
     if not class_names:

@@ -34,9 +34,9 @@ def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *,
                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """[FRCN] ``_sample_rois``: up to ``num_rois`` RoIs of one image, ``fg_fraction`` foreground.
 
-    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; pass non-difficult gt
-    only), ``gt_classes`` [G] in 1..K. The ground-truth boxes join the candidates. Foreground:
-    IoU >= ``fg_iou`` with some gt box (label = its class); background: max IoU in
+    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; the trained-on gt,
+    ``datasets.training_gt``), ``gt_classes`` [G] in 1..K. The ground-truth boxes join the
+    candidates. Foreground: IoU >= ``fg_iou`` with some gt box (label = its class); background: max IoU in
     [``bg_iou_low``, ``bg_iou_high``) (label 0). As [FRCN], fewer foreground than the quota means
     more background. Unlike [FRCN] (which drops such images), when the [low, high) band holds too
     few candidates the background is topped up with IoU < ``bg_iou_low`` ones, so images without
