@@ -28,6 +28,10 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", default="", help="COCO image folder (default: beside the JSON)")
     g.add_argument("--format", default="coco", choices=["coco", "voc"])
     g.add_argument("--split", default="", help="VOC split in ImageSets/Main (e.g. test)")
+    g.add_argument("--classes", default="",
+                   help="VOC: a text file of class names, one a line, in class order (default: the "
+                        "20 VOC classes when all names are VOC's, else the sorted names in the split; "
+                        "eval --checkpoint: the checkpoint's classes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="", help="where metrics.json (and detections) go")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    p.add_argument("--metric", default="coco", choices=["coco", "voc07", "voc"],
+                   help="table to print: COCO AP, VOC2007 11-point AP or VOC2010+ all-point AP "
+                        "(metrics.json holds all three)")
 
     p = sub.add_parser("train", help="train a detector from a config")
     _add_config_args(p, required=True)

@@ -31,6 +31,7 @@ from detect.data.synthetic import make_synthetic as write_synthetic
 from detect.evaluation.coco import dataset_to_coco, evaluate_coco, format_metrics_table
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
 from detect.evaluation.run import evaluate_detector, print_metrics
+from detect.evaluation.voc import detections_from_results, evaluate_voc, for_json, format_voc_table
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals
@@ -61,15 +62,34 @@ def make_synthetic(args: argparse.Namespace) -> int:
 
 
 def _dataset_from_args(args: argparse.Namespace) -> Dataset:
-    return load_dataset(args.format, args.data, args.images, args.split)
+    return _load_spec(_dataset_spec(args))
 
 
-def _dataset_spec(args: argparse.Namespace) -> dict[str, str]:
-    return {"format": args.format, "path": args.data, "images": args.images, "split": args.split}
+def _dataset_spec(args: argparse.Namespace) -> dict:
+    return {"format": args.format, "path": args.data, "images": args.images, "split": args.split,
+            "classes": read_class_names(args.classes) if args.classes else []}
 
 
-def _load_spec(spec: dict[str, str]) -> Dataset:
-    return load_dataset(spec["format"], spec["path"], spec["images"], spec["split"])
+def read_class_names(path: str | Path) -> list[str]:
+    """``--classes FILE``: one class name a line, in class order; blank lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--classes {path}: no such file") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--classes {path}: no class names in the file (one per line)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"--classes {path}: duplicate class names {duplicates}")
+    return names
+
+
+def _load_spec(spec: dict, classes: list[str] | None = None) -> Dataset:
+    """The dataset of a spec (``DatasetConfig`` as a dict); ``classes`` (the trained detector's)
+    take precedence over the spec's own."""
+    return load_dataset(spec["format"], spec["path"], spec["images"], spec["split"],
+                        classes=classes or spec.get("classes") or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +267,7 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
         pixel_std=model.pixel_std, images_per_batch=t.images_per_batch, rois_per_image=t.rois_per_image,
         scales=t.scales, max_size=t.max_size, flip=t.flip, fg_fraction=t.fg_fraction, fg_iou=t.fg_iou,
         bg_iou_low=t.bg_iou_low, bg_iou_high=t.bg_iou_high, bbox_std=t.bbox_std, seed=t.seed,
-        rank=rank, world_size=world_size)
+        rank=rank, world_size=world_size, use_difficult=t.use_difficult)
     skipped = train_fast_rcnn(
         model, data, output_dir,
         optimizer=build_optimizer(model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
@@ -283,7 +303,7 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
                        crop_size=r.crop_size or backbone.crop_size, context_pad=r.context_pad,
                        finetune=finetune, svm=svm, bbox_lambda=r.bbox_ridge_lambda, bbox_min_iou=r.bbox_min_iou,
                        cache_features=r.cache_features, feature_batch_size=r.feature_batch_size, amp=t.amp,
-                       fingerprint=fingerprint, resume=resume, device=device,
+                       fingerprint=fingerprint, resume=resume, use_difficult=t.use_difficult, device=device,
                        progress=progress)
     path = output_dir / "model_final.pt"
     if extra is not None:  # rank 0
@@ -310,7 +330,8 @@ def _record_train_time(output_dir: Path, seconds: float) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``detect eval``: score a results file (``--results``) or a trained detector
-    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log."""
+    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log. Both write
+    COCO and VOC AP (11-point "voc07", all-point "voc"); ``--metric`` picks the table printed."""
     if bool(args.results) == bool(args.checkpoint):
         raise ValueError("give exactly one of --results (a COCO results JSON to score) or "
                          "--checkpoint (a trained detector to run and score)")
@@ -322,7 +343,7 @@ def evaluate(args: argparse.Namespace) -> int:
         init_distributed(device)
         output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         _evaluate_checkpoint(args.checkpoint, _dataset_spec(args), args.proposals, output_dir, device=device,
-                             limit=args.limit)
+                             limit=args.limit, metric=args.metric)
         return 0
 
     results_path = Path(args.results)
@@ -340,22 +361,35 @@ def evaluate(args: argparse.Namespace) -> int:
         if not str(e).startswith("results: "):
             raise
         raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
-    print(format_metrics_table(metrics))
+    if isinstance(results, list):  # evaluate_coco checked every entry
+        voc_detections = detections_from_results(dataset, results)
+        for name in ("voc07", "voc"):
+            metrics[name] = for_json(evaluate_voc(dataset, voc_detections, name))
+    print(format_voc_table(metrics[args.metric], args.metric) if args.metric != "coco"
+          else format_metrics_table(metrics))
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
     return 0
 
 
 def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
-                         device: torch.device, limit: int = 0) -> dict:
-    """Load the dataset, its proposals and the detector; evaluate; print and write metrics."""
-    dataset = _load_spec(data_spec)
+                         device: torch.device, limit: int = 0, metric: str = "coco") -> dict:
+    """Load the detector, the dataset (with the detector's classes) and its proposals; evaluate;
+    print and write metrics."""
+    detector = load_detector(checkpoint, device)
+    if data_spec.get("classes") and list(data_spec["classes"]) != detector.class_names:
+        raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but the dataset's "
+                         f"classes are given as {list(data_spec['classes'])}")
+    if data_spec["format"] == "voc":  # VOC objects are mapped to the trained classes by name
+        dataset = _load_spec(data_spec, detector.class_names)
+        data_spec = {**data_spec, "classes": dataset.class_names}  # the report's grid loads it alike
+    else:
+        dataset = _load_spec(data_spec)
     if limit:
         dataset = Dataset(dataset.name, dataset.records[:limit], dataset.class_names, dataset.category_ids)
     store = ProposalStore(proposals) if proposals else None
     if store is not None:
         store.check_dataset(dataset)
-    detector = load_detector(checkpoint, device)
     if detector.class_names != dataset.class_names:
         raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but {data_spec['path']} "
                          f"has {dataset.class_names}")
@@ -364,7 +398,7 @@ def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str
                                 data_spec=data_spec,
                                 train_time_s=read_json(tt)["seconds"] if tt.is_file() else None)
     if metrics:
-        print_metrics(metrics)
+        print_metrics(metrics, metric)
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
     return metrics
 

@@ -123,6 +123,13 @@ def _voc(tmp: Path, xml: str) -> list[str]:
             "--output-dir", str(tmp / "eval")]
 
 
+def _voc_checkpoint(tmp: Path, shared: dict, name: str) -> list[str]:
+    """`detect eval --checkpoint` (classes "box", "disc") on a VOC folder whose object is ``name``."""
+    argv = _voc(tmp, _voc_xml(name=name))
+    return argv[:argv.index("--results")] + ["--checkpoint", str(shared["checkpoint"]), "--device", "cpu",
+                                             "--output-dir", str(tmp / "eval")]
+
+
 VOC_OBJECT = "<object><name>{name}</name><difficult>0</difficult><bndbox>{box}</bndbox></object>"
 VOC_BOX = "<xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax>"
 
@@ -372,12 +379,20 @@ CASES = [
     # VOC
     Case("voc_malformed_xml", lambda t, s: _voc(t, "<annotation><size>"), "error",
          ("000001.xml", "malformed XML")),
-    Case("voc_missing_size", lambda t, s: _voc(t, _voc_xml(size="")), "error",
+    Case("voc_missing_size_read_from_the_image", lambda t, s: _voc(t, _voc_xml(size="")), "ok",
+         ("metrics.json",)),
+    Case("voc_missing_width", lambda t, s: _voc(t, _voc_xml(size="<size><height>48</height></size>")), "error",
          ("000001.xml", "missing <size/width>")),
     Case("voc_missing_box_corner", lambda t, s: _voc(t, _voc_xml(box="<xmin>5</xmin><ymin>5</ymin><xmax>9</xmax>")),
          "error", ("000001.xml", "object 0", "<bndbox/ymax>")),
-    Case("voc_unknown_class", lambda t, s: _voc(t, _voc_xml(name="unicorn")), "error",
-         ("000001.xml", "unknown class 'unicorn'")),
+    Case("voc_class_not_in_classes_file", lambda t, s: _voc(t, _voc_xml(name="unicorn")) + [
+         "--classes", str(_write(t / "classes.txt", "cat\ndog\n"))], "error",
+         ("000001.xml", "object 0", "'unicorn' is not one of the 2 training classes")),
+    Case("voc_val_split_mapped_to_the_checkpoint_classes", lambda t, s: _voc_checkpoint(t, s, "disc"), "ok",
+         ("metrics.json",), lambda t: json.loads((t / "eval" / "metrics.json").read_text())["data"]["classes"]
+         == ["box", "disc"]),
+    Case("voc_class_unknown_to_the_checkpoint", lambda t, s: _voc_checkpoint(t, s, "cat"), "error",
+         ("000001.xml", "object 0", "'cat' is not one of the 2 training classes ['box', 'disc']")),
     Case("voc_missing_split_file", lambda t, s: ["eval", "--format", "voc", "--data", str(t), "--split", "test",
                                                  "--results", str(_write(t / "r.json", []))], "error",
          ("ImageSets/Main/test.txt", "split file not found")),

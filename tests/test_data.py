@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect.data.datasets import DatasetWarning, VOC_CLASSES, load_coco, load_dataset, load_voc
+from detect.data.datasets import DatasetWarning, VOC_CLASSES, load_coco, load_dataset, load_voc, training_gt
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.coco import dataset_to_coco, export_coco
 
@@ -67,6 +67,8 @@ def test_crowd_boxes_are_kept_and_flagged(tmp_path):
     dataset = load_coco(_write(tmp_path, data))
     record = dataset.records[0]
     assert record.gt_difficult.tolist() == [False, True]
+    assert record.gt_crowd.tolist() == [False, True]  # never trained on, whatever train.use_difficult
+    assert training_gt(record, True).tolist() == training_gt(record, False).tolist() == [True, False]
     np.testing.assert_array_equal(record.gt_boxes[1], [30, 5, 50, 25])
     assert dataset.report.num_difficult == 1
 
@@ -327,7 +329,7 @@ def test_bad_voc_xml_names_the_file_and_the_object(voc_root, case):
     xml = _voc_xml(500, 333, [("car", (141, 50, 500, 330), 0), ("dog", (1, 2, 30, 40), 0)])
     text, expected = {
         "malformed": (xml.replace("</annotation>", ""), "malformed XML (no element found: line 1"),
-        "unknown class": (xml.replace("dog", "unicorn"), "object 1: unknown class 'unicorn'"),
+        "unknown class": (xml.replace("dog", "unicorn"), "object 1: class 'unicorn' is not one of the 20"),
         "no xmin": (xml.replace("<xmin>1</xmin>", ""), "object 1 is missing <bndbox/xmin>"),
         "bad difficult": (xml.replace("<difficult>0</difficult><bndbox><xmin>1<", "<difficult>x</difficult><bndbox><xmin>1<"),
                           "object 1: <difficult> must be 0 or 1"),
@@ -335,7 +337,7 @@ def test_bad_voc_xml_names_the_file_and_the_object(voc_root, case):
     }[case]
     xml_path.write_text(text)
     with pytest.raises(ValueError) as info:
-        load_voc(voc_root, "trainval")
+        load_voc(voc_root, "trainval", classes=VOC_CLASSES)
     assert str(xml_path) in str(info.value) and expected in str(info.value), str(info.value)
 
 
@@ -445,3 +447,60 @@ def test_coco_segmentation_area_survives_for_size_buckets(tmp_path):
     path.write_text(json.dumps(gt))
     out = dataset_to_coco(load_coco(path))
     assert [a["area"] for a in out["annotations"]] == [900.5, 400.0]
+
+
+LABELIMG_XML = """<annotation><folder>JPEGImages</folder><filename>{file}</filename>
+<source><database>Unknown</database></source>{size}
+<object><name>{a}</name><pose>Unspecified</pose><truncated>1</truncated>
+<bndbox><xmin>12.5</xmin><ymin>3.25</ymin><xmax>40.5</xmax><ymax>30</ymax></bndbox></object>
+<object><name>{b}</name><bndbox><xmin>50</xmin><ymin>5</ymin><xmax>60</xmax><ymax>20</ymax></bndbox></object>
+</annotation>"""
+
+
+def _labelimg_root(tmp_path, objects=(("tree", "rock"), ("tree", "bush"))) -> Path:
+    """A LabelImg/CVAT export: own class names, no <difficult>, fractional corners, a .png named
+    by <filename>, and (image 2) no <size>."""
+    root = tmp_path / "mine"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    for i, (a, b) in enumerate(objects, start=1):
+        Image.new("RGB", (64, 48)).save(root / "JPEGImages" / f"img{i}.png")
+        size = "<size><width>64</width><height>48</height><depth>3</depth></size>" if i == 1 else ""
+        (root / "Annotations" / f"img{i}.xml").write_text(LABELIMG_XML.format(file=f"img{i}.png", size=size, a=a, b=b))
+    (root / "ImageSets" / "Main" / "train.txt").write_text("img1\nimg2\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("img2\n")
+    return root
+
+
+def test_voc_folder_with_its_own_class_names_from_labelimg(tmp_path):
+    root = _labelimg_root(tmp_path)
+    dataset = load_voc(root, "train")
+    assert dataset.class_names == ["bush", "rock", "tree"] and dataset.category_ids == [1, 2, 3]
+    first, second = dataset.records
+    assert first.gt_classes.tolist() == [3, 2] and second.gt_classes.tolist() == [3, 1]
+    np.testing.assert_allclose(first.gt_boxes[0], [11.5, 2.25, 40.5, 30])  # 1-based, fractional
+    assert first.gt_difficult.tolist() == [False, False]  # no <difficult>: 0
+    assert (second.width, second.height) == (64, 48)  # no <size>: from the image header
+    assert second.file_name.endswith("img2.png")
+    # the val split (no "rock") mapped by name to the training classes
+    val = load_voc(root, "val", classes=dataset.class_names)
+    assert val.class_names == dataset.class_names and val.records[0].gt_classes.tolist() == [3, 1]
+    assert load_voc(root, "val").class_names == ["bush", "tree"]  # alone: its own names
+    with pytest.raises(ValueError) as info:
+        load_voc(root, "train", classes=["tree", "rock"])
+    message = str(info.value)
+    assert "img2.xml" in message and "object 1" in message and "'bush'" in message, message
+
+
+def test_voc_names_keep_the_standard_order_and_a_classes_file_sets_another(tmp_path):
+    root = _labelimg_root(tmp_path, objects=(("dog", "person"), ("cat", "dog")))
+    assert load_voc(root, "train").class_names == list(VOC_CLASSES)  # ids 1..20 as PASCAL VOC
+    from detect.commands import read_class_names
+    classes_file = tmp_path / "classes.txt"
+    classes_file.write_text("person\ncat\n\ndog\n")
+    assert read_class_names(classes_file) == ["person", "cat", "dog"]
+    dataset = load_dataset("voc", root, split="train", classes=read_class_names(classes_file))
+    assert dataset.records[0].gt_classes.tolist() == [3, 1]
+    classes_file.write_text("cat\ncat\n")
+    with pytest.raises(ValueError, match="duplicate class names"):
+        read_class_names(classes_file)

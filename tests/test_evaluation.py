@@ -261,6 +261,9 @@ def test_cli_eval_scores_a_results_file(tmp_path, capsys):
     assert "100.0" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["AP"] == pytest.approx(1.0) and metrics["num_images"] == 2
+    assert metrics["voc07"]["mAP"] == pytest.approx(1.0) and metrics["voc"]["mAP"] == pytest.approx(1.0)
+    assert main(["eval", "--data", str(gt_path), "--results", str(results_path), "--metric", "voc07"]) == 0
+    assert "VOC2007 11-point AP" in capsys.readouterr().out
     assert "Average Precision" in (tmp_path / "run" / "coco_eval.log").read_text()
 
     # --limit 1 scores image 1 only; results for image 2 are set aside, not an error

@@ -14,7 +14,7 @@ from detect.common.config import Config, to_dict
 from detect.data.datasets import Dataset, ImageRecord
 from detect.models.detector import Detections
 from detect.models.build import build_fast_rcnn, build_from_checkpoint
-from detect.models.fast_rcnn import FastRCNN, prepare_image
+from detect.models.fast_rcnn import FastRCNN, assign_levels, prepare_image
 from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, fast_rcnn_loss, sample_rois
 
 STD = (0.1, 0.1, 0.2, 0.2)
@@ -400,3 +400,44 @@ def test_tiny_dataset_overfits(tmp_path):
     dataset = Dataset("scenes", records, ["red", "green"], [1, 2])
     metrics = evaluate_detections(dataset, detections)
     assert metrics["AP50"] > 0.9, metrics["AP50"]
+
+
+def test_multi_scale_test_scores_each_proposal_on_the_level_closest_to_224_squared():
+    # 200 x 300 image, scales 100 and 400: factors 0.5 and 2 per axis.
+    proposals = torch.tensor([[0.0, 0.0, 300.0, 200.0],  # area 60000: 15000 vs 240000 -> level 0
+                              [10.0, 10.0, 30.0, 30.0],  # area 400: 100 vs 1600 -> level 1
+                              [0.0, 0.0, 112.0, 112.0],  # 3136 vs 50176 exactly -> level 1
+                              [50.0, 0.0, 250.0, 150.0]])  # area 30000: 7500 vs 120000 -> level 0
+    factors = torch.tensor([[0.5, 0.5], [2.0, 2.0]])
+    assert assign_levels(proposals, factors).tolist() == [0, 1, 1, 0]
+    assert assign_levels(proposals, factors[:1]).tolist() == [0, 0, 0, 0]
+
+    image = (np.random.default_rng(1).random((200, 300, 3)) * 255).astype(np.uint8)
+    pyramid = tiny_model(test_scales=[100, 400], test_max_size=1000).eval()
+    out = pyramid.score_proposals(image, proposals)
+    for level, size in enumerate([100, 400]):
+        single = tiny_model(test_scale=size, test_max_size=1000).eval().score_proposals(image, proposals)
+        rows = [0, 3] if level == 0 else [1, 2]
+        torch.testing.assert_close(out.scores[rows], single.scores[rows])
+        torch.testing.assert_close(out.deltas[rows], single.deltas[rows])
+    # one scale in the list is the single-scale model
+    one = tiny_model(test_scales=[100], test_max_size=1000).eval().score_proposals(image, proposals)
+    torch.testing.assert_close(one.scores, tiny_model(test_scale=100, test_max_size=1000).eval()
+                               .score_proposals(image, proposals).scores)
+
+
+def test_difficult_objects_are_trained_on_by_default_and_crowd_boxes_never(tmp_path):
+    record = make_scene(tmp_path / "d.png", [(1, [10, 10, 50, 60]), (2, [70, 30, 120, 80])])
+    record.gt_difficult = np.array([True, False])  # the red box is VOC difficult
+    proposals = {record.image_id: np.array([[10, 10, 50, 60], [11, 9, 50, 61], [70, 30, 120, 80]], np.float32)}
+
+    def labels(use_difficult: bool) -> set[int]:
+        data = FastRCNNTrainData(records=[record], get_proposals=proposals.__getitem__, pixel_mean=(0.5,) * 3,
+                                 pixel_std=(0.25,) * 3, images_per_batch=1, rois_per_image=16, scales=[96],
+                                 max_size=200, flip=False, fg_fraction=1.0, use_difficult=use_difficult)
+        return set(data.batch(0).labels.tolist()) - {0}  # the foreground classes sampled
+
+    assert labels(True) == {1, 2}  # fast-rcnn pascal_voc.py keeps difficult objects
+    assert labels(False) == {2}
+    record.gt_crowd = np.array([True, False])  # a COCO crowd box is never an object to learn
+    assert labels(True) == {2}

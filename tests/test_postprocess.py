@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from detect.models.detector import ProposalScores, postprocess
@@ -96,3 +97,23 @@ def test_non_finite_deltas_and_scores_never_reach_the_output():
     assert (dets.boxes >= 0).all() and (dets.boxes <= 100).all()
     # the healthy proposal survives untouched
     assert [60.0, 60.0, 80.0, 80.0] in dets.boxes.tolist()
+
+
+def test_per_class_top_k_keeps_the_best_boxes_of_each_class_before_nms():
+    proposal_boxes = [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]]  # disjoint
+    scores = [[0.9, 0.1], [0.8, 0.95], [0.7, 0.2], [0.6, 0.3]]  # [R=4, K=2]
+    dets = postprocess(_out(proposal_boxes, scores), 100, 100, per_class_top_k=2)
+    # class 1 keeps 0.9 and 0.8, class 2 keeps 0.95 and 0.3; then all sorted by score
+    assert [round(s, 2) for s in dets.scores.tolist()] == [0.95, 0.9, 0.8, 0.3]
+    assert dets.labels.tolist() == [2, 1, 1, 2]
+    assert dets.boxes[:, 0].tolist() == [20.0, 0.0, 20.0, 60.0]
+    # before NMS, as rcnn_test.m: a suppressed box still used up a place of its class
+    overlapping = [[0, 0, 10, 10], [0, 0, 10, 11], [40, 0, 50, 10]]  # box 1 overlaps box 0 (IoU 10/11)
+    out = _out(overlapping, [[0.9], [0.8], [0.7]])
+    assert postprocess(out, 100, 100, per_class_top_k=2).scores.tolist() == pytest.approx([0.9])
+    assert postprocess(out, 100, 100, per_class_top_k=0).scores.tolist() == pytest.approx([0.9, 0.7])
+    # the global cap applies after NMS, over all classes; 0 = no cap
+    assert postprocess(out, 100, 100, detections_per_image=1).scores.tolist() == pytest.approx([0.9])
+    many = _out([[i * 12, 0, i * 12 + 10, 10] for i in range(8)], [[0.5 + i / 100] for i in range(8)])
+    assert len(postprocess(many, 100, 100, detections_per_image=0)) == 8
+    assert len(postprocess(many, 100, 100, detections_per_image=0, per_class_top_k=3)) == 3

@@ -422,3 +422,21 @@ def test_cuda_autocast_scores_match_cpu(trained):
     gpu = copy.deepcopy(detector).to("cuda").score_proposals(image, proposals)  # bf16/fp16 autocast
     assert gpu.scores.device.type == "cuda"
     torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, atol=0.05, rtol=0)
+
+
+def test_image_rows_make_difficult_objects_positives_unless_told_not_to():
+    from detect.data.datasets import ImageRecord
+    from detect.training.rcnn_train import image_rows
+
+    record = ImageRecord(image_id=7, file_name="x.png", width=100, height=100,
+                         gt_boxes=np.array([[0, 0, 20, 20], [50, 50, 90, 90], [0, 50, 30, 90]], np.float32),
+                         gt_classes=np.array([1, 2, 2]), gt_difficult=np.array([True, False, True]),
+                         gt_crowd=np.array([False, False, True]))
+    proposals = np.array([[0, 0, 20, 21]], np.float32)  # IoU 20/21 with the difficult box 0
+    rows = image_rows(record, proposals, num_classes=2, bbox_min_iou=0.6)  # rcnn roidb_from_voc.m
+    assert rows.gt_classes.tolist() == [1, 2, 0]  # gt rows: difficult box 0 and box 1, not crowd box 2
+    assert rows.best_classes[-1] == 1 and rows.best_iou[-1] == pytest.approx(20 / 21)
+    rows = image_rows(record, proposals, num_classes=2, bbox_min_iou=0.6, use_difficult=False)
+    assert rows.gt_classes.tolist() == [2, 0]
+    assert rows.best_classes[-1] == 2 and rows.best_iou[-1] == 0.0  # box 1 is its best trained-on gt
+    assert rows.overlaps[-1, 0] == pytest.approx(20 / 21)  # still no negative for class 1

@@ -50,6 +50,8 @@ def _write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_js
             "name": run_dir.name, "backbone": "efficientnet_lite0", "device": "cpu",
             "num_parameters": 3_412_345, "num_images": 3,
             "per_class_AP": {"cat": ap + 0.1, "dog": 0.324}, "per_class_AP50": {"cat": 0.9, "dog": -1.0},
+            "voc07": {"mAP": ap + 0.2, "per_class_AP": {"cat": ap + 0.2, "dog": -1.0}},
+            "voc": {"mAP": -1.0, "per_class_AP": {"cat": -1.0, "dog": -1.0}},
             "pr_curve_50": {"recall": RECALL, "precision": {"all": [round(1 - ap * r, 4) for r in RECALL],
                                                             "cat": [1.0] * 101, "dog": dog}},
             "timing_ms_per_image": timing, "images_per_second": 1000.0 / sum(timing.values()),
@@ -88,7 +90,8 @@ def report(runs, tmp_path_factory) -> tuple[Path, Path]:
 
 def test_tables_hold_the_runs_numbers(report):
     md = report[0].read_text()
-    assert "| fast | Fast R-CNN | efficientnet_lite0 | 0.512 | 0.801 | 0.550 | n/a | 0.400 | 0.600 | 0.650 |" in md
+    assert ("| fast | Fast R-CNN | efficientnet_lite0 | 0.512 | 0.801 | 0.550 | n/a | 0.400 | 0.600 | 0.650 "
+            "| 0.712 | n/a |") in md  # then VOC07 mAP and VOC mAP (-1: n/a)
     assert "| slow | R-CNN | efficientnet_lite0 | 0.431 | 0.801 |" in md
     assert "| cat | 0.612 | 0.900 | 0.531 | 0.900 |" in md  # per-class AP and AP50 of both runs
     assert "| dog | 0.324 | n/a | 0.324 | n/a |" in md  # -1 (no ground truth) prints n/a

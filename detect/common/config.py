@@ -46,6 +46,10 @@ class DatasetConfig:
     images: str = ""
     # voc: the split name in ImageSets/Main. coco: unused.
     split: str = ""
+    # voc: class names of classes 1..K. Empty: the 20 VOC classes (standard order) when every
+    # name in the split is one of them, else the sorted names found. The val split always uses
+    # the trained detector's classes. coco: the categories' names, checked when given.
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +119,10 @@ class TrainConfig:
     max_size: int = 1000
     # [FRCN] horizontal flip augmentation.
     flip: bool = True
+    # Train on VOC difficult objects, as both papers' code does: fast-rcnn
+    # lib/datasets/pascal_voc.py::_load_pascal_annotation keeps them, rcnn
+    # imdb/roidb_from_voc.m uses every object. COCO crowd boxes are never trained on.
+    use_difficult: bool = True
     # [FRCN] SGD, lr 0.001, momentum 0.9, weight decay 5e-4; lr x0.1 at `steps`.
     lr: float = 0.001
     momentum: float = 0.9
@@ -180,14 +188,24 @@ class RCNNConfig:
 
 @dataclass
 class TestConfig:
-    # [FRCN] test: shorter side 600, longer at most 1000.
+    # [FRCN] test: shorter side 600, longer at most 1000 (TEST.SCALES (600,), TEST.MAX_SIZE).
     scale: int = 600
     max_size: int = 1000
-    # Post-processing, shared by both detectors: score threshold 0.05, per-class NMS 0.3
-    # ([FRCN] TEST.NMS), at most 100 detections per image (COCO's limit).
+    # Fast R-CNN multi-scale test ([FRCN] Table 7: 480, 576, 688, 864, 1200): an image pyramid,
+    # each proposal scored on the level where its area is closest to 224^2 (fast-rcnn
+    # lib/fast_rcnn/test.py::_project_im_rois). Empty = the single `scale`.
+    scales: list[int] = field(default_factory=list)
+    # Post-processing, shared by both detectors: score threshold 0.05 (fast-rcnn test.py::test_net
+    # thresh), per-class NMS 0.3 ([FRCN] TEST.NMS).
     score_thresh: float = 0.05
     nms_thresh: float = 0.3
+    # At most this many detections per image over all classes, after NMS (0 = no cap): 100 is
+    # fast-rcnn test.py::test_net's max_per_image and COCO's limit.
     detections_per_image: int = 100
+    # At most this many boxes per class per image, best first, before NMS (0 = no cap): rcnn
+    # rcnn_test.m keeps max_per_image = 100 per class (its dataset-wide max_per_set threshold
+    # is not implemented here).
+    per_class_top_k: int = 0
     # [FRCN] section 3.1: truncated SVD, top 1024 singular values of fc6, 256 of fc7.
     svd: bool = False
     svd_fc6: int = 1024
@@ -354,7 +372,9 @@ def validate(cfg: Config, source: str) -> None:
     need(r.test_chunk > 0, "rcnn.test_chunk", "must be > 0")
     e = cfg.test
     need(0.0 <= e.nms_thresh <= 1.0, "test.nms_thresh", "must be in [0, 1]")
-    need(e.detections_per_image > 0, "test.detections_per_image", "must be > 0")
+    need(e.detections_per_image >= 0, "test.detections_per_image", "must be >= 0 (0 = no cap)")
+    need(e.per_class_top_k >= 0, "test.per_class_top_k", "must be >= 0 (0 = no cap)")
+    need(all(s > 0 for s in e.scales), "test.scales", "must be positive sizes")
 
 
 def to_dict(cfg: Any) -> dict:

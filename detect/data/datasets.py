@@ -10,25 +10,29 @@ go: structural problems (malformed files, missing fields, duplicate or dangling 
 ``ValueError`` naming the file and the entry; bad boxes are skipped or clipped and counted in a
 ``LoadReport`` (``dataset.report``), summarised in one ``DatasetWarning``.
 
-``gt_difficult`` marks boxes that neither train nor count: VOC ``difficult`` and COCO
-``iscrowd``. Training code drops them; evaluation treats them as ignore regions.
+``gt_difficult`` marks boxes that evaluation ignores (neither true nor false positive): VOC
+``difficult`` and COCO ``iscrowd``; ``gt_crowd`` marks the COCO crowd ones among them.
+Training (``training_gt``) uses VOC difficult objects by default, as both papers' code does
+(rbgirshick/fast-rcnn ``lib/datasets/pascal_voc.py::_load_pascal_annotation`` keeps them;
+rbgirshick/rcnn ``imdb/roidb_from_voc.m`` uses every object), and never crowd boxes (one box
+around many objects is no object box; detectron2 and torchvision drop them in training too).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from detect.common.fileio import read_json
+from detect.data.voc import VOC_CLASSES, read_voc_xml, voc_class_names  # noqa: F401 (VOC_CLASSES re-exported)
 
 
 
@@ -109,11 +113,28 @@ class ImageRecord:
     height: int
     gt_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))  # [G, 4] xyxy
     gt_classes: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))  # [G] in 1..K
-    # [G] VOC difficult or COCO iscrowd: training skips these, evaluation ignores them
+    # [G] VOC difficult or COCO iscrowd: evaluation ignores these (training: see training_gt)
     gt_difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+    # [G] COCO iscrowd (a subset of gt_difficult): never trained on. Empty = none.
+    gt_crowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     # [G] the dataset's own object areas (COCO segmentation area; NaN = unknown, use the box):
     # COCO's small/medium/large split is by this area, so evaluation writes it back unchanged.
     gt_areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+
+
+def training_gt(record: ImageRecord, use_difficult: bool) -> np.ndarray:
+    """Mask [G] of the gt boxes of ``record`` that training learns from: all but crowd boxes,
+    and but VOC difficult ones when ``use_difficult`` is False."""
+    num_gt = len(np.asarray(record.gt_boxes).reshape(-1, 4))
+
+    def flags(values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, bool).reshape(-1)
+        return values if values.shape == (num_gt,) else np.zeros(num_gt, bool)  # empty: none
+
+    keep = ~flags(record.gt_crowd)
+    if not use_difficult:
+        keep &= ~flags(record.gt_difficult)
+    return keep
 
 
 @dataclass
@@ -141,18 +162,24 @@ class Dataset:
 
 
 def load_dataset(fmt: str, path: str | os.PathLike, images: str | os.PathLike = "",
-                 split: str = "", *, check_images: bool = False) -> Dataset:
+                 split: str = "", *, check_images: bool = False, classes: Sequence[str] | None = None) -> Dataset:
     """Load a dataset by format name, as the CLI flags and ``DatasetConfig`` give it.
 
     ``fmt="coco"``: ``path`` is the instances JSON, ``images`` the image folder (default: the
     JSON's folder). ``fmt="voc"``: ``path`` is the VOC folder, ``split`` the ImageSets/Main name.
+    ``classes`` (class names of classes 1..K, e.g. the training set's): VOC objects are mapped
+    to them by name; a COCO file must have exactly these categories' names.
     """
     if not str(path):
         raise ValueError(f"no dataset path given for the {fmt!r} dataset (--data or data.*.path)")
     if fmt == "coco":
-        return load_coco(path, images or None, check_images=check_images)
+        dataset = load_coco(path, images or None, check_images=check_images)
+        if classes and list(classes) != dataset.class_names:
+            raise ValueError(f"{path}: has classes {dataset.class_names}, expected {list(classes)} "
+                             "(the training classes)")
+        return dataset
     if fmt == "voc":
-        return load_voc(path, split, check_images=check_images)
+        return load_voc(path, split, check_images=check_images, classes=classes)
     raise ValueError(f"unknown dataset format {fmt!r}: expected 'coco' or 'voc'")
 
 
@@ -162,8 +189,8 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
 
     Boxes: COCO ``[x, y, w, h]`` -> xyxy float32, converted here once (in float64, so an
     exported xyxy box comes back bit for bit). Classes: category ids in ascending order become
-    classes 1..K. ``iscrowd=1`` boxes are kept with ``gt_difficult=True`` (ignored by training
-    and evaluation). Images without annotations are kept. ``file_name`` is relative to
+    classes 1..K. ``iscrowd=1`` boxes are kept with ``gt_difficult=True`` and ``gt_crowd=True``
+    (ignored by training and evaluation). Images without annotations are kept. ``file_name`` is relative to
     ``image_dir`` (default: the JSON's folder). ``check_images=True`` opens every image header
     (fast, no decoding) and skips missing, unreadable or wrongly sized ones; by default images
     are only read when used.
@@ -259,6 +286,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         record.gt_boxes = boxes[starts[row]:starts[row + 1]]
         record.gt_classes = classes[starts[row]:starts[row + 1]]
         record.gt_difficult = crowd[starts[row]:starts[row + 1]]
+        record.gt_crowd = record.gt_difficult
         record.gt_areas = areas[starts[row]:starts[row + 1]]
     dataset = Dataset(name=json_path.stem, records=records,
                       class_names=[names_by_id[c] for c in category_ids],
@@ -391,23 +419,26 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
     return kept
 
 
-# The 20 PASCAL VOC classes in the standard order: class k is the same whatever the split holds.
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
-
-
-def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False) -> Dataset:
-    """Load a VOC-style folder: ``Annotations/<name>.xml``, ``JPEGImages/<name>.jpg`` and the
-    image names in ``ImageSets/Main/<split>.txt``.
+def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
+             classes: Sequence[str] | None = None) -> Dataset:
+    """Load a VOC-style folder (PASCAL VOC, or what LabelImg and CVAT export):
+    ``Annotations/<name>.xml``, ``JPEGImages/<name>.jpg`` (or the XML's ``<filename>`` there)
+    and the image names in ``ImageSets/Main/<split>.txt``.
 
     Boxes: VOC corners are 1-based and inclusive; the pixels xmin..xmax cover the continuous
     0-based span [xmin - 1, xmax], so a box becomes ``(xmin - 1, ymin - 1, xmax, ymax)``, once,
     here (rbgirshick/fast-rcnn ``datasets/pascal_voc.py`` also subtracted 1; it kept inclusive
-    corners for its ``+ 1`` widths, which this package does not use). ``difficult`` objects are
-    kept with ``gt_difficult=True``. Classes are ``VOC_CLASSES`` with category ids 1..20.
-    Image ids are the names as integers ("2008_000008" -> 2008000008) when they all are digits
-    and distinct, otherwise the 1-based position in the split file.
+    corners for its ``+ 1`` widths, which this package does not use). Coordinates may be
+    fractional ("12.5"). ``difficult`` objects are kept with ``gt_difficult=True``; a missing
+    ``<difficult>`` is 0; ``<truncated>``, ``<pose>`` and other tags are ignored. A missing
+    ``<size>`` is read from the image file's header (no decoding).
+
+    Classes: ``classes`` (names of classes 1..K, e.g. the training split's) when given; an
+    object of another class is an error naming the file and the object. Otherwise the names
+    found in the split: ``VOC_CLASSES`` in the standard order when all are VOC class names (so
+    PASCAL VOC keeps ids 1..20 whichever split is loaded), else their sorted set. Category ids
+    are 1..K. Image ids are the names as integers ("2008_000008" -> 2008000008) when they all
+    are digits and distinct, otherwise the 1-based position in the split file.
     """
     root = Path(root)
     if not split:
@@ -427,61 +458,32 @@ def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False)
         image_ids = list(range(1, len(names) + 1))
 
     report = LoadReport(source=str(split_file))
-    class_of_name = {name: k + 1 for k, name in enumerate(VOC_CLASSES)}
-    records = []
+    records, object_names = [], []
     for i in tqdm(range(len(names)), desc="reading VOC annotations", unit="img", disable=None):
-        records.append(_read_voc_xml(root / "Annotations" / f"{names[i]}.xml", image_ids[i],
-                                     root / "JPEGImages" / f"{names[i]}.jpg", class_of_name, report))
-    dataset = Dataset(name=f"{root.name}_{split}", records=records, class_names=list(VOC_CLASSES),
-                      category_ids=list(range(1, len(VOC_CLASSES) + 1)), report=report)
+        xml_path = root / "Annotations" / f"{names[i]}.xml"
+        ann = read_voc_xml(xml_path, root / "JPEGImages", names[i])
+        widths, heights = np.full(len(ann.boxes), float(ann.width)), np.full(len(ann.boxes), float(ann.height))
+        boxes, keep = clean_boxes(ann.boxes, widths, heights, report, lambda j: f"{xml_path}: object {j}")
+        records.append(ImageRecord(
+            image_id=image_ids[i], file_name=str(ann.image_path.absolute()), width=ann.width, height=ann.height,
+            gt_boxes=boxes[keep].astype(np.float32), gt_classes=np.flatnonzero(keep),  # object index, for now
+            gt_difficult=ann.difficult[keep]))
+        object_names.append([n for n, k in zip(ann.names, keep) if k])
+    if classes:
+        class_names = list(classes)
+        if len(set(class_names)) != len(class_names):
+            raise ValueError(f"duplicate class names in {class_names}")
+    else:
+        class_names = voc_class_names({name for found in object_names for name in found})
+    class_of_name = {name: k + 1 for k, name in enumerate(class_names)}
+    for i, record in enumerate(records):
+        unknown = [j for j, name in enumerate(object_names[i]) if name not in class_of_name]
+        if unknown:
+            xml_path = root / "Annotations" / f"{names[i]}.xml"
+            raise ValueError(f"{xml_path}: object {record.gt_classes[unknown[0]]}: class "
+                             f"{object_names[i][unknown[0]]!r} is not one of the {len(class_names)} "
+                             f"training classes {class_names}")
+        record.gt_classes = np.array([class_of_name[n] for n in object_names[i]], np.int64).reshape(-1)
+    dataset = Dataset(name=f"{root.name}_{split}", records=records, class_names=class_names,
+                      category_ids=list(range(1, len(class_names) + 1)), report=report)
     return _finish_loading(dataset, check_images, str(split_file))
-
-
-def _read_voc_xml(xml_path: Path, image_id: int, image_path: Path, class_of_name: dict[str, int],
-                  report: LoadReport) -> ImageRecord:
-    try:
-        tree = ET.parse(xml_path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{xml_path}: annotation file not found (its image is in the split "
-                                "file)") from None
-    except ET.ParseError as e:
-        raise ValueError(f"{xml_path}: malformed XML ({e})") from None
-    annotation = tree.getroot()
-    width = _voc_number(annotation, "size/width", xml_path, "<annotation>")
-    height = _voc_number(annotation, "size/height", xml_path, "<annotation>")
-    if not (width > 0 and height > 0):
-        raise ValueError(f"{xml_path}: width and height must be positive, got {width:g}x{height:g}")
-    width, height = int(width), int(height)
-    boxes, classes, difficult = [], [], []
-    for j, obj in enumerate(annotation.findall("object")):
-        where = f"object {j}"
-        name = (obj.findtext("name") or "").strip()
-        if name not in class_of_name:
-            raise ValueError(f"{xml_path}: {where}: unknown class {name!r} (expected one of the 20 "
-                             "VOC classes)")
-        xmin, ymin, xmax, ymax = (_voc_number(obj, f"bndbox/{k}", xml_path, where)
-                                  for k in ("xmin", "ymin", "xmax", "ymax"))
-        flag = (obj.findtext("difficult") or "0").strip()
-        if flag not in ("0", "1"):
-            raise ValueError(f"{xml_path}: {where}: <difficult> must be 0 or 1, got {flag!r}")
-        boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based continuous
-        classes.append(class_of_name[name])
-        difficult.append(flag == "1")
-    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)  # [G, 4]
-    widths, heights = np.full(len(boxes), float(width)), np.full(len(boxes), float(height))
-    boxes, keep = clean_boxes(boxes, widths, heights, report, lambda j: f"{xml_path}: object {j}")
-    record = ImageRecord(image_id=image_id, file_name=str(image_path.absolute()), width=width, height=height)
-    record.gt_boxes = boxes[keep].astype(np.float32)  # [G, 4]
-    record.gt_classes = np.array(classes, dtype=np.int64)[keep]  # [G]
-    record.gt_difficult = np.array(difficult, dtype=bool)[keep]  # [G]
-    return record
-
-
-def _voc_number(element: ET.Element, path: str, xml_path: Path, where: str) -> float:
-    text = element.findtext(path)
-    if text is None or not text.strip():
-        raise ValueError(f"{xml_path}: {where} is missing <{path}>")
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{xml_path}: {where}: <{path}> is not a number: {text.strip()!r}") from None

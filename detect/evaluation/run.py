@@ -5,7 +5,8 @@ search timed as the "proposals" stage), the same ``Detector.detect`` (hence the 
 post-processing) and the same COCO evaluation. A run directory ends up with:
 
 - ``detections.json``: COCO results of the evaluated images;
-- ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, per-stage test time in
+- ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, VOC AP ("voc07":
+  11-point, "voc": all-point, each {"mAP", "per_class_AP"}; ``detect.evaluation.voc``), per-stage test time in
   ms per image, images/s, peak memory, parameter count, device, training time, proposal
   recall and the dataset it was measured on (the contract ``detect compare`` reads; see
   ``detect.report.runs``);
@@ -26,6 +27,7 @@ from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import read_image
 from detect.evaluation.coco import COCO_KEYS, coco_results, evaluate_detections, format_metrics_table
 from detect.evaluation.recall import proposal_recall
+from detect.evaluation.voc import evaluate_voc, for_json, format_voc_table
 from detect.models.detector import Detections, Detector, StageTimer
 
 
@@ -83,6 +85,8 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "coco": {k: m[k] for k in COCO_KEYS},
         "per_class_AP": m["per_class_AP"], "per_class_AP50": m["per_class_AP50"],
         "pr_curve_50": m["pr_curve_50"],
+        "voc07": for_json(evaluate_voc(dataset, detections, "voc07")),
+        "voc": for_json(evaluate_voc(dataset, detections, "voc")),
         "timing_ms_per_image": timer.per_image(len(dataset)),
         "images_per_second": len(dataset) / max(elapsed, 1e-9),
         "peak_memory_mb": peak_memory_mb(device),
@@ -94,9 +98,17 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     return metrics
 
 
-def print_metrics(metrics: dict) -> None:
+def print_metrics(metrics: dict, metric: str = "coco") -> None:
+    """Print the COCO table (``metric="coco"``) or the VOC AP table ("voc07", "voc"), and timing."""
+    if metric in ("voc07", "voc"):
+        print(format_voc_table(metrics[metric], metric))
+    else:
+        print_coco(metrics)
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in metrics["timing_ms_per_image"].items())
+    print(f"test time (ms/image): {stages}; {metrics['images_per_second']:.2f} images/s on {metrics['device']}")
+
+
+def print_coco(metrics: dict) -> None:
     flat = dict(metrics["coco"], per_class_AP=metrics["per_class_AP"], per_class_AP50=metrics["per_class_AP50"],
                 num_images=metrics["num_images"], num_detections=metrics["num_detections"])
     print(format_metrics_table(flat))
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in metrics["timing_ms_per_image"].items())
-    print(f"test time (ms/image): {stages}; {metrics['images_per_second']:.2f} images/s on {metrics['device']}")

@@ -40,7 +40,8 @@ def _detector_kwargs(cfg: Config, class_names: list[str], category_ids: list[int
     return dict(class_names=list(class_names), category_ids=category_ids,
                 proposal_settings=to_dict(cfg.proposals), proposal_top_k=cfg.proposals.top_k,
                 backbone_name=cfg.model.backbone, amp=cfg.train.amp, score_thresh=t.score_thresh,
-                nms_thresh=t.nms_thresh, detections_per_image=t.detections_per_image)
+                nms_thresh=t.nms_thresh, detections_per_image=t.detections_per_image,
+                per_class_top_k=t.per_class_top_k)
 
 
 def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int] | None = None, *,
@@ -48,6 +49,7 @@ def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int]
     """The one place a ``FastRCNN`` is made from a config."""
     return FastRCNN(backbone=backbone or build_backbone_from(cfg), roi_op=cfg.model.roi_op,
                     bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale,
+                    test_scales=cfg.test.scales,
                     test_max_size=cfg.test.max_size, **_detector_kwargs(cfg, class_names, category_ids))
 
 

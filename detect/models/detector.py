@@ -58,11 +58,17 @@ class Detections:
 
 def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
                 score_thresh: float = 0.05, nms_thresh: float = 0.3,
-                detections_per_image: int = 100) -> Detections:
-    """Decode, clip, threshold, per-class NMS, keep the top ``detections_per_image``.
+                detections_per_image: int = 100, per_class_top_k: int = 0) -> Detections:
+    """Decode, clip, threshold, keep the top ``per_class_top_k`` of each class (0 = all),
+    per-class NMS, keep the top ``detections_per_image`` over all classes (0 = all).
 
     The shared step of both detectors (as torchvision's ``postprocess_detections`` and
-    detectron2's ``fast_rcnn_inference_single_image``). Defaults: [FRCN] test config.
+    detectron2's ``fast_rcnn_inference_single_image``). The two caps are the two papers' test
+    code: rbgirshick/rcnn ``rcnn_test.m`` keeps the 100 best-scoring boxes per class per image
+    before NMS (``max_per_image``) and caps nothing after; rbgirshick/fast-rcnn
+    ``lib/fast_rcnn/test.py::test_net`` keeps the 100 best over all classes after NMS. Ties at
+    either cap are broken by order (torch's stable sort), not kept as the originals' ``>=`` does.
+    Defaults: [FRCN] test config.
     """
     scores = out.scores.float()  # [R, K]
     num_props, num_classes = scores.shape
@@ -78,8 +84,24 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
     h = boxes[:, 3] - boxes[:, 1]
     keep &= (w > 1e-3) & (h > 1e-3) & torch.isfinite(boxes).all(dim=1)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_image]
+    if per_class_top_k > 0:
+        keep = _top_k_per_class(scores, labels, per_class_top_k)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)  # best score first
+    if detections_per_image > 0:
+        keep = keep[:detections_per_image]
     return Detections(boxes[keep], scores[keep], labels[keep])
+
+
+def _top_k_per_class(scores: Tensor, labels: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` best scores [D] of each label: sort by score, then (stably) by
+    label, and keep the entries whose rank within their label is below ``k``."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(labels[order], stable=True)]  # grouped by label, best first
+    sorted_labels = labels[order]
+    first = torch.searchsorted(sorted_labels, sorted_labels)  # where each label's run starts
+    rank = torch.arange(len(order), device=scores.device) - first
+    return order[rank < k]
 
 
 class StageTimer:
@@ -122,7 +144,7 @@ class Detector(nn.Module):
     kind: str = ""
 
     def __init__(self, *, class_names: list[str], score_thresh: float = 0.05,
-                 nms_thresh: float = 0.3, detections_per_image: int = 100,
+                 nms_thresh: float = 0.3, detections_per_image: int = 100, per_class_top_k: int = 0,
                  category_ids: list[int] | None = None, proposal_settings: dict | None = None,
                  proposal_top_k: int = 0, backbone_name: str = "", amp: bool = True):
         super().__init__()
@@ -136,7 +158,11 @@ class Detector(nn.Module):
             raise ValueError(f"proposal_top_k must be >= 0 (0 = all), got {proposal_top_k}")
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
+        if detections_per_image < 0 or per_class_top_k < 0:
+            raise ValueError(f"detections_per_image and per_class_top_k must be >= 0 (0 = no cap), got "
+                             f"{detections_per_image} and {per_class_top_k}")
         self.detections_per_image = detections_per_image
+        self.per_class_top_k = per_class_top_k
         self.proposal_settings = dict(proposal_settings or {})  # selective search's, when detect() gets None
         self.proposal_top_k = proposal_top_k
         self.backbone_name = backbone_name
@@ -171,5 +197,6 @@ class Detector(nn.Module):
         with timer("postprocess"):
             dets = postprocess(out, image.shape[0], image.shape[1], score_thresh=self.score_thresh,
                                nms_thresh=self.nms_thresh,
-                               detections_per_image=self.detections_per_image)
+                               detections_per_image=self.detections_per_image,
+                               per_class_top_k=self.per_class_top_k)
         return dets.to("cpu")

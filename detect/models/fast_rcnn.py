@@ -32,7 +32,7 @@ from detect.common.runtime import autocast
 from detect.models.backbones import Backbone, FcHead, normalize_pixels
 from detect.models.detector import Detector, ProposalScores, StageTimer
 
-__all__ = ["FastRCNN", "resize_scale", "prepare_image"]
+__all__ = ["FastRCNN", "resize_scale", "prepare_image", "assign_levels"]
 
 
 
@@ -80,7 +80,10 @@ class FastRCNN(Detector):
 
     Class-specific box regression, one (tx, ty, tw, th) per object class (no background row).
     Test-time resizing: shorter side ``test_scale``, longer side <= ``test_max_size`` ([FRCN]
-    600 / 1000). ``detector_kwargs`` are ``Detector``'s (category ids, proposal settings, amp).
+    600 / 1000). ``test_scales`` (several sizes, overriding ``test_scale``) is [FRCN]'s
+    multi-scale test (Table 7: 480, 576, 688, 864, 1200): an image pyramid, one level per size,
+    and each proposal scored once, on the level where its scaled area is closest to 224 x 224
+    (``assign_levels``). No scores are averaged or max-pooled over levels. ``detector_kwargs`` are ``Detector``'s (category ids, proposal settings, amp).
     ``roi_chunk`` bounds the RoIs run through the head at once at test time (the
     memory of conv heads grows with R x S x S).
     """
@@ -89,7 +92,8 @@ class FastRCNN(Detector):
 
     def __init__(self, *, backbone: Backbone, class_names: list[str], roi_op: str = "roi_pool",
                  bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
-                 test_max_size: int = 1000, score_thresh: float = 0.05, nms_thresh: float = 0.3,
+                 test_max_size: int = 1000, test_scales: Sequence[int] | None = None,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.3,
                  detections_per_image: int = 100, roi_chunk: int = 1024, **detector_kwargs):
         super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
                          detections_per_image=detections_per_image, **detector_kwargs)
@@ -97,8 +101,9 @@ class FastRCNN(Detector):
             raise ValueError(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
         if len(bbox_std) != 4 or any(s <= 0 for s in bbox_std):
             raise ValueError(f"bbox_std must be 4 positive numbers, got {bbox_std!r}")
-        if test_scale <= 0 or test_max_size <= 0 or roi_chunk <= 0:
-            raise ValueError("test_scale, test_max_size and roi_chunk must be positive")
+        test_scales = list(test_scales) if test_scales else [test_scale]
+        if min(test_scales) <= 0 or test_max_size <= 0 or roi_chunk <= 0:
+            raise ValueError("test_scale(s), test_max_size and roi_chunk must be positive")
         self.body = backbone.body
         self.head = backbone.head
         self.roi_op = roi_op
@@ -106,7 +111,7 @@ class FastRCNN(Detector):
         self.stride = backbone.stride
         self.pixel_mean = tuple(backbone.pixel_mean)
         self.pixel_std = tuple(backbone.pixel_std)
-        self.test_scale = test_scale
+        self.test_scales = test_scales
         self.test_max_size = test_max_size
         self.roi_chunk = roi_chunk
         num_classes = len(self.class_names)
@@ -160,22 +165,29 @@ class FastRCNN(Detector):
                                   torch.zeros((0, num_classes, 4), device=device))
         with timer("backbone"):
             pixels = torch.tensor(image, dtype=torch.uint8, device=device)  # [H, W, 3], a copy
-            x, (scale_x, scale_y) = prepare_image(pixels, target_size=self.test_scale,
-                                                  max_size=self.test_max_size,
-                                                  pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
-            with autocast(device, self.amp):
-                features = self.body(x[None])  # [1, C, h, w]
+            levels = []  # (features [1, C, h, w], (scale_x, scale_y)) per pyramid level
+            for size in self.test_scales:
+                x, factors = prepare_image(pixels, target_size=size, max_size=self.test_max_size,
+                                           pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
+                with autocast(device, self.amp):
+                    levels.append((self.body(x[None]), factors))
         with timer("roi_head"):
-            scale = torch.tensor([scale_x, scale_y, scale_x, scale_y], device=device)
-            rois = torch.cat([proposal_boxes.new_zeros((num_props, 1)), proposal_boxes * scale], dim=1)
-            logits, deltas = [], []
-            with autocast(device, self.amp):
-                for start in range(0, num_props, self.roi_chunk):
-                    chunk_logits, chunk_deltas = self.roi_heads(features, rois[start:start + self.roi_chunk])
-                    logits.append(chunk_logits.float())
-                    deltas.append(chunk_deltas.float())
-            scores = torch.softmax(torch.cat(logits), dim=1)[:, 1:]  # [R, K], background dropped
-            deltas = torch.cat(deltas) * self.bbox_std  # [R, K, 4], un-normalised
+            factors = torch.tensor([f for _, f in levels], device=device)  # [L, 2]
+            level_of = assign_levels(proposal_boxes, factors)  # [R]
+            logits = torch.zeros((num_props, num_classes + 1), device=device)  # [R, K+1]
+            deltas = torch.zeros((num_props, num_classes, 4), device=device)  # [R, K, 4]
+            for level, (features, (scale_x, scale_y)) in enumerate(levels):
+                index = torch.nonzero(level_of == level).flatten()  # [R_l]
+                scale = torch.tensor([scale_x, scale_y, scale_x, scale_y], device=device)
+                rois = torch.cat([proposal_boxes.new_zeros((len(index), 1)), proposal_boxes[index] * scale], dim=1)
+                with autocast(device, self.amp):
+                    for start in range(0, len(index), self.roi_chunk):
+                        chunk = index[start:start + self.roi_chunk]
+                        chunk_logits, chunk_deltas = self.roi_heads(features, rois[start:start + self.roi_chunk])
+                        logits[chunk] = chunk_logits.float()
+                        deltas[chunk] = chunk_deltas.float()
+            scores = torch.softmax(logits, dim=1)[:, 1:]  # [R, K], background dropped
+            deltas = deltas * self.bbox_std  # [R, K, 4], un-normalised
         return ProposalScores(proposal_boxes, scores, deltas)
 
     @torch.no_grad()
@@ -192,6 +204,21 @@ class FastRCNN(Detector):
                              "a conv backbone with model.head_dim > 0), applied once")
         self.head.fc6 = _svd_linear(self.head.fc6, fc6_rank)
         self.head.fc7 = _svd_linear(self.head.fc7, fc7_rank)
+
+
+def assign_levels(proposal_boxes: Tensor, factors: Tensor) -> Tensor:
+    """The pyramid level [R] (int64) each proposal [R, 4] is scored on, given the levels'
+    (scale_x, scale_y) factors [L, 2]: the level where the proposal's scaled area is closest to
+    224 x 224. rbgirshick/fast-rcnn ``lib/fast_rcnn/test.py::_project_im_rois`` does this with
+    ``+ 1`` inclusive widths and one factor per level; our boxes are continuous (width x2 - x1)
+    and the two axes may differ by rounding, so the area scales by scale_x * scale_y. With one
+    level every proposal gets level 0, as there."""
+    if factors.shape[0] == 1:
+        return torch.zeros(proposal_boxes.shape[0], dtype=torch.int64, device=proposal_boxes.device)
+    widths = proposal_boxes[:, 2] - proposal_boxes[:, 0]  # [R]
+    heights = proposal_boxes[:, 3] - proposal_boxes[:, 1]  # [R]
+    scaled_areas = (widths * heights)[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [R, L]
+    return (scaled_areas - 224 * 224).abs().argmin(dim=1)  # first level on ties, as np.argmin
 
 
 def _svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:

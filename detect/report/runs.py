@@ -10,6 +10,8 @@ and its part of the report then says "not available". (A scored results file, ``
      "device": "cpu" | "cuda: NVIDIA H100 ...", "num_parameters": int, "num_images": int,
      "coco": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"},  # in [0, 1]; -1 = n/a
      "per_class_AP": {class name: float}, "per_class_AP50": {class name: float},    # -1 = no gt
+     "voc07": {"mAP": float, "per_class_AP": {class name: float}},  # VOC2007 11-point AP; -1 = n/a
+     "voc": {"mAP": float, "per_class_AP": {class name: float}},    # VOC2010+ all-point AP
      "pr_curve_50": {"recall": [101 floats],
                      "precision": {"all": [101 floats], class name: [101 floats]}},  # -1 = n/a
      "timing_ms_per_image": {stage: ms},
@@ -21,7 +23,8 @@ and its part of the report then says "not available". (A scored results file, ``
      "train_time_s": float | null,
      "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
                          "AR": [...], "MABO": [...]} | null,       # one value per top_k
-     "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str}}
+     "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str,
+              "classes": [class names]}}   # classes: VOC only, the evaluated class order
 
 ``detections.json`` (optional): the COCO results of the evaluated images, a list of
 ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
@@ -59,6 +62,7 @@ class Run:
     coco: dict[str, float | None]  # COCO_KEYS -> value in [0, 1]; None = n/a
     per_class_ap: dict[str, float | None]
     per_class_ap50: dict[str, float | None]
+    voc_map: dict[str, float | None]  # "voc07" / "voc" -> mAP (None = n/a or not in metrics.json)
     pr_recall: list[float] | None  # [101] recall points of the IoU 0.5 curve
     pr_precision: dict[str, list[float]]  # "all" or class name -> [101] precision, NaN = n/a
     timing_ms: dict[str, float]  # stage -> ms per image
@@ -68,7 +72,7 @@ class Run:
     num_parameters: int | None
     num_images: int | None
     proposal_recall: dict[str, list[float]] | None  # "top_k", "recall@0.5", ... -> [T]
-    data: dict[str, str] | None
+    data: dict | None  # str values, but "classes": list[str]
     detections_path: Path | None  # detections.json, when the folder has one
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
@@ -135,6 +139,11 @@ def load_run(run_dir: str | Path) -> Run:
         values = _mapping(m, key, path) or {}
         return {str(k): _number(v, f"{key}.{k}", path, minus_one_is_na=True) for k, v in values.items()}
 
+    voc_map = {}
+    for key in ("voc07", "voc"):
+        voc = _mapping(m, key, path)
+        voc_map[key] = None if voc is None else _number(voc.get("mAP"), f"{key}.mAP", path, minus_one_is_na=True)
+
     pr_recall, pr_precision = None, {}
     pr = _mapping(m, "pr_curve_50", path)
     if pr is not None and pr.get("recall") is not None:
@@ -168,6 +177,7 @@ def load_run(run_dir: str | Path) -> Run:
         coco={k: _number(coco.get(k), f"coco.{k}", path, minus_one_is_na=True) for k in COCO_KEYS},
         per_class_ap=per_class("per_class_AP"),
         per_class_ap50=per_class("per_class_AP50"),
+        voc_map=voc_map,
         pr_recall=pr_recall,
         pr_precision=pr_precision,
         timing_ms={k: v for k, v in timing_ms.items() if v is not None},
@@ -177,7 +187,8 @@ def load_run(run_dir: str | Path) -> Run:
         num_parameters=None if num_parameters is None else int(num_parameters),
         num_images=None if num_images is None else int(num_images),
         proposal_recall=recall,
-        data={str(k): str(v) for k, v in data.items() if v is not None} if data else None,
+        data={str(k): [str(c) for c in v] if k == "classes" and isinstance(v, list) else str(v)
+              for k, v in data.items() if v is not None} if data else None,
         detections_path=detections if detections.is_file() else None,
     )
 

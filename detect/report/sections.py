@@ -35,6 +35,7 @@ from detect.report.render import Figure, Heading, Table, Text
 from detect.report.runs import Run, load_run
 
 ACCURACY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+VOC_COLUMNS = {"voc07": "VOC07 mAP", "voc": "VOC mAP"}  # metrics.json key -> column
 # Display order of timing stages; stages not listed here follow in the order the runs give them.
 STAGE_ORDER = ("backbone", "roi_head", "warp", "features", "svm", "bbox_reg", "postprocess")
 DETECTOR_NAMES = {"fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN"}
@@ -106,12 +107,15 @@ def _runs_section(runs: list[Run]) -> Section:
 
 def _accuracy_section(runs: list[Run]) -> Section:
     rows = [[r.label, _detector_name(r.detector), r.backbone]
-            + [_fmt(r.coco[k]) for k in ACCURACY_COLUMNS] for r in runs]
-    section = Section([Heading("Accuracy (COCO box AP)"),
-                       Table(["run", "detector", "backbone", *ACCURACY_COLUMNS], rows),
+            + [_fmt(r.coco[k]) for k in ACCURACY_COLUMNS] + [_fmt(r.voc_map.get(k)) for k in VOC_COLUMNS]
+            for r in runs]
+    section = Section([Heading("Accuracy (COCO box AP, VOC mAP)"),
+                       Table(["run", "detector", "backbone", *ACCURACY_COLUMNS, *VOC_COLUMNS.values()], rows),
                        Text("AP is averaged over IoU 0.50:0.95; AP50 and AP75 at one IoU; APs/APm/APl "
                             "by object area (small < 32², large > 96² pixels); AR100: recall with "
-                            "100 detections per image. n/a: not measured, or no ground truth.")])
+                            "100 detections per image. VOC07 mAP: PASCAL VOC2007's 11-point AP at "
+                            "IoU > 0.5, VOC mAP: VOC2010+'s all-point AP (difficult objects ignored, "
+                            "py-faster-rcnn voc_eval.py). n/a: not measured, or no ground truth.")])
     class_names = _union(key for r in runs for key in [*r.per_class_ap, *r.per_class_ap50])
     section.blocks.append(Heading("Per-class AP", 3))
     if not class_names:
@@ -264,7 +268,7 @@ def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset
     data = _resolve_data(data, run_dir)
     try:
         return load_dataset(data.get("format", "coco"), data["path"], data.get("images", ""),
-                            data.get("split", "")), ""
+                            data.get("split", ""), classes=data.get("classes") or None), ""
     except (FileNotFoundError, ValueError, ImageReadError, OSError) as e:
         if explicit:
             raise

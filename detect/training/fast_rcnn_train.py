@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detect.common.boxes import box_iou, encode_boxes, flip_boxes
-from detect.data.datasets import ImageRecord
+from detect.data.datasets import ImageRecord, training_gt
 from detect.data.images import ImageReadError, read_image
 from detect.models.fast_rcnn import FastRCNN, prepare_image
 from detect.training.engine import train_loop
@@ -34,9 +34,9 @@ def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *,
                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """[FRCN] ``_sample_rois``: up to ``num_rois`` RoIs of one image, ``fg_fraction`` foreground.
 
-    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; pass non-difficult gt
-    only), ``gt_classes`` [G] in 1..K. The ground-truth boxes join the candidates. Foreground:
-    IoU >= ``fg_iou`` with some gt box (label = its class); background: max IoU in
+    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; the trained-on gt,
+    ``datasets.training_gt``), ``gt_classes`` [G] in 1..K. The ground-truth boxes join the
+    candidates. Foreground: IoU >= ``fg_iou`` with some gt box (label = its class); background: max IoU in
     [``bg_iou_low``, ``bg_iou_high``) (label 0). As [FRCN], fewer foreground than the quota means
     more background. Unlike [FRCN] (which drops such images), when the [low, high) band holds too
     few candidates the background is topped up with IoU < ``bg_iou_low`` ones, so images without
@@ -135,8 +135,10 @@ class FastRCNNTrainData:
     generator seeded with (seed, iteration, global image slot), so a resumed run rebuilds
     exactly the batches it would have seen, with no sampler state in the checkpoint.
     An image that cannot be read is passed over for the next one in the sequence and named in
-    ``TrainBatch.skipped_files`` (the first time only); difficult and degenerate gt boxes are
-    left out ([FRCN] trains without VOC's difficult objects).
+    ``TrainBatch.skipped_files`` (the first time only). Degenerate and crowd gt boxes are left
+    out; VOC difficult ones are trained on when ``use_difficult`` (the default, as fast-rcnn
+    ``lib/datasets/pascal_voc.py::_load_pascal_annotation``, which keeps them: see
+    ``detect.data.datasets.training_gt``).
     ``get_proposals(image_id)`` returns proposals [P, 4] xyxy in original-image pixels.
     """
 
@@ -146,7 +148,7 @@ class FastRCNNTrainData:
                  flip: bool = True, fg_fraction: float = 0.25, fg_iou: float = 0.5,
                  bg_iou_low: float = 0.1, bg_iou_high: float = 0.5,
                  bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, use_difficult: bool = True):
         if not records:
             raise ValueError("no training images")
         if not 0 <= rank < world_size:
@@ -161,6 +163,7 @@ class FastRCNNTrainData:
         self.sampling = dict(num_rois=rois_per_image, fg_fraction=fg_fraction, fg_iou=fg_iou,
                              bg_iou_low=bg_iou_low, bg_iou_high=bg_iou_high, bbox_std=tuple(bbox_std))
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.use_difficult = use_difficult
         self._permutations: dict[int, np.ndarray] = {}
         self._unreadable: set[str] = set()
 
@@ -203,9 +206,7 @@ class FastRCNNTrainData:
             proposal_boxes[:, 1::2] = proposal_boxes[:, 1::2].clip(0, height)
             proposal_boxes = proposal_boxes[_valid_boxes(proposal_boxes)]  # [P, 4], inside the image
             gt_boxes = np.asarray(record.gt_boxes, np.float32).reshape(-1, 4)
-            keep = _valid_boxes(gt_boxes)
-            if len(record.gt_difficult) == len(gt_boxes):
-                keep &= ~np.asarray(record.gt_difficult, bool)
+            keep = _valid_boxes(gt_boxes) & training_gt(record, self.use_difficult)
             gt_boxes, gt_classes = gt_boxes[keep], np.asarray(record.gt_classes, np.int64)[keep]
             if flip:
                 proposal_boxes, gt_boxes = flip_boxes(proposal_boxes, width), flip_boxes(gt_boxes, width)

@@ -46,10 +46,10 @@ class ImageRows:
     """What R-CNN's later stages need to know about each row (region) of one image."""
 
     image_id: int
-    boxes: np.ndarray  # [R, 4] float32 xyxy: the image's (non-difficult) gt boxes, then proposals
+    boxes: np.ndarray  # [R, 4] float32 xyxy: the image's trained-on gt boxes (datasets.training_gt), then proposals
     gt_classes: np.ndarray  # [R] int16: class 1..K of a ground-truth row, 0 for a proposal
     overlaps: np.ndarray  # [R, K] float32: IoU with the closest gt box of each class (any gt)
-    best_iou: np.ndarray  # [R] float32: IoU with the best-overlapping non-difficult gt box
+    best_iou: np.ndarray  # [R] float32: IoU with the best-overlapping trained-on gt box
     best_classes: np.ndarray  # [R] int16: that gt box's class (0 when the image has none)
     best_gt_boxes: np.ndarray  # [R, 4] float32: that gt box (zeros when none)
     has_pool5: np.ndarray  # [R] bool: best_iou >= bbox_min_iou, i.e. used by box regression

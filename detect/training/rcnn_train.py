@@ -29,7 +29,7 @@ from detect.common.boxes import box_iou_numpy
 from detect.common.checkpoints import save_checkpoint
 from detect.common.fileio import atomic_path, check_settings, read_json, write_json_atomic, write_settings
 from detect.common.runtime import barrier, rank_and_world
-from detect.data.datasets import ImageRecord
+from detect.data.datasets import ImageRecord, training_gt
 from detect.data.images import ImageReadError, read_image
 from detect.models.backbones import Backbone
 from detect.models.rcnn import FineTuneNet, RegionNet, normalize_image, region_features, warp_regions
@@ -45,18 +45,19 @@ from detect.training.rcnn_svm import train_svms
 # ----------------------------------------------------------------------------------------------
 
 
-def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, bbox_min_iou: float) -> ImageRows:
-    """The rows of one training image: its non-difficult gt boxes first, then its proposals.
+def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, bbox_min_iou: float,
+               use_difficult: bool = True) -> ImageRows:
+    """The rows of one training image: its trained-on gt boxes first, then its proposals.
 
-    Overlaps per class use every gt box (a proposal on a difficult object is no negative);
-    best IoU / class / box use the non-difficult ones (what a row may be trained to become).
+    The trained-on gt boxes (``training_gt``) are all but crowd boxes, and VOC difficult ones
+    too unless ``use_difficult`` is False: rbgirshick/rcnn ``imdb/roidb_from_voc.m`` makes a
+    positive of every object, difficult included. Overlaps per class use every gt box (a
+    proposal on an ignored object is no negative); best IoU / class / box use the trained-on
+    ones (what a row may be trained to become).
     """
     gt_boxes = np.asarray(record.gt_boxes, np.float32).reshape(-1, 4)
     gt_classes = np.asarray(record.gt_classes, np.int64).reshape(-1)
-    difficult = np.asarray(record.gt_difficult, bool).reshape(-1)
-    if difficult.shape != gt_classes.shape:
-        difficult = np.zeros(gt_classes.shape, bool)
-    easy = ~difficult
+    easy = training_gt(record, use_difficult)
     proposals = np.asarray(proposals, np.float32).reshape(-1, 4)
     boxes = np.concatenate([gt_boxes[easy], proposals])  # [R, 4]
     num_rows = len(boxes)
@@ -100,7 +101,8 @@ class FineTuneSampler:
     def __init__(self, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
                  num_classes: int, crop_size: int, context_pad: int, pixel_mean, pixel_std,
                  device: torch.device, batch_size: int = 128, fg_per_batch: int = 32, fg_iou: float = 0.5,
-                 images_per_batch: int = 4, flip: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 images_per_batch: int = 4, flip: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 use_difficult: bool = True):
         if not records:
             raise ValueError("fine-tuning needs at least one training image")
         if not 0 <= fg_per_batch <= batch_size:
@@ -111,6 +113,7 @@ class FineTuneSampler:
         self.batch_size, self.fg_per_batch, self.fg_iou = batch_size, fg_per_batch, fg_iou
         self.images_per_batch, self.flip, self.seed = images_per_batch, flip, seed
         self.rank, self.world_size = rank, world_size
+        self.use_difficult = use_difficult
         self.unreadable: dict[str, str] = {}
 
     def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
@@ -130,7 +133,7 @@ class FineTuneSampler:
                     warnings.warn(f"fine-tuning skips an unreadable image ({len(self.unreadable)} so far): {e}")
                 continue
             rows = image_rows(record, self.get_proposals(record.image_id), num_classes=self.num_classes,
-                              bbox_min_iou=1.0)
+                              bbox_min_iou=1.0, use_difficult=self.use_difficult)
             labels = np.where(rows.best_iou >= self.fg_iou, rows.best_classes, 0).astype(np.int64)
             windows.append((rows.boxes, labels))
         all_boxes = np.concatenate([w[0] for w in windows] or [np.zeros((0, 4), np.float32)])  # [N, 4]
@@ -181,8 +184,9 @@ class _RegionFeaturizer:
 
     def __init__(self, net: RegionNet, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
                  num_classes: int, crop_size: int, context_pad: int, pixel_mean, pixel_std, bbox_min_iou: float,
-                 batch_size: int, amp: bool):
+                 batch_size: int, amp: bool, use_difficult: bool = True):
         self.net, self.records, self.get_proposals = net, records, get_proposals
+        self.use_difficult = use_difficult
         self.num_classes, self.bbox_min_iou = num_classes, bbox_min_iou
         self.crop_size, self.context_pad = crop_size, context_pad
         self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
@@ -206,7 +210,8 @@ class _RegionFeaturizer:
             self.unreadable[record.file_name] = e.reason
             image_t, proposals = None, np.zeros((0, 4), np.float32)
             record = ImageRecord(record.image_id, record.file_name, record.width, record.height)
-        rows = image_rows(record, proposals, num_classes=self.num_classes, bbox_min_iou=self.bbox_min_iou)
+        rows = image_rows(record, proposals, num_classes=self.num_classes, bbox_min_iou=self.bbox_min_iou,
+                          use_difficult=self.use_difficult)
         self._cached = (i, rows, image_t)
         return rows, image_t
 
@@ -352,7 +357,7 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                output_dir: str | Path, *, num_classes: int, crop_size: int, context_pad: int,
                finetune: FineTuneSettings, svm: SVMSettings, bbox_lambda: float, bbox_min_iou: float,
                cache_features: bool = True, feature_batch_size: int = 128, amp: bool = True,
-               fingerprint: dict | None = None, resume: bool = False,
+               fingerprint: dict | None = None, resume: bool = False, use_difficult: bool = True,
                device: torch.device = torch.device("cpu"),
                progress: bool = True) -> dict[str, np.ndarray] | None:
     """Train R-CNN's four stages in order ([RCNN]) on ``records`` and their proposals.
@@ -360,7 +365,8 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     ``backbone`` is fine-tuned in place. Returns the SVM and box-regressor arrays (the ``extra``
     of ``build_rcnn``) on rank 0, and None at once on the other ranks after the features: the
     caller makes them wait for rank 0 in ``runtime.long_wait_group`` (the SVMs may take longer
-    than NCCL's 10-minute timeout) while rank 0 trains the SVMs and saves the detector. ``fingerprint`` (the dataset,
+    than NCCL's 10-minute timeout) while rank 0 trains the SVMs and saves the detector.
+    ``use_difficult``: VOC difficult objects are positives (see ``image_rows``). ``fingerprint`` (the dataset,
     its proposals and the model, as plain data) goes into every stage marker, so a resumed run
     with other data is refused.
 
@@ -386,14 +392,14 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     # 1. Fine-tune the CNN on warped regions.
     ft_dir = stage_dirs["finetune"]
     ft_settings = {"data": fingerprint or {}, "crop_size": crop_size, "context_pad": context_pad,
-                   "finetune": asdict(finetune)}
+                   "finetune": asdict(finetune), "use_difficult": use_difficult}
     if not _stage_done(ft_dir, ft_settings):
         t0 = time.perf_counter()
         model = FineTuneNet(net=net, head_dim=fc7_dim, num_classes=num_classes)
         sampler = FineTuneSampler(records=records, get_proposals=get_proposals, num_classes=num_classes,
                                   device=device, batch_size=finetune.batch_size, fg_per_batch=finetune.fg_per_batch,
                                   fg_iou=finetune.fg_iou, flip=finetune.flip, seed=finetune.seed, rank=rank,
-                                  world_size=world, **warp)
+                                  world_size=world, use_difficult=use_difficult, **warp)
 
         def step_fn(train_model: nn.Module, iteration: int) -> dict[str, Tensor]:
             crops, labels = sampler.batch(iteration)
@@ -417,7 +423,8 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     net.load_state_dict(torch.load(ft_dir / "net.pt", map_location="cpu", weights_only=True))
     net.to(device).eval()
     featurizer = _RegionFeaturizer(net, records=records, get_proposals=get_proposals, num_classes=num_classes,
-                                   bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size, amp=amp, **warp)
+                                   bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size, amp=amp,
+                                   use_difficult=use_difficult, **warp)
 
     # 2. Features: cached as float16 shards (all ranks), or streamed.
     feat_dir = stage_dirs["features"]

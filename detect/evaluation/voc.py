@@ -1,0 +1,162 @@
+"""PASCAL VOC average precision: VOC2007's 11-point AP and VOC2010+'s all-point AP.
+
+The algorithm of ``lib/datasets/voc_eval.py`` (``voc_eval`` and ``voc_ap``) in
+rbgirshick/py-faster-rcnn, the Python port of the VOCdevkit's MATLAB evaluation that
+rbgirshick/fast-rcnn itself called (``lib/datasets/VOCdevkit-matlab-wrapper/voc_eval.m``),
+per class:
+
+1. all detections of the class over all images, sorted by score, best first;
+2. each detection is matched to the ground-truth box of its image (same class) with the
+   highest IoU; if that IoU is > 0.5 (strictly) the detection is a true positive when that
+   box is not difficult and not yet matched, a false positive when it was matched already,
+   and neither when it is difficult; IoU <= 0.5 is a false positive;
+3. recall = cumulative TP / number of non-difficult gt boxes; precision = TP / (TP + FP);
+4. AP: ``"voc07"`` averages, over recall thresholds 0, 0.1, ..., 1, the highest precision
+   at recall >= t (0 if none); ``"voc"`` (VOC2010+) takes the area under the precision
+   envelope (precision made monotone from the right), summed over the points where recall
+   changes.
+
+Differences, deliberate: voc_eval.py measures boxes in inclusive 1-based pixels (widths
+``x2 - x1 + 1``); our boxes are continuous xyxy (see ``detect.data.datasets.load_voc``), so
+IoU here is plain IoU without the ``+ 1``. A detection on a difficult box is left out of the
+precision/recall points rather than kept as a point that changes nothing (the same AP, except
+that voc_eval.py gets 0/0 = NaN when such a detection comes first). A class without
+non-difficult gt boxes has no AP (NaN, written as -1 in metrics.json) and is left out of the
+mean, as COCO's per-class AP. Ties in score keep the order of the input (numpy's stable sort;
+voc_eval.py's argsort is not stable).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from detect.data.datasets import Dataset
+from detect.models.detector import Detections
+
+METRICS = ("voc07", "voc")
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str) -> float:
+    """AP from cumulative recall [D] and precision [D] (voc_eval.py ``voc_ap``)."""
+    if metric == "voc07":
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            above = precision[recall >= t]
+            ap += (above.max() if above.size else 0.0) / 11.0
+        return float(ap)
+    if metric == "voc":
+        mrec = np.concatenate([[0.0], recall, [1.0]])
+        mpre = np.concatenate([[0.0], precision, [0.0]])
+        mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # the precision envelope
+        changes = np.flatnonzero(mrec[1:] != mrec[:-1])
+        return float(np.sum((mrec[changes + 1] - mrec[changes]) * mpre[changes + 1]))
+    raise ValueError(f"unknown VOC metric {metric!r}: expected one of {METRICS}")
+
+
+def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.ndarray, np.ndarray]],
+             iou_thresh: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+    """Recall [D'] and precision [D'] of one class, and its number of non-difficult gt boxes.
+
+    ``dets``: (score, image id, box [4]) of every detection of the class; ``gt``: image id ->
+    (boxes [G, 4], difficult [G]) of that class. D' leaves out detections matched to difficult
+    boxes (neither true nor false positive)."""
+    num_pos = int(sum((~difficult).sum() for _, difficult in gt.values()))
+    order = np.argsort([-d[0] for d in dets], kind="stable")
+    matched = {image_id: np.zeros(len(boxes), bool) for image_id, (boxes, _) in gt.items()}
+    tp, fp = [], []
+    for i in order:
+        _, image_id, box = dets[i]
+        boxes, difficult = gt.get(image_id, (np.zeros((0, 4), np.float32), np.zeros(0, bool)))
+        if len(boxes):
+            ious = _iou(np.asarray(box, np.float64), boxes.astype(np.float64))  # [G]
+            j = int(np.argmax(ious))
+            if ious[j] > iou_thresh:
+                if difficult[j]:
+                    continue  # neither TP nor FP
+                tp.append(not matched[image_id][j])
+                fp.append(matched[image_id][j])
+                matched[image_id][j] = True
+                continue
+        tp.append(False)
+        fp.append(True)
+    tp_cum = np.cumsum(np.asarray(tp, np.float64))
+    fp_cum = np.cumsum(np.asarray(fp, np.float64))
+    recall = tp_cum / max(num_pos, 1)
+    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+    return recall, precision, num_pos
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU [G] of one xyxy box [4] with boxes [G, 4], continuous (no ``+ 1``), float64."""
+    iw = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    ih = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = iw * ih
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
+    return inter / np.maximum(union, np.finfo(np.float64).eps)
+
+
+def evaluate_voc(dataset: Dataset, detections: dict[int, Detections], metric: str,
+                 iou_thresh: float = 0.5) -> dict:
+    """``{"mAP": float, "per_class_AP": {class name: float}}`` of ``detections`` (image id ->
+    ``Detections``, labels 1..K) on ``dataset``; NaN for a class without non-difficult gt."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown VOC metric {metric!r}: expected one of {METRICS}")
+    per_class = {}
+    for k, name in enumerate(dataset.class_names, start=1):
+        gt = {}
+        for record in dataset.records:
+            mine = np.asarray(record.gt_classes).reshape(-1) == k
+            difficult = np.asarray(record.gt_difficult, bool).reshape(-1)
+            if difficult.shape != mine.shape:  # no flags given: none difficult
+                difficult = np.zeros(mine.shape, bool)
+            gt[record.image_id] = (np.asarray(record.gt_boxes).reshape(-1, 4)[mine], difficult[mine])
+        dets = []
+        for image_id, d in detections.items():
+            labels = d.labels.cpu().numpy()
+            boxes, scores = d.boxes.cpu().numpy()[labels == k], d.scores.cpu().numpy()[labels == k]
+            dets.extend((float(s), image_id, b) for s, b in zip(scores, boxes))
+        recall, precision, num_pos = class_pr(dets, gt, iou_thresh)
+        per_class[name] = average_precision(recall, precision, metric) if num_pos else math.nan
+    defined = [v for v in per_class.values() if not math.isnan(v)]
+    return {"mAP": float(np.mean(defined)) if defined else math.nan, "per_class_AP": per_class}
+
+
+def for_json(result: dict) -> dict:
+    """``evaluate_voc``'s result with NaN written as -1 (metrics.json's "n/a", as COCO's)."""
+    def clean(v: float) -> float:
+        return -1.0 if math.isnan(v) else v
+    return {"mAP": clean(result["mAP"]), "per_class_AP": {k: clean(v) for k, v in result["per_class_AP"].items()}}
+
+
+def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, Detections]:
+    """COCO results entries (already checked by ``evaluate_coco``) -> image id -> ``Detections``
+    with class indices 1..K, so a results file gets VOC AP too."""
+    class_of = {cat_id: k for k, cat_id in enumerate(dataset.category_ids, start=1)}
+    grouped: dict[int, list[tuple[list[float], float, int]]] = {}
+    for entry in results:
+        if entry["category_id"] not in class_of:
+            continue
+        x, y, w, h = (float(v) for v in entry["bbox"])
+        grouped.setdefault(entry["image_id"], []).append(([x, y, x + w, y + h], float(entry["score"]),
+                                                           class_of[entry["category_id"]]))
+    out = {}
+    for image_id, items in grouped.items():
+        out[image_id] = Detections(torch.tensor([b for b, _, _ in items], dtype=torch.float64).reshape(-1, 4),
+                                   torch.tensor([s for _, s, _ in items], dtype=torch.float64),
+                                   torch.tensor([k for _, _, k in items], dtype=torch.int64))
+    return out
+
+
+def format_voc_table(result: dict, metric: str) -> str:
+    """Per-class AP and the mean, in percent, as a text table."""
+    title = {"voc07": "VOC2007 11-point AP", "voc": "VOC2010+ all-point AP"}[metric]
+    width = max([len(n) for n in result["per_class_AP"]] + [3])
+    lines = [f"{title} (IoU > 0.5, difficult ignored)"]
+    for name, ap in result["per_class_AP"].items():
+        lines.append(f"  {name:<{width}}  {'n/a' if ap < 0 or math.isnan(ap) else f'{100 * ap:5.1f}'}")
+    m = result["mAP"]
+    lines.append(f"  {'mAP':<{width}}  {'n/a' if m < 0 or math.isnan(m) else f'{100 * m:5.1f}'}")
+    return "\n".join(lines)
