@@ -28,6 +28,8 @@ from detect.common.runtime import (available_cores, barrier, init_distributed, i
 from detect.data.datasets import Dataset, load_coco, load_dataset
 from detect.data.images import find_images
 from detect.data.synthetic import make_synthetic as write_synthetic
+from detect.evaluation.bench import bench as bench_detectors
+from detect.evaluation.bench import format_bench
 from detect.evaluation.coco import dataset_to_coco, evaluate_coco, format_metrics_table
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
 from detect.evaluation.run import evaluate_detector, print_metrics
@@ -360,6 +362,32 @@ def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str
         print_metrics(metrics)
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
     return metrics
+
+
+def bench(args: argparse.Namespace) -> int:
+    """``detect bench``: two or more detectors interleaved image by image; writes bench.json."""
+    if len(args.checkpoints) < 2:
+        raise ValueError("give two or more checkpoints to compare")
+    if not args.data:
+        raise ValueError("--data is required: the images to time the detectors on")
+    spec = _dataset_spec(args)
+    dataset = _load_spec(spec)
+    records = dataset.records[:args.limit] if args.limit > 0 else dataset.records
+    store = ProposalStore(args.proposals) if args.proposals else None
+    if store is not None:
+        store.check_dataset(dataset)
+    device = resolve_device(args.device)
+    detectors = [load_detector(c, device) for c in args.checkpoints]
+    names = [Path(c).parent.name or str(c) for c in args.checkpoints]
+    if len(set(names)) < len(names):
+        names = [str(c) for c in args.checkpoints]
+    result = bench_detectors(detectors, names, records, get_proposals=store.get if store is not None else None,
+                             warmup=args.warmup, num_resamples=args.resamples)
+    result.update(checkpoints=[str(c) for c in args.checkpoints], data=spec)
+    print(format_bench(result))
+    write_json_atomic(Path(args.output), result)
+    print(f"wrote {args.output}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""``detect bench``: interleaving, warm-up, and the statistics on timings with known answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from detect.cli import main
+from detect.common.checkpoints import save_detector_checkpoint
+from detect.common.config import Config, to_dict
+from detect.data.datasets import load_coco
+from detect.models.build import build_fast_rcnn
+from detect.proposals.store import write_store
+from detect.data.datasets import ImageRecord
+from detect.evaluation.bench import (bench_summary, ratio_of_medians, reference_index, run_interleaved,
+                                     summarize)
+from detect.models.detector import Detector, ProposalScores
+
+
+class FakeDetector(Detector):
+    """Records (name, image id) of every call; 'scores' nothing."""
+
+    def __init__(self, name: str, calls: list, kind: str = "fast_rcnn"):
+        super().__init__(class_names=["a"])
+        self.name, self.calls, self.kind = name, calls, kind
+
+    def score_proposals(self, image, proposal_boxes, timer=None):
+        self.calls.append((self.name, int(image[0, 0, 0]), len(proposal_boxes)))
+        with timer("head"):
+            pass
+        r = proposal_boxes.shape[0]
+        return ProposalScores(proposal_boxes, torch.zeros(r, 1), torch.zeros(r, 1, 4))
+
+
+def _records(n: int) -> list[ImageRecord]:
+    return [ImageRecord(image_id=i + 1, file_name=str(i + 1), width=4, height=4) for i in range(n)]
+
+
+def test_detectors_run_interleaved_image_by_image_and_warmup_is_not_counted():
+    calls: list = []
+    a, b = FakeDetector("A", calls), FakeDetector("B", calls)
+    proposed: list = []
+
+    def propose(image):
+        proposed.append(int(image[0, 0, 0]))
+        return np.array([[0, 0, 2, 2]] * int(image[0, 0, 0]), np.float32)
+
+    out = run_interleaved([a, b], _records(5), warmup=2, progress=False, propose=propose,
+                          load_image=lambda f: np.full((4, 4, 3), int(f), np.uint8))
+    assert [c[:2] for c in calls] == [(n, i) for i in range(1, 6) for n in "AB"]
+    assert proposed == [1, 2, 3, 4, 5]  # once per image, shared
+    assert [c[2] for c in calls if c[0] == "B"] == [1, 2, 3, 4, 5]  # the same proposals to both
+    assert len(out["proposals"]) == 3
+    for stages in out["detectors"]:
+        assert set(stages) == {"head", "postprocess"}
+        assert all(len(v) == 3 for v in stages.values())
+
+
+def test_a_store_replaces_selective_search_and_too_few_images_is_an_error():
+    calls: list = []
+    a = FakeDetector("A", calls)
+    out = run_interleaved([a], _records(2), warmup=0, progress=False,
+                          get_proposals=lambda i: np.zeros((7, 4), np.float32),
+                          load_image=lambda f: np.full((4, 4, 3), int(f), np.uint8))
+    assert [c[2] for c in calls] == [7, 7] and len(out["proposals"]) == 2
+    with pytest.raises(ValueError, match="warm-up"):
+        run_interleaved([a], _records(2), warmup=2, progress=False, propose=lambda im: np.zeros((1, 4)))
+
+
+def test_summarize_gives_median_and_interpolated_percentiles():
+    s = summarize(list(range(11)))  # 0..10: p10 = 1, median 5, p90 = 9 exactly
+    assert (s["median"], s["p10"], s["p90"], s["n"]) == (5.0, 1.0, 9.0, 11)
+    assert np.isnan(summarize([])["median"])
+
+
+def test_ratio_of_medians_is_exact_for_proportional_timings_and_brackets_noise():
+    rng = np.random.default_rng(0)
+    b = rng.uniform(10, 20, 50)
+    r = ratio_of_medians(3 * b, b, num_resamples=500)
+    assert r["ratio"] == pytest.approx(3.0) and r["lo"] == pytest.approx(3.0) and r["hi"] == pytest.approx(3.0)
+    # Independent noise: the interval brackets the point estimate and the true ratio 2.
+    a = 2 * rng.uniform(10, 20, 200)
+    r = ratio_of_medians(a, rng.uniform(10, 20, 200), num_resamples=1000)
+    assert r["lo"] < r["ratio"] < r["hi"] and r["lo"] < 2.0 < r["hi"]
+    # Seeded: the same interval twice.
+    assert ratio_of_medians(a, b[:1].repeat(200), seed=3) == ratio_of_medians(a, b[:1].repeat(200), seed=3)
+    with pytest.raises(ValueError, match="length"):
+        ratio_of_medians([1, 2], [1])
+
+
+def test_summary_takes_ratios_against_fast_rcnn_and_adds_proposals_end_to_end():
+    assert reference_index(["rcnn", "fast_rcnn"]) == 1 and reference_index(["x", "y"]) == 0
+    timings = {"proposals": [100.0, 100.0, 100.0],
+               "detectors": [{"features": [1000.0, 1000.0, 1000.0]}, {"backbone": [90.0] * 3, "roi_head": [10.0] * 3}]}
+    s = bench_summary(timings, ["r", "f"], ["rcnn", "fast_rcnn"], num_resamples=100)
+    assert s["reference"] == "f"
+    r, f = s["detectors"]
+    assert f["detector"]["median"] == 100.0 and f["end_to_end"]["median"] == 200.0
+    assert r["ratio_to_reference"]["detector"]["ratio"] == pytest.approx(10.0)
+    assert r["ratio_to_reference"]["end_to_end"]["ratio"] == pytest.approx(1100 / 200)
+    assert "ratio_to_reference" not in f
+
+
+def _tiny_fast_rcnn_checkpoint(path, dataset, seed: int):
+    cfg = Config()  # a small random Fast R-CNN, as tests/test_readme.py builds it
+    cfg.model.backbone, cfg.model.weights, cfg.model.freeze_at = "efficientnet_lite0", "none", ""
+    cfg.model.head_dim, cfg.model.roi_size = 32, 3
+    cfg.test.scale, cfg.test.max_size = 64, 96
+    cfg.proposals.resize, cfg.proposals.top_k = 96, 20
+    torch.manual_seed(seed)
+    model = build_fast_rcnn(cfg, dataset.class_names, dataset.category_ids)
+    save_detector_checkpoint(path, kind="fast_rcnn", config=to_dict(cfg), class_names=dataset.class_names,
+                             category_ids=dataset.category_ids, state_dict=model.state_dict())
+
+
+def test_detect_bench_writes_bench_json(synthetic_dir, tmp_path, one_thread):
+    dataset = load_coco(synthetic_dir / "val.json")
+    for name in ("a", "b"):
+        _tiny_fast_rcnn_checkpoint(tmp_path / name / "model_final.pt", dataset, seed=len(name))
+    write_store(tmp_path / "store", image_ids=[r.image_id for r in dataset.records],
+                boxes_per_image=[np.array([[0, 0, 30, 30], [5, 5, 60, 50]], np.float32)] * len(dataset.records),
+                meta={"mode": "fast"})
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tmp_path / "a" / "model_final.pt"), str(tmp_path / "b" / "model_final.pt"),
+                 "--data", str(synthetic_dir / "val.json"), "--proposals", str(tmp_path / "store"),
+                 "--warmup", "1", "--resamples", "50", "--output", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == len(dataset.records) - 1 and result["warmup"] == 1
+    assert [d["name"] for d in result["detectors"]] == ["a", "b"] and result["reference"] == "a"
+    assert set(result["detectors"][0]["stages"]) >= {"backbone", "roi_head", "postprocess"}
+    assert len(result["detectors"][1]["per_image_ms"]["backbone"]) == result["num_images"]
+    assert result["environment"]["torch_threads"] == 1
+    r = result["detectors"][1]["ratio_to_reference"]["detector"]
+    assert r["lo"] <= r["ratio"] <= r["hi"]
+    assert main(["bench", str(tmp_path / "a" / "model_final.pt"), "--data", str(synthetic_dir / "val.json")]) == 2
