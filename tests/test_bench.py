@@ -12,6 +12,7 @@ from detect.cli import main
 from detect.common.checkpoints import save_detector_checkpoint
 from detect.common.config import Config, to_dict
 from detect.data.datasets import load_coco
+from detect.evaluation.run import timing_lists
 from detect.models.build import build_fast_rcnn
 from detect.proposals.store import write_store
 from detect.data.datasets import ImageRecord
@@ -136,3 +137,24 @@ def test_detect_bench_writes_bench_json(synthetic_dir, tmp_path, one_thread):
     r = result["detectors"][1]["ratio_to_reference"]["detector"]
     assert r["lo"] <= r["ratio"] <= r["hi"]
     assert main(["bench", str(tmp_path / "a" / "model_final.pt"), "--data", str(synthetic_dir / "val.json")]) == 2
+
+
+def test_timing_lists_keep_every_image_and_take_medians_after_warmup():
+    per_image = [{"a": 100.0}, {"a": 50.0, "b": 1.0}, {"a": 1.0}, {"a": 2.0, "b": 3.0}, {"a": 4.0}]
+    t = timing_lists(per_image, warmup=2)
+    assert t["timing_ms_per_image_list"] == {"a": [100.0, 50.0, 1.0, 2.0, 4.0], "b": [0.0, 1.0, 0.0, 3.0, 0.0]}
+    assert t["timing_ms_median"] == {"a": 2.0, "b": 0.0} and t["timing_warmup_images"] == 2
+    assert timing_lists(per_image[:2], warmup=2)["timing_ms_median"]["a"] == 75.0  # too few: all count
+
+
+def test_detect_eval_writes_per_image_timings(synthetic_dir, tmp_path, one_thread):
+    dataset = load_coco(synthetic_dir / "val.json")
+    _tiny_fast_rcnn_checkpoint(tmp_path / "a" / "model_final.pt", dataset, seed=0)
+    assert main(["eval", "--checkpoint", str(tmp_path / "a" / "model_final.pt"), "--data",
+                 str(synthetic_dir / "val.json"), "--device", "cpu"]) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    lists = m["timing_ms_per_image_list"]
+    assert all(len(v) == len(dataset.records) for v in lists.values()) and "proposals" in lists
+    for stage, mean in m["timing_ms_per_image"].items():  # the lists sum to the old means
+        assert sum(lists[stage]) / len(dataset.records) == pytest.approx(mean)
+    assert m["timing_ms_median"]["backbone"] == pytest.approx(float(np.median(lists["backbone"][3:])))
