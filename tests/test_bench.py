@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from detect.cli import main
+from detect.cli import build_parser, main
 from detect.common.checkpoints import save_detector_checkpoint
 from detect.common.config import Config, to_dict
 from detect.data.datasets import load_coco
@@ -16,6 +16,7 @@ from detect.evaluation.run import timing_lists
 from detect.models.build import build_fast_rcnn
 from detect.proposals.store import write_store
 from detect.data.datasets import ImageRecord
+from detect.demo import demo_steps
 from detect.evaluation.bench import (bench_summary, ratio_of_medians, reference_index, run_interleaved,
                                      summarize)
 from detect.models.detector import Detector, ProposalScores
@@ -158,3 +159,14 @@ def test_detect_eval_writes_per_image_timings(synthetic_dir, tmp_path, one_threa
     for stage, mean in m["timing_ms_per_image"].items():  # the lists sum to the old means
         assert sum(lists[stage]) / len(dataset.records) == pytest.approx(mean)
     assert m["timing_ms_median"]["backbone"] == pytest.approx(float(np.median(lists["backbone"][3:])))
+
+
+def test_the_demo_benches_both_detectors_and_compares_with_the_bench(tmp_path):
+    steps = [argv for argv, _ in demo_steps(tmp_path)]
+    names = [argv[0] for argv in steps]
+    assert names.index("train") < names.index("bench") < names.index("compare")
+    bench_argv, compare_argv = steps[names.index("bench")], steps[names.index("compare")]
+    assert sum(a.endswith("model_final.pt") for a in bench_argv) == 2
+    assert compare_argv[compare_argv.index("--bench") + 1] == bench_argv[bench_argv.index("--output") + 1]
+    args = build_parser().parse_args(bench_argv)  # the step parses
+    assert args.warmup == 3 and args.proposals == ""

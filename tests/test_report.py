@@ -219,3 +219,44 @@ def test_cli_compare(runs, tmp_path, capsys):
     assert main(["compare", str(runs[0]), "--output-dir", str(tmp_path / "t"),
                  "--data", str(tmp_path / "no.json")]) == 2
     assert "no.json" in capsys.readouterr().err
+
+
+def test_a_bench_replaces_the_runs_timings_and_gives_the_ratio_interval(runs, tmp_path):
+    def entry(name, kind, stages, ratio=None):
+        s = {k: {"median": v, "p10": v * 0.9, "p90": v * 1.2, "n": 20} for k, v in stages.items()}
+        total = sum(stages.values())
+        d = {"name": name, "kind": kind, "stages": s,
+             "detector": {"median": total, "p10": total, "p90": total, "n": 20},
+             "end_to_end": {"median": total + 500, "p10": total + 500, "p90": total + 500, "n": 20}}
+        if ratio:
+            d["ratio_to_reference"] = {"detector": {"ratio": ratio, "lo": ratio - 1, "hi": ratio + 2},
+                                       "end_to_end": {"ratio": 1.5, "lo": 1.4, "hi": 1.6}}
+        return d
+    bench = {"reference": "fast", "num_images": 20, "warmup": 3, "device": "cpu",
+             "proposals": {"median": 500.0, "p10": 400.0, "p90": 600.0, "n": 20},
+             "checkpoints": [str(runs[0] / "model_final.pt"), "elsewhere/slow/model_final.pt"],
+             "detectors": [entry("fast", "fast_rcnn", {"backbone": 7.0, "roi_head": 3.0}),
+                           entry("slow", "rcnn", {"features": 90.0, "warp": 10.0}, ratio=10.0)],
+             "environment": {"torch": "2.x", "torch_threads": 2, "opencv": "4.x", "opencv_threads": 2,
+                             "numpy": "1.x"}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    md_path, _ = make_report(runs, tmp_path / "report", timestamp="T", num_grid_images=0,
+                             bench=tmp_path / "bench.json")
+    md = md_path.read_text()
+    assert "slow / fast: 10.0x (95% CI 9.00-12.00) detector only, 1.50x (95% CI 1.40-1.60) end to end" in md
+    assert "| end to end (proposals + detector), ms | 510.0 [510.0, 510.0] | 600.0 [600.0, 600.0] |" in md
+    assert "bench median per image, 20 images after 3 warm-up" in md
+    assert "| features, ms/image | - | 90.0 |" in md  # the bench's medians, not the run's 300 ms
+    (tmp_path / "bad.json").write_text(json.dumps({"detectors": [{}], "proposals": {}}))
+    with pytest.raises(ValueError, match=r"bad.json: key 'detectors\[0\].name'"):
+        make_report(runs, tmp_path / "r2", timestamp="T", num_grid_images=0, bench=tmp_path / "bad.json")
+
+
+def test_run_medians_are_preferred_to_means(tmp_path):
+    run = _write_run(tmp_path / "m", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=None)
+    m = json.loads((run / "metrics.json").read_text())
+    m.update(timing_ms_median={"backbone": 5.0, "proposals": 1000.0}, timing_warmup_images=3)
+    (run / "metrics.json").write_text(json.dumps(m))
+    loaded = load_run(run)
+    assert loaded.timing_ms == {"backbone": 5.0, "proposals": 1000.0}
+    assert loaded.timing_source == "median per image after 3 warm-up image(s)"

@@ -32,7 +32,7 @@ from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
 from detect.report import render
 from detect.report.render import Figure, Heading, Table, Text
-from detect.report.runs import Run, load_run
+from detect.report.runs import Run, apply_bench, load_bench, load_run
 
 ACCURACY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 # Display order of timing stages; stages not listed here follow in the order the runs give them.
@@ -126,7 +126,35 @@ def _accuracy_section(runs: list[Run]) -> Section:
     return section
 
 
-def _speed_section(runs: list[Run]) -> Section:
+def _ratio_text(r: dict) -> str:
+    return f"{_fmt_ratio(r['ratio'])} (95% CI {r['lo']:.2f}-{r['hi']:.2f})"
+
+
+def _bench_blocks(benched: list[Run], bench: dict) -> list:
+    """The bench's table (median [p10, p90]) and its ratio sentences with intervals."""
+    def cell(v: dict) -> str:
+        return f"{_fmt_ms(v['median'])} [{_fmt_ms(v['p10'])}, {_fmt_ms(v['p90'])}]"
+
+    rows = [["proposals (shared), ms"] + [cell(bench["proposals"]) for _ in benched],
+            ["detector only, ms"] + [cell(r.bench["detector"]) for r in benched],
+            ["end to end (proposals + detector), ms"] + [cell(r.bench["end_to_end"]) for r in benched]]
+    blocks = [Heading("Interleaved bench", 3), Table(["median [p10, p90]", *[r.label for r in benched]], rows)]
+    for r in benched:
+        ratio = r.bench.get("ratio_to_reference")
+        if ratio:
+            blocks.append(Text(f"{r.label} / {bench['reference']}: {_ratio_text(ratio['detector'])} detector "
+                               f"only, {_ratio_text(ratio['end_to_end'])} end to end (ratio of medians; "
+                               "paired bootstrap over images).", strong=True))
+    env = bench.get("environment", {})
+    blocks.append(Text(f"Bench: {bench.get('num_images')} images after {bench.get('warmup')} warm-up, "
+                       f"detectors run interleaved image by image on {bench.get('device', 'n/a')}; torch "
+                       f"{env.get('torch', '?')} ({env.get('torch_threads', '?')} threads), OpenCV "
+                       f"{env.get('opencv', '?')} ({env.get('opencv_threads', '?')} threads), numpy "
+                       f"{env.get('numpy', '?')}."))
+    return blocks
+
+
+def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
     stages = _union([s for s in STAGE_ORDER if any(s in r.timing_ms for r in runs)]
                     + [s for r in runs for s in r.timing_ms if s != "proposals"])
     timed = [r for r in runs if r.test_ms]
@@ -151,13 +179,17 @@ def _speed_section(runs: list[Run]) -> Section:
                                     for r in runs],
              ["parameters"] + ["n/a" if r.num_parameters is None else f"{r.num_parameters:,}"
                                for r in runs]]
+    sources = "; ".join(sorted({f"{r.label}: {r.timing_source}" for r in timed})) or "none"
     section = Section([Heading("Speed"), Table(["", *[r.label for r in runs]], rows),
-                       Text("Times are per test image as recorded by the run; peak memory is CUDA "
+                       Text(f"Times are per test image ({sources}); peak memory is CUDA "
                             "max allocated on a GPU, the process's max RSS on a CPU.")])
 
     fast = [r for r in runs if r.detector == "fast_rcnn"]
     slow = [r for r in runs if r.detector == "rcnn"]
-    if len(fast) == 1 and len(slow) == 1 and fast[0].test_ms and slow[0].test_ms:
+    benched = [r for r in runs if r.bench is not None]
+    if benched:
+        section.blocks += _bench_blocks(benched, bench)
+    elif len(fast) == 1 and len(slow) == 1 and fast[0].test_ms and slow[0].test_ms:
         section.blocks.append(Text(
             f"R-CNN / Fast R-CNN = {_fmt_ratio(slow[0].test_ms / fast[0].test_ms)} test time per "
             f"image, excluding proposals ({slow[0].label}: {_fmt_ms(slow[0].test_ms)} ms, "
@@ -354,12 +386,14 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
 
 
 def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None = None,
-                data: dict[str, str] | None = None, num_grid_images: int = 4) -> tuple[Path, Path]:
+                data: dict[str, str] | None = None, num_grid_images: int = 4,
+                bench: str | Path | None = None) -> tuple[Path, Path]:
     """Compare the runs in ``run_dirs``; write ``report.md`` + PNGs and ``report.html``.
 
     ``data``: {"format", "path", "images", "split"} of the dataset for the detection grid
     (default: the first run's metrics.json "data"). ``timestamp`` is the report's one varying
-    line (default: now, UTC). Returns (md_path, html_path).
+    line (default: now, UTC). ``bench``: a bench.json (``detect bench``) whose medians and
+    ratio intervals replace the runs' own timings. Returns (md_path, html_path).
     """
     if not run_dirs:
         raise ValueError("no run folders given")
@@ -369,12 +403,15 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         seen[run.name] = seen.get(run.name, 0) + 1
         run.color = render.RUN_COLORS[i % len(render.RUN_COLORS)]
         run.label = run.name if seen[run.name] == 1 else f"{run.name} ({seen[run.name]})"
+    bench_result = load_bench(bench) if bench else None
+    if bench_result is not None and not apply_bench(runs, bench_result):
+        _warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
     dataset, reason = _grid_dataset(runs, data) if num_grid_images > 0 else (None, "")
     if timestamp is None:
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
-        sections = [_runs_section(runs), _accuracy_section(runs), _speed_section(runs),
+        sections = [_runs_section(runs), _accuracy_section(runs), _speed_section(runs, bench_result),
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]
     blocks: list = [Heading("Detector comparison", 1)]
