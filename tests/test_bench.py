@@ -137,6 +137,9 @@ def test_detect_bench_writes_bench_json(synthetic_dir, tmp_path, one_thread):
     assert result["environment"]["torch_threads"] == 1
     r = result["detectors"][1]["ratio_to_reference"]["detector"]
     assert r["lo"] <= r["ratio"] <= r["hi"]
+    assert result["flops_num_proposals"] == 2 and result["detectors"][0]["flops_ratio_to_reference"] == 1.0
+    assert result["detectors"][0]["flops"] == result["detectors"][1]["flops"]  # same architecture
+    assert result["paper_flops"]["rcnn_over_fast_rcnn"] > 50
     assert main(["bench", str(tmp_path / "a" / "model_final.pt"), "--data", str(synthetic_dir / "val.json")]) == 2
 
 

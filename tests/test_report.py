@@ -228,6 +228,7 @@ def test_a_bench_replaces_the_runs_timings_and_gives_the_ratio_interval(runs, tm
         d = {"name": name, "kind": kind, "stages": s,
              "detector": {"median": total, "p10": total, "p90": total, "n": 20},
              "end_to_end": {"median": total + 500, "p10": total + 500, "p90": total + 500, "n": 20}}
+        d.update(flops_total=total * 1e9, flops_ratio_to_reference=total / 10.0)
         if ratio:
             d["ratio_to_reference"] = {"detector": {"ratio": ratio, "lo": ratio - 1, "hi": ratio + 2},
                                        "end_to_end": {"ratio": 1.5, "lo": 1.4, "hi": 1.6}}
@@ -237,6 +238,8 @@ def test_a_bench_replaces_the_runs_timings_and_gives_the_ratio_interval(runs, tm
              "checkpoints": [str(runs[0] / "model_final.pt"), "elsewhere/slow/model_final.pt"],
              "detectors": [entry("fast", "fast_rcnn", {"backbone": 7.0, "roi_head": 3.0}),
                            entry("slow", "rcnn", {"features": 90.0, "warp": 10.0}, ratio=10.0)],
+             "paper_flops": {"settings": "VGG16", "fast_rcnn": {"a": 1e12}, "rcnn": {"b": 6e13},
+                             "rcnn_over_fast_rcnn": 60.0}, "flops_num_proposals": 50,
              "environment": {"torch": "2.x", "torch_threads": 2, "opencv": "4.x", "opencv_threads": 2,
                              "numpy": "1.x"}}
     (tmp_path / "bench.json").write_text(json.dumps(bench))
@@ -246,6 +249,9 @@ def test_a_bench_replaces_the_runs_timings_and_gives_the_ratio_interval(runs, tm
     assert "slow / fast: 10.0x (95% CI 9.00-12.00) detector only, 1.50x (95% CI 1.40-1.60) end to end" in md
     assert "| end to end (proposals + detector), ms | 510.0 [510.0, 510.0] | 600.0 [600.0, 600.0] |" in md
     assert "bench median per image, 20 images after 3 warm-up" in md
+    assert "end to end (ratio of medians; paired bootstrap over images); FLOP ratio 10.0x." in md
+    assert "R-CNN needs 60.0 TFLOPs per image and Fast R-CNN 1.00 TFLOPs: 60.0x" in md
+    assert "| GFLOPs per image (detector) | 10.00 | 100.00 |" in md
     assert "| features, ms/image | - | 90.0 |" in md  # the bench's medians, not the run's 300 ms
     (tmp_path / "bad.json").write_text(json.dumps({"detectors": [{}], "proposals": {}}))
     with pytest.raises(ValueError, match=r"bad.json: key 'detectors\[0\].name'"):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from detect.common.runtime import device_name
 from detect.data.datasets import ImageRecord
 from detect.data.images import read_image
+from detect.evaluation.flops import detector_flops, paper_flops
 from detect.models.detector import Detector, StageTimer
 from detect.proposals.selective_search import selective_search
 
@@ -98,6 +99,7 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
         def propose(image):
             return selective_search(image, **settings)
     proposal_ms: list[float] = []
+    num_proposals: list[int] = []
     per_detector: list[list[dict[str, float]]] = [[] for _ in detectors]
     for i, rec in enumerate(tqdm(records, desc="bench", unit="img", disable=not progress, dynamic_ncols=True)):
         image = load_image(rec.file_name)
@@ -112,13 +114,14 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
         if i < warmup:
             continue
         proposal_ms.append(prop_ms)
+        num_proposals.append(int(np.asarray(proposals).reshape(-1, 4).shape[0]))
         for store, st in zip(per_detector, stages):
             store.append(st)
     lists = []
     for per_image in per_detector:
         names = list(dict.fromkeys(s for st in per_image for s in st))
         lists.append({s: [st.get(s, 0.0) for st in per_image] for s in names})
-    return {PROPOSALS: proposal_ms, "detectors": lists}
+    return {PROPOSALS: proposal_ms, "num_proposals": num_proposals, "detectors": lists}
 
 
 def reference_index(kinds: Sequence[str]) -> int:
@@ -161,6 +164,21 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
     """``run_interleaved`` + ``bench_summary`` + the environment: bench.json's content."""
     timings = run_interleaved(detectors, records, get_proposals=get_proposals, warmup=warmup, progress=progress)
     result = bench_summary(timings, names, [d.kind for d in detectors], num_resamples=num_resamples, seed=seed)
+    # FLOPs at the bench's median image size and proposal count (machine-independent).
+    image_hw = (int(np.median([r.height for r in records[warmup:]])), int(np.median([r.width for r in records[warmup:]])))
+    num_props = int(np.median(timings["num_proposals"]))
+    ref = reference_index([d.kind for d in detectors])
+    flops = [detector_flops(d, image_hw, num_props) for d in detectors]
+    for entry, f in zip(result["detectors"], flops):
+        entry["flops"] = f
+        entry["flops_total"] = sum(f.values())
+        entry["flops_ratio_to_reference"] = sum(f.values()) / max(sum(flops[ref].values()), 1)
+    paper = paper_flops()
+    result.update(flops_image_hw=list(image_hw), flops_num_proposals=num_props, paper_flops={
+        "settings": "VGG16 without weights, 2000 proposals, 20 classes; Fast R-CNN on a 600 x 1000 input, "
+                    "R-CNN on 224 x 224 warps (VGG16's input; the R-CNN paper's 227 is AlexNet's)",
+        "fast_rcnn": paper["fast_rcnn"], "rcnn": paper["rcnn"],
+        "rcnn_over_fast_rcnn": sum(paper["rcnn"].values()) / sum(paper["fast_rcnn"].values())})
     result.update(warmup=warmup, proposal_source="store" if get_proposals is not None else "selective_search",
                   device=device_name(detectors[0].device), environment=environment())
     return result
@@ -179,6 +197,9 @@ def format_bench(result: dict) -> str:
         for key, r in d.get("ratio_to_reference", {}).items():
             lines.append(f"  {key} time / {result['reference']}: {r['ratio']:.2f}x "
                          f"(95% CI {r['lo']:.2f}-{r['hi']:.2f})")
+        if "flops_total" in d:
+            lines.append(f"  GFLOPs per image: {d['flops_total'] / 1e9:.2f} "
+                         f"({d['flops_ratio_to_reference']:.2f}x {result['reference']})")
     env = result["environment"]
     lines.append(f"threads: torch {env['torch_threads']}, opencv {env['opencv_threads']}; torch {env['torch']}, "
                  f"torchvision {env['torchvision']}, opencv {env['opencv']}, numpy {env['numpy']}")
