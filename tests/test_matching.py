@@ -70,3 +70,14 @@ def test_identical_detectors_have_a_difference_interval_of_zero_and_intervals_br
              for im in images]
     boot = bootstrap_ap([table, match_images(worse, 3)], num_resamples=200)
     assert boot["diff_to_first"][1][0.5]["hi"] < 0
+
+
+def test_ap_per_iou_holds_ap50_ap75_and_averages_to_ap():
+    images, gt, results = _random_case(5)
+    m = evaluate_coco(gt, results)
+    curve = m["ap_per_iou"]
+    assert curve["iou"] == [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+    assert curve["AP"][0] == pytest.approx(m["AP50"]) and curve["AP"][5] == pytest.approx(m["AP75"])
+    assert np.mean(curve["AP"]) == pytest.approx(m["AP"])
+    ours = average_precision(match_images(images, 3, iou_thresholds=tuple(curve["iou"])))
+    assert [ours[t] for t in curve["iou"]] == pytest.approx(curve["AP"])
