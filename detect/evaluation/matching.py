@@ -101,7 +101,7 @@ def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5
                       tuple(iou_thresholds))
 
 
-def _ap_one(flags: np.ndarray, weights: np.ndarray, num_pos: float) -> float:
+def ap_from_flags(flags: np.ndarray, weights: np.ndarray, num_pos: float) -> float:
     """COCO's 101-point AP of detections in score order with ``flags`` (1/0) and weights."""
     tp = np.cumsum(weights * (flags == 1))
     fp = np.cumsum(weights * (flags == 0))
@@ -131,7 +131,7 @@ def average_precision(table: MatchTable, image_weights: np.ndarray | None = None
             sel = sel[np.argsort(-table.scores[sel], kind="mergesort")]
             w = w_img[table.image_index[sel]]
             keep = w > 0
-            aps.append(_ap_one(table.flags[sel, t][keep], w[keep], num_pos[k - 1]))
+            aps.append(ap_from_flags(table.flags[sel, t][keep], w[keep], num_pos[k - 1]))
         out[thr] = float(np.mean(aps)) if aps else -1.0
     return out
 
