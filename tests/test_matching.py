@@ -81,3 +81,13 @@ def test_ap_per_iou_holds_ap50_ap75_and_averages_to_ap():
     assert np.mean(curve["AP"]) == pytest.approx(m["AP"])
     ours = average_precision(match_images(images, 3, iou_thresholds=tuple(curve["iou"])))
     assert [ours[t] for t in curve["iou"]] == pytest.approx(curve["AP"])
+
+
+def test_drop_from_ap50_to_ap75_and_its_paired_difference():
+    images, _, _ = _random_case(6, num_images=15)
+    table = match_images(images, 3)
+    ap = average_precision(table)
+    boot = bootstrap_ap([table, table], num_resamples=100)
+    assert boot["drop"][0]["value"] == pytest.approx(ap[0.5] - ap[0.75])
+    d = boot["drop_diff_to_first"][1]
+    assert d["value"] == 0.0 and d["lo"] == 0.0 and d["hi"] == 0.0  # paired: identical draws

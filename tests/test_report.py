@@ -52,6 +52,8 @@ def _write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_js
             "per_class_AP": {"cat": ap + 0.1, "dog": 0.324}, "per_class_AP50": {"cat": 0.9, "dog": -1.0},
             "pr_curve_50": {"recall": RECALL, "precision": {"all": [round(1 - ap * r, 4) for r in RECALL],
                                                             "cat": [1.0] * 101, "dog": dog}},
+            "ap_per_iou": {"iou": [round(0.5 + 0.05 * i, 2) for i in range(10)],
+                           "AP": [round(0.8 - 0.07 * i, 3) for i in range(10)]},
             "timing_ms_per_image": timing, "images_per_second": 1000.0 / sum(timing.values()),
             "peak_memory_mb": 1234.5, "train_time_s": 95.0, "proposal_recall": PROPOSAL_RECALL})
     if data_json is not None:
@@ -110,8 +112,9 @@ def test_markdown_figures_exist_and_html_embeds_them(report):
     md_path, html_path = report
     md, html = md_path.read_text(), html_path.read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(figures) == ["accuracy_vs_time.png", "detections.png", "per_class_ap.png",
-                               "pr_overall.png", "pr_per_class.png", "proposal_recall.png"]
+    assert sorted(figures) == ["accuracy_vs_time.png", "ap_vs_iou.png", "detections.png", "error_breakdown.png",
+                               "per_class_ap.png", "pr_overall.png", "pr_per_class.png", "proposal_recall.png",
+                               "speed_vs_accuracy.png", "stage_times.png"]
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(embedded) == len(figures)
     on_disk = {(md_path.parent / f).read_bytes() for f in figures}
@@ -143,7 +146,7 @@ def test_same_runs_give_the_same_report(runs, report, tmp_path):
     assert _without_timestamp(html2.read_text()) == _without_timestamp(report[1].read_text())
     assert md2.read_text() != report[0].read_text()  # only the timestamp line differs
     pngs = sorted(p.name for p in report[0].parent.glob("*.png"))
-    assert pngs == sorted(p.name for p in md2.parent.glob("*.png")) and len(pngs) == 6
+    assert pngs == sorted(p.name for p in md2.parent.glob("*.png")) and len(pngs) == 10
     for name in pngs:
         assert (md2.parent / name).read_bytes() == (report[0].parent / name).read_bytes(), name
 

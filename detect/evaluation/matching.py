@@ -140,7 +140,9 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
                  level: float = 0.95) -> dict:
     """Paired bootstrap over images of AP per table (detector) and of each table's AP minus the
     first's. All tables must cover the same images in the same order. Returns
-    ``{"ap": [{thr: {"value", "lo", "hi"}}], "diff_to_first": [{thr: {...}} or None]}``."""
+    ``{"ap": [{thr: {"value", "lo", "hi"}}], "diff_to_first": [{thr: {...}} or None], "drop":
+    [{...}], "drop_diff_to_first": [{...} or None]}`` where "drop" is AP at the first threshold
+    minus AP at the last (AP50 - AP75)."""
     n = tables[0].num_gt.shape[0]
     if any(t.num_gt.shape[0] != n for t in tables):
         raise ValueError("bootstrap_ap: the detectors were evaluated on different images")
@@ -150,10 +152,14 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
     for _ in range(num_resamples):
         weights = np.bincount(rng.integers(0, n, n), minlength=n)
         for i, t in enumerate(tables):
-            samples[i].append(average_precision(t, weights))
+            ap = average_precision(t, weights)
+            samples[i].append({thr: (v if v >= 0 else np.nan) for thr, v in ap.items()})
     a = (1 - level) / 2 * 100
 
     def interval(values, value):
+        values = [v for v in values if np.isfinite(v)]  # a resample without ground truth has no AP
+        if not values:
+            return {"value": value, "lo": float("nan"), "hi": float("nan")}
         lo, hi = np.percentile(values, [a, 100 - a])
         return {"value": value, "lo": float(lo), "hi": float(hi)}
 
@@ -163,4 +169,12 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
     diffs = [None] + [{thr: interval([s[thr] - s0[thr] for s, s0 in zip(samples[i], samples[0])],
                                      point[i][thr] - point[0][thr]) for thr in thresholds}
                       for i in range(1, len(tables))]
-    return {"ap": ap, "diff_to_first": diffs, "num_resamples": num_resamples, "seed": seed, "level": level}
+    # The drop from the first threshold to the second (AP50 - AP75: how much AP needs tight boxes),
+    # per detector and its difference to the first detector's drop.
+    t0, t1 = thresholds[0], thresholds[-1]
+    drop = [[s[t0] - s[t1] for s in samples[i]] for i in range(len(tables))]
+    drops = [interval(drop[i], point[i][t0] - point[i][t1]) for i in range(len(tables))]
+    drop_diffs = [None] + [interval(np.subtract(drop[i], drop[0]), drops[i]["value"] - drops[0]["value"])
+                           for i in range(1, len(tables))]
+    return {"ap": ap, "diff_to_first": diffs, "drop": drops, "drop_diff_to_first": drop_diffs,
+            "num_resamples": num_resamples, "seed": seed, "level": level}

@@ -10,6 +10,7 @@ and its part of the report then says "not available". (A scored results file, ``
      "device": "cpu" | "cuda: NVIDIA H100 ...", "num_parameters": int, "num_images": int,
      "coco": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"},  # in [0, 1]; -1 = n/a
      "per_class_AP": {class name: float}, "per_class_AP50": {class name: float},    # -1 = no gt
+     "ap_per_iou": {"iou": [0.5, ..., 0.95], "AP": [10 floats]},
      "pr_curve_50": {"recall": [101 floats],
                      "precision": {"all": [101 floats], class name: [101 floats]}},  # -1 = n/a
      "timing_ms_per_image": {stage: ms},   # mean over all images
@@ -73,6 +74,7 @@ class Run:
     data: dict[str, str] | None
     detections_path: Path | None  # detections.json, when the folder has one
     timing_source: str = "mean over all images"  # what timing_ms holds
+    ap_per_iou: dict[str, list[float]] | None = None  # {"iou": [T], "AP": [T]}
     bench: dict | None = None  # this run's detector entry of a bench.json (``apply_bench``)
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
@@ -188,7 +190,16 @@ def load_run(run_dir: str | Path) -> Run:
         data={str(k): str(v) for k, v in data.items() if v is not None} if data else None,
         detections_path=detections if detections.is_file() else None,
         timing_source=timing_source,
+        ap_per_iou=_ap_per_iou(m, path),
     )
+
+
+def _ap_per_iou(m: dict, path: Path) -> dict[str, list[float]] | None:
+    curve = _mapping(m, "ap_per_iou", path)
+    if curve is None or curve.get("iou") is None:
+        return None
+    iou = _curve(curve["iou"], "ap_per_iou.iou", path, None)
+    return {"iou": iou, "AP": _curve(curve.get("AP"), "ap_per_iou.AP", path, len(iou))}
 
 
 def load_bench(path: str | Path) -> dict:

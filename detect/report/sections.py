@@ -30,7 +30,9 @@ from detect.common.fileio import read_json, write_bytes_atomic, write_text_atomi
 from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
-from detect.report import render
+from detect.evaluation.errors import ERROR_TYPES
+from detect.report import charts, render
+from detect.report.findings import box_accuracy, findings
 from detect.report.render import Figure, Heading, Table, Text
 from detect.report.runs import Run, apply_bench, load_bench, load_run
 
@@ -123,6 +125,47 @@ def _accuracy_section(runs: list[Run]) -> Section:
     section.blocks.append(Table(header, rows))
     section.pngs["per_class_ap.png"] = render.per_class_ap_bars(runs, class_names)
     section.blocks.append(Figure("per_class_ap.png", "Per-class AP (IoU 0.50:0.95), one bar per run."))
+    return section
+
+
+def _findings_section(acc: dict | None, bench: dict | None) -> Section:
+    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench)])
+
+
+def _explained_section(runs: list[Run], acc: dict | None) -> Section:
+    """AP against IoU, AP50/AP75 with intervals, the error breakdown."""
+    section = Section([Heading("Box accuracy explained")])
+    with_curve = [r for r in runs if r.ap_per_iou]
+    if with_curve:
+        section.pngs["ap_vs_iou.png"] = charts.ap_vs_iou(with_curve)
+        section.blocks.append(Figure("ap_vs_iou.png", "AP against IoU threshold (0.50:0.95): the steeper the "
+                                     "fall, the looser the boxes."))
+    else:
+        section.blocks.append(Text("AP against IoU: not available (no ap_per_iou in metrics.json)."))
+    if acc is None:
+        section.blocks.append(Text("Intervals and error breakdown: not available (they need every run's "
+                                   "detections.json and the dataset)."))
+        return section
+    boot = acc["bootstrap"]
+
+    def iv(d: dict) -> str:
+        return f"{100 * d['value']:.1f} [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}]"
+    rows = [[label, iv(boot["ap"][i][0.5]), iv(boot["ap"][i][0.75]), iv(boot["drop"][i]),
+             iv(boot["diff_to_first"][i][0.5]) if i else "-", iv(boot["diff_to_first"][i][0.75]) if i else "-"]
+            for i, label in enumerate(acc["labels"])]
+    section.blocks += [Table(["run", "AP50", "AP75", "AP50 - AP75", f"AP50 - {acc['labels'][0]}",
+                              f"AP75 - {acc['labels'][0]}"], rows),
+                       Text(f"Points, with paired bootstrap 95% intervals over the {acc['num_images']} images "
+                            f"({boot['num_resamples']} resamples, seed {boot['seed']}).")]
+    rows = [[label] + [f"{100 * e['dAP50'][t]:.1f} ({e['counts'][t]})" for t in ERROR_TYPES]
+            for label, e in zip(acc["labels"], acc["errors"])]
+    section.blocks.append(Heading("Error breakdown (TIDE-style)", 3))
+    section.blocks.append(Table(["run", *ERROR_TYPES], rows))
+    colors = {r.label: r.color for r in runs}
+    section.pngs["error_breakdown.png"] = charts.error_bars(acc["labels"], [colors[x] for x in acc["labels"]],
+                                                            acc["errors"])
+    section.blocks.append(Figure("error_breakdown.png", "AP50 points each error type costs (count in "
+                                 "brackets in the table): foreground IoU 0.5, background IoU 0.1."))
     return section
 
 
@@ -220,6 +263,13 @@ def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
         section.blocks.append(Text("Note: these runs were timed on different devices ("
                                    + "; ".join(devices) + "), so their ratios compare hardware too."))
 
+    if timed:
+        all_stages = ["proposals"] * any("proposals" in r.timing_ms for r in timed) + stages
+        section.pngs["stage_times.png"] = charts.stage_bars(timed, all_stages)
+        section.blocks.append(Figure("stage_times.png", "Time per image by stage, selective search included."))
+        section.pngs["speed_vs_accuracy.png"] = charts.speed_vs_accuracy(timed)
+        section.blocks.append(Figure("speed_vs_accuracy.png", "AP50 against time per image: detector only "
+                                     "(filled) and end to end with selective search (hollow)."))
     section.blocks.append(Heading("Accuracy against test time", 3))
     if timed:
         section.pngs["accuracy_vs_time.png"] = render.accuracy_vs_time(timed)
@@ -420,12 +470,20 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
     bench_result = load_bench(bench) if bench else None
     if bench_result is not None and not apply_bench(runs, bench_result):
         _warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
-    dataset, reason = _grid_dataset(runs, data) if num_grid_images > 0 else (None, "")
+    want_data = num_grid_images > 0 or all(r.detections_path for r in runs)
+    dataset, reason = _grid_dataset(runs, data) if want_data else (None, "")
+    acc = None
+    if dataset is not None and all(r.detections_path for r in runs):
+        try:
+            acc = box_accuracy(runs, dataset)
+        except (KeyError, TypeError, ValueError) as e:
+            _warn(f"box-accuracy analysis skipped: a detections.json does not match the dataset ({e})")
     if timestamp is None:
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
-        sections = [_runs_section(runs), _accuracy_section(runs), _speed_section(runs, bench_result),
+        sections = [_findings_section(acc, bench_result), _runs_section(runs), _accuracy_section(runs),
+                    _explained_section(runs, acc), _speed_section(runs, bench_result),
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]
     blocks: list = [Heading("Detector comparison", 1)]
