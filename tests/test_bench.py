@@ -173,3 +173,26 @@ def test_the_demo_benches_both_detectors_and_compares_with_the_bench(tmp_path):
     assert compare_argv[compare_argv.index("--bench") + 1] == bench_argv[bench_argv.index("--output") + 1]
     args = build_parser().parse_args(bench_argv)  # the step parses
     assert args.warmup == 3 and args.proposals == ""
+
+
+def test_eval_bench_compare_end_to_end(synthetic_dir, tmp_path, one_thread):
+    dataset = load_coco(synthetic_dir / "val.json")
+    ckpts = []
+    for name in ("a", "b"):
+        _tiny_fast_rcnn_checkpoint(tmp_path / name / "model_final.pt", dataset, seed=len(name))
+        ckpts.append(str(tmp_path / name / "model_final.pt"))
+    store = tmp_path / "store"
+    write_store(store, image_ids=[r.image_id for r in dataset.records],
+                boxes_per_image=[np.array([[0, 0, 30, 30], [5, 5, 60, 50]], np.float32)] * len(dataset.records),
+                meta={"mode": "fast"})
+    data = ["--data", str(synthetic_dir / "val.json")]
+    for c in ckpts:
+        assert main(["eval", "--checkpoint", c, *data, "--proposals", str(store), "--device", "cpu"]) == 0
+    assert main(["bench", *ckpts, *data, "--proposals", str(store), "--warmup", "1", "--resamples", "20",
+                 "--output", str(tmp_path / "bench.json"), "--device", "cpu"]) == 0
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--output-dir", str(tmp_path / "report"),
+                 "--bench", str(tmp_path / "bench.json"), "--grid-images", "0"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert md.index("## Findings") < md.index("## Runs")
+    assert "b / a: " in md and "Speed (3 images, interleaved): b takes" in md
+    assert "Error breakdown (TIDE-style)" in md and "ap_vs_iou.png" in md

@@ -177,7 +177,7 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
     result.update(flops_image_hw=list(image_hw), flops_num_proposals=num_props, paper_flops={
         "settings": "VGG16 without weights, 2000 proposals, 20 classes; Fast R-CNN on a 600 x 1000 input, "
                     "R-CNN on 224 x 224 warps (VGG16's input; the R-CNN paper's 227 is AlexNet's)",
-        "fast_rcnn": paper["fast_rcnn"], "rcnn": paper["rcnn"],
+        "fast_rcnn": dict(paper["fast_rcnn"]), "rcnn": dict(paper["rcnn"]),
         "rcnn_over_fast_rcnn": sum(paper["rcnn"].values()) / sum(paper["fast_rcnn"].values())})
     result.update(warmup=warmup, proposal_source="store" if get_proposals is not None else "selective_search",
                   device=device_name(detectors[0].device), environment=environment())

@@ -20,6 +20,7 @@ on a 600 x 1000 network input with 2,000 proposals, R-CNN on 2,000 warps of 224 
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -109,6 +110,7 @@ def _out_channels(body: nn.Module, input_hw: tuple[int, int]) -> int:
         return int(meta(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
 
 
+@functools.lru_cache(maxsize=4)  # deterministic; building VGG16 on meta takes seconds
 def paper_flops(num_proposals: int = PAPER_NUM_PROPOSALS) -> dict[str, dict[str, int]]:
     """Both detectors at the papers' settings with VGG16 (no weights, built on meta):
     {"fast_rcnn": {stage: FLOPs}, "rcnn": {stage: FLOPs}}."""
@@ -121,4 +123,4 @@ def paper_flops(num_proposals: int = PAPER_NUM_PROPOSALS) -> dict[str, dict[str,
                            input_hw=PAPER_FAST_RCNN_INPUT, num_proposals=num_proposals)
     slow = rcnn_flops(net=net, crop_size=PAPER_RCNN_CROP, num_proposals=num_proposals, head_dim=bb.head_dim,
                       pool5_dim=bb.out_channels * bb.roi_size ** 2, num_classes=k)
-    return {"fast_rcnn": fast, "rcnn": slow}
+    return {"fast_rcnn": fast, "rcnn": slow}  # callers copy before changing it
