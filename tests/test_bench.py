@@ -175,6 +175,7 @@ def test_the_demo_benches_both_detectors_and_compares_with_the_bench(tmp_path):
     assert args.warmup == 3 and args.proposals == ""
 
 
+@pytest.mark.slow
 def test_eval_bench_compare_end_to_end(synthetic_dir, tmp_path, one_thread):
     dataset = load_coco(synthetic_dir / "val.json")
     ckpts = []
