@@ -30,6 +30,16 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="", help="VOC split in ImageSets/Main (e.g. test)")
 
 
+def _add_ablation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("test-time ablations (no retraining)")
+    g.add_argument("--no-box-regression", action="store_true",
+                   help="score the proposals' own boxes (zero deltas): what regression buys")
+    g.add_argument("--top-k", type=int, default=-1,
+                   help="use the first K proposals per image (0: all; default: the checkpoint's setting)")
+    g.add_argument("--svd", choices=["config", "on", "off"], default="config",
+                   help="Fast R-CNN truncated SVD of fc6/fc7 (default: as the checkpoint's config)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detect",
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="", help="where metrics.json (and detections) go")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    _add_ablation_args(p)
 
     p = sub.add_parser("bench", help="time detectors interleaved image by image (medians, ratio intervals)")
     p.add_argument("checkpoints", nargs="+", help="two or more trained detectors (runs' model_final.pt)")
@@ -81,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the ratio intervals")
     p.add_argument("--output", default="bench.json", help="where the result goes (JSON)")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    _add_ablation_args(p)
 
     p = sub.add_parser("train", help="train a detector from a config")
     _add_config_args(p, required=True)

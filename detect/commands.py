@@ -317,7 +317,7 @@ def evaluate(args: argparse.Namespace) -> int:
         init_distributed(device)
         output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         _evaluate_checkpoint(args.checkpoint, _dataset_spec(args), args.proposals, output_dir, device=device,
-                             limit=args.limit)
+                             limit=args.limit, ablation=_ablation(args))
         return 0
 
     results_path = Path(args.results)
@@ -341,8 +341,29 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablation(args: argparse.Namespace) -> dict:
+    """The test-time ablation flags of ``detect eval`` / ``detect bench`` as plain values."""
+    if args.top_k < -1:
+        raise ValueError(f"--top-k must be >= 0 (0 = all), got {args.top_k}")
+    return {"box_regression": not args.no_box_regression, "top_k": args.top_k,
+            "svd": {"config": None, "on": True, "off": False}[args.svd]}
+
+
+def _load_ablated(checkpoint: str | Path, device, ablation: dict | None):
+    """``load_detector`` with the ablation applied (None: as trained)."""
+    ablation = ablation or {}
+    svd = ablation.get("svd")
+    detector = load_detector(checkpoint, device, svd=svd)
+    if svd and detector.kind != "fast_rcnn":
+        raise ValueError(f"{checkpoint}: --svd applies to Fast R-CNN only, this is {detector.kind}")
+    detector.box_regression = ablation.get("box_regression", True)
+    if ablation.get("top_k", -1) >= 0:
+        detector.proposal_top_k = ablation["top_k"]
+    return detector
+
+
 def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
-                         device: torch.device, limit: int = 0) -> dict:
+                         device: torch.device, limit: int = 0, ablation: dict | None = None) -> dict:
     """Load the dataset, its proposals and the detector; evaluate; print and write metrics."""
     dataset = _load_spec(data_spec)
     if limit:
@@ -350,7 +371,7 @@ def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str
     store = ProposalStore(proposals) if proposals else None
     if store is not None:
         store.check_dataset(dataset)
-    detector = load_detector(checkpoint, device)
+    detector = _load_ablated(checkpoint, device, ablation)
     if detector.class_names != dataset.class_names:
         raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but {data_spec['path']} "
                          f"has {dataset.class_names}")
@@ -377,7 +398,7 @@ def bench(args: argparse.Namespace) -> int:
     if store is not None:
         store.check_dataset(dataset)
     device = resolve_device(args.device)
-    detectors = [load_detector(c, device) for c in args.checkpoints]
+    detectors = [_load_ablated(c, device, _ablation(args)) for c in args.checkpoints]
     names = [Path(c).parent.name or str(c) for c in args.checkpoints]
     if len(set(names)) < len(names):
         names = [str(c) for c in args.checkpoints]

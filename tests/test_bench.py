@@ -197,3 +197,19 @@ def test_eval_bench_compare_end_to_end(synthetic_dir, tmp_path, one_thread):
     assert md.index("## Findings") < md.index("## Runs")
     assert "b / a: " in md and "Speed (3 images, interleaved): b takes" in md
     assert "Error breakdown (TIDE-style)" in md and "ap_vs_iou.png" in md
+
+
+def test_eval_ablations_box_regression_off_and_top_k(synthetic_dir, tmp_path, one_thread):
+    dataset = load_coco(synthetic_dir / "val.json")
+    _tiny_fast_rcnn_checkpoint(tmp_path / "a" / "model_final.pt", dataset, seed=0)
+    write_store(tmp_path / "store", image_ids=[r.image_id for r in dataset.records],
+                boxes_per_image=[np.array([[0, 0, 30, 30], [5, 5, 60, 50]], np.float32)] * len(dataset.records),
+                meta={"mode": "fast"})
+    out = tmp_path / "ablated"
+    assert main(["eval", "--checkpoint", str(tmp_path / "a" / "model_final.pt"), "--data",
+                 str(synthetic_dir / "val.json"), "--proposals", str(tmp_path / "store"), "--output-dir", str(out),
+                 "--no-box-regression", "--top-k", "1", "--svd", "on", "--device", "cpu"]) == 0
+    dets = json.loads((out / "detections.json").read_text())
+    assert dets and all(d["bbox"] == [0, 0, 30, 30] for d in dets)  # the first proposal, unregressed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_settings"] == {"box_regression": False, "proposal_top_k": 1}

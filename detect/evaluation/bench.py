@@ -169,7 +169,8 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
     num_props = int(np.median(timings["num_proposals"]))
     ref = reference_index([d.kind for d in detectors])
     flops = [detector_flops(d, image_hw, num_props) for d in detectors]
-    for entry, f in zip(result["detectors"], flops):
+    for entry, f, det in zip(result["detectors"], flops, detectors):
+        entry["test_settings"] = {"box_regression": det.box_regression, "proposal_top_k": det.proposal_top_k}
         entry["flops"] = f
         entry["flops_total"] = sum(f.values())
         entry["flops_ratio_to_reference"] = sum(f.values()) / max(sum(flops[ref].values()), 1)

@@ -96,6 +96,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "coco": {k: m[k] for k in COCO_KEYS},
         "per_class_AP": m["per_class_AP"], "per_class_AP50": m["per_class_AP50"],
         "pr_curve_50": m["pr_curve_50"], "ap_per_iou": m["ap_per_iou"],
+        "test_settings": {"box_regression": detector.box_regression, "proposal_top_k": detector.proposal_top_k},
         "timing_ms_per_image": timer.per_image(len(dataset)),
         **timing_lists(per_image),
         "images_per_second": len(dataset) / max(elapsed, 1e-9),
