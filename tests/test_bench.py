@@ -13,7 +13,7 @@ from detect.common.checkpoints import save_detector_checkpoint
 from detect.common.config import Config, to_dict
 from detect.data.datasets import load_coco
 from detect.evaluation.run import timing_lists
-from detect.models.build import build_fast_rcnn
+from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn
 from detect.proposals.store import write_store
 from detect.data.datasets import ImageRecord
 from detect.demo import demo_steps
@@ -213,3 +213,44 @@ def test_eval_ablations_box_regression_off_and_top_k(synthetic_dir, tmp_path, on
     assert dets and all(d["bbox"] == [0, 0, 30, 30] for d in dets)  # the first proposal, unregressed
     m = json.loads((out / "metrics.json").read_text())
     assert m["test_settings"] == {"box_regression": False, "proposal_top_k": 1}
+
+
+def _tiny_rcnn_checkpoint(path, dataset):
+    cfg = Config()
+    cfg.detector = "rcnn"
+    cfg.model.backbone, cfg.model.weights, cfg.model.freeze_at = "efficientnet_lite0", "none", ""
+    cfg.model.head_dim, cfg.model.roi_size = 32, 3
+    cfg.rcnn.crop_size, cfg.rcnn.context_pad = 32, 4
+    backbone = build_backbone_from(cfg, weights="none")
+    k, d, d5 = len(dataset.class_names), backbone.head_dim, backbone.out_channels * backbone.roi_size ** 2
+    g = torch.Generator().manual_seed(0)
+    extra = {"svm_weight": torch.randn(k, d, generator=g), "svm_bias": torch.zeros(k), "feat_scale": 1.0,
+             "bbox_weight": 1e-3 * torch.randn(k, d5, 4, generator=g), "bbox_bias": torch.zeros(k, 4),
+             "bbox_target_mean": torch.zeros(k, 4), "bbox_target_std": torch.ones(k, 4)}
+    model = build_rcnn(cfg, dataset.class_names, extra, dataset.category_ids, backbone=backbone)
+    save_detector_checkpoint(path, kind="rcnn", config=to_dict(cfg), class_names=dataset.class_names,
+                             category_ids=dataset.category_ids, state_dict=model.state_dict(), extra=extra)
+    return model
+
+
+@pytest.mark.slow
+def test_bench_of_rcnn_against_fast_rcnn_takes_fast_rcnn_as_reference(synthetic_dir, tmp_path, one_thread):
+    dataset = load_coco(synthetic_dir / "val.json")
+    rcnn = _tiny_rcnn_checkpoint(tmp_path / "r" / "model_final.pt", dataset)
+    _tiny_fast_rcnn_checkpoint(tmp_path / "f" / "model_final.pt", dataset, seed=0)
+    write_store(tmp_path / "store", image_ids=[r.image_id for r in dataset.records],
+                boxes_per_image=[np.array([[0, 0, 30, 30], [5, 5, 60, 50]], np.float32)] * len(dataset.records),
+                meta={"mode": "fast"})
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(tmp_path / "r" / "model_final.pt"), str(tmp_path / "f" / "model_final.pt"),
+                 "--data", str(synthetic_dir / "val.json"), "--proposals", str(tmp_path / "store"),
+                 "--warmup", "0", "--resamples", "20", "--output", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["reference"] == "f"
+    r = result["detectors"][0]
+    assert set(r["stages"]) >= {"warp", "features", "svm", "bbox_reg"}
+    k, d = len(dataset.class_names), rcnn.svm_weight.shape[1]
+    assert r["flops"]["svm"] == 2 * 2 * d * k  # 2 proposals x 2 FLOPs x D x K
+    assert r["flops"]["bbox_reg"] == 2 * 2 * rcnn.bbox_weight.shape[1] * 4 * k
+    assert r["flops"]["warp"] == 2 * 3 * 32 * 32 * 8
+    assert "ratio_to_reference" in r and "ratio_to_reference" not in result["detectors"][1]
