@@ -269,3 +269,18 @@ def test_run_medians_are_preferred_to_means(tmp_path):
     loaded = load_run(run)
     assert loaded.timing_ms == {"backbone": 5.0, "proposals": 1000.0}
     assert loaded.timing_source == "median per image after 3 warm-up image(s)"
+
+
+def test_runs_that_differ_in_proposals_get_a_sweep_figure(tmp_path):
+    runs = []
+    for k in (10, 100, 0):
+        run = _write_run(tmp_path / f"k{k}", detector="fast_rcnn", ap=0.3, timing=FAST_TIMING, data_json=None)
+        m = json.loads((run / "metrics.json").read_text())
+        m["test_settings"] = {"box_regression": True, "proposal_top_k": k}
+        (run / "metrics.json").write_text(json.dumps(m))
+        runs.append(run)
+    md_path, _ = make_report(runs, tmp_path / "report", timestamp="T", num_grid_images=0)
+    md = md_path.read_text()
+    assert "| k10 | Fast R-CNN | efficientnet_lite0 | cpu | 3 | top-10 proposals |" in md
+    assert "| all proposals |" in md and "proposals_sweep.png" in md
+    assert (tmp_path / "report" / "proposals_sweep.png").is_file()

@@ -88,3 +88,26 @@ def speed_vs_accuracy(runs: list[Run]) -> bytes:
                        Line2D([], [], marker="o", linestyle="", mfc="none", color="#555",
                               label="end to end (with selective search)")], fontsize=9, loc="lower right")
     return _png(fig)
+
+
+def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
+    """AP50 (left) and detector ms per image (right) against top-k proposals, per detector."""
+    fig = _figure(9.0, 3.8)
+    ax_ap, ax_t = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for kind, runs in sweeps.items():
+        # 0 = all proposals: drawn at the right end, past the largest k
+        ks = [r.test_settings.get("proposal_top_k", 0) for r in runs]
+        largest = max(ks)
+        xs = [k if k else largest * 2 for k in ks]
+        order = np.argsort(xs)
+        xs = [xs[i] for i in order]
+        color = runs[0].color
+        ax_ap.plot(xs, [runs[i].coco["AP50"] or 0.0 for i in order], "o-", color=color, label=kind)
+        ax_t.plot(xs, [runs[i].test_ms for i in order], "o-", color=color, label=kind)
+    for ax, label in ((ax_ap, "AP50"), (ax_t, "detector ms per image")):
+        ax.set_xscale("log")
+        ax.set_xlabel("proposals per image (top-k; rightmost: all)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)

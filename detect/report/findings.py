@@ -7,10 +7,13 @@ from AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error break
 
 ``findings`` turns those numbers, the bench and the FLOPs into sentences (a pure function of
 dicts, tested on fixed numbers). A difference whose interval contains 0 is reported as "no
-significant difference".
+significant difference". ``explained_blocks`` is the report section showing them: AP against
+IoU, the interval table and the error breakdown.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -18,8 +21,10 @@ from detect.common.boxes import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset
 from detect.evaluation.coco import class_of_category
-from detect.evaluation.errors import error_breakdown
+from detect.evaluation.errors import ERROR_TYPES, error_breakdown
 from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
+from detect.report import charts
+from detect.report.render import Figure, Heading, Table, Text
 from detect.report.runs import Run
 
 NAMES = {"fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN"}
@@ -146,3 +151,40 @@ def _localisation_claim(acc: dict) -> str:
         verdict = "not supported by these data: no significant difference in the drop"
     return (f"Claim \"Fast R-CNN localises boxes worse than R-CNN\": {verdict} "
             f"(Fast R-CNN's drop minus R-CNN's: {_interval(fast_minus_rcnn)}). " + facts)
+
+
+def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str, bytes]]:
+    """AP against IoU, AP50/AP75 with intervals, the error breakdown."""
+    section = SimpleNamespace(blocks=[Heading("Box accuracy explained")], pngs={})
+    with_curve = [r for r in runs if r.ap_per_iou]
+    if with_curve:
+        section.pngs["ap_vs_iou.png"] = charts.ap_vs_iou(with_curve)
+        section.blocks.append(Figure("ap_vs_iou.png", "AP against IoU threshold (0.50:0.95): the steeper the "
+                                     "fall, the looser the boxes."))
+    else:
+        section.blocks.append(Text("AP against IoU: not available (no ap_per_iou in metrics.json)."))
+    if acc is None:
+        section.blocks.append(Text("Intervals and error breakdown: not available (they need every run's "
+                                   "detections.json and the dataset)."))
+        return section.blocks, section.pngs
+    boot = acc["bootstrap"]
+
+    def iv(d: dict) -> str:
+        return f"{100 * d['value']:.1f} [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}]"
+    rows = [[label, iv(boot["ap"][i][0.5]), iv(boot["ap"][i][0.75]), iv(boot["drop"][i]),
+             iv(boot["diff_to_first"][i][0.5]) if i else "-", iv(boot["diff_to_first"][i][0.75]) if i else "-"]
+            for i, label in enumerate(acc["labels"])]
+    section.blocks += [Table(["run", "AP50", "AP75", "AP50 - AP75", f"AP50 - {acc['labels'][0]}",
+                              f"AP75 - {acc['labels'][0]}"], rows),
+                       Text(f"Points, with paired bootstrap 95% intervals over the {acc['num_images']} images "
+                            f"({boot['num_resamples']} resamples, seed {boot['seed']}).")]
+    rows = [[label] + [f"{100 * e['dAP50'][t]:.1f} ({e['counts'][t]})" for t in ERROR_TYPES]
+            for label, e in zip(acc["labels"], acc["errors"])]
+    section.blocks.append(Heading("Error breakdown (TIDE-style)", 3))
+    section.blocks.append(Table(["run", *ERROR_TYPES], rows))
+    colors = {r.label: r.color for r in runs}
+    section.pngs["error_breakdown.png"] = charts.error_bars(acc["labels"], [colors[x] for x in acc["labels"]],
+                                                            acc["errors"])
+    section.blocks.append(Figure("error_breakdown.png", "AP50 points each error type costs (count in "
+                                 "brackets in the table): foreground IoU 0.5, background IoU 0.1."))
+    return section.blocks, section.pngs

@@ -11,6 +11,7 @@ and its part of the report then says "not available". (A scored results file, ``
      "coco": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"},  # in [0, 1]; -1 = n/a
      "per_class_AP": {class name: float}, "per_class_AP50": {class name: float},    # -1 = no gt
      "ap_per_iou": {"iou": [0.5, ..., 0.95], "AP": [10 floats]},
+     "test_settings": {"box_regression": bool, "proposal_top_k": int},  # 0 = all proposals
      "pr_curve_50": {"recall": [101 floats],
                      "precision": {"all": [101 floats], class name: [101 floats]}},  # -1 = n/a
      "timing_ms_per_image": {stage: ms},   # mean over all images
@@ -75,6 +76,7 @@ class Run:
     detections_path: Path | None  # detections.json, when the folder has one
     timing_source: str = "mean over all images"  # what timing_ms holds
     ap_per_iou: dict[str, list[float]] | None = None  # {"iou": [T], "AP": [T]}
+    test_settings: dict | None = None  # {"box_regression": bool, "proposal_top_k": int} (ablations)
     bench: dict | None = None  # this run's detector entry of a bench.json (``apply_bench``)
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
@@ -191,6 +193,7 @@ def load_run(run_dir: str | Path) -> Run:
         detections_path=detections if detections.is_file() else None,
         timing_source=timing_source,
         ap_per_iou=_ap_per_iou(m, path),
+        test_settings=_mapping(m, "test_settings", path),
     )
 
 

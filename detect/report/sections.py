@@ -30,9 +30,8 @@ from detect.common.fileio import read_json, write_bytes_atomic, write_text_atomi
 from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
-from detect.evaluation.errors import ERROR_TYPES
 from detect.report import charts, render
-from detect.report.findings import box_accuracy, findings
+from detect.report.findings import box_accuracy, explained_blocks, findings
 from detect.report.render import Figure, Heading, Table, Text
 from detect.report.runs import Run, apply_bench, load_bench, load_run
 
@@ -99,11 +98,32 @@ def _detector_name(kind: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _settings_text(settings: dict | None) -> str:
+    if not settings:
+        return "n/a"
+    top_k = settings.get("proposal_top_k", 0)
+    return (f"top-{top_k} proposals" if top_k else "all proposals") + (
+        "" if settings.get("box_regression", True) else ", no box regression")
+
+
 def _runs_section(runs: list[Run]) -> Section:
     rows = [[r.label, _detector_name(r.detector), r.backbone, r.device,
-             "n/a" if r.num_images is None else str(r.num_images), str(r.run_dir)] for r in runs]
-    return Section([Heading("Runs"),
-                    Table(["run", "detector", "backbone", "device", "val images", "folder"], rows)])
+             "n/a" if r.num_images is None else str(r.num_images), _settings_text(r.test_settings),
+             str(r.run_dir)] for r in runs]
+    section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
+                                               "test settings", "folder"], rows)])
+    # Ablations: runs of one detector that differ only in their number of proposals.
+    sweeps = {}
+    for r in runs:
+        if r.test_settings and r.test_settings.get("box_regression", True) and r.test_ms:
+            sweeps.setdefault(r.detector, []).append(r)
+    sweeps = {k: v for k, v in sweeps.items()
+              if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
+    if sweeps:
+        section.pngs["proposals_sweep.png"] = charts.proposal_sweep(sweeps)
+        section.blocks.append(Figure("proposals_sweep.png", "AP50 and detector time per image against the "
+                                     "number of proposals (test-time ablation, [FRCN] Section 5.5)."))
+    return section
 
 
 def _accuracy_section(runs: list[Run]) -> Section:
@@ -133,40 +153,8 @@ def _findings_section(acc: dict | None, bench: dict | None) -> Section:
 
 
 def _explained_section(runs: list[Run], acc: dict | None) -> Section:
-    """AP against IoU, AP50/AP75 with intervals, the error breakdown."""
-    section = Section([Heading("Box accuracy explained")])
-    with_curve = [r for r in runs if r.ap_per_iou]
-    if with_curve:
-        section.pngs["ap_vs_iou.png"] = charts.ap_vs_iou(with_curve)
-        section.blocks.append(Figure("ap_vs_iou.png", "AP against IoU threshold (0.50:0.95): the steeper the "
-                                     "fall, the looser the boxes."))
-    else:
-        section.blocks.append(Text("AP against IoU: not available (no ap_per_iou in metrics.json)."))
-    if acc is None:
-        section.blocks.append(Text("Intervals and error breakdown: not available (they need every run's "
-                                   "detections.json and the dataset)."))
-        return section
-    boot = acc["bootstrap"]
-
-    def iv(d: dict) -> str:
-        return f"{100 * d['value']:.1f} [{100 * d['lo']:.1f}, {100 * d['hi']:.1f}]"
-    rows = [[label, iv(boot["ap"][i][0.5]), iv(boot["ap"][i][0.75]), iv(boot["drop"][i]),
-             iv(boot["diff_to_first"][i][0.5]) if i else "-", iv(boot["diff_to_first"][i][0.75]) if i else "-"]
-            for i, label in enumerate(acc["labels"])]
-    section.blocks += [Table(["run", "AP50", "AP75", "AP50 - AP75", f"AP50 - {acc['labels'][0]}",
-                              f"AP75 - {acc['labels'][0]}"], rows),
-                       Text(f"Points, with paired bootstrap 95% intervals over the {acc['num_images']} images "
-                            f"({boot['num_resamples']} resamples, seed {boot['seed']}).")]
-    rows = [[label] + [f"{100 * e['dAP50'][t]:.1f} ({e['counts'][t]})" for t in ERROR_TYPES]
-            for label, e in zip(acc["labels"], acc["errors"])]
-    section.blocks.append(Heading("Error breakdown (TIDE-style)", 3))
-    section.blocks.append(Table(["run", *ERROR_TYPES], rows))
-    colors = {r.label: r.color for r in runs}
-    section.pngs["error_breakdown.png"] = charts.error_bars(acc["labels"], [colors[x] for x in acc["labels"]],
-                                                            acc["errors"])
-    section.blocks.append(Figure("error_breakdown.png", "AP50 points each error type costs (count in "
-                                 "brackets in the table): foreground IoU 0.5, background IoU 0.1."))
-    return section
+    blocks, pngs = explained_blocks(runs, acc)
+    return Section(blocks, pngs)
 
 
 def _ratio_text(r: dict) -> str:
