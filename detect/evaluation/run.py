@@ -5,8 +5,9 @@ search timed as the "proposals" stage), the same ``Detector.detect`` (hence the 
 post-processing) and the same COCO evaluation. A run directory ends up with:
 
 - ``detections.json``: COCO results of the evaluated images;
-- ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, per-stage test time in
-  ms per image, images/s, peak memory, parameter count, device, training time, proposal
+- ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, AP at each IoU
+  0.50:0.95, per-stage test time in ms per image (mean; median after ``TIMING_WARMUP`` images;
+  every image's list), the test settings (box regression, proposal top-k), images/s, peak memory, parameter count, device, training time, proposal
   recall and the dataset it was measured on (the contract ``detect compare`` reads; see
   ``detect.report.runs``);
 - ``coco_eval.log``: what pycocotools printed.
