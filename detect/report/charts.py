@@ -3,6 +3,7 @@ accuracy with end-to-end and detector-only points. PNG bytes, as ``detect.report
 
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 from matplotlib.lines import Line2D
 
@@ -45,11 +46,11 @@ def stage_bars(runs: list[Run], stages: list[str]) -> bytes:
     """Horizontal stacked bars of ms per image per stage, selective search included."""
     fig = _figure(7.5, 1.2 + 0.6 * len(runs))
     ax = fig.add_subplot()
-    cmap = fig.colormaps["tab20"] if hasattr(fig, "colormaps") else None
+    cmap = matplotlib.colormaps["tab20"]
     left = np.zeros(len(runs))
     for j, stage in enumerate(stages):
         widths = np.array([r.timing_ms.get(stage, 0.0) for r in runs])
-        color = cmap(j % 20) if cmap is not None else None
+        color = cmap(j % 20)
         ax.barh(np.arange(len(runs)), widths, left=left, label=stage, color=color)
         left += widths
     ax.set_yticks(np.arange(len(runs)), [r.label for r in runs])
