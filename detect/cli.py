@@ -34,6 +34,16 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
                         "eval --checkpoint: the checkpoint's classes)")
 
 
+def _add_ablation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("test-time ablations (no retraining)")
+    g.add_argument("--no-box-regression", action="store_true",
+                   help="score the proposals' own boxes (zero deltas): what regression buys")
+    g.add_argument("--top-k", type=int, default=-1,
+                   help="use the first K proposals per image (0: all; default: the checkpoint's setting)")
+    g.add_argument("--svd", choices=["config", "on", "off"], default="config",
+                   help="Fast R-CNN truncated SVD of fc6/fc7 (default: as the checkpoint's config)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detect",
@@ -79,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="coco", choices=["coco", "voc07", "voc"],
                    help="table to print: COCO AP, VOC2007 11-point AP or VOC2010+ all-point AP "
                         "(metrics.json holds all three)")
+    _add_ablation_args(p)
+
+    p = sub.add_parser("bench", help="time detectors interleaved image by image (medians, ratio intervals)")
+    p.add_argument("checkpoints", nargs="+", help="two or more trained detectors (runs' model_final.pt)")
+    _add_dataset_args(p)
+    p.add_argument("--proposals", default="",
+                   help="proposal store for --data (default: selective search once per image, timed as "
+                        "the shared 'proposals' stage)")
+    p.add_argument("--warmup", type=int, default=3, help="first N images run but not counted")
+    p.add_argument("--limit", type=int, default=0, help="time only the first N images (0: all)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the ratio intervals")
+    p.add_argument("--output", default="bench.json", help="where the result goes (JSON)")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    _add_ablation_args(p)
 
     p = sub.add_parser("train", help="train a detector from a config")
     _add_config_args(p, required=True)
@@ -108,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", required=True, help="where report.md, report.html and PNGs go")
     _add_dataset_args(p)  # --data: the detection grid's dataset (default: the first run's)
     p.add_argument("--grid-images", type=int, default=4, help="val images in the detection grid")
+    p.add_argument("--bench", default="",
+                   help="bench.json from `detect bench` on these runs' checkpoints: the speed section uses "
+                        "it (default: the runs' own per-image medians)")
 
     p = sub.add_parser("demo", help="the whole story on the synthetic dataset (README's main command)")
     p.add_argument("--output-dir", default="runs/demo")
@@ -132,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"make-synthetic": commands.make_synthetic, "propose": commands.propose, "recall": commands.recall,
-            "eval": commands.evaluate, "train": commands.train, "predict": commands.predict,
+            "eval": commands.evaluate, "bench": commands.bench, "train": commands.train, "predict": commands.predict,
             "compare": commands.compare}
 
 

@@ -28,6 +28,8 @@ from detect.common.runtime import (available_cores, barrier, init_distributed, i
 from detect.data.datasets import Dataset, load_coco, load_dataset
 from detect.data.images import find_images
 from detect.data.synthetic import make_synthetic as write_synthetic
+from detect.evaluation.bench import bench as bench_detectors
+from detect.evaluation.bench import format_bench
 from detect.evaluation.coco import dataset_to_coco, evaluate_coco, format_metrics_table
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
 from detect.evaluation.run import evaluate_detector, print_metrics
@@ -343,7 +345,7 @@ def evaluate(args: argparse.Namespace) -> int:
         init_distributed(device)
         output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         _evaluate_checkpoint(args.checkpoint, _dataset_spec(args), args.proposals, output_dir, device=device,
-                             limit=args.limit, metric=args.metric)
+                             limit=args.limit, metric=args.metric, ablation=_ablation(args))
         return 0
 
     results_path = Path(args.results)
@@ -372,11 +374,33 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablation(args: argparse.Namespace) -> dict:
+    """The test-time ablation flags of ``detect eval`` / ``detect bench`` as plain values."""
+    if args.top_k < -1:
+        raise ValueError(f"--top-k must be >= 0 (0 = all), got {args.top_k}")
+    return {"box_regression": not args.no_box_regression, "top_k": args.top_k,
+            "svd": {"config": None, "on": True, "off": False}[args.svd]}
+
+
+def _load_ablated(checkpoint: str | Path, device, ablation: dict | None):
+    """``load_detector`` with the ablation applied (None: as trained)."""
+    ablation = ablation or {}
+    svd = ablation.get("svd")
+    detector = load_detector(checkpoint, device, svd=svd)
+    if svd and detector.kind != "fast_rcnn":
+        raise ValueError(f"{checkpoint}: --svd applies to Fast R-CNN only, this is {detector.kind}")
+    detector.box_regression = ablation.get("box_regression", True)
+    if ablation.get("top_k", -1) >= 0:
+        detector.proposal_top_k = ablation["top_k"]
+    return detector
+
+
 def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
-                         device: torch.device, limit: int = 0, metric: str = "coco") -> dict:
+                         device: torch.device, limit: int = 0, metric: str = "coco",
+                         ablation: dict | None = None) -> dict:
     """Load the detector, the dataset (with the detector's classes) and its proposals; evaluate;
     print and write metrics."""
-    detector = load_detector(checkpoint, device)
+    detector = _load_ablated(checkpoint, device, ablation)
     if data_spec.get("classes") and list(data_spec["classes"]) != detector.class_names:
         raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but the dataset's "
                          f"classes are given as {list(data_spec['classes'])}")
@@ -401,6 +425,32 @@ def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str
         print_metrics(metrics, metric)
         print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'detections.json'}")
     return metrics
+
+
+def bench(args: argparse.Namespace) -> int:
+    """``detect bench``: two or more detectors interleaved image by image; writes bench.json."""
+    if len(args.checkpoints) < 2:
+        raise ValueError("give two or more checkpoints to compare")
+    if not args.data:
+        raise ValueError("--data is required: the images to time the detectors on")
+    spec = _dataset_spec(args)
+    dataset = _load_spec(spec)
+    records = dataset.records[:args.limit] if args.limit > 0 else dataset.records
+    store = ProposalStore(args.proposals) if args.proposals else None
+    if store is not None:
+        store.check_dataset(dataset)
+    device = resolve_device(args.device)
+    detectors = [_load_ablated(c, device, _ablation(args)) for c in args.checkpoints]
+    names = [Path(c).parent.name or str(c) for c in args.checkpoints]
+    if len(set(names)) < len(names):
+        names = [str(c) for c in args.checkpoints]
+    result = bench_detectors(detectors, names, records, get_proposals=store.get if store is not None else None,
+                             warmup=args.warmup, num_resamples=args.resamples)
+    result.update(checkpoints=[str(c) for c in args.checkpoints], data=spec)
+    print(format_bench(result))
+    write_json_atomic(Path(args.output), result)
+    print(f"wrote {args.output}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,6 +491,6 @@ def compare(args: argparse.Namespace) -> int:
     """``detect compare``: report.md and report.html of evaluated runs."""
     data = _dataset_spec(args) if args.data else None
     md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir), data=data,
-                                     num_grid_images=args.grid_images)
+                                     num_grid_images=args.grid_images, bench=args.bench or None)
     print(f"wrote {md_path} and {html_path}")
     return 0

@@ -2,7 +2,7 @@
 
 make the dataset -> selective search for train and val -> proposal recall -> train and evaluate
 Fast R-CNN -> train and evaluate R-CNN (all four stages) -> ``detect predict`` on a few val
-images with drawings -> ``detect compare``. Each step prints the ``detect`` command it runs, so
+images with drawings -> ``detect bench`` (both detectors interleaved) -> ``detect compare``. Each step prints the ``detect`` command it runs, so
 the demo doubles as a tour of the CLI, and each step is skipped when its output is complete:
 re-running the demo reuses what is finished.
 
@@ -24,6 +24,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # `detect train` with the configs alone gives the figures in the README's benchmark table.
 NUM_TRAIN, NUM_VAL, SEED = 80, 30, 0
 NUM_PREDICT = 6
+BENCH_WARMUP = 3  # val images run by `detect bench` but not counted
 DETECTORS = ("fast_rcnn", "rcnn")
 SHORT_SCHEDULE = {
     "fast_rcnn": ["train.max_iter=300", "train.steps=[225]", "train.checkpoint_period=100"],
@@ -57,8 +58,14 @@ def demo_steps(out: Path, device: str = "") -> list[tuple[list[str], Path | None
         steps.append((["predict", "--checkpoint", str(out / name / "model_final.pt"), "--input",
                        *(val_images or [str(data / "images" / "val")]), "--output-dir",
                        str(out / "predict" / name), "--visualize", *device_flag], None))
-    steps.append((["compare", *(str(out / name) for name in DETECTORS), "--output-dir", str(out / "report")],
-                  None))
+    # Speed measured so that machine noise cancels: both detectors interleaved image by image on
+    # the val images, selective search run once per image as the shared stage (end-to-end time).
+    bench_json = out / "bench.json"
+    steps.append((["bench", *(str(out / name / "model_final.pt") for name in DETECTORS), "--data",
+                   str(data / "val.json"), "--warmup", str(BENCH_WARMUP), "--output", str(bench_json),
+                   *device_flag], bench_json))
+    steps.append((["compare", *(str(out / name) for name in DETECTORS), "--output-dir", str(out / "report"),
+                   "--bench", str(bench_json)], None))
     return steps
 
 

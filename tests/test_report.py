@@ -54,6 +54,8 @@ def _write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_js
             "voc": {"mAP": -1.0, "per_class_AP": {"cat": -1.0, "dog": -1.0}},
             "pr_curve_50": {"recall": RECALL, "precision": {"all": [round(1 - ap * r, 4) for r in RECALL],
                                                             "cat": [1.0] * 101, "dog": dog}},
+            "ap_per_iou": {"iou": [round(0.5 + 0.05 * i, 2) for i in range(10)],
+                           "AP": [round(0.8 - 0.07 * i, 3) for i in range(10)]},
             "timing_ms_per_image": timing, "images_per_second": 1000.0 / sum(timing.values()),
             "peak_memory_mb": 1234.5, "train_time_s": 95.0, "proposal_recall": PROPOSAL_RECALL})
     if data_json is not None:
@@ -113,8 +115,9 @@ def test_markdown_figures_exist_and_html_embeds_them(report):
     md_path, html_path = report
     md, html = md_path.read_text(), html_path.read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(figures) == ["accuracy_vs_time.png", "detections.png", "per_class_ap.png",
-                               "pr_overall.png", "pr_per_class.png", "proposal_recall.png"]
+    assert sorted(figures) == ["accuracy_vs_time.png", "ap_vs_iou.png", "detections.png", "error_breakdown.png",
+                               "per_class_ap.png", "pr_overall.png", "pr_per_class.png", "proposal_recall.png",
+                               "speed_vs_accuracy.png", "stage_times.png"]
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     assert len(embedded) == len(figures)
     on_disk = {(md_path.parent / f).read_bytes() for f in figures}
@@ -146,7 +149,7 @@ def test_same_runs_give_the_same_report(runs, report, tmp_path):
     assert _without_timestamp(html2.read_text()) == _without_timestamp(report[1].read_text())
     assert md2.read_text() != report[0].read_text()  # only the timestamp line differs
     pngs = sorted(p.name for p in report[0].parent.glob("*.png"))
-    assert pngs == sorted(p.name for p in md2.parent.glob("*.png")) and len(pngs) == 6
+    assert pngs == sorted(p.name for p in md2.parent.glob("*.png")) and len(pngs) == 10
     for name in pngs:
         assert (md2.parent / name).read_bytes() == (report[0].parent / name).read_bytes(), name
 
@@ -222,3 +225,65 @@ def test_cli_compare(runs, tmp_path, capsys):
     assert main(["compare", str(runs[0]), "--output-dir", str(tmp_path / "t"),
                  "--data", str(tmp_path / "no.json")]) == 2
     assert "no.json" in capsys.readouterr().err
+
+
+def test_a_bench_replaces_the_runs_timings_and_gives_the_ratio_interval(runs, tmp_path):
+    def entry(name, kind, stages, ratio=None):
+        s = {k: {"median": v, "p10": v * 0.9, "p90": v * 1.2, "n": 20} for k, v in stages.items()}
+        total = sum(stages.values())
+        d = {"name": name, "kind": kind, "stages": s,
+             "detector": {"median": total, "p10": total, "p90": total, "n": 20},
+             "end_to_end": {"median": total + 500, "p10": total + 500, "p90": total + 500, "n": 20}}
+        d.update(flops_total=total * 1e9, flops_ratio_to_reference=total / 10.0)
+        if ratio:
+            d["ratio_to_reference"] = {"detector": {"ratio": ratio, "lo": ratio - 1, "hi": ratio + 2},
+                                       "end_to_end": {"ratio": 1.5, "lo": 1.4, "hi": 1.6}}
+        return d
+    bench = {"reference": "fast", "num_images": 20, "warmup": 3, "device": "cpu",
+             "proposals": {"median": 500.0, "p10": 400.0, "p90": 600.0, "n": 20},
+             "checkpoints": [str(runs[0] / "model_final.pt"), "elsewhere/slow/model_final.pt"],
+             "detectors": [entry("fast", "fast_rcnn", {"backbone": 7.0, "roi_head": 3.0}),
+                           entry("slow", "rcnn", {"features": 90.0, "warp": 10.0}, ratio=10.0)],
+             "paper_flops": {"settings": "VGG16", "fast_rcnn": {"a": 1e12}, "rcnn": {"b": 6e13},
+                             "rcnn_over_fast_rcnn": 60.0}, "flops_num_proposals": 50,
+             "environment": {"torch": "2.x", "torch_threads": 2, "opencv": "4.x", "opencv_threads": 2,
+                             "numpy": "1.x"}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    md_path, _ = make_report(runs, tmp_path / "report", timestamp="T", num_grid_images=0,
+                             bench=tmp_path / "bench.json")
+    md = md_path.read_text()
+    assert "slow / fast: 10.0x (95% CI 9.00-12.00) detector only, 1.50x (95% CI 1.40-1.60) end to end" in md
+    assert "| end to end (proposals + detector), ms | 510.0 [510.0, 510.0] | 600.0 [600.0, 600.0] |" in md
+    assert "bench median per image, 20 images after 3 warm-up" in md
+    assert "end to end (ratio of medians; paired bootstrap over images); FLOP ratio 10.0x." in md
+    assert "R-CNN needs 60.0 TFLOPs per image and Fast R-CNN 1.00 TFLOPs: 60.0x" in md
+    assert "| GFLOPs per image (detector) | 10.00 | 100.00 |" in md
+    assert "| features, ms/image | - | 90.0 |" in md  # the bench's medians, not the run's 300 ms
+    (tmp_path / "bad.json").write_text(json.dumps({"detectors": [{}], "proposals": {}}))
+    with pytest.raises(ValueError, match=r"bad.json: key 'detectors\[0\].name'"):
+        make_report(runs, tmp_path / "r2", timestamp="T", num_grid_images=0, bench=tmp_path / "bad.json")
+
+
+def test_run_medians_are_preferred_to_means(tmp_path):
+    run = _write_run(tmp_path / "m", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=None)
+    m = json.loads((run / "metrics.json").read_text())
+    m.update(timing_ms_median={"backbone": 5.0, "proposals": 1000.0}, timing_warmup_images=3)
+    (run / "metrics.json").write_text(json.dumps(m))
+    loaded = load_run(run)
+    assert loaded.timing_ms == {"backbone": 5.0, "proposals": 1000.0}
+    assert loaded.timing_source == "median per image after 3 warm-up image(s)"
+
+
+def test_runs_that_differ_in_proposals_get_a_sweep_figure(tmp_path):
+    runs = []
+    for k in (10, 100, 0):
+        run = _write_run(tmp_path / f"k{k}", detector="fast_rcnn", ap=0.3, timing=FAST_TIMING, data_json=None)
+        m = json.loads((run / "metrics.json").read_text())
+        m["test_settings"] = {"box_regression": True, "proposal_top_k": k}
+        (run / "metrics.json").write_text(json.dumps(m))
+        runs.append(run)
+    md_path, _ = make_report(runs, tmp_path / "report", timestamp="T", num_grid_images=0)
+    md = md_path.read_text()
+    assert "| k10 | Fast R-CNN | efficientnet_lite0 | cpu | 3 | top-10 proposals |" in md
+    assert "| all proposals |" in md and "proposals_sweep.png" in md
+    assert (tmp_path / "report" / "proposals_sweep.png").is_file()

@@ -119,6 +119,7 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
     "per_class_AP": {name: AP}, "per_class_AP50": {name: AP50},
     "pr_curve_50": {"recall": [101], "precision": {"all": [101], name: [101]}},
+    "ap_per_iou": {"iou": [0.5, 0.55, ..., 0.95], "AP": [10]},
     "num_images", "num_detections"}`` with values in [0, 1], -1.0 where undefined. The PR
     curves are at IoU 0.5, all areas, 100 detections per image; "all" is the mean over the
     classes that have ground truth.
@@ -155,6 +156,9 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
 
     metrics: dict = {key: float(v) for key, v in zip(COCO_KEYS, coco_eval.stats[:9])}
     metrics.update(_per_class_metrics(coco_eval, gt["categories"]))
+    precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
+    metrics["ap_per_iou"] = {"iou": [round(float(t), 2) for t in coco_eval.params.iouThrs],
+                             "AP": [_mean_defined(precision[t, :, :, 0, -1]) for t in range(precision.shape[0])]}
     metrics["num_images"] = len(gt["images"])
     metrics["num_detections"] = len(entries)
     return metrics

@@ -5,9 +5,11 @@ search timed as the "proposals" stage), the same ``Detector.detect`` (hence the 
 post-processing) and the same COCO evaluation. A run directory ends up with:
 
 - ``detections.json``: COCO results of the evaluated images;
-- ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, VOC AP ("voc07":
-  11-point, "voc": all-point, each {"mAP", "per_class_AP"}; ``detect.evaluation.voc``), per-stage test time in
-  ms per image, images/s, peak memory, parameter count, device, training time, proposal
+- ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, AP at each IoU
+  0.50:0.95, VOC AP ("voc07": 11-point, "voc": all-point, each {"mAP", "per_class_AP"};
+  ``detect.evaluation.voc``), per-stage test time in ms per image (mean; median after
+  ``TIMING_WARMUP`` images; every image's list), the test settings (box regression, proposal
+  top-k), images/s, peak memory, parameter count, device, training time, proposal
   recall and the dataset it was measured on (the contract ``detect compare`` reads; see
   ``detect.report.runs``);
 - ``coco_eval.log``: what pycocotools printed.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,13 +34,18 @@ from detect.evaluation.voc import evaluate_voc, for_json, format_voc_table
 from detect.models.detector import Detections, Detector, StageTimer
 
 
+TIMING_WARMUP = 3  # images left out of the medians: the first calls pay for allocation and caches
+
+
 def run_detector(detector: Detector, records: list[ImageRecord], *, store=None,
-                 timer: StageTimer | None = None, progress: bool = True) -> dict[int, Detections]:
+                 timer: StageTimer | None = None, progress: bool = True,
+                 per_image_ms: list[dict[str, float]] | None = None) -> dict[int, Detections]:
     """Detect on every record (this rank's share under torchrun); returns {image_id: Detections}.
 
     Proposals come from ``store`` (a ``ProposalStore``) or, without one, from selective search
     with the detector's own settings (timed as the "proposals" stage). Unreadable images are
-    reported and get no detections.
+    reported and get no detections. ``per_image_ms``, when given, receives each image's
+    {stage: ms} in order (this rank's images).
     """
     timer = timer or StageTimer(detector.device)
     rank, world = rank_and_world()
@@ -46,10 +54,15 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None,
     for rec in tqdm(mine, desc="detect", unit="img", disable=not progress or rank != 0, dynamic_ncols=True):
         image = read_image(rec.file_name)
         proposals = None
+        image_timer = StageTimer(detector.device)  # this image's stages, then added to ``timer``
         if store is not None:
-            with timer("proposal_load"):
+            with image_timer("proposal_load"):
                 proposals = store.get(rec.image_id)
-        results[rec.image_id] = detector.detect(image, proposals, timer=timer)
+        results[rec.image_id] = detector.detect(image, proposals, timer=image_timer)
+        for stage, ms in image_timer.totals_ms.items():
+            timer.totals_ms[stage] = timer.totals_ms.get(stage, 0.0) + ms
+        if per_image_ms is not None:
+            per_image_ms.append(dict(image_timer.totals_ms))
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, results)
@@ -65,8 +78,10 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     device = detector.device
     reset_peak_memory(device)
     timer = StageTimer(device)
+    per_image: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    detections = run_detector(detector, dataset.records, store=store, timer=timer, progress=progress)
+    detections = run_detector(detector, dataset.records, store=store, timer=timer, progress=progress,
+                              per_image_ms=per_image)
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
         return {}
@@ -87,7 +102,10 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "pr_curve_50": m["pr_curve_50"],
         "voc07": for_json(evaluate_voc(dataset, detections, "voc07")),
         "voc": for_json(evaluate_voc(dataset, detections, "voc")),
+        "ap_per_iou": m["ap_per_iou"],
+        "test_settings": {"box_regression": detector.box_regression, "proposal_top_k": detector.proposal_top_k},
         "timing_ms_per_image": timer.per_image(len(dataset)),
+        **timing_lists(per_image),
         "images_per_second": len(dataset) / max(elapsed, 1e-9),
         "peak_memory_mb": peak_memory_mb(device),
         "train_time_s": train_time_s,
@@ -96,6 +114,17 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     }
     write_json_atomic(output_dir / "metrics.json", metrics)
     return metrics
+
+
+def timing_lists(per_image: list[dict[str, float]], warmup: int = TIMING_WARMUP) -> dict:
+    """metrics.json's per-image timings: every image's ms per stage (0 where an image skipped a
+    stage), and per-stage medians over the images after ``warmup`` (all of them when there are
+    no more than ``warmup``)."""
+    stages = list(dict.fromkeys(s for st in per_image for s in st))
+    lists = {s: [st.get(s, 0.0) for st in per_image] for s in stages}
+    skip = warmup if len(per_image) > warmup else 0
+    medians = {s: float(np.median(v[skip:])) for s, v in lists.items()}
+    return {"timing_ms_per_image_list": lists, "timing_ms_median": medians, "timing_warmup_images": skip}
 
 
 def print_metrics(metrics: dict, metric: str = "coco") -> None:

@@ -67,11 +67,12 @@ def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: l
                 **_detector_kwargs(cfg, class_names, category_ids))
 
 
-def build_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
+def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, svd: bool | None = None) -> Detector:
     """Rebuild a trained detector from a detector checkpoint dict (``load_checkpoint``).
 
     The config inside gives the architecture (built with weights "none", then the state dict
-    is loaded strictly); a Fast R-CNN config with ``test.svd`` gets truncated SVD after loading.
+    is loaded strictly); a Fast R-CNN config with ``test.svd`` gets truncated SVD after loading
+    (``svd`` True / False overrides the config: an ablation).
     """
     kind = ckpt.get("kind")
     cfg = from_dict(ckpt["config"], f"{source} (config)")
@@ -80,7 +81,7 @@ def build_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
         model = build_fast_rcnn(cfg, class_names, category_ids,
                                 backbone=build_backbone_from(cfg, weights="none"))
         model.load_state_dict(ckpt["model"])
-        if cfg.test.svd:
+        if cfg.test.svd if svd is None else svd:
             model.apply_svd(cfg.test.svd_fc6, cfg.test.svd_fc7)
     elif kind == "rcnn":
         model = build_rcnn(cfg, class_names, ckpt["extra"], category_ids)
@@ -90,7 +91,8 @@ def build_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> Detector:
     return model.eval()
 
 
-def load_detector(checkpoint: str | Path, device: str | torch.device | None = None) -> Detector:
+def load_detector(checkpoint: str | Path, device: str | torch.device | None = None, *,
+                  svd: bool | None = None) -> Detector:
     """Rebuild the detector saved in ``checkpoint`` (either kind), in eval mode on ``device``
     ('' or None: the GPU when there is one)."""
     ckpt = load_checkpoint(checkpoint)
@@ -98,7 +100,7 @@ def load_detector(checkpoint: str | Path, device: str | torch.device | None = No
         raise ValueError(f"{checkpoint}: a training-state checkpoint, not a trained detector "
                          "(use the run's model_final.pt)")
     try:
-        detector = build_from_checkpoint(ckpt, str(checkpoint))
+        detector = build_from_checkpoint(ckpt, str(checkpoint), svd=svd)
     except (RuntimeError, KeyError) as e:
         raise ValueError(f"{checkpoint}: does not match a {ckpt.get('kind')} model "
                          f"({str(e).splitlines()[0]})") from None

@@ -146,7 +146,8 @@ class Detector(nn.Module):
     def __init__(self, *, class_names: list[str], score_thresh: float = 0.05,
                  nms_thresh: float = 0.3, detections_per_image: int = 100, per_class_top_k: int = 0,
                  category_ids: list[int] | None = None, proposal_settings: dict | None = None,
-                 proposal_top_k: int = 0, backbone_name: str = "", amp: bool = True):
+                 proposal_top_k: int = 0, backbone_name: str = "", amp: bool = True,
+                 box_regression: bool = True):
         super().__init__()
         if not class_names:
             raise ValueError("class_names must list at least one class")
@@ -167,6 +168,7 @@ class Detector(nn.Module):
         self.proposal_top_k = proposal_top_k
         self.backbone_name = backbone_name
         self.amp = amp
+        self.box_regression = box_regression  # False: boxes are the proposals (an ablation, [RCNN] Table 2)
 
     @property
     def num_classes(self) -> int:
@@ -194,6 +196,8 @@ class Detector(nn.Module):
             proposal_boxes = proposal_boxes[: self.proposal_top_k]  # [R, 4], best-ranked first
         proposal_boxes = proposal_boxes.to(self.device)
         out = self.score_proposals(image, proposal_boxes, timer)
+        if not self.box_regression:
+            out = ProposalScores(out.proposal_boxes, out.scores, torch.zeros_like(out.deltas))  # [R, K, 4]
         with timer("postprocess"):
             dets = postprocess(out, image.shape[0], image.shape[1], score_thresh=self.score_thresh,
                                nms_thresh=self.nms_thresh,

@@ -12,9 +12,13 @@ and its part of the report then says "not available". (A scored results file, ``
      "per_class_AP": {class name: float}, "per_class_AP50": {class name: float},    # -1 = no gt
      "voc07": {"mAP": float, "per_class_AP": {class name: float}},  # VOC2007 11-point AP; -1 = n/a
      "voc": {"mAP": float, "per_class_AP": {class name: float}},    # VOC2010+ all-point AP
+     "ap_per_iou": {"iou": [0.5, ..., 0.95], "AP": [10 floats]},
+     "test_settings": {"box_regression": bool, "proposal_top_k": int},  # 0 = all proposals
      "pr_curve_50": {"recall": [101 floats],
                      "precision": {"all": [101 floats], class name: [101 floats]}},  # -1 = n/a
-     "timing_ms_per_image": {stage: ms},
+     "timing_ms_per_image": {stage: ms},   # mean over all images
+     "timing_ms_median": {stage: ms},      # median after the first images (warm-up); preferred
+     "timing_ms_per_image_list": {stage: [ms per image]},
          # fast_rcnn stages: proposals, backbone, roi_head, postprocess
          # rcnn stages: proposals, warp, features, svm, bbox_reg, postprocess
          # "proposals" (selective search) is present only when it was measured
@@ -74,6 +78,10 @@ class Run:
     proposal_recall: dict[str, list[float]] | None  # "top_k", "recall@0.5", ... -> [T]
     data: dict | None  # str values, but "classes": list[str]
     detections_path: Path | None  # detections.json, when the folder has one
+    timing_source: str = "mean over all images"  # what timing_ms holds
+    ap_per_iou: dict[str, list[float]] | None = None  # {"iou": [T], "AP": [T]}
+    test_settings: dict | None = None  # {"box_regression": bool, "proposal_top_k": int} (ablations)
+    bench: dict | None = None  # this run's detector entry of a bench.json (``apply_bench``)
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
 
@@ -162,8 +170,12 @@ def load_run(run_dir: str | Path) -> Run:
         recall = {k: _curve(v, f"proposal_recall.{k}", path, len(top_k))
                   for k, v in recall.items() if v is not None}
 
-    timing = _mapping(m, "timing_ms_per_image", path) or {}
-    timing_ms = {str(k): _number(v, f"timing_ms_per_image.{k}", path) for k, v in timing.items()}
+    timing_key, timing_source = "timing_ms_per_image", "mean over all images"
+    if _mapping(m, "timing_ms_median", path):
+        warmup = int(_number(m.get("timing_warmup_images"), "timing_warmup_images", path) or 0)
+        timing_key, timing_source = "timing_ms_median", f"median per image after {warmup} warm-up image(s)"
+    timing = _mapping(m, timing_key, path) or {}
+    timing_ms = {str(k): _number(v, f"{timing_key}.{k}", path) for k, v in timing.items()}
     num_parameters = _number(m.get("num_parameters"), "num_parameters", path)
     num_images = _number(m.get("num_images"), "num_images", path)
     data = _mapping(m, "data", path)
@@ -190,7 +202,51 @@ def load_run(run_dir: str | Path) -> Run:
         data={str(k): [str(c) for c in v] if k == "classes" and isinstance(v, list) else str(v)
               for k, v in data.items() if v is not None} if data else None,
         detections_path=detections if detections.is_file() else None,
+        timing_source=timing_source,
+        ap_per_iou=_ap_per_iou(m, path),
+        test_settings=_mapping(m, "test_settings", path),
     )
+
+
+def _ap_per_iou(m: dict, path: Path) -> dict[str, list[float]] | None:
+    curve = _mapping(m, "ap_per_iou", path)
+    if curve is None or curve.get("iou") is None:
+        return None
+    iou = _curve(curve["iou"], "ap_per_iou.iou", path, None)
+    return {"iou": iou, "AP": _curve(curve.get("AP"), "ap_per_iou.AP", path, len(iou))}
+
+
+def load_bench(path: str | Path) -> dict:
+    """A ``detect bench`` result (bench.json), checked for the keys the report reads."""
+    path = Path(path)
+    b = read_json(path)
+    if not isinstance(b, dict) or not isinstance(b.get("detectors"), list) or "proposals" not in b:
+        raise ValueError(f"{path}: not a bench.json from `detect bench` (needs 'detectors' and 'proposals')")
+    for i, d in enumerate(b["detectors"]):
+        for key in ("name", "stages", "detector", "end_to_end"):
+            if key not in d:
+                raise ValueError(f"{path}: key 'detectors[{i}].{key}' is missing")
+    return b
+
+
+def apply_bench(runs: list[Run], bench: dict) -> list[Run]:
+    """Give each run its bench entry: matched by the checkpoint's folder (``detect bench`` names
+    a detector after it), else by name. The run's stage times become the bench's medians
+    (plus the shared proposals stage). Returns the runs that matched."""
+    checkpoints = bench.get("checkpoints") or [""] * len(bench["detectors"])
+    matched = []
+    for run in runs:
+        for ckpt, entry in zip(checkpoints, bench["detectors"]):
+            same_dir = bool(ckpt) and Path(ckpt).resolve().parent == run.run_dir.resolve()
+            if same_dir or entry["name"] == run.name:
+                run.bench = entry
+                run.timing_ms = {s: v["median"] for s, v in entry["stages"].items()}
+                run.timing_ms["proposals"] = bench["proposals"]["median"]
+                run.timing_source = (f"bench median per image, {bench.get('num_images')} images after "
+                                     f"{bench.get('warmup')} warm-up, detectors interleaved")
+                matched.append(run)
+                break
+    return matched
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ from detect.common.fileio import read_json, write_bytes_atomic, write_text_atomi
 from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
-from detect.report import render
+from detect.report import charts, render
+from detect.report.findings import box_accuracy, explained_blocks, findings
 from detect.report.render import Figure, Heading, Table, Text
-from detect.report.runs import Run, load_run
+from detect.report.runs import Run, apply_bench, load_bench, load_run
 
 ACCURACY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 VOC_COLUMNS = {"voc07": "VOC07 mAP", "voc": "VOC mAP"}  # metrics.json key -> column
@@ -98,11 +99,32 @@ def _detector_name(kind: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _settings_text(settings: dict | None) -> str:
+    if not settings:
+        return "n/a"
+    top_k = settings.get("proposal_top_k", 0)
+    return (f"top-{top_k} proposals" if top_k else "all proposals") + (
+        "" if settings.get("box_regression", True) else ", no box regression")
+
+
 def _runs_section(runs: list[Run]) -> Section:
     rows = [[r.label, _detector_name(r.detector), r.backbone, r.device,
-             "n/a" if r.num_images is None else str(r.num_images), str(r.run_dir)] for r in runs]
-    return Section([Heading("Runs"),
-                    Table(["run", "detector", "backbone", "device", "val images", "folder"], rows)])
+             "n/a" if r.num_images is None else str(r.num_images), _settings_text(r.test_settings),
+             str(r.run_dir)] for r in runs]
+    section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
+                                               "test settings", "folder"], rows)])
+    # Ablations: runs of one detector that differ only in their number of proposals.
+    sweeps = {}
+    for r in runs:
+        if r.test_settings and r.test_settings.get("box_regression", True) and r.test_ms:
+            sweeps.setdefault(r.detector, []).append(r)
+    sweeps = {k: v for k, v in sweeps.items()
+              if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
+    if sweeps:
+        section.pngs["proposals_sweep.png"] = charts.proposal_sweep(sweeps)
+        section.blocks.append(Figure("proposals_sweep.png", "AP50 and detector time per image against the "
+                                     "number of proposals (test-time ablation, [FRCN] Section 5.5)."))
+    return section
 
 
 def _accuracy_section(runs: list[Run]) -> Section:
@@ -130,7 +152,58 @@ def _accuracy_section(runs: list[Run]) -> Section:
     return section
 
 
-def _speed_section(runs: list[Run]) -> Section:
+def _findings_section(acc: dict | None, bench: dict | None) -> Section:
+    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench)])
+
+
+def _explained_section(runs: list[Run], acc: dict | None) -> Section:
+    blocks, pngs = explained_blocks(runs, acc)
+    return Section(blocks, pngs)
+
+
+def _ratio_text(r: dict) -> str:
+    return f"{_fmt_ratio(r['ratio'])} (95% CI {r['lo']:.2f}-{r['hi']:.2f})"
+
+
+def _bench_blocks(benched: list[Run], bench: dict) -> list:
+    """The bench's table (median [p10, p90]) and its ratio sentences with intervals."""
+    def cell(v: dict) -> str:
+        return f"{_fmt_ms(v['median'])} [{_fmt_ms(v['p10'])}, {_fmt_ms(v['p90'])}]"
+
+    rows = [["proposals (shared), ms"] + [cell(bench["proposals"]) for _ in benched],
+            ["detector only, ms"] + [cell(r.bench["detector"]) for r in benched],
+            ["end to end (proposals + detector), ms"] + [cell(r.bench["end_to_end"]) for r in benched]]
+    blocks = [Heading("Interleaved bench", 3), Table(["median [p10, p90]", *[r.label for r in benched]], rows)]
+    if any("flops_total" in r.bench for r in benched):
+        rows.append(["GFLOPs per image (detector)"] + [f"{r.bench['flops_total'] / 1e9:.2f}" if "flops_total" in r.bench
+                                                       else "n/a" for r in benched])
+    for r in benched:
+        ratio = r.bench.get("ratio_to_reference")
+        if ratio:
+            flop = (f"; FLOP ratio {_fmt_ratio(r.bench['flops_ratio_to_reference'])}"
+                    if "flops_ratio_to_reference" in r.bench else "")
+            blocks.append(Text(f"{r.label} / {bench['reference']}: {_ratio_text(ratio['detector'])} detector "
+                               f"only, {_ratio_text(ratio['end_to_end'])} end to end (ratio of medians; "
+                               f"paired bootstrap over images){flop}.", strong=True))
+    paper = bench.get("paper_flops")
+    if paper:
+        blocks.append(Text(
+            f"At the papers' settings ({paper['settings']}) R-CNN needs "
+            f"{sum(paper['rcnn'].values()) / 1e12:.1f} TFLOPs per image and Fast R-CNN "
+            f"{sum(paper['fast_rcnn'].values()) / 1e12:.2f} TFLOPs: {_fmt_ratio(paper['rcnn_over_fast_rcnn'])}. "
+            f"That projection is what this bench cannot show: its detectors run at their configured "
+            f"settings ({bench.get('flops_num_proposals', '?')} proposals, small crops and images), where "
+            "fixed per-image costs weigh more than at 2,000 proposals."))
+    env = bench.get("environment", {})
+    blocks.append(Text(f"Bench: {bench.get('num_images')} images after {bench.get('warmup')} warm-up, "
+                       f"detectors run interleaved image by image on {bench.get('device', 'n/a')}; torch "
+                       f"{env.get('torch', '?')} ({env.get('torch_threads', '?')} threads), OpenCV "
+                       f"{env.get('opencv', '?')} ({env.get('opencv_threads', '?')} threads), numpy "
+                       f"{env.get('numpy', '?')}."))
+    return blocks
+
+
+def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
     stages = _union([s for s in STAGE_ORDER if any(s in r.timing_ms for r in runs)]
                     + [s for r in runs for s in r.timing_ms if s != "proposals"])
     timed = [r for r in runs if r.test_ms]
@@ -155,13 +228,17 @@ def _speed_section(runs: list[Run]) -> Section:
                                     for r in runs],
              ["parameters"] + ["n/a" if r.num_parameters is None else f"{r.num_parameters:,}"
                                for r in runs]]
+    sources = "; ".join(sorted({f"{r.label}: {r.timing_source}" for r in timed})) or "none"
     section = Section([Heading("Speed"), Table(["", *[r.label for r in runs]], rows),
-                       Text("Times are per test image as recorded by the run; peak memory is CUDA "
+                       Text(f"Times are per test image ({sources}); peak memory is CUDA "
                             "max allocated on a GPU, the process's max RSS on a CPU.")])
 
     fast = [r for r in runs if r.detector == "fast_rcnn"]
     slow = [r for r in runs if r.detector == "rcnn"]
-    if len(fast) == 1 and len(slow) == 1 and fast[0].test_ms and slow[0].test_ms:
+    benched = [r for r in runs if r.bench is not None]
+    if benched:
+        section.blocks += _bench_blocks(benched, bench)
+    elif len(fast) == 1 and len(slow) == 1 and fast[0].test_ms and slow[0].test_ms:
         section.blocks.append(Text(
             f"R-CNN / Fast R-CNN = {_fmt_ratio(slow[0].test_ms / fast[0].test_ms)} test time per "
             f"image, excluding proposals ({slow[0].label}: {_fmt_ms(slow[0].test_ms)} ms, "
@@ -178,6 +255,13 @@ def _speed_section(runs: list[Run]) -> Section:
         section.blocks.append(Text("Note: these runs were timed on different devices ("
                                    + "; ".join(devices) + "), so their ratios compare hardware too."))
 
+    if timed:
+        all_stages = ["proposals"] * any("proposals" in r.timing_ms for r in timed) + stages
+        section.pngs["stage_times.png"] = charts.stage_bars(timed, all_stages)
+        section.blocks.append(Figure("stage_times.png", "Time per image by stage, selective search included."))
+        section.pngs["speed_vs_accuracy.png"] = charts.speed_vs_accuracy(timed)
+        section.blocks.append(Figure("speed_vs_accuracy.png", "AP50 against time per image: detector only "
+                                     "(filled) and end to end with selective search (hollow)."))
     section.blocks.append(Heading("Accuracy against test time", 3))
     if timed:
         section.pngs["accuracy_vs_time.png"] = render.accuracy_vs_time(timed)
@@ -358,12 +442,14 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
 
 
 def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None = None,
-                data: dict[str, str] | None = None, num_grid_images: int = 4) -> tuple[Path, Path]:
+                data: dict[str, str] | None = None, num_grid_images: int = 4,
+                bench: str | Path | None = None) -> tuple[Path, Path]:
     """Compare the runs in ``run_dirs``; write ``report.md`` + PNGs and ``report.html``.
 
     ``data``: {"format", "path", "images", "split"} of the dataset for the detection grid
     (default: the first run's metrics.json "data"). ``timestamp`` is the report's one varying
-    line (default: now, UTC). Returns (md_path, html_path).
+    line (default: now, UTC). ``bench``: a bench.json (``detect bench``) whose medians and
+    ratio intervals replace the runs' own timings. Returns (md_path, html_path).
     """
     if not run_dirs:
         raise ValueError("no run folders given")
@@ -373,12 +459,23 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         seen[run.name] = seen.get(run.name, 0) + 1
         run.color = render.RUN_COLORS[i % len(render.RUN_COLORS)]
         run.label = run.name if seen[run.name] == 1 else f"{run.name} ({seen[run.name]})"
-    dataset, reason = _grid_dataset(runs, data) if num_grid_images > 0 else (None, "")
+    bench_result = load_bench(bench) if bench else None
+    if bench_result is not None and not apply_bench(runs, bench_result):
+        _warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
+    want_data = num_grid_images > 0 or all(r.detections_path for r in runs)
+    dataset, reason = _grid_dataset(runs, data) if want_data else (None, "")
+    acc = None
+    if dataset is not None and all(r.detections_path for r in runs):
+        try:
+            acc = box_accuracy(runs, dataset)
+        except (KeyError, TypeError, ValueError) as e:
+            _warn(f"box-accuracy analysis skipped: a detections.json does not match the dataset ({e})")
     if timestamp is None:
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
-        sections = [_runs_section(runs), _accuracy_section(runs), _speed_section(runs),
+        sections = [_findings_section(acc, bench_result), _runs_section(runs), _accuracy_section(runs),
+                    _explained_section(runs, acc), _speed_section(runs, bench_result),
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]
     blocks: list = [Heading("Detector comparison", 1)]

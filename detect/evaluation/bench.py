@@ -1,0 +1,207 @@
+"""``detect bench``: time two or more detectors so that machine noise cancels.
+
+Timing each detector in its own run, in sequence, lets whatever else the machine does decide
+the ratio (issue 12: a busy machine once made R-CNN look faster than Fast R-CNN). Here the
+detectors run **interleaved, image by image**, in one process: image 1 with A, then B, image 2
+with A, then B, ... on the same images with the same proposals. The first ``warmup`` images
+are run but not counted. Every image's time per stage is kept, and the summary gives medians,
+p10/p90 and the ratio of medians with a bootstrap 95% interval over images (images resampled
+with replacement, the same resample for both detectors: a paired bootstrap).
+
+Selective search runs once per image (unless a proposal store is given), as a shared
+"proposals" stage; end-to-end time is proposals + detector, the time a user waits in
+``detect predict``.
+
+The statistics (``summarize``, ``ratio_of_medians``) are pure functions of timing lists.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+from detect.common.runtime import device_name
+from detect.data.datasets import ImageRecord
+from detect.data.images import read_image
+from detect.evaluation.flops import detector_flops, paper_flops
+from detect.models.detector import Detector, StageTimer
+from detect.proposals.selective_search import selective_search
+
+PROPOSALS = "proposals"  # the shared stage: selective search (or the store read), once per image
+DETECTOR_TOTAL = "detector"  # sum of a detector's own stages
+END_TO_END = "end_to_end"  # proposals + detector
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Median, p10 and p90 (numpy's linear interpolation) and the count of ``values``."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"median": float("nan"), "p10": float("nan"), "p90": float("nan"), "n": 0}
+    p10, p50, p90 = np.percentile(v, [10, 50, 90])
+    return {"median": float(p50), "p10": float(p10), "p90": float(p90), "n": int(v.size)}
+
+
+def ratio_of_medians(numer: Sequence[float], denom: Sequence[float], *, num_resamples: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """median(numer) / median(denom) with a paired bootstrap interval over images.
+
+    ``numer[i]`` and ``denom[i]`` are the times of image i; each resample draws image indices
+    with replacement and recomputes both medians on the same draw. Returns ratio, lo, hi.
+    """
+    a, b = np.asarray(numer, dtype=np.float64), np.asarray(denom, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired timings differ in length: {a.size} and {b.size}")
+    if a.size == 0:
+        return {"ratio": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    ratio = float(np.median(a) / np.median(b))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, size=(num_resamples, a.size))
+    boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    alpha = (1.0 - level) / 2
+    lo, hi = np.percentile(boot, [100 * alpha, 100 * (1 - alpha)])
+    return {"ratio": ratio, "lo": float(lo), "hi": float(hi)}
+
+
+def environment() -> dict:
+    """What the timings depend on besides the code: threads, device, versions."""
+    return {"torch_threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "opencv": cv2.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord], *,
+                    get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
+                    load_image: Callable[[str], np.ndarray] = read_image,
+                    propose: Callable[[np.ndarray], np.ndarray] | None = None,
+                    progress: bool = True) -> dict:
+    """Run every detector on every record, interleaved; per-image stage times after warm-up.
+
+    Proposals come from ``get_proposals(image_id)`` (a store) or ``propose(image)`` (default:
+    selective search with the first detector's settings), computed once per image and given to
+    every detector. Returns ``{"proposals": [ms per image], "detectors": [{stage: [ms per
+    image]}, ...]}`` for the counted images (index ``warmup`` onwards), aligned across detectors.
+    """
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if len(records) <= warmup:
+        raise ValueError(f"{len(records)} image(s) but warm-up takes {warmup}: nothing left to time")
+    if propose is None:
+        settings = detectors[0].proposal_settings
+
+        def propose(image):
+            return selective_search(image, **settings)
+    proposal_ms: list[float] = []
+    num_proposals: list[int] = []
+    per_detector: list[list[dict[str, float]]] = [[] for _ in detectors]
+    for i, rec in enumerate(tqdm(records, desc="bench", unit="img", disable=not progress, dynamic_ncols=True)):
+        image = load_image(rec.file_name)
+        t0 = time.perf_counter()
+        proposals = get_proposals(rec.image_id) if get_proposals is not None else propose(image)
+        prop_ms = (time.perf_counter() - t0) * 1e3
+        stages = []
+        for det in detectors:
+            timer = StageTimer(det.device)  # a fresh timer per call: its totals are this image's
+            det.detect(image, proposals, timer=timer)
+            stages.append(dict(timer.totals_ms))
+        if i < warmup:
+            continue
+        proposal_ms.append(prop_ms)
+        num_proposals.append(int(np.asarray(proposals).reshape(-1, 4).shape[0]))
+        for store, st in zip(per_detector, stages):
+            store.append(st)
+    lists = []
+    for per_image in per_detector:
+        names = list(dict.fromkeys(s for st in per_image for s in st))
+        lists.append({s: [st.get(s, 0.0) for st in per_image] for s in names})
+    return {PROPOSALS: proposal_ms, "num_proposals": num_proposals, "detectors": lists}
+
+
+def reference_index(kinds: Sequence[str]) -> int:
+    """The detector ratios are taken against: Fast R-CNN when R-CNN is also there, else the first."""
+    if "rcnn" in kinds and "fast_rcnn" in kinds:
+        return list(kinds).index("fast_rcnn")
+    return 0
+
+
+def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000,
+                  seed: int = 0) -> dict:
+    """Summaries of ``run_interleaved``'s timings: per detector and stage median/p10/p90,
+    detector-only and end-to-end, and each detector's ratio of medians to the reference
+    (detector time / reference time; > 1: slower than the reference), with intervals."""
+    prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
+    totals = []
+    out_dets = []
+    for name, kind, stages in zip(names, kinds, timings["detectors"]):
+        det_total = np.sum([np.asarray(v, dtype=np.float64) for v in stages.values()], axis=0) \
+            if stages else np.zeros_like(prop)
+        totals.append((det_total, det_total + prop))
+        out_dets.append({"name": name, "kind": kind,
+                         "stages": {s: summarize(v) for s, v in stages.items()},
+                         DETECTOR_TOTAL: summarize(det_total), END_TO_END: summarize(det_total + prop),
+                         "per_image_ms": {s: list(map(float, v)) for s, v in stages.items()}})
+    ref = reference_index(kinds)
+    for i, d in enumerate(out_dets):
+        if i == ref:
+            continue
+        d["ratio_to_reference"] = {
+            DETECTOR_TOTAL: ratio_of_medians(totals[i][0], totals[ref][0], num_resamples=num_resamples, seed=seed),
+            END_TO_END: ratio_of_medians(totals[i][1], totals[ref][1], num_resamples=num_resamples, seed=seed)}
+    return {"reference": names[ref], PROPOSALS: summarize(prop), "proposals_per_image_ms": list(map(float, prop)),
+            "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": seed}
+
+
+def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence[ImageRecord], *,
+          get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
+          num_resamples: int = 2000, seed: int = 0, progress: bool = True) -> dict:
+    """``run_interleaved`` + ``bench_summary`` + the environment: bench.json's content."""
+    timings = run_interleaved(detectors, records, get_proposals=get_proposals, warmup=warmup, progress=progress)
+    result = bench_summary(timings, names, [d.kind for d in detectors], num_resamples=num_resamples, seed=seed)
+    # FLOPs at the bench's median image size and proposal count (machine-independent).
+    image_hw = (int(np.median([r.height for r in records[warmup:]])), int(np.median([r.width for r in records[warmup:]])))
+    num_props = int(np.median(timings["num_proposals"]))
+    ref = reference_index([d.kind for d in detectors])
+    flops = [detector_flops(d, image_hw, num_props) for d in detectors]
+    for entry, f, det in zip(result["detectors"], flops, detectors):
+        entry["test_settings"] = {"box_regression": det.box_regression, "proposal_top_k": det.proposal_top_k}
+        entry["flops"] = f
+        entry["flops_total"] = sum(f.values())
+        entry["flops_ratio_to_reference"] = sum(f.values()) / max(sum(flops[ref].values()), 1)
+    paper = paper_flops()
+    result.update(flops_image_hw=list(image_hw), flops_num_proposals=num_props, paper_flops={
+        "settings": "VGG16 without weights, 2000 proposals, 20 classes; Fast R-CNN on a 600 x 1000 input, "
+                    "R-CNN on 224 x 224 warps (VGG16's input; the R-CNN paper's 227 is AlexNet's)",
+        "fast_rcnn": dict(paper["fast_rcnn"]), "rcnn": dict(paper["rcnn"]),
+        "rcnn_over_fast_rcnn": sum(paper["rcnn"].values()) / sum(paper["fast_rcnn"].values())})
+    result.update(warmup=warmup, proposal_source="store" if get_proposals is not None else "selective_search",
+                  device=device_name(detectors[0].device), environment=environment())
+    return result
+
+
+def format_bench(result: dict) -> str:
+    """A plain-text table of a bench result (what ``detect bench`` prints)."""
+    lines = [f"{result['num_images']} image(s) after {result['warmup']} warm-up, proposals from "
+             f"{result['proposal_source']}, on {result['device']}; ms per image, median [p10, p90]"]
+    p = result[PROPOSALS]
+    lines.append(f"  proposals (shared): {p['median']:.1f} [{p['p10']:.1f}, {p['p90']:.1f}]")
+    for d in result["detectors"]:
+        lines.append(f"{d['name']} ({d['kind']}):")
+        for s, v in list(d["stages"].items()) + [(DETECTOR_TOTAL, d[DETECTOR_TOTAL]), (END_TO_END, d[END_TO_END])]:
+            lines.append(f"  {s}: {v['median']:.1f} [{v['p10']:.1f}, {v['p90']:.1f}]")
+        for key, r in d.get("ratio_to_reference", {}).items():
+            lines.append(f"  {key} time / {result['reference']}: {r['ratio']:.2f}x "
+                         f"(95% CI {r['lo']:.2f}-{r['hi']:.2f})")
+        if "flops_total" in d:
+            lines.append(f"  GFLOPs per image: {d['flops_total'] / 1e9:.2f} "
+                         f"({d['flops_ratio_to_reference']:.2f}x {result['reference']})")
+    env = result["environment"]
+    lines.append(f"threads: torch {env['torch_threads']}, opencv {env['opencv_threads']}; torch {env['torch']}, "
+                 f"torchvision {env['torchvision']}, opencv {env['opencv']}, numpy {env['numpy']}")
+    return "\n".join(lines)

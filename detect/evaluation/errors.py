@@ -1,0 +1,129 @@
+"""Where AP50 goes: an error breakdown in the manner of TIDE (Bolya et al., ECCV 2020).
+
+The ``tidecv`` package is not used: it pulls in opencv-python beside our OpenCV build, pandas
+and seaborn. This follows the paper's definitions at foreground IoU t_f = 0.5 and background
+IoU t_b = 0.1. After COCO-style matching at t_f, each false positive gets one type, in this
+order:
+
+- classification: IoU >= t_f with a ground-truth box of another class;
+- duplicate: IoU >= t_f with a box of its class that a higher-scoring detection took;
+- localisation: t_b <= IoU < t_f with a box of its class;
+- both: t_b <= IoU < t_f with a box of another class;
+- background: IoU < t_b with every box.
+
+A ground-truth box no detection matched, and that no classification or localisation error
+points at, is **missed**. Each type's cost, dAP50, is AP50 after an oracle fixes that type
+alone, minus AP50: a classification (localisation) error becomes a true positive of its
+box's class (with its box) when that box is still free, and is removed otherwise; both,
+duplicate and background errors are removed; missed boxes are dropped from the ground truth.
+Fixes of one type are applied in score order, so two fixes never claim one box.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detect.evaluation.matching import ImageBoxes, ap_from_flags, box_iou
+
+ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
+
+
+def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float = 0.5, bg: float = 0.1,
+                        max_dets: int = 100) -> tuple[list[dict], np.ndarray, list[tuple[int, int]]]:
+    """Every kept detection as {image, label, score, type, target}: type "tp", an error type or
+    "ignored"; target (image, gt index) for tp/classification/localisation. Also the
+    non-ignored gt count per class [K] and the missed boxes [(image, gt index)]."""
+    dets, num_pos, missed = [], np.zeros(num_classes, np.int64), []
+    for i, im in enumerate(images):
+        ignore = np.asarray(im.gt_ignore, bool)
+        for k in range(1, num_classes + 1):
+            num_pos[k - 1] += int(((im.gt_classes == k) & ~ignore).sum())
+        ious = box_iou(im.boxes, im.gt_boxes)  # [D, G]
+        used = np.zeros(len(im.gt_classes), bool)
+        image_dets = []
+        for k in range(1, num_classes + 1):
+            d = np.flatnonzero(im.labels == k)
+            d = d[np.argsort(-im.scores[d], kind="mergesort")][:max_dets]
+            same = np.flatnonzero(im.gt_classes == k)
+            same = np.concatenate([same[~ignore[same]], same[ignore[same]]])
+            for j in d:
+                best, m = fg - 1e-12, -1
+                for g in same:  # COCO's rule: best free box, non-ignored first
+                    if used[g] or (m > -1 and not ignore[m] and ignore[g]):
+                        continue
+                    if ious[j, g] >= best:
+                        best, m = ious[j, g], g
+                entry = {"image": i, "label": k, "score": float(im.scores[j]), "target": None}
+                if m > -1:
+                    used[m] = True
+                    entry.update(type="ignored" if ignore[m] else "tp", target=(i, int(m)))
+                image_dets.append((j, entry))
+        for j, entry in image_dets:
+            if "type" in entry:
+                dets.append(entry)
+                continue
+            k = entry["label"]
+            same = (im.gt_classes == k) & ~ignore
+            other = (im.gt_classes != k) & ~ignore
+            iou_same = np.where(same, ious[j], 0.0) if ious.shape[1] else np.zeros(0)
+            iou_other = np.where(other, ious[j], 0.0) if ious.shape[1] else np.zeros(0)
+            s_max = iou_same.max(initial=0.0)
+            o_max = iou_other.max(initial=0.0)
+            if o_max >= fg:
+                entry.update(type="classification", target=(i, int(iou_other.argmax())))
+            elif s_max >= fg:
+                entry.update(type="duplicate")
+            elif s_max >= bg:
+                entry.update(type="localisation", target=(i, int(iou_same.argmax())))
+            elif o_max >= bg:
+                entry.update(type="both")
+            else:
+                entry.update(type="background")
+            dets.append(entry)
+        targeted = {e["target"][1] for e in dets if e["image"] == i and e["target"] is not None}
+        missed += [(i, int(g)) for g in np.flatnonzero(~ignore) if g not in targeted]
+    return dets, num_pos, missed
+
+
+def _ap50(dets: list[dict], num_pos: np.ndarray) -> float:
+    aps = []
+    for k in range(1, len(num_pos) + 1):
+        if num_pos[k - 1] <= 0:
+            continue
+        mine = sorted((e for e in dets if e["label"] == k), key=lambda e: -e["score"])
+        flags = np.array([1 if e["type"] == "tp" else 0 for e in mine], np.int8)
+        aps.append(ap_from_flags(flags, np.ones(len(flags)), num_pos[k - 1]))
+    return float(np.mean(aps)) if aps else -1.0
+
+
+def _fix(dets: list[dict], error: str, images: list[ImageBoxes]) -> list[dict]:
+    if error in ("both", "duplicate", "background"):
+        return [e for e in dets if e["type"] != error]
+    taken = {e["target"] for e in dets if e["type"] == "tp"}
+    fixed = [e for e in dets if e["type"] != error]
+    for e in sorted((e for e in dets if e["type"] == error), key=lambda e: -e["score"]):
+        if e["target"] in taken:
+            continue  # the box is taken: the fixed detection would be a duplicate, so it goes
+        taken.add(e["target"])
+        i, g = e["target"]
+        fixed.append(dict(e, type="tp", label=int(images[i].gt_classes[g])))
+    return fixed
+
+
+def error_breakdown(images: list[ImageBoxes], num_classes: int, *, fg: float = 0.5, bg: float = 0.1,
+                    max_dets: int = 100) -> dict:
+    """{"AP50", "dAP50": {type: cost}, "counts": {type: n}} (see the module docstring)."""
+    dets, num_pos, missed = classify_detections(images, num_classes, fg=fg, bg=bg, max_dets=max_dets)
+    base = _ap50(dets, num_pos)
+    d_ap = {}
+    for error in ERROR_TYPES:
+        if error == "missed":
+            pos = num_pos.copy()
+            for i, g in missed:
+                pos[images[i].gt_classes[g] - 1] -= 1
+            d_ap[error] = _ap50(dets, pos) - base if (pos > 0).any() else 0.0
+        else:
+            d_ap[error] = _ap50(_fix(dets, error, images), num_pos) - base
+    counts = {t: sum(e["type"] == t for e in dets) for t in ERROR_TYPES[:-1]}
+    counts["missed"] = len(missed)
+    return {"AP50": base, "dAP50": d_ap, "counts": counts, "fg_iou": fg, "bg_iou": bg}

@@ -1,0 +1,180 @@
+"""Per-detection matches, AP from them, and bootstrap intervals over images.
+
+pycocotools re-accumulates every image for every AP; a bootstrap needs thousands of APs. So
+the matching is done once here, as COCOeval.evaluateImg does it for boxes (per image and
+class: detections by score, the top ``max_dets``, each to the unmatched ground truth of
+highest IoU >= t, non-ignored first; a detection matched to an ignored box is ignored), and
+AP is then COCO's 101-point interpolated precision, averaged over the classes that have
+ground truth. A bootstrap sample of images weights each image by how often it was drawn,
+which gives the same curve as repeating the image. ``tests/test_matching.py`` checks the AP
+against pycocotools.
+
+Shapes: G ground-truth boxes, D detections of one image; T IoU thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's recThrs
+
+
+@dataclass
+class ImageBoxes:
+    """One image's ground truth and detections (xyxy pixels, classes 1..K)."""
+
+    gt_boxes: np.ndarray  # [G, 4]
+    gt_classes: np.ndarray  # [G]
+    gt_ignore: np.ndarray  # [G] bool: VOC difficult / COCO crowd
+    boxes: np.ndarray  # [D, 4]
+    scores: np.ndarray  # [D]
+    labels: np.ndarray  # [D]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of xyxy boxes [A, 4] x [B, 4] -> [A, B] (COCO's: no +1 on widths)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+@dataclass
+class MatchTable:
+    """Every kept detection of a dataset with its match flags; per (image, class) gt counts."""
+
+    image_index: np.ndarray  # [N] index into the image list
+    labels: np.ndarray  # [N]
+    scores: np.ndarray  # [N]
+    flags: np.ndarray  # [N, T] 1 TP, 0 FP, -1 ignored
+    num_gt: np.ndarray  # [num_images, K] non-ignored ground truth per image and class
+    iou_thresholds: tuple[float, ...]
+
+
+def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5, 0.75),
+                 max_dets: int = 100) -> MatchTable:
+    """Match every image's detections to its ground truth at each IoU threshold (COCO's rules)."""
+    idx, labels, scores, flags = [], [], [], []
+    num_gt = np.zeros((len(images), num_classes), np.int64)
+    for i, im in enumerate(images):
+        for k in range(1, num_classes + 1):
+            g = np.flatnonzero(im.gt_classes == k)
+            ign = np.asarray(im.gt_ignore, bool)[g]
+            g = np.concatenate([g[~ign], g[ign]])  # non-ignored first, as COCO sorts them
+            ign = np.concatenate([np.zeros((~ign).sum(), bool), np.ones(ign.sum(), bool)])
+            num_gt[i, k - 1] = int((~ign).sum())
+            d = np.flatnonzero(im.labels == k)
+            d = d[np.argsort(-im.scores[d], kind="mergesort")][:max_dets]
+            if d.size == 0:
+                continue
+            ious = box_iou(im.boxes[d], im.gt_boxes[g])  # [D, G]
+            f = np.zeros((d.size, len(iou_thresholds)), np.int8)
+            for t, thr in enumerate(iou_thresholds):
+                used = np.zeros(g.size, bool)
+                for j in range(d.size):
+                    best, m = min(thr, 1 - 1e-10), -1
+                    for gi in range(g.size):
+                        if used[gi]:
+                            continue
+                        if m > -1 and not ign[m] and ign[gi]:
+                            break
+                        if ious[j, gi] < best:
+                            continue
+                        best, m = ious[j, gi], gi
+                    if m > -1:
+                        used[m] = True
+                        f[j, t] = -1 if ign[m] else 1
+            idx.append(np.full(d.size, i))
+            labels.append(np.full(d.size, k))
+            scores.append(im.scores[d])
+            flags.append(f)
+    t = len(iou_thresholds)
+    cat = (lambda xs, empty: np.concatenate(xs) if xs else empty)
+    return MatchTable(cat(idx, np.zeros(0, np.int64)), cat(labels, np.zeros(0, np.int64)),
+                      cat(scores, np.zeros(0)), cat(flags, np.zeros((0, t), np.int8)), num_gt,
+                      tuple(iou_thresholds))
+
+
+def ap_from_flags(flags: np.ndarray, weights: np.ndarray, num_pos: float) -> float:
+    """COCO's 101-point AP of detections in score order with ``flags`` (1/0) and weights."""
+    tp = np.cumsum(weights * (flags == 1))
+    fp = np.cumsum(weights * (flags == 0))
+    if tp.size == 0:
+        return 0.0
+    rc = tp / num_pos
+    pr = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    pr = np.maximum.accumulate(pr[::-1])[::-1]
+    inds = np.searchsorted(rc, RECALL_POINTS, side="left")
+    q = np.where(inds < pr.size, pr[np.minimum(inds, pr.size - 1)], 0.0)
+    return float(q.mean())
+
+
+def average_precision(table: MatchTable, image_weights: np.ndarray | None = None) -> dict[float, float]:
+    """{IoU threshold: AP} averaged over classes with ground truth; ``image_weights`` [images]
+    counts each image that many times (a bootstrap sample). -1 when no class has ground truth."""
+    w_img = np.ones(table.num_gt.shape[0]) if image_weights is None else np.asarray(image_weights, float)
+    num_pos = w_img @ table.num_gt  # [K]
+    out = {}
+    for t, thr in enumerate(table.iou_thresholds):
+        aps = []
+        for k in range(1, table.num_gt.shape[1] + 1):
+            if num_pos[k - 1] <= 0:
+                continue
+            sel = np.flatnonzero(table.labels == k)
+            sel = sel[table.flags[sel, t] != -1]
+            sel = sel[np.argsort(-table.scores[sel], kind="mergesort")]
+            w = w_img[table.image_index[sel]]
+            keep = w > 0
+            aps.append(ap_from_flags(table.flags[sel, t][keep], w[keep], num_pos[k - 1]))
+        out[thr] = float(np.mean(aps)) if aps else -1.0
+    return out
+
+
+def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Paired bootstrap over images of AP per table (detector) and of each table's AP minus the
+    first's. All tables must cover the same images in the same order. Returns
+    ``{"ap": [{thr: {"value", "lo", "hi"}}], "diff_to_first": [{thr: {...}} or None], "drop":
+    [{...}], "drop_diff_to_first": [{...} or None]}`` where "drop" is AP at the first threshold
+    minus AP at the last (AP50 - AP75)."""
+    n = tables[0].num_gt.shape[0]
+    if any(t.num_gt.shape[0] != n for t in tables):
+        raise ValueError("bootstrap_ap: the detectors were evaluated on different images")
+    rng = np.random.default_rng(seed)
+    point = [average_precision(t) for t in tables]
+    samples = [[] for _ in tables]
+    for _ in range(num_resamples):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n)
+        for i, t in enumerate(tables):
+            ap = average_precision(t, weights)
+            samples[i].append({thr: (v if v >= 0 else np.nan) for thr, v in ap.items()})
+    a = (1 - level) / 2 * 100
+
+    def interval(values, value):
+        values = [v for v in values if np.isfinite(v)]  # a resample without ground truth has no AP
+        if not values:
+            return {"value": value, "lo": float("nan"), "hi": float("nan")}
+        lo, hi = np.percentile(values, [a, 100 - a])
+        return {"value": value, "lo": float(lo), "hi": float(hi)}
+
+    thresholds = tables[0].iou_thresholds
+    ap = [{thr: interval([s[thr] for s in samples[i]], point[i][thr]) for thr in thresholds}
+          for i in range(len(tables))]
+    diffs = [None] + [{thr: interval([s[thr] - s0[thr] for s, s0 in zip(samples[i], samples[0])],
+                                     point[i][thr] - point[0][thr]) for thr in thresholds}
+                      for i in range(1, len(tables))]
+    # The drop from the first threshold to the second (AP50 - AP75: how much AP needs tight boxes),
+    # per detector and its difference to the first detector's drop.
+    t0, t1 = thresholds[0], thresholds[-1]
+    drop = [[s[t0] - s[t1] for s in samples[i]] for i in range(len(tables))]
+    drops = [interval(drop[i], point[i][t0] - point[i][t1]) for i in range(len(tables))]
+    drop_diffs = [None] + [interval(np.subtract(drop[i], drop[0]), drops[i]["value"] - drops[0]["value"])
+                           for i in range(1, len(tables))]
+    return {"ap": ap, "diff_to_first": diffs, "drop": drops, "drop_diff_to_first": drop_diffs,
+            "num_resamples": num_resamples, "seed": seed, "level": level}
