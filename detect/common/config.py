@@ -119,8 +119,11 @@ class TrainConfig:
     # Linear warm-up (not in [FRCN]; detectron2's default shape).
     warmup_iters: int = 100
     warmup_factor: float = 0.001
-    # [FRCN] lambda = 1 weighting smooth-L1 against the log loss; targets normalised by the
-    # std (0.1, 0.1, 0.2, 0.2) ([FRCN] BBOX_NORMALIZE_STDS).
+    # [FRCN] lambda = 1 weighting smooth-L1 against the log loss. Box targets are divided by
+    # the fixed std (0.1, 0.1, 0.2, 0.2): py-faster-rcnn's BBOX_NORMALIZE_STDS. [FRCN] itself
+    # measured per-class means and stds on the training set (fast-rcnn
+    # lib/roi_data_layer/roidb.py add_bbox_regression_targets) and folded them into bbox_pred
+    # at snapshot time (lib/fast_rcnn/train.py SolverWrapper.snapshot).
     bbox_loss_weight: float = 1.0
     bbox_std: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
     # Mixed precision, CUDA only.
@@ -164,7 +167,9 @@ class RCNNConfig:
     svm_retrain_limit: int = 2000
     svm_passes: int = 1
     svm_workers: int = 0  # processes for per-class training; 0 = all cores
-    # Box regression ([RCNN] appendix C): ridge, lambda = 1000, from proposals with IoU > 0.6.
+    # Box regression ([RCNN] appendix C; code bbox_regression/rcnn_train_bbox_regressor.m):
+    # ridge, lambda = 1000 on weights and bias alike, from proposals with IoU strictly > 0.6
+    # (O > opts.min_overlap), on pool5 scaled to mean norm 20 over random rows (rcnn_feature_stats.m).
     bbox_ridge_lambda: float = 1000.0
     bbox_min_iou: float = 0.6
     # Proposals scored per chunk at test time (bounds memory).
