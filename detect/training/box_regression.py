@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.linalg import cho_factor, cho_solve
+from scipy.linalg.blas import dsyrk
 from tqdm import tqdm
 
 from detect.common.boxes import encode_boxes
@@ -21,47 +22,85 @@ from detect.training.feature_cache import FeatureSource
 class RidgeAccumulator:
     """Ridge regression with a penalised bias column, from examples streamed in chunks.
 
-    Minimises ``||x w + b - y||^2 + lam (||w||^2 + ||b||^2)`` as [RCNN]
+    Minimises ``||x w + b - y||^2 + lam (||w||^2 + b^2)`` as [RCNN]
     ``rcnn_train_bbox_regressor.m`` does (a column of ones appended to X and regularised with
-    the weights, solved by Cholesky). Only the (D+1) x (D+1) Gram matrix and the (D+1) x T
-    right-hand side are kept, in float64; each chunk of at most ``chunk_rows`` rows is converted
-    to float64 for its products (float32 products lose about 1e-4 of the solution here). Peak memory is about ``8 (D+1)^2`` bytes whatever the number of
-    examples (5.0 GB for VGG16's 25088-d pool5), and the solve factorises it in place.
+    the weights, solved by Cholesky). Only the upper triangle of the D x D Gram matrix x^T x
+    (updated in place by BLAS syrk), the column sums, the count and x^T y are kept, in float64;
+    each chunk of at most ``chunk_rows`` rows is converted to float64 for its products (float32
+    products lose about 1e-4 of the solution). The bias is eliminated by its Schur complement
+    (a rank-1 update in place) and the D x D system factorised in place, so peak memory is about
+    ``8 D^2`` bytes whatever the number of examples (4.7 GiB for VGG16's 25088-d pool5).
     """
 
     def __init__(self, dim: int, targets: int, *, chunk_rows: int = 512):
-        self.gram = np.zeros((dim + 1, dim + 1), np.float64)  # [D+1, D+1]: [x 1]^T [x 1]
-        self.rhs = np.zeros((dim + 1, targets), np.float64)  # [D+1, T]: [x 1]^T y
+        self.gram = np.zeros((dim, dim), np.float64, order="F")  # [D, D]: x^T x (upper triangle)
+        self.col_sum = np.zeros(dim, np.float64)  # [D]: x^T 1
+        self.rhs = np.zeros((dim, targets), np.float64)  # [D, T]: x^T y
+        self.y_sum = np.zeros(targets, np.float64)  # [T]: 1^T y
         self.dim, self.chunk_rows, self.count = dim, chunk_rows, 0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         """x [n, D] and y [n, T], any float dtype."""
         for s in range(0, len(x), self.chunk_rows):
-            xs = np.asarray(x[s:s + self.chunk_rows], np.float64)  # [c, D]
+            xs = np.asfortranarray(x[s:s + self.chunk_rows], np.float64)  # [c, D]
             ys = np.asarray(y[s:s + self.chunk_rows], np.float64)  # [c, T]
-            d = self.dim
-            self.gram[:d, :d] += xs.T @ xs
-            col = xs.sum(axis=0)
-            self.gram[:d, d] += col
-            self.gram[d, :d] += col
-            self.gram[d, d] += len(xs)
-            self.rhs[:d] += xs.T @ ys
-            self.rhs[d] += ys.sum(axis=0)
+            self.gram = dsyrk(1.0, xs, beta=1.0, c=self.gram, trans=1, lower=0, overwrite_c=1)
+            self.col_sum += xs.sum(axis=0)
+            self.rhs += xs.T @ ys
+            self.y_sum += ys.sum(axis=0)
             self.count += len(xs)
 
     def solve(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
-        """-> w [D, T], b [T]. Consumes the accumulator (the Gram matrix is factorised in place)."""
-        self.gram[np.diag_indices_from(self.gram)] += lam
-        # symmetric, so its transpose is the same matrix in Fortran order: cho_factor need not copy
-        factor = cho_factor(self.gram.T, lower=False, overwrite_a=True, check_finite=False)
-        beta = cho_solve(factor, self.rhs, check_finite=False)  # [D+1, T]
-        self.gram = None
-        return beta[:-1], beta[-1]
+        """-> w [D, T], b [T]. Consumes the accumulator (the Gram matrix is factorised in place).
+
+        The system [[G + lam I, s], [s^T, n + lam]] [w; b] = [r; r0] with s = x^T 1: b =
+        (r0 - s^T w) / (n + lam), and (G + lam I - s s^T / (n + lam)) w = r - s r0 / (n + lam).
+        """
+        gram, self.gram = self.gram, None
+        corner = self.count + lam
+        for s in range(0, self.dim, self.chunk_rows):  # rank-1 update, in blocks of columns
+            block = slice(s, s + self.chunk_rows)
+            gram[:, block] -= np.outer(self.col_sum, self.col_sum[block] / corner)
+        gram[np.diag_indices_from(gram)] += lam
+        factor = cho_factor(gram, lower=False, overwrite_a=True, check_finite=False)  # upper triangle only
+        w = cho_solve(factor, self.rhs - np.outer(self.col_sum, self.y_sum / corner), check_finite=False)
+        return w, (self.y_sum - self.col_sum @ w) / corner
+
+
+def fit_ridge_dual(x: np.ndarray, y: np.ndarray, lam: float, *, chunk_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """The same minimiser as ``RidgeAccumulator`` through the N x N dual, for N < D: with
+    A = [x 1], ``beta = A^T (A A^T + lam I)^-1 y``. Keeps x as given (float32 from the cache)
+    and the N x N system in float64, formed from float64 blocks of ``chunk_rows`` rows."""
+    n = len(x)
+    kernel = np.ones((n, n), np.float64)  # [N, N]: A A^T = x x^T + 1 1^T
+    for s in range(0, n, chunk_rows):
+        xs = np.asarray(x[s:s + chunk_rows], np.float64)
+        for t in range(0, s + 1, chunk_rows):
+            block = xs @ np.asarray(x[t:t + chunk_rows], np.float64).T
+            kernel[s:s + chunk_rows, t:t + chunk_rows] += block
+            if t != s:
+                kernel[t:t + chunk_rows, s:s + chunk_rows] += block.T
+    kernel[np.diag_indices_from(kernel)] += lam
+    alpha = cho_solve(cho_factor(kernel, overwrite_a=True, check_finite=False),
+                      np.asarray(y, np.float64), check_finite=False)  # [N, T]
+    w = np.zeros((x.shape[1], alpha.shape[1]), np.float64)
+    for s in range(0, n, chunk_rows):
+        w += np.asarray(x[s:s + chunk_rows], np.float64).T @ alpha[s:s + chunk_rows]
+    return w, alpha.sum(axis=0)
+
+
+def dual_is_smaller(n: int, d: int) -> bool:
+    """True when the dual (x kept as float32 plus an N x N float64 system) needs less memory
+    than the primal D x D float64 Gram matrix."""
+    return n * d * 4 + n * n * 8 < d * d * 8
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float, *, chunk_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """x [N, D], y [N, T] -> w [D, T], b [T] minimising ``||x w + b - y||^2 + lam (||w||^2 + b^2)``
-    (``RidgeAccumulator`` on arrays already in memory)."""
+    ([RCNN]'s penalised bias), by whichever of the primal (``RidgeAccumulator``) and the dual
+    (``fit_ridge_dual``) needs less memory."""
+    if dual_is_smaller(*x.shape):
+        return fit_ridge_dual(x, y, lam, chunk_rows=chunk_rows)
     acc = RidgeAccumulator(x.shape[1], y.shape[1], chunk_rows=chunk_rows)
     acc.add(x, y)
     return acc.solve(lam)
@@ -86,8 +125,9 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
     class to zero mean and unit std (the [RCNN] code whitened them with the full 4 x 4
     covariance; per-coordinate is the same idea); features are scaled by ``feat_scale`` (average
     norm 20 over random rows, ``feature_cache.mean_feature_norm``); lambda = 1000 penalises the
-    weights and the bias alike (``RidgeAccumulator``). Features stream from ``source`` one image
-    at a time in two passes (target statistics, then the Gram matrix): no [N, D5] copy is made.
+    weights and the bias alike. With more examples than dimensions the Gram matrix is streamed
+    from ``source`` one image at a time (``RidgeAccumulator``: no [N, D5] copy); with fewer, the
+    N x N dual is solved on a float32 copy (``fit_ridge_dual``), whichever needs less memory.
     """
     per_class: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in range(1, num_classes + 1)}
     for i in range(source.num_images):
@@ -114,10 +154,16 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
         t = np.concatenate(list(targets.values()))  # [N, 4]
         mean[k - 1] = t.mean(axis=0)
         std[k - 1] = np.where(t.std(axis=0) > 1e-6, t.std(axis=0), 1.0)
-        acc = RidgeAccumulator(source.pool5_dim, 4)
-        for i, idx in per_class[k]:
-            acc.add(source.pool5(i, idx) * feat_scale, (targets[i] - mean[k - 1]) / std[k - 1])
-        w, b = acc.solve(lam)
+        y = (t - mean[k - 1]) / std[k - 1]  # [N, 4]
+        if dual_is_smaller(len(t), source.pool5_dim):  # fewer examples than dimensions: N x N dual
+            x = np.concatenate([source.pool5(i, idx) for i, idx in per_class[k]]) * np.float32(feat_scale)
+            w, b = fit_ridge_dual(x, y, lam)
+            del x
+        else:  # the Gram matrix, streamed one image at a time
+            acc = RidgeAccumulator(source.pool5_dim, 4)
+            for (i, idx), ys in zip(per_class[k], np.split(y, np.cumsum([len(v) for v in targets.values()])[:-1])):
+                acc.add(source.pool5(i, idx) * np.float32(feat_scale), ys)
+            w, b = acc.solve(lam)
         weight[k - 1], bias[k - 1] = w * feat_scale, b  # scale folded in: the weights take raw pool5
         sq_err = 0.0
         for i, idx in per_class[k]:  # a third pass for the fit's residual (a report figure only)
