@@ -233,8 +233,9 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
                      device: torch.device, resume: bool) -> Path:
     t = cfg.train
     rank, world_size = rank_and_world()
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same initial weights whatever the number of GPUs
     model = build_fast_rcnn(cfg, dataset.class_names, dataset.category_ids).to(device)
+    seed_everything(t.seed + rank)  # dropout differs per GPU; the data sampler takes rank explicitly
     data = FastRCNNTrainData(
         records=dataset.records, get_proposals=get_proposals, pixel_mean=model.pixel_mean,
         pixel_std=model.pixel_std, images_per_batch=t.images_per_batch, rois_per_image=t.rois_per_image,
@@ -260,7 +261,9 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
                 device: torch.device, resume: bool, progress: bool = True) -> Path:
     r, t = cfg.rcnn, cfg.train
     idle_group = long_wait_group()  # other ranks wait in it while rank 0 trains the SVMs
+    seed_everything(t.seed)  # the same initial weights whatever the number of GPUs
     backbone = build_backbone_from(cfg)
+    seed_everything(t.seed + rank_and_world()[0])  # dropout differs per GPU during fine-tuning
     finetune = FineTuneSettings(
         lr=r.ft_lr, momentum=r.ft_momentum, weight_decay=r.ft_weight_decay, max_iter=r.ft_max_iter,
         steps=list(r.ft_steps), batch_size=r.ft_batch_size, fg_per_batch=r.ft_fg_per_batch, fg_iou=r.ft_fg_iou,
