@@ -400,3 +400,20 @@ def test_tiny_dataset_overfits(tmp_path):
     dataset = Dataset("scenes", records, ["red", "green"], [1, 2])
     metrics = evaluate_detections(dataset, detections)
     assert metrics["AP50"] > 0.9, metrics["AP50"]
+
+
+def test_output_layers_stay_float32_under_autocast():
+    """The head may run in bf16 under autocast; the logits and deltas come out of float32
+    layers (bf16 logits would quantise the softmax scores into ties)."""
+    model = tiny_model().eval()
+    features = torch.randn(1, 32, 6, 6)
+    rois = torch.tensor([[0.0, 0, 0, 40, 40], [0.0, 8, 8, 90, 70]])
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        head_out = model.head(torch.randn(2, 32, 4, 4))
+        logits, deltas = model.roi_heads(features, rois)
+    assert head_out.dtype == torch.bfloat16  # autocast is really on for the head's Linear layers
+    assert logits.dtype == torch.float32 and deltas.dtype == torch.float32
+    with torch.no_grad():
+        ref_logits, ref_deltas = model.roi_heads(features, rois)
+    torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(deltas, ref_deltas, atol=0.05, rtol=0.05)
