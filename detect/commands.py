@@ -28,9 +28,9 @@ from detect.common.runtime import (available_cores, barrier, init_distributed, i
 from detect.data.datasets import Dataset, load_coco, load_dataset
 from detect.data.images import find_images
 from detect.data.synthetic import make_synthetic as write_synthetic
-from detect.evaluation.coco import dataset_to_coco, evaluate_coco, format_metrics_table
+from detect.evaluation.coco import dataset_to_coco, evaluate_coco, evaluate_detections, format_metrics_table
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
-from detect.evaluation.run import evaluate_detector, print_metrics
+from detect.evaluation.run import evaluate_detector, print_metrics, run_detector
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals
@@ -247,7 +247,8 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
         optimizer=build_optimizer(model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
         lr_at=step_lr(t.lr, t.steps, t.gamma, t.warmup_iters, t.warmup_factor), max_iter=t.max_iter,
         checkpoint_period=t.checkpoint_period, log_period=t.log_period, amp=t.amp,
-        bbox_loss_weight=t.bbox_loss_weight, num_workers=t.num_workers, device=device, resume=resume)
+        bbox_loss_weight=t.bbox_loss_weight, num_workers=t.num_workers, device=device, resume=resume,
+        eval_fn=_periodic_eval_fn(cfg), eval_period=t.eval_period)
     path = output_dir / "model_final.pt"
     if rank == 0:
         save_detector_checkpoint(path, kind="fast_rcnn", config=to_dict(cfg), class_names=dataset.class_names,
@@ -257,10 +258,37 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
     return path
 
 
+def _periodic_eval_fn(cfg: Config):
+    """``train.eval_period``'s evaluation: the model being trained, run over the val split (its
+    proposal store, else selective search), -> {"AP", "AP50", "skipped_images"} in log.jsonl.
+    None when eval_period is 0 or the config has no val split (with a warning)."""
+    if cfg.train.eval_period <= 0:
+        return None
+    if not cfg.data.val.path:
+        print(f"train.eval_period {cfg.train.eval_period}: no data.val.path in the config, so no periodic "
+              "evaluation", file=sys.stderr)
+        return None
+    val = _load_spec(to_dict(cfg.data.val))
+    store = ProposalStore(cfg.data.val_proposals) if cfg.data.val_proposals else None
+    if store is not None:
+        store.check_dataset(val)
+
+    def eval_fn(model, iteration: int) -> dict:
+        skipped: list[dict] = []
+        detections = run_detector(model, val.records, store=store, progress=False, skipped=skipped)
+        metrics = evaluate_detections(val, detections)
+        return {"AP": metrics["AP"], "AP50": metrics["AP50"], "skipped_images": len(skipped)}
+
+    return eval_fn
+
+
 def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, *,
                 device: torch.device, resume: bool, progress: bool = True) -> Path:
     r, t = cfg.rcnn, cfg.train
     idle_group = long_wait_group()  # other ranks wait in it while rank 0 trains the SVMs
+    if t.eval_period > 0 and is_main_process():
+        print("train.eval_period is for Fast R-CNN only: an R-CNN has no detector before its SVMs are "
+              "trained, so it is evaluated at the end", file=sys.stderr)
     seed_everything(t.seed)  # the same initial weights whatever the number of GPUs
     backbone = build_backbone_from(cfg)
     seed_everything(t.seed + rank_and_world()[0])  # dropout differs per GPU during fine-tuning

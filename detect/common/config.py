@@ -129,7 +129,10 @@ class TrainConfig:
     # Mixed precision, CUDA only.
     amp: bool = True
     checkpoint_period: int = 10000
-    eval_period: int = 0  # 0 = evaluate only at the end
+    # Fast R-CNN only: every eval_period iterations, COCO AP / AP50 on data.val go into
+    # log.jsonl (not in [FRCN]). 0 = evaluate only at the end. R-CNN ignores it: its detector
+    # needs the SVMs, which come after fine-tuning.
+    eval_period: int = 0
     log_period: int = 20
     seed: int = 0
     num_workers: int = 2
@@ -342,6 +345,7 @@ def validate(cfg: Config, source: str) -> None:
     need(t.max_iter > 0, "train.max_iter", "must be > 0")
     need(len(t.bbox_std) == 4 and all(s > 0 for s in t.bbox_std), "train.bbox_std", "must be 4 positive numbers")
     need(t.checkpoint_period > 0, "train.checkpoint_period", "must be > 0")
+    need(t.eval_period >= 0, "train.eval_period", "must be >= 0 (0 = only at the end)")
     r = cfg.rcnn
     need(r.context_pad >= 0, "rcnn.context_pad", "must be >= 0")
     need(0 < r.ft_fg_per_batch <= r.ft_batch_size, "rcnn.ft_fg_per_batch", "must be in (0, ft_batch_size]")
