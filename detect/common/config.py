@@ -76,7 +76,8 @@ class ProposalConfig:
 @dataclass
 class ModelConfig:
     # vgg16 ([FRCN] model L), alexnet (close to [FRCN] model S), resnet18, resnet50,
-    # mobilenet_v3_large, efficientnet_lite0 (ImageNet weights installed offline).
+    # mobilenet_v3_large, googlenet (Inception v1, torchvision), densenet121 (torchvision),
+    # efficientnet_lite0 (ImageNet weights installed offline).
     backbone: str = "vgg16"
     # "none", a torchvision weights name (e.g. IMAGENET1K_V1), "default" (the backbone's own
     # offline weights, efficientnet_lite0 only), or a path to a state_dict file.
