@@ -336,3 +336,25 @@ def test_cli_wires_flags_through(tmp_path, monkeypatch):
     assert (out / "vis" / "one.png.jpg").is_file()
     checkpoint.write_bytes(b"other weights")  # another model: refuse to mix its results in
     assert main(argv) == 2
+
+
+def test_links_keep_their_names_and_unsupported_files_are_listed(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(rgb(40, 48)).save(d / "good.png")
+    Image.fromarray(rgb(40, 48, 1)).save(d / "anim.gif")  # an image, but not a supported type
+    (d / "notes.txt").write_text("hello")
+    os.symlink(tmp_path / "gone.png", d / "dangling.png")  # its target does not exist
+    os.symlink(d / "good.png", d / "alias.png")
+    _, summary = run([d], tmp_path / "out", workers=1)
+    errors = json.loads((tmp_path / "out" / "errors.json").read_text())
+    by_name = {Path(e["file"]).name: e["reason"] for e in errors}
+    assert by_name["dangling.png"].startswith("broken symbolic link")  # the link, not gone.png
+    assert str(tmp_path / "gone.png") in by_name["dangling.png"]
+    assert by_name["anim.gif"] == by_name["notes.txt"] == "unsupported file type"
+    assert len(errors) == 3 and summary.num_errors == 3
+    images = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert sorted(Path(i["file_name"]).name for i in images) == ["alias.png", "good.png"]
+    unsupported: list[Path] = []
+    find_inputs([str(d)], unsupported=unsupported)
+    assert [p.name for p in unsupported] == ["anim.gif", "notes.txt"]
