@@ -26,13 +26,14 @@ from detect.common.runtime import (available_cores, barrier, init_distributed, i
                                    local_world_size, long_wait_group, rank_and_world, resolve_device,
                                    seed_everything)
 from detect.data.datasets import Dataset, load_coco, load_dataset
+from detect.data.voc import read_class_names
 from detect.data.images import find_images
 from detect.data.synthetic import make_synthetic as write_synthetic
 from detect.evaluation.bench import bench as bench_detectors
 from detect.evaluation.bench import format_bench
-from detect.evaluation.coco import dataset_to_coco, evaluate_coco, format_metrics_table
+from detect.evaluation.coco import dataset_to_coco, evaluate_coco, evaluate_detections, format_metrics_table
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
-from detect.evaluation.run import evaluate_detector, print_metrics
+from detect.evaluation.run import evaluate_detector, print_metrics, run_detector
 from detect.evaluation.voc import detections_from_results, evaluate_voc, for_json, format_voc_table
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
@@ -70,21 +71,6 @@ def _dataset_from_args(args: argparse.Namespace) -> Dataset:
 def _dataset_spec(args: argparse.Namespace) -> dict:
     return {"format": args.format, "path": args.data, "images": args.images, "split": args.split,
             "classes": read_class_names(args.classes) if args.classes else []}
-
-
-def read_class_names(path: str | Path) -> list[str]:
-    """``--classes FILE``: one class name a line, in class order; blank lines are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--classes {path}: no such file") from None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    if not names:
-        raise ValueError(f"--classes {path}: no class names in the file (one per line)")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"--classes {path}: duplicate class names {duplicates}")
-    return names
 
 
 def _load_spec(spec: dict, classes: list[str] | None = None) -> Dataset:
@@ -262,8 +248,9 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
                      device: torch.device, resume: bool) -> Path:
     t = cfg.train
     rank, world_size = rank_and_world()
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same initial weights whatever the number of GPUs
     model = build_fast_rcnn(cfg, dataset.class_names, dataset.category_ids).to(device)
+    seed_everything(t.seed + rank)  # dropout differs per GPU; the data sampler takes rank explicitly
     data = FastRCNNTrainData(
         records=dataset.records, get_proposals=get_proposals, pixel_mean=model.pixel_mean,
         pixel_std=model.pixel_std, images_per_batch=t.images_per_batch, rois_per_image=t.rois_per_image,
@@ -275,7 +262,8 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
         optimizer=build_optimizer(model, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
         lr_at=step_lr(t.lr, t.steps, t.gamma, t.warmup_iters, t.warmup_factor), max_iter=t.max_iter,
         checkpoint_period=t.checkpoint_period, log_period=t.log_period, amp=t.amp,
-        bbox_loss_weight=t.bbox_loss_weight, num_workers=t.num_workers, device=device, resume=resume)
+        bbox_loss_weight=t.bbox_loss_weight, num_workers=t.num_workers, device=device, resume=resume,
+        eval_fn=_periodic_eval_fn(cfg), eval_period=t.eval_period)
     path = output_dir / "model_final.pt"
     if rank == 0:
         save_detector_checkpoint(path, kind="fast_rcnn", config=to_dict(cfg), class_names=dataset.class_names,
@@ -285,11 +273,40 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
     return path
 
 
+def _periodic_eval_fn(cfg: Config):
+    """``train.eval_period``'s evaluation: the model being trained, run over the val split (its
+    proposal store, else selective search), -> {"AP", "AP50", "skipped_images"} in log.jsonl.
+    None when eval_period is 0 or the config has no val split (with a warning)."""
+    if cfg.train.eval_period <= 0:
+        return None
+    if not cfg.data.val.path:
+        print(f"train.eval_period {cfg.train.eval_period}: no data.val.path in the config, so no periodic "
+              "evaluation", file=sys.stderr)
+        return None
+    val = _load_spec(to_dict(cfg.data.val))
+    store = ProposalStore(cfg.data.val_proposals) if cfg.data.val_proposals else None
+    if store is not None:
+        store.check_dataset(val)
+
+    def eval_fn(model, iteration: int) -> dict:
+        skipped: list[dict] = []
+        detections = run_detector(model, val.records, store=store, progress=False, skipped=skipped)
+        metrics = evaluate_detections(val, detections)
+        return {"AP": metrics["AP"], "AP50": metrics["AP50"], "skipped_images": len(skipped)}
+
+    return eval_fn
+
+
 def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, *,
                 device: torch.device, resume: bool, progress: bool = True) -> Path:
     r, t = cfg.rcnn, cfg.train
     idle_group = long_wait_group()  # other ranks wait in it while rank 0 trains the SVMs
+    if t.eval_period > 0 and is_main_process():
+        print("train.eval_period is for Fast R-CNN only: an R-CNN has no detector before its SVMs are "
+              "trained, so it is evaluated at the end", file=sys.stderr)
+    seed_everything(t.seed)  # the same initial weights whatever the number of GPUs
     backbone = build_backbone_from(cfg)
+    seed_everything(t.seed + rank_and_world()[0])  # dropout differs per GPU during fine-tuning
     finetune = FineTuneSettings(
         lr=r.ft_lr, momentum=r.ft_momentum, weight_decay=r.ft_weight_decay, max_iter=r.ft_max_iter,
         steps=list(r.ft_steps), batch_size=r.ft_batch_size, fg_per_batch=r.ft_fg_per_batch, fg_iou=r.ft_fg_iou,

@@ -19,6 +19,8 @@ EXPECTED = {
     "resnet18": (256, 512, 7),
     "resnet50": (1024, 2048, 14),
     "mobilenet_v3_large": (112, 960, 7),
+    "googlenet": (832, 1024, 7),
+    "densenet121": (1024, 1024, 7),
     "efficientnet_lite0": (112, 1280, 7),
 }
 
@@ -162,6 +164,18 @@ def test_freeze_at(backbones):
     eff = build_backbone("efficientnet_lite0", weights="none", freeze_at="block3", head_dim=0)
     trainable = [any(p.requires_grad for p in m.parameters()) for m in eff.body]
     assert trainable == [False, False, False, False] + [True] * 8  # stem, block0..2 frozen
+
+    goog = build_backbone("googlenet", weights="none", freeze_at="inception3b", head_dim=0)
+    trainable = [any(p.requires_grad for p in m.parameters()) for m in goog.body]  # maxpools have none
+    assert trainable == [False, False, False, False, False, False, True, False] + [True] * 5
+    assert all(p.requires_grad for p in goog.head.parameters())
+
+    dense = build_backbone("densenet121", weights="none", freeze_at="denseblock2", head_dim=64, roi_size=3)
+    trainable = [any(p.requires_grad for p in m.parameters()) for m in dense.body]
+    assert trainable == [False, False, False, True, True, True]  # stem, denseblock1, transition1 frozen
+    assert dense.head.fc6.in_features == 1024 * 3 * 3 and all(p.requires_grad for p in dense.head.parameters())
+    with pytest.raises(ValueError, match="valid: stem, denseblock1"):
+        build_backbone("densenet121", weights="none", freeze_at="layer2")
 
     free = backbones["mobilenet_v3_large"]  # freeze_at "" freezes nothing
     assert all(p.requires_grad for p in free.body.parameters())

@@ -261,6 +261,29 @@ def _unreadable_training_image(tmp: Path, shared: dict) -> list[str]:
     return _train(tmp, shared, config)
 
 
+def _eval_with_unreadable_image(tmp: Path, shared: dict) -> list[str]:
+    import shutil
+
+    json_path, images, store = shared["val"]
+    shutil.copytree(images, tmp / "images")
+    (tmp / "images" / "val_1.png").write_bytes(b"not a png at all")
+    return ["eval", "--checkpoint", str(shared["checkpoint"]), "--data", str(json_path), "--images",
+            str(tmp / "images"), "--proposals", str(store), "--output-dir", str(tmp / "out"), "--device", "cpu"]
+
+
+def _skipped_in_metrics(tmp: Path) -> None:
+    metrics = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert metrics["num_images"] == 2
+    assert [(Path(e["file"]).name, e["reason"]) for e in metrics["skipped_images"]] == [
+        ("val_1.png", "not an image (unrecognised format)")]
+
+
+def _eval_on_a_json_checkpoint(tmp: Path, shared: dict) -> list[str]:
+    json_path, images, store = shared["val"]
+    return ["eval", "--checkpoint", str(_write(tmp / "metrics.json", {"coco": {}})), "--data", str(json_path),
+            "--images", str(images), "--output-dir", str(tmp / "out"), "--device", "cpu"]
+
+
 # --- checkpoints, through `detect predict` ---
 
 
@@ -462,6 +485,13 @@ CASES = [
          ("mislabelled.pt: does not match a rcnn model",)),
     Case("train_rcnn_into_a_fast_rcnn_run", _rcnn_into_fast_rcnn_run, "error",
          ("detector: before 'fast_rcnn', now 'rcnn'", "choose another --output-dir"), _model_final_untouched),
+    Case("eval_checkpoint_is_a_json_file", _eval_on_a_json_checkpoint, "error",
+         ("metrics.json", "not a checkpoint")),
+    # Evaluation (`detect eval --checkpoint`): an unreadable image gets no detections, is named
+    # in a warning and listed in metrics.json; the rest are scored.
+    Case("eval_image_unreadable", _eval_with_unreadable_image, "skip",
+         ("val_1.png", "no detections for an unreadable image", "skipped 1 unreadable image(s)"),
+         _skipped_in_metrics),
     # Flags
     Case("propose_bad_shard", lambda t, s: ["propose", "--data", str(s["train"][0]), "--out", str(t / "store"),
                                             "--shard", "2/2"], "error", ("--shard '2/2'", "0 <= i < N")),

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect.data.datasets import DatasetWarning, VOC_CLASSES, load_coco, load_dataset, load_voc, training_gt
+from detect.data.datasets import DatasetWarning, load_coco, load_dataset, load_voc, training_gt
+from detect.data.voc import VOC_CLASSES
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.coco import dataset_to_coco, export_coco
 
@@ -495,7 +496,7 @@ def test_voc_folder_with_its_own_class_names_from_labelimg(tmp_path):
 def test_voc_names_keep_the_standard_order_and_a_classes_file_sets_another(tmp_path):
     root = _labelimg_root(tmp_path, objects=(("dog", "person"), ("cat", "dog")))
     assert load_voc(root, "train").class_names == list(VOC_CLASSES)  # ids 1..20 as PASCAL VOC
-    from detect.commands import read_class_names
+    from detect.data.voc import read_class_names
     classes_file = tmp_path / "classes.txt"
     classes_file.write_text("person\ncat\n\ndog\n")
     assert read_class_names(classes_file) == ["person", "cat", "dog"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from detect.common import checkpoints
+from detect.common import checkpoints, runtime
 from detect.training import engine
 
 
@@ -99,3 +101,53 @@ def test_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="other.pt: not a detect checkpoint"):
         checkpoints.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_each_rank_resumes_its_own_random_state():
+    """Rank 0 saves every rank's state (gather_rng_states); rank r restores entry r, and a
+    checkpoint from another world size falls back to rank 0's with a warning."""
+    states, draws = [], []
+    for rank in range(2):  # a fake world of two ranks, seeded seed + rank as training does
+        runtime.seed_everything(5 + rank)
+        states.append(runtime.rng_state())
+        draws.append((torch.rand(3), np.random.rand(), random.random()))
+    assert not torch.equal(draws[0][0], draws[1][0])  # dropout masks differ per rank
+    for rank in (1, 0):
+        runtime.set_rng_state(runtime.rng_state_of_rank(states, rank, 2))
+        assert torch.equal(torch.rand(3), draws[rank][0])
+        assert np.random.rand() == draws[rank][1] and random.random() == draws[rank][2]
+    with pytest.warns(UserWarning, match="written by 2"):
+        runtime.set_rng_state(runtime.rng_state_of_rank(states, 2, 3))
+    assert torch.equal(torch.rand(3), draws[0][0])
+    assert runtime.rng_state_of_rank(states[1], 0, 1) is states[1]  # an older single-state checkpoint
+    assert len(runtime.gather_rng_states()) == 1  # no process group: this process alone
+
+
+def test_checkpoints_hold_one_random_state_per_rank(tmp_path):
+    _train(tmp_path, 3)
+    saved = checkpoints.load_checkpoint(tmp_path / "checkpoints" / "iter_0000003.pt")["rng"]
+    assert isinstance(saved, list) and len(saved) == 1 and set(saved[0]) >= {"torch", "numpy", "python"}
+
+
+def _gloo_rank(rank: int, init_file: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    runtime.seed_everything(11 + rank)
+    states = runtime.gather_rng_states()
+    if rank == 0:
+        torch.save(states, os.path.join(out, "states.pt"))
+    torch.save(torch.rand(4), os.path.join(out, f"draw{rank}.pt"))
+    torch.distributed.barrier()
+    torch.manual_seed(999)  # "killed"; the resumed rank restores its own entry
+    saved = torch.load(os.path.join(out, "states.pt"), weights_only=False)
+    runtime.set_rng_state(runtime.rng_state_of_rank(saved, rank, 2))
+    torch.save(torch.rand(4), os.path.join(out, f"resumed{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_gather_and_restore_their_own_states(tmp_path):
+    torch.multiprocessing.spawn(_gloo_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    draws = [torch.load(tmp_path / f"draw{r}.pt") for r in range(2)]
+    assert not torch.equal(draws[0], draws[1])
+    for r in range(2):
+        assert torch.equal(torch.load(tmp_path / f"resumed{r}.pt"), draws[r])

@@ -441,3 +441,40 @@ def test_difficult_objects_are_trained_on_by_default_and_crowd_boxes_never(tmp_p
     assert labels(False) == {2}
     record.gt_crowd = np.array([True, False])  # a COCO crowd box is never an object to learn
     assert labels(True) == {2}
+
+
+def test_output_layers_stay_float32_under_autocast():
+    """The head may run in bf16 under autocast; the logits and deltas come out of float32
+    layers (bf16 logits would quantise the softmax scores into ties)."""
+    model = tiny_model().eval()
+    features = torch.randn(1, 32, 6, 6)
+    rois = torch.tensor([[0.0, 0, 0, 40, 40], [0.0, 8, 8, 90, 70]])
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        head_out = model.head(torch.randn(2, 32, 4, 4))
+        logits, deltas = model.roi_heads(features, rois)
+    assert head_out.dtype == torch.bfloat16  # autocast is really on for the head's Linear layers
+    assert logits.dtype == torch.float32 and deltas.dtype == torch.float32
+    with torch.no_grad():
+        ref_logits, ref_deltas = model.roi_heads(features, rois)
+    torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(deltas, ref_deltas, atol=0.05, rtol=0.05)
+
+
+def test_eval_period_logs_val_metrics(tmp_path):
+    """train.eval_period: COCO AP / AP50 of the model being trained on data.val, in log.jsonl."""
+    import json
+
+    from helpers_fault import frcn_config, make_square_dataset
+
+    from detect.commands import train_from_config
+    from detect.common.config import from_dict
+
+    train = make_square_dataset(tmp_path / "data", num_images=2, name="train")
+    val = make_square_dataset(tmp_path / "data", num_images=2, name="val", seed=1)
+    cfg = from_dict(frcn_config(train, val, max_iter=4, checkpoint_period=4, eval_period=2))
+    train_from_config(cfg, tmp_path / "run", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval" in r]
+    assert [r["iteration"] for r in evals] == [2]  # the final model is evaluated by `detect train`
+    assert set(evals[0]["eval"]) == {"AP", "AP50", "skipped_images"}
+    assert 0.0 <= evals[0]["eval"]["AP50"] <= 1.0 and evals[0]["eval"]["skipped_images"] == 0

@@ -86,7 +86,7 @@ def mixed_dir(tmp_path):
     (d / "corrupt.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     (d / "empty.jpg").write_bytes(b"")
     (d / "notes.jpg").write_text("not an image\n")
-    (d / "readme.txt").write_text("ignored: not an image extension\n")
+    (d / "readme.txt").write_text("not an image extension: listed as unsupported\n")
     good = {"rgb.jpg": (96, 64), "sub/nested.PNG": (80, 72), "gray.png": (64, 64),
             "rgba.png": (64, 48), "deep16.png": (70, 56), "exif.jpg": (60, 100),
             "good.bmp": (64, 64)}
@@ -122,11 +122,11 @@ def test_mixed_folder_good_images_get_results_bad_ones_errors(mixed_dir, tmp_pat
         assert (tmp_path / "out" / "vis" / safe_relative_name(d / name, d)).is_file()
 
     errors = {Path(e["file"]).name: e["reason"] for e in o["errors"]}
-    assert set(errors) == {"corrupt.jpg", "empty.jpg", "notes.jpg"}
+    assert set(errors) == {"corrupt.jpg", "empty.jpg", "notes.jpg", "readme.txt"}
     assert "empty" in errors["empty.jpg"] and "not an image" in errors["notes.jpg"]
-    assert "corrupt" in errors["corrupt.jpg"]
+    assert "corrupt" in errors["corrupt.jpg"] and errors["readme.txt"] == "unsupported file type"
     assert detector.calls == len(good)
-    assert summary.num_images == 7 and summary.num_errors == 3 and summary.num_inputs == 10
+    assert summary.num_images == 7 and summary.num_errors == 4 and summary.num_inputs == 10
     assert o["summary"]["num_detections"] == 14 and o["summary"]["device"] == "cpu"
     assert o["categories"] == [{"id": 3, "name": "cat"}, {"id": 17, "name": "dog"}]
 
@@ -184,7 +184,7 @@ def test_resume_skips_done_images_and_recovers_a_torn_journal(mixed_dir, tmp_pat
     assert resumed.calls == 1
     fixed = load_outputs(out)
     assert len(fixed["lines"]) == len(good) + 1
-    assert {Path(e["file"]).name for e in fixed["errors"]} == {"empty.jpg", "notes.jpg"}
+    assert {Path(e["file"]).name for e in fixed["errors"]} == {"empty.jpg", "notes.jpg", "readme.txt"}
 
     with pytest.raises(ValueError, match="score_threshold"):
         predict(FakeDetector(), [str(d)], out, score_threshold=0.8, proposal_settings={},
@@ -336,3 +336,25 @@ def test_cli_wires_flags_through(tmp_path, monkeypatch):
     assert (out / "vis" / "one.png.jpg").is_file()
     checkpoint.write_bytes(b"other weights")  # another model: refuse to mix its results in
     assert main(argv) == 2
+
+
+def test_links_keep_their_names_and_unsupported_files_are_listed(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(rgb(40, 48)).save(d / "good.png")
+    Image.fromarray(rgb(40, 48, 1)).save(d / "anim.gif")  # an image, but not a supported type
+    (d / "notes.txt").write_text("hello")
+    os.symlink(tmp_path / "gone.png", d / "dangling.png")  # its target does not exist
+    os.symlink(d / "good.png", d / "alias.png")
+    _, summary = run([d], tmp_path / "out", workers=1)
+    errors = json.loads((tmp_path / "out" / "errors.json").read_text())
+    by_name = {Path(e["file"]).name: e["reason"] for e in errors}
+    assert by_name["dangling.png"].startswith("broken symbolic link")  # the link, not gone.png
+    assert str(tmp_path / "gone.png") in by_name["dangling.png"]
+    assert by_name["anim.gif"] == by_name["notes.txt"] == "unsupported file type"
+    assert len(errors) == 3 and summary.num_errors == 3
+    images = json.loads((tmp_path / "out" / "images.json").read_text())
+    assert sorted(Path(i["file_name"]).name for i in images) == ["alias.png", "good.png"]
+    unsupported: list[Path] = []
+    find_inputs([str(d)], unsupported=unsupported)
+    assert [p.name for p in unsupported] == ["anim.gif", "notes.txt"]

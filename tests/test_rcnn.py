@@ -20,8 +20,8 @@ from detect.common.config import from_dict
 from detect.data.datasets import load_coco
 from detect.data.images import read_image
 from detect.common.checkpoints import load_checkpoint
-from detect.training.box_regression import fit_ridge, train_box_regressors
-from detect.training.feature_cache import FeatureCache, ImageRows
+from detect.training.box_regression import RidgeAccumulator, fit_ridge, fit_ridge_dual, train_box_regressors
+from detect.training.feature_cache import FeatureCache, ImageRows, mean_feature_norm, norm_sample_rows
 from detect.training.rcnn_svm import mine_svms
 from detect.common.boxes import encode_boxes
 
@@ -142,7 +142,7 @@ def _rows(image_id, gt_classes, overlaps, boxes=None, best_gt=None, pool5_iou=No
     return ImageRows(image_id=image_id, boxes=boxes, gt_classes=np.asarray(gt_classes, np.int16),
                      overlaps=overlaps.astype(np.float32), best_iou=best_iou.astype(np.float32),
                      best_classes=(overlaps.argmax(axis=1) + 1).astype(np.int16),
-                     best_gt_boxes=boxes if best_gt is None else best_gt, has_pool5=best_iou >= 0.6)
+                     best_gt_boxes=boxes if best_gt is None else best_gt, has_pool5=best_iou > 0.6)
 
 
 def test_hard_negative_mining_matches_an_svm_trained_on_all_negatives():
@@ -184,14 +184,39 @@ def test_svm_of_a_class_without_positives_never_fires():
     assert not svm.weight.any() and svm.bias < -5
 
 
-@pytest.mark.parametrize("n", [200, 12])  # N > D (normal equations) and N < D (dual form)
-def test_fit_ridge_matches_sklearn(n):
+@pytest.mark.parametrize("n", [200, 12])  # more and fewer examples than dimensions
+def test_fit_ridge_penalises_the_bias_as_rcnn(n):
+    """[RCNN] rcnn_train_bbox_regressor.m: X gets a column of ones, then (A'A + lam I) x = A'y."""
     rng = np.random.default_rng(n)
     x, y = rng.normal(size=(n, 30)) + 3.0, rng.normal(size=(n, 4))
+    a = np.concatenate([x, np.ones((n, 1))], axis=1)
+    beta = np.linalg.solve(a.T @ a + 7.0 * np.eye(31), a.T @ y)  # the reference, float64
     w, b = fit_ridge(x, y, 7.0)
-    ref = Ridge(alpha=7.0, fit_intercept=True).fit(x, y)
-    np.testing.assert_allclose(w, ref.coef_.T, atol=1e-8)
-    np.testing.assert_allclose(b, ref.intercept_, atol=1e-8)
+    np.testing.assert_allclose(w, beta[:-1], atol=1e-8)
+    np.testing.assert_allclose(b, beta[-1], atol=1e-8)
+    w7, b7 = fit_ridge(x, y, 7.0, chunk_rows=7)  # streamed in chunks
+    np.testing.assert_allclose(w7, w, atol=1e-10)
+    np.testing.assert_allclose(b7, b, atol=1e-10)
+    acc = RidgeAccumulator(30, 4, chunk_rows=5)  # the primal and the dual agree whatever N
+    acc.add(x[: n // 2], y[: n // 2])
+    acc.add(x[n // 2:], y[n // 2:])
+    for wp, bp in (acc.solve(7.0), fit_ridge_dual(x, y, 7.0, chunk_rows=5)):
+        np.testing.assert_allclose(wp, beta[:-1], atol=1e-8)
+        np.testing.assert_allclose(bp, beta[-1], atol=1e-8)
+    sk = Ridge(alpha=7.0, fit_intercept=True).fit(x, y)  # the unpenalised intercept differs
+    assert np.abs(b - sk.intercept_).max() > 1e-3
+
+
+def test_box_regression_examples_need_iou_strictly_above_the_threshold():
+    from detect.data.datasets import ImageRecord
+    from detect.training.rcnn_train import image_rows
+
+    record = ImageRecord(1, "x.png", 20, 20, gt_boxes=np.array([[0, 0, 10, 10]], np.float32),
+                         gt_classes=np.array([1]), gt_difficult=np.array([False]))
+    rows = image_rows(record, np.array([[0, 0, 5, 10], [0, 0, 8, 10]], np.float32), num_classes=1,
+                      bbox_min_iou=0.5)
+    np.testing.assert_allclose(rows.best_iou, [1.0, 0.5, 0.8])
+    assert rows.has_pool5.tolist() == [True, False, True]  # IoU exactly 0.5 is out ([RCNN] O > min_overlap)
 
 
 def test_box_regressor_learns_a_known_shift():
@@ -329,10 +354,24 @@ def test_feature_cache_holds_the_network_features(trained):
                                           context_pad=6, batch_size=64, amp=False)
     np.testing.assert_allclose(cache.fc7(1, np.arange(len(rows))), fc7.numpy(), rtol=2e-3, atol=2e-3)
     with_pool5 = np.flatnonzero(rows.has_pool5)
-    assert with_pool5.size >= 2 and (rows.best_iou[with_pool5] >= 0.6).all()
+    assert with_pool5.size >= 2 and (rows.best_iou[with_pool5] > 0.6).all()
     np.testing.assert_allclose(cache.pool5(1, with_pool5), pool5[with_pool5].numpy(), rtol=2e-3, atol=2e-3)
     with pytest.raises(ValueError, match="pool5 was cached only"):
         cache.pool5(1, np.flatnonzero(~rows.has_pool5)[:1])
+    # The pool5 norm: random rows of any IoU of random images ([RCNN] rcnn_feature_stats.m), not
+    # only the cached box-regression rows; here every image is in the sample.
+    norms = []
+    for i, record in enumerate(trained["dataset"].records):
+        image_i = rcnn.normalize_image(read_image(record.file_name), pixel_mean=detector.pixel_mean,
+                                       pixel_std=detector.pixel_std, device=torch.device("cpu"))
+        pick = norm_sample_rows(i, len(cache.rows(i)))
+        with torch.no_grad():
+            pool5_i, _ = rcnn.region_features(detector.net, image_i, torch.from_numpy(cache.rows(i).boxes[pick]),
+                                              crop_size=48, context_pad=6, batch_size=64, amp=False)
+        norms.append(pool5_i.reshape(len(pick), -1).double().norm(dim=1).numpy())
+    assert sum(len(n) for n in norms) > sum(int(cache.rows(i).has_pool5.sum()) for i in range(cache.num_images))
+    assert cache.pool5_norm == pytest.approx(np.concatenate(norms).mean(), rel=1e-4)
+    assert mean_feature_norm(cache, "pool5") == cache.pool5_norm
     # The SVM of a worker process equals the SVM trained here from the same memory-mapped cache.
     settings = json.loads((run / "svm" / "class_002.json").read_text())["settings"]
     here = mine(cache, [2], **settings)[2]
@@ -408,6 +447,9 @@ def test_streamed_features_train_the_same_svms_as_cached_ones(trained, tmp_path)
         a, b = streamed[name].flatten().double(), cached[name].flatten().double()
         assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99, name  # float16 storage aside, the same
     assert abs(float(streamed["feat_scale"]) / float(cached["feat_scale"]) - 1) < 1e-3
+    streamed_pool5 = np.load(tmp_path / "bbox_reg" / "bbox_reg.npz")["pool5_scale"]
+    cached_pool5 = np.load(run / "bbox_reg" / "bbox_reg.npz")["pool5_scale"]
+    assert abs(float(streamed_pool5) / float(cached_pool5) - 1) < 1e-4  # the same random rows, any IoU
 
 
 @pytest.mark.gpu

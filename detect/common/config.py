@@ -87,7 +87,8 @@ class ProposalConfig:
 @dataclass
 class ModelConfig:
     # vgg16 ([FRCN] model L), alexnet (close to [FRCN] model S), resnet18, resnet50,
-    # mobilenet_v3_large, efficientnet_lite0 (ImageNet weights installed offline).
+    # mobilenet_v3_large, googlenet (Inception v1, torchvision), densenet121 (torchvision),
+    # efficientnet_lite0 (ImageNet weights installed offline).
     backbone: str = "vgg16"
     # "none", a torchvision weights name (e.g. IMAGENET1K_V1), "default" (the backbone's own
     # offline weights, efficientnet_lite0 only), or a path to a state_dict file.
@@ -134,14 +135,20 @@ class TrainConfig:
     # Linear warm-up (not in [FRCN]; detectron2's default shape).
     warmup_iters: int = 100
     warmup_factor: float = 0.001
-    # [FRCN] lambda = 1 weighting smooth-L1 against the log loss; targets normalised by the
-    # std (0.1, 0.1, 0.2, 0.2) ([FRCN] BBOX_NORMALIZE_STDS).
+    # [FRCN] lambda = 1 weighting smooth-L1 against the log loss. Box targets are divided by
+    # the fixed std (0.1, 0.1, 0.2, 0.2): py-faster-rcnn's BBOX_NORMALIZE_STDS. [FRCN] itself
+    # measured per-class means and stds on the training set (fast-rcnn
+    # lib/roi_data_layer/roidb.py add_bbox_regression_targets) and folded them into bbox_pred
+    # at snapshot time (lib/fast_rcnn/train.py SolverWrapper.snapshot).
     bbox_loss_weight: float = 1.0
     bbox_std: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
     # Mixed precision, CUDA only.
     amp: bool = True
     checkpoint_period: int = 10000
-    eval_period: int = 0  # 0 = evaluate only at the end
+    # Fast R-CNN only: every eval_period iterations, COCO AP / AP50 on data.val go into
+    # log.jsonl (not in [FRCN]). 0 = evaluate only at the end. R-CNN ignores it: its detector
+    # needs the SVMs, which come after fine-tuning.
+    eval_period: int = 0
     log_period: int = 20
     seed: int = 0
     num_workers: int = 2
@@ -179,7 +186,9 @@ class RCNNConfig:
     svm_retrain_limit: int = 2000
     svm_passes: int = 1
     svm_workers: int = 0  # processes for per-class training; 0 = all cores
-    # Box regression ([RCNN] appendix C): ridge, lambda = 1000, from proposals with IoU > 0.6.
+    # Box regression ([RCNN] appendix C; code bbox_regression/rcnn_train_bbox_regressor.m):
+    # ridge, lambda = 1000 on weights and bias alike, from proposals with IoU strictly > 0.6
+    # (O > opts.min_overlap), on pool5 scaled to mean norm 20 over random rows (rcnn_feature_stats.m).
     bbox_ridge_lambda: float = 1000.0
     bbox_min_iou: float = 0.6
     # Proposals scored per chunk at test time (bounds memory).
@@ -364,6 +373,7 @@ def validate(cfg: Config, source: str) -> None:
     need(t.max_iter > 0, "train.max_iter", "must be > 0")
     need(len(t.bbox_std) == 4 and all(s > 0 for s in t.bbox_std), "train.bbox_std", "must be 4 positive numbers")
     need(t.checkpoint_period > 0, "train.checkpoint_period", "must be > 0")
+    need(t.eval_period >= 0, "train.eval_period", "must be >= 0 (0 = only at the end)")
     r = cfg.rcnn
     need(r.context_pad >= 0, "rcnn.context_pad", "must be >= 0")
     need(0 < r.ft_fg_per_batch <= r.ft_batch_size, "rcnn.ft_fg_per_batch", "must be in (0, ft_batch_size]")

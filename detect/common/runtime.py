@@ -8,7 +8,8 @@ torch.cuda; no distribution layer of our own):
 - ``init_distributed`` / ``barrier`` / ``long_wait_group``: joining and waiting.
 - ``resolve_device``: '' -> this rank's GPU when CUDA is available, else the CPU.
 - ``autocast(device, enabled)``: bf16 where the GPU supports it, else fp16; off on the CPU.
-- ``seed_everything`` / ``rng_state`` / ``set_rng_state``: seeds and resumable RNG state.
+- ``seed_everything`` / ``rng_state`` / ``set_rng_state``: seeds and resumable RNG state;
+  ``gather_rng_states`` / ``rng_state_of_rank``: every rank's state in rank 0's checkpoint.
 - ``reset_peak_memory`` / ``peak_memory_mb`` / ``device_name``: what a run reports.
 """
 
@@ -19,6 +20,7 @@ import datetime
 import os
 import random
 import resource
+import warnings
 from typing import Any
 
 import numpy as np
@@ -125,6 +127,8 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (every device). Training passes ``seed + rank`` so dropout
+    masks differ between GPUs; what data each rank gets depends on the rank explicitly."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -139,6 +143,31 @@ def rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's ``rng_state()``, indexed by rank (a collective: every rank must call it).
+    Rank 0 writes the training checkpoints, so it saves them all and each rank resumes with its
+    own dropout / CUDA streams."""
+    _, world = rank_and_world()
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [rng_state()]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def rng_state_of_rank(saved: dict | list, rank: int, world: int) -> dict:
+    """This rank's entry of a checkpoint's RNG states (``gather_rng_states``). A checkpoint from
+    another world size gives every rank rank 0's state, with a warning; a single dict (one
+    process's state, as older checkpoints hold) is used as is."""
+    if isinstance(saved, dict):
+        return saved
+    if len(saved) != world:
+        warnings.warn(f"resuming with {world} processes from a checkpoint written by {len(saved)}: every rank "
+                      "restores rank 0's random state (random streams differ from an uninterrupted run)")
+        return saved[0]
+    return saved[rank]
 
 
 def set_rng_state(state: dict) -> None:

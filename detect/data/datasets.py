@@ -32,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from detect.common.fileio import read_json
-from detect.data.voc import VOC_CLASSES, read_voc_xml, voc_class_names  # noqa: F401 (VOC_CLASSES re-exported)
+from detect.data.voc import read_voc_xml, voc_class_names
 
 
 

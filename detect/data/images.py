@@ -37,6 +37,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageReadError(path, f"broken symbolic link (its target {os.readlink(path)} does not exist)") from None
         raise ImageReadError(path, "file not found") from None
     except OSError as e:
         raise ImageReadError(path, f"cannot stat: {e.strerror}") from None
@@ -76,21 +78,31 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def find_images(inputs: list[str]) -> list[Path]:
-    """Files, folders (searched recursively for IMAGE_EXTENSIONS) and globs -> sorted resolved
-    paths, without repeats. An input that matches nothing raises FileNotFoundError naming it."""
+def _absolute(path: str | os.PathLike) -> Path:
+    """An absolute, normalised path that still names a symbolic link itself (not its target),
+    so an error about a broken link names the file the user sees."""
+    return Path(os.path.abspath(path))
+
+
+def find_images(inputs: list[str], *, unsupported: list[Path] | None = None) -> list[Path]:
+    """Files, folders (searched recursively for IMAGE_EXTENSIONS) and globs -> sorted absolute
+    paths (symbolic links not followed, so a link keeps its own name), without repeats. An input
+    that matches nothing raises FileNotFoundError naming it. Files of a folder or glob without
+    an image extension are appended, sorted, to ``unsupported`` when given."""
     found: set[Path] = set()
+    others: set[Path] = set()
 
     def add_dir(folder: Path) -> None:
         for root, _, names in os.walk(folder):
-            found.update(Path(root, n).resolve() for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+            for n in names:
+                (found if Path(n).suffix.lower() in IMAGE_EXTENSIONS else others).add(_absolute(Path(root, n)))
 
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
             add_dir(path)
         elif path.is_file():
-            found.add(path.resolve())
+            found.add(_absolute(path))
         elif glob.has_magic(item):
             matches = [Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True)]
             if not matches:
@@ -99,8 +111,12 @@ def find_images(inputs: list[str]) -> list[Path]:
                 if m.is_dir():
                     add_dir(m)
                 elif m.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.add(m.resolve())
+                    found.add(_absolute(m))
+                else:
+                    others.add(_absolute(m))
         else:
             hint = " (config overrides go before --input)" if "=" in item else ""
             raise FileNotFoundError(f"--input {item!r}: no such file or folder{hint}")
+    if unsupported is not None:
+        unsupported.extend(sorted(others - found, key=str))
     return sorted(found, key=str)

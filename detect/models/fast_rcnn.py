@@ -10,8 +10,10 @@ Shape shorthand used in this file:
 
 Naming: ``proposal_boxes`` and ``gt_boxes`` are xyxy float pixels of the ORIGINAL image;
 ``rois`` [R, 5] are (batch index, x1, y1, x2, y2) in pixels of the RESIZED image the network
-sees; ``box_deltas`` from the network are normalised by ``bbox_std`` ([FRCN]'s
-BBOX_NORMALIZE_STDS), ``deltas`` in ``ProposalScores`` are not. Deltas are scale invariant
+sees; ``box_deltas`` from the network are normalised by ``bbox_std`` (the fixed stds of
+py-faster-rcnn's BBOX_NORMALIZE_STDS; [FRCN] measured per-class stds on the training set,
+roidb.py add_bbox_regression_targets, and folded them into bbox_pred when snapshotting),
+``deltas`` in ``ProposalScores`` are not. Deltas are scale invariant
 (tx = dx / w, tw = log(w' / w)), so deltas predicted in the resized image apply unchanged to
 boxes of the original image, even when the two axes are scaled by slightly different factors.
 

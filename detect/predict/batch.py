@@ -15,7 +15,8 @@ Outputs in ``output_dir`` (every file written atomically, paths never leave ``ou
                        "height", "detections": [{"box": [x1, y1, x2, y2], "label": name,
                        "score"}]}; boxes are xyxy pixels of the image as the user sees it
                        (after EXIF rotation).
-- ``errors.json``      [{"file", "reason"}] for files that could not be read or proposed.
+- ``errors.json``      [{"file", "reason"}] for files that could not be read or proposed, and
+                       for files of the input folders that are no image ("unsupported file type").
 - ``summary.json``     counts, images/s, device, elapsed, ms per image per stage
                        (``summary.rank{r}.json`` per rank when ``world_size > 1``).
 - ``vis/<name>.jpg``   with ``visualize``: the image with boxes, labels and scores drawn.
@@ -76,18 +77,25 @@ ProposeFn = Callable[..., np.ndarray]  # (image uint8 RGB [H, W, 3], **settings)
 # Inputs and safe output names
 # ---------------------------------------------------------------------------------------------
 
-def find_inputs(inputs: list[str], *, exclude: str | os.PathLike | None = None) -> list[Path]:
+def find_inputs(inputs: list[str], *, exclude: str | os.PathLike | None = None,
+                unsupported: list[Path] | None = None) -> list[Path]:
     """Files, folders (searched recursively) and globs -> sorted, unique resolved image paths.
 
     The same listing as ``detect propose --input`` (``detect.data.datasets.find_images``: folders
     and globs keep ``IMAGE_EXTENSIONS`` in any case, a file named explicitly is kept whatever
     its name, an input matching nothing raises ``FileNotFoundError``), less the files under
     ``exclude`` (the output folder), so a re-run never reads its own ``vis/`` images back.
+    Other files of the folders and globs (no image extension) go to ``unsupported``, less
+    those under ``exclude`` too. Symbolic links keep their own names.
     """
-    found = find_images(inputs)
+    others: list[Path] = []
+    found = find_images(inputs, unsupported=others)
     if exclude is not None:
-        exclude_dir = Path(exclude).resolve()
-        found = [p for p in found if not p.is_relative_to(exclude_dir)]
+        excluded = {Path(os.path.abspath(exclude)), Path(exclude).resolve()}
+        found = [p for p in found if not any(p.is_relative_to(e) for e in excluded)]
+        others = [p for p in others if not any(p.is_relative_to(e) for e in excluded)]
+    if unsupported is not None:
+        unsupported.extend(others)
     return found
 
 
@@ -216,7 +224,8 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     partial_dir = output_dir / "partial"
     vis_dir = output_dir / "vis"
 
-    paths = find_inputs(inputs, exclude=output_dir)
+    unsupported: list[Path] = []
+    paths = find_inputs(inputs, exclude=output_dir, unsupported=unsupported)
     files = [str(p) for p in paths]
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {inputs}")
@@ -248,7 +257,8 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
               file=sys.stderr)
 
     def merge() -> dict[str, int]:
-        return write_outputs(output_dir, files, class_names=class_names, category_ids=category_ids)
+        return write_outputs(output_dir, files, class_names=class_names, category_ids=category_ids,
+                             unsupported=[str(p) for p in unsupported])
 
     journal_name = "done.jsonl" if world_size == 1 else f"done.rank{rank}.jsonl"
     timer = StageTimer(detector.device)  # main-process stages: wait, the detector's, visualize

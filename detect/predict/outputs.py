@@ -128,10 +128,11 @@ def load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], in
 
 
 def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_names: list[str],
-                  category_ids: list[int]) -> dict[str, int]:
+                  category_ids: list[int], unsupported: list[str] = ()) -> dict[str, int]:
     """Rewrite detections.json, images.json, categories.json, detections.jsonl and errors.json
     from every journal in ``output_dir/partial``, keeping only ``files`` (the sorted inputs;
-    image id = position + 1). Returns counts {"images", "errors", "detections"}."""
+    image id = position + 1); ``unsupported`` files (no image extension) are listed in
+    errors.json after them. Returns counts {"images", "errors", "detections"}."""
     output_dir = Path(output_dir)
     partial_dir = output_dir / "partial"
     partial_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +163,7 @@ def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_name
                     for d in found]
             lines.append(json.dumps({"image_id": image_id, "file": file, "width": rec["width"],
                                      "height": rec["height"], "detections": dets}))
+        error_list += [{"file": file, "reason": "unsupported file type"} for file in unsupported]
         categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names)]
         write_json_atomic(output_dir / "detections.json", coco, indent=None)
         write_json_atomic(output_dir / "images.json", images, indent=None)

@@ -25,7 +25,7 @@ from detect.common.checkpoints import (FORMAT_VERSION, TRAIN_FORMAT, last_checkp
                                        save_checkpoint)
 from detect.common.fileio import append_jsonl, write_text_atomic
 from detect.common.runtime import (autocast_dtype, barrier, peak_memory_mb, rank_and_world, reset_peak_memory,
-                                   rng_state, set_rng_state)
+                                   gather_rng_states, rng_state_of_rank, set_rng_state)
 
 
 def step_lr(base_lr: float, steps: list[int], gamma: float = 0.1, warmup_iters: int = 0,
@@ -90,7 +90,7 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
         optimizer.load_state_dict(state["optimizer"])
         scaler_state = state.get("scaler")
         start_iter = int(state["iteration"])
-        set_rng_state(state["rng"])
+        set_rng_state(rng_state_of_rank(state["rng"], rank, world))
         if main:
             print(f"resuming from {prev} at iteration {start_iter}")
 
@@ -107,13 +107,14 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
     train_model.train()
 
     def save(iteration: int) -> None:
+        rng = gather_rng_states()  # a collective, before rank 0 alone writes: [world] states by rank
         if not main:
             return
         name = f"iter_{iteration:07d}.pt"
         save_checkpoint(ckpt_dir / name, {
             "format": TRAIN_FORMAT, "version": FORMAT_VERSION, "model": _unwrap(train_model).state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
-            "rng": rng_state(), "lr_schedule": {"lr": lr_at(iteration)}, "extra": checkpoint_extra or {},
+            "rng": rng, "lr_schedule": {"lr": lr_at(iteration)}, "extra": checkpoint_extra or {},
         })
         write_text_atomic(ckpt_dir / "last", name + "\n")
         old = sorted(ckpt_dir.glob("iter_*.pt"))[:-keep_checkpoints]

@@ -13,11 +13,13 @@ Feature cache (one folder, written by ``detect.training.rcnn_train.extract_featu
                                "num_classes", "bbox_min_iou", "image_ids"}
     shard_00000/              images [0, images_per_shard) of the dataset, in dataset order
         fc7.f16               raw little-endian float16 [rows, D], every row of every image
-        pool5.f16             raw float16 [P, D5], only rows with best IoU >= bbox_min_iou
+        pool5.f16             raw float16 [P, D5], only rows with best IoU > bbox_min_iou
         index.npy             int64 [images, 3]: (image_id, first row, number of rows)
         rows.npz              per-row arrays of ImageRows (below) + pool5_index [rows] int32
                               (row of pool5.f16, -1 when the row has no pool5)
-        meta.json             counts and dims of this shard
+        meta.json             counts and dims of this shard, and "pool5_norm_sum" /
+                              "pool5_norm_count": L2 norms of pool5 over this shard's part of
+                              the random row sample of ``norm_sample_images`` (any IoU)
     done                      written last
 
 A shard folder is built under a temporary name and renamed into place, so a shard either exists
@@ -37,7 +39,7 @@ import numpy as np
 from detect.common.fileio import read_json, write_json_atomic
 
 FEATURE_FORMAT = "detect-rcnn-features"
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: shards carry the pool5 norm sample
 _ROW_FIELDS = ("boxes", "gt_classes", "overlaps", "best_iou", "best_classes", "best_gt_boxes", "has_pool5")
 
 
@@ -52,7 +54,7 @@ class ImageRows:
     best_iou: np.ndarray  # [R] float32: IoU with the best-overlapping trained-on gt box
     best_classes: np.ndarray  # [R] int16: that gt box's class (0 when the image has none)
     best_gt_boxes: np.ndarray  # [R, 4] float32: that gt box (zeros when none)
-    has_pool5: np.ndarray  # [R] bool: best_iou >= bbox_min_iou, i.e. used by box regression
+    has_pool5: np.ndarray  # [R] bool: best_iou > bbox_min_iou, i.e. used by box regression
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -97,9 +99,11 @@ class ShardWriter:
         self._index: list[tuple[int, int, int]] = []
         self._rows: dict[str, list[np.ndarray]] = {k: [] for k in _ROW_FIELDS + ("pool5_index",)}
         self._num_rows = self._num_pool5 = 0
+        self._norm_sum, self._norm_count = 0.0, 0
 
-    def add(self, rows: ImageRows, fc7: np.ndarray, pool5: np.ndarray) -> None:
-        """``fc7`` [R, D] for every row; ``pool5`` [P, D5] for the rows with ``has_pool5``."""
+    def add(self, rows: ImageRows, fc7: np.ndarray, pool5: np.ndarray, pool5_norms: np.ndarray | None = None) -> None:
+        """``fc7`` [R, D] for every row; ``pool5`` [P, D5] for the rows with ``has_pool5``;
+        ``pool5_norms`` the pool5 L2 norms of this image's rows in the norm sample (if any)."""
         n, p = len(rows), int(rows.has_pool5.sum())
         if fc7.shape != (n, self.fc7_dim) or pool5.shape != (p, self.pool5_dim):
             raise ValueError(f"image {rows.image_id}: fc7 {fc7.shape} / pool5 {pool5.shape} do not match "
@@ -114,6 +118,9 @@ class ShardWriter:
         self._index.append((rows.image_id, self._num_rows, n))
         self._num_rows += n
         self._num_pool5 += p
+        if pool5_norms is not None:
+            self._norm_sum += float(np.sum(np.asarray(pool5_norms, np.float64)))
+            self._norm_count += int(np.size(pool5_norms))
 
     def close(self) -> Path:
         for f in (self._fc7, self._pool5):
@@ -124,7 +131,8 @@ class ShardWriter:
         np.savez(self.tmp / "rows.npz", **{k: np.concatenate(v) if v else np.zeros(0) for k, v in self._rows.items()})
         write_json_atomic(self.tmp / "meta.json", {
             "num_images": len(self._index), "num_rows": self._num_rows, "num_pool5": self._num_pool5,
-            "fc7_dim": self.fc7_dim, "pool5_dim": self.pool5_dim})
+            "fc7_dim": self.fc7_dim, "pool5_dim": self.pool5_dim,
+            "pool5_norm_sum": self._norm_sum, "pool5_norm_count": self._norm_count})
         os.replace(self.tmp, self.final)
         return self.final
 
@@ -189,9 +197,18 @@ class FeatureCache:
         shard, start, _ = self._locate(i)
         where = shard["pool5_index"][start + np.asarray(rows, np.int64)]
         if (where < 0).any():
-            raise ValueError(f"{self.path}: image {i}: pool5 was cached only for rows with IoU >= "
+            raise ValueError(f"{self.path}: image {i}: pool5 was cached only for rows with IoU > "
                              f"{self.meta['bbox_min_iou']}")
         return np.asarray(shard["pool5"][where], np.float32)
+
+    @property
+    def pool5_norm(self) -> float:
+        """Mean pool5 L2 norm over the random row sample measured during extraction (any IoU)."""
+        total, count = 0.0, 0
+        for k in range(int(self.meta["num_shards"])):
+            meta = read_json(self.path / shard_name(k) / "meta.json")
+            total, count = total + float(meta["pool5_norm_sum"]), count + int(meta["pool5_norm_count"])
+        return _checked_mean(total, count, "pool5")
 
 
 def feature_cache_bytes(cache_dir: str | Path) -> dict:
@@ -212,27 +229,46 @@ def feature_cache_bytes(cache_dir: str | Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def norm_sample_images(num_images: int, *, max_images: int = 200, seed: int = 0) -> set[int]:
+    """The images whose rows the feature norm is measured on: a seeded random subset of
+    ``max_images`` ([RCNN] ``rcnn_feature_stats.m``: 200 random images)."""
+    return set(np.random.default_rng(seed).permutation(num_images)[:max_images].tolist())
+
+
+def norm_sample_rows(i: int, num_rows: int, *, rows_per_image: int = 200, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of image ``i`` in the norm sample: ``rows_per_image`` random rows of
+    any IoU ([RCNN]: 200 random boxes per image), seeded by (seed, i) so every rank and a
+    resumed run draw the same rows."""
+    return np.sort(np.random.default_rng([seed, i]).permutation(num_rows)[:rows_per_image])
+
+
+def _checked_mean(total: float, count: int, layer: str) -> float:
+    if count == 0:
+        raise ValueError(f"no {layer} features to measure (no proposals or ground truth in the training set?)")
+    mean = total / count
+    if not mean > 0:
+        raise ValueError(f"{layer} features are all zero: the network gives no signal")
+    return mean
+
+
 def mean_feature_norm(source: FeatureSource, layer: str, *, max_images: int = 200,
                       rows_per_image: int = 200, seed: int = 0) -> float:
     """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over a seeded sample of rows.
 
-    [RCNN] sampled 200 boxes from each of 200 random training images; features are then scaled
-    by ``20 / mean_norm``. pool5 is sampled among the rows that have pool5 (IoU >= 0.6).
+    As [RCNN] ``rcnn_feature_stats.m``: ``rows_per_image`` random rows (any IoU) of each of
+    ``max_images`` random training images; features are then scaled by ``20 / mean_norm``
+    (``rcnn_scale_features.m``), the scale lambda = 1000 of the box regression assumes. The
+    feature cache holds pool5 only for box-regression rows, so its pool5 norm was measured on
+    this same sample during extraction (``FeatureCache.pool5_norm``) and is read from there.
     """
-    rng = np.random.default_rng(seed)
-    images = rng.permutation(source.num_images)[:max_images]
-    norms = []
-    for i in sorted(images.tolist()):
-        rows = source.rows(i)
-        pool = np.arange(len(rows)) if layer == "fc7" else np.flatnonzero(rows.has_pool5)
-        if pool.size == 0:
+    if layer == "pool5" and isinstance(source, FeatureCache):
+        return source.pool5_norm
+    total, count = 0.0, 0
+    for i in sorted(norm_sample_images(source.num_images, max_images=max_images, seed=seed)):
+        pick = norm_sample_rows(i, len(source.rows(i)), rows_per_image=rows_per_image, seed=seed)
+        if pick.size == 0:
             continue
-        pick = np.sort(rng.permutation(pool)[:rows_per_image])
         feats = source.fc7(i, pick) if layer == "fc7" else source.pool5(i, pick)
-        norms.append(np.linalg.norm(feats.astype(np.float64), axis=1))
-    if not norms:
-        raise ValueError(f"no {layer} features to measure (no proposals or ground truth in the training set?)")
-    mean = float(np.concatenate(norms).mean())
-    if not mean > 0:
-        raise ValueError(f"{layer} features are all zero: the network gives no signal")
-    return mean
+        norms = np.linalg.norm(feats.astype(np.float64), axis=1)
+        total, count = total + float(norms.sum()), count + norms.size
+    return _checked_mean(total, count, layer)

@@ -36,7 +36,8 @@ from detect.models.rcnn import FineTuneNet, RegionNet, normalize_image, region_f
 from detect.training.box_regression import train_box_regressors
 from detect.training.engine import step_lr, train_loop
 from detect.training.feature_cache import (FEATURE_FORMAT, FEATURE_VERSION, FeatureCache, ImageRows,
-                                           ShardWriter, feature_cache_bytes, mean_feature_norm, shard_name)
+                                           ShardWriter, feature_cache_bytes, mean_feature_norm, norm_sample_images,
+                                           norm_sample_rows, shard_name)
 from detect.training.rcnn_svm import train_svms
 
 
@@ -54,6 +55,8 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
     positive of every object, difficult included. Overlaps per class use every gt box (a
     proposal on an ignored object is no negative); best IoU / class / box use the trained-on
     ones (what a row may be trained to become).
+    ``has_pool5`` marks the box-regression examples: best IoU strictly above ``bbox_min_iou``
+    ([RCNN] ``rcnn_train_bbox_regressor.m``: ``O > opts.min_overlap``).
     """
     gt_boxes = np.asarray(record.gt_boxes, np.float32).reshape(-1, 4)
     gt_classes = np.asarray(record.gt_classes, np.int64).reshape(-1)
@@ -77,7 +80,7 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
     row_gt = np.concatenate([gt_classes[easy], np.zeros(len(proposals), np.int64)]).astype(np.int16)
     return ImageRows(image_id=int(record.image_id), boxes=boxes, gt_classes=row_gt, overlaps=overlaps,
                      best_iou=best_iou.astype(np.float32), best_classes=best_classes, best_gt_boxes=best_gt_boxes,
-                     has_pool5=best_iou >= bbox_min_iou)
+                     has_pool5=best_iou > bbox_min_iou)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +249,11 @@ class StreamingFeatures:
 def extract_features(featurizer: _RegionFeaturizer, cache_dir: str | Path, *, fc7_dim: int, pool5_dim: int,
                      images_per_shard: int = 64, rank: int = 0, world_size: int = 1,
                      progress: bool = True) -> bool:
-    """Cache fc7 of every row and pool5 of rows with IoU >= bbox_min_iou (format: ``detect.svm``).
+    """Cache fc7 of every row and pool5 of rows with IoU > bbox_min_iou (format: ``feature_cache``).
+
+    pool5 is computed for every row anyway, so the pool5 norm that scales the box-regression
+    features is measured here, on ``feature_cache.norm_sample_images`` / ``norm_sample_rows``
+    (random rows of any IoU, as [RCNN] ``rcnn_feature_stats.m``), and kept in the shards' meta.
 
     Shard k holds images [k * images_per_shard, (k + 1) * images_per_shard); rank r writes the
     shards with k % world_size == r; existing shards are skipped (resume). Returns True when every
@@ -267,6 +274,7 @@ def extract_features(featurizer: _RegionFeaturizer, cache_dir: str | Path, *, fc
     else:
         write_json_atomic(meta_path, meta)
     mine = [k for k in range(num_shards) if k % world_size == rank and not (cache_dir / shard_name(k)).is_dir()]
+    norm_images = norm_sample_images(len(records))
     featurizer.net.eval()
     bar = tqdm(total=sum(len(records[k * images_per_shard:(k + 1) * images_per_shard]) for k in mine),
                desc="features", unit="img", disable=not progress, dynamic_ncols=True)
@@ -275,8 +283,13 @@ def extract_features(featurizer: _RegionFeaturizer, cache_dir: str | Path, *, fc
         for i in range(k * images_per_shard, min((k + 1) * images_per_shard, len(records))):
             rows, _ = featurizer.load(i)
             pool5, fc7 = featurizer.features(i, np.arange(len(rows)))
+            pool5 = pool5.reshape(len(rows), pool5_dim)  # [R, D5]
+            norms = None
+            if i in norm_images:
+                pick = torch.from_numpy(norm_sample_rows(i, len(rows))).to(pool5.device)
+                norms = pool5[pick].double().norm(dim=1).cpu().numpy()
             pool5 = pool5[torch.from_numpy(rows.has_pool5).to(pool5.device)] if len(rows) else pool5
-            writer.add(rows, fc7.cpu().numpy().reshape(-1, fc7_dim), pool5.cpu().numpy().reshape(-1, pool5_dim))
+            writer.add(rows, fc7.cpu().numpy().reshape(-1, fc7_dim), pool5.cpu().numpy(), pool5_norms=norms)
             bar.update(1)
         writer.close()
     bar.close()
@@ -428,7 +441,8 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
 
     # 2. Features: cached as float16 shards (all ranks), or streamed.
     feat_dir = stage_dirs["features"]
-    feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou}
+    feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou,
+                     "pool5_rows": "iou > bbox_min_iou", "format_version": FEATURE_VERSION}
     if cache_features:
         if not _stage_done(feat_dir, feat_settings):
             t0 = time.perf_counter()
