@@ -1,0 +1,106 @@
+"""Reading images as the user sees them, and finding image files on disk.
+
+``read_image`` returns uint8 RGB [H, W, 3] in the orientation the user sees (EXIF applied) for
+any common format, mode and bit depth, and raises ``ImageReadError`` naming the file otherwise.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageReadError(Exception):
+    """An image that cannot be read. ``str()`` names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as uint8 RGB [H, W, 3], in the orientation the user sees.
+
+    Handles EXIF rotation, grayscale, palette, RGBA (alpha dropped) and 16-bit images (scaled
+    to 8 bits). Raises ``ImageReadError`` naming the file for missing, empty, corrupt or truncated
+    files and for anything that is not an image.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as e:
+        raise ImageReadError(path, f"cannot stat: {e.strerror}") from None
+    if size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            return _to_rgb8(im)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (unrecognised format)") from None
+    except PermissionError:
+        raise ImageReadError(path, "permission denied") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(path, f"image too large ({e})") from None
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min(initial=0)), float(a.max(initial=1))
+        a = ((a - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"unexpected decoded shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def find_images(inputs: list[str]) -> list[Path]:
+    """Files, folders (searched recursively for IMAGE_EXTENSIONS) and globs -> sorted resolved
+    paths, without repeats. An input that matches nothing raises FileNotFoundError naming it."""
+    found: set[Path] = set()
+
+    def add_dir(folder: Path) -> None:
+        for root, _, names in os.walk(folder):
+            found.update(Path(root, n).resolve() for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS)
+
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            add_dir(path)
+        elif path.is_file():
+            found.add(path.resolve())
+        elif glob.has_magic(item):
+            matches = [Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True)]
+            if not matches:
+                raise FileNotFoundError(f"--input {item!r}: the pattern matches no files")
+            for m in matches:
+                if m.is_dir():
+                    add_dir(m)
+                elif m.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.add(m.resolve())
+        else:
+            hint = " (config overrides go before --input)" if "=" in item else ""
+            raise FileNotFoundError(f"--input {item!r}: no such file or folder{hint}")
+    return sorted(found, key=str)
