@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,6 +285,8 @@ def step_train(c: Check) -> dict:
     for split in ("train", "val"):
         c.detect(f"propose_{split}", "propose", "--data", str(data / f"{split}.json"), "--out",
                  str(data / "proposals" / split), "--config", CONFIGS["fast_rcnn"], *s["propose"])
+    for kind in CONFIGS:  # a previous check's runs into the same --out would be resumed, not retrained
+        shutil.rmtree(c.out / "train" / kind, ignore_errors=True)
     result: dict = {"schedule": "quick" if c.args.quick else "full", "overrides": {k: s[k] for k in CONFIGS}}
     errors = []
     for kind in ("fast_rcnn", "rcnn"):
@@ -386,6 +389,7 @@ def step_torchrun(c: Check) -> dict:
     result = {"probe_backend": m.group(1), "probe_world": int(m.group(2)),
               "nccl_info_lines": len(re.findall(r"NCCL INFO", out))}
     run_dir = c.out / "torchrun" / "fast_rcnn"
+    shutil.rmtree(run_dir, ignore_errors=True)
     launcher[-1] = f"--master_port={free_port()}"
     argv = [*launcher, "-m", "detect", "train", "--config", CONFIGS["fast_rcnn"], "--output-dir", str(run_dir),
             "--device", c.args.device, f"data.train.path={data / 'train.json'}", "data.val.path=''",
