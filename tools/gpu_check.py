@@ -470,7 +470,8 @@ def summary_markdown(c: Check) -> str:
             for kind in CONFIGS:
                 k = r.get(kind, {})
                 if "AP" in k:
-                    lines.append(f"- {kind}: AP {k['AP']:.1f} (CPU reference {k['cpu_reference_AP']}, tolerance "
+                    ref = "none" if k["cpu_reference_AP"] is None else f"{k['cpu_reference_AP']:.1f}"
+                    lines.append(f"- {kind}: AP {k['AP']:.1f} (CPU reference {ref}, tolerance "
                                  f"{k['ap_tolerance']}: {k.get('ap_check', '')}), loss {k['first_loss']:.3f} -> {k['last_loss']:.3f}"
                                  + (f", killed after iteration {k['killed_after_checkpoint']}, resumed at "
                                     f"{k['resumed_at']}" if "resumed_at" in k else ""))
