@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="time only the first N images (0: all)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the ratio intervals")
     p.add_argument("--output", default="bench.json", help="where the result goes (JSON)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch and OpenCV (0: their defaults). 1 keeps the ratio steady "
+                        "on a shared machine: another process then slows both detectors alike")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     _add_ablation_args(p)
 

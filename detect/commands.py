@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -457,6 +458,11 @@ def bench(args: argparse.Namespace) -> int:
     if store is not None:
         store.check_dataset(dataset)
     device = resolve_device(args.device)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: the libraries' defaults), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
     detectors = [_load_ablated(c, device, _ablation(args)) for c in args.checkpoints]
     names = [Path(c).parent.name or str(c) for c in args.checkpoints]
     if len(set(names)) < len(names):

@@ -62,7 +62,7 @@ def demo_steps(out: Path, device: str = "") -> list[tuple[list[str], Path | None
     # the val images, selective search run once per image as the shared stage (end-to-end time).
     bench_json = out / "bench.json"
     steps.append((["bench", *(str(out / name / "model_final.pt") for name in DETECTORS), "--data",
-                   str(data / "val.json"), "--warmup", str(BENCH_WARMUP), "--output", str(bench_json),
+                   str(data / "val.json"), "--warmup", str(BENCH_WARMUP), "--threads", "1", "--output", str(bench_json),
                    *device_flag], bench_json))
     steps.append((["compare", *(str(out / name) for name in DETECTORS), "--output-dir", str(out / "report"),
                    "--bench", str(bench_json)], None))
