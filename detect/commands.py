@@ -392,30 +392,29 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ablation(args: argparse.Namespace) -> dict:
-    """The test-time ablation flags of ``detect eval`` / ``detect bench`` as plain values."""
+def _ablation(args: argparse.Namespace) -> list[str]:
+    """The test-time ablation flags of ``detect eval`` / ``detect bench`` as config overrides."""
     if args.top_k < -1:
         raise ValueError(f"--top-k must be >= 0 (0 = all), got {args.top_k}")
-    return {"box_regression": not args.no_box_regression, "top_k": args.top_k,
-            "svd": {"config": None, "on": True, "off": False}[args.svd]}
+    overrides = ["test.box_regression=false"] if args.no_box_regression else []
+    if args.top_k >= 0:
+        overrides.append(f"proposals.top_k={args.top_k}")
+    if args.svd != "config":
+        overrides.append(f"test.svd={'true' if args.svd == 'on' else 'false'}")
+    return overrides
 
 
-def _load_ablated(checkpoint: str | Path, device, ablation: dict | None):
-    """``load_detector`` with the ablation applied (None: as trained)."""
-    ablation = ablation or {}
-    svd = ablation.get("svd")
-    detector = load_detector(checkpoint, device, svd=svd)
-    if svd and detector.kind != "fast_rcnn":
+def _load_ablated(checkpoint: str | Path, device, ablation: list[str] | None):
+    """``load_detector`` with the ablation's overrides (None: as trained)."""
+    detector = load_detector(checkpoint, device, overrides=ablation or [])
+    if any(o.startswith("test.svd=true") for o in ablation or []) and detector.kind != "fast_rcnn":
         raise ValueError(f"{checkpoint}: --svd applies to Fast R-CNN only, this is {detector.kind}")
-    detector.box_regression = ablation.get("box_regression", True)
-    if ablation.get("top_k", -1) >= 0:
-        detector.proposal_top_k = ablation["top_k"]
     return detector
 
 
 def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
                          device: torch.device, limit: int = 0, metric: str = "coco",
-                         ablation: dict | None = None) -> dict:
+                         ablation: list[str] | None = None) -> dict:
     """Load the detector, the dataset (with the detector's classes) and its proposals; evaluate;
     print and write metrics."""
     detector = _load_ablated(checkpoint, device, ablation)

@@ -219,6 +219,9 @@ class TestConfig:
     svd: bool = False
     svd_fc6: int = 1024
     svd_fc7: int = 256
+    # False: detections keep their proposals' boxes, no box regression (an ablation: [RCNN]
+    # Table 2 compares with and without it). `detect eval/bench --no-box-regression` sets it.
+    box_regression: bool = True
 
 
 @dataclass

@@ -13,12 +13,13 @@ values.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
 from detect.common.checkpoints import DETECTOR_FORMAT, load_checkpoint
-from detect.common.config import Config, from_dict, to_dict
+from detect.common.config import Config, apply_override, from_dict, to_dict
 from detect.common.runtime import resolve_device
 from detect.models.backbones import Backbone, build_backbone
 from detect.models.detector import Detector
@@ -41,7 +42,7 @@ def _detector_kwargs(cfg: Config, class_names: list[str], category_ids: list[int
                 proposal_settings=to_dict(cfg.proposals), proposal_top_k=cfg.proposals.top_k,
                 backbone_name=cfg.model.backbone, amp=cfg.train.amp, score_thresh=t.score_thresh,
                 nms_thresh=t.nms_thresh, detections_per_image=t.detections_per_image,
-                per_class_top_k=t.per_class_top_k)
+                per_class_top_k=t.per_class_top_k, box_regression=t.box_regression)
 
 
 def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int] | None = None, *,
@@ -67,21 +68,25 @@ def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: l
                 **_detector_kwargs(cfg, class_names, category_ids))
 
 
-def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, svd: bool | None = None) -> Detector:
+def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: list[str] = ()) -> Detector:
     """Rebuild a trained detector from a detector checkpoint dict (``load_checkpoint``).
 
     The config inside gives the architecture (built with weights "none", then the state dict
-    is loaded strictly); a Fast R-CNN config with ``test.svd`` gets truncated SVD after loading
-    (``svd`` True / False overrides the config: an ablation).
+    is loaded strictly); a Fast R-CNN config with ``test.svd`` gets truncated SVD after loading.
+    ``overrides`` (``key=value``, as on the command line) change its test-time settings, e.g.
+    ``test.svd=true``, ``test.box_regression=false`` or ``proposals.top_k=100`` (ablations).
     """
     kind = ckpt.get("kind")
-    cfg = from_dict(ckpt["config"], f"{source} (config)")
+    data = copy.deepcopy(ckpt["config"])
+    for item in overrides:
+        apply_override(data, item)
+    cfg = from_dict(data, f"{source} (config{' + ' + ' '.join(overrides) if overrides else ''})")
     class_names, category_ids = list(ckpt["class_names"]), ckpt.get("category_ids")  # None: 1..K
     if kind == "fast_rcnn":
         model = build_fast_rcnn(cfg, class_names, category_ids,
                                 backbone=build_backbone_from(cfg, weights="none"))
         model.load_state_dict(ckpt["model"])
-        if cfg.test.svd if svd is None else svd:
+        if cfg.test.svd:
             model.apply_svd(cfg.test.svd_fc6, cfg.test.svd_fc7)
     elif kind == "rcnn":
         model = build_rcnn(cfg, class_names, ckpt["extra"], category_ids)
@@ -92,15 +97,16 @@ def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, svd: bool |
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device | None = None, *,
-                  svd: bool | None = None) -> Detector:
+                  overrides: list[str] = ()) -> Detector:
     """Rebuild the detector saved in ``checkpoint`` (either kind), in eval mode on ``device``
-    ('' or None: the GPU when there is one)."""
+    ('' or None: the GPU when there is one), with test-time config ``overrides``
+    (``build_from_checkpoint``)."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("format") != DETECTOR_FORMAT:
         raise ValueError(f"{checkpoint}: a training-state checkpoint, not a trained detector "
                          "(use the run's model_final.pt)")
     try:
-        detector = build_from_checkpoint(ckpt, str(checkpoint), svd=svd)
+        detector = build_from_checkpoint(ckpt, str(checkpoint), overrides=overrides)
     except (RuntimeError, KeyError) as e:
         raise ValueError(f"{checkpoint}: does not match a {ckpt.get('kind')} model "
                          f"({str(e).splitlines()[0]})") from None
