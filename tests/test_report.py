@@ -287,3 +287,23 @@ def test_runs_that_differ_in_proposals_get_a_sweep_figure(tmp_path):
     assert "| k10 | Fast R-CNN | efficientnet_lite0 | cpu | 3 | top-10 proposals |" in md
     assert "| all proposals |" in md and "proposals_sweep.png" in md
     assert (tmp_path / "report" / "proposals_sweep.png").is_file()
+
+
+def test_training_cost_side_by_side(tmp_path):
+    """R-CNN's time per stage, the peak memory of training and the feature cache on disk, from
+    the files training leaves beside metrics.json (n/a or - where a run has none)."""
+    fast = _write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=None)
+    slow = _write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=None)
+    (fast / "log.jsonl").write_text('{"iteration": 20, "max_mem_mb": 812.4}\n{"iteration": 40, "max_mem_mb": 950.2}\n')
+    (slow / "rcnn_stages.json").write_text(json.dumps({"seconds": {"finetune": 4000.0, "features": 7200.0,
+                                                                   "svm": 30.0, "bbox_reg": 2.0}}))
+    (slow / "features").mkdir()
+    (slow / "features" / "done").write_text(json.dumps({"settings": {}, "bytes": {"total": 3 * 2**30}}))
+    (slow / "finetune").mkdir()
+    (slow / "finetune" / "log.jsonl").write_text('{"iteration": 20, "max_mem_mb": 2048.0}\nnot json\n')
+    md, _ = make_report([fast, slow], tmp_path / "report", timestamp="t", num_grid_images=0)
+    text = md.read_text()
+    assert "| training: finetune | - | 1.11 h |" in text.replace("n/a", "-")
+    assert "| training: features | - | 2.00 h |" in text.replace("n/a", "-")
+    assert "| training peak memory, MB | 950 | 2,048 |" in text
+    assert "| feature cache on disk | - | 3,072.0 MiB |" in text

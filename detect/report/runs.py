@@ -25,6 +25,9 @@ and its part of the report then says "not available". (A scored results file, ``
      "images_per_second": float,
      "peak_memory_mb": float,          # CUDA max allocated on a GPU, max RSS of the process on CPU
      "train_time_s": float | null,
+     # read beside metrics.json when present (the training cost table): rcnn_stages.json
+     # {"seconds": {stage: s}}, features/done {"bytes": {"total"}} (R-CNN's feature cache) and
+     # the peak "max_mem_mb" of log.jsonl / finetune/log.jsonl
      "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
                          "AR": [...], "MABO": [...]} | null,       # one value per top_k
      "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str,
@@ -45,6 +48,7 @@ then from the run folder.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +86,9 @@ class Run:
     ap_per_iou: dict[str, list[float]] | None = None  # {"iou": [T], "AP": [T]}
     test_settings: dict | None = None  # {"box_regression": bool, "proposal_top_k": int} (ablations)
     bench: dict | None = None  # this run's detector entry of a bench.json (``apply_bench``)
+    train_stage_s: dict[str, float] | None = None  # R-CNN's seconds per training stage
+    train_peak_mb: float | None = None  # peak memory while training (log.jsonl max_mem_mb)
+    feature_cache_bytes: int | None = None  # R-CNN's feature cache on disk
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
 
@@ -205,7 +212,37 @@ def load_run(run_dir: str | Path) -> Run:
         timing_source=timing_source,
         ap_per_iou=_ap_per_iou(m, path),
         test_settings=_mapping(m, "test_settings", path),
+        **_training_cost(run_dir),
     )
+
+
+def _training_cost(run_dir: Path) -> dict:
+    """Training time per stage, peak memory and feature-cache bytes from the files a training run
+    leaves beside metrics.json; what is missing or unreadable stays None (the report says n/a)."""
+    out: dict = {}
+    try:
+        stages = read_json(run_dir / "rcnn_stages.json")["seconds"]
+        out["train_stage_s"] = {str(k): float(v) for k, v in stages.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        out["feature_cache_bytes"] = int(read_json(run_dir / "features" / "done")["bytes"]["total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    peaks = []
+    for log in (run_dir / "log.jsonl", run_dir / "finetune" / "log.jsonl"):
+        try:
+            lines = log.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                peaks.append(float(json.loads(line)["max_mem_mb"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    if peaks:
+        out["train_peak_mb"] = max(peaks)
+    return out
 
 
 def _ap_per_iou(m: dict, path: Path) -> dict[str, list[float]] | None:

@@ -209,8 +209,15 @@ def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
     timed = [r for r in runs if r.test_ms]
     fastest = min((r.test_ms for r in timed), default=None)
 
+    train_stages = _union(k for r in runs for k in (r.train_stage_s or {}))
     rows = [["device"] + [r.device for r in runs],
-            ["training time"] + [_fmt_duration(r.train_time_s) for r in runs],
+            ["training time"] + [_fmt_duration(r.train_time_s) for r in runs]]
+    rows += [[f"training: {stage}"] + [_fmt_duration((r.train_stage_s or {}).get(stage)) for r in runs]
+             for stage in train_stages]
+    rows += [["training peak memory, MB"] + ["n/a" if r.train_peak_mb is None else f"{r.train_peak_mb:,.0f}"
+                                            for r in runs],
+             ["feature cache on disk"] + ["-" if r.feature_cache_bytes is None
+                                          else f"{r.feature_cache_bytes / 2**20:,.1f} MiB" for r in runs],
             ["proposals (selective search), ms/image"]
             + [_fmt_ms(r.timing_ms.get("proposals")) for r in runs]]
     rows += [[f"{stage}, ms/image"] + [_fmt_ms(r.timing_ms[stage]) if stage in r.timing_ms else "-"

@@ -124,8 +124,7 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
     log_path = output_dir / "log.jsonl"
     bar = tqdm(total=max_iter, initial=start_iter, desc=desc, unit="it", disable=not main, dynamic_ncols=True)
     t_last, window_losses = time.perf_counter(), []
-    if device.type == "cuda":
-        reset_peak_memory(device)
+    reset_peak_memory(device)  # CUDA's allocator peak, or the process's resident-memory peak on a CPU
     for iteration in range(start_iter, max_iter):
         lr = lr_at(iteration)
         for group in optimizer.param_groups:
@@ -158,8 +157,7 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
                 record = {"iteration": done, "lr": lr, **{k: float(v) for k, v in zip(names, means)}}
                 record["loss"] = float(means.sum())
                 record["time_per_iter_s"] = (now - t_last) / len(window_losses)
-                if device.type == "cuda":
-                    record["max_mem_mb"] = peak_memory_mb(device)
+                record["max_mem_mb"] = peak_memory_mb(device)
                 append_jsonl(log_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
             t_last, window_losses = now, []
