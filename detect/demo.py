@@ -2,9 +2,10 @@
 
 make the dataset -> selective search for train and val -> proposal recall -> train and evaluate
 Fast R-CNN -> train and evaluate R-CNN (all four stages) -> ``detect predict`` on a few val
-images with drawings -> ``detect bench`` (both detectors interleaved) -> ``detect compare``. Each step prints the ``detect`` command it runs, so
-the demo doubles as a tour of the CLI, and each step is skipped when its output is complete:
-re-running the demo reuses what is finished.
+images with drawings -> ``detect bench`` (both detectors interleaved) -> ``detect compare`` ->
+test-time ablations (box regression off, SVD, fewer proposals) -> a second report of them. Each
+step prints the ``detect`` command it runs, so the demo doubles as a tour of the CLI, and each
+step is skipped when its output is complete: re-running the demo reuses what is finished.
 
 It imports nothing of the package: ``detect.cli`` hands it ``run_command`` (its own ``main``),
 and each step is a ``detect`` command line.
@@ -25,6 +26,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NUM_TRAIN, NUM_VAL, SEED = 80, 30, 0
 NUM_PREDICT = 6
 BENCH_WARMUP = 3  # val images run by `detect bench` but not counted
+ABLATION_TOP_KS = (10, 30, 100)  # proposals per image of the ablation evaluations (the runs use 300)
 DETECTORS = ("fast_rcnn", "rcnn")
 SHORT_SCHEDULE = {
     "fast_rcnn": ["train.max_iter=300", "train.steps=[225]", "train.checkpoint_period=100"],
@@ -62,10 +64,27 @@ def demo_steps(out: Path, device: str = "") -> list[tuple[list[str], Path | None
     # the val images, selective search run once per image as the shared stage (end-to-end time).
     bench_json = out / "bench.json"
     steps.append((["bench", *(str(out / name / "model_final.pt") for name in DETECTORS), "--data",
-                   str(data / "val.json"), "--warmup", str(BENCH_WARMUP), "--threads", "1", "--output", str(bench_json),
+                   str(data / "val.json"), "--warmup", str(BENCH_WARMUP), "--threads", "1",
+                   "--output", str(bench_json),
                    *device_flag], bench_json))
     steps.append((["compare", *(str(out / name) for name in DETECTORS), "--output-dir", str(out / "report"),
                    "--bench", str(bench_json)], None))
+    # Test-time ablations, no retraining ([RCNN] Table 2, [FRCN] Table 7 and section 5.5): what box
+    # regression buys, what SVD costs, AP and time against the number of proposals.
+    ablations = []
+    for name in DETECTORS:
+        variants = [(f"top{k}", ["--top-k", str(k)]) for k in ABLATION_TOP_KS]
+        variants.append(("no_box_regression", ["--no-box-regression"]))
+        if name == "fast_rcnn":
+            variants.append(("svd", ["--svd", "on"]))
+        for suffix, flags in variants:
+            run = out / "ablations" / f"{name}_{suffix}"
+            ablations.append(run)
+            steps.append((["eval", "--checkpoint", str(out / name / "model_final.pt"), "--data",
+                           str(data / "val.json"), "--proposals", str(stores["val"]),
+                           "--output-dir", str(run), *flags, *device_flag], run / "metrics.json"))
+    steps.append((["compare", *(str(out / name) for name in DETECTORS), *map(str, ablations),
+                   "--output-dir", str(out / "report_ablations"), "--grid-images", "0"], None))
     return steps
 
 
