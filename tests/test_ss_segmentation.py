@@ -70,27 +70,7 @@ def ref_segment(image, k, min_size, sigma=0.8):
                         total = np.float32(total + np.float32(d * d))
                     edges.append((np.float32(math.sqrt(total)), y * width + x, y2 * width + x2))
     edges.sort(key=lambda e: e[0])  # stable
-    parent = list(range(height * width))
-    size = [1] * (height * width)
-    internal_threshold = [np.float32(k)] * (height * width)
-
-    def find(x):
-        while parent[x] != x:
-            x = parent[x]
-        return x
-
-    for w, a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb and w <= internal_threshold[ra] and w <= internal_threshold[rb]:
-            parent[rb] = ra
-            size[ra] += size[rb]
-            internal_threshold[ra] = np.float32(w + np.float32(np.float32(k) / np.float32(size[ra])))
-    for w, a, b in edges:
-        ra, rb = find(a), find(b)
-        if ra != rb and (size[ra] < min_size or size[rb] < min_size):
-            parent[rb] = ra
-            size[ra] += size[rb]
-    return np.array([find(p) for p in range(height * width)]).reshape(height, width)
+    return ref_segment_edges(height * width, edges, k, min_size).reshape(height, width)
 
 
 def same_partition(a, b):

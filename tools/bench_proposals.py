@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
+from detect.evaluation.recall import box_iou_float64 as box_iou  # noqa: E402
+from detect.evaluation.recall import greedy_match  # noqa: E402
 from detect.proposals.selective_search import opencv_selective_search  # noqa: E402
 from detect.proposals.ss.engine import selective_search_boxes, warm_up  # noqa: E402
 
@@ -151,29 +153,6 @@ def time_quality(images: dict, reps: int) -> dict:
 
 
 # ---- recall (definitions as the toolkit's detect.evaluation.recall) ---------------------------
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)[:, None, :]
-    b = b.astype(np.float64)[None, :, :]
-    iw = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(0)
-    ih = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(0)
-    inter = iw * ih
-    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
-def greedy_match(iou: np.ndarray) -> np.ndarray:
-    iou = iou.copy()
-    out = np.zeros(iou.shape[1])
-    for _ in range(min(iou.shape)):
-        r, g = np.unravel_index(int(np.argmax(iou)), iou.shape)
-        if iou[r, g] < 0:
-            break
-        out[g] = iou[r, g]
-        iou[r, :] = -1
-        iou[:, g] = -1
-    return out
-
 
 def recall_metrics(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
     """per_image: (proposals [R, 4], gt [G, 4], gt classes [G]) -> recall@0.5/0.7, MABO, boxes."""

@@ -47,11 +47,11 @@ def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progr
         if len(gt_boxes) == 0:
             continue
         gt_classes.append(classes)
-        iou = _box_iou(proposal_boxes, gt_boxes)  # [R, G]
+        iou = box_iou_float64(proposal_boxes, gt_boxes)  # [R, G]
         for k in top_ks:
             iou_k = iou[:k]  # [min(k, R), G]
             best[k].append(iou_k.max(axis=0) if len(iou_k) else np.zeros(len(gt_boxes)))
-            matched[k].append(_greedy_match(iou_k))
+            matched[k].append(greedy_match(iou_k))
 
     classes = np.concatenate(gt_classes) if gt_classes else np.zeros(0, np.int64)  # [G_total]
     result: dict[str, list] = {"top_k": top_ks}
@@ -69,7 +69,7 @@ def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progr
     return result
 
 
-def _box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+def box_iou_float64(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     """IoU [A, B] of xyxy boxes [A, 4] and [B, 4], in float64. (detect.boxes.box_iou_numpy goes
     through torch; this module stays torch-free so that workers and `detect recall` start fast.)"""
     boxes1 = boxes1.astype(np.float64)[:, None, :]  # [A, 1, 4]
@@ -96,7 +96,7 @@ def counted_gt(record) -> tuple[np.ndarray, np.ndarray]:
     return gt_boxes[~difficult], gt_classes[~difficult]
 
 
-def _greedy_match(iou: np.ndarray) -> np.ndarray:
+def greedy_match(iou: np.ndarray) -> np.ndarray:
     """[R, G] IoU -> [G] IoU of each GT box's proposal under greedy one-to-one matching (0 = none)."""
     iou = iou.copy()
     out = np.zeros(iou.shape[1], dtype=np.float64)  # [G]
