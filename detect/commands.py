@@ -23,7 +23,8 @@ import torch
 from detect.common.checkpoints import save_detector_checkpoint
 from detect.common.config import Config, load_config, save_config, to_dict
 from detect.common.fileio import check_settings, read_json, write_json_atomic, write_settings
-from detect.common.runtime import (available_cores, barrier, init_distributed, is_main_process,
+from detect.common.cpus import available_cores
+from detect.common.runtime import (barrier, init_distributed, is_main_process,
                                    local_world_size, long_wait_group, rank_and_world, resolve_device,
                                    seed_everything)
 from detect.data.datasets import Dataset, load_coco, load_dataset

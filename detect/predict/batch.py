@@ -56,7 +56,7 @@ import torch
 from tqdm import tqdm
 
 from detect.common.fileio import check_settings, write_json_atomic, write_settings
-from detect.common.runtime import available_cores
+from detect.common.cpus import available_cores
 from detect.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, read_image
 from detect.models.detector import Detections, Detector, StageTimer
 from detect.predict.outputs import (journal_record, load_results, open_journal, safe_relative_name,

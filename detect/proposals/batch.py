@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from detect import __version__
 from detect.common.fileio import atomic_path, check_settings, write_settings
-from detect.common.runtime import available_cores
+from detect.common.cpus import available_cores
 from detect.data.images import ImageReadError, read_image
 from detect.proposals.selective_search import SETTINGS_KEYS, check_proposal_settings, selective_search
 from detect.proposals.store import ProposalStore, dataset_fingerprint, write_store
