@@ -36,7 +36,7 @@ from detect.evaluation.bench import format_bench
 from detect.evaluation.coco import dataset_to_coco, evaluate_coco, evaluate_detections, format_metrics_table
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
 from detect.evaluation.run import evaluate_detector, print_metrics, run_detector
-from detect.evaluation.voc import detections_from_results, evaluate_voc, for_json, format_voc_table
+from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, for_json, format_voc_table
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals
@@ -383,9 +383,8 @@ def evaluate(args: argparse.Namespace) -> int:
             raise
         raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
     if isinstance(results, list):  # evaluate_coco checked every entry
-        voc_detections = detections_from_results(dataset, results)
-        for name in ("voc07", "voc"):
-            metrics[name] = for_json(evaluate_voc(dataset, voc_detections, name))
+        voc = evaluate_voc_metrics(dataset, detections_from_results(dataset, results))
+        metrics.update({name: for_json(result) for name, result in voc.items()})
     print(format_voc_table(metrics[args.metric], args.metric) if args.metric != "coco"
           else format_metrics_table(metrics))
     write_json_atomic(output_dir / "metrics.json", metrics)

@@ -29,9 +29,9 @@ from detect.common.fileio import write_json_atomic
 from detect.common.runtime import device_name, peak_memory_mb, rank_and_world, reset_peak_memory
 from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import ImageReadError, read_image
-from detect.evaluation.coco import COCO_KEYS, coco_results, evaluate_detections, format_metrics_table
+from detect.evaluation.coco import COCO_KEYS, coco_results, dataset_to_coco, evaluate_coco, format_metrics_table
 from detect.evaluation.recall import proposal_recall
-from detect.evaluation.voc import evaluate_voc, for_json, format_voc_table
+from detect.evaluation.voc import evaluate_voc_metrics, for_json, format_voc_table
 from detect.models.detector import Detections, Detector, StageTimer
 
 
@@ -101,8 +101,10 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     if rank_and_world()[0] != 0:
         return {}
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output_dir / "detections.json", coco_results(dataset, detections), indent=None)
-    m = evaluate_detections(dataset, detections, log_path=output_dir / "coco_eval.log")
+    results = coco_results(dataset, detections)
+    write_json_atomic(output_dir / "detections.json", results, indent=None)
+    m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
+    voc = evaluate_voc_metrics(dataset, detections)
     recall = None
     if store is not None:
         recall = proposal_recall(dataset, store)
@@ -115,8 +117,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "coco": {k: m[k] for k in COCO_KEYS},
         "per_class_AP": m["per_class_AP"], "per_class_AP50": m["per_class_AP50"],
         "pr_curve_50": m["pr_curve_50"],
-        "voc07": for_json(evaluate_voc(dataset, detections, "voc07")),
-        "voc": for_json(evaluate_voc(dataset, detections, "voc")),
+        "voc07": for_json(voc["voc07"]), "voc": for_json(voc["voc"]),
         "ap_per_iou": m["ap_per_iou"],
         "test_settings": {"box_regression": detector.box_regression, "proposal_top_k": detector.proposal_top_k},
         "timing_ms_per_image": timer.per_image(len(dataset)),

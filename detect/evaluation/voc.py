@@ -102,9 +102,17 @@ def evaluate_voc(dataset: Dataset, detections: dict[int, Detections], metric: st
                  iou_thresh: float = 0.5) -> dict:
     """``{"mAP": float, "per_class_AP": {class name: float}}`` of ``detections`` (image id ->
     ``Detections``, labels 1..K) on ``dataset``; NaN for a class without non-difficult gt."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown VOC metric {metric!r}: expected one of {METRICS}")
-    per_class = {}
+    return evaluate_voc_metrics(dataset, detections, (metric,), iou_thresh)[metric]
+
+
+def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], metrics=METRICS,
+                         iou_thresh: float = 0.5) -> dict[str, dict]:
+    """``evaluate_voc`` for several ``metrics`` at once: detections are matched to the ground
+    truth once per class, and only the averaging of the precision-recall curve differs."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown VOC metric {unknown[0]!r}: expected one of {METRICS}")
+    per_class: dict[str, dict[str, float]] = {m: {} for m in metrics}
     for k, name in enumerate(dataset.class_names, start=1):
         gt = {}
         for record in dataset.records:
@@ -119,9 +127,13 @@ def evaluate_voc(dataset: Dataset, detections: dict[int, Detections], metric: st
             boxes, scores = d.boxes.cpu().numpy()[labels == k], d.scores.cpu().numpy()[labels == k]
             dets.extend((float(s), image_id, b) for s, b in zip(scores, boxes))
         recall, precision, num_pos = class_pr(dets, gt, iou_thresh)
-        per_class[name] = average_precision(recall, precision, metric) if num_pos else math.nan
-    defined = [v for v in per_class.values() if not math.isnan(v)]
-    return {"mAP": float(np.mean(defined)) if defined else math.nan, "per_class_AP": per_class}
+        for m in metrics:
+            per_class[m][name] = average_precision(recall, precision, m) if num_pos else math.nan
+    out = {}
+    for m in metrics:
+        defined = [v for v in per_class[m].values() if not math.isnan(v)]
+        out[m] = {"mAP": float(np.mean(defined)) if defined else math.nan, "per_class_AP": per_class[m]}
+    return out
 
 
 def for_json(result: dict) -> dict:

@@ -163,6 +163,10 @@ class ProposalStore:
             self._boxes = np.zeros((0, 4), dtype=BOX_DTYPE)
         else:
             self._boxes = np.memmap(boxes_path, dtype=BOX_DTYPE, mode="r", shape=(num_boxes, 4))
+        scores_path = self.path / SCORES_FILE  # optional: the boxes' ranking values, [num_boxes]
+        self._scores = (np.memmap(scores_path, dtype=BOX_DTYPE, mode="r", shape=(num_boxes,))
+                        if scores_path.is_file() and num_boxes else
+                        np.zeros(0, BOX_DTYPE) if scores_path.is_file() else None)
         self._row_of: dict[int, int] | None = None  # image_id -> index row, built on first use
 
     def _read_meta(self) -> dict[str, Any]:
@@ -220,16 +224,13 @@ class ProposalStore:
     def scores(self, image_id: int) -> np.ndarray | None:
         """Ranking values of one image's proposals, float32 [R] (lower = ranked earlier), or None
         for a store without scores.f32."""
-        path = self.path / SCORES_FILE
-        if not path.is_file():
+        if self._scores is None:
             return None
         row = self._rows().get(int(image_id))
         if row is None:
             raise KeyError(f"image id {image_id} is not in proposal store {self.path}")
         _, first, count = self._index[row]
-        with open(path, "rb") as f:
-            f.seek(int(first) * BOX_DTYPE.itemsize)
-            return np.frombuffer(f.read(int(count) * BOX_DTYPE.itemsize), dtype=BOX_DTYPE).astype(np.float32)
+        return np.array(self._scores[first:first + count], dtype=np.float32)  # [R]
 
     def num_boxes(self, image_id: int) -> int:
         """Number of proposals of one image, without reading them."""
