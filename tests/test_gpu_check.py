@@ -1,6 +1,6 @@
 """The GPU check's CPU dry run: ``tools/gpu_check.sh --device cpu --quick`` runs every step.
 
-GPU time is scarce, so the script that spends it must not fail on a typo: this runs all six
+GPU time is scarce, so the script that spends it must not fail on a typo: this runs all seven
 steps with tiny settings (about a minute on 2 idle cores) and checks what they wrote.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["env", "tests", "train", "torchrun", "bench", "detect_bench"]
+STEPS = ["env", "tests", "train", "torchrun", "bench", "detect_bench", "proposal_scaling"]
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +60,10 @@ def test_the_steps_measured_what_they_claim(dry_run):
         assert row[key]["median"] > 0 and row[key]["peak_mb"] > 0
     assert row["fast_rcnn_batched_images_per_s"] > 0
     assert any("not judged" in g for g in step["bench"]["goals"])  # no verdicts from a CPU run
+    scaling = step["proposal_scaling"]
+    assert scaling["stores_identical"] and set(scaling["workers"]) == {"1", "2"}
+    assert scaling["workers"]["1"]["speedup"] == 1.0 and scaling["workers"]["2"]["images_per_s"] > 0
+    assert set(scaling["threads"]) >= {"1", "2"} and all(scaling["threads"][t]["identical"] for t in ("1", "2"))
 
 
 def test_the_summary_names_the_command_device_and_every_step(dry_run):

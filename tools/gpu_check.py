@@ -1,7 +1,7 @@
-"""The GPU check of issue 13: six independent steps, each measured into ``OUT/NN_step.json``.
+"""The GPU check: seven independent steps, each measured into ``OUT/NN_step.json``.
 
 Run through ``tools/gpu_check.sh`` (the entry point). On one H100/H200 the whole check takes
-under 8 minutes (``--budget-s``, default 480: a step that would start after the budget is spent
+under 9.5 minutes (``--budget-s``, default 560: a step that would start after the budget is spent
 is skipped with that reason). ``--device cpu --quick`` is the dry run CI runs (tiny settings,
 about a minute on 2 cores): it exercises every command line the GPU run uses.
 
@@ -27,6 +27,12 @@ step failed):
    the goals below.
 6. ``detect_bench``: the interleaved ``detect bench``, skipped while ``detect bench --help``
    fails (not merged yet).
+7. ``proposal_scaling``: CPU only, but the GPU machine is the one with real cores (16):
+   ``detect propose`` on 64 synthetic images with ``--workers`` 1, 4 and 16 (whole runs, wall
+   clock, after a warm-up run that loads numba's cache), as images/s and as the speed-up over
+   one worker, against the goal 0.8 x workers; the three stores must be byte-identical. Then
+   one image's selective search with ``threads`` 1, 4 and 8 (median of repeats; the boxes must
+   be identical). ``--quick``: 8 images, workers 1 and 2, threads 1 and 2.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ GOALS = {  # issue 13, on one H100/H200, 2,000 proposals, selective search exclu
     "fast_rcnn_vgg16_ms": 20.0,
     "rcnn_vgg16_ms": 1500.0,
 }
-STEP_TIMEOUT_S = {"env": 60, "tests": 240, "train": 300, "torchrun": 180, "bench": 300, "detect_bench": 180}
+STEP_TIMEOUT_S = {"env": 60, "tests": 240, "train": 300, "torchrun": 180, "bench": 300, "detect_bench": 180,
+                  "proposal_scaling": 150}
+SCALING_GOAL = 0.8  # the goal: speed-up over one worker >= 0.8 x workers, judged only with that many cores
 
 # The training schedules. "full" is the GPU run's (and its CPU reference's); "quick" the dry run's.
 SCHEDULES = {
@@ -69,6 +77,7 @@ SCHEDULES = {
         "rcnn": ["rcnn.ft_max_iter=100", "rcnn.ft_steps=[75]", "train.checkpoint_period=25"],
         "torchrun": ["train.max_iter=4", "train.steps=[]", "train.warmup_iters=0", "train.checkpoint_period=4",
                      "train.log_period=1"],
+        "scaling": {"images": 64, "workers": [1, 4, 16], "threads": [1, 4, 8], "thread_reps": 5, "propose": []},
     },
     "quick": {
         "synthetic": ["--train", "4", "--val", "2"],
@@ -82,6 +91,8 @@ SCHEDULES = {
                  "rcnn.ft_steps=[100]", "rcnn.svm_workers=1", "rcnn.svm_retrain_limit=10",
                  "rcnn.feature_batch_size=64", "train.checkpoint_period=2", "train.log_period=1"],
         "torchrun": ["train.max_iter=2", "train.steps=[]", "train.warmup_iters=0", "train.checkpoint_period=2"],
+        "scaling": {"images": 8, "workers": [1, 2], "threads": [1, 2], "thread_reps": 2,
+                    "propose": ["proposals.resize=160"]},
     },
 }
 CONFIGS = {"fast_rcnn": "configs/fast_rcnn_synthetic_cpu.yaml", "rcnn": "configs/rcnn_synthetic_cpu.yaml"}
@@ -454,8 +465,92 @@ def step_detect_bench(c: Check) -> dict:
             "files": sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())}
 
 
+THREADS_PROBE = r"""
+import json, sys, time
+import numpy as np
+from detect.data.images import read_image
+from detect.proposals.selective_search import selective_search
+from detect.proposals.ss import warm_up
+image, reps, threads = read_image(sys.argv[1]), int(sys.argv[2]), [int(t) for t in sys.argv[3:]]
+warm_up()
+result, first = {}, None
+for t in threads:
+    seconds = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        boxes = selective_search(image, threads=t)
+        seconds.append(time.perf_counter() - t0)
+    first = boxes if first is None else first
+    result[t] = {"median_s": float(np.median(seconds)), "min_s": min(seconds), "boxes": len(boxes),
+                 "identical": bool(np.array_equal(boxes, first))}
+print("THREADS_JSON " + json.dumps(result))
+"""
+
+
+def store_bytes(store: Path) -> dict[str, bytes]:
+    """The files of a proposal store, except the config it was made with (paths differ)."""
+    return {p.name: p.read_bytes() for p in sorted(store.iterdir()) if p.is_file() and p.name != "config.yaml"}
+
+
+def step_proposal_scaling(c: Check) -> dict:
+    s = c.schedule["scaling"]
+    data = c.out / "scaling" / "data"
+    if not (data / "train.json").is_file():
+        c.detect("scaling_make_synthetic", "make-synthetic", "--out", str(data), "--train", str(s["images"]),
+                 "--val", "1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    result: dict = {"images": s["images"], "cores": cores, "goal": f"speed-up >= {SCALING_GOAL} x workers",
+                    "workers": {}}
+    # The warm-up run proposes one image in one process: it loads numba's cache, and its wall
+    # time (start-up + one image) is subtracted in the "net" figures.
+    first_image = sorted((data / "images" / "train").glob("*.png"))[0]
+    shutil.rmtree(c.out / "scaling" / "store_warmup", ignore_errors=True)
+    t0 = time.perf_counter()
+    c.detect("scaling_propose_warmup", "propose", *s["propose"], "--input", str(first_image), "--out",
+             str(c.out / "scaling" / "store_warmup"), "--workers", "1")
+    result["startup_s"] = startup = time.perf_counter() - t0
+    stores = {}
+    for workers in s["workers"]:
+        store = c.out / "scaling" / f"store_w{workers}"
+        shutil.rmtree(store, ignore_errors=True)
+        argv = ["propose", "--data", str(data / "train.json"), "--out", str(store), "--workers", str(workers),
+                *s["propose"]]
+        t0 = time.perf_counter()
+        c.detect(f"scaling_propose_w{workers}", *argv)
+        seconds = time.perf_counter() - t0
+        stores[workers] = store_bytes(store)
+        result["workers"][workers] = {"seconds": seconds, "images_per_s": s["images"] / seconds,
+                                      "net_images_per_s": (s["images"] - 1) / max(seconds - startup, 1e-3),
+                                      "command": "detect " + " ".join(shlex.quote(a) for a in argv)}
+    base, net_base = result["workers"][1]["images_per_s"], result["workers"][1]["net_images_per_s"]
+    problems = []
+    for workers, r in result["workers"].items():
+        r["speedup"] = r["images_per_s"] / base
+        r["net_speedup"] = r["net_images_per_s"] / net_base
+        r["ratio_to_cores_used"] = r["speedup"] / workers
+        if workers > cores:
+            r["verdict"] = f"not judged ({cores} cores)"
+        else:
+            r["verdict"] = "met" if r["speedup"] >= SCALING_GOAL * workers else "MISSED"
+        if stores[workers] != stores[1]:
+            problems.append(f"the store of {workers} workers differs from 1 worker's")
+    result["stores_identical"] = not problems
+    image = first_image
+    out = c.run("scaling_threads", [c.python, "-c", THREADS_PROBE, str(image), str(s["thread_reps"]),
+                                    *map(str, s["threads"])])
+    threads = json.loads([line for line in out.splitlines() if line.startswith("THREADS_JSON ")][-1][13:])
+    for r in threads.values():
+        r["speedup"] = threads[str(s["threads"][0])]["median_s"] / r["median_s"]
+    result["threads"] = {"image": str(image), "mode": "fast", **threads}
+    problems += [f"threads={t}: boxes differ from threads={s['threads'][0]}" for t, r in threads.items()
+                 if not r["identical"]]
+    if problems:
+        result["error"] = "; ".join(problems)
+    return result
+
+
 STEPS = [("env", step_env), ("tests", step_tests), ("train", step_train), ("torchrun", step_torchrun),
-         ("bench", step_bench), ("detect_bench", step_detect_bench)]
+         ("bench", step_bench), ("detect_bench", step_detect_bench), ("proposal_scaling", step_proposal_scaling)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,6 +577,19 @@ def summary_markdown(c: Check) -> str:
                                  f"{k['ap_tolerance']}: {k.get('ap_check', '')}), loss {k['first_loss']:.3f} -> {k['last_loss']:.3f}"
                                  + (f", killed after iteration {k['killed_after_checkpoint']}, resumed at "
                                     f"{k['resumed_at']}" if "resumed_at" in k else ""))
+        if r["step"] == "proposal_scaling" and r["status"] != "skipped" and "threads" in r:
+            lines += ["", f"## Proposal scaling ({r['images']} images, {r['cores']} cores; {r['goal']})", "",
+                      f"Whole `detect propose` runs; net = without the {r['startup_s']:.1f} s of a one-image run "
+                      "(start-up).", "",
+                      "| workers | seconds | images/s | speed-up | speed-up / workers | goal | net images/s | "
+                      "net speed-up |", "|---:|---:|---:|---:|---:|---|---:|---:|"]
+            lines += [f"| {w} | {x['seconds']:.1f} | {x['images_per_s']:.2f} | {x['speedup']:.2f} | "
+                      f"{x['ratio_to_cores_used']:.2f} | {x['verdict']} | {x['net_images_per_s']:.2f} | "
+                      f"{x['net_speedup']:.2f} |" for w, x in r["workers"].items()]
+            lines += ["", f"Stores byte-identical across worker counts: {r['stores_identical']}", "",
+                      "| threads (one image) | median s | speed-up | boxes identical |", "|---:|---:|---:|---|"]
+            lines += [f"| {t} | {x['median_s']:.3f} | {x['speedup']:.2f} | {x['identical']} |"
+                      for t, x in r["threads"].items() if isinstance(x, dict)]
         if r["step"] == "bench" and r["status"] == "ok":
             lines += ["", "## Detector speed (`tools/bench_detectors.py`)", "", "```", *r.get("table", []), "```", "",
                       "Goals:", "", *[f"- {g}" for g in r.get("goals", [])]]
@@ -494,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--quick", action="store_true", help="tiny settings: the CPU dry run CI uses")
     p.add_argument("--steps", nargs="+", default=[n for n, _ in STEPS], choices=[n for n, _ in STEPS])
-    p.add_argument("--budget-s", type=float, default=480, help="total time; later steps are skipped (default 480)")
+    p.add_argument("--budget-s", type=float, default=560, help="total time; later steps are skipped (default 560)")
     p.add_argument("--step-timeout-s", type=float, default=0,
                    help="one timeout for every step (default: per step, 60-300 s; a CPU reference run needs more)")
     p.add_argument("--ap-tolerance", type=float, default=AP_TOLERANCE, help="AP points (default 5)")

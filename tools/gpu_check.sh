@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 13): environment, `pytest -m gpu`, short AMP training with a SIGKILL and
-# resume, torchrun, detector speed, the interleaved bench. Under 8 minutes on one H100/H200.
+# resume, torchrun, detector speed, the interleaved bench, proposal scaling over CPU cores. Under
+# 9.5 minutes on one H100/H200.
 #
 #   tools/gpu_check.sh                          # on the GPU machine: writes runs/gpu_check/
 #   tools/gpu_check.sh --out DIR                # elsewhere
