@@ -37,12 +37,11 @@ def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float
     dets, num_pos, missed = [], np.zeros(num_classes, np.int64), []
     for i, im in enumerate(images):
         ignore = np.asarray(im.gt_ignore, bool)
-        for k in range(1, num_classes + 1):
-            num_pos[k - 1] += int(((im.gt_classes == k) & ~ignore).sum())
+        num_pos += np.bincount(np.asarray(im.gt_classes, np.int64)[~ignore], minlength=num_classes + 1)[1:]
         ious = box_iou(im.boxes, im.gt_boxes)  # [D, G]
         used = np.zeros(len(im.gt_classes), bool)
         image_dets = []
-        for k in range(1, num_classes + 1):
+        for k in np.unique(im.labels).tolist():  # the classes it detected
             d = np.flatnonzero(im.labels == k)
             d = d[np.argsort(-im.scores[d], kind="mergesort")][:max_dets]
             same = np.flatnonzero(im.gt_classes == k)
@@ -82,7 +81,7 @@ def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float
             else:
                 entry.update(type="background")
             dets.append(entry)
-        targeted = {e["target"][1] for e in dets if e["image"] == i and e["target"] is not None}
+        targeted = {e["target"][1] for _, e in image_dets if e["target"] is not None}
         missed += [(i, int(g)) for g in np.flatnonzero(~ignore) if g not in targeted]
     return dets, num_pos, missed
 
