@@ -14,6 +14,7 @@ import sys
 from detect import commands, demo
 from detect.common.config import ConfigError
 from detect.data.images import ImageReadError
+from detect.evaluation.recall import RECALL_TOP_KS
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_args(p)
     p.add_argument("--proposals", required=True, help="proposal store folder (from `detect propose`)")
     p.add_argument("--out", default="", help="write the figures as JSON here (recall.json)")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="draw N images (the first with ground truth): each ground-truth box, its best "
+                        "proposal with the IoU, and in red the boxes no proposal reaches at IoU 0.5")
+    p.add_argument("--vis-dir", default="", help="where the drawings go (default: recall_vis/ beside --out, "
+                                                  "else in the current folder)")
+    p.add_argument("--vis-top-k", type=int, default=RECALL_TOP_KS[-1],
+                   help="proposals per image the drawings consider (0: all; default: %(default)s, the "
+                        "largest top-k of the table)")
 
     p = sub.add_parser("eval", help="COCO mAP of a results file, or of a trained detector")
     _add_dataset_args(p)
@@ -138,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", default="",
                    help="bench.json from `detect bench` on these runs' checkpoints: the speed section uses "
                         "it (default: the runs' own per-image medians)")
+    p.add_argument("--proposals", default="",
+                   help="proposal store the viewer draws for every run (default: each run's own, as its "
+                        "metrics.json names it)")
 
     p = sub.add_parser("demo", help="the whole story on the synthetic dataset (README's main command)")
     p.add_argument("--output-dir", default="runs/demo")

@@ -39,7 +39,8 @@ from detect.evaluation.run import evaluate_detector, print_metrics, run_detector
 from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, for_json, format_voc_table
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
-from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals
+from detect.predict.drawing import write_recall_drawings
+from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals, parse_shard
 from detect.proposals.export import FORMATS as EXPORT_FORMATS
 from detect.proposals.export import export_proposals
 from detect.proposals.store import ProposalStore
@@ -47,6 +48,7 @@ from detect.report.sections import make_report
 from detect.training.engine import step_lr
 from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, train_fast_rcnn
 from detect.training.rcnn_train import FineTuneSettings, SVMSettings, train_rcnn
+from detect.training.tensorboard_log import log_final_eval
 
 # ----------------------------------------------------------------------------------------------
 # Data
@@ -109,7 +111,7 @@ def propose(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give --data (a dataset) or --input (image files, folders or globs)")
     chunk_size = int(os.environ.get("DETECT_PROPOSAL_CHUNK", DEFAULT_CHUNK_SIZE))
-    shard = _parse_shard(args.shard)
+    shard = parse_shard(args.shard)
     workers = args.workers
 
     distributed = False
@@ -139,18 +141,6 @@ def propose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_shard(text: str) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        i, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard {text!r}: needs 0 <= i < N")
-    return i, n
-
-
 def _join_gloo_group() -> bool:
     """Join torchrun's process group (gloo) so rank 0 can merge after a barrier; False if not."""
     try:
@@ -162,7 +152,7 @@ def _join_gloo_group() -> bool:
 
 
 def recall(args: argparse.Namespace) -> int:
-    """``detect recall``: print recall / AR / (M)ABO of a store on a dataset; ``--out`` JSON.
+    """``detect recall``: recall / AR / (M)ABO of a store on a dataset; ``--out`` JSON; drawings.
 
     The JSON is ``proposal_recall``'s result plus "num_images", "num_gt" (non-difficult GT
     boxes) and "avg_proposals_per_image" (all proposals in the store for these images).
@@ -181,6 +171,10 @@ def recall(args: argparse.Namespace) -> int:
     if args.out:
         write_json_atomic(args.out, summary)
         print(f"wrote {args.out}")
+    if args.visualize:
+        vis_dir = Path(args.vis_dir or Path(args.out or ".").parent / "recall_vis")
+        written = write_recall_drawings(dataset.records, store.get, vis_dir, args.visualize, top_k=args.vis_top_k)
+        print(f"wrote {len(written)} drawing(s) of each ground-truth box's best proposal to {vis_dir}")
     return 0
 
 
@@ -212,7 +206,9 @@ def train(args: argparse.Namespace) -> int:
     if not val.path:
         print("no data.val.path in the config: skipping evaluation")
         return 0
-    _evaluate_checkpoint(checkpoint, to_dict(val), cfg.data.val_proposals, output_dir, device=device)
+    metrics = _evaluate_checkpoint(checkpoint, to_dict(val), cfg.data.val_proposals, output_dir, device=device)
+    if metrics:  # rank 0: the final AP in TensorBoard too, at the last iteration
+        log_final_eval(output_dir / "tb", cfg.rcnn.ft_max_iter if cfg.detector == "rcnn" else cfg.train.max_iter, metrics)
     return 0
 
 
@@ -510,9 +506,10 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    """``detect compare``: report.md and report.html of evaluated runs."""
+    """``detect compare``: report.md, report.html and viewer.html of evaluated runs."""
     data = _dataset_spec(args) if args.data else None
     md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir), data=data,
-                                     num_grid_images=args.grid_images, bench=args.bench or None)
+                                     num_grid_images=args.grid_images, bench=args.bench or None,
+                                     proposals=args.proposals)
     print(f"wrote {md_path} and {html_path}")
     return 0

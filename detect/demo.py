@@ -28,8 +28,9 @@ NUM_PREDICT = 6
 BENCH_WARMUP = 3  # val images run by `detect bench` but not counted
 ABLATION_TOP_KS = (10, 30, 100)  # proposals per image of the ablation evaluations (the runs use 300)
 DETECTORS = ("fast_rcnn", "rcnn")
-SHORT_SCHEDULE = {
-    "fast_rcnn": ["train.max_iter=300", "train.steps=[225]", "train.checkpoint_period=100"],
+SHORT_SCHEDULE = {  # (and Fast R-CNN's val AP every 100 iterations, for TensorBoard: RUN/tb/)
+    "fast_rcnn": ["train.max_iter=300", "train.steps=[225]", "train.checkpoint_period=100",
+                  "train.eval_period=100"],
     "rcnn": ["rcnn.ft_max_iter=100", "rcnn.ft_steps=[75]"],
 }
 
@@ -103,6 +104,6 @@ def run_demo(output_dir: str, *, device: str, run_command: Callable[[list[str]],
             raise SystemExit(f"demo: `detect {shlex.join(argv)}` failed with status {code}")
         print(f"  ({time.perf_counter() - t_step:.0f} s)", flush=True)
     print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min")
-    print(f"report:      {out / 'report' / 'report.html'} (and report.md)")
+    print(f"report:      {out / 'report' / 'report.html'} (and report.md; viewer.html: every image)")
     print(f"predictions: {out / 'predict'}/<detector>/vis/")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detect.evaluation.errors import ERROR_TYPES, error_breakdown
+from detect.evaluation.errors import ERROR_TYPES, classify_detections, error_breakdown, per_image_ap50
 from detect.evaluation.matching import ImageBoxes
 
 GT = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], float)
@@ -82,3 +82,30 @@ def test_missed_box():
     r = breakdown([BASE[0], BASE[2]])  # nothing on B
     assert r["AP50"] == pytest.approx((ap101([1], 2) + 1.0) / 2)
     only(r, "missed", 1.0 - r["AP50"])
+
+
+def test_a_detection_on_an_ignored_box_leaves_the_curve_as_pycocotools_does():
+    # A crowd box D = [60, 60, 70, 70] of class 1; a 0.95 detection on it is "ignored", not a
+    # false positive: AP50 stays the base detections' 1.0.
+    gt = np.concatenate([GT, [[60, 60, 70, 70]]])
+    dets = BASE + [([60, 60, 70, 70], 1, 0.95)]
+    im = ImageBoxes(gt, np.array([1, 1, 2, 1]), np.array([False, False, False, True]),
+                    np.array([d[0] for d in dets], float), np.array([d[2] for d in dets]),
+                    np.array([d[1] for d in dets]))
+    r = error_breakdown([im], 2)
+    assert r["AP50"] == pytest.approx(1.0)
+    assert r["counts"]["background"] == 0 and r["counts"]["missed"] == 0
+
+
+def test_per_image_ap50_and_each_detections_index():
+    one = ImageBoxes(GT, GT_CLASSES, np.zeros(3, bool), np.array([d[0] for d in BASE], float),
+                     np.array([d[2] for d in BASE]), np.array([d[1] for d in BASE]))
+    bad = ImageBoxes(GT, GT_CLASSES, np.zeros(3, bool), np.array([[60, 60, 70, 70]], float),
+                     np.array([0.9]), np.array([1]))
+    empty = ImageBoxes(np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, bool),
+                       np.array([[0, 0, 5, 5]], float), np.array([0.5]), np.array([2]))
+    dets, _, _ = classify_detections([one, bad, empty], 2)
+    assert per_image_ap50(dets, [one, bad, empty], 2) == [pytest.approx(1.0), 0.0, None]
+    for e in dets:  # each entry names its box
+        im = [one, bad, empty][e["image"]]
+        assert im.labels[e["index"]] == e["label"] and im.scores[e["index"]] == e["score"]

@@ -20,7 +20,8 @@ from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import read_image
 from detect.proposals.store import BOXES_FILE, INDEX_FILE, META_FILE, ProposalStore, write_store
 from detect.data.images import find_images
-from detect.evaluation.recall import proposal_recall
+from detect.evaluation.recall import best_proposals, first_covering, proposal_recall
+from detect.predict.drawing import PROPOSAL_RGB, REACHED_RGB, UNREACHED_RGB, draw_proposal_recall
 from detect.proposals.batch import generate_proposals
 from detect.proposals.selective_search import SETTINGS_KEYS, selective_search
 
@@ -407,6 +408,30 @@ def test_recall_matching_difficult_and_class_average():
     assert proposal_recall(empty, _Proposals({1: [box]}), top_ks=(5,))["recall@0.5"] == [-1.0]
 
 
+def test_best_and_first_covering_proposals():
+    gt = np.array([[0, 0, 10, 10], [50, 50, 60, 60]], np.float32)
+    proposals = np.array([[0, 0, 10, 20], [1, 0, 10, 10], [0, 0, 10, 10], [40, 40, 45, 45]], np.float32)
+    best, iou = best_proposals(proposals, gt)
+    assert best.tolist() == [2, 0] and iou.tolist() == [1.0, 0.0]  # no overlap: index 0, IoU 0
+    assert first_covering(proposals, gt, 0.5).tolist() == [0, -1]  # IoU 0.5 at rank 0 already
+    assert first_covering(proposals, gt, 0.95).tolist() == [2, -1]
+    assert best_proposals(np.zeros((0, 4)), gt)[0].tolist() == [-1, -1]
+
+
+def test_recall_drawing_colours_reached_and_unreached_boxes():
+    image = np.full((100, 120, 3), 128, np.uint8)
+    gt = [[10, 10, 50, 50], [70, 60, 110, 90]]
+    proposals = [[14, 10, 50, 50], [0, 0, 20, 20]]  # the first reaches box 1 (IoU 0.9); none box 2
+    out = draw_proposal_recall(image, gt, proposals, min_side=1)  # min_side=1: not enlarged
+    top = out.shape[0] - 100  # the caption strip
+    assert out.shape[1] == 120 and top > 0 and (out[:top] == 255).mean() > 0.8
+    assert tuple(out[top + 30, 10]) == REACHED_RGB  # box 1's left edge
+    assert tuple(out[top + 75, 110]) == UNREACHED_RGB  # box 2's right edge
+    assert tuple(out[top + 30, 14]) == PROPOSAL_RGB  # box 1's best proposal
+    assert out.shape == draw_proposal_recall(image, gt, [], min_side=1).shape  # no proposal at all
+    assert draw_proposal_recall(image, gt, proposals).shape[1] == round(120 * 512 / 100)  # enlarged
+
+
 def test_cli_propose_and_recall_on_a_coco_dataset(tmp_path, capsys):
     from detect.cli import main
     from detect.data.datasets import load_coco
@@ -424,9 +449,11 @@ def test_cli_propose_and_recall_on_a_coco_dataset(tmp_path, capsys):
     store = ProposalStore(store_dir)
     assert store.image_ids == [10, 11, 12] and store.meta["resize"] == 0
     np.testing.assert_array_equal(store.get(11), selective_search(read_image(items[1][1]), **FAST))
-    assert main(["recall", *args, "--proposals", str(store_dir), "--out", str(recall_json)]) == 0
+    assert main(["recall", *args, "--proposals", str(store_dir), "--out", str(recall_json), "--visualize", "5"]) == 0
     out = capsys.readouterr().out
     assert "recall@0.5" in out and "3 images, 2 GT boxes" in out
+    drawn = sorted(p.name for p in (tmp_path / "recall_vis").iterdir())  # beside --out; images with GT
+    assert drawn == ["000010_000.png.jpg", "000012_002.png.jpg"] and "wrote 2 drawing(s)" in out
     written = json.loads(recall_json.read_text())
     expected = proposal_recall(load_coco(tmp_path / "data.json", tmp_path / "images"), store)
     assert {k: written[k] for k in expected} == expected

@@ -30,18 +30,18 @@ ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "backgroun
 
 def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float = 0.5, bg: float = 0.1,
                         max_dets: int = 100) -> tuple[list[dict], np.ndarray, list[tuple[int, int]]]:
-    """Every kept detection as {image, label, score, type, target}: type "tp", an error type or
-    "ignored"; target (image, gt index) for tp/classification/localisation. Also the
-    non-ignored gt count per class [K] and the missed boxes [(image, gt index)]."""
+    """Every kept detection as {image, index, label, score, type, target}: index into its
+    image's ``boxes``; type "tp", an error type or "ignored" (matched to a crowd / difficult
+    box); target (image, gt index) for tp/classification/localisation. Also the non-ignored
+    gt count per class [K] and the missed boxes [(image, gt index)]."""
     dets, num_pos, missed = [], np.zeros(num_classes, np.int64), []
     for i, im in enumerate(images):
         ignore = np.asarray(im.gt_ignore, bool)
-        for k in range(1, num_classes + 1):
-            num_pos[k - 1] += int(((im.gt_classes == k) & ~ignore).sum())
+        num_pos += np.bincount(np.asarray(im.gt_classes, np.int64)[~ignore], minlength=num_classes + 1)[1:]
         ious = box_iou(im.boxes, im.gt_boxes)  # [D, G]
         used = np.zeros(len(im.gt_classes), bool)
         image_dets = []
-        for k in range(1, num_classes + 1):
+        for k in np.unique(im.labels).tolist():  # the classes it detected
             d = np.flatnonzero(im.labels == k)
             d = d[np.argsort(-im.scores[d], kind="mergesort")][:max_dets]
             same = np.flatnonzero(im.gt_classes == k)
@@ -53,7 +53,8 @@ def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float
                         continue
                     if ious[j, g] >= best:
                         best, m = ious[j, g], g
-                entry = {"image": i, "label": k, "score": float(im.scores[j]), "target": None}
+                entry = {"image": i, "index": int(j), "label": k, "score": float(im.scores[j]),
+                         "target": None}
                 if m > -1:
                     used[m] = True
                     entry.update(type="ignored" if ignore[m] else "tp", target=(i, int(m)))
@@ -80,7 +81,7 @@ def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float
             else:
                 entry.update(type="background")
             dets.append(entry)
-        targeted = {e["target"][1] for e in dets if e["image"] == i and e["target"] is not None}
+        targeted = {e["target"][1] for _, e in image_dets if e["target"] is not None}
         missed += [(i, int(g)) for g in np.flatnonzero(~ignore) if g not in targeted]
     return dets, num_pos, missed
 
@@ -90,10 +91,26 @@ def _ap50(dets: list[dict], num_pos: np.ndarray) -> float:
     for k in range(1, len(num_pos) + 1):
         if num_pos[k - 1] <= 0:
             continue
-        mine = sorted((e for e in dets if e["label"] == k), key=lambda e: -e["score"])
+        # COCO leaves a detection matched to an ignored (crowd / difficult) box out of the curve
+        mine = sorted((e for e in dets if e["label"] == k and e["type"] != "ignored"),
+                      key=lambda e: -e["score"])
         flags = np.array([1 if e["type"] == "tp" else 0 for e in mine], np.int8)
         aps.append(ap_from_flags(flags, np.ones(len(flags)), num_pos[k - 1]))
     return float(np.mean(aps)) if aps else -1.0
+
+
+def per_image_ap50(dets: list[dict], images: list[ImageBoxes], num_classes: int) -> list[float | None]:
+    """AP50 of each image alone (``classify_detections``' entries; mean over the classes with
+    ground truth in that image), None for an image without ground truth."""
+    by_image: list[list[dict]] = [[] for _ in images]
+    for e in dets:
+        by_image[e["image"]].append(e)
+    out = []
+    for im, mine in zip(images, by_image):
+        counted = np.asarray(im.gt_classes, np.int64)[~np.asarray(im.gt_ignore, bool)]
+        num_pos = np.bincount(counted, minlength=num_classes + 1)[1:]
+        out.append(_ap50(mine, num_pos) if num_pos.any() else None)
+    return out
 
 
 def _fix(dets: list[dict], error: str, images: list[ImageBoxes]) -> list[dict]:

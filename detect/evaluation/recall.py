@@ -83,6 +83,23 @@ def box_iou_float64(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
+def best_proposals(proposal_boxes: np.ndarray, gt_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each GT box, the proposal of highest IoU (ABO's best overlap, no one-to-one
+    matching): its index [G] (-1 when there is no proposal) and that IoU [G]."""
+    iou = box_iou_float64(np.asarray(proposal_boxes).reshape(-1, 4), np.asarray(gt_boxes).reshape(-1, 4))  # [R, G]
+    if iou.shape[0] == 0:
+        return np.full(iou.shape[1], -1, np.int64), np.zeros(iou.shape[1])
+    return iou.argmax(axis=0), iou.max(axis=0)
+
+
+def first_covering(proposal_boxes: np.ndarray, gt_boxes: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """For each GT box [G], the rank of the first proposal (selective search's order) with IoU
+    >= ``iou``, or -1: the top k proposals cover a box when 0 <= rank < k."""
+    ious = box_iou_float64(np.asarray(proposal_boxes).reshape(-1, 4), np.asarray(gt_boxes).reshape(-1, 4))  # [R, G]
+    covered = ious >= iou
+    return np.where(covered.any(axis=0), covered.argmax(axis=0), -1)
+
+
 def counted_gt(record) -> tuple[np.ndarray, np.ndarray]:
     """The GT boxes [G, 4] xyxy and classes [G] that recall counts: all but difficult / crowd."""
     gt_boxes = np.asarray(record.gt_boxes, dtype=np.float32).reshape(-1, 4)

@@ -10,7 +10,7 @@ post-processing) and the same COCO evaluation. A run directory ends up with:
   ``detect.evaluation.voc``), per-stage test time in ms per image (mean; median after
   ``TIMING_WARMUP`` images; every image's list), the test settings (box regression, proposal
   top-k), images/s, peak memory, parameter count, device, training time, proposal
-  recall and the dataset it was measured on (the contract ``detect compare`` reads; see
+  recall, the proposal store and the dataset it was measured on (the contract ``detect compare`` reads; see
   ``detect.report.runs``);
 - ``coco_eval.log``: what pycocotools printed.
 """
@@ -126,6 +126,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "peak_memory_mb": peak_memory_mb(device),
         "train_time_s": train_time_s,
         "proposal_recall": recall,
+        "proposals": None if store is None else str(store.path),
         "data": data_spec or {},
         "skipped_images": skipped,  # unreadable images, scored as having no detections
     }

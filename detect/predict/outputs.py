@@ -1,4 +1,5 @@
-"""The outputs of ``detect predict``: the resume journal, the final files, the drawings.
+"""The outputs of ``detect predict``: the resume journal and the final files (its drawings:
+``detect.predict.drawing``).
 
 File formats are described in ``detect.predict.batch``. Every file is written atomically and
 output paths never leave ``output_dir`` (``safe_relative_name``).
@@ -13,11 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from detect.common.fileio import write_bytes_atomic, write_json_atomic
-from detect.common.palette import TAB10_RGB
 from detect.evaluation.coco import detections_to_coco
 from detect.models.detector import Detections
 
@@ -59,11 +58,6 @@ def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike, suffix:
         digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         name = f"{name}-{digest}"
     return name + suffix
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return os.path.commonpath([path, folder]) == folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,48 +177,3 @@ def journal_record(file: str, image: np.ndarray, dets: Detections, score_thresho
             "detections": [{"box": [round(float(v), 3) for v in box], "label": int(label),
                             "score": round(float(score), 6)}
                            for box, label, score in zip(boxes, labels, scores)]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Visualisation
-# ---------------------------------------------------------------------------------------------
-
-# Tableau-10, as RGB: distinct, readable on photos; black or white text by the colour's luma.
-_PALETTE = TAB10_RGB
-
-
-def draw_detections(image: np.ndarray, record: dict, class_names: list[str]) -> np.ndarray:
-    """Draw a journal record's boxes (xyxy), labels and scores on a copy of ``image`` (uint8
-    RGB [H, W, 3]) -> uint8 RGB [H, W, 3]."""
-    canvas = np.ascontiguousarray(image.copy())
-    height, width = canvas.shape[:2]
-    thickness = max(1, round(min(height, width) / 300))
-    font_scale = max(0.35, min(height, width) / 900)
-    for det in record["detections"]:
-        label = int(det["label"])
-        color = _PALETTE[(label - 1) % len(_PALETTE)]
-        x1, y1, x2, y2 = (int(round(v)) for v in det["box"])
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
-        text = f"{class_names[label - 1]} {det['score']:.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
-        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y1 + th + base + 2, height - 1)
-        cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw + 2, ty + base // 2), color, -1)
-        luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        text_color = (0, 0, 0) if luma > 140 else (255, 255, 255)
-        cv2.putText(canvas, text, (x1 + 1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX,
-                    font_scale, text_color, 1, cv2.LINE_AA)
-    return canvas
-
-
-def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dict,
-                         class_names: list[str]) -> None:
-    path = vis_dir / name
-    if not _inside(path, vis_dir):  # safe_relative_name makes this impossible; keep it so
-        raise ValueError(f"refusing to write {path}: outside {vis_dir}")
-    canvas = draw_detections(image, record, class_names)
-    ok, buf = cv2.imencode(".jpg", canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-    if not ok:
-        raise ValueError(f"could not encode the visualisation of {record['file']}")
-    write_bytes_atomic(path, buf.tobytes())
-
-

@@ -36,6 +36,19 @@ from detect.proposals.store import ProposalStore, dataset_fingerprint, write_sto
 DEFAULT_CHUNK_SIZE = 256  # images per chunk file of a run in progress (DETECT_PROPOSAL_CHUNK)
 
 
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """``--shard i/N`` as (i, N); None for ""."""
+    if not text:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: needs 0 <= i < N")
+    return i, n
+
+
 def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike, *, settings: dict,
                        workers: int = 0, shard: tuple[int, int] | None = None, progress: bool = True,
                        chunk_size: int = DEFAULT_CHUNK_SIZE, merge: bool = True) -> ProposalStore | None:

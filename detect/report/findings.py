@@ -31,7 +31,8 @@ NAMES = {"fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN"}
 NUM_RESAMPLES = 1000
 
 
-def _images(run: Run, dataset: Dataset) -> list[ImageBoxes]:
+def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
+    """The run's detections.json and the dataset's ground truth, image by image (dataset order)."""
     classes = class_of_category(dataset.category_ids)
     by_image: dict[int, list] = {}
     for d in read_json(run.detections_path):
@@ -61,7 +62,7 @@ def box_accuracy(runs: list[Run], dataset: Dataset, *, num_resamples: int = NUM_
     """{"labels", "kinds", "bootstrap" (``bootstrap_ap``), "errors": [``error_breakdown``]} for
     the runs (reference first), on every image of ``dataset``."""
     ordered = reference_first(runs)
-    images = [_images(r, dataset) for r in ordered]
+    images = [image_boxes(r, dataset) for r in ordered]
     k = len(dataset.class_names)
     tables = [match_images(im, k, (0.5, 0.75)) for im in images]
     return {"labels": [r.label for r in ordered], "kinds": [r.detector for r in ordered],

@@ -2,7 +2,8 @@
 
 ``detect.report.sections`` decides what the report says, as a list of blocks (``Heading``, ``Text``,
 ``Table``, ``Figure``); ``render_markdown`` and ``render_html`` write them out. The HTML is
-self-contained: inline CSS, figures as base64 PNG ``data:`` URIs, no scripts, no external URL.
+self-contained: inline CSS, figures as base64 PNG ``data:`` URIs, no scripts, no external URL
+(a ``Text`` may link to a file beside the report).
 
 Figures are built with ``matplotlib.figure.Figure`` directly: no pyplot, so no global figure
 state and no backend switch in the caller's process. Bytes are stable for the same inputs:
@@ -56,6 +57,7 @@ class Heading:
 class Text:
     text: str  # one paragraph of plain text
     strong: bool = False
+    href: str = ""  # a relative link: the whole paragraph links there
 
 
 @dataclass
@@ -93,7 +95,8 @@ def render_markdown(blocks: list, timestamp: str) -> str:
             if block.level == 1:
                 lines += [f"Generated: {timestamp}", ""]
         elif isinstance(block, Text):
-            lines += [f"**{block.text}**" if block.strong else block.text, ""]
+            text = f"[{block.text}]({block.href})" if block.href else block.text
+            lines += [f"**{text}**" if block.strong else text, ""]
         elif isinstance(block, Table):
             lines.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
             lines.append("|" + "|".join("---:" if n else ":---" for n in block.numeric_columns()) + "|")
@@ -134,8 +137,8 @@ def render_html(blocks: list, pngs: dict[str, bytes], timestamp: str) -> str:
             if block.level == 1:
                 out.append(f'<p class="generated">Generated: {esc(timestamp)}</p>')
         elif isinstance(block, Text):
-            text = f"<strong>{esc(block.text)}</strong>" if block.strong else esc(block.text)
-            out.append(f"<p>{text}</p>")
+            text = f'<a href="{esc(block.href)}">{esc(block.text)}</a>' if block.href else esc(block.text)
+            out.append(f"<p><strong>{text}</strong></p>" if block.strong else f"<p>{text}</p>")
         elif isinstance(block, Table):
             out.append('<div class="scroll"><table>')
             align = ["" if n else ' class="text"' for n in block.numeric_columns()]

@@ -30,6 +30,7 @@ and its part of the report then says "not available". (A scored results file, ``
      # the peak "max_mem_mb" of log.jsonl / finetune/log.jsonl
      "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
                          "AR": [...], "MABO": [...]} | null,       # one value per top_k
+     "proposals": str | null,          # the proposal store evaluated with (the viewer draws it)
      "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str,
               "classes": [class names]}}   # classes: VOC only, the evaluated class order
 
@@ -89,6 +90,7 @@ class Run:
     train_stage_s: dict[str, float] | None = None  # R-CNN's seconds per training stage
     train_peak_mb: float | None = None  # peak memory while training (log.jsonl max_mem_mb)
     feature_cache_bytes: int | None = None  # R-CNN's feature cache on disk
+    proposals: str | None = None  # the proposal store it was evaluated with, as metrics.json names it
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
 
@@ -212,6 +214,7 @@ def load_run(run_dir: str | Path) -> Run:
         timing_source=timing_source,
         ap_per_iou=_ap_per_iou(m, path),
         test_settings=_mapping(m, "test_settings", path),
+        proposals=str(m["proposals"]) if m.get("proposals") else None,
         **_training_cost(run_dir),
     )
 

@@ -2,7 +2,8 @@
 
 ``make_report`` writes ``report.md`` (its figures saved beside it as PNG files) and
 ``report.html`` (self-contained: inline CSS, figures embedded as base64 PNG ``data:`` URIs, no
-script, font or any other external URL). Given the same runs, both files are identical apart
+script, font or any other external URL; one relative link, to ``viewer.html`` beside it, the
+per-image viewer of ``detect.report.viewer``). Given the same runs, both files are identical apart
 from the one ``Generated:`` line, and the PNGs are byte-identical (fixed sizes and dpi,
 matplotlib's default style whatever the user's matplotlibrc says, no dates or software tag in
 the PNG metadata).
@@ -34,6 +35,7 @@ from detect.report import charts, render
 from detect.report.findings import box_accuracy, explained_blocks, findings
 from detect.report.render import Figure, Heading, Table, Text
 from detect.report.runs import Run, apply_bench, load_bench, load_run
+from detect.report.viewer import write_viewer
 
 ACCURACY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 VOC_COLUMNS = {"voc07": "VOC07 mAP", "voc": "VOC mAP"}  # metrics.json key -> column
@@ -450,13 +452,15 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
 
 def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None = None,
                 data: dict[str, str] | None = None, num_grid_images: int = 4,
-                bench: str | Path | None = None) -> tuple[Path, Path]:
+                bench: str | Path | None = None, proposals: str = "") -> tuple[Path, Path]:
     """Compare the runs in ``run_dirs``; write ``report.md`` + PNGs and ``report.html``.
 
     ``data``: {"format", "path", "images", "split"} of the dataset for the detection grid
     (default: the first run's metrics.json "data"). ``timestamp`` is the report's one varying
     line (default: now, UTC). ``bench``: a bench.json (``detect bench``) whose medians and
-    ratio intervals replace the runs' own timings. Returns (md_path, html_path).
+    ratio intervals replace the runs' own timings. ``viewer.html`` (``detect.report.viewer``;
+    ``proposals``: the store it draws, default each run's own) is written beside the report
+    when every run has a detections.json and the dataset loads. Returns (md_path, html_path).
     """
     if not run_dirs:
         raise ValueError("no run folders given")
@@ -486,12 +490,19 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]
     blocks: list = [Heading("Detector comparison", 1)]
+    output_dir = Path(output_dir)
+    if acc is not None:  # the runs' detections match the dataset
+        write_viewer(runs, dataset, output_dir, proposals=proposals)
+        blocks.append(Text("Every image, the runs side by side, each box coloured by its error type: "
+                           "viewer.html", href="viewer.html"))
+    else:
+        blocks.append(Text("Per-image viewer: not available (it needs every run's detections.json and the "
+                           "dataset)."))
     pngs: dict[str, bytes] = {}
     for section in sections:
         blocks += section.blocks
         pngs.update(section.pngs)
 
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for file_name, png in pngs.items():
         write_bytes_atomic(output_dir / file_name, png)

@@ -4,8 +4,9 @@ As torchvision's ``references/detection/engine.py`` and DETR's ``engine.py``, it
 detector: the caller gives ``step_fn(model, iteration) -> losses``, which builds the mini-batch
 of that iteration deterministically from (seed, iteration), so a resumed run sees exactly the
 batches an uninterrupted run would have seen without any sampler state. The loop does the
-rest: mixed precision on CUDA, the non-finite-loss guard, the learning rate, JSON-lines logs,
-atomic checkpoints (``detect.common.checkpoints``), exact resume and periodic evaluation.
+rest: mixed precision on CUDA, the non-finite-loss guard, the learning rate, JSON-lines logs
+(mirrored to TensorBoard when it is installed), atomic checkpoints
+(``detect.common.checkpoints``), exact resume and periodic evaluation.
 
 Under ``torchrun`` the model is wrapped in DistributedDataParallel, only rank 0 writes logs and
 checkpoints, and ``step_fn`` is expected to give each rank its own share of the batch.
@@ -26,6 +27,7 @@ from detect.common.checkpoints import (FORMAT_VERSION, TRAIN_FORMAT, last_checkp
 from detect.common.fileio import append_jsonl, write_text_atomic
 from detect.common.runtime import (autocast_dtype, barrier, peak_memory_mb, rank_and_world, reset_peak_memory,
                                    gather_rng_states, rng_state_of_rank, set_rng_state)
+from detect.training.tensorboard_log import open_tensorboard
 
 
 def step_lr(base_lr: float, steps: list[int], gamma: float = 0.1, warmup_iters: int = 0,
@@ -58,13 +60,15 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
                amp: bool = True, device: torch.device = torch.device("cpu"),
                checkpoint_extra: dict | None = None, resume: bool = False,
                eval_fn: Callable[[nn.Module, int], dict] | None = None, eval_period: int = 0,
-               keep_checkpoints: int = 2, desc: str = "train") -> nn.Module:
+               keep_checkpoints: int = 2, desc: str = "train", tb_dir: str | Path | None = None) -> nn.Module:
     """Run ``step_fn`` from the last checkpoint (``resume``) or iteration 0 up to ``max_iter``.
 
     ``step_fn(model, iteration)`` returns a dict of scalar losses; their sum is minimised.
     ``optimizer``'s param groups may carry ``lr_scale`` (e.g. 2 for biases, as [FRCN]).
     Raises ``FloatingPointError`` on a non-finite loss, after which the last good checkpoint
-    is still the newest one on disk.
+    is still the newest one on disk. Each log.jsonl line is also written as TensorBoard scalars
+    to ``tb_dir`` (default ``output_dir/tb``) when tensorboard is installed
+    (``detect.training.tensorboard_log``).
     """
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
@@ -122,6 +126,8 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             p.unlink(missing_ok=True)
 
     log_path = output_dir / "log.jsonl"
+    tb = open_tensorboard(tb_dir or output_dir / "tb", max_iter=max_iter, start_iter=start_iter) \
+        if main else None
     bar = tqdm(total=max_iter, initial=start_iter, desc=desc, unit="it", disable=not main, dynamic_ncols=True)
     t_last, window_losses = time.perf_counter(), []
     reset_peak_memory(device)  # CUDA's allocator peak, or the process's resident-memory peak on a CPU
@@ -159,6 +165,8 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
                 record["time_per_iter_s"] = (now - t_last) / len(window_losses)
                 record["max_mem_mb"] = peak_memory_mb(device)
                 append_jsonl(log_path, record)
+                if tb is not None:
+                    tb.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2g}")
             t_last, window_losses = now, []
         if done % checkpoint_period == 0 or done == max_iter:
@@ -169,7 +177,11 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             _unwrap(train_model).train()
             if main:
                 append_jsonl(log_path, {"iteration": done, "eval": metrics})
+                if tb is not None:
+                    tb.write({"iteration": done, "eval": metrics})
         if done % checkpoint_period == 0:
             barrier()
     bar.close()
+    if tb is not None:
+        tb.close()
     return _unwrap(train_model)

@@ -428,7 +428,8 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                                  finetune.warmup_factor),
                    max_iter=finetune.max_iter, output_dir=ft_dir, checkpoint_period=finetune.checkpoint_period,
                    log_period=finetune.log_period, amp=amp, device=device,
-                   checkpoint_extra={"stage": "rcnn_finetune"}, resume=resume, desc="R-CNN fine-tune")
+                   checkpoint_extra={"stage": "rcnn_finetune"}, resume=resume, desc="R-CNN fine-tune",
+                   tb_dir=Path(output_dir) / "tb")
         if rank == 0:
             save_checkpoint(ft_dir / "net.pt", {k: v.detach().cpu() for k, v in net.state_dict().items()})
             _mark_done(ft_dir, ft_settings, time.perf_counter() - t0, unreadable_images=sampler.unreadable)

@@ -1,0 +1,147 @@
+"""Boxes drawn on images with OpenCV: detections (``detect predict --visualize``) and proposal
+recall (``detect recall --visualize``).
+
+Images are uint8 RGB [H, W, 3]; boxes are xyxy pixels of that image. Colours come from the
+one palette, ``detect.common.palette``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from detect.common.fileio import write_bytes_atomic
+from detect.common.palette import TAB10_RGB
+from detect.data.datasets import ImageRecord
+from detect.data.images import ImageReadError, read_image
+from detect.evaluation.recall import best_proposals, counted_gt
+from detect.predict.outputs import safe_relative_name
+
+# Proposal recall: a ground-truth box some proposal reaches, one none reaches, and the best
+# proposal of each box (labelled with its IoU).
+REACHED_RGB, UNREACHED_RGB, PROPOSAL_RGB = TAB10_RGB[2], TAB10_RGB[3], TAB10_RGB[0]
+RECALL_MIN_SIDE = 512  # recall drawings of smaller images are enlarged to this shorter side
+
+
+def draw_boxes(image: np.ndarray, boxes: np.ndarray, colors: list[tuple[int, int, int]],
+               texts: list[str] | None = None, *, thickness: int = 0) -> np.ndarray:
+    """Draw ``boxes`` [N, 4] (xyxy) on a copy of ``image``, box i in RGB ``colors[i]`` with
+    ``texts[i]`` on a tab of that colour above its top-left corner (below, at the top edge);
+    black or white text by the colour's luma. ``thickness`` 0: by the image size."""
+    canvas = np.ascontiguousarray(image.copy())
+    height, width = canvas.shape[:2]
+    thickness = thickness or max(1, round(min(height, width) / 300))
+    font_scale = max(0.35, min(height, width) / 900)
+    for i, box in enumerate(np.asarray(boxes).reshape(-1, 4)):
+        color = tuple(int(c) for c in colors[i])
+        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
+        if not texts or not texts[i]:
+            continue
+        (tw, th), base = cv2.getTextSize(texts[i], cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y1 + th + base + 2, height - 1)
+        cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw + 2, ty + base // 2), color, -1)
+        luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+        text_color = (0, 0, 0) if luma > 140 else (255, 255, 255)
+        cv2.putText(canvas, texts[i], (x1 + 1, ty - base // 2), cv2.FONT_HERSHEY_SIMPLEX,
+                    font_scale, text_color, 1, cv2.LINE_AA)
+    return canvas
+
+
+def draw_detections(image: np.ndarray, record: dict, class_names: list[str]) -> np.ndarray:
+    """A ``detect predict`` journal record's boxes, each in its class's colour, labelled with
+    class name and score."""
+    dets = record["detections"]
+    colors = [TAB10_RGB[(int(d["label"]) - 1) % len(TAB10_RGB)] for d in dets]
+    texts = [f"{class_names[int(d['label']) - 1]} {d['score']:.2f}" for d in dets]
+    return draw_boxes(image, np.array([d["box"] for d in dets], np.float64), colors, texts)
+
+
+def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes: np.ndarray, *,
+                         iou: float = 0.5, min_side: int = RECALL_MIN_SIDE) -> np.ndarray:
+    """The ground truth ``gt_boxes`` [G, 4] and, for each box, the best of ``proposal_boxes``
+    [R, 4] (highest IoU, ``detect.evaluation.recall.best_proposals``) labelled with that IoU.
+    A box no proposal reaches at ``iou`` is drawn in red, the others in green; the best
+    proposals in blue. Images whose shorter side is under ``min_side`` are enlarged first (so
+    the labels of small objects stay legible). A caption strip above says how many boxes are
+    reached. Returns uint8 RGB [H', W', 3]."""
+    gt_boxes = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
+    proposal_boxes = np.asarray(proposal_boxes, np.float64).reshape(-1, 4)
+    best, best_iou = best_proposals(proposal_boxes, gt_boxes)  # [G], [G]
+    scale = max(1.0, min_side / max(1, min(image.shape[:2])))
+    if scale > 1:
+        image = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+                           interpolation=cv2.INTER_CUBIC)
+    reached = best_iou >= iou
+    has_best = best >= 0
+    boxes = np.concatenate([proposal_boxes[best[has_best]], gt_boxes]) * scale
+    colors = [PROPOSAL_RGB] * int(has_best.sum()) + [REACHED_RGB if r else UNREACHED_RGB for r in reached]
+    texts = [f"{v:.2f}" for v in best_iou[has_best]] + [""] * len(gt_boxes)
+    canvas = draw_boxes(image, boxes, colors, texts)
+    caption = (f"{int(reached.sum())}/{len(gt_boxes)} boxes reached at IoU {iou:g} by {len(proposal_boxes)} "
+               "proposals; red: by none; blue: the best, its IoU")
+    return _with_caption(canvas, caption)
+
+
+def _with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
+    """``canvas`` with a white strip above it holding one line of black ``text`` (shrunk to fit)."""
+    (width_at_1, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+    font_scale = min(max(0.4, canvas.shape[1] / 1400), (canvas.shape[1] - 8) / width_at_1)
+    (_, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    strip = np.full((th + base + 8, canvas.shape[1], 3), 255, np.uint8)
+    cv2.putText(strip, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([strip, canvas])
+
+
+def write_jpeg(path: Path, canvas: np.ndarray, quality: int = 90) -> None:
+    """Write an RGB canvas as a JPEG, atomically."""
+    ok, buf = cv2.imencode(".jpg", canvas[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"could not encode {path}")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dict,
+                        class_names: list[str]) -> None:
+    """``draw_detections`` of a journal record as ``vis_dir/name`` (``detect predict --visualize``)."""
+    path = vis_dir / name
+    if os.path.commonpath([os.path.abspath(path), os.path.abspath(vis_dir)]) != os.path.abspath(vis_dir):
+        raise ValueError(f"refusing to write {path}: outside {vis_dir}")  # safe_relative_name prevents it
+    write_jpeg(path, draw_detections(image, record, class_names))
+
+
+def write_recall_drawings(records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
+                          out_dir: str | Path, num_images: int, *, top_k: int = 0,
+                          iou: float = 0.5) -> list[Path]:
+    """``draw_proposal_recall`` for the first ``num_images`` records with ground truth (in the
+    order given), with the first ``top_k`` proposals of ``get_proposals(image_id)`` (0: all);
+    difficult / crowd boxes are left out, as recall leaves them out. Writes
+    ``out_dir/<image id>_<file name>.jpg`` and returns the paths; an unreadable image is
+    warned about and passed over."""
+    if num_images < 0 or top_k < 0:
+        raise ValueError(f"recall drawings: the number of images and top_k must be >= 0, got {num_images}, {top_k}")
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for record in records:
+        if len(written) >= num_images:
+            break
+        gt_boxes, _ = counted_gt(record)
+        if len(gt_boxes) == 0:
+            continue
+        try:
+            image = read_image(record.file_name)
+        except ImageReadError as e:
+            warnings.warn(f"recall drawing skipped: {e}")
+            continue
+        proposals = get_proposals(record.image_id)
+        proposals = proposals[:top_k] if top_k > 0 else proposals
+        name = safe_relative_name(record.file_name, Path(record.file_name).parent)
+        path = out_dir / f"{record.image_id:06d}_{name}"
+        write_jpeg(path, draw_proposal_recall(image, gt_boxes, proposals, iou=iou))
+        written.append(path)
+    return written
