@@ -42,7 +42,12 @@ def test_pixel_bins():
     image = image.astype(np.uint8)
     colour, texture = feat.pixel_bins(image)
     assert colour.shape == (1200, 3) and texture.shape == (1200, 24)
-    np.testing.assert_array_equal(colour, (image.reshape(-1, 3).astype(int) * 25 // 256))
+    # the original BlobStructColourHist: round(v / 255 * 24), end bins half-width
+    expected_colour = np.floor(image.reshape(-1, 3) / 255 * 24 + 0.5).astype(int)
+    np.testing.assert_array_equal(colour, expected_colour)
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    counts = np.bincount(feat.pixel_bins(np.repeat(values, 3, axis=2))[0][:, 0], minlength=25)
+    assert counts[0] == counts[24] == 6 and set(counts[1:24]) <= {10, 11}
     # Gaussian derivatives (sigma 1, radius 4), steered to 0, 45, ..., 315 degrees
     r = np.arange(-4, 5)
     gauss = np.exp(-0.5 * r ** 2)

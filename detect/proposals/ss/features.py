@@ -16,7 +16,9 @@ intersections and size-weighted merges come out identical to those of the replic
 
 Features of one colour space, computed ONCE (``pixel_bins``), reused for every k:
 
-- colour: 25 equal bins of the uint8 value per channel (bin = v * 25 // 256);
+- colour: 25 bins per channel, bin = round(v / 255 * 24) of the uint8 value v, as the original
+  ``BlobStructColourHist`` (``round(colourIm .* (cBin - 1))`` on values in [0, 1]): the two end
+  bins are half as wide as the others (OpenCV's ``v * 25 // 256`` makes 25 equal bins);
 - texture: Gaussian derivatives (sigma = 1) of each channel (scaled to [0, 1]) in 8
   orientations 0, 45, ..., 315 degrees (steered from the x and y derivatives; orientation
   o + 180 is the negative of o, only positive responses are kept, the rest count as 0), each
@@ -173,7 +175,8 @@ def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for y in range(height):
             for x in range(width):
                 value = feat_image[y, x, c]
-                colour[y * width + x, c] = value * COLOUR_BINS // 256
+                # round(v * 24 / 255) in integers (no ties: 48 v is even, 255 odd)
+                colour[y * width + x, c] = (np.int32(value) * (2 * COLOUR_BINS - 2) + 255) // 510
                 plane[y, x] = value / 255.0
         grad_x = _convolve_y(_convolve_x(plane, deriv), gauss)
         grad_y = _convolve_y(_convolve_x(plane, gauss), deriv)
