@@ -13,9 +13,10 @@ Where this differs from the original MATLAB code, and why:
 
 - edges are sorted with a stable radix sort (ties in generation order; std::sort left them
   unspecified), so results are reproducible everywhere;
-- texture: first-order Gaussian derivatives (sigma 1, as the paper; the released code used
-  0.8 and, by a bug, only the first channel) steered to 8 orientations, positive parts,
-  10 bins over [0, 0.43) (the released code's range);
+- texture: first-order Gaussian derivatives with sigma 0.8 and round(r * 9 / 0.43) bins, as the
+  released code (the paper says sigma 1), but of every channel, as the paper: the released
+  code took the first channel three times, a bug; responses over the top bin are capped
+  rather than spilled into the next orientation's bins;
 - Lab is OpenCV's 8-bit conversion (D65) rather than MATLAB's ``applycform``; rgI's
   ``Rgb2Rgi`` is unpublished: r = R/(R+G+B), g = G/(R+G+B) (1/3 for black), I = (R+G+B)/3;
 - H and I: the image to segment is the channel replicated 3 times (as the original); the

@@ -19,11 +19,13 @@ Features of one colour space, computed ONCE (``pixel_bins``), reused for every k
 - colour: 25 bins per channel, bin = round(v / 255 * 24) of the uint8 value v, as the original
   ``BlobStructColourHist`` (``round(colourIm .* (cBin - 1))`` on values in [0, 1]): the two end
   bins are half as wide as the others (OpenCV's ``v * 25 // 256`` makes 25 equal bins);
-- texture: Gaussian derivatives (sigma = 1) of each channel (scaled to [0, 1]) in 8
-  orientations 0, 45, ..., 315 degrees (steered from the x and y derivatives; orientation
-  o + 180 is the negative of o, only positive responses are kept, the rest count as 0), each
-  quantised into 10 equal bins of [0, 0.43) (last bin open-ended; 0.43 is the original's
-  maximum gradient value).
+- texture: Gaussian derivatives (sigma = 0.8, radius ceil(4 sigma)) of each channel (scaled to
+  [0, 1]) in 8 orientations 0, 45, ..., 315 degrees (steered from the x and y derivatives;
+  orientation o + 180 is the negative of o, only positive responses are kept, the rest count
+  as 0), each quantised as the original ``BlobStructTextureHist``: bin = round(r * 9 / 0.43) of
+  the response r (0.43: its "maximum value of gradient"; a unit step peaks at about 0.5 with
+  sigma 0.8), capped at bin 9 (the original let larger responses spill into the next
+  orientation's bins).
 
 ``region_features`` then makes, in one pass over the pixels of a label image: sizes, boxes,
 L1-normalised colour histograms [n, 25 C], texture histograms [n, 80 C], and the
@@ -41,7 +43,7 @@ from numba import njit
 COLOUR_BINS = 25
 TEXTURE_BINS = 10
 ORIENTATIONS = 8
-TEXTURE_SIGMA = 1.0
+TEXTURE_SIGMA = 0.8  # original BlobStructTextureHist: Image2OrientedGradients(im, 0.8)
 TEXTURE_MAX = 0.43  # original BlobStructTextureHist: "maximum value of gradient"
 COLOUR_SPACES = ("hsv", "lab", "rgi", "h", "i")
 _JIT = dict(cache=True, nogil=True)
@@ -167,7 +169,7 @@ def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     colour = np.empty((n, channels), np.uint8)
     texture = np.empty((n, ORIENTATIONS * channels), np.uint8)
     gauss, deriv = _gaussian_kernels(TEXTURE_SIGMA)
-    scale = TEXTURE_BINS / TEXTURE_MAX
+    scale = (TEXTURE_BINS - 1) / TEXTURE_MAX
     cosines = np.array([1.0, math.sqrt(0.5), 0.0, -math.sqrt(0.5)])
     sines = np.array([0.0, math.sqrt(0.5), 1.0, math.sqrt(0.5)])
     plane = np.empty((height, width))
@@ -185,8 +187,7 @@ def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 p = y * width + x
                 for o in range(4):
                     d = cosines[o] * grad_x[y, x] + sines[o] * grad_y[y, x]
-                    b = int(abs(d) * scale)
-                    b = min(b, TEXTURE_BINS - 1)
+                    b = min(int(abs(d) * scale + 0.5), TEXTURE_BINS - 1)  # round, capped
                     if d > 0.0:
                         texture[p, c * ORIENTATIONS + o] = b
                         texture[p, c * ORIENTATIONS + o + 4] = 0
