@@ -22,8 +22,9 @@ Where this differs from the original MATLAB code, and why:
 - H and I: the image to segment is the channel replicated 3 times (as the original); the
   histograms use the single channel (identical similarities, a third of the work);
 - grouping keeps histograms in float32 and orders pairs by their similarity rounded to
-  float32 (ties: the pair found first); the ranking uses numpy's generator seeded with
-  (seed, hierarchy index) instead of MATLAB's ``rand``.
+  float32 (the original compares doubles); equal ones go to the pair listed last, as the
+  original's ascending sort that merges the last pair; the ranking uses numpy's generator
+  seeded with (seed, hierarchy index) instead of MATLAB's ``rand``.
 """
 
 from detect.proposals.ss.engine import MODES, selective_search_boxes, warm_up
