@@ -77,8 +77,10 @@ class ProposalConfig:
     resize_side: str = "width"
     # [RCNN] FilterBoxesWidth(boxes, 20): drop boxes with a side under 20 px of the RESIZED image.
     min_size: int = 20
-    # Keep at most this many boxes per image, in selective search's ranking (0 = all).
-    # [FRCN] tested with up to ~2k proposals per image.
+    # Keep at most this many boxes per image, in the ranking's order (0 = all). The paper configs
+    # keep all, as rcnn selective_search_boxes.m and fast-rcnn's pascal_voc.py do (fast mode gives
+    # ~2000 per VOC image); 2000 is fast-rcnn's cap for COCO (lib/datasets/coco.py top_k) and a
+    # bound on memory for any image.
     top_k: int = 2000
     # Seed of [SS]'s pseudo-random ranking (position x uniform random), engine "ours".
     seed: int = 0
