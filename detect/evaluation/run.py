@@ -30,7 +30,7 @@ from detect.common.runtime import device_name, peak_memory_mb, rank_and_world, r
 from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.coco import COCO_KEYS, coco_results, dataset_to_coco, evaluate_coco, format_metrics_table
-from detect.evaluation.recall import proposal_recall
+from detect.evaluation.recall import RECALL_TOP_KS, proposal_recall
 from detect.evaluation.voc import evaluate_voc_metrics, for_json, format_voc_table
 from detect.models.detector import Detections, Detector, StageTimer
 
@@ -106,8 +106,9 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
     voc = evaluate_voc_metrics(dataset, detections)
     recall = None
-    if store is not None:
-        recall = proposal_recall(dataset, store)
+    if store is not None:  # also at the detector's own top-k (0: all, the store's largest count)
+        own = detector.proposal_top_k or max((store.num_boxes(r.image_id) for r in dataset.records), default=1)
+        recall = proposal_recall(dataset, store, top_ks=sorted({*RECALL_TOP_KS, max(own, 1)}))
     metrics = {
         "detector": detector.kind, "name": name or output_dir.name,
         "backbone": detector.backbone_name,

@@ -88,6 +88,19 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
     return _merge_chunks(items, partial, out, meta, num_chunks=num_chunks, chunk_size=chunk_size)
 
 
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """``--shard`` "i/N" -> (i, N); "" -> None (ValueError naming the flag otherwise)."""
+    if not text:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text!r}: needs 0 <= i < N")
+    return i, n
+
+
 def _existing_store(out: Path, meta: dict, num_images: int) -> ProposalStore:
     store = ProposalStore(out)
     expected = {**{k: meta[k] for k in (*SETTINGS_KEYS, "dataset_fingerprint")}, "num_images": num_images}

@@ -117,26 +117,32 @@ def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper", 
     return boxes.astype(np.float32), np.asarray(scores, dtype=np.float32)  # [R, 4] xyxy original pixels
 
 
-def _resize_for_proposals(image: np.ndarray, resize: int, resize_side: str) -> np.ndarray:
-    """Resize so that ``resize_side`` is ``resize`` pixels (0: unchanged); aspect kept.
-
-    Small images are enlarged too, as [RCNN] did (MATLAB ``imresize(im, [NaN 500])``).
-    """
+def resized_shape(height: int, width: int, resize: int, resize_side: str) -> tuple[int, int]:
+    """(height, width) of an image after the proposal resize: ``resize_side`` ("width", "longer"
+    or "shorter") becomes ``resize`` pixels (0: unchanged), aspect kept, the longer side capped
+    at ``MAX_ELONGATION`` x ``resize``."""
     if resize_side not in RESIZE_SIDES:
         raise ValueError(f"selective_search: resize_side must be one of {RESIZE_SIDES}, got {resize_side!r}")
     if resize < 0:
         raise ValueError(f"selective_search: resize must be >= 0, got {resize}")
-    height, width = image.shape[:2]
     side = {"width": width, "longer": max(height, width), "shorter": min(height, width)}[resize_side]
     if resize == 0 or side == resize:
-        return image
+        return height, width
     # The longer side is capped at MAX_ELONGATION x resize, so that a sliver (say 2 x 700 px)
     # is not blown up to 500 x 175000 px to make its width 500.
     scale = min(resize / side, MAX_ELONGATION * resize / max(height, width))
-    new_width = max(1, round(width * scale))
-    new_height = max(1, round(height * scale))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize_for_proposals(image: np.ndarray, resize: int, resize_side: str) -> np.ndarray:
+    """Resize to ``resized_shape``. Small images are enlarged too, as [RCNN] did (MATLAB
+    ``imresize(im, [NaN 500])``)."""
+    height, width = image.shape[:2]
+    new_height, new_width = resized_shape(height, width, resize, resize_side)
+    if (new_height, new_width) == (height, width):
+        return image
     # INTER_AREA averages when shrinking (anti-aliased, like MATLAB's imresize in [RCNN]).
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    interpolation = cv2.INTER_AREA if new_width * new_height < width * height else cv2.INTER_LINEAR
     return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
 
 
