@@ -118,34 +118,41 @@ def edge_weights(smoothed: np.ndarray) -> np.ndarray:
 def stable_argsort_nonneg_float32(values: np.ndarray) -> np.ndarray:
     """Stable argsort (int32 [N]) of non-negative float32 values (+inf allowed).
 
-    LSD radix sort on the IEEE bit patterns (monotonic for non-negative floats), 8 bits per
-    pass; a pass whose digit is the same for every value is skipped. Equals
-    ``np.argsort(values, kind="stable")``.
+    LSD radix sort on the IEEE bit patterns (monotonic for non-negative floats), two passes of
+    16 bits; each pass moves the keys with the indices, so every read is sequential; a pass
+    whose digit is the same for every value is skipped. Equals ``np.argsort(values,
+    kind="stable")``.
     """
     n = values.size
     keys = values.view(np.uint32)
-    counts = np.zeros((4, 256), np.int64)
+    counts = np.zeros((2, 65536), np.int64)
     for i in range(n):
         key = keys[i]
-        for d in range(4):
-            counts[d, (key >> np.uint32(8 * d)) & np.uint32(255)] += 1
+        counts[0, key & np.uint32(0xFFFF)] += 1
+        counts[1, key >> np.uint32(16)] += 1
     order = np.arange(n).astype(np.int32)
     spare = np.empty(n, np.int32)
-    offsets = np.empty(256, np.int64)
-    for d in range(4):
+    spare_keys = np.empty(n, np.uint32)
+    offsets = np.empty(65536, np.int64)
+    for d in range(2):
         if counts[d].max() == n:
             continue
         start = 0
-        for b in range(256):
+        for b in range(65536):
             offsets[b] = start
             start += counts[d, b]
-        shift = np.uint32(8 * d)
+        shift = np.uint32(16 * d)
         for i in range(n):
-            index = order[i]
-            b = (keys[index] >> shift) & np.uint32(255)
-            spare[offsets[b]] = index
-            offsets[b] += 1
+            key = keys[i]
+            b = (key >> shift) & np.uint32(0xFFFF)
+            position = offsets[b]
+            spare[position] = order[i]
+            if d == 0:  # the keys travel for the second pass (``values`` itself is never written)
+                spare_keys[position] = key
+            offsets[b] = position + 1
         order, spare = spare, order
+        if d == 0:
+            keys = spare_keys
     return order
 
 
