@@ -144,13 +144,14 @@ def _convolve_x(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 @njit(**_JIT)
 def _convolve_y(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Correlate each column with ``kernel`` (odd length), borders replicated."""
+    """Correlate each column with ``kernel`` (odd length), borders replicated. Row by row, each
+    output row summed over the kernel's rows in kernel order (the rows stay in cache)."""
     height, width = src.shape
     radius = kernel.size // 2
     out = np.zeros((height, width))
-    for i in range(-radius, radius + 1):
-        weight = kernel[i + radius]
-        for y in range(height):
+    for y in range(height):
+        for i in range(-radius, radius + 1):
+            weight = kernel[i + radius]
             row = min(max(y + i, 0), height - 1)
             for x in range(width):
                 out[y, x] += weight * src[row, x]
@@ -170,8 +171,8 @@ def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     texture = np.empty((n, ORIENTATIONS * channels), np.uint8)
     gauss, deriv = _gaussian_kernels(TEXTURE_SIGMA)
     scale = (TEXTURE_BINS - 1) / TEXTURE_MAX
-    cosines = np.array([1.0, math.sqrt(0.5), 0.0, -math.sqrt(0.5)])
-    sines = np.array([0.0, math.sqrt(0.5), 1.0, math.sqrt(0.5)])
+    cosines = (1.0, math.sqrt(0.5), 0.0, -math.sqrt(0.5))
+    sines = (0.0, math.sqrt(0.5), 1.0, math.sqrt(0.5))
     plane = np.empty((height, width))
     for c in range(channels):
         for y in range(height):
@@ -180,20 +181,17 @@ def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 # round(v * 24 / 255) in integers (no ties: 48 v is even, 255 odd)
                 colour[y * width + x, c] = (np.int32(value) * (2 * COLOUR_BINS - 2) + 255) // 510
                 plane[y, x] = value / 255.0
-        grad_x = _convolve_y(_convolve_x(plane, deriv), gauss)
-        grad_y = _convolve_y(_convolve_x(plane, gauss), deriv)
-        for y in range(height):
-            for x in range(width):
-                p = y * width + x
-                for o in range(4):
-                    d = cosines[o] * grad_x[y, x] + sines[o] * grad_y[y, x]
-                    b = min(int(abs(d) * scale + 0.5), TEXTURE_BINS - 1)  # round, capped
-                    if d > 0.0:
-                        texture[p, c * ORIENTATIONS + o] = b
-                        texture[p, c * ORIENTATIONS + o + 4] = 0
-                    else:
-                        texture[p, c * ORIENTATIONS + o] = 0
-                        texture[p, c * ORIENTATIONS + o + 4] = b
+        grad_x = _convolve_y(_convolve_x(plane, deriv), gauss).ravel()
+        grad_y = _convolve_y(_convolve_x(plane, gauss), deriv).ravel()
+        for p in range(n):
+            gx = grad_x[p]
+            gy = grad_y[p]
+            for o in range(4):  # selects, not branches: the sign of d is a coin flip
+                d = cosines[o] * gx + sines[o] * gy
+                b = np.uint8(min(int(abs(d) * scale + 0.5), TEXTURE_BINS - 1))  # round, capped
+                positive = d > 0.0
+                texture[p, c * ORIENTATIONS + o] = b if positive else np.uint8(0)
+                texture[p, c * ORIENTATIONS + o + 4] = np.uint8(0) if positive else b
     return colour, texture
 
 
