@@ -35,7 +35,7 @@ import numpy as np
 
 from detect.proposals.ss.features import colour_space, pixel_bins, region_features
 from detect.proposals.ss.grouping import STRATEGIES, hierarchical_grouping
-from detect.proposals.ss.ranking import rank_boxes
+from detect.proposals.ss.ranking import near_duplicates_last, rank_boxes
 from detect.proposals.ss.segmentation import SIGMA, segment_graph, sorted_edges
 
 MODES = {  # mode -> (colour spaces, ks, strategies)
@@ -157,10 +157,12 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
 
 
 def warm_up() -> float:
-    """Compile (or load from numba's on-disk cache) every kernel on a tiny image; returns the
-    seconds it took."""
+    """Compile (or load from numba's on-disk cache) every kernel on a tiny image, the "nms"
+    ranking's too; returns the seconds it took. ``python -m detect.check_install`` (the install
+    step) runs it, so that a user's first run loads the cache instead of compiling."""
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     image = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 4, 0), 4, 1)
-    selective_search_boxes(image, mode="quality")
+    boxes, values = selective_search_boxes(image, mode="quality")
+    near_duplicates_last(boxes.astype(np.float64), values, 0.7)
     return time.perf_counter() - start
