@@ -20,9 +20,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "detect"
 
 LAYERS = [
-    ["detect", "detect.common", "detect.check_install"],  # detect: the face (``__version__`` only)
+    ["detect", "detect.common"],  # detect: the face (``__version__`` only)
     ["detect.data"],
-    ["detect.proposals"],
+    ["detect.proposals", "detect.check_install"],  # check_install compiles selective search's kernels
     ["detect.models"],
     ["detect.training", "detect.evaluation"],
     ["detect.predict", "detect.report"],
