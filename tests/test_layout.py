@@ -22,8 +22,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "detect"
 LAYERS = [
     ["detect", "detect.common"],  # detect: the face (``__version__`` only)
     ["detect.data"],
-    ["detect.proposals", "detect.check_install"],  # check_install compiles selective search's kernels
-    ["detect.models"],
+    ["detect.proposals"],
+    ["detect.models", "detect.check_install"],  # check_install also compiles selective search's kernels
     ["detect.training", "detect.evaluation"],
     ["detect.predict", "detect.report"],
     ["detect.commands", "detect.demo"],
