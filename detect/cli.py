@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sizes of the resized side (proposals.resize_side); 0 = native")
     p.add_argument("--k-scales", nargs="+", type=float, default=list(tuning.K_SCALES))
     p.add_argument("--min-sizes", nargs="+", type=int, default=list(tuning.MIN_SIZES))
+    p.add_argument("--nms-ious", nargs="*", type=float, default=list(tuning.NMS_IOUS),
+                   help="IoUs of the nms ranking to try (the paper's ranking is always tried)")
     p.add_argument("--cache", default="", help="search cache folder (default: OUT.cache)")
     _add_config_args(p)
 

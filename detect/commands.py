@@ -34,7 +34,7 @@ from detect.data.synthetic import make_synthetic as write_synthetic
 from detect.evaluation.bench import bench as bench_detectors
 from detect.evaluation.bench import format_bench
 from detect.evaluation.coco import dataset_to_coco, evaluate_coco, evaluate_detections, format_metrics_table
-from detect.evaluation.proposal_tuning import Grid, tune_to_files
+from detect.evaluation.proposal_tuning import Grid, rankings, tune_to_files
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall, warn_if_low_recall
 from detect.evaluation.run import evaluate_detector, print_metrics, run_detector
 from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, for_json, format_voc_table
@@ -175,7 +175,7 @@ def tune_proposals(args: argparse.Namespace) -> int:
     if not args.data:
         raise ValueError("detect tune-proposals needs --data (a training split with boxes)")
     cfg = load_config(args.config, args.overrides)
-    grid = Grid(tuple(args.modes), tuple(args.resizes), tuple(args.k_scales), tuple(args.min_sizes))
+    grid = Grid(*map(tuple, (args.modes, args.resizes, args.k_scales, args.min_sizes)), rankings(args.nms_ious))
     options = ("num_images", "seed", "target_recall", "target_iou", "max_boxes", "probe_images", "exhaustive")
     tune_to_files(_dataset_from_args(args).records, args.out, base=to_dict(cfg.proposals), grid=grid,
                   cache_dir=args.cache, data_spec=_dataset_spec(args), figure=proposal_tuning_figure,

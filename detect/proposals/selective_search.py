@@ -3,9 +3,10 @@
 ``selective_search(image, ...)``: uint8 RGB [H, W, 3] -> float32 [R, 4] xyxy boxes in pixels of
 ``image`` (and, with ``return_scores``, their ranking values [R]: lower is ranked earlier); it is
 ``raw_proposals`` (the search, cached by ``detect tune-proposals``) then ``finish_proposals``
-(filter, ranking, top-k). By default as [RCNN] used it: resize to 500 px wide, the paper's "fast" mode, drop duplicates and boxes with a
-side under 20 px of the RESIZED image (``selective_search_boxes.m`` calls ``FilterBoxesWidth``
-on the 500 px image), keep the first ``top_k``. Its keyword arguments are the fields of
+(filter, ranking, top-k). By default as [RCNN] used it: resize to 500 px wide, the paper's
+"fast" mode, drop duplicates and boxes with a side under 20 px of the RESIZED image
+(``selective_search_boxes.m`` calls ``FilterBoxesWidth`` on the 500 px image), keep the first
+``top_k``. Its keyword arguments are the fields of
 ``detect.common.config.ProposalConfig`` (``SETTINGS_KEYS``) plus ``threads``.
 
 Two engines, with the paper's settings in every mode (``MODES`` below):

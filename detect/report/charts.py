@@ -127,15 +127,15 @@ def proposal_tuning(result: dict) -> bytes:
     ax_boxes, ax_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     metric, target = result["metric"], result["target"]["recall"]
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
-    styles = {k: s for k, s in zip(sorted({r["k_scale"] for r in result["rows"]}, reverse=True), ("-", "--", ":", "-."))}
+    k_scales = sorted({r["k_scale"] for r in result["rows"]}, reverse=True)
+    styles = dict(zip(k_scales, ("-", "--", ":", "-.") * len(k_scales)))
     for best in best_per_search(result):
         same = ("mode", "resize", "k_scale", "min_size", "ranking", "nms_iou")
         rows = sorted((r for r in result["rows"] if all(r[k] == best[k] for k in same)),
                       key=lambda r: r["boxes_per_image"])
         color = TAB10_HEX[modes.index(best["mode"]) % len(TAB10_HEX)]
         ranking = best["ranking"] if best["ranking"] == "paper" else f"nms {best['nms_iou']:g}"
-        label = (f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} "
-                 f"{ranking}")
+        label = f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} {ranking}"
         ax_boxes.plot([r["boxes_per_image"] for r in rows], [r[metric] for r in rows], "o" + styles[best["k_scale"]],
                       color=color, label=label, markersize=3, linewidth=1.2)
         ax_time.plot([best["seconds_per_image"]], [best[metric]], "o", color=color, markersize=5)
