@@ -55,41 +55,43 @@ def _im2uint8(value: float) -> np.uint8:
 
 
 @njit(**_JIT)
-def _rgb_to_hsv_rgi_gray(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 RGB [H, W, 3] -> (hsv uint8 [H, W, 3], rgi uint8 [H, W, 3], gray uint8 [H, W])."""
+def _rgb_to(image: np.ndarray, space: int) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> space 0: hsv uint8 [H, W, 3], 1: rgi [H, W, 3], 2: gray [H, W, 1]
+    (only the one asked for is computed)."""
     height, width = image.shape[:2]
-    hsv = np.empty((height, width, 3), np.uint8)
-    rgi = np.empty((height, width, 3), np.uint8)
-    gray = np.empty((height, width), np.uint8)
+    out = np.empty((height, width, 1 if space == 2 else 3), np.uint8)
     for y in range(height):
         for x in range(width):
             r = image[y, x, 0] / 255.0
             g = image[y, x, 1] / 255.0
             b = image[y, x, 2] / 255.0
-            v = max(r, g, b)
-            delta = v - min(r, g, b)
-            h = 0.0
-            if delta > 0.0:  # MATLAB rgb2hsv: the blue case overrides green overrides red
-                if b == v:
-                    h = 4.0 + (r - g) / delta
-                elif g == v:
-                    h = 2.0 + (b - r) / delta
-                else:
-                    h = (g - b) / delta
-                h /= 6.0
-                if h < 0.0:
-                    h += 1.0
-            s = delta / v if v > 0.0 else 0.0
-            hsv[y, x, 0] = _im2uint8(h)
-            hsv[y, x, 1] = _im2uint8(s)
-            hsv[y, x, 2] = _im2uint8(v)
-            total = r + g + b
-            rgi[y, x, 0] = _im2uint8(r / total if total > 0.0 else 1.0 / 3.0)
-            rgi[y, x, 1] = _im2uint8(g / total if total > 0.0 else 1.0 / 3.0)
-            rgi[y, x, 2] = _im2uint8(total / 3.0)
-            gray[y, x] = _im2uint8(0.298936021293775 * r + 0.587043074451121 * g
-                                   + 0.114020904255103 * b)
-    return hsv, rgi, gray
+            if space == 0:
+                v = max(r, g, b)
+                delta = v - min(r, g, b)
+                h = 0.0
+                if delta > 0.0:  # MATLAB rgb2hsv: the blue case overrides green overrides red
+                    if b == v:
+                        h = 4.0 + (r - g) / delta
+                    elif g == v:
+                        h = 2.0 + (b - r) / delta
+                    else:
+                        h = (g - b) / delta
+                    h /= 6.0
+                    if h < 0.0:
+                        h += 1.0
+                s = delta / v if v > 0.0 else 0.0
+                out[y, x, 0] = _im2uint8(h)
+                out[y, x, 1] = _im2uint8(s)
+                out[y, x, 2] = _im2uint8(v)
+            elif space == 1:
+                total = r + g + b
+                out[y, x, 0] = _im2uint8(r / total if total > 0.0 else 1.0 / 3.0)
+                out[y, x, 1] = _im2uint8(g / total if total > 0.0 else 1.0 / 3.0)
+                out[y, x, 2] = _im2uint8(total / 3.0)
+            else:
+                out[y, x, 0] = _im2uint8(0.298936021293775 * r + 0.587043074451121 * g
+                                         + 0.114020904255103 * b)
+    return out
 
 
 def colour_space(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -102,12 +104,10 @@ def colour_space(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
         return lab, lab
     if name not in COLOUR_SPACES:
         raise ValueError(f"colour space must be one of {COLOUR_SPACES}, got {name!r}")
-    hsv, rgi, gray = _rgb_to_hsv_rgi_gray(np.ascontiguousarray(image))
-    if name == "hsv":
-        return hsv, hsv
-    if name == "rgi":
-        return rgi, rgi
-    single = np.ascontiguousarray(hsv[:, :, :1]) if name == "h" else gray[:, :, None]
+    converted = _rgb_to(np.ascontiguousarray(image), {"hsv": 0, "h": 0, "rgi": 1, "i": 2}[name])
+    if name in ("hsv", "rgi"):
+        return converted, converted
+    single = np.ascontiguousarray(converted[:, :, :1])  # h: the hue channel; i: the intensity
     return np.ascontiguousarray(np.repeat(single, 3, axis=2)), single
 
 
