@@ -120,3 +120,13 @@ def test_recall_command_warns(tiny_coco, tmp_path, capsys):
                  str(tmp_path / "store")]) == 0
     err = capsys.readouterr().err
     assert "recall@0.5 is 0.00 at top_k 300" in err and f"tune-proposals --data {json_path}" in err
+
+
+def test_propose_command_warns(tiny_coco, tmp_path, capsys):
+    json_path, image_dir = tiny_coco
+    args = ["propose", "--data", str(json_path), "--images", str(image_dir), "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "one"), "proposals.resize=0", "proposals.top_k=1"]) == 0
+    assert "at top_k 1" in capsys.readouterr().err  # one box per image cannot cover two objects
+    assert main([*args, "--out", str(tmp_path / "all"), "proposals.resize=0", "proposals.min_size=4",
+                 "proposals.top_k=0"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the flat rectangles are found with all boxes
