@@ -87,7 +87,7 @@ class ProposalConfig:
     # Order of the boxes, which `top_k` cuts. "paper": [SS]'s pseudo-random ranking. "nms": the
     # paper's order with the boxes that greedy NMS at `nms_iou` would suppress moved behind the
     # rest (none dropped), so a budget holds fewer near-duplicates; on dense small objects it
-    # keeps more of them in the first 300-1000 boxes (BENCHMARKS.md, "Ranking").
+    # keeps more of them in the first 300-1000 boxes (BENCHMARKS.md, "Recall at a budget, per ranking").
     ranking: str = "paper"
     nms_iou: float = 0.7
     # The mode's k values ([SS]: 50, 100, 150, 300; min size = k) times this. 1 = the paper's;
