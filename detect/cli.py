@@ -15,6 +15,7 @@ from detect import commands, demo
 from detect.common.config import ConfigError
 from detect.data.images import ImageReadError
 from detect.evaluation.recall import RECALL_TOP_KS
+from detect.evaluation import proposal_tuning as tuning
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -86,6 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vis-top-k", type=int, default=RECALL_TOP_KS[-1],
                    help="proposals per image the drawings consider (0: all; default: %(default)s, the "
                         "largest top-k of the table)")
+
+    p = sub.add_parser("tune-proposals", help="choose selective-search settings that reach a recall target "
+                                              "on a training split (writes a proposals: block)")
+    _add_dataset_args(p)
+    p.add_argument("--out", required=True, help="the proposals: block (YAML); .md, .png and .json beside it")
+    p.add_argument("--num-images", type=int, default=50, help="training images sampled (seeded)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--target-recall", type=float, default=0.9, help="recall to reach")
+    p.add_argument("--target-iou", type=float, default=0.5, help="at this IoU (0.5 to 0.95)")
+    p.add_argument("--max-boxes", type=int, default=2000, help="within this many boxes per image (top_k)")
+    p.add_argument("--probe-images", type=int, default=5,
+                   help="every search runs on these first; the cheapest go on to the whole sample")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="run every search on the whole sample (default: stop at the cheapest that reaches "
+                        "the target, skip hopeless ones)")
+    p.add_argument("--modes", nargs="+", default=list(tuning.MODES), choices=list(tuning.MODES))
+    p.add_argument("--resizes", nargs="+", type=int, default=list(tuning.RESIZES),
+                   help="sizes of the resized side (proposals.resize_side); 0 = native")
+    p.add_argument("--k-scales", nargs="+", type=float, default=list(tuning.K_SCALES))
+    p.add_argument("--min-sizes", nargs="+", type=int, default=list(tuning.MIN_SIZES))
+    p.add_argument("--nms-ious", nargs="*", type=float, default=list(tuning.NMS_IOUS),
+                   help="IoUs of the nms ranking to try (the paper's ranking is always tried)")
+    p.add_argument("--cache", default="", help="search cache folder (default: OUT.cache)")
+    p.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="draw N sampled images with the chosen settings' proposals, as `detect recall "
+                        "--visualize` (into OUT_vis/)")
+    _add_config_args(p)
 
     p = sub.add_parser("eval", help="COCO mAP of a results file, or of a trained detector")
     _add_dataset_args(p)
@@ -174,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"make-synthetic": commands.make_synthetic, "propose": commands.propose, "recall": commands.recall,
+            "tune-proposals": commands.tune_proposals,
             "eval": commands.evaluate, "bench": commands.bench, "train": commands.train, "predict": commands.predict,
             "compare": commands.compare}
 

@@ -24,26 +24,29 @@ from detect.common.checkpoints import save_detector_checkpoint
 from detect.common.config import Config, load_config, save_config, to_dict
 from detect.common.fileio import check_settings, read_json, write_json_atomic, write_settings
 from detect.common.cpus import available_cores
-from detect.common.runtime import (barrier, init_distributed, is_main_process,
-                                   local_world_size, long_wait_group, rank_and_world, resolve_device,
-                                   seed_everything)
+from detect.common.runtime import (barrier, init_distributed, is_main_process, local_world_size,
+                                   long_wait_group, rank_and_world, resolve_device, seed_everything,
+                                   try_init_gloo)
 from detect.data.datasets import Dataset, load_coco, load_dataset
 from detect.data.voc import read_class_names
-from detect.data.images import find_images
+from detect.data.images import find_images, read_image
 from detect.data.synthetic import make_synthetic as write_synthetic
 from detect.evaluation.bench import bench as bench_detectors
 from detect.evaluation.bench import format_bench
-from detect.evaluation.coco import dataset_to_coco, evaluate_coco, evaluate_detections, format_metrics_table
-from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall
-from detect.evaluation.run import evaluate_detector, print_metrics, run_detector
-from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, for_json, format_voc_table
+from detect.evaluation.coco import evaluate_detections, format_metrics_table
+from detect.evaluation.proposal_tuning import Grid, rankings, sample_records, tune_to_files
+from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall, warn_if_low_recall
+from detect.evaluation.run import evaluate_detector, print_metrics, run_detector, score_results_file
+from detect.evaluation.voc import format_voc_table
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
 from detect.predict.drawing import write_recall_drawings
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals, parse_shard
 from detect.proposals.export import FORMATS as EXPORT_FORMATS
 from detect.proposals.export import export_proposals
+from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore
+from detect.report.charts import proposal_tuning as proposal_tuning_figure
 from detect.report.sections import make_report
 from detect.training.engine import step_lr
 from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, train_fast_rcnn
@@ -104,10 +107,12 @@ def propose(args: argparse.Namespace) -> int:
         raise ValueError(f"--export: format must be one of {list(EXPORT_FORMATS)}, got {args.export[0]!r}")
     if args.input and args.data:
         raise ValueError("give either --data (a dataset) or --input (image files), not both")
+    dataset = None
     if args.input:
         items = [(i + 1, str(path)) for i, path in enumerate(find_images(args.input))]
     elif args.data:
-        items = [(r.image_id, r.file_name) for r in _dataset_from_args(args).records]
+        dataset = _dataset_from_args(args)
+        items = [(r.image_id, r.file_name) for r in dataset.records]
     else:
         raise ValueError("give --data (a dataset) or --input (image files, folders or globs)")
     chunk_size = int(os.environ.get("DETECT_PROPOSAL_CHUNK", DEFAULT_CHUNK_SIZE))
@@ -120,7 +125,7 @@ def propose(args: argparse.Namespace) -> int:
         shard = (rank, world_size)
         if workers <= 0:  # share the node's cores between its ranks
             workers = max(1, available_cores() // local_world_size())
-        distributed = _join_gloo_group()
+        distributed = try_init_gloo("proposals: each rank computes its shard and the last to finish merges")
     store = generate_proposals(items, args.out, settings=settings, workers=workers, shard=shard,
                                chunk_size=chunk_size, merge=not distributed)
     if distributed:
@@ -135,20 +140,12 @@ def propose(args: argparse.Namespace) -> int:
     num_boxes = store.meta["num_boxes"]
     print(f"{store.path}: {len(store)} images, {num_boxes} proposals "
           f"({num_boxes / max(len(store), 1):.0f} per image), {len(store.meta['failures'])} failed")
+    if dataset is not None:
+        warn_if_low_recall(dataset, store, cfg.proposals.top_k, _dataset_spec(args))
     if args.export:
         fmt, path = args.export
         print(f"wrote {path}: {export_proposals(store, fmt, path)} images as {fmt} precomputed proposals")
     return 0
-
-
-def _join_gloo_group() -> bool:
-    """Join torchrun's process group (gloo) so rank 0 can merge after a barrier; False if not."""
-    try:
-        return init_distributed(backend="gloo")
-    except Exception as e:  # noqa: BLE001 -- fall back to plain shards
-        print(f"proposals: no process group ({type(e).__name__}: {e}); each rank computes its shard "
-              f"and the last to finish merges", file=sys.stderr)
-        return False
 
 
 def recall(args: argparse.Namespace) -> int:
@@ -168,6 +165,7 @@ def recall(args: argparse.Namespace) -> int:
     print(f"{store.path} on {dataset.name}: {len(dataset)} images, {num_gt} GT boxes, "
           f"{avg:.1f} proposals per image ({store.meta.get('mode')} mode)")
     print(format_recall_table(result))
+    warn_if_low_recall(dataset, store, int(store.meta.get("top_k", 0)), _dataset_spec(args))
     if args.out:
         write_json_atomic(args.out, summary)
         print(f"wrote {args.out}")
@@ -175,6 +173,28 @@ def recall(args: argparse.Namespace) -> int:
         vis_dir = Path(args.vis_dir or Path(args.out or ".").parent / "recall_vis")
         written = write_recall_drawings(dataset.records, store.get, vis_dir, args.visualize, top_k=args.vis_top_k)
         print(f"wrote {len(written)} drawing(s) of each ground-truth box's best proposal to {vis_dir}")
+    return 0
+
+
+def tune_proposals(args: argparse.Namespace) -> int:
+    """``detect tune-proposals``: ``detect.evaluation.proposal_tuning.tune_to_files`` on the
+    training split, from the config's (or the default) proposal settings."""
+    if not args.data:
+        raise ValueError("detect tune-proposals needs --data (a training split with boxes)")
+    cfg = load_config(args.config, args.overrides)
+    grid = Grid(*map(tuple, (args.modes, args.resizes, args.k_scales, args.min_sizes)), rankings(args.nms_ious))
+    options = ("num_images", "seed", "target_recall", "target_iou", "max_boxes", "probe_images", "exhaustive")
+    records = _dataset_from_args(args).records
+    result = tune_to_files(records, args.out, base=to_dict(cfg.proposals), grid=grid, cache_dir=args.cache,
+                           data_spec=_dataset_spec(args), figure=proposal_tuning_figure,
+                           **{key: getattr(args, key) for key in options})
+    if args.visualize:  # the chosen settings' proposals on the first sampled images, as `detect recall`
+        by_id = {r.image_id: r for r in records}
+        written = write_recall_drawings(
+            sample_records(records, args.num_images, args.seed),
+            lambda image_id: selective_search(read_image(by_id[image_id].file_name), **result["settings"]),
+            Path(f"{args.out}_vis"), args.visualize)
+        print(f"wrote {len(written)} drawings of the chosen settings' proposals into {args.out}_vis/")
     return 0
 
 
@@ -219,6 +239,8 @@ def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.devi
     output_dir = Path(output_dir)
     dataset, store = _train_split(cfg)
     top_k = cfg.proposals.top_k
+    if is_main_process():
+        warn_if_low_recall(dataset, store, top_k, to_dict(cfg.data.train))
 
     def get_proposals(image_id: int) -> np.ndarray:  # [P, 4] xyxy, selective search's best first
         boxes = store.get(image_id)
@@ -364,27 +386,10 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
 
     results_path = Path(args.results)
-    results = read_json(results_path)
-    dataset = _dataset_from_args(args)
-    if args.limit > 0:
-        dataset.records = dataset.records[:args.limit]
-        kept = {r.image_id for r in dataset.records}
-        if isinstance(results, list):
-            results = [r for r in results if not isinstance(r, dict) or r.get("image_id") in kept]
-    output_dir = Path(args.output_dir) if args.output_dir else results_path.parent
-    try:
-        metrics = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
-    except ValueError as e:  # name the results file, not the in-memory list
-        if not str(e).startswith("results: "):
-            raise
-        raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
-    if isinstance(results, list):  # evaluate_coco checked every entry
-        voc = evaluate_voc_metrics(dataset, detections_from_results(dataset, results))
-        metrics.update({name: for_json(result) for name, result in voc.items()})
+    metrics = score_results_file(_dataset_from_args(args), results_path,
+                                 Path(args.output_dir) if args.output_dir else results_path.parent, limit=args.limit)
     print(format_voc_table(metrics[args.metric], args.metric) if args.metric != "coco"
           else format_metrics_table(metrics))
-    write_json_atomic(output_dir / "metrics.json", metrics)
-    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
     return 0
 
 

@@ -20,10 +20,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "detect"
 
 LAYERS = [
-    ["detect", "detect.common", "detect.check_install"],  # detect: the face (``__version__`` only)
+    ["detect", "detect.common"],  # detect: the face (``__version__`` only)
     ["detect.data"],
     ["detect.proposals"],
-    ["detect.models"],
+    ["detect.models", "detect.check_install"],  # check_install also compiles selective search's kernels
     ["detect.training", "detect.evaluation"],
     ["detect.predict", "detect.report"],
     ["detect.commands", "detect.demo"],

@@ -27,7 +27,8 @@ from detect.proposals.selective_search import SETTINGS_KEYS, selective_search
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for the batch tests: no resize, tiny min_size.
-FAST = {"engine": "ours", "mode": "fast", "resize": 0, "resize_side": "width", "min_size": 4, "top_k": 0, "seed": 0}
+FAST = {"engine": "ours", "mode": "fast", "resize": 0, "resize_side": "width", "min_size": 4, "top_k": 0, "seed": 0,
+        "ranking": "paper", "nms_iou": 0.7, "k_scale": 1.0}
 
 
 def _scene(rng: np.random.Generator, height: int = 60, width: int = 80) -> np.ndarray:
@@ -135,11 +136,45 @@ def test_image_kinds_through_read_image(tmp_path):
         assert [0, 0, width, height] in boxes.tolist(), name  # the final merge covers the image
 
 
+def test_nms_ranking_moves_near_duplicates_behind_and_drops_nothing():
+    import torch
+    from torchvision.ops import nms
+
+    image = _scene(np.random.default_rng(3), 90, 120)
+    paper, paper_scores = selective_search(image, resize=0, min_size=4, top_k=0, return_scores=True)
+    boxes, scores = selective_search(image, resize=0, min_size=4, top_k=0, ranking="nms", nms_iou=0.6,
+                                     return_scores=True)
+    assert len(boxes) == len(paper) > 30
+    assert sorted(map(tuple, boxes.tolist())) == sorted(map(tuple, paper.tolist()))  # a permutation
+    assert (np.diff(scores) >= 0).all()  # still ascending ranking values
+    # the survivors of greedy NMS in the paper's order (torchvision's, with scores falling along
+    # that order) come first, in that order; the suppressed follow, in that order too
+    keep = nms(torch.from_numpy(paper).double(), -torch.arange(len(paper)).double(), 0.6).numpy()
+    keep.sort()
+    rest = np.setdiff1d(np.arange(len(paper)), keep)
+    np.testing.assert_array_equal(boxes, paper[np.concatenate([keep, rest])])
+    assert 0 < len(rest) < len(paper)
+    np.testing.assert_array_equal(selective_search(image, resize=0, min_size=4, top_k=20, ranking="nms",
+                                                   nms_iou=0.6), boxes[:20])
+    with pytest.raises(ValueError, match="ranking must be one of"):
+        selective_search(image, ranking="size")
+
+
+def test_k_scale_cuts_smaller_regions():
+    image = _scene(np.random.default_rng(4), 90, 120)
+    default = selective_search(image, resize=0, min_size=0, top_k=0)
+    np.testing.assert_array_equal(selective_search(image, resize=0, min_size=0, top_k=0, k_scale=1.0), default)
+    finer = selective_search(image, resize=0, min_size=0, top_k=0, k_scale=0.25)
+    assert len(finer) > len(default)
+    with pytest.raises(ValueError, match="k_scale"):
+        selective_search(image, k_scale=0)
+
+
 def test_proposal_settings_follow_config():
     cfg = ProposalConfig(mode="quality", resize=300, resize_side="longer", min_size=8, top_k=50)
     settings = to_dict(cfg)
     assert settings == {"engine": "ours", "mode": "quality", "resize": 300, "resize_side": "longer", "min_size": 8,
-                        "top_k": 50, "seed": 0}
+                        "top_k": 50, "seed": 0, "ranking": "paper", "nms_iou": 0.7, "k_scale": 1.0}
     assert tuple(settings) == SETTINGS_KEYS
     selective_search(np.zeros((8, 8, 3), np.uint8), **to_dict(ProposalConfig()))  # kwargs fit
 

@@ -288,6 +288,9 @@ def test_runs_that_differ_in_proposals_get_a_sweep_figure(tmp_path):
     assert "| k10 | Fast R-CNN | efficientnet_lite0 | cpu | 3 | top-10 proposals |" in md
     assert "| all proposals |" in md and "proposals_sweep.png" in md
     assert (tmp_path / "report" / "proposals_sweep.png").is_file()
+    # each run's proposal recall@0.5 at the number of proposals its detector scored (all: the largest k)
+    assert "| top-100 proposals | 0.600 |" in md and "| all proposals | 0.950 |" in md
+    assert "| top-10 proposals | n/a |" in md  # not measured at 10
 
 
 def test_training_cost_side_by_side(tmp_path):

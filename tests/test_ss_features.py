@@ -42,12 +42,17 @@ def test_pixel_bins():
     image = image.astype(np.uint8)
     colour, texture = feat.pixel_bins(image)
     assert colour.shape == (1200, 3) and texture.shape == (1200, 24)
-    np.testing.assert_array_equal(colour, (image.reshape(-1, 3).astype(int) * 25 // 256))
-    # Gaussian derivatives (sigma 1, radius 4), steered to 0, 45, ..., 315 degrees
+    # the original BlobStructColourHist: round(v / 255 * 24), end bins half-width
+    expected_colour = np.floor(image.reshape(-1, 3) / 255 * 24 + 0.5).astype(int)
+    np.testing.assert_array_equal(colour, expected_colour)
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+    counts = np.bincount(feat.pixel_bins(np.repeat(values, 3, axis=2))[0][:, 0], minlength=25)
+    assert counts[0] == counts[24] == 6 and set(counts[1:24]) <= {10, 11}
+    # Gaussian derivatives (sigma 0.8, radius 4), steered to 0, 45, ..., 315 degrees
     r = np.arange(-4, 5)
-    gauss = np.exp(-0.5 * r ** 2)
+    gauss = np.exp(-0.5 * r ** 2 / 0.64)
     gauss /= gauss.sum()
-    deriv = -r * gauss
+    deriv = -r / 0.64 * gauss
     expected = np.zeros((1200, 24), int)
     for c in range(3):
         plane = image[:, :, c] / 255.0
@@ -56,7 +61,10 @@ def test_pixel_bins():
         for o in range(8):
             angle = np.deg2rad(45 * o)
             response = np.maximum(np.cos(angle) * gx + np.sin(angle) * gy, 0).ravel()
-            expected[:, c * 8 + o] = np.minimum((response * (10 / 0.43)).astype(int), 9)
+            expected[:, c * 8 + o] = np.minimum(np.floor(response * (9 / 0.43) + 0.5).astype(int), 9)
     assert (texture == expected).mean() > 0.999  # a bin edge may fall either way in float
     assert np.abs(texture.astype(int) - expected).max() <= 1
     assert texture.max() > 3  # real edges reach the upper bins
+    step = np.zeros((12, 12, 3), np.uint8)
+    step[:, 6:] = 255  # a unit step: its response (about 0.5) reaches the top bin
+    assert feat.pixel_bins(step)[1].max() == 9

@@ -118,3 +118,56 @@ def test_single_region_has_no_merges():
                                     np.zeros((12, 24), np.uint8))
     boxes, sizes, _, _, merges = grouping.group(features, 12, "CTSF")
     assert len(merges) == 0 and boxes.tolist() == [[0, 0, 3, 2]] and sizes.tolist() == [12]
+
+
+def original_tie_rule_merges(features, im_size, strategy):
+    """The original BlobStruct2HierarchicalGrouping loop, slowly: a list of pairs sorted
+    ascending (stable) by similarity (rounded to float32, as ours), the LAST one merged, the
+    merged region's pairs appended in ascending order of the neighbour's id."""
+    sizes, boxes, colour, texture, pairs = features
+    use = grouping.STRATEGIES[strategy]
+    n = len(sizes)
+    sizes, boxes = list(sizes), [list(b) for b in boxes]
+    colour, texture = list(colour), list(texture)
+
+    def sim(i, j):
+        s = 0.0
+        if use[0]:
+            s += float(np.minimum(colour[i], colour[j]).sum(dtype=np.float32))
+        if use[1]:
+            s += float(np.minimum(texture[i], texture[j]).sum(dtype=np.float32))
+        if use[2]:
+            s += 1.0 - (sizes[i] + sizes[j]) / im_size
+        if use[3]:
+            w = max(boxes[i][2], boxes[j][2]) - min(boxes[i][0], boxes[j][0]) + 1
+            h = max(boxes[i][3], boxes[j][3]) - min(boxes[i][1], boxes[j][1]) + 1
+            s += 1.0 - (w * h - sizes[i] - sizes[j]) / im_size
+        return np.float32(s)
+
+    edges = [(int(a), int(b), sim(a, b)) for a, b in pairs]
+    merges = []
+    while edges:
+        edges.sort(key=lambda e: e[2])  # stable
+        a, b, _ = edges.pop()
+        t = n + len(merges)
+        merges.append((a, b))
+        sizes.append(sizes[a] + sizes[b])
+        boxes.append([min(boxes[a][0], boxes[b][0]), min(boxes[a][1], boxes[b][1]),
+                      max(boxes[a][2], boxes[b][2]), max(boxes[a][3], boxes[b][3])])
+        wa, wb = sizes[a] / sizes[t], sizes[b] / sizes[t]
+        colour.append((wa * colour[a] + wb * colour[b]).astype(np.float32))
+        texture.append((wa * texture[a] + wb * texture[b]).astype(np.float32))
+        touching = [e for e in edges if {a, b} & set(e[:2])]
+        edges = [e for e in edges if not {a, b} & set(e[:2])]
+        neighbours = sorted({x for e in touching for x in e[:2]} - {a, b})
+        edges += [(t, x, sim(t, x)) for x in neighbours]
+    return merges
+
+
+@pytest.mark.parametrize("strategy", ["S", "F"])
+def test_ties_go_to_the_last_pair_as_the_original(strategy):
+    """A grid of equal blocks: size and fill similarities tie all the time."""
+    labels = np.repeat(np.repeat(np.arange(30, dtype=np.int32).reshape(5, 6), 4, 0), 4, 1)  # [20, 24]
+    features = feat.region_features(labels, 30, np.zeros((480, 3), np.uint8), np.zeros((480, 24), np.uint8))
+    merges = grouping.group(features, labels.size, strategy)[4]
+    assert [tuple(m) for m in merges.tolist()] == original_tie_rule_merges(features, labels.size, strategy)

@@ -99,8 +99,10 @@ def test_radix_argsort_is_a_stable_argsort():
     np.testing.assert_array_equal(seg.stable_argsort_nonneg_float32(values),
                                   np.argsort(values, kind="stable"))
     values = rng.random(3000).astype(np.float32) * 500
+    before = values.copy()
     np.testing.assert_array_equal(seg.stable_argsort_nonneg_float32(values),
                                   np.argsort(values, kind="stable"))
+    np.testing.assert_array_equal(values, before)  # the input is not written
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -33,7 +33,7 @@ from detect.data.images import find_images
 from detect.proposals.batch import generate_proposals
 
 SETTINGS = {"engine": "ours", "mode": "fast", "resize": 500, "resize_side": "width", "min_size": 20, "top_k": 2000,
-            "seed": 0}
+            "seed": 0, "ranking": "paper", "nms_iou": 0.7, "k_scale": 1.0}
 
 
 def synthetic_images(folder: Path, count: int) -> list[Path]:

@@ -39,10 +39,14 @@ HERE = Path(__file__).resolve().parent
 
 from detect.evaluation.recall import box_iou_float64 as box_iou  # noqa: E402
 from detect.evaluation.recall import greedy_match  # noqa: E402
-from detect.proposals.selective_search import opencv_selective_search  # noqa: E402
+from detect.data.datasets import Dataset, load_coco  # noqa: E402
+from detect.data.images import read_image  # noqa: E402
+from detect.evaluation.recall import proposal_recall  # noqa: E402
+from detect.proposals.selective_search import opencv_selective_search, selective_search  # noqa: E402
 from detect.proposals.ss.engine import selective_search_boxes, warm_up  # noqa: E402
 
 STAGES = ("segmentation", "features", "grouping", "ranking")
+PARTS = ("speed", "fidelity", "reference")
 
 
 def resize_width(image: np.ndarray, width: int = 500) -> np.ndarray:
@@ -210,6 +214,60 @@ def recall_benchmark(data_dir: Path, max_images: int, mode: str = "fast") -> dic
     return out
 
 
+def fidelity(spec: str, limit: int) -> dict:
+    """Boxes per image, recall@0.5 / 0.7 and MABO of the toolkit's ``selective_search`` (fast
+    mode) on a COCO set. spec: ``JSON[:resize[:min_size]]`` (default 500 and 20, the paper's)."""
+    json_path, *rest = spec.split(":")
+    resize, min_size = (int(rest[0]) if rest else 500), (int(rest[1]) if len(rest) > 1 else 20)
+    dataset = load_coco(json_path)
+    records = dataset.records[:limit] if limit > 0 else dataset.records
+    store = {r.image_id: selective_search(read_image(r.file_name), resize=resize, min_size=min_size, top_k=0)
+             for r in records}
+    subset = Dataset(dataset.name, records, dataset.class_names, dataset.category_ids)
+    recall = proposal_recall(subset, _DictStore(store), top_ks=(300, 1000, 2000, 10 ** 9))
+    return {"images": len(records), "resize": resize, "min_size": min_size,
+            "boxes_per_image": float(np.mean([len(b) for b in store.values()])),
+            **{f"{key}@{k if k < 10 ** 9 else 'all'}": recall[key][i] for i, k in enumerate(recall["top_k"])
+               for key in ("recall@0.5", "recall@0.7", "MABO")}}
+
+
+class _DictStore:
+    """The ``get`` of a proposal store, over a dict image id -> boxes."""
+
+    def __init__(self, boxes: dict):
+        self.boxes = boxes
+
+    def get(self, image_id: int) -> np.ndarray:
+        return self.boxes[image_id]
+
+
+def reference_boxes(images: dict) -> dict:
+    """Our engine's boxes and ranking values on ``images`` in every mode, at threads 1 and 2."""
+    out = {}
+    for name, image in images.items():
+        for mode in ("single", "fast", "quality"):
+            for threads in (1, 2):
+                boxes, scores = selective_search_boxes(image, mode=mode, threads=threads)
+                out[f"{name}/{mode}/t{threads}/boxes"] = boxes
+                out[f"{name}/{mode}/t{threads}/scores"] = scores
+    return out
+
+
+def check_reference(path: Path, images: dict) -> dict:
+    """Write the reference boxes to ``path`` (npz) if it does not exist, else compare with it
+    byte for byte; returns {"written": bool, "differ": [keys that differ]}."""
+    current = reference_boxes(images)
+    if not path.exists():
+        with open(path, "wb") as f:
+            np.savez(f, **current)
+        return {"written": True, "differ": []}
+    with np.load(path, allow_pickle=False) as saved:
+        keys = sorted(set(saved.files) | set(current))
+        differ = [k for k in keys if k not in saved.files or k not in current
+                  or saved[k].dtype != current[k].dtype or saved[k].tobytes() != current[k].tobytes()]
+    return {"written": False, "differ": differ}
+
+
 def markdown(results: dict) -> str:
     lines = ["| image | size | ours s | OpenCV s | ratio | seg s | feat s | group s | boxes ours | boxes OpenCV |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -252,6 +310,9 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=["speed"],
+                        help="parts to run: speed (against OpenCV, with recall on --data), fidelity "
+                             "(--fidelity sets), reference (--reference)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--data", default="runs/ss_data", help="a `detect make-synthetic` folder (val.json)")
     parser.add_argument("--recall-images", type=int, default=40)
@@ -259,24 +320,56 @@ def main() -> None:
     parser.add_argument("--quality-reps", type=int, default=1, help="0: skip the quality-mode timing")
     parser.add_argument("--quality-recall-images", type=int, default=20, help="0: skip quality-mode recall")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--fidelity", nargs="*", default=[], metavar="JSON[:RESIZE[:MIN_SIZE]]",
+                        help="COCO sets for the fidelity part (fast mode; default resize 500, min size 20)")
+    parser.add_argument("--fidelity-images", type=int, default=0, help="first N images of each set (0: all)")
+    parser.add_argument("--reference", default="", help="npz of reference boxes: written if missing, else "
+                                                        "compared byte for byte (exit status 1 if they differ)")
+    parser.add_argument("--reference-images", nargs="*", default=[], help="more image files for --reference")
     args = parser.parse_args()
     cv2.setNumThreads(1)
     numba.set_num_threads(1)
     results = {"versions": {"numpy": np.__version__, "numba": numba.__version__, "opencv": cv2.__version__,
                             "python": sys.version.split()[0]}}
-    results["compile"] = {} if args.skip_compile else compile_seconds()
-    results["compile"].setdefault("cold_compile_s", float("nan"))
-    results["compile"].setdefault("cached_load_s", float("nan"))
-    results["compile"]["in_process_s"] = warm_up()
-
     images = {}
     sample_dir = Path(cv2.__file__).parents[1] / "sklearn" / "datasets" / "images"
     for path in sorted(glob.glob(str(sample_dir / "*.jpg"))):
         images[Path(path).stem] = resize_width(read_rgb(path))
     for seed in range(3):
         images[f"synthetic{seed}"] = synthetic_photo(seed)
-    opencv_selective_search(next(iter(images.values()))[:50, :50].copy())  # warm OpenCV too
+    if "reference" in args.only:
+        if not args.reference:
+            parser.error("--only reference needs --reference FILE")
+        extra = {Path(p).name: read_rgb(p) for p in args.reference_images}
+        results["reference"] = check_reference(Path(args.reference), {**images, **extra})
+        print("reference", results["reference"], flush=True)
+    if "fidelity" in args.only:
+        results["fidelity"] = {spec: fidelity(spec, args.fidelity_images) for spec in args.fidelity}
+        results["fidelity"]["photos_boxes_per_image"] = {  # fast mode at 500 px, all boxes
+            name: len(selective_search(image, top_k=0)) for name, image in images.items()
+            if not name.startswith("synthetic")}
+        for spec, row in results["fidelity"].items():
+            print(spec, json.dumps(row), flush=True)
+    if "speed" in args.only:
+        speed_part(args, images, results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    if "speed" in args.only:
+        table = markdown(results)
+        Path(args.out).with_suffix(".md").write_text(table + "\n")
+        print(table)
+    if results.get("reference", {}).get("differ"):
+        sys.exit(f"boxes differ from {args.reference}: {results['reference']['differ'][:10]}")
 
+
+def speed_part(args: argparse.Namespace, images: dict, results: dict) -> None:
+    """Both engines interleaved per image (and the compile time, thread latency, quality mode,
+    recall on the synthetic set) into ``results``."""
+    results["compile"] = {} if args.skip_compile else compile_seconds()
+    results["compile"].setdefault("cold_compile_s", float("nan"))
+    results["compile"].setdefault("cached_load_s", float("nan"))
+    results["compile"]["in_process_s"] = warm_up()
+    opencv_selective_search(next(iter(images.values()))[:50, :50].copy())  # warm OpenCV too
     speed = {}
     for name, image in images.items():
         speed[name] = dict(time_pair(image, args.reps), size=f"{image.shape[1]}x{image.shape[0]}")
@@ -296,11 +389,6 @@ def main() -> None:
         results["recall"] = recall_benchmark(data, args.recall_images)
         if args.quality_recall_images > 0:
             results["recall_quality"] = recall_benchmark(data, args.quality_recall_images, mode="quality")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
-    table = markdown(results)
-    Path(args.out).with_suffix(".md").write_text(table + "\n")
-    print(table)
 
 
 if __name__ == "__main__":

@@ -77,11 +77,23 @@ class ProposalConfig:
     resize_side: str = "width"
     # [RCNN] FilterBoxesWidth(boxes, 20): drop boxes with a side under 20 px of the RESIZED image.
     min_size: int = 20
-    # Keep at most this many boxes per image, in selective search's ranking (0 = all).
-    # [FRCN] tested with up to ~2k proposals per image.
+    # Keep at most this many boxes per image, in the ranking's order (0 = all). The paper configs
+    # keep all, as rcnn selective_search_boxes.m and fast-rcnn's pascal_voc.py do (fast mode gives
+    # ~2000 per VOC image); 2000 is fast-rcnn's cap for COCO (lib/datasets/coco.py top_k) and a
+    # bound on memory for any image.
     top_k: int = 2000
     # Seed of [SS]'s pseudo-random ranking (position x uniform random), engine "ours".
     seed: int = 0
+    # Order of the boxes, which `top_k` cuts. "paper": [SS]'s pseudo-random ranking. "nms": the
+    # paper's order with the boxes that greedy NMS at `nms_iou` would suppress moved behind the
+    # rest (none dropped), so a budget holds fewer near-duplicates; on dense small objects it
+    # keeps more of them in the first 300-1000 boxes (BENCHMARKS.md, "Recall at a budget, per ranking").
+    ranking: str = "paper"
+    nms_iou: float = 0.7
+    # The mode's k values ([SS]: 50, 100, 150, 300; min size = k) times this. 1 = the paper's;
+    # smaller cuts smaller initial regions, which small, touching objects need (nuclei: 0.25).
+    # `detect tune-proposals` tries 1, 0.5 and 0.25.
+    k_scale: float = 1.0
 
 
 @dataclass
@@ -361,6 +373,9 @@ def validate(cfg: Config, source: str) -> None:
     need(p.resize >= 0, "proposals.resize", "must be >= 0")
     need(p.min_size >= 0, "proposals.min_size", "must be >= 0")
     need(p.top_k >= 0, "proposals.top_k", "must be >= 0")
+    need(p.ranking in ("paper", "nms"), "proposals.ranking", f"must be paper or nms, got {p.ranking!r}")
+    need(0.0 < p.nms_iou <= 1.0, "proposals.nms_iou", "must be in (0, 1]")
+    need(p.k_scale > 0.0, "proposals.k_scale", "must be > 0")
     m = cfg.model
     need(m.roi_op in ("roi_pool", "roi_align"), "model.roi_op", f"must be roi_pool or roi_align, got {m.roi_op!r}")
     need(m.roi_size > 0, "model.roi_size", "must be > 0")

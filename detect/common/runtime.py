@@ -20,6 +20,7 @@ import datetime
 import os
 import random
 import resource
+import sys
 import warnings
 from typing import Any
 
@@ -80,6 +81,16 @@ def init_distributed(device: torch.device | None = None, backend: str = "") -> b
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend=backend)
     return True
+
+
+def try_init_gloo(fallback: str) -> bool:
+    """Join torchrun's process group with gloo (``init_distributed``); if that fails, print why
+    and ``fallback`` (what happens instead) to stderr and return False."""
+    try:
+        return init_distributed(backend="gloo")
+    except Exception as e:  # noqa: BLE001 -- the caller has a fallback
+        print(f"no process group ({type(e).__name__}: {e}); {fallback}", file=sys.stderr)
+        return False
 
 
 def resolve_device(name: str = "") -> torch.device:

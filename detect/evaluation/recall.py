@@ -1,16 +1,21 @@
 """Proposal recall against the ground truth: recall, average recall and (M)ABO at top-k.
 
-Used by ``detect recall`` and written into every run's metrics.json ("proposal_recall").
+Used by ``detect recall`` and written into every run's metrics.json ("proposal_recall");
+``warn_if_low_recall`` is the one warning of ``detect propose``, ``recall`` and ``train``.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
 
 RECALL_TOP_KS = (100, 300, 1000, 2000)
+LOW_RECALL = 0.8  # recall@0.5 under which `detect propose`, `recall` and `train` warn
+WARNING_IMAGES = 500  # the warning measures recall on at most this many images (evenly spread)
 IOU_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)  # COCO's 0.5:0.95, for average recall
 
 
@@ -67,6 +72,30 @@ def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progr
         result.setdefault("MABO", []).append(float(np.mean(class_abo)) if class_abo else -1.0)
         result.setdefault("avg_proposals", []).append(float(np.mean(used[k])) if used[k] else 0.0)
     return result
+
+
+def warn_if_low_recall(dataset, store, top_k: int, data_spec: dict | None = None) -> str | None:
+    """The one warning of ``detect propose`` (for a split with boxes), ``detect recall`` and
+    ``detect train``: when recall@0.5 of the first ``top_k`` proposals (0 = all) is below
+    ``LOW_RECALL``, print one line with the figure and the fix to stderr and return it; None
+    when recall is fine or there is no box to measure. Measured on at most ``WARNING_IMAGES``
+    images, evenly spread. ``data_spec`` (``DatasetConfig`` as a dict) names the data in the
+    suggested ``detect tune-proposals`` command."""
+    records = [r for r in dataset.records if len(counted_gt(r)[0])]
+    if not records:
+        return None
+    step = max(1, math.ceil(len(records) / WARNING_IMAGES))
+    subset = type(dataset)(dataset.name, records[::step], dataset.class_names, dataset.category_ids)
+    recall = proposal_recall(subset, store, top_ks=[top_k if top_k > 0 else 10 ** 9])["recall@0.5"][0]
+    if recall >= LOW_RECALL:
+        return None
+    spec = data_spec or {"path": "TRAIN", "format": "coco"}
+    data = spec["path"] + (f" --format voc --split {spec.get('split', '')}" if spec["format"] == "voc" else "")
+    message = (f"warning: proposal recall@0.5 is {recall:.2f} at {f'top_k {top_k}' if top_k > 0 else 'all proposals'}"
+               f" ({len(subset)} images): no detector can find more of the objects than that. Run `detect "
+               f"tune-proposals --data {data} --out proposals.yaml` to choose proposal settings for this data")
+    print(message, file=sys.stderr)
+    return message
 
 
 def box_iou_float64(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detect.common.fileio import write_json_atomic
+from detect.common.fileio import read_json, write_json_atomic
 from detect.common.runtime import device_name, peak_memory_mb, rank_and_world, reset_peak_memory
 from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.coco import COCO_KEYS, coco_results, dataset_to_coco, evaluate_coco, format_metrics_table
-from detect.evaluation.recall import proposal_recall
-from detect.evaluation.voc import evaluate_voc_metrics, for_json, format_voc_table
+from detect.evaluation.recall import RECALL_TOP_KS, proposal_recall
+from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, for_json, format_voc_table
 from detect.models.detector import Detections, Detector, StageTimer
 
 
@@ -106,8 +106,9 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
     voc = evaluate_voc_metrics(dataset, detections)
     recall = None
-    if store is not None:
-        recall = proposal_recall(dataset, store)
+    if store is not None:  # also at the detector's own top-k (0: all, the store's largest count)
+        own = detector.proposal_top_k or max((store.num_boxes(r.image_id) for r in dataset.records), default=1)
+        recall = proposal_recall(dataset, store, top_ks=sorted({*RECALL_TOP_KS, max(own, 1)}))
     metrics = {
         "detector": detector.kind, "name": name or output_dir.name,
         "backbone": detector.backbone_name,
@@ -164,3 +165,26 @@ def print_coco(metrics: dict) -> None:
     if metrics.get("skipped_images"):
         print(f"skipped {len(metrics['skipped_images'])} unreadable image(s), scored with no detections: "
               + ", ".join(e["file"] for e in metrics["skipped_images"][:5]))
+
+
+def score_results_file(dataset: Dataset, results_path: Path, output_dir: Path, *, limit: int = 0) -> dict:
+    """``detect eval --results``: COCO and VOC metrics of a COCO results file on ``dataset``
+    (its first ``limit`` images when > 0) -> ``output_dir``/metrics.json and coco_eval.log."""
+    results = read_json(results_path)
+    if limit > 0:
+        dataset.records = dataset.records[:limit]
+        kept = {r.image_id for r in dataset.records}
+        if isinstance(results, list):
+            results = [r for r in results if not isinstance(r, dict) or r.get("image_id") in kept]
+    try:
+        metrics = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
+    except ValueError as e:  # name the results file, not the in-memory list
+        if not str(e).startswith("results: "):
+            raise
+        raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
+    if isinstance(results, list):  # evaluate_coco checked every entry
+        voc = evaluate_voc_metrics(dataset, detections_from_results(dataset, results))
+        metrics.update({name: for_json(result) for name, result in voc.items()})
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
+    return metrics

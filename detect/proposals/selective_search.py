@@ -1,10 +1,12 @@
 """Selective search on one image ([SS] Uijlings et al., IJCV 2013), boxes in original pixels.
 
 ``selective_search(image, ...)``: uint8 RGB [H, W, 3] -> float32 [R, 4] xyxy boxes in pixels of
-``image`` (and, with ``return_scores``, their ranking values [R]: lower is ranked earlier), as
-[RCNN] used it: resize to 500 px wide, the paper's "fast" mode, drop duplicates and boxes with a
-side under 20 px of the RESIZED image (``selective_search_boxes.m`` calls ``FilterBoxesWidth``
-on the 500 px image), keep the first ``top_k``. Its keyword arguments are the fields of
+``image`` (and, with ``return_scores``, their ranking values [R]: lower is ranked earlier); it is
+``raw_proposals`` (the search, cached by ``detect tune-proposals``) then ``finish_proposals``
+(filter, ranking, top-k). By default as [RCNN] used it: resize to 500 px wide, the paper's
+"fast" mode, drop duplicates and boxes with a side under 20 px of the RESIZED image
+(``selective_search_boxes.m`` calls ``FilterBoxesWidth`` on the 500 px image), keep the first
+``top_k``. Its keyword arguments are the fields of
 ``detect.common.config.ProposalConfig`` (``SETTINGS_KEYS``) plus ``threads``.
 
 Two engines, with the paper's settings in every mode (``MODES`` below):
@@ -33,31 +35,49 @@ import numpy as np
 
 from detect.proposals.ss.engine import MODES as OUR_MODES
 from detect.proposals.ss.engine import selective_search_boxes
+from detect.proposals.ss.ranking import near_duplicates_last
 from detect.proposals.ss.features import colour_space
 
 ENGINES = ("ours", "opencv")
 MODES = tuple(OUR_MODES)  # fast, quality, single
 RESIZE_SIDES = ("width", "longer", "shorter")
-SETTINGS_KEYS = ("engine", "mode", "resize", "resize_side", "min_size", "top_k", "seed")  # = ProposalConfig fields
+RANKINGS = ("paper", "nms")
+SETTINGS_KEYS = ("engine", "mode", "resize", "resize_side", "min_size", "top_k", "seed",
+                 "ranking", "nms_iou", "k_scale")  # = ProposalConfig fields
 MAX_ELONGATION = 4  # the resized longer side is at most 4 x resize (extreme aspect ratios)
 
 
 def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
                      resize_side: str = "width", min_size: int = 20, top_k: int = 2000, seed: int = 0,
+                     ranking: str = "paper", nms_iou: float = 0.7, k_scale: float = 1.0,
                      threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of one image: float32 [R, 4] xyxy in pixels of ``image``.
 
     ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). It is resized so
     that ``resize_side`` ("width", "longer" or "shorter") is ``resize`` pixels ([RCNN]: width
-    500; 0 = no resize), proposed on by ``engine`` in ``mode``, and the boxes are scaled back
-    to the original pixels (the resized longer side is capped at ``MAX_ELONGATION`` x
-    ``resize``, which only matters beyond 4:1). Exact duplicates are dropped (the first is
-    kept, so the ranking is preserved), then boxes with a side under ``min_size`` pixels of
-    the resized image, then all but the first ``top_k`` (0 = keep all). ``threads`` runs the
-    hierarchies of this one image in parallel (our engine; same output). A tiny image may give
-    no box at all: shape [0, 4]. With ``return_scores``, also the boxes' ranking values
-    float32 [R] (ascending; OpenCV's engine: the rank position).
+    500; 0 = no resize), proposed on by ``engine`` in ``mode`` (its k values times ``k_scale``),
+    and the boxes are scaled back to the original pixels (the resized longer side is capped at
+    ``MAX_ELONGATION`` x ``resize``, which only matters beyond 4:1). Exact duplicates are
+    dropped (the first is kept, so the ranking is preserved), then boxes with a side under
+    ``min_size`` pixels of the resized image; ``ranking`` "nms" then moves the boxes that
+    greedy NMS at ``nms_iou`` would suppress behind the others (``ss.ranking.near_duplicates_last``;
+    "paper" keeps the paper's order); then all but the first ``top_k`` are dropped (0 = keep
+    all). ``threads`` runs the hierarchies of this one image in parallel (our engine; same
+    output). A tiny image may give no box at all: shape [0, 4]. With ``return_scores``, also the
+    boxes' ranking values float32 [R] (ascending; OpenCV's engine: the rank position).
     """
+    raw = raw_proposals(image, engine=engine, mode=mode, resize=resize, resize_side=resize_side, seed=seed,
+                        k_scale=k_scale, threads=threads)
+    boxes, scores = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou, top_k=top_k)
+    return (boxes, scores) if return_scores else boxes
+
+
+def raw_proposals(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
+                  resize_side: str = "width", seed: int = 0, k_scale: float = 1.0,
+                  threads: int = 1) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """The expensive half of ``selective_search``: (boxes float32 [R, 4] xyxy in pixels of the
+    resized image, in the engine's ranking, no duplicates; ranking values float32 [R];
+    (original height, width, resized height, width)). ``finish_proposals`` does the rest."""
     if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
             and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0):
         desc = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
@@ -66,46 +86,64 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
         raise ValueError(f"selective_search: mode must be one of {list(MODES)}, got {mode!r}")
     if engine not in ENGINES:
         raise ValueError(f"selective_search: engine must be one of {list(ENGINES)}, got {engine!r}")
-    height, width = image.shape[:2]
     small = _resize_for_proposals(image, resize, resize_side)  # [h, w, 3] RGB
     if engine == "ours":
-        boxes, scores = selective_search_boxes(small, mode=mode, seed=seed, threads=threads)  # [R, 4], [R]
+        boxes, scores = selective_search_boxes(small, mode=mode, seed=seed, threads=threads,
+                                               k_scale=k_scale)  # [R, 4], [R]
     else:
-        boxes = opencv_selective_search(small, mode)
+        boxes = opencv_selective_search(small, mode, k_scale=k_scale)
         scores = np.arange(len(boxes), dtype=np.float32)
     _, first = np.unique(boxes, axis=0, return_index=True)
     keep = np.sort(first)  # duplicates dropped, ranking kept
-    boxes, scores = boxes[keep].astype(np.float64), scores[keep]
+    return boxes[keep], scores[keep], (*image.shape[:2], *small.shape[:2])
+
+
+def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper", nms_iou: float = 0.7,
+                     top_k: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """``raw_proposals``' output -> (boxes float32 [R, 4] xyxy in original pixels, ranking values
+    float32 [R], ascending): the min-size filter, the ranking and the top-k of ``selective_search``."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"selective_search: ranking must be one of {list(RANKINGS)}, got {ranking!r}")
+    boxes, scores, (height, width, small_height, small_width) = raw
+    boxes = boxes.astype(np.float64)
     big_enough = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
-    boxes, scores = boxes[big_enough], scores[big_enough]  # [R, 4] in `small`, as FilterBoxesWidth
-    boxes[:, 0::2] = (boxes[:, 0::2] * (width / small.shape[1])).clip(0, width)
-    boxes[:, 1::2] = (boxes[:, 1::2] * (height / small.shape[0])).clip(0, height)
+    boxes, scores = boxes[big_enough], scores[big_enough]  # [R, 4] in the resized image, as FilterBoxesWidth
+    if ranking == "nms":
+        order, scores = near_duplicates_last(boxes, scores, nms_iou)
+        boxes = boxes[order]
     if top_k > 0:
         boxes, scores = boxes[:top_k], scores[:top_k]
-    boxes = boxes.astype(np.float32)  # [R, 4] xyxy original pixels
-    return (boxes, scores.astype(np.float32)) if return_scores else boxes
+    boxes[:, 0::2] = (boxes[:, 0::2] * (width / small_width)).clip(0, width)
+    boxes[:, 1::2] = (boxes[:, 1::2] * (height / small_height)).clip(0, height)
+    return boxes.astype(np.float32), np.asarray(scores, dtype=np.float32)  # [R, 4] xyxy original pixels
 
 
-def _resize_for_proposals(image: np.ndarray, resize: int, resize_side: str) -> np.ndarray:
-    """Resize so that ``resize_side`` is ``resize`` pixels (0: unchanged); aspect kept.
-
-    Small images are enlarged too, as [RCNN] did (MATLAB ``imresize(im, [NaN 500])``).
-    """
+def resized_shape(height: int, width: int, resize: int, resize_side: str) -> tuple[int, int]:
+    """(height, width) of an image after the proposal resize: ``resize_side`` ("width", "longer"
+    or "shorter") becomes ``resize`` pixels (0: unchanged), aspect kept, the longer side capped
+    at ``MAX_ELONGATION`` x ``resize``."""
     if resize_side not in RESIZE_SIDES:
         raise ValueError(f"selective_search: resize_side must be one of {RESIZE_SIDES}, got {resize_side!r}")
     if resize < 0:
         raise ValueError(f"selective_search: resize must be >= 0, got {resize}")
-    height, width = image.shape[:2]
     side = {"width": width, "longer": max(height, width), "shorter": min(height, width)}[resize_side]
     if resize == 0 or side == resize:
-        return image
+        return height, width
     # The longer side is capped at MAX_ELONGATION x resize, so that a sliver (say 2 x 700 px)
     # is not blown up to 500 x 175000 px to make its width 500.
     scale = min(resize / side, MAX_ELONGATION * resize / max(height, width))
-    new_width = max(1, round(width * scale))
-    new_height = max(1, round(height * scale))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _resize_for_proposals(image: np.ndarray, resize: int, resize_side: str) -> np.ndarray:
+    """Resize to ``resized_shape``. Small images are enlarged too, as [RCNN] did (MATLAB
+    ``imresize(im, [NaN 500])``)."""
+    height, width = image.shape[:2]
+    new_height, new_width = resized_shape(height, width, resize, resize_side)
+    if (new_height, new_width) == (height, width):
+        return image
     # INTER_AREA averages when shrinking (anti-aliased, like MATLAB's imresize in [RCNN]).
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    interpolation = cv2.INTER_AREA if new_width * new_height < width * height else cv2.INTER_LINEAR
     return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
 
 
@@ -122,6 +160,12 @@ def check_proposal_settings(settings: dict) -> dict:
     for key in ("resize", "min_size", "top_k", "seed"):
         if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < 0:
             raise ValueError(f"proposal settings: {key} must be an integer >= 0, got {settings[key]!r}")
+    if settings["ranking"] not in RANKINGS:
+        raise ValueError(f"proposal settings: ranking must be one of {list(RANKINGS)}, got {settings['ranking']!r}")
+    for key, low, high in (("nms_iou", 0.0, 1.0), ("k_scale", 0.0, 1e6)):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+            raise ValueError(f"proposal settings: {key} must be a number in ({low:g}, {high:g}], got {value!r}")
     return {key: settings[key] for key in SETTINGS_KEYS}
 
 
@@ -164,8 +208,9 @@ def _opencv_image(image_rgb: np.ndarray, bgr: np.ndarray, name: str) -> np.ndarr
     return colour_space(image_rgb, name)[0]  # paper's rgI, H x 3, I x 3
 
 
-def opencv_selective_search(image: np.ndarray, mode: str = "fast") -> np.ndarray:
-    """OpenCV selective search with the paper's settings on a uint8 RGB [H, W, 3] image.
+def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: float = 1.0) -> np.ndarray:
+    """OpenCV selective search with the paper's settings (k times ``k_scale``) on a uint8 RGB
+    [H, W, 3] image.
 
     Returns float32 [R, 4] xyxy boxes (x2, y2 exclusive), in OpenCV's ranking order.
     """
@@ -186,7 +231,8 @@ def opencv_selective_search(image: np.ndarray, mode: str = "fast") -> np.ndarray
     for name in colour_spaces:
         ss.addImage(_opencv_image(image, bgr, name))
     for k in ks:
-        ss.addGraphSegmentation(seg.createGraphSegmentation(SIGMA, float(k), int(k)))
+        k = k * k_scale  # min size = k, rounded as our engine
+        ss.addGraphSegmentation(seg.createGraphSegmentation(SIGMA, float(k), max(1, int(k + 0.5))))
     for name in strategies:
         ss.addStrategy(_strategy(name))
     with _rand_lock:

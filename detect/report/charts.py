@@ -1,13 +1,17 @@
 """The analysis figures: AP against IoU, error breakdown, stacked stage times, speed against
-accuracy with end-to-end and detector-only points. PNG bytes, as ``detect.report.render``."""
+accuracy with end-to-end and detector-only points, and ``detect tune-proposals``' recall against
+boxes and seconds. PNG bytes, as ``detect.report.render``."""
 
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 from matplotlib.lines import Line2D
 
+from detect.common.palette import TAB10_HEX
 from detect.evaluation.errors import ERROR_TYPES
+from detect.evaluation.proposal_tuning import best_per_search
 from detect.report.render import _figure, _png
 from detect.report.runs import Run
 
@@ -111,4 +115,52 @@ def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def proposal_tuning(result: dict) -> bytes:
+    """``detect tune-proposals``: recall against boxes per image (left: the budgets of each
+    measured search, at its best min size and ranking) and against seconds per image (right:
+    one point per measured search, hollow: every search on the probe images); the target as a
+    dashed line, the chosen setting as a star."""
+    fig = _figure(11.0, 4.4)
+    ax_boxes, ax_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    metric, target = result["metric"], result["target"]["recall"]
+    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
+    k_scales = sorted({r["k_scale"] for r in result["rows"]}, reverse=True)
+    styles = dict(zip(k_scales, ("-", "--", ":", "-.") * len(k_scales)))
+    for best in best_per_search(result):
+        same = ("mode", "resize", "k_scale", "min_size", "ranking", "nms_iou")
+        rows = sorted((r for r in result["rows"] if all(r[k] == best[k] for k in same)),
+                      key=lambda r: r["boxes_per_image"])
+        color = TAB10_HEX[modes.index(best["mode"]) % len(TAB10_HEX)]
+        ranking = best["ranking"] if best["ranking"] == "paper" else f"nms {best['nms_iou']:g}"
+        label = f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} {ranking}"
+        ax_boxes.plot([r["boxes_per_image"] for r in rows], [r[metric] for r in rows], "o" + styles[best["k_scale"]],
+                      color=color, label=label, markersize=3, linewidth=1.2)
+        ax_time.plot([best["seconds_per_image"]], [best[metric]], "o", color=color, markersize=5)
+    for key, probe in result["probe"].items():  # every search tried, on the probe images: hollow
+        mode = key.split("_")[0]
+        modes += [] if mode in modes else [mode]
+        ax_time.plot([probe["seconds_per_image"]], [probe["best_recall"]], "o", mfc="none", markersize=5,
+                     color=TAB10_HEX[modes.index(mode) % len(TAB10_HEX)])
+    ax_time.legend(handles=[Line2D([], [], marker="o", linestyle="", color=TAB10_HEX[i % len(TAB10_HEX)], label=m)
+                            for i, m in enumerate(modes)]
+                   + [Line2D([], [], marker="o", linestyle="", mfc="none", color="#555",
+                             label=f"probe ({result['probe_images']} images, best setting)")],
+                   fontsize=7, loc="lower right")
+    chosen = result["chosen"]
+    ax_boxes.plot([chosen["boxes_per_image"]], [chosen[metric]], "*", color="black", markersize=14, label="chosen")
+    ax_time.plot([chosen["seconds_per_image"]], [chosen[metric]], "*", color="black", markersize=14)
+    for ax, xlabel in ((ax_boxes, "boxes per image (top_k budgets; log scale)"),
+                       (ax_time, "seconds per image, one thread (log scale)")):
+        ax.axhline(target, color="#555", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    ax_boxes.legend(fontsize=6, loc="lower right")
     return _png(fig)

@@ -109,12 +109,21 @@ def _settings_text(settings: dict | None) -> str:
         "" if settings.get("box_regression", True) else ", no box regression")
 
 
+def _own_proposal_recall(r: Run) -> str:
+    """recall@0.5 of the proposals the run's detector scored (its top-k; 0: all = the largest k)."""
+    recall, settings = r.proposal_recall, r.test_settings or {}
+    if not recall or "recall@0.5" not in recall:
+        return "n/a"
+    top_k = settings.get("proposal_top_k", 0) or max(recall["top_k"])
+    return _fmt(recall["recall@0.5"][recall["top_k"].index(top_k)]) if top_k in recall["top_k"] else "n/a"
+
+
 def _runs_section(runs: list[Run]) -> Section:
     rows = [[r.label, _detector_name(r.detector), r.backbone, r.device,
              "n/a" if r.num_images is None else str(r.num_images), _settings_text(r.test_settings),
-             str(r.run_dir)] for r in runs]
+             _own_proposal_recall(r), str(r.run_dir)] for r in runs]
     section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
-                                               "test settings", "folder"], rows)])
+                                               "test settings", "proposal recall@0.5", "folder"], rows)])
     # Ablations: runs of one detector that differ only in their number of proposals.
     sweeps = {}
     for r in runs:

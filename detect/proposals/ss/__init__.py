@@ -1,7 +1,7 @@
 """Fast, deterministic selective search (Uijlings et al., IJCV 2013) in numpy + numba.
 
 Public API: ``selective_search_boxes(image, *, mode="fast", seed=0, threads=1, timings=None,
-randomize=True) -> (boxes float32 [R, 4] xyxy, x2 / y2 exclusive, scores float32 [R])``,
+randomize=True, k_scale=1.0) -> (boxes float32 [R, 4] xyxy, x2 / y2 exclusive, scores float32 [R])``,
 ``warm_up()``, ``MODES`` (see ``engine``). ``detect.proposals.selective_search`` wraps it (resize,
 min size, top-k) beside OpenCV's implementation with the paper's settings.
 
@@ -9,20 +9,37 @@ Modules: ``segmentation`` (Felzenszwalb-Huttenlocher), ``features`` (colour spac
 histograms, adjacency), ``grouping`` (greedy hierarchical grouping), ``ranking`` (the
 paper's pseudo-random ranking), ``engine`` (the pipeline).
 
+The original code: the IJCV release (``SelectiveSearchCodeIJCV``: ``Image2HierarchicalGrouping.m``,
+``demo.m``; a copy is in zouchuhang/LayoutNet, ``matlab/panoContext_code/Toolbox/``) and
+rbgirshick/rcnn ``selective_search/selective_search_boxes.m``. The release ships
+``BlobStructColourHist``, ``BlobStructTextureHist`` and ``BlobStruct2HierarchicalGrouping`` as
+obfuscated ``.p`` files; their readable ``.m`` versions come from a copy of Uijlings' code in
+zhulei2016/RST-saliency (``SelectiveSearch/``), which also carries local edits (4-connected FH,
+a range-scaled k), so only those three functions were taken from it. As they are, we follow:
+colour bins round(v / 255 * 24) (end bins half-width), texture sigma 0.8 and round(r * 9 /
+0.43) bins, and merging the last of equally similar pairs (its stable ascending sort); and, from
+``Image2HierarchicalGrouping.m``, the ranking positions (last merge 1, initial regions n, listed
+once per segmentation).
+
 Where this differs from the original MATLAB code, and why:
 
 - edges are sorted with a stable radix sort (ties in generation order; std::sort left them
   unspecified), so results are reproducible everywhere;
-- texture: first-order Gaussian derivatives (sigma 1, as the paper; the released code used
-  0.8 and, by a bug, only the first channel) steered to 8 orientations, positive parts,
-  10 bins over [0, 0.43) (the released code's range);
+- texture: first-order Gaussian derivatives with sigma 0.8 and round(r * 9 / 0.43) bins, as the
+  released code (the paper says sigma 1), but of every channel, as the paper: the released
+  code took the first channel three times, a bug; responses over the top bin are capped
+  rather than spilled into the next orientation's bins; borders are replicated (its
+  ``conv2(..., 'same')`` pads with zeros: a false edge along every border); the diagonal
+  derivatives are steered from x and y (the release filters them with ``anigauss``, equal for
+  an isotropic Gaussian up to discretisation);
 - Lab is OpenCV's 8-bit conversion (D65) rather than MATLAB's ``applycform``; rgI's
   ``Rgb2Rgi`` is unpublished: r = R/(R+G+B), g = G/(R+G+B) (1/3 for black), I = (R+G+B)/3;
 - H and I: the image to segment is the channel replicated 3 times (as the original); the
   histograms use the single channel (identical similarities, a third of the work);
 - grouping keeps histograms in float32 and orders pairs by their similarity rounded to
-  float32 (ties: the pair found first); the ranking uses numpy's generator seeded with
-  (seed, hierarchy index) instead of MATLAB's ``rand``.
+  float32 (the original compares doubles); equal ones go to the pair listed last, as the
+  original's ascending sort that merges the last pair; the ranking uses numpy's generator
+  seeded with (seed, hierarchy index) instead of MATLAB's ``rand``.
 """
 
 from detect.proposals.ss.engine import MODES, selective_search_boxes, warm_up

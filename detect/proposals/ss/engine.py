@@ -17,6 +17,8 @@ mode           colour spaces         k (= min_size)     strategies              
 ``"quality"``  HSV, Lab, rgI, H, I   50, 100, 150, 300  C+T+S+F, T+S+F, F, S    80
 =============  ====================  =================  ======================  ===========
 
+``k_scale`` multiplies the k values (and so the min sizes, rounded); 1 is the paper's.
+
 Hierarchy index (seeds the ranking): ((k index) * n_colour_spaces + colour index) *
 n_strategies + strategy index, as the loops of the original demo (k outer, colour inner).
 
@@ -33,7 +35,7 @@ import numpy as np
 
 from detect.proposals.ss.features import colour_space, pixel_bins, region_features
 from detect.proposals.ss.grouping import STRATEGIES, hierarchical_grouping
-from detect.proposals.ss.ranking import rank_boxes
+from detect.proposals.ss.ranking import near_duplicates_last, rank_boxes
 from detect.proposals.ss.segmentation import SIGMA, segment_graph, sorted_edges
 
 MODES = {  # mode -> (colour spaces, ks, strategies)
@@ -59,7 +61,8 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"selective search: image too large ({image.shape[0]} x {image.shape[1]}), resize it first")
 
 
-def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str) -> tuple[dict, dict]:
+def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
+                              k_scale: float = 1.0) -> tuple[dict, dict]:
     """All hierarchies of one colour space: ({hierarchy index: (boxes int32 [T, 4] inclusive,
     n_initial, include_initial)}, {stage: seconds})."""
     colour_spaces, ks, strategies = MODES[mode]
@@ -76,7 +79,8 @@ def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str) -
     out = {}
     for k_index, k in enumerate(ks):
         t0 = time.perf_counter()
-        labels, n_regions = segment_graph(order, sorted_weights, height, width, float(k), int(k))
+        k = k * k_scale  # min size = k ([SS]), rounded to whole pixels
+        labels, n_regions = segment_graph(order, sorted_weights, height, width, float(k), max(1, int(k + 0.5)))
         t1 = time.perf_counter()
         sizes, boxes, colour_hist, texture_hist, pairs = region_features(
             labels, n_regions, colour_bins, texture_bins)
@@ -99,7 +103,7 @@ def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str) -
 
 def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int = 0,
                            threads: int = 1, timings: dict | None = None,
-                           randomize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                           randomize: bool = True, k_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Selective-search boxes of one image, best first.
 
     image: uint8 RGB [H, W, 3] (H, W >= 1; grayscale must be replicated to 3 channels, other
@@ -109,7 +113,8 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
     kernels release the GIL); the result is byte-identical for any value. timings: if a
     dict, receives seconds per stage ("segmentation", "features", "grouping", "ranking";
     summed over threads) and "total" (wall). randomize=False sets the random factor to 1
-    (for tests: the whole-image box comes first).
+    (for tests: the whole-image box comes first). k_scale: the mode's k values (and min sizes)
+    are multiplied by it (1 = the paper's; smaller k cuts smaller initial regions).
 
     Returns (boxes float32 [R, 4] xyxy in pixels of ``image``, x2 / y2 exclusive: the box of
     pixels x0..x1, y0..y1 is (x0, y0, x1 + 1, y1 + 1); scores float32 [R], the ranking
@@ -121,16 +126,18 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
         raise ValueError(f"selective search: mode must be one of {sorted(MODES)}, got {mode!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"selective search: seed must be an integer >= 0, got {seed!r}")
+    if isinstance(k_scale, bool) or not isinstance(k_scale, (int, float)) or not 0 < k_scale < 1e6:
+        raise ValueError(f"selective search: k_scale must be a number > 0, got {k_scale!r}")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"selective search: threads must be an integer >= 1, got {threads!r}")
     start = time.perf_counter()
     image = np.ascontiguousarray(image)
     n_colours = len(MODES[mode][0])
     if threads == 1 or n_colours == 1:
-        parts = [_colour_space_hierarchies(image, c, mode) for c in range(n_colours)]
+        parts = [_colour_space_hierarchies(image, c, mode, k_scale) for c in range(n_colours)]
     else:
         with ThreadPoolExecutor(max_workers=min(int(threads), n_colours)) as pool:
-            parts = list(pool.map(lambda c: _colour_space_hierarchies(image, c, mode), range(n_colours)))
+            parts = list(pool.map(lambda c: _colour_space_hierarchies(image, c, mode, k_scale), range(n_colours)))
     hierarchies = {}
     seconds = dict.fromkeys(STAGES, 0.0)
     for out, part_seconds in parts:
@@ -150,10 +157,12 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
 
 
 def warm_up() -> float:
-    """Compile (or load from numba's on-disk cache) every kernel on a tiny image; returns the
-    seconds it took."""
+    """Compile (or load from numba's on-disk cache) every kernel on a tiny image, the "nms"
+    ranking's too; returns the seconds it took. ``python -m detect.check_install`` (the install
+    step) runs it, so that a user's first run loads the cache instead of compiling."""
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     image = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 4, 0), 4, 1)
-    selective_search_boxes(image, mode="quality")
+    boxes, values = selective_search_boxes(image, mode="quality")
+    near_duplicates_last(boxes.astype(np.float64), values, 0.7)
     return time.perf_counter() - start

@@ -16,12 +16,16 @@ intersections and size-weighted merges come out identical to those of the replic
 
 Features of one colour space, computed ONCE (``pixel_bins``), reused for every k:
 
-- colour: 25 equal bins of the uint8 value per channel (bin = v * 25 // 256);
-- texture: Gaussian derivatives (sigma = 1) of each channel (scaled to [0, 1]) in 8
-  orientations 0, 45, ..., 315 degrees (steered from the x and y derivatives; orientation
-  o + 180 is the negative of o, only positive responses are kept, the rest count as 0), each
-  quantised into 10 equal bins of [0, 0.43) (last bin open-ended; 0.43 is the original's
-  maximum gradient value).
+- colour: 25 bins per channel, bin = round(v / 255 * 24) of the uint8 value v, as the original
+  ``BlobStructColourHist`` (``round(colourIm .* (cBin - 1))`` on values in [0, 1]): the two end
+  bins are half as wide as the others (OpenCV's ``v * 25 // 256`` makes 25 equal bins);
+- texture: Gaussian derivatives (sigma = 0.8, radius ceil(4 sigma)) of each channel (scaled to
+  [0, 1]) in 8 orientations 0, 45, ..., 315 degrees (steered from the x and y derivatives;
+  orientation o + 180 is the negative of o, only positive responses are kept, the rest count
+  as 0), each quantised as the original ``BlobStructTextureHist``: bin = round(r * 9 / 0.43) of
+  the response r (0.43: its "maximum value of gradient"; a unit step peaks at about 0.5 with
+  sigma 0.8), capped at bin 9 (the original let larger responses spill into the next
+  orientation's bins).
 
 ``region_features`` then makes, in one pass over the pixels of a label image: sizes, boxes,
 L1-normalised colour histograms [n, 25 C], texture histograms [n, 80 C], and the
@@ -39,7 +43,7 @@ from numba import njit
 COLOUR_BINS = 25
 TEXTURE_BINS = 10
 ORIENTATIONS = 8
-TEXTURE_SIGMA = 1.0
+TEXTURE_SIGMA = 0.8  # original BlobStructTextureHist: Image2OrientedGradients(im, 0.8)
 TEXTURE_MAX = 0.43  # original BlobStructTextureHist: "maximum value of gradient"
 COLOUR_SPACES = ("hsv", "lab", "rgi", "h", "i")
 _JIT = dict(cache=True, nogil=True)
@@ -51,41 +55,43 @@ def _im2uint8(value: float) -> np.uint8:
 
 
 @njit(**_JIT)
-def _rgb_to_hsv_rgi_gray(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 RGB [H, W, 3] -> (hsv uint8 [H, W, 3], rgi uint8 [H, W, 3], gray uint8 [H, W])."""
+def _rgb_to(image: np.ndarray, space: int) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> space 0: hsv uint8 [H, W, 3], 1: rgi [H, W, 3], 2: gray [H, W, 1]
+    (only the one asked for is computed)."""
     height, width = image.shape[:2]
-    hsv = np.empty((height, width, 3), np.uint8)
-    rgi = np.empty((height, width, 3), np.uint8)
-    gray = np.empty((height, width), np.uint8)
+    out = np.empty((height, width, 1 if space == 2 else 3), np.uint8)
     for y in range(height):
         for x in range(width):
             r = image[y, x, 0] / 255.0
             g = image[y, x, 1] / 255.0
             b = image[y, x, 2] / 255.0
-            v = max(r, g, b)
-            delta = v - min(r, g, b)
-            h = 0.0
-            if delta > 0.0:  # MATLAB rgb2hsv: the blue case overrides green overrides red
-                if b == v:
-                    h = 4.0 + (r - g) / delta
-                elif g == v:
-                    h = 2.0 + (b - r) / delta
-                else:
-                    h = (g - b) / delta
-                h /= 6.0
-                if h < 0.0:
-                    h += 1.0
-            s = delta / v if v > 0.0 else 0.0
-            hsv[y, x, 0] = _im2uint8(h)
-            hsv[y, x, 1] = _im2uint8(s)
-            hsv[y, x, 2] = _im2uint8(v)
-            total = r + g + b
-            rgi[y, x, 0] = _im2uint8(r / total if total > 0.0 else 1.0 / 3.0)
-            rgi[y, x, 1] = _im2uint8(g / total if total > 0.0 else 1.0 / 3.0)
-            rgi[y, x, 2] = _im2uint8(total / 3.0)
-            gray[y, x] = _im2uint8(0.298936021293775 * r + 0.587043074451121 * g
-                                   + 0.114020904255103 * b)
-    return hsv, rgi, gray
+            if space == 0:
+                v = max(r, g, b)
+                delta = v - min(r, g, b)
+                h = 0.0
+                if delta > 0.0:  # MATLAB rgb2hsv: the blue case overrides green overrides red
+                    if b == v:
+                        h = 4.0 + (r - g) / delta
+                    elif g == v:
+                        h = 2.0 + (b - r) / delta
+                    else:
+                        h = (g - b) / delta
+                    h /= 6.0
+                    if h < 0.0:
+                        h += 1.0
+                s = delta / v if v > 0.0 else 0.0
+                out[y, x, 0] = _im2uint8(h)
+                out[y, x, 1] = _im2uint8(s)
+                out[y, x, 2] = _im2uint8(v)
+            elif space == 1:
+                total = r + g + b
+                out[y, x, 0] = _im2uint8(r / total if total > 0.0 else 1.0 / 3.0)
+                out[y, x, 1] = _im2uint8(g / total if total > 0.0 else 1.0 / 3.0)
+                out[y, x, 2] = _im2uint8(total / 3.0)
+            else:
+                out[y, x, 0] = _im2uint8(0.298936021293775 * r + 0.587043074451121 * g
+                                         + 0.114020904255103 * b)
+    return out
 
 
 def colour_space(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -98,12 +104,10 @@ def colour_space(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
         return lab, lab
     if name not in COLOUR_SPACES:
         raise ValueError(f"colour space must be one of {COLOUR_SPACES}, got {name!r}")
-    hsv, rgi, gray = _rgb_to_hsv_rgi_gray(np.ascontiguousarray(image))
-    if name == "hsv":
-        return hsv, hsv
-    if name == "rgi":
-        return rgi, rgi
-    single = np.ascontiguousarray(hsv[:, :, :1]) if name == "h" else gray[:, :, None]
+    converted = _rgb_to(np.ascontiguousarray(image), {"hsv": 0, "h": 0, "rgi": 1, "i": 2}[name])
+    if name in ("hsv", "rgi"):
+        return converted, converted
+    single = np.ascontiguousarray(converted[:, :, :1])  # h: the hue channel; i: the intensity
     return np.ascontiguousarray(np.repeat(single, 3, axis=2)), single
 
 
@@ -140,13 +144,14 @@ def _convolve_x(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 @njit(**_JIT)
 def _convolve_y(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Correlate each column with ``kernel`` (odd length), borders replicated."""
+    """Correlate each column with ``kernel`` (odd length), borders replicated. Row by row, each
+    output row summed over the kernel's rows in kernel order (the rows stay in cache)."""
     height, width = src.shape
     radius = kernel.size // 2
     out = np.zeros((height, width))
-    for i in range(-radius, radius + 1):
-        weight = kernel[i + radius]
-        for y in range(height):
+    for y in range(height):
+        for i in range(-radius, radius + 1):
+            weight = kernel[i + radius]
             row = min(max(y + i, 0), height - 1)
             for x in range(width):
                 out[y, x] += weight * src[row, x]
@@ -165,31 +170,28 @@ def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     colour = np.empty((n, channels), np.uint8)
     texture = np.empty((n, ORIENTATIONS * channels), np.uint8)
     gauss, deriv = _gaussian_kernels(TEXTURE_SIGMA)
-    scale = TEXTURE_BINS / TEXTURE_MAX
-    cosines = np.array([1.0, math.sqrt(0.5), 0.0, -math.sqrt(0.5)])
-    sines = np.array([0.0, math.sqrt(0.5), 1.0, math.sqrt(0.5)])
+    scale = (TEXTURE_BINS - 1) / TEXTURE_MAX
+    cosines = (1.0, math.sqrt(0.5), 0.0, -math.sqrt(0.5))
+    sines = (0.0, math.sqrt(0.5), 1.0, math.sqrt(0.5))
     plane = np.empty((height, width))
     for c in range(channels):
         for y in range(height):
             for x in range(width):
                 value = feat_image[y, x, c]
-                colour[y * width + x, c] = value * COLOUR_BINS // 256
+                # round(v * 24 / 255) in integers (no ties: 48 v is even, 255 odd)
+                colour[y * width + x, c] = (np.int32(value) * (2 * COLOUR_BINS - 2) + 255) // 510
                 plane[y, x] = value / 255.0
-        grad_x = _convolve_y(_convolve_x(plane, deriv), gauss)
-        grad_y = _convolve_y(_convolve_x(plane, gauss), deriv)
-        for y in range(height):
-            for x in range(width):
-                p = y * width + x
-                for o in range(4):
-                    d = cosines[o] * grad_x[y, x] + sines[o] * grad_y[y, x]
-                    b = int(abs(d) * scale)
-                    b = min(b, TEXTURE_BINS - 1)
-                    if d > 0.0:
-                        texture[p, c * ORIENTATIONS + o] = b
-                        texture[p, c * ORIENTATIONS + o + 4] = 0
-                    else:
-                        texture[p, c * ORIENTATIONS + o] = 0
-                        texture[p, c * ORIENTATIONS + o + 4] = b
+        grad_x = _convolve_y(_convolve_x(plane, deriv), gauss).ravel()
+        grad_y = _convolve_y(_convolve_x(plane, gauss), deriv).ravel()
+        for p in range(n):
+            gx = grad_x[p]
+            gy = grad_y[p]
+            for o in range(4):  # selects, not branches: the sign of d is a coin flip
+                d = cosines[o] * gx + sines[o] * gy
+                b = np.uint8(min(int(abs(d) * scale + 0.5), TEXTURE_BINS - 1))  # round, capped
+                positive = d > 0.0
+                texture[p, c * ORIENTATIONS + o] = b if positive else np.uint8(0)
+                texture[p, c * ORIENTATIONS + o + 4] = np.uint8(0) if positive else b
     return colour, texture
 
 

@@ -14,8 +14,11 @@ The merged region t gets size_t = size_i + size_j, box = union of the boxes, his
 
 Implementation: a binary max-heap of candidate pairs with lazy invalidation (a popped pair
 whose region was already merged is skipped). Heap keys are uint64: the similarity rounded to
-float32 in the high bits, the pair's push number (inverted) in the low bits, so ties go to
-the pair pushed first and the order is fully deterministic; neighbour lists in one growable
+float32 in the high bits, the pair's push number in the low bits, so that among equal
+similarities the pair pushed LAST wins, as in the original ``BlobStruct2HierarchicalGrouping``
+(it sorts the pair list ascending, stably, and merges the last one; new pairs are appended, the
+initial ones in (a, b) order, each merge's in ascending order of the neighbour's id, as here).
+The order is fully deterministic; neighbour lists in one growable
 buffer; histograms in float32; ``merged_into`` pointers (with path compression) that map a
 stale neighbour id to the region that absorbed it. All numba, no Python objects, GIL released.
 """
@@ -67,9 +70,9 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 @njit(inline="always", **_JIT)
 def _heap_key(sim, entry):
     """uint64 heap key: the float32 bits of sim (>= 0, so the bits order like the values)
-    above 0xFFFFFFFF - entry, so that among equal similarities the earlier entry wins."""
+    above the entry number, so that among equal similarities the later entry wins."""
     bits = np.uint64(np.float32(max(sim, 0.0)).view(np.uint32))
-    return (bits << np.uint64(32)) | (_LOW32 - np.uint64(entry))
+    return (bits << np.uint64(32)) | np.uint64(entry)
 
 
 @njit(inline="always", **_JIT)
@@ -106,7 +109,7 @@ def _heap_pop(heap, n_heap):
         else:
             break
     heap[pos] = last
-    return np.int64(_LOW32 - (top & _LOW32)), n_heap
+    return np.int64(top & _LOW32), n_heap
 
 
 @njit(inline="always", **_JIT)
@@ -237,6 +240,7 @@ def hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, im_siz
                     data[used] = other
                     used += 1
         length[t] = used - start[t]
+        data[start[t]:used] = np.sort(data[start[t]:used])  # pushed in ascending id order
 
         needed = n_ent + length[t]
         if needed > ent_a.size:

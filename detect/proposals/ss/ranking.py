@@ -11,11 +11,15 @@ value = position * U[0, 1), the uniform numbers drawn from
 ``np.random.default_rng([seed, hierarchy_index])`` (one draw per listed box, in list order),
 so the result does not depend on threads or processes. All hierarchies are pooled, sorted
 by value ascending (stable), and duplicate boxes removed keeping the first.
+
+``near_duplicates_last`` is the alternative ranking ``proposals.ranking: nms`` (applied by
+``detect.proposals.selective_search`` to the final boxes of either engine).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 
 def hierarchy_positions(n_initial: int, n_boxes: int, include_initial: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -72,3 +76,52 @@ def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
         _, first = np.unique(boxes, axis=0, return_index=True)
     first = np.sort(first)
     return boxes[first].astype(np.int32), values[first]
+
+
+@njit(cache=True, nogil=True)
+def _nms_survivors(boxes: np.ndarray, iou: float) -> np.ndarray:
+    """bool [R]: box r survives greedy NMS in list order (IoU > ``iou`` with an earlier survivor
+    suppresses it). boxes float64 [R, 4] xyxy."""
+    n = boxes.shape[0]
+    alive = np.zeros(n, np.bool_)
+    kept = np.empty(n, np.int64)
+    n_kept = 0
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    for r in range(n):
+        survive = True
+        for q in range(n_kept):
+            k = kept[q]
+            inter_w = min(boxes[r, 2], boxes[k, 2]) - max(boxes[r, 0], boxes[k, 0])
+            if inter_w <= 0.0:
+                continue
+            inter_h = min(boxes[r, 3], boxes[k, 3]) - max(boxes[r, 1], boxes[k, 1])
+            if inter_h <= 0.0:
+                continue
+            inter = inter_w * inter_h
+            if inter > iou * (area[r] + area[k] - inter):
+                survive = False
+                break
+        if survive:
+            alive[r] = True
+            kept[n_kept] = r
+            n_kept += 1
+    return alive
+
+
+def near_duplicates_last(boxes: np.ndarray, values: np.ndarray, iou: float) -> tuple[np.ndarray, np.ndarray]:
+    """The "nms" ranking: greedy NMS at ``iou`` over boxes in their ranked order; the survivors
+    first, then the suppressed boxes, each group in the given order. Nothing is dropped, so all
+    boxes (top_k 0) are the same set, but a budget of the first k spends fewer boxes on
+    near-duplicates of boxes it already holds.
+
+    boxes [R, 4] xyxy, values [R] ascending ranking values. Returns (order int64 [R], new values
+    float64 [R], ascending: the survivors keep theirs, a suppressed box gets its value plus 1 +
+    the largest value).
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    alive = _nms_survivors(np.ascontiguousarray(boxes, dtype=np.float64), float(iou))
+    order = np.concatenate([np.flatnonzero(alive), np.flatnonzero(~alive)])
+    values = np.asarray(values, dtype=np.float64)
+    shifted = np.where(alive, values, values + 1.0 + values.max())
+    return order, shifted[order]
