@@ -111,10 +111,10 @@ def _settings_text(settings: dict | None) -> str:
 
 def _own_proposal_recall(r: Run) -> str:
     """recall@0.5 of the proposals the run's detector scored (its top-k; 0: all = the largest k)."""
-    recall, settings = r.proposal_recall, r.test_settings or {}
+    recall, top_k = r.proposal_recall, (r.test_settings or {}).get("proposal_top_k", 0)
     if not recall or "recall@0.5" not in recall:
         return "n/a"
-    top_k = settings.get("proposal_top_k", 0) or max(recall["top_k"])
+    top_k = top_k or max(recall["top_k"])
     return _fmt(recall["recall@0.5"][recall["top_k"].index(top_k)]) if top_k in recall["top_k"] else "n/a"
 
 
@@ -505,8 +505,7 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         blocks.append(Text("Every image, the runs side by side, each box coloured by its error type: "
                            "viewer.html", href="viewer.html"))
     else:
-        blocks.append(Text("Per-image viewer: not available (it needs every run's detections.json and the "
-                           "dataset)."))
+        blocks.append(Text("Per-image viewer: not available (it needs each run's detections.json and the dataset)."))
     pngs: dict[str, bytes] = {}
     for section in sections:
         blocks += section.blocks
