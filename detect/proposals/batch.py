@@ -76,10 +76,12 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
     meta = {**settings, "code_version": __version__, "opencv_version": cv2.__version__,
             "numba_version": numba.__version__,
             "dataset_fingerprint": dataset_fingerprint(items)}
-    if out.exists():
-        return _existing_store(out, meta, len(items))
-
     partial = Path(f"{out}.partial")
+    if out.exists():
+        store = _existing_store(out, meta, len(items))
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed between its merge and this cleanup
+        return store
+
     _start_or_check_job(partial, {**meta, "num_images": len(items), "chunk_size": chunk_size})
     num_chunks = math.ceil(len(items) / chunk_size)
     mine = [k for k in range(num_chunks) if shard is None or k % shard[1] == shard[0]]
