@@ -13,8 +13,10 @@ import detect
 from detect.common.checkpoints import save_detector_checkpoint
 from detect.common.config import Config, to_dict
 from detect.data.datasets import load_coco
-from detect.models.build import build_fast_rcnn
-from detect.proposals.store import write_store
+from detect.evaluation.coco import evaluate_detections
+from detect.evaluation.run import run_detector
+from detect.models.build import build_fast_rcnn, load_detector
+from detect.proposals.store import ProposalStore, write_store
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -46,13 +48,24 @@ def test_the_readme_api_example_runs(synthetic_dir, tmp_path, monkeypatch, capsy
                              class_names=dataset.class_names, category_ids=dataset.category_ids,
                              state_dict=model.state_dict())
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), np.uint8)).save("photo.jpg")
-    boxes = [np.array([[0, 0, 60, 50], [10, 10, 100, 90]], np.float32) for _ in dataset.records]
+    # Proposals: the ground truth and two fixed boxes, so that even random weights score AP > 0.
+    boxes = [np.concatenate([r.gt_boxes, [[0, 0, 60, 50], [10, 10, 100, 90]]]).astype(np.float32)
+             for r in dataset.records]
     write_store(tmp_path / "proposals" / "val", image_ids=[r.image_id for r in dataset.records],
                 boxes_per_image=boxes, meta={"mode": "fast"})
 
     exec(compile(_api_example(), str(README), "exec"), {})
 
-    printed = capsys.readouterr().out.splitlines()
-    assert len(printed) >= 1
-    ap, ap50 = (float(v) for v in printed[-1].split()[:2])  # the metrics line
-    assert 0.0 <= ap <= ap50 <= 1.0
+    *detection_lines, metrics_line = capsys.readouterr().out.splitlines()
+    assert detection_lines  # random weights still score the photo's proposals above 0.05
+    for line in detection_lines:  # "<class name> <score> [x1, y1, x2, y2]" in the photo's pixels
+        name, score, box = line.split(" ", 2)
+        x1, y1, x2, y2 = eval(box)
+        assert name in dataset.class_names and 0.05 <= float(score) <= 1.0
+        assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 96
+    # The example's hand-written loop scores what `detect eval` scores: the same detector, store and cut.
+    detector = load_detector(tmp_path / "runs" / "frcn" / "model_final.pt", "cpu")
+    store = ProposalStore(tmp_path / "proposals" / "val")
+    expected = evaluate_detections(dataset, run_detector(detector, dataset.records, store=store, progress=False))
+    ap, ap50 = (float(v) for v in metrics_line.split()[:2])
+    assert ap50 > 0 and (ap, ap50) == (expected["AP"], expected["AP50"])
