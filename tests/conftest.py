@@ -1,4 +1,4 @@
-"""Shared fixtures: the built-in synthetic dataset and a tiny hand-made COCO dataset."""
+"""Shared fixtures and helpers: the synthetic dataset, a tiny hand-made COCO dataset, fake evaluated runs."""
 
 from __future__ import annotations
 
@@ -72,3 +72,64 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake evaluated runs for the report, viewer and browser tests
+# ----------------------------------------------------------------------------------------------
+
+RECALL = np.linspace(0, 1, 101).round(2).tolist()  # [101] COCO recall points
+PROPOSAL_RECALL = {"top_k": [100, 300, 1000, 2000], "recall@0.5": [0.6, 0.8, 0.9, 0.95],
+                   "recall@0.7": [0.3, 0.5, 0.6, 0.7], "AR": [0.35, 0.5, 0.6, 0.66],
+                   "MABO": [0.7, 0.75, 0.8, 0.82]}
+
+
+def write_tiny_coco(root: Path) -> Path:
+    """The report tests' dataset: root/val.json and 3 images (id 1 has no ground truth), categories 3 "cat" and 7 "dog" (not contiguous)."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in (1, 2, 3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"im{i}.png")
+    coco = {"images": [{"id": i, "file_name": f"im{i}.png", "width": 64, "height": 48} for i in (1, 2, 3)],
+            "annotations": [{"id": 1, "image_id": 2, "category_id": 3, "bbox": [5, 6, 30, 20],
+                             "area": 600, "iscrowd": 0},
+                            {"id": 2, "image_id": 3, "category_id": 7, "bbox": [20, 10, 40, 30],
+                             "area": 1200, "iscrowd": 0}],
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
+    (root / "val.json").write_text(json.dumps(coco))
+    return root / "val.json"
+
+
+def write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_json: Path | None,
+              detections: list | None = None, full: bool = True) -> Path:
+    """A fake evaluated run folder for ``detect compare``: metrics.json (every key the report
+    reads when ``full``) and, if given, detections.json."""
+    metrics = {"detector": detector, "coco": {"AP": ap, "AP50": 0.801, "AP75": 0.55, "APs": -1.0,
+                                              "APm": 0.4, "APl": 0.6, "AR1": 0.3, "AR10": 0.5,
+                                              "AR100": 0.65}}
+    if full:
+        dog = [round(0.9 - 0.5 * r, 4) if r <= 0.8 else -1.0 for r in RECALL]  # -1: unreached recall
+        metrics.update({
+            "name": run_dir.name, "backbone": "efficientnet_lite0", "device": "cpu",
+            "num_parameters": 3_412_345, "num_images": 3,
+            "per_class_AP": {"cat": ap + 0.1, "dog": 0.324}, "per_class_AP50": {"cat": 0.9, "dog": -1.0},
+            "voc07": {"mAP": ap + 0.2, "per_class_AP": {"cat": ap + 0.2, "dog": -1.0}},
+            "voc": {"mAP": -1.0, "per_class_AP": {"cat": -1.0, "dog": -1.0}},
+            "pr_curve_50": {"recall": RECALL, "precision": {"all": [round(1 - ap * r, 4) for r in RECALL],
+                                                            "cat": [1.0] * 101, "dog": dog}},
+            "ap_per_iou": {"iou": [round(0.5 + 0.05 * i, 2) for i in range(10)],
+                           "AP": [round(0.8 - 0.07 * i, 3) for i in range(10)]},
+            "timing_ms_per_image": timing, "images_per_second": 1000.0 / sum(timing.values()),
+            "peak_memory_mb": 1234.5, "train_time_s": 95.0, "proposal_recall": PROPOSAL_RECALL})
+    if data_json is not None:
+        metrics["data"] = {"format": "coco", "path": str(data_json), "images": "", "split": ""}
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if detections is not None:
+        (run_dir / "detections.json").write_text(json.dumps(detections))
+    return run_dir
+
+
+FAST_TIMING = {"proposals": 1900.0, "backbone": 10.0, "roi_head": 4.0, "postprocess": 1.0}  # 15 ms
+RCNN_TIMING = {"proposals": 1900.0, "warp": 30.0, "features": 300.0, "svm": 5.0, "bbox_reg": 2.0,
+               "postprocess": 1.0}  # 338 ms: 338 / 15 = 22.5x

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -172,8 +173,9 @@ def run_ok(cmd: list[str], *, timeout: float = 300, **env: str) -> subprocess.Co
 # process running ``detect.cli.main(argv)`` in its own session, exactly what the command line
 # runs, and SIGKILL hits it as it would hit ``python -m detect``. The server never ran torch
 # code, so no thread pool is inherited across the fork.
-WARM_MODULES = ["torch", "torchvision", "detect.cli", "detect.engine", "detect.fast_rcnn", "detect.rcnn",
-                "detect.svm", "detect.inference", "detect.evaluation", "detect.proposals", "detect.predict"]
+WARM_MODULES = ["torch", "torchvision", "detect.cli"]  # detect.cli imports every stage through detect.commands
+# The forkserver skips a preload it cannot import without a word: a stale name must fail here.
+assert all(importlib.util.find_spec(name) for name in WARM_MODULES), WARM_MODULES
 _warm_context = None
 
 

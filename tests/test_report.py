@@ -9,7 +9,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,71 +16,18 @@ from detect.cli import main
 from detect.report.runs import load_run
 from detect.report.sections import make_report
 
-RECALL = np.linspace(0, 1, 101).round(2).tolist()  # [101] COCO recall points
-PROPOSAL_RECALL = {"top_k": [100, 300, 1000, 2000], "recall@0.5": [0.6, 0.8, 0.9, 0.95],
-                   "recall@0.7": [0.3, 0.5, 0.6, 0.7], "AR": [0.35, 0.5, 0.6, 0.66],
-                   "MABO": [0.7, 0.75, 0.8, 0.82]}
-
-
-def _write_tiny_coco(root: Path) -> Path:
-    """3 images (id 1 has no ground truth), categories 3 "cat" and 7 "dog" (not contiguous)."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in (1, 2, 3):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(root / f"im{i}.png")
-    coco = {"images": [{"id": i, "file_name": f"im{i}.png", "width": 64, "height": 48} for i in (1, 2, 3)],
-            "annotations": [{"id": 1, "image_id": 2, "category_id": 3, "bbox": [5, 6, 30, 20],
-                             "area": 600, "iscrowd": 0},
-                            {"id": 2, "image_id": 3, "category_id": 7, "bbox": [20, 10, 40, 30],
-                             "area": 1200, "iscrowd": 0}],
-            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]}
-    (root / "val.json").write_text(json.dumps(coco))
-    return root / "val.json"
-
-
-def _write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_json: Path | None,
-               detections: list | None = None, full: bool = True) -> Path:
-    metrics = {"detector": detector, "coco": {"AP": ap, "AP50": 0.801, "AP75": 0.55, "APs": -1.0,
-                                              "APm": 0.4, "APl": 0.6, "AR1": 0.3, "AR10": 0.5,
-                                              "AR100": 0.65}}
-    if full:
-        dog = [round(0.9 - 0.5 * r, 4) if r <= 0.8 else -1.0 for r in RECALL]  # -1: unreached recall
-        metrics.update({
-            "name": run_dir.name, "backbone": "efficientnet_lite0", "device": "cpu",
-            "num_parameters": 3_412_345, "num_images": 3,
-            "per_class_AP": {"cat": ap + 0.1, "dog": 0.324}, "per_class_AP50": {"cat": 0.9, "dog": -1.0},
-            "voc07": {"mAP": ap + 0.2, "per_class_AP": {"cat": ap + 0.2, "dog": -1.0}},
-            "voc": {"mAP": -1.0, "per_class_AP": {"cat": -1.0, "dog": -1.0}},
-            "pr_curve_50": {"recall": RECALL, "precision": {"all": [round(1 - ap * r, 4) for r in RECALL],
-                                                            "cat": [1.0] * 101, "dog": dog}},
-            "ap_per_iou": {"iou": [round(0.5 + 0.05 * i, 2) for i in range(10)],
-                           "AP": [round(0.8 - 0.07 * i, 3) for i in range(10)]},
-            "timing_ms_per_image": timing, "images_per_second": 1000.0 / sum(timing.values()),
-            "peak_memory_mb": 1234.5, "train_time_s": 95.0, "proposal_recall": PROPOSAL_RECALL})
-    if data_json is not None:
-        metrics["data"] = {"format": "coco", "path": str(data_json), "images": "", "split": ""}
-    run_dir.mkdir(parents=True)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    if detections is not None:
-        (run_dir / "detections.json").write_text(json.dumps(detections))
-    return run_dir
-
-
-FAST_TIMING = {"proposals": 1900.0, "backbone": 10.0, "roi_head": 4.0, "postprocess": 1.0}  # 15 ms
-RCNN_TIMING = {"proposals": 1900.0, "warp": 30.0, "features": 300.0, "svm": 5.0, "bbox_reg": 2.0,
-               "postprocess": 1.0}  # 338 ms: 338 / 15 = 22.5x
-
+from conftest import FAST_TIMING, RCNN_TIMING, write_run, write_tiny_coco
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("runs")
-    data_json = _write_tiny_coco(root / "data")
+    data_json = write_tiny_coco(root / "data")
     detections = [{"image_id": 2, "category_id": 3, "bbox": [6, 6, 30, 20], "score": 0.9},
                   {"image_id": 3, "category_id": 7, "bbox": [18, 12, 40, 30], "score": 0.7},
                   {"image_id": 3, "category_id": 3, "bbox": [1, 1, 10, 10], "score": 0.2}]
-    return [_write_run(root / "fast", detector="fast_rcnn", ap=0.512, timing=FAST_TIMING,
+    return [write_run(root / "fast", detector="fast_rcnn", ap=0.512, timing=FAST_TIMING,
                        data_json=data_json, detections=detections),
-            _write_run(root / "slow", detector="rcnn", ap=0.431, timing=RCNN_TIMING,
+            write_run(root / "slow", detector="rcnn", ap=0.431, timing=RCNN_TIMING,
                        data_json=data_json, detections=detections[:1])]
 
 
@@ -156,7 +102,7 @@ def test_same_runs_give_the_same_report(runs, report, tmp_path):
 
 
 def test_missing_optional_pieces_say_not_available(tmp_path):
-    bare = _write_run(tmp_path / "bare", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
+    bare = write_run(tmp_path / "bare", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
     md, html = make_report([bare], tmp_path / "report", timestamp="t")
     text = md.read_text()
     assert "| bare | R-CNN | n/a | 0.200 |" in text
@@ -172,9 +118,9 @@ def test_grid_without_detections_file_and_bad_entries(runs, tmp_path, capsys):
     data_json = Path(os.path.relpath(load_run(runs[0]).data["path"], tmp_path / "odd"))
     entries = [{"image_id": 2, "category_id": 99, "bbox": [1, 1, 5, 5], "score": 0.9},  # unknown id
                {"image_id": 2, "bbox": [1, 1, 5, 5], "score": 0.9}]  # no category_id
-    odd = _write_run(tmp_path / "odd", detector="fast_rcnn", ap=0.3, timing={}, data_json=data_json,
+    odd = write_run(tmp_path / "odd", detector="fast_rcnn", ap=0.3, timing={}, data_json=data_json,
                      detections=entries, full=False)
-    none = _write_run(tmp_path / "none", detector="rcnn", ap=0.3, timing={}, data_json=None, full=False)
+    none = write_run(tmp_path / "none", detector="rcnn", ap=0.3, timing={}, data_json=None, full=False)
     md, _ = make_report([odd, none], tmp_path / "report", timestamp="t", num_grid_images=1)
     text = md.read_text()
     assert "Detections not available for: none." in text
@@ -197,7 +143,7 @@ def test_bad_run_folders_give_clear_errors(tmp_path):
         load_run(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere: run folder not found"):
         load_run(tmp_path / "nowhere")
-    bad = _write_run(tmp_path / "bad", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
+    bad = write_run(tmp_path / "bad", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
     metrics = json.loads((bad / "metrics.json").read_text())
     metrics["coco"]["AP50"] = "high"
     (bad / "metrics.json").write_text(json.dumps(metrics))
@@ -216,7 +162,7 @@ def test_bad_run_folders_give_clear_errors(tmp_path):
 
 
 def test_cli_compare(runs, tmp_path, capsys):
-    bare = _write_run(tmp_path / "bare", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
+    bare = write_run(tmp_path / "bare", detector="rcnn", ap=0.2, timing={}, data_json=None, full=False)
     assert main(["compare", str(bare), "--output-dir", str(tmp_path / "r")]) == 0
     assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "report.md").is_file()
     assert main(["compare", str(runs[0]), str(tmp_path / "missing"), "--output-dir", str(tmp_path / "s")]) == 2
@@ -266,7 +212,7 @@ def test_a_bench_replaces_the_runs_timings_and_gives_the_ratio_interval(runs, tm
 
 
 def test_run_medians_are_preferred_to_means(tmp_path):
-    run = _write_run(tmp_path / "m", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=None)
+    run = write_run(tmp_path / "m", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=None)
     m = json.loads((run / "metrics.json").read_text())
     m.update(timing_ms_median={"backbone": 5.0, "proposals": 1000.0}, timing_warmup_images=3)
     (run / "metrics.json").write_text(json.dumps(m))
@@ -278,7 +224,7 @@ def test_run_medians_are_preferred_to_means(tmp_path):
 def test_runs_that_differ_in_proposals_get_a_sweep_figure(tmp_path):
     runs = []
     for k in (10, 100, 0):
-        run = _write_run(tmp_path / f"k{k}", detector="fast_rcnn", ap=0.3, timing=FAST_TIMING, data_json=None)
+        run = write_run(tmp_path / f"k{k}", detector="fast_rcnn", ap=0.3, timing=FAST_TIMING, data_json=None)
         m = json.loads((run / "metrics.json").read_text())
         m["test_settings"] = {"box_regression": True, "proposal_top_k": k}
         (run / "metrics.json").write_text(json.dumps(m))
@@ -296,8 +242,8 @@ def test_runs_that_differ_in_proposals_get_a_sweep_figure(tmp_path):
 def test_training_cost_side_by_side(tmp_path):
     """R-CNN's time per stage, the peak memory of training and the feature cache on disk, from
     the files training leaves beside metrics.json (n/a or - where a run has none)."""
-    fast = _write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=None)
-    slow = _write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=None)
+    fast = write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=None)
+    slow = write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=None)
     (fast / "log.jsonl").write_text('{"iteration": 20, "max_mem_mb": 812.4}\n{"iteration": 40, "max_mem_mb": 950.2}\n')
     (slow / "rcnn_stages.json").write_text(json.dumps({"seconds": {"finetune": 4000.0, "features": 7200.0,
                                                                    "svm": 30.0, "bbox_reg": 2.0}}))

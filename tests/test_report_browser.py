@@ -19,7 +19,7 @@ from detect.proposals.store import write_store
 from detect.report import viewer
 from detect.report.runs import load_run
 from detect.report.sections import make_report
-from tests.test_report import FAST_TIMING, RCNN_TIMING, _write_run, _write_tiny_coco
+from conftest import FAST_TIMING, RCNN_TIMING, write_run, write_tiny_coco
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "check_report_html.py"
 spec = importlib.util.spec_from_file_location("check_report_html", TOOL)
@@ -47,11 +47,11 @@ def test_the_checker_catches_a_broken_image_and_a_console_error(tmp_path):
 
 
 def test_a_report_loads_cleanly_in_the_browser(tmp_path):
-    data = _write_tiny_coco(tmp_path / "data")
+    data = write_tiny_coco(tmp_path / "data")
     dets = [{"image_id": 2, "category_id": 3, "bbox": [6, 6, 30, 20], "score": 0.9}]
-    runs = [_write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=data,
+    runs = [write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=data,
                        detections=dets),
-            _write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=data,
+            write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=data,
                        detections=dets)]
     _, html = make_report(runs, tmp_path / "report", timestamp="T")
     num, problems = check_tool.check_report(html, CHROMIUM)
@@ -74,7 +74,7 @@ def _one_image_one_class(root: Path) -> tuple[list[Path], Path]:
              {"image_id": 1, "category_id": 1, "bbox": [45, 30, 10, 10], "score": 0.2}]
     runs = []
     for name, kind, dets in (("fast", "fast_rcnn", found), ("slow", "rcnn", [])):
-        run = _write_run(root / name, detector=kind, ap=0.5, timing=FAST_TIMING, data_json=root / "val.json",
+        run = write_run(root / name, detector=kind, ap=0.5, timing=FAST_TIMING, data_json=root / "val.json",
                          detections=dets)
         metrics = json.loads((run / "metrics.json").read_text())
         (run / "metrics.json").write_text(json.dumps({**metrics, "proposals": str(store)}))
@@ -96,12 +96,12 @@ def test_the_viewer_of_one_class_and_one_image_passes_in_the_browser(tmp_path):
 
 
 def test_the_viewer_with_its_files_beside_it_passes_and_broken_viewers_fail(tmp_path):
-    data = _write_tiny_coco(tmp_path / "data")
+    data = write_tiny_coco(tmp_path / "data")
     dets = [{"image_id": 2, "category_id": 3, "bbox": [6, 6, 30, 20], "score": 0.9},
             {"image_id": 3, "category_id": 7, "bbox": [20, 10, 15, 30], "score": 0.4}]
-    runs = [_write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=data,
+    runs = [write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=data,
                        detections=dets),
-            _write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=data,
+            write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=data,
                        detections=dets[1:])]
     out = tmp_path / "out"
     loaded = [load_run(r) for r in runs]

@@ -17,7 +17,7 @@ from detect.proposals.store import write_store
 from detect.report import viewer
 from detect.report.runs import load_run
 from detect.report.sections import make_report
-from tests.test_report import FAST_TIMING, RCNN_TIMING, _write_run, _write_tiny_coco
+from conftest import FAST_TIMING, RCNN_TIMING, write_run, write_tiny_coco
 
 
 def viewer_json(html_path: Path) -> dict:
@@ -36,15 +36,15 @@ RCNN_DETS = [{"image_id": 3, "category_id": 3, "bbox": [21, 10, 40, 30], "score"
 
 @pytest.fixture
 def runs(tmp_path):
-    data = _write_tiny_coco(tmp_path / "data")
+    data = write_tiny_coco(tmp_path / "data")
     store = write_store(tmp_path / "props", image_ids=[1, 2, 3], meta={"mode": "fast"}, boxes_per_image=[
         np.array([[0, 0, 10, 10]], np.float32),
         np.array([[0, 0, 64, 48], [5, 6, 35, 26]], np.float32),  # the cat's cover is rank 1
         np.array([[0, 0, 10, 10]], np.float32)])                  # nothing covers the dog
     # R-CNN first on the command line: the viewer still puts the reference (Fast R-CNN) first
-    slow = _write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=data,
+    slow = write_run(tmp_path / "slow", detector="rcnn", ap=0.4, timing=RCNN_TIMING, data_json=data,
                       detections=RCNN_DETS)
-    fast = _write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=data,
+    fast = write_run(tmp_path / "fast", detector="fast_rcnn", ap=0.5, timing=FAST_TIMING, data_json=data,
                       detections=FAST_DETS)
     for run, top_k in ((slow, 1), (fast, 0)):
         metrics = json.loads((run / "metrics.json").read_text())
@@ -107,7 +107,7 @@ def test_the_page_stays_under_its_bound_with_5000_images(tmp_path, monkeypatch):
     COCO-length file names, three boxes each and detections from two runs. (The images are not
     read: every one is the same small JPEG.)"""
     n = 5000
-    jpeg = viewer._thumbnail(str(_write_tiny_coco(tmp_path / "data").parent / "im1.png"))
+    jpeg = viewer._thumbnail(str(write_tiny_coco(tmp_path / "data").parent / "im1.png"))
     monkeypatch.setattr(viewer, "_thumbnail", lambda path: jpeg)
     rng = np.random.default_rng(0)
     records, dets = [], []
@@ -119,7 +119,7 @@ def test_the_page_stays_under_its_bound_with_5000_images(tmp_path, monkeypatch):
         dets += [{"image_id": i, "category_id": int(c), "bbox": [float(b[0]) + 2, float(b[1]), 40.0, 60.0],
                   "score": 0.8} for b, c in zip(xy, records[-1].gt_classes)]
     dataset = Dataset("big", records, [f"class{k}" for k in range(1, 81)], list(range(1, 81)))
-    run_dirs = [_write_run(tmp_path / name, detector=kind, ap=0.5, timing=FAST_TIMING, data_json=None,
+    run_dirs = [write_run(tmp_path / name, detector=kind, ap=0.5, timing=FAST_TIMING, data_json=None,
                            detections=dets) for name, kind in (("fast", "fast_rcnn"), ("slow", "rcnn"))]
     path = viewer.write_viewer(_loaded(run_dirs), dataset, tmp_path / "out", progress=False)
     size = path.stat().st_size
