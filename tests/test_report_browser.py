@@ -1,11 +1,10 @@
-"""report.html and viewer.html in a real headless browser (tools/check_report_html.py): every
+"""report.html and viewer.html in a real headless browser (tests/check_report_html.py): every
 image decodes, the console stays clean, the viewer's controls change what it draws. Skipped
 where no Chromium is installed (apt-get install chromium)."""
 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -19,12 +18,9 @@ from detect.proposals.store import write_store
 from detect.report import viewer
 from detect.report.runs import load_run
 from detect.report.sections import make_report
+import check_report_html as check_tool
 from conftest import FAST_TIMING, RCNN_TIMING, write_run, write_tiny_coco
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "check_report_html.py"
-spec = importlib.util.spec_from_file_location("check_report_html", TOOL)
-check_tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(check_tool)
 CHROMIUM = check_tool.find_chromium()
 pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed"), pytest.mark.slow]
 

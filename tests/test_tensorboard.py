@@ -73,10 +73,11 @@ def test_a_resumed_run_hides_what_the_killed_run_logged_after_its_checkpoint(tmp
         _toy_train(tmp_path, 10, nan_at=8)  # logged 2, 4, 6, 8; last checkpoint at 6
     _toy_train(tmp_path, 10, resume=True)  # from 6: logs 8 again, and 10
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in log] == [2, 4, 6, 8, 8, 10]
+    assert [r["iteration"] for r in log] == [2, 4, 6, 8, 6, 8, 10]
+    assert log[4]["resumed_from"].endswith("iter_0000006.pt") and "loss_mse" not in log[4]
     losses = _scalars(tmp_path / "tb")["loss_mse"]  # keys without a detectron2 name are kept
     assert sorted(losses) == [2, 4, 6, 8, 10]
-    assert losses[8] == pytest.approx(log[4]["loss_mse"], rel=1e-6)  # the resumed run's value
+    assert losses[8] == pytest.approx(log[5]["loss_mse"], rel=1e-6)  # the resumed run's value
 
 
 def test_without_tensorboard_a_run_says_so_once_and_writes_no_events(tmp_path, monkeypatch, capsys):

@@ -5,8 +5,6 @@
 Writes a synthetic float16 [rows, dim] memmap (as the feature cache's pool5.f16), then fits a
 4-target ridge regression in a fresh child process per method and reports its peak RSS:
 
-- ``old``: the pre-issue-11 ``fit_ridge``: all rows read into memory, float64 copies, centred,
-  and the D x D (or N x N) system solved with ``scipy.linalg.solve`` (which copies it again).
 - ``primal``: ``box_regression.RidgeAccumulator``: the D x D float64 Gram matrix accumulated
   from 512-row chunks of the memmap, then factorised in place.
 - ``dual``: ``box_regression.fit_ridge_dual``: x kept as float32, the N x N float64 system.
@@ -30,25 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scipy.linalg import solve
-
 from detect.training.box_regression import RidgeAccumulator, dual_is_smaller, fit_ridge_dual
 
 MIB = 2 ** 20
-
-
-def old_fit_ridge(x: np.ndarray, y: np.ndarray, lam: float):
-    """The fit_ridge this issue replaced (unpenalised intercept, whole arrays in float64)."""
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
-    xc, yc = x - x_mean, y - y_mean
-    n, d = xc.shape
-    if n >= d:
-        w = solve(xc.T @ xc + lam * np.eye(d), xc.T @ yc, assume_a="pos")
-    else:
-        w = xc.T @ solve(xc @ xc.T + lam * np.eye(n), yc, assume_a="pos")
-    return w, y_mean - x_mean @ w
 
 
 def child(method: str, path: str, rows: int, dim: int) -> None:
@@ -56,9 +38,7 @@ def child(method: str, path: str, rows: int, dim: int) -> None:
     y = np.random.default_rng(1).normal(size=(rows, 4)).astype(np.float32)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    if method == "old":
-        w, b = old_fit_ridge(np.asarray(x, np.float32), y, 1000.0)  # the old code read [N, D] float32 first
-    elif method == "dual":
+    if method == "dual":
         w, b = fit_ridge_dual(np.asarray(x, np.float32), y, 1000.0)
     else:
         acc = RidgeAccumulator(dim, 4)
@@ -75,12 +55,9 @@ def child(method: str, path: str, rows: int, dim: int) -> None:
 def projected_mib(rows: int, dim: int) -> dict:
     """Dominant allocations by formula (bytes of the big arrays alive at once)."""
     x32 = rows * dim * 4
-    x64 = rows * dim * 8
-    system = min(rows, dim) ** 2 * 8
-    old = x32 + 2 * x64 + 2 * system  # float32 read, float64 copy + centred copy, system + solve's copy
     primal = dim * dim * 8 + 512 * dim * 8  # Gram matrix + one float64 chunk
     dual = x32 + rows * rows * 8 + 2 * 512 * dim * 8  # float32 x, the N x N system, two chunks
-    return {"old_mib": round(old / MIB), "primal_mib": round(primal / MIB), "dual_mib": round(dual / MIB),
+    return {"primal_mib": round(primal / MIB), "dual_mib": round(dual / MIB),
             "chosen": "dual" if dual_is_smaller(rows, dim) else "primal"}
 
 
@@ -88,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--methods", default="old,primal,dual")
+    parser.add_argument("--methods", default="primal,dual")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -52,10 +52,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package is in the checkout
+from detect.common.checkpoints import last_checkpoint
+from detect.common.fileio import write_json_atomic, write_text_atomic
 
-from detect.common.fileio import write_json_atomic, write_text_atomic  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 REFERENCE = REPO / "tools" / "gpu_check_reference.json"
 AP_TOLERANCE = 5.0  # AP points (0-100); see the module docstring
@@ -265,8 +265,9 @@ def read_ap(run_dir: Path) -> float:
 
 
 def first_checkpoint(run_dir: Path) -> int:
-    last = run_dir / "checkpoints" / "last"
-    return int(re.findall(r"\d+", last.read_text())[0]) if last.is_file() else 0
+    """The iteration of the run's newest checkpoint (``iter_0000050.pt``: 50), 0 if none yet."""
+    path = last_checkpoint(run_dir)
+    return int(path.stem.removeprefix("iter_")) if path is not None else 0
 
 
 def kill_at_first_checkpoint(c: Check, name: str, argv: list[str], run_dir: Path) -> int:
@@ -310,10 +311,10 @@ def step_train(c: Check) -> dict:
             if kind == "fast_rcnn":
                 r["killed_after_checkpoint"] = kill_at_first_checkpoint(c, "train_fast_rcnn_killed", argv, run_dir)
                 out = c.detect("train_fast_rcnn_resumed", *argv, "--resume")
-                m = re.search(r"resuming from (\S+) at iteration (\d+)", out)
-                if not m:
-                    raise StepError(f"the resumed run did not say 'resuming from ... at iteration N':\n{tail(out)}")
-                r["resumed_at"] = int(m.group(2))
+                resumes = [rec for rec in read_log(run_dir) if "resumed_from" in rec]
+                if not resumes:
+                    raise StepError(f"the resumed run logged no resume in log.jsonl:\n{tail(out)}")
+                r["resumed_at"] = resumes[-1]["iteration"]
                 if r["resumed_at"] < r["killed_after_checkpoint"]:
                     raise StepError(f"resumed at iteration {r['resumed_at']}, before the checkpoint at "
                                     f"{r['killed_after_checkpoint']}")

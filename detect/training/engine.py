@@ -97,6 +97,7 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
         set_rng_state(rng_state_of_rank(state["rng"], rank, world))
         if main:
             print(f"resuming from {prev} at iteration {start_iter}")
+            append_jsonl(output_dir / "log.jsonl", {"iteration": start_iter, "resumed_from": str(prev)})
 
     use_amp = amp and device.type == "cuda"
     amp_dtype = autocast_dtype(device)

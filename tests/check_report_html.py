@@ -2,7 +2,7 @@
 decode, the page must load with no console errors, and the viewer's controls must change
 what it draws.
 
-    python tools/check_report_html.py runs/demo/report/report.html [--screenshot viewer.png]
+    python tests/check_report_html.py runs/demo/report/report.html [--screenshot viewer.png]
 
 Each page is checked on a copy with one script appended (the viewer's copy sits beside it, so
 its relative files resolve). For the report, the script writes into the DOM how many <img>
