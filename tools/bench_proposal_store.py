@@ -10,7 +10,7 @@ about ``--boxes-per-image`` boxes (written with ``write_store``; 100k x 2000 = 3
 folder, deleted afterwards) and read the proposals of random images, with the file evicted from
 the page cache first (posix_fadvise DONTNEED) so the first reads come from disk.
 
-    python tools/bench_proposal_store.py                      # 16 synthetic images (detect.synthetic)
+    python tools/bench_proposal_store.py                      # 16 synthetic images (detect.data.synthetic)
     python tools/bench_proposal_store.py --images DIR --store-images 10000
 """
 

@@ -106,7 +106,7 @@ class ModelConfig:
     # offline weights, efficientnet_lite0 only), or a path to a state_dict file.
     weights: str = "IMAGENET1K_V1"
     # Freeze the backbone's first layers: [FRCN] fine-tunes VGG16 from conv3_1 up (so conv1
-    # and conv2 stay frozen). Names are per backbone, see detect.backbones.
+    # and conv2 stay frozen). Names are per backbone, see detect.models.backbones.
     freeze_at: str = "conv3_1"
     # [FRCN] RoI max pooling to 7x7 (roi_pool); roi_align is an option.
     roi_op: str = "roi_pool"

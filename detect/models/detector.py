@@ -135,7 +135,7 @@ class Detector(nn.Module):
     Subclasses implement ``score_proposals``; everything else is shared: ``detect`` trims the
     proposals to ``proposal_top_k`` (selective search's ranking; 0 = all), scores them, and
     runs the one ``postprocess``. Images are uint8 RGB numpy arrays [H, W, 3] as returned by
-    ``detect.data.datasets.read_image``; the detector moves them to its own device. Proposals
+    ``detect.data.images.read_image``; the detector moves them to its own device. Proposals
     are an explicit input; None runs selective search with ``proposal_settings``.
     ``category_ids[k - 1]`` is the dataset category id of class k (default k); ``amp`` runs the
     network under bf16/fp16 autocast on CUDA (scores and deltas are computed in float32).

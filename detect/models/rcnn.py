@@ -3,7 +3,7 @@
 Shapes: R regions (proposals, and ground truth during training), B crops in a batch, K object
 classes (background is not a column), C x S x S the pool5 map, D the fc7 width, D5 = C * S * S.
 
-The network is the shared ``detect.backbones.Backbone`` applied to a warped crop
+The network is the shared ``detect.models.backbones.Backbone`` applied to a warped crop
 [B, 3, crop, crop]: pool5 = adaptive max pool of ``body(crop)`` to S x S (VGG16's pool5 at 224,
 AlexNet's at 227), fc7 = ``head(pool5)``. Fast R-CNN uses the same backbone object, so the two
 detectors differ only in how regions reach the head.

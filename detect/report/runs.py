@@ -42,7 +42,7 @@ detectors' own cost, as [FRCN] Table 4 compares them (selective search is the sa
 and costs seconds per image on a CPU).
 
 The detection grid loads the dataset named by the first run's ``data`` (or the ``data``
-argument) with ``detect.data.load_dataset`` and shows the first ``num_grid_images`` image ids
+argument) with ``detect.data.datasets.load_dataset`` and shows the first ``num_grid_images`` image ids
 (ascending) that have ground truth. Relative dataset paths are tried from the current folder,
 then from the run folder.
 """

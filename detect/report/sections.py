@@ -11,7 +11,7 @@ the PNG metadata).
 The run folders it reads: ``detect.report.runs``.
 
 The detection grid loads the dataset named by the first run's ``data`` (or the ``data``
-argument) with ``detect.data.load_dataset`` and shows the first ``num_grid_images`` image ids
+argument) with ``detect.data.datasets.load_dataset`` and shows the first ``num_grid_images`` image ids
 (ascending) that have ground truth. Relative dataset paths are tried from the current folder,
 then from the run folder.
 """

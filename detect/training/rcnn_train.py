@@ -228,7 +228,7 @@ class _RegionFeaturizer:
 
 
 class StreamingFeatures:
-    """A ``detect.svm.FeatureSource`` that recomputes features when asked (``cache_features:
+    """A ``detect.training.feature_cache.FeatureSource`` that recomputes features when asked (``cache_features:
     false``): no disk, but every SVM / regression pass runs the network again."""
 
     def __init__(self, featurizer: _RegionFeaturizer, *, fc7_dim: int, pool5_dim: int):
