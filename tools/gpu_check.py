@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 REFERENCE = REPO / "tools" / "gpu_check_reference.json"
 AP_TOLERANCE = 5.0  # AP points (0-100); see the module docstring
-GOALS = {  # issue 13, on one H100/H200, 2,000 proposals, selective search excluded
+GOALS = {  # on one H100/H200, 2,000 proposals, selective search excluded
     "fast_rcnn_vgg16_ms": 20.0,
     "rcnn_vgg16_ms": 1500.0,
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 13): environment, `pytest -m gpu`, short AMP training with a SIGKILL and
+# The GPU check: environment, `pytest -m gpu`, short AMP training with a SIGKILL and
 # resume, torchrun, detector speed, the interleaved bench, proposal scaling over CPU cores. Under
 # 9.5 minutes on one H100/H200.
 #
