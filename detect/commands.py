@@ -46,7 +46,7 @@ from detect.proposals.export import FORMATS as EXPORT_FORMATS
 from detect.proposals.export import export_proposals
 from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore
-from detect.report.charts import proposal_tuning as proposal_tuning_figure
+from detect.report.figures import proposal_tuning as proposal_tuning_figure
 from detect.report.sections import make_report
 from detect.training.engine import step_lr
 from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, train_fast_rcnn

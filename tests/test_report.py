@@ -61,7 +61,7 @@ def test_markdown_figures_exist_and_html_embeds_them(report):
     md_path, html_path = report
     md, html = md_path.read_text(), html_path.read_text()
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert sorted(figures) == ["accuracy_vs_time.png", "ap_vs_iou.png", "detections.png", "error_breakdown.png",
+    assert sorted(figures) == ["ap_vs_iou.png", "detections.png", "error_breakdown.png",
                                "per_class_ap.png", "pr_overall.png", "pr_per_class.png", "proposal_recall.png",
                                "speed_vs_accuracy.png", "stage_times.png"]
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
@@ -96,7 +96,7 @@ def test_same_runs_give_the_same_report(runs, report, tmp_path):
     assert _without_timestamp(html2.read_text()) == _without_timestamp(report[1].read_text())
     assert md2.read_text() != report[0].read_text()  # only the timestamp line differs
     pngs = sorted(p.name for p in report[0].parent.glob("*.png"))
-    assert pngs == sorted(p.name for p in md2.parent.glob("*.png")) and len(pngs) == 10
+    assert pngs == sorted(p.name for p in md2.parent.glob("*.png")) and len(pngs) == 9
     for name in pngs:
         assert (md2.parent / name).read_bytes() == (report[0].parent / name).read_bytes(), name
 
@@ -108,7 +108,7 @@ def test_missing_optional_pieces_say_not_available(tmp_path):
     assert "| bare | R-CNN | n/a | 0.200 |" in text
     for piece in ("Per-class AP: not available", "Test-time speed: not available",
                   "Precision-recall curve not available for: bare", "Proposal recall not available for: bare",
-                  "Detection grid: not available", "Accuracy against test time: not available"):
+                  "Detection grid: not available"):
         assert piece in text
     assert "data:image/png" not in html.read_text() and not list((tmp_path / "report").glob("*.png"))
 

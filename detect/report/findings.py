@@ -23,7 +23,7 @@ from detect.data.datasets import Dataset
 from detect.evaluation.coco import class_of_category
 from detect.evaluation.errors import ERROR_TYPES, error_breakdown
 from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
-from detect.report import charts
+from detect.report import figures
 from detect.report.render import Figure, Heading, Table, Text
 from detect.report.runs import Run
 
@@ -159,7 +159,7 @@ def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str,
     section = SimpleNamespace(blocks=[Heading("Box accuracy explained")], pngs={})
     with_curve = [r for r in runs if r.ap_per_iou]
     if with_curve:
-        section.pngs["ap_vs_iou.png"] = charts.ap_vs_iou(with_curve)
+        section.pngs["ap_vs_iou.png"] = figures.ap_vs_iou(with_curve)
         section.blocks.append(Figure("ap_vs_iou.png", "AP against IoU threshold (0.50:0.95): the steeper the "
                                      "fall, the looser the boxes."))
     else:
@@ -184,7 +184,7 @@ def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str,
     section.blocks.append(Heading("Error breakdown (TIDE-style)", 3))
     section.blocks.append(Table(["run", *ERROR_TYPES], rows))
     colors = {r.label: r.color for r in runs}
-    section.pngs["error_breakdown.png"] = charts.error_bars(acc["labels"], [colors[x] for x in acc["labels"]],
+    section.pngs["error_breakdown.png"] = figures.error_bars(acc["labels"], [colors[x] for x in acc["labels"]],
                                                             acc["errors"])
     section.blocks.append(Figure("error_breakdown.png", "AP50 points each error type costs (count in "
                                  "brackets in the table): foreground IoU 0.5, background IoU 0.1."))

@@ -31,7 +31,7 @@ from detect.common.fileio import read_json, write_bytes_atomic, write_text_atomi
 from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
-from detect.report import charts, render
+from detect.report import figures, render
 from detect.report.findings import box_accuracy, explained_blocks, findings
 from detect.report.render import Figure, Heading, Table, Text
 from detect.report.runs import Run, apply_bench, load_bench, load_run
@@ -132,7 +132,7 @@ def _runs_section(runs: list[Run]) -> Section:
     sweeps = {k: v for k, v in sweeps.items()
               if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
     if sweeps:
-        section.pngs["proposals_sweep.png"] = charts.proposal_sweep(sweeps)
+        section.pngs["proposals_sweep.png"] = figures.proposal_sweep(sweeps)
         section.blocks.append(Figure("proposals_sweep.png", "AP50 and detector time per image against the "
                                      "number of proposals (test-time ablation, [FRCN] Section 5.5)."))
     return section
@@ -158,7 +158,7 @@ def _accuracy_section(runs: list[Run]) -> Section:
     rows = [[c] + [_fmt(d.get(c)) for r in runs for d in (r.per_class_ap, r.per_class_ap50)]
             for c in class_names]
     section.blocks.append(Table(header, rows))
-    section.pngs["per_class_ap.png"] = render.per_class_ap_bars(runs, class_names)
+    section.pngs["per_class_ap.png"] = figures.per_class_ap_bars(runs, class_names)
     section.blocks.append(Figure("per_class_ap.png", "Per-class AP (IoU 0.50:0.95), one bar per run."))
     return section
 
@@ -275,19 +275,11 @@ def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
 
     if timed:
         all_stages = ["proposals"] * any("proposals" in r.timing_ms for r in timed) + stages
-        section.pngs["stage_times.png"] = charts.stage_bars(timed, all_stages)
+        section.pngs["stage_times.png"] = figures.stage_bars(timed, all_stages)
         section.blocks.append(Figure("stage_times.png", "Time per image by stage, selective search included."))
-        section.pngs["speed_vs_accuracy.png"] = charts.speed_vs_accuracy(timed)
+        section.pngs["speed_vs_accuracy.png"] = figures.speed_vs_accuracy(timed)
         section.blocks.append(Figure("speed_vs_accuracy.png", "AP50 against time per image: detector only "
                                      "(filled) and end to end with selective search (hollow)."))
-    section.blocks.append(Heading("Accuracy against test time", 3))
-    if timed:
-        section.pngs["accuracy_vs_time.png"] = render.accuracy_vs_time(timed)
-        section.blocks.append(Figure("accuracy_vs_time.png",
-                                     "AP (circles) and AP50 (triangles) against test time per image, "
-                                     "excluding proposals; up and to the left is better."))
-    else:
-        section.blocks.append(Text("Accuracy against test time: not available (no timings)."))
     return section
 
 
@@ -300,12 +292,12 @@ def _pr_section(runs: list[Run]) -> Section:
                                    + ", ".join(missing) + "."))
     if not with_pr:
         return section
-    section.pngs["pr_overall.png"] = render.pr_overall(with_pr)
+    section.pngs["pr_overall.png"] = figures.pr_overall(with_pr)
     section.blocks.append(Figure("pr_overall.png", "All classes (mean precision over classes with "
                                  "ground truth, 101 recall points, 100 detections per image)."))
     class_names = _union(c for r in with_pr for c in r.pr_precision if c != "all")
     if class_names:
-        section.pngs["pr_per_class.png"] = render.pr_per_class(with_pr, class_names)
+        section.pngs["pr_per_class.png"] = figures.pr_per_class(with_pr, class_names)
         section.blocks.append(Figure("pr_per_class.png", "Per class."))
     return section
 
@@ -335,7 +327,7 @@ def _proposal_section(runs: list[Run]) -> Section:
             rows.append([label, f"{top_k:.0f}"] + [_fmt(recall[k][i]) if k in recall else "n/a"
                                                    for k in metrics])
     section.blocks.append(Table(["runs", "proposals per image", *metrics], rows))
-    section.pngs["proposal_recall.png"] = render.proposal_recall(
+    section.pngs["proposal_recall.png"] = figures.proposal_recall(
         labels, [members[0].color for members, _ in groups], [g for _, g in groups])
     section.blocks.append(Figure("proposal_recall.png", "Recall of ground-truth boxes by the top-k "
                                  "proposals (AR: average recall over IoU 0.5:0.95; MABO: mean "
@@ -400,7 +392,7 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
     missing = [r.label for r, d in zip(runs, detections_per_run) if d is None]
     if missing:
         section.blocks.append(Text("Detections not available for: " + ", ".join(missing) + "."))
-    section.pngs["detections.png"] = render.detection_grid(records, dataset.class_names, runs,
+    section.pngs["detections.png"] = figures.detection_grid(records, dataset.class_names, runs,
                                                           detections_per_run)
     section.blocks.append(Figure(
         "detections.png",
@@ -477,7 +469,7 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
     seen: dict[str, int] = {}
     for i, run in enumerate(runs):  # unique display names: a repeated name gets " (2)", ...
         seen[run.name] = seen.get(run.name, 0) + 1
-        run.color = render.RUN_COLORS[i % len(render.RUN_COLORS)]
+        run.color = figures.RUN_COLORS[i % len(figures.RUN_COLORS)]
         run.label = run.name if seen[run.name] == 1 else f"{run.name} ({seen[run.name]})"
     bench_result = load_bench(bench) if bench else None
     if bench_result is not None and not apply_bench(runs, bench_result):
