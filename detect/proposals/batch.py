@@ -27,10 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from detect import __version__
+from detect.common.config import check_proposal_settings
 from detect.common.fileio import atomic_path, check_settings, write_settings
 from detect.common.cpus import available_cores
 from detect.data.images import ImageReadError, read_image
-from detect.proposals.selective_search import SETTINGS_KEYS, check_proposal_settings, selective_search
+from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore, dataset_fingerprint, write_store
 
 DEFAULT_CHUNK_SIZE = 256  # images per chunk file of a run in progress (DETECT_PROPOSAL_CHUNK)
@@ -54,7 +55,7 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
                        chunk_size: int = DEFAULT_CHUNK_SIZE, merge: bool = True) -> ProposalStore | None:
     """Selective search on every ``(image_id, path)`` of ``items``; write the store ``out_dir``.
 
-    ``settings`` are ``selective_search``'s keyword arguments (``proposal_settings(cfg)``).
+    ``settings`` are ``selective_search``'s keyword arguments (``ProposalConfig`` as a dict).
     ``workers`` processes (0 = all available cores; 1 = in this process). An image that cannot
     be read or proposed gets 0 boxes and is listed in ``meta.json`` "failures"; the run goes on
     (delete the store to retry them). If every image fails, no store is written (ValueError).
@@ -73,9 +74,8 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
         raise ValueError(f"proposals: chunk_size must be >= 1, got {chunk_size}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"proposals: shard must be i/N with 0 <= i < N, got {shard[0]}/{shard[1]}")
-    meta = {**settings, "code_version": __version__, "opencv_version": cv2.__version__,
-            "numba_version": numba.__version__,
-            "dataset_fingerprint": dataset_fingerprint(items)}
+    versions = {"code_version": __version__, "opencv_version": cv2.__version__, "numba_version": numba.__version__}
+    meta = {**settings, **versions, "dataset_fingerprint": dataset_fingerprint(items)}
     partial = Path(f"{out}.partial")
     if out.exists():
         store = _existing_store(out, meta, len(items))
@@ -105,7 +105,8 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
 
 def _existing_store(out: Path, meta: dict, num_images: int) -> ProposalStore:
     store = ProposalStore(out)
-    expected = {**{k: meta[k] for k in (*SETTINGS_KEYS, "dataset_fingerprint")}, "num_images": num_images}
+    """The finished store ``out``, if it holds the images and settings of ``meta`` (any versions)."""
+    expected = {**{k: v for k, v in meta.items() if not k.endswith("_version")}, "num_images": num_images}
     differ = [k for k, v in expected.items() if store.meta.get(k) != v]
     if differ:
         shown = ", ".join(f"{k}: store {store.meta.get(k)!r}, asked {expected[k]!r}" for k in differ)

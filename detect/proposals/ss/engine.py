@@ -1,13 +1,12 @@
-"""Selective search [SS] (Uijlings et al., IJCV 2013): public API.
+"""Selective search [SS] (Uijlings et al., IJCV 2013): the pipeline of one image.
 
-``selective_search_boxes(image, mode=..., seed=..., threads=..., timings=...)`` runs, for each
-colour space of the mode: the colour conversion, the smoothed 8-connected graph sorted once,
-the per-pixel colour / texture bins once; then for each k: Felzenszwalb-Huttenlocher
-segmentation (min_size = k), region features in one pass, and one greedy hierarchical
-grouping per similarity strategy. The boxes of all hierarchies are ranked as in the paper
-(see ``ranking``) and returned best first.
+``selective_search_boxes`` runs, for each colour space of the mode: the colour conversion, the
+smoothed 8-connected graph sorted once, the per-pixel colour / texture bins once; then for each
+k: Felzenszwalb-Huttenlocher segmentation (min_size = k), region features in one pass, and one
+greedy hierarchical grouping per similarity strategy. The boxes of all hierarchies are ranked
+as in the paper (``ranking``) and returned best first.
 
-Modes, as the paper defines them:
+The modes, as the paper defines them (``MODES``; the one table of them):
 
 =============  ====================  =================  ======================  ===========
 mode           colour spaces         k (= min_size)     strategies              hierarchies
@@ -23,7 +22,7 @@ Hierarchy index (seeds the ranking): ((k index) * n_colour_spaces + colour index
 n_strategies + strategy index, as the loops of the original demo (k outer, colour inner).
 
 The caller resizes the image beforehand ([RCNN]: 500 px wide); no resizing and no filtering
-of small boxes happens here. A 0 x 0 (empty) image raises ValueError.
+of small boxes happens here.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from detect.common.config import check_proposal_settings
 from detect.proposals.ss.features import colour_space, pixel_bins, region_features
 from detect.proposals.ss.grouping import STRATEGIES, hierarchical_grouping
 from detect.proposals.ss.ranking import near_duplicates_last, rank_boxes
@@ -46,7 +46,8 @@ MODES = {  # mode -> (colour spaces, ks, strategies)
 STAGES = ("segmentation", "features", "grouping", "ranking")
 
 
-def _check_image(image: np.ndarray) -> None:
+def check_image(image: np.ndarray) -> None:
+    """ValueError, saying how to fix it, unless ``image`` is a non-empty uint8 RGB array [H, W, 3]."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f"selective search needs a numpy uint8 RGB image [H, W, 3], got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -57,8 +58,6 @@ def _check_image(image: np.ndarray) -> None:
                          "(replicate a grayscale image to 3 channels first)")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"selective search needs a non-empty image, got shape {list(image.shape)}")
-    if image.shape[0] * image.shape[1] >= 2 ** 29:  # edge slots are int32 (4 per pixel)
-        raise ValueError(f"selective search: image too large ({image.shape[0]} x {image.shape[1]}), resize it first")
 
 
 def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
@@ -93,9 +92,8 @@ def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
                 out[index] = (boxes, 1, s_index == 0)
                 continue
             t0 = time.perf_counter()
-            use = STRATEGIES[strategy]
             all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
-                                              height * width, use[0], use[1], use[2], use[3])[0]
+                                              height * width, *STRATEGIES[strategy])[0]
             seconds["grouping"] += time.perf_counter() - t0
             out[index] = (all_boxes, n_regions, s_index == 0)
     return out, seconds
@@ -106,28 +104,23 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
                            randomize: bool = True, k_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Selective-search boxes of one image, best first.
 
-    image: uint8 RGB [H, W, 3] (H, W >= 1; grayscale must be replicated to 3 channels, other
-    dtypes are rejected with ValueError). mode: "fast", "quality" or "single" (table in the
-    module docstring). seed: int >= 0 for the pseudo-random ranking. threads: the hierarchies
-    of the image are computed in a pool of this many threads (per colour space; the numba
-    kernels release the GIL); the result is byte-identical for any value. timings: if a
-    dict, receives seconds per stage ("segmentation", "features", "grouping", "ranking";
-    summed over threads) and "total" (wall). randomize=False sets the random factor to 1
-    (for tests: the whole-image box comes first). k_scale: the mode's k values (and min sizes)
-    are multiplied by it (1 = the paper's; smaller k cuts smaller initial regions).
+    image: uint8 RGB [H, W, 3] (``check_image``). mode: a row of ``MODES``. seed: int >= 0 for
+    the pseudo-random ranking. threads: the hierarchies of the image are computed in a pool of
+    this many threads (per colour space; the numba kernels release the GIL); the result is
+    byte-identical for any value. timings: if a dict, receives seconds per stage (``STAGES``;
+    summed over threads) and "total" (wall). randomize=False sets the random factor to 1 (for
+    tests: the whole-image box comes first). k_scale: the mode's k values (and min sizes) are
+    multiplied by it (1 = the paper's; smaller k cuts smaller initial regions).
 
     Returns (boxes float32 [R, 4] xyxy in pixels of ``image``, x2 / y2 exclusive: the box of
     pixels x0..x1, y0..y1 is (x0, y0, x1 + 1, y1 + 1); scores float32 [R], the ranking
     values, ascending = best first). No duplicate boxes; a uniform image gives one box,
     the whole image.
     """
-    _check_image(image)
-    if mode not in MODES:
-        raise ValueError(f"selective search: mode must be one of {sorted(MODES)}, got {mode!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"selective search: seed must be an integer >= 0, got {seed!r}")
-    if isinstance(k_scale, bool) or not isinstance(k_scale, (int, float)) or not 0 < k_scale < 1e6:
-        raise ValueError(f"selective search: k_scale must be a number > 0, got {k_scale!r}")
+    check_image(image)
+    if image.shape[0] * image.shape[1] >= 2 ** 29:  # edge slots are int32 (4 per pixel)
+        raise ValueError(f"selective search: image too large ({image.shape[0]} x {image.shape[1]}), resize it first")
+    check_proposal_settings({"mode": mode, "seed": seed, "k_scale": k_scale}, "selective search")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"selective search: threads must be an integer >= 1, got {threads!r}")
     start = time.perf_counter()
