@@ -259,12 +259,3 @@ def hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, im_siz
     end = n + n_merges
     return (all_boxes[:end], all_sizes[:end], all_colour[:end], all_texture[:end],
             merges[:n_merges])
-
-
-def group(features: tuple, im_size: int, strategy: str):
-    """``hierarchical_grouping`` of ``region_features`` output with a named strategy
-    ("CTSF", "TSF", "F", "S"); returns its tuple (boxes, sizes, colour, texture, merges)."""
-    sizes, boxes, colour_hist, texture_hist, pairs = features
-    use_colour, use_texture, use_size, use_fill = STRATEGIES[strategy]
-    return hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, int(im_size),
-                                 use_colour, use_texture, use_size, use_fill)
