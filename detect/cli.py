@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from detect import commands, demo
 from detect.common.config import ConfigError
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    # A warning is one line, as an error is (not Python's header and source line).
+    warnings.showwarning = lambda message, *_: print(f"detect {args.command}: warning: {message}", file=sys.stderr)
     try:
         return _dispatch(args) or 0
     # Expected failures (bad config, data or checkpoint; no network for weights; a full disk)

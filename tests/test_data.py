@@ -220,6 +220,23 @@ def test_bad_boxes_are_skipped_or_clipped_and_counted(tmp_path):
     assert str(path) in message and "2 boxes with NaN/inf skipped" in message and "id 10" in message
 
 
+def test_cli_prints_a_dataset_warning_as_one_line(tiny_coco, tmp_path, capsys):
+    from detect.cli import main
+    from detect.proposals.store import write_store
+
+    json_path, image_dir = tiny_coco
+    data = json.loads(json_path.read_text())
+    data["annotations"].append({"id": 99, "image_id": 2, "category_id": 2, "bbox": [500, 500, 5, 5]})
+    json_path.write_text(json.dumps(data))
+    write_store(tmp_path / "store", image_ids=[1, 2, 3], boxes_per_image=[np.zeros((0, 4))] * 3, meta={})
+    assert main(["recall", "--data", str(json_path), "--images", str(image_dir), "--proposals",
+                 str(tmp_path / "store"), "--out", str(tmp_path / "recall.json")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "outside the image" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"detect recall: warning: {json_path}: 3 images"), err
+    assert "DatasetWarning" not in err and "datasets.py" not in err
+
+
 def test_check_images_skips_missing_corrupt_and_wrongly_sized(tiny_coco):
     json_path, image_dir = tiny_coco
     with no_warnings():

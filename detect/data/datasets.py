@@ -102,7 +102,7 @@ class LoadReport:
 
     def warn_if_problems(self) -> None:
         if self.num_problems:
-            warnings.warn(self.summary(), DatasetWarning, stacklevel=4)  # at the loader's caller
+            warnings.warn(self.summary(), DatasetWarning)
 
 
 @dataclass
