@@ -160,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-run into the same folder to resume")
     p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per detector step")
     p.add_argument("--workers", type=int, default=0,
                    help="processes reading images and proposing ahead of the detector (default: all cores)")
     p.add_argument("--proposals", default="",

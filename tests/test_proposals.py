@@ -20,7 +20,6 @@ from detect.common.config import PROPOSAL_CHOICES, ProposalConfig, check_proposa
 from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import read_image
 from detect.proposals.store import BOXES_FILE, INDEX_FILE, META_FILE, ProposalStore, write_store
-from detect.data.images import find_images
 from detect.evaluation.recall import best_proposals, first_covering, proposal_recall
 from detect.predict.drawing import PROPOSAL_RGB, REACHED_RGB, UNREACHED_RGB, draw_proposal_recall
 from detect.proposals.batch import generate_proposals
@@ -394,19 +393,6 @@ def test_killed_run_resumes_to_an_identical_store(tmp_path):
     store = ProposalStore(tmp_path / "store")
     assert store.image_ids == list(range(1, 13)) and store.meta["min_size"] == 8
     assert "min_size: 8" in (tmp_path / "store" / "config.yaml").read_text()
-
-
-def test_find_images(tmp_path):
-    _write_images(tmp_path / "a", 2)
-    _write_images(tmp_path / "b" / "deep", 1)
-    (tmp_path / "a" / "notes.txt").write_text("x")
-    found = find_images([str(tmp_path / "a"), str(tmp_path / "b" / "**" / "*.png"), str(tmp_path / "a" / "000.png")])
-    assert found == sorted([(tmp_path / "a" / "000.png").resolve(), (tmp_path / "a" / "001.png").resolve(),
-                            (tmp_path / "b" / "deep" / "000.png").resolve()], key=str)
-    with pytest.raises(FileNotFoundError, match="overrides go before --input"):
-        find_images(["proposals.resize=100"])
-    with pytest.raises(FileNotFoundError, match="matches no files"):
-        find_images([str(tmp_path / "*.jpeg")])
 
 
 # ---------------------------------------------------------------------------------------------
