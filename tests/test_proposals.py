@@ -233,7 +233,7 @@ def test_store_round_trip(tmp_path):
 
 
 def test_store_reads_one_image_without_loading_the_rest(tmp_path):
-    # A sparse 4 GB boxes.f32 (250M boxes, 125k images): opening and reading the last image
+    # A sparse 4 GB boxes.f32 (250M boxes, 125k images; scores.f32 1 GB): opening and reading the last image
     # must not pull the file into memory.
     path = tmp_path / "big"
     _random_store(path, [1])
@@ -244,6 +244,8 @@ def test_store_reads_one_image_without_loading_the_rest(tmp_path):
         f.truncate(num_boxes * 16)
         f.seek((num_boxes - per_image) * 16)
         f.write(last.tobytes())
+    with open(path / "scores.f32", "wb") as f:
+        f.truncate(num_boxes * 4)
     index = np.stack([np.arange(num_images), np.arange(num_images) * per_image,
                       np.full(num_images, per_image)], 1).astype(np.int64)
     with open(path / INDEX_FILE, "wb") as f:
@@ -268,6 +270,10 @@ def test_store_rejects_damaged_folders(tmp_path):
         ProposalStore(tmp_path / "store")
     boxes_path.write_bytes(data)
     ProposalStore(tmp_path / "store")
+    scores_path = tmp_path / "store" / "scores.f32"
+    scores_path.write_bytes(scores_path.read_bytes()[:-4])  # the ranking values are checked too
+    with pytest.raises(ValueError, match=f"{scores_path}.*truncated"):
+        ProposalStore(tmp_path / "store")
 
     meta_path = tmp_path / "store" / META_FILE
     meta = json.loads(meta_path.read_text())
