@@ -1,11 +1,12 @@
-"""Datasets in one internal representation, their loaders, and robust image reading.
+"""Datasets in one internal representation, and their loaders (COCO, VOC).
 
 ``Dataset`` holds ``ImageRecord``s with ground truth as float xyxy pixels and contiguous class
 indices 1..K (0 is background). ``Dataset.category_ids[k - 1]`` is the dataset's own category
 id of class k: the only place indices map back to category ids.
 
 Loaders convert each format's boxes once, here: COCO ``[x, y, w, h]`` -> xyxy (``load_coco``),
-VOC 1-based inclusive corners -> 0-based continuous xyxy (``load_voc``). They validate as they
+VOC 1-based inclusive corners -> 0-based continuous xyxy (``load_voc``, through
+``detect.data.voc``). They validate as they
 go: structural problems (malformed files, missing fields, duplicate or dangling ids) raise
 ``ValueError`` naming the file and the entry; bad boxes are skipped or clipped and counted in a
 ``LoadReport`` (``dataset.report``), summarised in one ``DatasetWarning``.
@@ -32,14 +33,12 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from detect.common.fileio import read_json
+from detect.data.images import image_size
 from detect.data.voc import read_voc_xml, voc_class_names
-
-
 
 # Boxes sticking out of the image by at most this many pixels are clipped without being
 # counted: annotation tools round, and COCO has many boxes 0.01 px past the border.
 CLIP_TOLERANCE = 1.0
-
 
 
 class DatasetWarning(UserWarning):
@@ -93,16 +92,13 @@ class LoadReport:
         return sum(getattr(self, name) for name, _ in self._PROBLEMS)
 
     def summary(self) -> str:
+        """One line: the counts, each problem's count, the first few examples."""
         parts = [f"{getattr(self, name)} {text}" for name, text in self._PROBLEMS if getattr(self, name)]
         line = (f"{self.source}: {self.num_images} images, {self.num_boxes} boxes "
                 f"({self.num_difficult} difficult/crowd)")
         if parts:
             line += "; " + ", ".join(parts) + "; e.g. " + " | ".join(self.examples)
         return line
-
-    def warn_if_problems(self) -> None:
-        if self.num_problems:
-            warnings.warn(self.summary(), DatasetWarning)
 
 
 @dataclass
@@ -152,9 +148,6 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def by_id(self) -> dict[int, ImageRecord]:
-        return {r.image_id: r for r in self.records}
-
 
 # ----------------------------------------------------------------------------------------------
 # Loaders
@@ -187,10 +180,9 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
               check_images: bool = False) -> Dataset:
     """Load a COCO instances JSON.
 
-    Boxes: COCO ``[x, y, w, h]`` -> xyxy float32, converted here once (in float64, so an
-    exported xyxy box comes back bit for bit). Classes: category ids in ascending order become
-    classes 1..K. ``iscrowd=1`` boxes are kept with ``gt_difficult=True`` and ``gt_crowd=True``
-    (ignored by training and evaluation). Images without annotations are kept. ``file_name`` is relative to
+    Boxes are converted in float64, so an exported xyxy box comes back bit for bit. Category ids
+    in ascending order become classes 1..K. ``iscrowd=1`` boxes are kept, as ``gt_crowd`` (and
+    so ``gt_difficult``). Images without annotations are kept. ``file_name`` is relative to
     ``image_dir`` (default: the JSON's folder). ``check_images=True`` opens every image header
     (fast, no decoding) and skips missing, unreadable or wrongly sized ones; by default images
     are only read when used.
@@ -383,7 +375,8 @@ def _finish_loading(dataset: Dataset, check_images: bool, src: str) -> Dataset:
     report.num_images = len(dataset.records)
     report.num_boxes = sum(len(r.gt_boxes) for r in dataset.records)
     report.num_difficult = sum(int(r.gt_difficult.sum()) for r in dataset.records)
-    report.warn_if_problems()
+    if report.num_problems:
+        warnings.warn(report.summary(), DatasetWarning)
     if not dataset.records:
         skipped = report.images_missing + report.images_unreadable + report.images_wrong_size
         reason = f" left: all {skipped} were skipped ({report.summary()})" if skipped else ""
@@ -403,14 +396,10 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
         try:
             with Image.open(path) as im:
                 im.verify()  # must come first: it leaves the image unusable
-            with Image.open(path) as im:
-                width, height = im.size
-                orientation = im.getexif().get(0x0112, 1)
+            width, height = image_size(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             report.add("images_unreadable", f"{path}: image id {record.image_id}: cannot read ({e})")
             continue
-        if orientation in (5, 6, 7, 8):  # EXIF transposes: the user sees the other way round
-            width, height = height, width
         if (width, height) != (record.width, record.height):
             report.add("images_wrong_size", f"{path}: image id {record.image_id}: file is "
                        f"{width}x{height}, annotation says {record.width}x{record.height}")
@@ -421,24 +410,15 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
 
 def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
              classes: Sequence[str] | None = None) -> Dataset:
-    """Load a VOC-style folder (PASCAL VOC, or what LabelImg and CVAT export):
-    ``Annotations/<name>.xml``, ``JPEGImages/<name>.jpg`` (or the XML's ``<filename>`` there)
-    and the image names in ``ImageSets/Main/<split>.txt``.
-
-    Boxes: VOC corners are 1-based and inclusive; the pixels xmin..xmax cover the continuous
-    0-based span [xmin - 1, xmax], so a box becomes ``(xmin - 1, ymin - 1, xmax, ymax)``, once,
-    here (rbgirshick/fast-rcnn ``datasets/pascal_voc.py`` also subtracted 1; it kept inclusive
-    corners for its ``+ 1`` widths, which this package does not use). Coordinates may be
-    fractional ("12.5"). ``difficult`` objects are kept with ``gt_difficult=True``; a missing
-    ``<difficult>`` is 0; ``<truncated>``, ``<pose>`` and other tags are ignored. A missing
-    ``<size>`` is read from the image file's header (no decoding).
+    """Load a VOC-style folder (PASCAL VOC, or what LabelImg and CVAT export): the image names
+    in ``ImageSets/Main/<split>.txt``, each ``Annotations/<name>.xml`` read by
+    ``detect.data.voc.read_voc_xml`` (its image in ``JPEGImages/``).
 
     Classes: ``classes`` (names of classes 1..K, e.g. the training split's) when given; an
-    object of another class is an error naming the file and the object. Otherwise the names
-    found in the split: ``VOC_CLASSES`` in the standard order when all are VOC class names (so
-    PASCAL VOC keeps ids 1..20 whichever split is loaded), else their sorted set. Category ids
-    are 1..K. Image ids are the names as integers ("2008_000008" -> 2008000008) when they all
-    are digits and distinct, otherwise the 1-based position in the split file.
+    object of another class is an error naming the file and the object. Otherwise
+    ``voc_class_names`` of the names found in the split. Category ids are 1..K. Image ids are
+    the names as integers ("2008_000008" -> 2008000008) when they all are digits and distinct,
+    otherwise the 1-based position in the split file.
     """
     root = Path(root)
     if not split:

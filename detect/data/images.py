@@ -25,7 +25,6 @@ class ImageReadError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as uint8 RGB [H, W, 3], in the orientation the user sees.
 
@@ -57,6 +56,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"image too large ({e})") from None
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image as the user sees it (after EXIF rotation), from its header
+    alone (no decoding). PIL's errors pass through."""
+    with Image.open(path) as im:
+        width, height = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 5-8 transpose
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
