@@ -51,12 +51,9 @@ def gaussian_mask(sigma: float) -> np.ndarray:
 
 @njit(**_JIT)
 def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing of each channel: uint8 [H, W, C] -> float32 [H, W, C].
-
-    Separable, along x then along y, borders replicated; each output is
-    mask[0] * v[i] + sum_j mask[j] * (v[i - j] + v[i + j]) accumulated in float32 in that
-    order, as FH's ``convolve_even``.
-    """
+    """The smoothing of the module docstring: uint8 [H, W, C] -> float32 [H, W, C]; each output
+    is mask[0] * v[i] + sum_j mask[j] * (v[i - j] + v[i + j]), accumulated in float32 in that
+    order, as FH's ``convolve_even``."""
     height, width, channels = image.shape
     mask = gaussian_mask(sigma)
     radius = mask.size - 1
@@ -90,11 +87,8 @@ def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
 
 @njit(**_JIT)
 def edge_weights(smoothed: np.ndarray) -> np.ndarray:
-    """Weights of the 8-connected grid graph: float32 [H, W, C] -> float32 [4 * H * W].
-
-    Slot 4 * (y * W + x) + d holds the edge to (x+1, y) (d=0), (x, y+1) (d=1), (x+1, y+1)
-    (d=2), (x+1, y-1) (d=3); slots pointing outside the image hold +inf.
-    """
+    """Weights of the 8-connected grid graph, one per edge slot (module docstring): float32
+    [H, W, C] -> float32 [4 * H * W]."""
     height, width, channels = smoothed.shape
     weights = np.full(4 * height * width, np.inf, np.float32)
     dys = (0, 1, 1, -1)
