@@ -27,8 +27,10 @@ of small boxes happens here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import numpy as np
 
@@ -60,6 +62,13 @@ def check_image(image: np.ndarray) -> None:
         raise ValueError(f"selective search needs a non-empty image, got shape {list(image.shape)}")
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] += time.perf_counter() - start
+
+
 def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
                               k_scale: float = 1.0) -> tuple[dict, dict]:
     """All hierarchies of one colour space: ({hierarchy index: (boxes int32 [T, 4] inclusive,
@@ -67,34 +76,27 @@ def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
     colour_spaces, ks, strategies = MODES[mode]
     height, width = image.shape[:2]
     seconds = dict.fromkeys(STAGES, 0.0)
-    t0 = time.perf_counter()
-    seg_image, feat_image = colour_space(image, colour_spaces[colour_index])
-    order, sorted_weights = sorted_edges(seg_image, SIGMA)
-    t1 = time.perf_counter()
-    colour_bins, texture_bins = pixel_bins(feat_image)
-    t2 = time.perf_counter()
-    seconds["segmentation"] += t1 - t0
-    seconds["features"] += t2 - t1
+    with _timed(seconds, "segmentation"):
+        seg_image, feat_image = colour_space(image, colour_spaces[colour_index])
+        order, sorted_weights = sorted_edges(seg_image, SIGMA)
+    with _timed(seconds, "features"):
+        colour_bins, texture_bins = pixel_bins(feat_image)
     out = {}
     for k_index, k in enumerate(ks):
-        t0 = time.perf_counter()
         k = k * k_scale  # min size = k ([SS]), rounded to whole pixels
-        labels, n_regions = segment_graph(order, sorted_weights, height, width, float(k), max(1, int(k + 0.5)))
-        t1 = time.perf_counter()
-        sizes, boxes, colour_hist, texture_hist, pairs = region_features(
-            labels, n_regions, colour_bins, texture_bins)
-        t2 = time.perf_counter()
-        seconds["segmentation"] += t1 - t0
-        seconds["features"] += t2 - t1
+        with _timed(seconds, "segmentation"):
+            labels, n_regions = segment_graph(order, sorted_weights, height, width, float(k), max(1, int(k + 0.5)))
+        with _timed(seconds, "features"):
+            sizes, boxes, colour_hist, texture_hist, pairs = region_features(
+                labels, n_regions, colour_bins, texture_bins)
         for s_index, strategy in enumerate(strategies):
             index = (k_index * len(colour_spaces) + colour_index) * len(strategies) + s_index
             if n_regions == 1:
                 out[index] = (boxes, 1, s_index == 0)
                 continue
-            t0 = time.perf_counter()
-            all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
-                                              height * width, *STRATEGIES[strategy])[0]
-            seconds["grouping"] += time.perf_counter() - t0
+            with _timed(seconds, "grouping"):
+                all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
+                                                  height * width, *STRATEGIES[strategy])[0]
             out[index] = (all_boxes, n_regions, s_index == 0)
     return out, seconds
 
@@ -131,18 +133,13 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
     else:
         with ThreadPoolExecutor(max_workers=min(int(threads), n_colours)) as pool:
             parts = list(pool.map(lambda c: _colour_space_hierarchies(image, c, mode, k_scale), range(n_colours)))
-    hierarchies = {}
-    seconds = dict.fromkeys(STAGES, 0.0)
-    for out, part_seconds in parts:
-        hierarchies.update(out)
-        for stage in STAGES:
-            seconds[stage] += part_seconds[stage]
-    t0 = time.perf_counter()
-    boxes, values = rank_boxes([hierarchies[i] for i in sorted(hierarchies)], seed=int(seed),
-                               randomize=randomize)
-    result = boxes.astype(np.float32)
-    result[:, 2:] += 1.0  # inclusive -> exclusive
-    seconds["ranking"] += time.perf_counter() - t0
+    hierarchies = {index: h for out, _ in parts for index, h in out.items()}
+    seconds = {stage: sum(part_seconds[stage] for _, part_seconds in parts) for stage in STAGES}
+    with _timed(seconds, "ranking"):
+        boxes, values = rank_boxes([hierarchies[i] for i in sorted(hierarchies)], seed=int(seed),
+                                   randomize=randomize)
+        result = boxes.astype(np.float32)
+        result[:, 2:] += 1.0  # inclusive -> exclusive
     if timings is not None:
         timings.update(seconds)
         timings["total"] = time.perf_counter() - start

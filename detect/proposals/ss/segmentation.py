@@ -13,8 +13,7 @@ Faithful to the original ``segment-image`` code (and Uijlings' ``mexFelzenSegmen
   ``min_size``.
 
 The edges of one colour space are built and sorted ONCE (``sorted_edges``) and reused for
-every k (``segment_graph``). The sort is a stable LSD radix sort of the float32 bit patterns, so
-ties keep the generation order (the original used std::sort, whose tie order is unspecified).
+every k (``segment_graph``); the sort is stable (``radix_sort``), so ties keep the generation order.
 
 An edge is identified by its *slot* ``4 * p + d`` (p = y * W + x, d = direction 0..3 as listed
 above); slots that point outside the image get weight +inf and are never used.
