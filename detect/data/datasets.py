@@ -45,55 +45,49 @@ class DatasetWarning(UserWarning):
     """Entries of a dataset that were skipped or repaired while loading it."""
 
 
+# What a loader counts as it skips or repairs an entry, and how the warning says it.
+PROBLEMS = {
+    "boxes_nonfinite": "boxes with NaN/inf skipped",
+    "boxes_empty": "boxes of zero or negative size skipped",
+    "boxes_outside": "boxes entirely outside the image skipped",
+    "boxes_clipped": "boxes partly outside the image clipped",  # by more than CLIP_TOLERANCE
+    "images_missing": "missing images skipped",  # the rest: check_images only
+    "images_unreadable": "unreadable images skipped",  # empty, corrupt or not an image
+    "images_wrong_size": "images whose size differs from the annotation skipped",
+}
+
+
 @dataclass
 class LoadReport:
-    """What a loader skipped or repaired: counters plus the first few messages, each naming the
-    file and the entry."""
+    """What a loader kept, and what it skipped or repaired: ``problems[name]`` counts each of
+    ``PROBLEMS``, and the first few messages, each naming the file and the entry, are kept."""
 
     source: str
     num_images: int = 0  # images kept
     num_boxes: int = 0  # boxes kept, difficult/crowd included
     num_difficult: int = 0  # kept boxes flagged gt_difficult (VOC difficult, COCO iscrowd)
-    boxes_nonfinite: int = 0  # a NaN/inf coordinate: skipped
-    boxes_empty: int = 0  # zero or negative width or height: skipped
-    boxes_outside: int = 0  # entirely outside the image: skipped
-    boxes_clipped: int = 0  # partly outside the image (by more than CLIP_TOLERANCE): clipped
-    images_missing: int = 0  # check_images: no such file: image skipped
-    images_unreadable: int = 0  # check_images: empty, corrupt or not an image: image skipped
-    images_wrong_size: int = 0  # check_images: size differs from the annotation: image skipped
+    problems: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     max_examples: int = 5
 
-    _PROBLEMS = (
-        ("boxes_nonfinite", "boxes with NaN/inf skipped"),
-        ("boxes_empty", "boxes of zero or negative size skipped"),
-        ("boxes_outside", "boxes entirely outside the image skipped"),
-        ("boxes_clipped", "boxes partly outside the image clipped"),
-        ("images_missing", "missing images skipped"),
-        ("images_unreadable", "unreadable images skipped"),
-        ("images_wrong_size", "images whose size differs from the annotation skipped"),
-    )
-
     def add(self, problem: str, message: str) -> None:
-        """Count one ``problem`` (a counter's name above) and keep ``message`` as an example."""
-        setattr(self, problem, getattr(self, problem) + 1)
-        if len(self.examples) < self.max_examples:
-            self.examples.append(message)
+        """Count one ``problem`` and keep ``message`` as an example."""
+        self.add_many(problem, [0], lambda _: message)
 
-    def add_many(self, problem: str, indices: np.ndarray, message_of: Callable[[int], str]) -> None:
+    def add_many(self, problem: str, indices: Sequence[int], message_of: Callable[[int], str]) -> None:
         """Count ``len(indices)`` of ``problem``; ``message_of(i)`` writes an example (only as
         many as are kept, so a million clipped boxes cost no million messages)."""
-        setattr(self, problem, getattr(self, problem) + len(indices))
+        self.problems[problem] += len(indices)
         for i in indices[:max(0, self.max_examples - len(self.examples))]:
             self.examples.append(message_of(int(i)))
 
     @property
     def num_problems(self) -> int:
-        return sum(getattr(self, name) for name, _ in self._PROBLEMS)
+        return sum(self.problems.values())
 
     def summary(self) -> str:
         """One line: the counts, each problem's count, the first few examples."""
-        parts = [f"{getattr(self, name)} {text}" for name, text in self._PROBLEMS if getattr(self, name)]
+        parts = [f"{self.problems[name]} {text}" for name, text in PROBLEMS.items() if self.problems[name]]
         line = (f"{self.source}: {self.num_images} images, {self.num_boxes} boxes "
                 f"({self.num_difficult} difficult/crowd)")
         if parts:
@@ -378,7 +372,7 @@ def _finish_loading(dataset: Dataset, check_images: bool, src: str) -> Dataset:
     if report.num_problems:
         warnings.warn(report.summary(), DatasetWarning)
     if not dataset.records:
-        skipped = report.images_missing + report.images_unreadable + report.images_wrong_size
+        skipped = sum(report.problems[name] for name in PROBLEMS if name.startswith("images_"))
         reason = f" left: all {skipped} were skipped ({report.summary()})" if skipped else ""
         raise ValueError(f"{src}: the dataset has no images{reason}")
     return dataset
