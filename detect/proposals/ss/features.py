@@ -234,18 +234,10 @@ def region_features(labels: np.ndarray, n_regions: int, colour_bins: np.ndarray,
                 other = labels[y + 1, x]
                 keys[n_keys] = min(label, other) * np.int64(n_regions) + max(label, other)
                 n_keys += 1
-    keys = np.sort(keys[:n_keys])
-    n_pairs = 0
-    for i in range(n_keys):
-        if i == 0 or keys[i] != keys[i - 1]:
-            n_pairs += 1
-    pairs = np.empty((n_pairs, 2), np.int32)
-    j = 0
-    for i in range(n_keys):
-        if i == 0 or keys[i] != keys[i - 1]:
-            pairs[j, 0] = keys[i] // n_regions
-            pairs[j, 1] = keys[i] % n_regions
-            j += 1
+    keys = np.unique(keys[:n_keys])  # sorted
+    pairs = np.empty((keys.size, 2), np.int32)
+    pairs[:, 0] = keys // n_regions
+    pairs[:, 1] = keys % n_regions
     colour_hist = np.empty((n_regions, COLOUR_BINS * channels), np.float32)
     texture_hist = np.empty((n_regions, TEXTURE_BINS * n_tex), np.float32)
     for r in range(n_regions):
