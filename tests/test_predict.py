@@ -108,7 +108,7 @@ def load_outputs(out):
 
 def test_mixed_folder_good_images_get_results_bad_ones_errors(mixed_dir, tmp_path):
     d, good = mixed_dir
-    detector, summary = run([d], tmp_path / "out", visualize=True, category_ids=[3, 17])
+    detector, summary = run([d], tmp_path / "out", FakeDetector(category_ids=[3, 17]), visualize=True)
     o = load_outputs(tmp_path / "out")
 
     by_file = {Path(line["file"]).relative_to(d).as_posix(): line for line in o["lines"]}
@@ -133,7 +133,7 @@ def test_mixed_folder_good_images_get_results_bad_ones_errors(mixed_dir, tmp_pat
 
 def test_coco_results_and_file_table_agree(mixed_dir, tmp_path):
     d, _ = mixed_dir
-    run([d], tmp_path / "out", category_ids=[3, 17])
+    run([d], tmp_path / "out", FakeDetector(category_ids=[3, 17]))
     o = load_outputs(tmp_path / "out")
     files = {im["id"]: im for im in o["images"]}
     assert len(files) == len(o["images"])  # unique ids

@@ -4,32 +4,29 @@ The main process runs the detector, one image at a time; a pool of worker proces
 images and computes their selective-search proposals ahead of it (at most ``2 x workers``
 images in flight), so proposals and inference overlap. Results come back in input order.
 
-Outputs in ``output_dir`` (every file written atomically, paths never leave ``output_dir``):
+Outputs in ``output_dir`` (each written atomically; paths never leave ``output_dir``):
 
 - ``detections.json``  COCO results: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}].
-- ``images.json``      the file table for those ids: [{"id", "file_name", "width", "height"}];
-                       ``file_name`` is the resolved input path, ``id`` its 1-based position in
-                       the sorted input list (so ids do not depend on workers, ranks or resumes).
+- ``images.json``      [{"id", "file_name", "width", "height"}]: ``file_name`` is the resolved
+                       input path, ``id`` its 1-based position in the sorted input list (so ids
+                       do not depend on workers, ranks or resumes).
 - ``categories.json``  [{"id", "name"}]: the checkpoint's class names and category ids.
 - ``detections.jsonl`` one line per image, in input order: {"image_id", "file", "width",
                        "height", "detections": [{"box": [x1, y1, x2, y2], "label": name,
-                       "score"}]}; boxes are xyxy pixels of the image as the user sees it
-                       (after EXIF rotation).
-- ``errors.json``      [{"file", "reason"}] for files that could not be read or proposed, and
-                       for files of the input folders that are no image ("unsupported file type").
+                       "score"}]}, boxes in pixels of the image as the user sees it (EXIF).
+- ``errors.json``      [{"file", "reason"}]: files that could not be read or proposed, and files
+                       of the input folders that are no image ("unsupported file type").
 - ``summary.json``     counts, images/s, device, elapsed, ms per image per stage
                        (``summary.rank{r}.json`` per rank when ``world_size > 1``).
-- ``vis/<name>.jpg``   with ``visualize``: the image with boxes, labels and scores drawn.
-                       ``<name>`` is the input's path relative to the inputs' common folder,
-                       each part reduced to safe characters (hash-suffixed when changed).
+- ``vis/<name>.jpg``   with ``visualize``: the boxes, labels and scores drawn; ``<name>`` is the
+                       input's path relative to the inputs' common folder (``safe_relative_name``).
 
 Resume: every finished image appends one flushed line to the journal ``partial/done.jsonl``
-(``partial/done.rank{r}.jsonl`` per rank), in the format of ``detections.jsonl`` but with class
-indices 1..K as labels, or {"file", "error"} for a failure. A re-run into the same folder skips
-files with a result in any journal (failures are retried), ignores a torn last line left by a
-kill, and refuses to mix results of different settings (``partial/settings.json``). The final
-files are rewritten from the journals at the end, and during the run every 100 images (but
-at least 30 s apart), so a killed run loses only the images in flight.
+(``partial/done.rank{r}.jsonl`` per rank), as in ``detections.jsonl`` but with class indices
+1..K as labels, or {"file", "error"}. A re-run into the same folder skips files with a result in
+any journal (failures are retried) and refuses to mix results of other settings
+(``partial/settings.json``). The final files are rewritten from the journals at the end, and
+every 100 images (but at least 30 s apart), so a killed run loses only the images in flight.
 
 Distributed: with ``world_size > 1`` rank r takes images i with ``i % world_size == r``; each
 rank merges all journals when it finishes (under a file lock), so the last rank to finish
@@ -152,28 +149,23 @@ class PredictSummary:
 def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike, *,
             score_threshold: float = 0.5, proposal_settings: dict | None = None,
             workers: int = 0, proposal_store: str | os.PathLike | None = None,
-            visualize: bool = False, progress: bool = True,
-            category_ids: list[int] | None = None, propose_fn: ProposeFn | None = None,
+            visualize: bool = False, progress: bool = True, propose_fn: ProposeFn | None = None,
             rank: int = 0, world_size: int = 1, model_fingerprint: str = "") -> PredictSummary:
-    """Detect objects in every image of ``inputs`` (files, folders, globs); write the outputs
-    described in the module docstring to ``output_dir``; resume a previous run there.
+    """Detect objects in every image of ``inputs`` (``find_images``); write the outputs of the
+    module docstring to ``output_dir``, resuming a previous run there.
 
     ``proposal_settings`` are the keyword arguments of ``propose_fn`` (default
-    ``detect.proposals.selective_search.selective_search``); with ``proposal_store`` (a ``detect propose
-    --input`` store) proposals come from the store instead. ``workers`` processes (0 = all
-    cores) read images and propose while the detector runs.
-    ``category_ids[k - 1]`` is the category id of class k (default k). ``model_fingerprint``
-    identifies the checkpoint, so a resume with another model is refused.
+    ``detect.proposals.selective_search.selective_search``), or proposals come from
+    ``proposal_store`` (a ``detect propose --input`` store). ``workers``: processes (0 = all
+    cores). The category ids are the detector's. ``model_fingerprint`` identifies the
+    checkpoint, so a resume with another model is refused.
     """
     start = time.perf_counter()
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0 = all cores), got {workers}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-    class_names = list(detector.class_names)
-    category_ids = list(category_ids) if category_ids is not None else list(range(1, len(class_names) + 1))
-    if len(category_ids) != len(class_names):
-        raise ValueError(f"{len(category_ids)} category ids for {len(class_names)} classes")
+    class_names, category_ids = list(detector.class_names), list(detector.category_ids)
     proposal_settings = dict(proposal_settings or {})
     workers = workers or available_cores()
     output_dir = Path(output_dir)
@@ -195,15 +187,12 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         propose_fn = selective_search
 
     partial_dir.mkdir(parents=True, exist_ok=True)
-    settings_path = partial_dir / "settings.json"
-    run_settings = {
-        "score_threshold": score_threshold, "class_names": class_names,
-        "category_ids": category_ids, "model": model_fingerprint,
-        "proposals": ({"store": str(Path(proposal_store).resolve())} if proposal_store is not None
-                      else proposal_settings)}
+    run_settings = {"score_threshold": score_threshold, "class_names": class_names, "category_ids": category_ids,
+                    "model": model_fingerprint,
+                    "proposals": {"store": str(Path(proposal_store).resolve())} if store is not None else proposal_settings}
     hint = "use a new --output-dir, or delete its partial/ folder to start over"
-    if not check_settings(settings_path, run_settings, hint=hint):
-        write_settings(settings_path, run_settings)
+    if not check_settings(partial_dir / "settings.json", run_settings, hint=hint):
+        write_settings(partial_dir / "settings.json", run_settings)
     done, _, _ = load_results(partial_dir)
     mine = [i for i in range(len(files)) if i % world_size == rank]
     todo = [i for i in mine if files[i] not in done]

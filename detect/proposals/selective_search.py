@@ -31,7 +31,7 @@ from detect.proposals.ss.features import colour_space
 from detect.proposals.ss.ranking import near_duplicates_last
 from detect.proposals.ss.segmentation import SIGMA
 
-MAX_ELONGATION = 4  # the resized longer side is at most 4 x resize (extreme aspect ratios)
+MAX_ELONGATION = 4  # see resized_shape
 
 
 def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
@@ -40,19 +40,17 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
                      threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of one image: float32 [R, 4] xyxy in pixels of ``image``.
 
-    ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). It is resized so
-    that ``resize_side`` ("width", "longer" or "shorter") is ``resize`` pixels ([RCNN]: width
-    500; 0 = no resize), proposed on by ``engine`` in ``mode`` (its k values times ``k_scale``),
-    and the boxes are scaled back to the original pixels (the resized longer side is capped at
-    ``MAX_ELONGATION`` x ``resize``, which only matters beyond 4:1). Exact duplicates are
-    dropped (the first is kept, so the ranking is preserved), then boxes with a side under
-    ``min_size`` pixels of the resized image; ``ranking`` "nms" then moves the boxes that
-    greedy NMS at ``nms_iou`` would suppress behind the others (``ss.ranking.near_duplicates_last``;
-    "paper" keeps the paper's order); then all but the first ``top_k`` are dropped (0 = keep
-    all). ``threads`` runs the hierarchies of this one image in parallel (our engine; same
-    output). A tiny image may give no box at all: shape [0, 4]. With ``return_scores``, also the
-    boxes' ranking values float32 [R] (ascending; OpenCV's engine: the rank position).
-    It is ``raw_proposals`` (the search) then ``finish_proposals`` (the cheap rest).
+    ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). It is resized
+    (``resized_shape``), proposed on by ``engine`` in ``mode`` (its k values times ``k_scale``),
+    and the boxes are scaled back to the original pixels. Exact duplicates are dropped (the
+    first is kept, so the ranking is preserved), then boxes with a side under ``min_size``
+    pixels of the resized image; ``ranking`` "nms" then moves the boxes that greedy NMS at
+    ``nms_iou`` would suppress behind the others (``ss.ranking.near_duplicates_last``; "paper"
+    keeps the paper's order); then all but the first ``top_k`` are dropped (0 = keep all).
+    ``threads`` runs the hierarchies of this one image in parallel (our engine; same output). A
+    tiny image may give no box at all: shape [0, 4]. With ``return_scores``, also the boxes'
+    ranking values float32 [R] (ascending; OpenCV's engine: the rank position). It is
+    ``raw_proposals`` (the search) then ``finish_proposals`` (the cheap rest).
     """
     raw = raw_proposals(image, engine=engine, mode=mode, resize=resize, resize_side=resize_side, seed=seed,
                         k_scale=k_scale, threads=threads)
@@ -103,13 +101,12 @@ def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper", 
 
 def resized_shape(height: int, width: int, resize: int, resize_side: str) -> tuple[int, int]:
     """(height, width) of an image after the proposal resize: ``resize_side`` ("width", "longer"
-    or "shorter") becomes ``resize`` pixels (0: unchanged), aspect kept, the longer side capped
-    at ``MAX_ELONGATION`` x ``resize``."""
+    or "shorter") becomes ``resize`` pixels ([RCNN]: width 500; 0: unchanged), aspect kept, the
+    longer side capped at ``MAX_ELONGATION`` x ``resize`` (so that a sliver, say 2 x 700 px, is
+    not blown up to 500 x 175000 px to make its width 500)."""
     side = {"width": width, "longer": max(height, width), "shorter": min(height, width)}[resize_side]
     if resize == 0 or side == resize:
         return height, width
-    # The longer side is capped at MAX_ELONGATION x resize, so that a sliver (say 2 x 700 px)
-    # is not blown up to 500 x 175000 px to make its width 500.
     scale = min(resize / side, MAX_ELONGATION * resize / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
 

@@ -4,38 +4,33 @@ A store is a folder (written by ``detect propose``, read by training, evaluation
 ``detect recall``)::
 
     STORE/boxes.f32   raw little-endian float32 [total_boxes, 4]: every image's boxes, xyxy
-                      pixels of the original image (as the user sees it, after EXIF rotation),
-                      image after image, each image's boxes in selective search's ranking.
-    STORE/scores.f32  raw little-endian float32 [total_boxes]: each box's selective search
-                      ranking value (ascending: lower is ranked earlier), same order.
+                      pixels of the image as the user sees it (after EXIF rotation), image after
+                      image, each image's boxes in selective search's ranking.
+    STORE/scores.f32  raw little-endian float32 [total_boxes]: each box's ranking value
+                      (ascending: lower is ranked earlier), same order.
     STORE/index.npy   int64 [num_images, 3] rows (image_id, first_box_row, num_boxes), in the
                       input order (np.save; read with allow_pickle=False, mmap_mode="r").
-                      Image i's boxes are boxes.f32 rows first_box_row .. first_box_row + num_boxes.
-    STORE/meta.json   {"format": "detect-proposals", "version": 1,
-                       every field of detect.common.config.ProposalConfig (the selective search settings),
-                       "code_version": detect.__version__, "opencv_version", "numba_version",
-                       "num_images", "num_boxes",
-                       "dataset_fingerprint": sha256 of the JSON list [[image_id, file basename],
-                           ...] in input order (see ``dataset_fingerprint``),
-                       "failures": [{"image_id", "file", "reason"}] images that could not be
-                           read or proposed (they have 0 boxes)}
-    STORE/files.json  the input files: a JSON list of {"image_id", "file"} objects (one per
-                      line, in input order); "file" is the path as given to `detect propose`.
+    STORE/meta.json   {"format": "detect-proposals", "version": 1, every field of
+                      detect.common.config.ProposalConfig, "code_version", "opencv_version",
+                      "numba_version", "num_images", "num_boxes", "dataset_fingerprint"
+                      (``dataset_fingerprint``), "failures": [{"image_id", "file", "reason"}]
+                      for the images that could not be read or proposed (0 boxes)}
+    STORE/files.json  a JSON list of {"image_id", "file"} (one per line, in input order); "file"
+                      is the path as given to `detect propose`.
     STORE/config.yaml the resolved config of the `detect propose` run (not part of the format).
 
-No pickle anywhere, no timestamps: the same inputs and settings give byte-identical files, and
-a store can be checked with ``cmp``. Reading never loads more than the index: ``boxes.f32``
-is memory-mapped and ``ProposalStore.get`` copies one image's rows, so a COCO-sized store
-(118k images x 2000 boxes = 3.8 GB) opens in milliseconds. Read one image without this
-package::
+No pickle, no timestamps: the same inputs and settings give byte-identical files (check a store
+with ``cmp``). Reading loads only the index: ``boxes.f32`` is memory-mapped and
+``ProposalStore.get`` copies one image's rows, so a COCO-sized store (118k images x 2000 boxes
+= 3.8 GB) opens in milliseconds. Read one image without this package::
 
     index = np.load("STORE/index.npy")                       # [N, 3] int64
     boxes = np.memmap("STORE/boxes.f32", dtype="<f4", mode="r").reshape(-1, 4)
     image_id, first, count = index[i]
     boxes_i = np.array(boxes[first:first + count])           # [R, 4] xyxy float32
 
-A store is written once, atomically: ``write_store`` builds it in a scratch folder and renames
-that folder into place, so a reader sees either no store or a complete one.
+``write_store`` builds a store in a scratch folder and renames it into place, so a reader sees
+either no store or a complete one.
 """
 
 from __future__ import annotations
@@ -63,10 +58,8 @@ BOX_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the machine
 
 
 def dataset_fingerprint(items: Iterable[tuple[int, str]]) -> str:
-    """sha256 (hex) of the JSON list ``[[image_id, file basename], ...]`` in input order.
-
-    Only basenames count, so a dataset moved to another folder keeps its fingerprint.
-    """
+    """sha256 (hex) of the JSON list ``[[image_id, file basename], ...]`` in input order (only
+    basenames count, so a dataset moved to another folder keeps its fingerprint)."""
     pairs = [[int(image_id), os.path.basename(str(path))] for image_id, path in items]
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()
 
@@ -81,9 +74,8 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
     box's ranking value is its position. It is consumed as a stream (a generator reading chunk
     files keeps memory flat). ``meta`` holds the settings and provenance fields of the module
     docstring; ``format``, ``version``, ``num_images`` and ``num_boxes`` are filled in here.
-    ``files`` (one path per image) becomes files.json. The store is built in a folder under
-    ``scratch_dir`` (default: beside ``path``, same file system) and renamed to ``path``, which
-    must not exist yet.
+    ``files`` (one path per image) becomes files.json. The scratch folder is made under
+    ``scratch_dir`` (default: beside ``path``, same file system); ``path`` must not exist yet.
     """
     path = Path(path)
     if path.exists():
@@ -250,11 +242,9 @@ class ProposalStore:
             raise ValueError(f"{files_path}: expected a list of {{\"image_id\", \"file\"}} objects") from None
 
     def check_dataset(self, dataset) -> None:
-        """Raise ValueError unless this store has proposals for every image of ``dataset``.
-
-        With files.json, also checks that each image id names a file of the same basename, so a
-        store made for another dataset with overlapping ids is caught.
-        """
+        """ValueError unless this store has proposals for every image of ``dataset`` and, with
+        files.json, each image id names a file of the same basename (so a store made for another
+        dataset with overlapping ids is caught)."""
         missing = [r.image_id for r in dataset.records if r.image_id not in self]
         if missing:
             raise ValueError(
