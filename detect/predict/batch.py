@@ -187,9 +187,9 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         propose_fn = selective_search
 
     partial_dir.mkdir(parents=True, exist_ok=True)
+    proposals = {"store": str(Path(proposal_store).resolve())} if store is not None else proposal_settings
     run_settings = {"score_threshold": score_threshold, "class_names": class_names, "category_ids": category_ids,
-                    "model": model_fingerprint,
-                    "proposals": {"store": str(Path(proposal_store).resolve())} if store is not None else proposal_settings}
+                    "model": model_fingerprint, "proposals": proposals}
     hint = "use a new --output-dir, or delete its partial/ folder to start over"
     if not check_settings(partial_dir / "settings.json", run_settings, hint=hint):
         write_settings(partial_dir / "settings.json", run_settings)
