@@ -100,26 +100,26 @@ def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
     def absolute(path: str | os.PathLike) -> Path:  # normalised, but a link still names itself
         return Path(os.path.abspath(path))
 
-    def add_dir(folder: Path) -> None:
-        for root, _, names in os.walk(folder):
-            for n in names:
-                (found if Path(n).suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(Path(root, n)))
+    def add(path: Path) -> None:
+        if path.is_dir():
+            for root, _, names in os.walk(path):
+                for name in names:
+                    add(Path(root, name))
+        else:
+            (found if path.suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(path))
 
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            add_dir(path)
+            add(path)
         elif path.is_file():
-            found.add(absolute(path))
+            found.add(absolute(path))  # named explicitly: kept whatever its extension
         elif glob.has_magic(item):
             matches = [Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True)]
             if not matches:
                 raise FileNotFoundError(f"--input {item!r}: the pattern matches no files")
             for m in matches:
-                if m.is_dir():
-                    add_dir(m)
-                else:
-                    (found if m.suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(m))
+                add(m)
         else:
             hint = " (config overrides go before --input)" if "=" in item else ""
             raise FileNotFoundError(f"--input {item!r}: no such file or folder{hint}")

@@ -53,15 +53,13 @@ def parse_shard(text: str) -> tuple[int, int] | None:
 def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike, *, settings: dict,
                        workers: int = 0, shard: tuple[int, int] | None = None, progress: bool = True,
                        chunk_size: int = DEFAULT_CHUNK_SIZE, merge: bool = True) -> ProposalStore | None:
-    """Selective search on every ``(image_id, path)`` of ``items``; write the store ``out_dir``.
+    """Selective search on every ``(image_id, path)`` of ``items`` into the store ``out_dir``.
 
     ``settings`` are ``selective_search``'s keyword arguments (``ProposalConfig`` as a dict).
     ``workers`` processes (0 = all available cores; 1 = in this process). An image that cannot
-    be read or proposed gets 0 boxes and is listed in ``meta.json`` "failures"; the run goes on
-    (delete the store to retry them). If every image fails, no store is written (ValueError).
-    With ``shard=(i, N)`` only chunks k with k % N == i are computed. When every chunk of the
-    run exists (and ``merge``), they are merged into the store and the partial folder removed;
-    returns the store, or None when chunks are still missing (other shards' work). If
+    be read or proposed gets 0 boxes and is listed in ``meta.json`` "failures" (delete the store
+    to retry them); if every image fails, no store is written (ValueError). Returns the store,
+    or None while chunks are missing (other shards' work) or with ``merge=False``. If
     ``out_dir`` already holds a store of the same images and settings, it is returned as is.
     """
     out = Path(out_dir)
