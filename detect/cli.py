@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from detect import commands, demo
 from detect.common.config import ConfigError
@@ -159,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "re-run into the same folder to resume")
     p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per detector step")
     p.add_argument("--workers", type=int, default=0,
                    help="processes reading images and proposing ahead of the detector (default: all cores)")
     p.add_argument("--proposals", default="",
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    # A warning is one line, as an error is (not Python's header and source line).
+    warnings.showwarning = lambda message, *_: print(f"detect {args.command}: warning: {message}", file=sys.stderr)
     try:
         return _dispatch(args) or 0
     # Expected failures (bad config, data or checkpoint; no network for weights; a full disk)

@@ -499,9 +499,8 @@ def predict(args: argparse.Namespace) -> int:
         workers = max(1, available_cores() // local_world_size())
     summary = predict_images(
         detector, args.input, args.output_dir, score_threshold=args.score_threshold,
-        proposal_settings=detector.proposal_settings, workers=workers,
-        batch_size=args.batch_size, proposal_store=args.proposals or None,
-        visualize=args.visualize, category_ids=detector.category_ids, rank=rank, world_size=world_size,
+        proposal_settings=detector.proposal_settings, workers=workers, proposal_store=args.proposals or None,
+        visualize=args.visualize, rank=rank, world_size=world_size,
         model_fingerprint=f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     print(f"detect predict: {summary.num_images} image(s), {summary.num_detections} detection(s) "
           f">= {args.score_threshold}, {summary.num_errors} error(s) (see errors.json); "

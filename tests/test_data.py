@@ -211,13 +211,30 @@ def test_bad_boxes_are_skipped_or_clipped_and_counted(tmp_path):
     with pytest.warns(DatasetWarning) as caught:
         dataset = load_coco(path)
     report = dataset.report
-    assert (report.boxes_nonfinite, report.boxes_empty, report.boxes_outside, report.boxes_clipped) == (2, 2, 1, 1)
+    assert +report.problems == {"boxes_nonfinite": 2, "boxes_empty": 2, "boxes_outside": 1, "boxes_clipped": 1}
     assert report.num_boxes == 4
     np.testing.assert_array_equal(dataset.records[0].gt_boxes,
                                   [[10, 10, 20, 30], [30, 5, 50, 25], [0, 5, 20, 15], [40, 40, 64, 48]])
     assert len(caught) == 1
     message = str(caught[0].message)
     assert str(path) in message and "2 boxes with NaN/inf skipped" in message and "id 10" in message
+
+
+def test_cli_prints_a_dataset_warning_as_one_line(tiny_coco, tmp_path, capsys):
+    from detect.cli import main
+    from detect.proposals.store import write_store
+
+    json_path, image_dir = tiny_coco
+    data = json.loads(json_path.read_text())
+    data["annotations"].append({"id": 99, "image_id": 2, "category_id": 2, "bbox": [500, 500, 5, 5]})
+    json_path.write_text(json.dumps(data))
+    write_store(tmp_path / "store", image_ids=[1, 2, 3], boxes_per_image=[np.zeros((0, 4))] * 3, meta={})
+    assert main(["recall", "--data", str(json_path), "--images", str(image_dir), "--proposals",
+                 str(tmp_path / "store"), "--out", str(tmp_path / "recall.json")]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "outside the image" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"detect recall: warning: {json_path}: 3 images"), err
+    assert "DatasetWarning" not in err and "datasets.py" not in err
 
 
 def test_check_images_skips_missing_corrupt_and_wrongly_sized(tiny_coco):
@@ -236,7 +253,7 @@ def test_check_images_skips_missing_corrupt_and_wrongly_sized(tiny_coco):
         dataset = load_coco(json_path, image_dir, check_images=True)
     assert [r.image_id for r in dataset.records] == [2]
     report = dataset.report
-    assert (report.images_missing, report.images_unreadable, report.images_wrong_size) == (1, 0, 1)
+    assert +report.problems == {"images_missing": 1, "images_wrong_size": 1}
     message = str(caught[0].message)
     assert "a.png" in message and "file not found" in message and "51x50" in message
 
@@ -348,7 +365,7 @@ def test_voc_bad_boxes_are_counted(voc_root):
     with pytest.warns(DatasetWarning, match="000007.xml: object 0"):
         dataset = load_voc(voc_root, "trainval")
     report = dataset.report
-    assert (report.boxes_nonfinite, report.boxes_empty, report.boxes_clipped) == (1, 1, 1)
+    assert +report.problems == {"boxes_nonfinite": 1, "boxes_empty": 1, "boxes_clipped": 1}
     np.testing.assert_array_equal(dataset.records[1].gt_boxes, [[399, 299, 500, 333]])
 
 

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from detect.models.detector import Detector, ProposalScores
+from detect.data.images import find_images
 from detect.predict.batch import predict
-from detect.predict.batch import find_inputs
 from detect.predict.outputs import safe_relative_name
 from detect.proposals.selective_search import selective_search
 from detect.proposals.store import write_store
@@ -108,7 +108,7 @@ def load_outputs(out):
 
 def test_mixed_folder_good_images_get_results_bad_ones_errors(mixed_dir, tmp_path):
     d, good = mixed_dir
-    detector, summary = run([d], tmp_path / "out", visualize=True, category_ids=[3, 17])
+    detector, summary = run([d], tmp_path / "out", FakeDetector(category_ids=[3, 17]), visualize=True)
     o = load_outputs(tmp_path / "out")
 
     by_file = {Path(line["file"]).relative_to(d).as_posix(): line for line in o["lines"]}
@@ -133,7 +133,7 @@ def test_mixed_folder_good_images_get_results_bad_ones_errors(mixed_dir, tmp_pat
 
 def test_coco_results_and_file_table_agree(mixed_dir, tmp_path):
     d, _ = mixed_dir
-    run([d], tmp_path / "out", category_ids=[3, 17])
+    run([d], tmp_path / "out", FakeDetector(category_ids=[3, 17]))
     o = load_outputs(tmp_path / "out")
     files = {im["id"]: im for im in o["images"]}
     assert len(files) == len(o["images"])  # unique ids
@@ -147,7 +147,7 @@ def test_coco_results_and_file_table_agree(mixed_dir, tmp_path):
         im = files[line["image_id"]]
         assert (im["file_name"], im["width"], im["height"]) == (line["file"], line["width"], line["height"])
     # ids are positions in the sorted input list: stable, and errors leave gaps, not shifts
-    all_files = [str(p) for p in find_inputs([str(d)])]
+    all_files = [str(p) for p in find_images([str(d)])]
     assert all(all_files[im["id"] - 1] == im["file_name"] for im in o["images"])
 
 
@@ -229,19 +229,23 @@ def test_safe_relative_name_keeps_plain_names_and_separates_lookalikes():
     assert safe_relative_name("/r/a b.jpg", "/r") != safe_relative_name("/r/a_b.jpg", "/r")
 
 
-def test_find_inputs_dirs_globs_files_sorted_unique(tmp_path):
+def test_find_images_dirs_globs_files_sorted_unique(tmp_path):
     (tmp_path / "d" / "deep").mkdir(parents=True)
     for name in ["d/b.JPG", "d/a.webp", "d/deep/c.tif", "d/skip.txt", "top.jpeg"]:
         (tmp_path / name).write_bytes(b"x")
-    found = find_inputs([str(tmp_path / "d"), str(tmp_path / "d" / "*.JPG"),
+    found = find_images([str(tmp_path / "d"), str(tmp_path / "d" / "*.JPG"),
                          str(tmp_path / "*.jpeg"), str(tmp_path / "d" / "skip.txt")])
     names = [p.relative_to(tmp_path).as_posix() for p in found]
     assert names == sorted(names)
     assert names == ["d/a.webp", "d/b.JPG", "d/deep/c.tif", "d/skip.txt", "top.jpeg"]
+    assert find_images([str(tmp_path / "**" / "*.tif")]) == [tmp_path / "d" / "deep" / "c.tif"]
+    assert find_images([str(tmp_path)], exclude=tmp_path / "d") == [tmp_path / "top.jpeg"]
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
-        find_inputs([str(tmp_path / "missing.jpg")])
+        find_images([str(tmp_path / "missing.jpg")])
     with pytest.raises(FileNotFoundError, match="nothing"):
-        find_inputs([str(tmp_path / "nothing*.png")])
+        find_images([str(tmp_path / "nothing*.png")])
+    with pytest.raises(FileNotFoundError, match="overrides go before --input"):
+        find_images(["proposals.resize=100"])
 
 
 def test_output_dir_inside_input_dir_is_not_read_back(tmp_path):
@@ -253,19 +257,16 @@ def test_output_dir_inside_input_dir_is_not_read_back(tmp_path):
     assert summary.num_inputs == 3 and summary.num_skipped == 3
 
 
-def test_batches_and_ranks_give_the_same_outputs(mixed_dir, tmp_path):
+def test_ranks_give_the_same_outputs(mixed_dir, tmp_path):
     d, _ = mixed_dir
-    run([d], tmp_path / "one", batch_size=1)
-    run([d], tmp_path / "batched", batch_size=4)
+    run([d], tmp_path / "one")
     calls = {}
     for rank in (1, 0):  # either rank may finish last; the merge reads both journals
         calls[rank] = run([d], tmp_path / "ranks", rank=rank, world_size=2)[0].calls
     assert calls[0] + calls[1] == 7 and min(calls.values()) >= 1  # the work was split
     reference = load_outputs(tmp_path / "one")
-    for other in ("batched", "ranks"):
-        o = {k: (Path(tmp_path / other / f"{k}.json").read_text()) for k in ("detections", "images", "errors")}
-        for k, text in o.items():
-            assert json.loads(text) == reference["coco" if k == "detections" else k], (other, k)
+    for k in ("detections", "images", "errors"):
+        assert json.loads((tmp_path / "ranks" / f"{k}.json").read_text()) == reference["coco" if k == "detections" else k], k
     assert {p.name for p in (tmp_path / "ranks" / "partial").glob("done*")} == {
         "done.rank0.jsonl", "done.rank1.jsonl"}
 
@@ -327,7 +328,7 @@ def test_cli_wires_flags_through(tmp_path, monkeypatch):
     out = tmp_path / "out"
     argv = ["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / "*.png"),
             "--output-dir", str(out), "--score-threshold", "0.8", "--device", "cpu",
-            "--workers", "1", "--batch-size", "2", "--visualize"]
+            "--workers", "1", "--visualize"]
     assert main(argv) == 0
     assert loaded == [(str(checkpoint), "cpu")] and detector.calls == 1
     o = load_outputs(out)
@@ -356,5 +357,5 @@ def test_links_keep_their_names_and_unsupported_files_are_listed(tmp_path):
     images = json.loads((tmp_path / "out" / "images.json").read_text())
     assert sorted(Path(i["file_name"]).name for i in images) == ["alias.png", "good.png"]
     unsupported: list[Path] = []
-    find_inputs([str(d)], unsupported=unsupported)
+    find_images([str(d)], unsupported=unsupported)
     assert [p.name for p in unsupported] == ["anim.gif", "notes.txt"]

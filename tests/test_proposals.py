@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -15,15 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect.common.config import ProposalConfig, to_dict
+from detect.common.config import PROPOSAL_CHOICES, ProposalConfig, check_proposal_settings, to_dict
 from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import read_image
 from detect.proposals.store import BOXES_FILE, INDEX_FILE, META_FILE, ProposalStore, write_store
-from detect.data.images import find_images
 from detect.evaluation.recall import best_proposals, first_covering, proposal_recall
 from detect.predict.drawing import PROPOSAL_RGB, REACHED_RGB, UNREACHED_RGB, draw_proposal_recall
 from detect.proposals.batch import generate_proposals
-from detect.proposals.selective_search import SETTINGS_KEYS, selective_search
+from detect.proposals.selective_search import selective_search
+from detect.proposals.ss import MODES
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for the batch tests: no resize, tiny min_size.
@@ -156,7 +157,7 @@ def test_nms_ranking_moves_near_duplicates_behind_and_drops_nothing():
     assert 0 < len(rest) < len(paper)
     np.testing.assert_array_equal(selective_search(image, resize=0, min_size=4, top_k=20, ranking="nms",
                                                    nms_iou=0.6), boxes[:20])
-    with pytest.raises(ValueError, match="ranking must be one of"):
+    with pytest.raises(ValueError, match="'ranking' must be paper or nms"):
         selective_search(image, ranking="size")
 
 
@@ -175,8 +176,22 @@ def test_proposal_settings_follow_config():
     settings = to_dict(cfg)
     assert settings == {"engine": "ours", "mode": "quality", "resize": 300, "resize_side": "longer", "min_size": 8,
                         "top_k": 50, "seed": 0, "ranking": "paper", "nms_iou": 0.7, "k_scale": 1.0}
-    assert tuple(settings) == SETTINGS_KEYS
-    selective_search(np.zeros((8, 8, 3), np.uint8), **to_dict(ProposalConfig()))  # kwargs fit
+    # selective_search's keyword arguments are the config's fields, with the same defaults
+    parameters = inspect.signature(selective_search).parameters
+    defaults = {name: p.default for name, p in parameters.items() if name not in ("image", "threads", "return_scores")}
+    assert defaults == to_dict(ProposalConfig())
+    assert set(MODES) == set(PROPOSAL_CHOICES["mode"])  # the engine's table has every mode the config takes
+    # one rule for the config, a store's settings and the arguments: types, unknown keys, ranges
+    assert check_proposal_settings({"mode": "single"}) == {**to_dict(ProposalConfig()), "mode": "single"}
+    with pytest.raises(ValueError, match="unknown key 'sigma'"):
+        check_proposal_settings({"sigma": 0.8})
+    for bad, message in [({"top_k": True}, "'top_k' must be an integer"),
+                         ({"resize_side": "height"}, "'resize_side' must be width, longer or shorter"),
+                         ({"nms_iou": 0.0}, r"'nms_iou' must be in \(0, 1\]"), ({"seed": -1}, "'seed' must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            check_proposal_settings(bad)
+        with pytest.raises(ValueError, match=message):
+            selective_search(np.zeros((8, 8, 3), np.uint8), **bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +233,7 @@ def test_store_round_trip(tmp_path):
 
 
 def test_store_reads_one_image_without_loading_the_rest(tmp_path):
-    # A sparse 4 GB boxes.f32 (250M boxes, 125k images): opening and reading the last image
+    # A sparse 4 GB boxes.f32 (250M boxes, 125k images; scores.f32 1 GB): opening and reading the last image
     # must not pull the file into memory.
     path = tmp_path / "big"
     _random_store(path, [1])
@@ -229,6 +244,8 @@ def test_store_reads_one_image_without_loading_the_rest(tmp_path):
         f.truncate(num_boxes * 16)
         f.seek((num_boxes - per_image) * 16)
         f.write(last.tobytes())
+    with open(path / "scores.f32", "wb") as f:
+        f.truncate(num_boxes * 4)
     index = np.stack([np.arange(num_images), np.arange(num_images) * per_image,
                       np.full(num_images, per_image)], 1).astype(np.int64)
     with open(path / INDEX_FILE, "wb") as f:
@@ -253,6 +270,10 @@ def test_store_rejects_damaged_folders(tmp_path):
         ProposalStore(tmp_path / "store")
     boxes_path.write_bytes(data)
     ProposalStore(tmp_path / "store")
+    scores_path = tmp_path / "store" / "scores.f32"
+    scores_path.write_bytes(scores_path.read_bytes()[:-4])  # the ranking values are checked too
+    with pytest.raises(ValueError, match=f"{scores_path}.*truncated"):
+        ProposalStore(tmp_path / "store")
 
     meta_path = tmp_path / "store" / META_FILE
     meta = json.loads(meta_path.read_text())
@@ -322,7 +343,7 @@ def test_generate_records_failures_and_matches_direct_calls(tmp_path, capsys):
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()
     with pytest.raises(ValueError, match="twice"):
         generate_proposals(items + items[:1], tmp_path / "other", settings=FAST, progress=False)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key 'sigma'"):
         generate_proposals(items, tmp_path / "other", settings={**FAST, "sigma": 0.8}, progress=False)
 
 
@@ -378,19 +399,6 @@ def test_killed_run_resumes_to_an_identical_store(tmp_path):
     store = ProposalStore(tmp_path / "store")
     assert store.image_ids == list(range(1, 13)) and store.meta["min_size"] == 8
     assert "min_size: 8" in (tmp_path / "store" / "config.yaml").read_text()
-
-
-def test_find_images(tmp_path):
-    _write_images(tmp_path / "a", 2)
-    _write_images(tmp_path / "b" / "deep", 1)
-    (tmp_path / "a" / "notes.txt").write_text("x")
-    found = find_images([str(tmp_path / "a"), str(tmp_path / "b" / "**" / "*.png"), str(tmp_path / "a" / "000.png")])
-    assert found == sorted([(tmp_path / "a" / "000.png").resolve(), (tmp_path / "a" / "001.png").resolve(),
-                            (tmp_path / "b" / "deep" / "000.png").resolve()], key=str)
-    with pytest.raises(FileNotFoundError, match="overrides go before --input"):
-        find_images(["proposals.resize=100"])
-    with pytest.raises(FileNotFoundError, match="matches no files"):
-        find_images([str(tmp_path / "*.jpeg")])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,18 +5,24 @@ import pytest
 
 from detect.proposals.ss import features as feat
 from detect.proposals.ss import grouping
-from detect.proposals.ss import segmentation as seg
-from test_ss_segmentation import blocky_image
+from test_ss_segmentation import blocky_image, segment
 
 
 def setup_case(seed, height=36, width=48, k=30, space="hsv"):
     rng = np.random.default_rng(seed)
     image = blocky_image(rng, height, width, block=6, noise=25)
     seg_image, feat_image = feat.colour_space(image, space)
-    labels, n = seg.segment(seg_image, k)
+    labels, n = segment(seg_image, k)
     colour_bins, texture_bins = feat.pixel_bins(feat_image)
     features = feat.region_features(labels, n, colour_bins, texture_bins)
     return labels, n, colour_bins, texture_bins, features
+
+
+def group(features, im_size, strategy):
+    """``hierarchical_grouping`` of ``region_features``' output with a named strategy."""
+    sizes, boxes, colour_hist, texture_hist, pairs = features
+    return grouping.hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, int(im_size),
+                                          *grouping.STRATEGIES[strategy])
 
 
 def slow_histograms(mask, colour_bins, texture_bins):
@@ -56,7 +62,7 @@ def test_initial_features_match_a_slow_computation():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_merges_boxes_sizes_histograms(seed, strategy):
     labels, n, colour_bins, texture_bins, features = setup_case(seed, space="lab" if seed else "hsv")
-    boxes, sizes, colour, texture, merges = grouping.group(features, labels.size, strategy)
+    boxes, sizes, colour, texture, merges = group(features, labels.size, strategy)
     assert len(merges) == n - 1 and len(boxes) == 2 * n - 1
     assert sizes[-1] == labels.size
     assert boxes[-1].tolist() == [0, 0, labels.shape[1] - 1, labels.shape[0] - 1]
@@ -83,7 +89,7 @@ def test_merges_boxes_sizes_histograms(seed, strategy):
 def test_each_merge_is_the_most_similar_neighbouring_pair():
     """Against a slow greedy loop that recomputes everything from the pixels."""
     labels, n, colour_bins, texture_bins, features = setup_case(2)
-    boxes, sizes, colour, texture, merges = grouping.group(features, labels.size, "CTSF")
+    boxes, sizes, colour, texture, merges = group(features, labels.size, "CTSF")
     flat = labels.ravel()
     height, width = labels.shape
     members = {r: {r} for r in range(n)}
@@ -116,7 +122,7 @@ def test_each_merge_is_the_most_similar_neighbouring_pair():
 def test_single_region_has_no_merges():
     features = feat.region_features(np.zeros((3, 4), np.int32), 1, np.zeros((12, 3), np.uint8),
                                     np.zeros((12, 24), np.uint8))
-    boxes, sizes, _, _, merges = grouping.group(features, 12, "CTSF")
+    boxes, sizes, _, _, merges = group(features, 12, "CTSF")
     assert len(merges) == 0 and boxes.tolist() == [[0, 0, 3, 2]] and sizes.tolist() == [12]
 
 
@@ -169,5 +175,5 @@ def test_ties_go_to_the_last_pair_as_the_original(strategy):
     """A grid of equal blocks: size and fill similarities tie all the time."""
     labels = np.repeat(np.repeat(np.arange(30, dtype=np.int32).reshape(5, 6), 4, 0), 4, 1)  # [20, 24]
     features = feat.region_features(labels, 30, np.zeros((480, 3), np.uint8), np.zeros((480, 24), np.uint8))
-    merges = grouping.group(features, labels.size, strategy)[4]
+    merges = group(features, labels.size, strategy)[4]
     assert [tuple(m) for m in merges.tolist()] == original_tie_rule_merges(features, labels.size, strategy)

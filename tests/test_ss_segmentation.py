@@ -17,6 +17,12 @@ def blocky_image(rng, height, width, block=4, noise=20):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def segment(image, k, min_size=None, edges=None):
+    """FH of a uint8 [H, W, C] image with min_size = k by default ([SS]), as the engine calls it."""
+    order, weights = edges if edges is not None else seg.sorted_edges(image)
+    return seg.segment_graph(order, weights, *image.shape[:2], float(k), int(k if min_size is None else min_size))
+
+
 # ---- the reference: plain Python loops, float32 arithmetic as in the original C++ ----------
 
 def ref_mask(sigma):
@@ -96,12 +102,13 @@ def test_radix_argsort_is_a_stable_argsort():
     values = rng.integers(0, 50, 5000).astype(np.float32) * np.float32(0.37)  # many ties
     values[::7] = np.inf
     values[::11] = 0.0
-    np.testing.assert_array_equal(seg.stable_argsort_nonneg_float32(values),
+    np.testing.assert_array_equal(seg.radix_sort(values)[0],
                                   np.argsort(values, kind="stable"))
     values = rng.random(3000).astype(np.float32) * 500
     before = values.copy()
-    np.testing.assert_array_equal(seg.stable_argsort_nonneg_float32(values),
-                                  np.argsort(values, kind="stable"))
+    order, sorted_values = seg.radix_sort(values)
+    np.testing.assert_array_equal(order, np.argsort(values, kind="stable"))
+    np.testing.assert_array_equal(sorted_values, values[order])
     np.testing.assert_array_equal(values, before)  # the input is not written
 
 
@@ -112,7 +119,7 @@ def test_segmentation_equals_reference(seed):
     edges = seg.sorted_edges(image)  # sorted once, reused for every k
     n_checked = 0
     for k, min_size in ((5, 1), (20, 5), (50, 50), (100, 100), (300, 10)):
-        labels, n = seg.segment(image, k, min_size, edges=edges)
+        labels, n = segment(image, k, min_size, edges=edges)
         assert labels.dtype == np.int32 and labels.shape == (12, 15)
         assert sorted(np.unique(labels)) == list(range(n))
         # labels numbered in row-major order of first appearance
@@ -127,13 +134,13 @@ def test_segmentation_equals_reference(seed):
 def test_segmentation_reference_can_disagree():
     """The comparison is not vacuous: a different k gives a different partition."""
     image = blocky_image(np.random.default_rng(0), 12, 15)
-    labels, _ = seg.segment(image, 5, 1)
+    labels, _ = segment(image, 5, 1)
     assert not same_partition(labels, ref_segment(image, 300, 10))
 
 
 def test_min_size_is_enforced():
     image = blocky_image(np.random.default_rng(3), 30, 40, noise=60)
-    labels, n = seg.segment(image, 50)
+    labels, n = segment(image, 50)
     assert np.bincount(labels.ravel()).min() >= 50 or n == 1
 
 
@@ -177,7 +184,7 @@ def test_graph_part_with_ties_and_exact_thresholds(seed):
                 weights[[slot + 1, slot + 2]] = np.inf
             if y == 0:
                 weights[slot + 3] = np.inf
-    order = seg.stable_argsort_nonneg_float32(weights)
+    order = seg.radix_sort(weights)[0]
     n_edges = int(np.isfinite(weights).sum())
     order = order[:n_edges]
     offsets = [1, width, width + 1, 1 - width]

@@ -64,12 +64,10 @@ class DataConfig:
 @dataclass
 class ProposalConfig:
     # "ours": our implementation of [SS] (detect.proposals.ss); "opencv": OpenCV's ximgproc
-    # machinery assembled with the paper's settings (not OpenCV's own "fast" switch, which uses
-    # k = 150, 300, 450 and min size 100). Both give the paper's modes.
+    # machinery assembled with the paper's settings (detect.proposals.selective_search).
     engine: str = "ours"
-    # [RCNN] code selective_search_boxes.m runs [SS] "fast" mode: HSV + Lab, k = 50, 100,
-    # strategies C+T+S+F and T+S+F (8 hierarchies). "quality": [SS] section 5.2, 80 hierarchies.
-    # "single": HSV, k = 100, C+T+S+F.
+    # [SS] section 5.2's modes, "fast", "quality" or "single" (the table: detect.proposals.ss.engine);
+    # [RCNN] code selective_search_boxes.m runs "fast".
     mode: str = "fast"
     # [RCNN] selective_search_boxes.m resized each image to 500 px wide (0 = no resize).
     resize: int = 500
@@ -365,17 +363,7 @@ def validate(cfg: Config, source: str) -> None:
     for name in ("train", "val"):
         ds = getattr(cfg.data, name)
         need(ds.format in ("coco", "voc"), f"data.{name}.format", f"must be coco or voc, got {ds.format!r}")
-    p = cfg.proposals
-    need(p.engine in ("ours", "opencv"), "proposals.engine", f"must be ours or opencv, got {p.engine!r}")
-    need(p.mode in ("fast", "quality", "single"), "proposals.mode", f"must be fast, quality or single, got {p.mode!r}")
-    need(p.seed >= 0, "proposals.seed", "must be >= 0")
-    need(p.resize_side in ("width", "longer", "shorter"), "proposals.resize_side", f"must be width, longer or shorter, got {p.resize_side!r}")
-    need(p.resize >= 0, "proposals.resize", "must be >= 0")
-    need(p.min_size >= 0, "proposals.min_size", "must be >= 0")
-    need(p.top_k >= 0, "proposals.top_k", "must be >= 0")
-    need(p.ranking in ("paper", "nms"), "proposals.ranking", f"must be paper or nms, got {p.ranking!r}")
-    need(0.0 < p.nms_iou <= 1.0, "proposals.nms_iou", "must be in (0, 1]")
-    need(p.k_scale > 0.0, "proposals.k_scale", "must be > 0")
+    _validate_proposals(cfg.proposals, source, "proposals.")
     m = cfg.model
     need(m.roi_op in ("roi_pool", "roi_align"), "model.roi_op", f"must be roi_pool or roi_align, got {m.roi_op!r}")
     need(m.roi_size > 0, "model.roi_size", "must be > 0")
@@ -403,6 +391,34 @@ def validate(cfg: Config, source: str) -> None:
     need(e.detections_per_image >= 0, "test.detections_per_image", "must be >= 0 (0 = no cap)")
     need(e.per_class_top_k >= 0, "test.per_class_top_k", "must be >= 0 (0 = no cap)")
     need(all(s > 0 for s in e.scales), "test.scales", "must be positive sizes")
+
+
+PROPOSAL_CHOICES = {"engine": ("ours", "opencv"), "mode": ("fast", "quality", "single"),
+                    "resize_side": ("width", "longer", "shorter"), "ranking": ("paper", "nms")}
+
+
+def _validate_proposals(p: ProposalConfig, source: str, prefix: str) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: '{prefix}{key}' {msg}")
+
+    for key, choices in PROPOSAL_CHOICES.items():
+        value = getattr(p, key)
+        need(value in choices, key, f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+    for key in ("resize", "min_size", "top_k", "seed"):
+        need(getattr(p, key) >= 0, key, "must be >= 0")
+    need(0.0 < p.nms_iou <= 1.0, "nms_iou", "must be in (0, 1]")
+    need(p.k_scale > 0.0, "k_scale", "must be > 0")
+
+
+def check_proposal_settings(settings: dict, source: str = "proposal settings") -> dict:
+    """``settings``, some or all of ``ProposalConfig``'s fields (selective search's keyword
+    arguments, a proposal store's settings), checked as a config's ``proposals`` section is:
+    types, unknown keys, ranges (ConfigError naming the key). Returns every field, in field
+    order, the missing ones at their defaults."""
+    proposals = _build(ProposalConfig, settings, "", source)
+    _validate_proposals(proposals, source, "")
+    return to_dict(proposals)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,11 +1,12 @@
-"""Datasets in one internal representation, their loaders, and robust image reading.
+"""Datasets in one internal representation, and their loaders (COCO, VOC).
 
 ``Dataset`` holds ``ImageRecord``s with ground truth as float xyxy pixels and contiguous class
 indices 1..K (0 is background). ``Dataset.category_ids[k - 1]`` is the dataset's own category
 id of class k: the only place indices map back to category ids.
 
 Loaders convert each format's boxes once, here: COCO ``[x, y, w, h]`` -> xyxy (``load_coco``),
-VOC 1-based inclusive corners -> 0-based continuous xyxy (``load_voc``). They validate as they
+VOC 1-based inclusive corners -> 0-based continuous xyxy (``load_voc``, through
+``detect.data.voc``). They validate as they
 go: structural problems (malformed files, missing fields, duplicate or dangling ids) raise
 ``ValueError`` naming the file and the entry; bad boxes are skipped or clipped and counted in a
 ``LoadReport`` (``dataset.report``), summarised in one ``DatasetWarning``.
@@ -32,77 +33,66 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from detect.common.fileio import read_json
+from detect.data.images import image_size
 from detect.data.voc import read_voc_xml, voc_class_names
-
-
 
 # Boxes sticking out of the image by at most this many pixels are clipped without being
 # counted: annotation tools round, and COCO has many boxes 0.01 px past the border.
 CLIP_TOLERANCE = 1.0
 
 
-
 class DatasetWarning(UserWarning):
     """Entries of a dataset that were skipped or repaired while loading it."""
 
 
+# What a loader counts as it skips or repairs an entry, and how the warning says it.
+PROBLEMS = {
+    "boxes_nonfinite": "boxes with NaN/inf skipped",
+    "boxes_empty": "boxes of zero or negative size skipped",
+    "boxes_outside": "boxes entirely outside the image skipped",
+    "boxes_clipped": "boxes partly outside the image clipped",  # by more than CLIP_TOLERANCE
+    "images_missing": "missing images skipped",  # the rest: check_images only
+    "images_unreadable": "unreadable images skipped",  # empty, corrupt or not an image
+    "images_wrong_size": "images whose size differs from the annotation skipped",
+}
+
+
 @dataclass
 class LoadReport:
-    """What a loader skipped or repaired: counters plus the first few messages, each naming the
-    file and the entry."""
+    """What a loader kept, and what it skipped or repaired: ``problems[name]`` counts each of
+    ``PROBLEMS``, and the first few messages, each naming the file and the entry, are kept."""
 
     source: str
     num_images: int = 0  # images kept
     num_boxes: int = 0  # boxes kept, difficult/crowd included
     num_difficult: int = 0  # kept boxes flagged gt_difficult (VOC difficult, COCO iscrowd)
-    boxes_nonfinite: int = 0  # a NaN/inf coordinate: skipped
-    boxes_empty: int = 0  # zero or negative width or height: skipped
-    boxes_outside: int = 0  # entirely outside the image: skipped
-    boxes_clipped: int = 0  # partly outside the image (by more than CLIP_TOLERANCE): clipped
-    images_missing: int = 0  # check_images: no such file: image skipped
-    images_unreadable: int = 0  # check_images: empty, corrupt or not an image: image skipped
-    images_wrong_size: int = 0  # check_images: size differs from the annotation: image skipped
+    problems: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     max_examples: int = 5
 
-    _PROBLEMS = (
-        ("boxes_nonfinite", "boxes with NaN/inf skipped"),
-        ("boxes_empty", "boxes of zero or negative size skipped"),
-        ("boxes_outside", "boxes entirely outside the image skipped"),
-        ("boxes_clipped", "boxes partly outside the image clipped"),
-        ("images_missing", "missing images skipped"),
-        ("images_unreadable", "unreadable images skipped"),
-        ("images_wrong_size", "images whose size differs from the annotation skipped"),
-    )
-
     def add(self, problem: str, message: str) -> None:
-        """Count one ``problem`` (a counter's name above) and keep ``message`` as an example."""
-        setattr(self, problem, getattr(self, problem) + 1)
-        if len(self.examples) < self.max_examples:
-            self.examples.append(message)
+        """Count one ``problem`` and keep ``message`` as an example."""
+        self.add_many(problem, [0], lambda _: message)
 
-    def add_many(self, problem: str, indices: np.ndarray, message_of: Callable[[int], str]) -> None:
+    def add_many(self, problem: str, indices: Sequence[int], message_of: Callable[[int], str]) -> None:
         """Count ``len(indices)`` of ``problem``; ``message_of(i)`` writes an example (only as
         many as are kept, so a million clipped boxes cost no million messages)."""
-        setattr(self, problem, getattr(self, problem) + len(indices))
+        self.problems[problem] += len(indices)
         for i in indices[:max(0, self.max_examples - len(self.examples))]:
             self.examples.append(message_of(int(i)))
 
     @property
     def num_problems(self) -> int:
-        return sum(getattr(self, name) for name, _ in self._PROBLEMS)
+        return sum(self.problems.values())
 
     def summary(self) -> str:
-        parts = [f"{getattr(self, name)} {text}" for name, text in self._PROBLEMS if getattr(self, name)]
+        """One line: the counts, each problem's count, the first few examples."""
+        parts = [f"{self.problems[name]} {text}" for name, text in PROBLEMS.items() if self.problems[name]]
         line = (f"{self.source}: {self.num_images} images, {self.num_boxes} boxes "
                 f"({self.num_difficult} difficult/crowd)")
         if parts:
             line += "; " + ", ".join(parts) + "; e.g. " + " | ".join(self.examples)
         return line
-
-    def warn_if_problems(self) -> None:
-        if self.num_problems:
-            warnings.warn(self.summary(), DatasetWarning, stacklevel=4)  # at the loader's caller
 
 
 @dataclass
@@ -152,9 +142,6 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.records)
 
-    def by_id(self) -> dict[int, ImageRecord]:
-        return {r.image_id: r for r in self.records}
-
 
 # ----------------------------------------------------------------------------------------------
 # Loaders
@@ -187,10 +174,9 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
               check_images: bool = False) -> Dataset:
     """Load a COCO instances JSON.
 
-    Boxes: COCO ``[x, y, w, h]`` -> xyxy float32, converted here once (in float64, so an
-    exported xyxy box comes back bit for bit). Classes: category ids in ascending order become
-    classes 1..K. ``iscrowd=1`` boxes are kept with ``gt_difficult=True`` and ``gt_crowd=True``
-    (ignored by training and evaluation). Images without annotations are kept. ``file_name`` is relative to
+    Boxes are converted in float64, so an exported xyxy box comes back bit for bit. Category ids
+    in ascending order become classes 1..K. ``iscrowd=1`` boxes are kept, as ``gt_crowd`` (and
+    so ``gt_difficult``). Images without annotations are kept. ``file_name`` is relative to
     ``image_dir`` (default: the JSON's folder). ``check_images=True`` opens every image header
     (fast, no decoding) and skips missing, unreadable or wrongly sized ones; by default images
     are only read when used.
@@ -383,9 +369,10 @@ def _finish_loading(dataset: Dataset, check_images: bool, src: str) -> Dataset:
     report.num_images = len(dataset.records)
     report.num_boxes = sum(len(r.gt_boxes) for r in dataset.records)
     report.num_difficult = sum(int(r.gt_difficult.sum()) for r in dataset.records)
-    report.warn_if_problems()
+    if report.num_problems:
+        warnings.warn(report.summary(), DatasetWarning)
     if not dataset.records:
-        skipped = report.images_missing + report.images_unreadable + report.images_wrong_size
+        skipped = sum(report.problems[name] for name in PROBLEMS if name.startswith("images_"))
         reason = f" left: all {skipped} were skipped ({report.summary()})" if skipped else ""
         raise ValueError(f"{src}: the dataset has no images{reason}")
     return dataset
@@ -403,14 +390,10 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
         try:
             with Image.open(path) as im:
                 im.verify()  # must come first: it leaves the image unusable
-            with Image.open(path) as im:
-                width, height = im.size
-                orientation = im.getexif().get(0x0112, 1)
+            width, height = image_size(path)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             report.add("images_unreadable", f"{path}: image id {record.image_id}: cannot read ({e})")
             continue
-        if orientation in (5, 6, 7, 8):  # EXIF transposes: the user sees the other way round
-            width, height = height, width
         if (width, height) != (record.width, record.height):
             report.add("images_wrong_size", f"{path}: image id {record.image_id}: file is "
                        f"{width}x{height}, annotation says {record.width}x{record.height}")
@@ -421,24 +404,15 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
 
 def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
              classes: Sequence[str] | None = None) -> Dataset:
-    """Load a VOC-style folder (PASCAL VOC, or what LabelImg and CVAT export):
-    ``Annotations/<name>.xml``, ``JPEGImages/<name>.jpg`` (or the XML's ``<filename>`` there)
-    and the image names in ``ImageSets/Main/<split>.txt``.
-
-    Boxes: VOC corners are 1-based and inclusive; the pixels xmin..xmax cover the continuous
-    0-based span [xmin - 1, xmax], so a box becomes ``(xmin - 1, ymin - 1, xmax, ymax)``, once,
-    here (rbgirshick/fast-rcnn ``datasets/pascal_voc.py`` also subtracted 1; it kept inclusive
-    corners for its ``+ 1`` widths, which this package does not use). Coordinates may be
-    fractional ("12.5"). ``difficult`` objects are kept with ``gt_difficult=True``; a missing
-    ``<difficult>`` is 0; ``<truncated>``, ``<pose>`` and other tags are ignored. A missing
-    ``<size>`` is read from the image file's header (no decoding).
+    """Load a VOC-style folder (PASCAL VOC, or what LabelImg and CVAT export): the image names
+    in ``ImageSets/Main/<split>.txt``, each ``Annotations/<name>.xml`` read by
+    ``detect.data.voc.read_voc_xml`` (its image in ``JPEGImages/``).
 
     Classes: ``classes`` (names of classes 1..K, e.g. the training split's) when given; an
-    object of another class is an error naming the file and the object. Otherwise the names
-    found in the split: ``VOC_CLASSES`` in the standard order when all are VOC class names (so
-    PASCAL VOC keeps ids 1..20 whichever split is loaded), else their sorted set. Category ids
-    are 1..K. Image ids are the names as integers ("2008_000008" -> 2008000008) when they all
-    are digits and distinct, otherwise the 1-based position in the split file.
+    object of another class is an error naming the file and the object. Otherwise
+    ``voc_class_names`` of the names found in the split. Category ids are 1..K. Image ids are
+    the names as integers ("2008_000008" -> 2008000008) when they all are digits and distinct,
+    otherwise the 1-based position in the split file.
     """
     root = Path(root)
     if not split:

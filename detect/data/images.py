@@ -25,7 +25,6 @@ class ImageReadError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
-
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as uint8 RGB [H, W, 3], in the orientation the user sees.
 
@@ -59,6 +58,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(path, f"image too large ({e})") from None
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image as the user sees it (after EXIF rotation), from its header
+    alone (no decoding). PIL's errors pass through."""
+    with Image.open(path) as im:
+        width, height = im.size
+        orientation = im.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # 5-8 transpose
+
+
 def _to_rgb8(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.float64)
@@ -78,45 +86,50 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _absolute(path: str | os.PathLike) -> Path:
-    """An absolute, normalised path that still names a symbolic link itself (not its target),
-    so an error about a broken link names the file the user sees."""
-    return Path(os.path.abspath(path))
-
-
-def find_images(inputs: list[str], *, unsupported: list[Path] | None = None) -> list[Path]:
-    """Files, folders (searched recursively for IMAGE_EXTENSIONS) and globs -> sorted absolute
-    paths (symbolic links not followed, so a link keeps its own name), without repeats. An input
-    that matches nothing raises FileNotFoundError naming it. Files of a folder or glob without
-    an image extension are appended, sorted, to ``unsupported`` when given."""
+def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
+                unsupported: list[Path] | None = None) -> list[Path]:
+    """Files, folders (searched recursively for IMAGE_EXTENSIONS, in any case) and globs ->
+    sorted absolute paths without repeats, less those under ``exclude`` (``detect predict``'s
+    output folder, so a re-run never reads its own drawings back). Symbolic links are not
+    followed, so a link keeps its own name. A file named explicitly is kept whatever its name;
+    an input that matches nothing raises FileNotFoundError naming it. The other files of the
+    folders and globs (no image extension) are appended, sorted, to ``unsupported`` when given."""
     found: set[Path] = set()
     others: set[Path] = set()
 
-    def add_dir(folder: Path) -> None:
-        for root, _, names in os.walk(folder):
-            for n in names:
-                (found if Path(n).suffix.lower() in IMAGE_EXTENSIONS else others).add(_absolute(Path(root, n)))
+    def absolute(path: str | os.PathLike) -> Path:  # normalised, but a link still names itself
+        return Path(os.path.abspath(path))
+
+    def add(path: Path) -> None:
+        if path.is_dir():
+            for root, _, names in os.walk(path):
+                for name in names:
+                    add(Path(root, name))
+        else:
+            (found if path.suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(path))
 
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            add_dir(path)
+            add(path)
         elif path.is_file():
-            found.add(_absolute(path))
+            found.add(absolute(path))  # named explicitly: kept whatever its extension
         elif glob.has_magic(item):
             matches = [Path(m) for m in glob.glob(os.path.expanduser(item), recursive=True)]
             if not matches:
                 raise FileNotFoundError(f"--input {item!r}: the pattern matches no files")
             for m in matches:
-                if m.is_dir():
-                    add_dir(m)
-                elif m.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.add(_absolute(m))
-                else:
-                    others.add(_absolute(m))
+                add(m)
         else:
             hint = " (config overrides go before --input)" if "=" in item else ""
             raise FileNotFoundError(f"--input {item!r}: no such file or folder{hint}")
+    if exclude is not None:
+        excluded = {absolute(exclude), Path(exclude).resolve()}
+
+        def kept(paths: set[Path]) -> set[Path]:
+            return {p for p in paths if not any(p.is_relative_to(e) for e in excluded)}
+
+        found, others = kept(found), kept(others)
     if unsupported is not None:
         unsupported.extend(sorted(others - found, key=str))
     return sorted(found, key=str)

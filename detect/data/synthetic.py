@@ -114,7 +114,6 @@ def make_synthetic(out_dir: str | Path, num_train: int, num_val: int, seed: int)
         for split in SPLITS:
             _remove_images(out_dir / "images" / split, first_index=0)
             (out_dir / f"{split}.json").unlink(missing_ok=True)
-    if not reuse_images:
         write_settings(marker_path, marker)
 
     json_paths = []
@@ -141,9 +140,7 @@ def make_synthetic(out_dir: str | Path, num_train: int, num_val: int, seed: int)
                     "images": images, "annotations": annotations,
                     "categories": [{"id": cat_id, "name": name, "supercategory": "shape"}
                                    for cat_id, name in CATEGORIES]}
-            json_path = out_dir / f"{split}.json"
-            _write_if_changed(json_path, _json_bytes(coco))
-            json_paths.append(json_path)
+            json_paths.append(_write_json_if_changed(out_dir / f"{split}.json", coco))
     return json_paths[0], json_paths[1]
 
 
@@ -155,15 +152,13 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _json_bytes(obj: dict) -> bytes:
-    """Compact JSON with sorted keys (one line, as COCO's own files): the same dict, the same bytes."""
-    return (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    if path.is_file() and path.read_bytes() == data:
-        return
-    write_bytes_atomic(path, data)
+def _write_json_if_changed(path: Path, obj: dict) -> Path:
+    """Write ``obj`` as compact JSON with sorted keys (one line, as COCO's own files: the same
+    dict, the same bytes), unless ``path`` already holds exactly that; returns ``path``."""
+    data = (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
+    if not (path.is_file() and path.read_bytes() == data):
+        write_bytes_atomic(path, data)
+    return path
 
 
 def _remove_images(image_dir: Path, first_index: int) -> None:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
+
+from detect.data.images import image_size
 
 # The 20 PASCAL VOC classes in the standard order: class k is the same whatever the split holds.
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -38,8 +40,11 @@ def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
     """Parse ``xml_path``. The image is ``image_dir/<name>.jpg``, or ``image_dir/<filename>``
     (LabelImg/CVAT write e.g. a .png there) when only that exists. A missing ``<size>`` is read
     from the image header; a missing ``<difficult>`` is 0; coordinates may be fractional;
-    ``<truncated>``, ``<pose>`` and other tags are ignored. VOC corners are 1-based inclusive:
-    a box becomes ``(xmin - 1, ymin - 1, xmax, ymax)``. Errors name the file and the object."""
+    ``<truncated>``, ``<pose>`` and other tags are ignored. VOC corners are 1-based and
+    inclusive: the pixels xmin..xmax cover the continuous 0-based span [xmin - 1, xmax], so a box
+    becomes ``(xmin - 1, ymin - 1, xmax, ymax)`` (rbgirshick/fast-rcnn ``datasets/pascal_voc.py``
+    also subtracted 1, keeping inclusive corners for its ``+ 1`` widths, which this package does
+    not use). Errors name the file and the object."""
     try:
         tree = ET.parse(xml_path)
     except FileNotFoundError:
@@ -53,7 +58,11 @@ def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
     if not image_path.is_file() and file_name and (image_dir / file_name).is_file():
         image_path = image_dir / file_name
     if annotation.find("size/width") is None and annotation.find("size/height") is None:
-        width, height = _image_size(image_path, xml_path)
+        try:
+            width, height = image_size(image_path)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{xml_path}: no <size>, and its image {image_path} cannot be read for it "
+                             f"({e})") from None
     else:
         width = _voc_number(annotation, "size/width", xml_path, "<annotation>")
         height = _voc_number(annotation, "size/height", xml_path, "<annotation>")
@@ -76,18 +85,6 @@ def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
     return VocAnnotation(image_path=image_path, width=int(width), height=int(height),
                          boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4), names=names,
                          difficult=np.array(difficult, dtype=bool).reshape(-1))
-
-
-def _image_size(image_path: Path, xml_path: Path) -> tuple[int, int]:
-    """(width, height) of an image as the user sees it (after EXIF rotation), from its header."""
-    try:
-        with Image.open(image_path) as im:
-            width, height = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{xml_path}: no <size>, and its image {image_path} cannot be read for it "
-                         f"({e})") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def _voc_number(element: ET.Element, path: str, xml_path: Path, where: str) -> float:

@@ -1,35 +1,32 @@
 """Batch detection on image files, folders and globs: ``detect predict``.
 
-The main process runs the detector; a pool of worker processes reads the images and computes
-their selective-search proposals ahead of it (a bounded window of ``batch_size + 2 x workers``
+The main process runs the detector, one image at a time; a pool of worker processes reads the
+images and computes their selective-search proposals ahead of it (at most ``2 x workers``
 images in flight), so proposals and inference overlap. Results come back in input order.
 
-Outputs in ``output_dir`` (every file written atomically, paths never leave ``output_dir``):
+Outputs in ``output_dir`` (each written atomically; paths never leave ``output_dir``):
 
 - ``detections.json``  COCO results: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}].
-- ``images.json``      the file table for those ids: [{"id", "file_name", "width", "height"}];
-                       ``file_name`` is the resolved input path, ``id`` its 1-based position in
-                       the sorted input list (so ids do not depend on workers, ranks or resumes).
+- ``images.json``      [{"id", "file_name", "width", "height"}]: ``file_name`` is the resolved
+                       input path, ``id`` its 1-based position in the sorted input list (so ids
+                       do not depend on workers, ranks or resumes).
 - ``categories.json``  [{"id", "name"}]: the checkpoint's class names and category ids.
 - ``detections.jsonl`` one line per image, in input order: {"image_id", "file", "width",
                        "height", "detections": [{"box": [x1, y1, x2, y2], "label": name,
-                       "score"}]}; boxes are xyxy pixels of the image as the user sees it
-                       (after EXIF rotation).
-- ``errors.json``      [{"file", "reason"}] for files that could not be read or proposed, and
-                       for files of the input folders that are no image ("unsupported file type").
+                       "score"}]}, boxes in pixels of the image as the user sees it (EXIF).
+- ``errors.json``      [{"file", "reason"}]: files that could not be read or proposed, and files
+                       of the input folders that are no image ("unsupported file type").
 - ``summary.json``     counts, images/s, device, elapsed, ms per image per stage
                        (``summary.rank{r}.json`` per rank when ``world_size > 1``).
-- ``vis/<name>.jpg``   with ``visualize``: the image with boxes, labels and scores drawn.
-                       ``<name>`` is the input's path relative to the inputs' common folder,
-                       each part reduced to safe characters (hash-suffixed when changed).
+- ``vis/<name>.jpg``   with ``visualize``: the boxes, labels and scores drawn; ``<name>`` is the
+                       input's path relative to the inputs' common folder (``safe_relative_name``).
 
 Resume: every finished image appends one flushed line to the journal ``partial/done.jsonl``
-(``partial/done.rank{r}.jsonl`` per rank), in the format of ``detections.jsonl`` but with class
-indices 1..K as labels, or {"file", "error"} for a failure. A re-run into the same folder skips
-files with a result in any journal (failures are retried), ignores a torn last line left by a
-kill, and refuses to mix results of different settings (``partial/settings.json``). The final
-files are rewritten from the journals at the end, and during the run every 100 images (but
-at least 30 s apart), so a killed run loses only the images in flight.
+(``partial/done.rank{r}.jsonl`` per rank), as in ``detections.jsonl`` but with class indices
+1..K as labels, or {"file", "error"}. A re-run into the same folder skips files with a result in
+any journal (failures are retried) and refuses to mix results of other settings
+(``partial/settings.json``). The final files are rewritten from the journals at the end, and
+every 100 images (but at least 30 s apart), so a killed run loses only the images in flight.
 
 Distributed: with ``world_size > 1`` rank r takes images i with ``i % world_size == r``; each
 rank merges all journals when it finishes (under a file lock), so the last rank to finish
@@ -39,6 +36,7 @@ writes the complete outputs.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import multiprocessing
 import os
@@ -64,7 +62,6 @@ from detect.predict.outputs import journal_record, load_results, open_journal, s
 from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore
 
-
 # Rewrite the final outputs from the journal every this many images, but not more often than
 # every this many seconds (a merge re-reads the whole journal).
 REWRITE_EVERY_IMAGES = 100
@@ -72,37 +69,6 @@ REWRITE_MIN_INTERVAL_S = 30.0
 
 ProposeFn = Callable[..., np.ndarray]  # (image uint8 RGB [H, W, 3], **settings) -> [R, 4] xyxy
 
-
-# ---------------------------------------------------------------------------------------------
-# Inputs and safe output names
-# ---------------------------------------------------------------------------------------------
-
-def find_inputs(inputs: list[str], *, exclude: str | os.PathLike | None = None,
-                unsupported: list[Path] | None = None) -> list[Path]:
-    """Files, folders (searched recursively) and globs -> sorted, unique resolved image paths.
-
-    The same listing as ``detect propose --input`` (``detect.data.datasets.find_images``: folders
-    and globs keep ``IMAGE_EXTENSIONS`` in any case, a file named explicitly is kept whatever
-    its name, an input matching nothing raises ``FileNotFoundError``), less the files under
-    ``exclude`` (the output folder), so a re-run never reads its own ``vis/`` images back.
-    Other files of the folders and globs (no image extension) go to ``unsupported``, less
-    those under ``exclude`` too. Symbolic links keep their own names.
-    """
-    others: list[Path] = []
-    found = find_images(inputs, unsupported=others)
-    if exclude is not None:
-        excluded = {Path(os.path.abspath(exclude)), Path(exclude).resolve()}
-        found = [p for p in found if not any(p.is_relative_to(e) for e in excluded)]
-        others = [p for p in others if not any(p.is_relative_to(e) for e in excluded)]
-    if unsupported is not None:
-        unsupported.extend(others)
-    return found
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker processes: read the image, compute proposals
-# ---------------------------------------------------------------------------------------------
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one core per worker; the pool provides the parallelism
@@ -112,7 +78,6 @@ def _init_worker() -> None:
 class Loaded(NamedTuple):
     """What a worker sends back for one input file."""
 
-    index: int  # position in the sorted input list
     image: np.ndarray | None  # [H, W, 3] uint8 RGB, None on error
     proposals: np.ndarray | None  # [R, 4] xyxy float32, None on error or with a store
     error: str  # "" or why the file has no result
@@ -120,26 +85,24 @@ class Loaded(NamedTuple):
     propose_ms: float
 
 
-def _load_and_propose(index: int, file: str, propose_fn: ProposeFn | None, settings: dict) -> Loaded:
-    """Worker task: read ``file`` and propose boxes in it.
-
-    ``propose_fn=None`` only reads the image (proposals come from a store). Failures come back
-    as a reason string, never as an exception, so one bad file cannot stop the run.
-    """
+def _load_and_propose(file: str, propose_fn: ProposeFn | None, settings: dict) -> Loaded:
+    """Worker task: read ``file`` and propose boxes in it (``propose_fn=None``: only read it, the
+    proposals come from a store). A failure comes back as a reason, never as an exception, so
+    one bad file cannot stop the run."""
     t0 = time.perf_counter()
     try:
         image = read_image(file)
     except ImageReadError as e:
-        return Loaded(index, None, None, e.reason, 0.0, 0.0)
+        return Loaded(None, None, e.reason, 0.0, 0.0)
     t1 = time.perf_counter()
     read_ms = (t1 - t0) * 1e3
     if propose_fn is None:
-        return Loaded(index, image, None, "", read_ms, 0.0)
+        return Loaded(image, None, "", read_ms, 0.0)
     try:
         proposals = np.asarray(propose_fn(image, **settings), dtype=np.float32).reshape(-1, 4)
     except Exception as e:  # noqa: BLE001 - any failure of one image is recorded, not raised
-        return Loaded(index, None, None, f"proposals failed: {type(e).__name__}: {e}", read_ms, 0.0)
-    return Loaded(index, image, proposals, "", read_ms, (time.perf_counter() - t1) * 1e3)
+        return Loaded(None, None, f"proposals failed: {type(e).__name__}: {e}", read_ms, 0.0)
+    return Loaded(image, proposals, "", read_ms, (time.perf_counter() - t1) * 1e3)
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -148,10 +111,6 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
-
-# ---------------------------------------------------------------------------------------------
-# Proposal store lookup
-# ---------------------------------------------------------------------------------------------
 
 def _store_ids(store, files: list[str]) -> dict[str, int]:
     """file -> image id in ``store`` (a ``detect propose --input`` store, whose files.json lists
@@ -168,10 +127,6 @@ def _store_ids(store, files: list[str]) -> dict[str, int]:
                          f"--input` on the same inputs")
     return {f: by_file[f] for f in files}
 
-
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class PredictSummary:
@@ -193,39 +148,32 @@ class PredictSummary:
 
 def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike, *,
             score_threshold: float = 0.5, proposal_settings: dict | None = None,
-            workers: int = 0, batch_size: int = 1, proposal_store: str | os.PathLike | None = None,
-            visualize: bool = False, progress: bool = True,
-            category_ids: list[int] | None = None, propose_fn: ProposeFn | None = None,
+            workers: int = 0, proposal_store: str | os.PathLike | None = None,
+            visualize: bool = False, progress: bool = True, propose_fn: ProposeFn | None = None,
             rank: int = 0, world_size: int = 1, model_fingerprint: str = "") -> PredictSummary:
-    """Detect objects in every image of ``inputs`` (files, folders, globs); write the outputs
-    described in the module docstring to ``output_dir``; resume a previous run there.
+    """Detect objects in every image of ``inputs`` (``find_images``); write the outputs of the
+    module docstring to ``output_dir``, resuming a previous run there.
 
     ``proposal_settings`` are the keyword arguments of ``propose_fn`` (default
-    ``detect.proposals.selective_search.selective_search``); with ``proposal_store`` (a ``detect propose
-    --input`` store) proposals come from the store instead. ``workers`` processes (0 = all
-    cores) read images and propose while the detector runs ``batch_size`` images per step.
-    ``category_ids[k - 1]`` is the category id of class k (default k). ``model_fingerprint``
-    identifies the checkpoint, so a resume with another model is refused.
+    ``detect.proposals.selective_search.selective_search``), or proposals come from
+    ``proposal_store`` (a ``detect propose --input`` store). ``workers``: processes (0 = all
+    cores). The category ids are the detector's. ``model_fingerprint`` identifies the
+    checkpoint, so a resume with another model is refused.
     """
     start = time.perf_counter()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0 = all cores), got {workers}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
-    class_names = list(detector.class_names)
-    category_ids = list(category_ids) if category_ids is not None else list(range(1, len(class_names) + 1))
-    if len(category_ids) != len(class_names):
-        raise ValueError(f"{len(category_ids)} category ids for {len(class_names)} classes")
+    class_names, category_ids = list(detector.class_names), list(detector.category_ids)
     proposal_settings = dict(proposal_settings or {})
-    workers = workers or os.cpu_count() or 1
+    workers = workers or available_cores()
     output_dir = Path(output_dir)
     partial_dir = output_dir / "partial"
     vis_dir = output_dir / "vis"
 
     unsupported: list[Path] = []
-    paths = find_inputs(inputs, exclude=output_dir, unsupported=unsupported)
+    paths = find_images(inputs, exclude=output_dir, unsupported=unsupported)
     files = [str(p) for p in paths]
     if not files:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {inputs}")
@@ -239,15 +187,12 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         propose_fn = selective_search
 
     partial_dir.mkdir(parents=True, exist_ok=True)
-    settings_path = partial_dir / "settings.json"
-    run_settings = {
-        "score_threshold": score_threshold, "class_names": class_names,
-        "category_ids": category_ids, "model": model_fingerprint,
-        "proposals": ({"store": str(Path(proposal_store).resolve())} if proposal_store is not None
-                      else proposal_settings)}
+    proposals = {"store": str(Path(proposal_store).resolve())} if store is not None else proposal_settings
+    run_settings = {"score_threshold": score_threshold, "class_names": class_names, "category_ids": category_ids,
+                    "model": model_fingerprint, "proposals": proposals}
     hint = "use a new --output-dir, or delete its partial/ folder to start over"
-    if not check_settings(settings_path, run_settings, hint=hint):
-        write_settings(settings_path, run_settings)
+    if not check_settings(partial_dir / "settings.json", run_settings, hint=hint):
+        write_settings(partial_dir / "settings.json", run_settings)
     done, _, _ = load_results(partial_dir)
     mine = [i for i in range(len(files)) if i % world_size == rank]
     todo = [i for i in mine if files[i] not in done]
@@ -260,75 +205,63 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         return write_outputs(output_dir, files, class_names=class_names, category_ids=category_ids,
                              unsupported=[str(p) for p in unsupported])
 
-    journal_name = "done.jsonl" if world_size == 1 else f"done.rank{rank}.jsonl"
     timer = StageTimer(detector.device)  # main-process stages: wait, the detector's, visualize
     worker_ms = {"read_in_workers": 0.0, "proposals_in_workers": 0.0}  # summed over workers
-    window = batch_size + 2 * workers  # images read/proposed ahead of the detector
-    pending: collections.deque[tuple[int, Future]] = collections.deque()  # (index, Loaded)
-    next_todo = 0
     since_merge, last_merge = 0, time.perf_counter()
-
     # One image to do: selective search runs its hierarchies on all cores (the same boxes), so
     # a single photo waits less; with many images each worker process takes one image.
     call_settings = dict(proposal_settings)
     if propose_fn is selective_search and len(todo) == 1:
         call_settings["threads"] = available_cores()
+    worker_fn = None if store is not None else propose_fn
+    pending: collections.deque[tuple[int, Future]] = collections.deque()  # (index, Loaded), in order
+    to_submit = iter(todo)
 
-    def submit_more(pool: ProcessPoolExecutor) -> None:
-        nonlocal next_todo
-        while next_todo < len(todo) and len(pending) < window:
-            i = todo[next_todo]
-            pending.append((i, pool.submit(_load_and_propose, i, files[i],
-                                           None if store is not None else propose_fn,
-                                           call_settings)))
-            next_todo += 1
+    def submit_more(pool: ProcessPoolExecutor) -> None:  # keep 2 x workers images in flight
+        for i in itertools.islice(to_submit, 2 * workers - len(pending)):
+            pending.append((i, pool.submit(_load_and_propose, files[i], worker_fn, call_settings)))
 
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or None,
                dynamic_ncols=True, file=sys.stderr)
     # Fork the workers while this process's OpenCV thread pool is stopped: a forked worker whose
     # parent had the pool running (e.g. after make-synthetic or selective search in the same
     # process, as `detect demo` does) hangs forever in cv2.setNumThreads (_init_worker).
-
     cv2_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     pool = ProcessPoolExecutor(max_workers=min(workers, max(len(todo), 1)),
                                mp_context=_mp_context(), initializer=_init_worker)
-    journal = open_journal(partial_dir / journal_name)
+    journal = open_journal(partial_dir / ("done.jsonl" if world_size == 1 else f"done.rank{rank}.jsonl"))
     try:
         submit_more(pool)
         while pending:
-            batch = []
-            while pending and len(batch) < batch_size:
-                try:
-                    with timer("wait"):  # the detector waiting for the workers
-                        loaded = pending[0][1].result()
-                except BrokenProcessPool:
-                    in_flight = ", ".join(files[i] for i, _ in pending)
-                    raise RuntimeError(
-                        f"a worker process died (killed for lack of memory?) while reading or "
-                        f"proposing one of: {in_flight}; finished images are kept in "
-                        f"{partial_dir}, re-run to resume") from None
-                pending.popleft()
-                worker_ms["read_in_workers"] += loaded.read_ms
-                worker_ms["proposals_in_workers"] += loaded.propose_ms
-                batch.append(loaded)
-                submit_more(pool)
-            for index, image, proposals, error, _, _ in batch:
-                file = files[index]
-                if not error:
-                    if store is not None:
-                        proposals = store.get(store_ids[file])  # [R, 4] xyxy
-                    record, error = _detect_one(detector, file, image, proposals, score_threshold, timer)
-                if error:
-                    record = {"file": file, "error": error}
-                journal.write(json.dumps(record) + "\n")
-                journal.flush()
-                if visualize and "error" not in record:
-                    with timer("visualize"):
-                        write_visualisation(vis_dir, safe_relative_name(file, common_root),
-                                             image, record, class_names)
-                bar.update(1)
-            since_merge += len(batch)
+            index, future = pending[0]
+            try:
+                with timer("wait"):  # the detector waiting for the workers
+                    loaded = future.result()
+            except BrokenProcessPool:
+                in_flight = ", ".join(files[i] for i, _ in pending)
+                raise RuntimeError(
+                    f"a worker process died (killed for lack of memory?) while reading or "
+                    f"proposing one of: {in_flight}; finished images are kept in "
+                    f"{partial_dir}, re-run to resume") from None
+            pending.popleft()
+            submit_more(pool)
+            worker_ms["read_in_workers"] += loaded.read_ms
+            worker_ms["proposals_in_workers"] += loaded.propose_ms
+            file, error = files[index], loaded.error
+            if not error:
+                proposals = store.get(store_ids[file]) if store is not None else loaded.proposals  # [R, 4]
+                record, error = _detect_one(detector, file, loaded.image, proposals, score_threshold, timer)
+            if error:
+                record = {"file": file, "error": error}
+            journal.write(json.dumps(record) + "\n")
+            journal.flush()
+            if visualize and "error" not in record:
+                with timer("visualize"):
+                    write_visualisation(vis_dir, safe_relative_name(file, common_root),
+                                        loaded.image, record, class_names)
+            bar.update(1)
+            since_merge += 1
             if (since_merge >= REWRITE_EVERY_IMAGES
                     and time.perf_counter() - last_merge >= REWRITE_MIN_INTERVAL_S):
                 merge()

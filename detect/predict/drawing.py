@@ -53,13 +53,6 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, colors: list[tuple[int, int
     return canvas
 
 
-def draw_detections(image: np.ndarray, record: dict, class_names: list[str]) -> np.ndarray:
-    """A ``detect predict`` journal record's boxes, each in its class's colour, labelled with
-    class name and score."""
-    dets = record["detections"]
-    colors = [TAB10_RGB[(int(d["label"]) - 1) % len(TAB10_RGB)] for d in dets]
-    texts = [f"{class_names[int(d['label']) - 1]} {d['score']:.2f}" for d in dets]
-    return draw_boxes(image, np.array([d["box"] for d in dets], np.float64), colors, texts)
 
 
 def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes: np.ndarray, *,
@@ -108,11 +101,15 @@ def write_jpeg(path: Path, canvas: np.ndarray, quality: int = 90) -> None:
 
 def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dict,
                         class_names: list[str]) -> None:
-    """``draw_detections`` of a journal record as ``vis_dir/name`` (``detect predict --visualize``)."""
+    """A ``detect predict`` journal record's boxes drawn on ``image``, each in its class's colour
+    with class name and score, as ``vis_dir/name``."""
     path = vis_dir / name
     if os.path.commonpath([os.path.abspath(path), os.path.abspath(vis_dir)]) != os.path.abspath(vis_dir):
         raise ValueError(f"refusing to write {path}: outside {vis_dir}")  # safe_relative_name prevents it
-    write_jpeg(path, draw_detections(image, record, class_names))
+    dets = record["detections"]
+    colors = [TAB10_RGB[(int(d["label"]) - 1) % len(TAB10_RGB)] for d in dets]
+    texts = [f"{class_names[int(d['label']) - 1]} {d['score']:.2f}" for d in dets]
+    write_jpeg(path, draw_boxes(image, np.array([d["box"] for d in dets], np.float64), colors, texts))
 
 
 def write_recall_drawings(records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],

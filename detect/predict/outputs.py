@@ -1,9 +1,5 @@
-"""The outputs of ``detect predict``: the resume journal and the final files (its drawings:
-``detect.predict.drawing``).
-
-File formats are described in ``detect.predict.batch``. Every file is written atomically and
-output paths never leave ``output_dir`` (``safe_relative_name``).
-"""
+"""The outputs of ``detect predict`` (formats: ``detect.predict.batch``): the resume journal, the
+final files, and output names that never leave ``output_dir`` (``safe_relative_name``)."""
 
 from __future__ import annotations
 
@@ -60,18 +56,14 @@ def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike, suffix:
     return name + suffix
 
 
-# ---------------------------------------------------------------------------------------------
-# Journal and final outputs
-# ---------------------------------------------------------------------------------------------
-
 def read_journal(path: Path) -> tuple[list[dict], int]:
-    """Records of one journal, and the number of unreadable lines skipped (a torn last line
-    from a killed run is skipped silently and not counted)."""
+    """Records of one journal, and the number of unreadable lines skipped. The text after the
+    last newline is a line whose write was cut short by a kill: skipped (its image is redone),
+    not counted."""
     records, bad = [], 0
     with open(path, "rb") as f:
-        lines = f.read().split(b"\n")
-    last = len(lines) - 1  # the text after the final newline: empty, or a torn line
-    for i, line in enumerate(lines):
+        *lines, _ = f.read().split(b"\n")
+    for line in lines:
         if not line.strip():
             continue
         try:
@@ -80,16 +72,10 @@ def read_journal(path: Path) -> tuple[list[dict], int]:
                     and ("error" in rec or isinstance(rec.get("detections"), list))):
                 raise ValueError("not a record")
         except ValueError:
-            bad += i != last
-            continue
-        if i == last:  # complete JSON but no newline: the write was cut short, redo the image
+            bad += 1
             continue
         records.append(rec)
     return records, bad
-
-
-def journal_paths(partial_dir: Path) -> list[Path]:
-    return sorted(partial_dir.glob("done*.jsonl"))
 
 
 def open_journal(path: Path):
@@ -110,7 +96,7 @@ def load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], in
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     bad_total = 0
-    for path in journal_paths(partial_dir):
+    for path in sorted(partial_dir.glob("done*.jsonl")):
         records, bad = read_journal(path)
         bad_total += bad
         for rec in records:

@@ -27,10 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from detect import __version__
+from detect.common.config import check_proposal_settings
 from detect.common.fileio import atomic_path, check_settings, write_settings
 from detect.common.cpus import available_cores
 from detect.data.images import ImageReadError, read_image
-from detect.proposals.selective_search import SETTINGS_KEYS, check_proposal_settings, selective_search
+from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore, dataset_fingerprint, write_store
 
 DEFAULT_CHUNK_SIZE = 256  # images per chunk file of a run in progress (DETECT_PROPOSAL_CHUNK)
@@ -52,15 +53,13 @@ def parse_shard(text: str) -> tuple[int, int] | None:
 def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike, *, settings: dict,
                        workers: int = 0, shard: tuple[int, int] | None = None, progress: bool = True,
                        chunk_size: int = DEFAULT_CHUNK_SIZE, merge: bool = True) -> ProposalStore | None:
-    """Selective search on every ``(image_id, path)`` of ``items``; write the store ``out_dir``.
+    """Selective search on every ``(image_id, path)`` of ``items`` into the store ``out_dir``.
 
-    ``settings`` are ``selective_search``'s keyword arguments (``proposal_settings(cfg)``).
+    ``settings`` are ``selective_search``'s keyword arguments (``ProposalConfig`` as a dict).
     ``workers`` processes (0 = all available cores; 1 = in this process). An image that cannot
-    be read or proposed gets 0 boxes and is listed in ``meta.json`` "failures"; the run goes on
-    (delete the store to retry them). If every image fails, no store is written (ValueError).
-    With ``shard=(i, N)`` only chunks k with k % N == i are computed. When every chunk of the
-    run exists (and ``merge``), they are merged into the store and the partial folder removed;
-    returns the store, or None when chunks are still missing (other shards' work). If
+    be read or proposed gets 0 boxes and is listed in ``meta.json`` "failures" (delete the store
+    to retry them); if every image fails, no store is written (ValueError). Returns the store,
+    or None while chunks are missing (other shards' work) or with ``merge=False``. If
     ``out_dir`` already holds a store of the same images and settings, it is returned as is.
     """
     out = Path(out_dir)
@@ -73,9 +72,8 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
         raise ValueError(f"proposals: chunk_size must be >= 1, got {chunk_size}")
     if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"proposals: shard must be i/N with 0 <= i < N, got {shard[0]}/{shard[1]}")
-    meta = {**settings, "code_version": __version__, "opencv_version": cv2.__version__,
-            "numba_version": numba.__version__,
-            "dataset_fingerprint": dataset_fingerprint(items)}
+    versions = {"code_version": __version__, "opencv_version": cv2.__version__, "numba_version": numba.__version__}
+    meta = {**settings, **versions, "dataset_fingerprint": dataset_fingerprint(items)}
     partial = Path(f"{out}.partial")
     if out.exists():
         store = _existing_store(out, meta, len(items))
@@ -104,8 +102,9 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
 
 
 def _existing_store(out: Path, meta: dict, num_images: int) -> ProposalStore:
+    """The finished store ``out``, if it holds the images and settings of ``meta`` (any versions)."""
     store = ProposalStore(out)
-    expected = {**{k: meta[k] for k in (*SETTINGS_KEYS, "dataset_fingerprint")}, "num_images": num_images}
+    expected = {**{k: v for k, v in meta.items() if not k.endswith("_version")}, "num_images": num_images}
     differ = [k for k, v in expected.items() if store.meta.get(k) != v]
     if differ:
         shown = ", ".join(f"{k}: store {store.meta.get(k)!r}, asked {expected[k]!r}" for k in differ)
@@ -126,18 +125,14 @@ def _chunk_path(partial: Path, k: int) -> Path:
     return partial / f"chunk_{k:06d}.npz"
 
 
-def _num_workers(workers: int, num_tasks: int) -> int:
-    return max(1, min(workers if workers > 0 else available_cores(), num_tasks))
-
-
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only compete
 
 
-def _propose_file(task: tuple[int, str, dict]) -> tuple[np.ndarray, str]:
-    """Worker task (image_id, path, settings) -> (boxes float32 [R, 4] xyxy, their ranking
-    values float32 [R], failure reason or "")."""
-    _, path, settings = task
+def _propose_file(task: tuple[str, dict]) -> tuple[np.ndarray, np.ndarray, str]:
+    """Worker task (path, settings) -> (boxes float32 [R, 4] xyxy, their ranking values float32
+    [R], failure reason or "")."""
+    path, settings = task
     try:
         return (*selective_search(read_image(path), **settings, return_scores=True), "")
     except ImageReadError as e:
@@ -150,10 +145,10 @@ def _compute_chunks(items: list[tuple[int, str]], todo: list[int], partial: Path
                     workers: int, chunk_size: int, progress: bool, desc: str) -> None:
     """Propose the images of chunks ``todo`` and write one chunk file per chunk, in order."""
     chunks = [items[k * chunk_size:(k + 1) * chunk_size] for k in todo]
-    tasks = [(image_id, path, settings) for chunk in chunks for image_id, path in chunk]
+    tasks = [(path, settings) for chunk in chunks for _, path in chunk]
     if not tasks:
         return
-    num_workers = _num_workers(workers, len(tasks))
+    num_workers = max(1, min(workers if workers > 0 else available_cores(), len(tasks)))
     # In a log file (a batch job) the bar still shows, once every 30 s.
     with tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
@@ -178,38 +173,32 @@ def _compute_chunks(items: list[tuple[int, str]], todo: list[int], partial: Path
 
 
 def _write_chunks(todo: list[int], chunks: list[list[tuple[int, str]]],
-                  results: Iterator[tuple[np.ndarray, str]], partial: Path, bar: tqdm) -> None:
+                  results: Iterator[tuple[np.ndarray, np.ndarray, str]], partial: Path, bar: tqdm) -> None:
     results = iter(results)
     for k, chunk in zip(todo, chunks):
-        boxes_per_image, scores_per_image, reasons = [], [], []
+        done = []
         for _ in chunk:
-            boxes, scores, reason = next(results)
-            boxes_per_image.append(boxes)
-            scores_per_image.append(scores)
-            reasons.append(reason)
+            done.append(next(results))
             bar.update(1)
-        failed = np.array([i for i, r in enumerate(reasons) if r], dtype=np.int64)
+        boxes, scores, reasons = zip(*done)
         with atomic_path(_chunk_path(partial, k)) as tmp, open(tmp, "wb") as f:
             np.savez(f, image_ids=np.array([i for i, _ in chunk], dtype=np.int64),  # [n]
-                     counts=np.array([len(b) for b in boxes_per_image], dtype=np.int64),  # [n]
-                     boxes=np.concatenate([np.zeros((0, 4), np.float32), *boxes_per_image]),  # [sum, 4]
-                     scores=np.concatenate([np.zeros(0, np.float32), *scores_per_image]),  # [sum]
-                     failed=failed,  # [f] positions in the chunk
-                     reasons=np.array([reasons[i] for i in failed], dtype=str))  # [f]
+                     counts=np.array([len(b) for b in boxes], dtype=np.int64),  # [n]
+                     boxes=np.concatenate([np.zeros((0, 4), np.float32), *boxes]),  # [sum, 4]
+                     scores=np.concatenate([np.zeros(0, np.float32), *scores]),  # [sum]
+                     reasons=np.array(reasons, dtype=str))  # [n], "" for the images that worked
 
 
-def _read_chunk(partial: Path, k: int, chunk: list[tuple[int, str]],
-                with_boxes: bool = True) -> dict[str, np.ndarray]:
-    """Arrays of chunk file k, checked against the chunk's (image_id, path) list."""
+def _read_chunk(partial: Path, k: int, chunk: list[tuple[int, str]], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` of chunk file k, checked against the chunk's (image_id, path) list."""
     path = _chunk_path(partial, k)
-    keys = ["image_ids", "counts", "failed", "reasons"] + (["boxes", "scores"] if with_boxes else [])
     try:
         with np.load(path, allow_pickle=False) as z:  # an npz reads only the arrays asked for
-            data = {key: z[key] for key in keys}
+            data = {key: z[key] for key in ("image_ids", "counts", *keys)}
     except (OSError, ValueError, KeyError, EOFError) as e:
         raise ValueError(f"{path}: unreadable chunk ({e}); delete it and re-run to redo it") from None
     if data["image_ids"].tolist() != [i for i, _ in chunk] or (
-            with_boxes and data["counts"].sum() != len(data["boxes"])):
+            "boxes" in data and data["counts"].sum() != len(data["boxes"])):
         raise ValueError(f"{path}: holds other images than chunk {k} of this run; delete {partial} and re-run")
     return data
 
@@ -217,22 +206,19 @@ def _read_chunk(partial: Path, k: int, chunk: list[tuple[int, str]],
 def _merge_chunks(items: list[tuple[int, str]], partial: Path, out: Path, meta: dict, *,
                   num_chunks: int, chunk_size: int) -> ProposalStore:
     """Stream all chunk files, in order, into the store ``out``; remove ``partial``."""
-    def chunk_items(k: int) -> list[tuple[int, str]]:
-        return items[k * chunk_size:(k + 1) * chunk_size]
+    chunks = [items[k * chunk_size:(k + 1) * chunk_size] for k in range(num_chunks)]
 
     def boxes_stream() -> Iterable[tuple[np.ndarray, np.ndarray]]:
-        for k in range(num_chunks):
-            data = _read_chunk(partial, k, chunk_items(k))
+        for k, chunk in enumerate(chunks):
+            data = _read_chunk(partial, k, chunk, ("boxes", "scores"))
             splits = np.cumsum(data["counts"])[:-1]
             yield from zip(np.split(data["boxes"], splits), np.split(data["scores"], splits))
 
     try:
         failures = []
-        for k in range(num_chunks):
-            data = _read_chunk(partial, k, chunk_items(k), with_boxes=False)
-            for position, reason in zip(data["failed"].tolist(), data["reasons"].tolist()):
-                image_id, path = chunk_items(k)[position]
-                failures.append({"image_id": image_id, "file": path, "reason": reason})
+        for k, chunk in enumerate(chunks):
+            reasons = _read_chunk(partial, k, chunk, ("reasons",))["reasons"].tolist()
+            failures += [{"image_id": i, "file": path, "reason": r} for (i, path), r in zip(chunk, reasons) if r]
         if items and len(failures) == len(items):  # a wrong image folder, not bad images
             shutil.rmtree(partial, ignore_errors=True)
             first = failures[0]
@@ -247,9 +233,8 @@ def _merge_chunks(items: list[tuple[int, str]], partial: Path, out: Path, meta: 
             raise
         return _existing_store(out, meta, len(items))
     shutil.rmtree(partial, ignore_errors=True)
-    store = ProposalStore(out)
     if failures:
         shown = "; ".join(f"id {f['image_id']} {f['file']}: {f['reason']}" for f in failures[:3])
         print(f"proposals: {len(failures)} of {len(items)} images failed and have no proposals "
               f"(listed in {out / 'meta.json'}): {shown}{' ...' if len(failures) > 3 else ''}", file=sys.stderr)
-    return store
+    return ProposalStore(out)

@@ -10,8 +10,6 @@ them and never loads a pickle.
   Logits are higher-is-better: minus the ranking value.
 - ``mmdet``: a list, in store order, of float32 [R, 5] arrays (x1, y1, x2, y2, score), as
   mmdetection's ``proposal_file`` holds; score = 1 / (1 + ranking value), in (0, 1].
-
-A store without ranking values (scores.f32, written by older versions) gets its rank position.
 """
 
 from __future__ import annotations
@@ -27,22 +25,14 @@ from detect.proposals.store import ProposalStore
 FORMATS = ("detectron2", "mmdet")
 
 
-def _ranking_values(store: ProposalStore, image_id: int, num_boxes: int) -> np.ndarray:
-    scores = store.scores(image_id)
-    return np.arange(num_boxes, dtype=np.float32) if scores is None else scores  # [R], ascending
-
-
 def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
     """Write ``store`` as ``fmt`` ("detectron2" or "mmdet") to ``path``, atomically; returns the
     number of images written."""
     if fmt not in FORMATS:
         raise ValueError(f"--export: format must be one of {list(FORMATS)}, got {fmt!r}")
-    ids, boxes, values = [], [], []
-    for image_id in store.image_ids:
-        image_boxes = store.get(image_id)  # [R, 4] xyxy
-        ids.append(int(image_id))
-        boxes.append(image_boxes)
-        values.append(_ranking_values(store, image_id, len(image_boxes)))
+    ids = store.image_ids
+    boxes = [store.get(image_id) for image_id in ids]  # [R, 4] xyxy each
+    values = [store.scores(image_id) for image_id in ids]  # [R] ranking values, ascending
     if fmt == "detectron2":
         data = {"ids": ids, "boxes": boxes, "objectness_logits": [-v for v in values], "bbox_mode": 0}
     else:

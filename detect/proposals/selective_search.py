@@ -1,15 +1,12 @@
 """Selective search on one image ([SS] Uijlings et al., IJCV 2013), boxes in original pixels.
 
-``selective_search(image, ...)``: uint8 RGB [H, W, 3] -> float32 [R, 4] xyxy boxes in pixels of
-``image`` (and, with ``return_scores``, their ranking values [R]: lower is ranked earlier); it is
-``raw_proposals`` (the search, cached by ``detect tune-proposals``) then ``finish_proposals``
-(filter, ranking, top-k). By default as [RCNN] used it: resize to 500 px wide, the paper's
-"fast" mode, drop duplicates and boxes with a side under 20 px of the RESIZED image
-(``selective_search_boxes.m`` calls ``FilterBoxesWidth`` on the 500 px image), keep the first
-``top_k``. Its keyword arguments are the fields of
-``detect.common.config.ProposalConfig`` (``SETTINGS_KEYS``) plus ``threads``.
+By default as [RCNN] used it: resized to 500 px wide, the paper's "fast" mode, boxes with a
+side under 20 px of the RESIZED image dropped (``selective_search_boxes.m`` calls
+``FilterBoxesWidth`` on the 500 px image). The settings are the fields of
+``detect.common.config.ProposalConfig``, checked by its one rule (``check_proposal_settings``);
+the modes are the table in ``detect.proposals.ss.engine``.
 
-Two engines, with the paper's settings in every mode (``MODES`` below):
+Two engines, with the paper's settings in every mode:
 - ``"ours"`` (default): ``detect.proposals.ss``, our numba implementation of the paper's
   algorithm; deterministic for a given ``seed`` at any number of threads or processes.
 - ``"opencv"``: OpenCV's ``cv2.ximgproc`` machinery assembled from its parts with the paper's
@@ -18,11 +15,6 @@ Two engines, with the paper's settings in every mode (``MODES`` below):
   12 hierarchies) and ranks by ``rand() x level``, small fragments first; it is not used.
   OpenCV ranks regions with libc's process-wide ``rand()``: we seed it (``srand(1)``) right
   before each run, under a lock, so the order depends only on the image (not on Windows).
-
-Modes ([SS] section 5.2; rbgirshick/rcnn ``selective_search_boxes.m`` runs "fast"):
-- ``fast``: HSV and Lab; k = 50, 100 (min size = k, sigma 0.8); C+T+S+F and T+S+F: 8 hierarchies.
-- ``quality``: HSV, Lab, rgI, H, I; k = 50, 100, 150, 300; C+T+S+F, T+S+F, F, S: 80 hierarchies.
-- ``single``: HSV, k = 100, C+T+S+F.
 """
 
 from __future__ import annotations
@@ -33,18 +25,13 @@ import threading
 import cv2
 import numpy as np
 
-from detect.proposals.ss.engine import MODES as OUR_MODES
-from detect.proposals.ss.engine import selective_search_boxes
-from detect.proposals.ss.ranking import near_duplicates_last
+from detect.common.config import check_proposal_settings
+from detect.proposals.ss.engine import MODES, check_image, selective_search_boxes
 from detect.proposals.ss.features import colour_space
+from detect.proposals.ss.ranking import near_duplicates_last
+from detect.proposals.ss.segmentation import SIGMA
 
-ENGINES = ("ours", "opencv")
-MODES = tuple(OUR_MODES)  # fast, quality, single
-RESIZE_SIDES = ("width", "longer", "shorter")
-RANKINGS = ("paper", "nms")
-SETTINGS_KEYS = ("engine", "mode", "resize", "resize_side", "min_size", "top_k", "seed",
-                 "ranking", "nms_iou", "k_scale")  # = ProposalConfig fields
-MAX_ELONGATION = 4  # the resized longer side is at most 4 x resize (extreme aspect ratios)
+MAX_ELONGATION = 4  # see resized_shape
 
 
 def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
@@ -53,18 +40,17 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
                      threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of one image: float32 [R, 4] xyxy in pixels of ``image``.
 
-    ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). It is resized so
-    that ``resize_side`` ("width", "longer" or "shorter") is ``resize`` pixels ([RCNN]: width
-    500; 0 = no resize), proposed on by ``engine`` in ``mode`` (its k values times ``k_scale``),
-    and the boxes are scaled back to the original pixels (the resized longer side is capped at
-    ``MAX_ELONGATION`` x ``resize``, which only matters beyond 4:1). Exact duplicates are
-    dropped (the first is kept, so the ranking is preserved), then boxes with a side under
-    ``min_size`` pixels of the resized image; ``ranking`` "nms" then moves the boxes that
-    greedy NMS at ``nms_iou`` would suppress behind the others (``ss.ranking.near_duplicates_last``;
-    "paper" keeps the paper's order); then all but the first ``top_k`` are dropped (0 = keep
-    all). ``threads`` runs the hierarchies of this one image in parallel (our engine; same
-    output). A tiny image may give no box at all: shape [0, 4]. With ``return_scores``, also the
-    boxes' ranking values float32 [R] (ascending; OpenCV's engine: the rank position).
+    ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). It is resized
+    (``resized_shape``), proposed on by ``engine`` in ``mode`` (its k values times ``k_scale``),
+    and the boxes are scaled back to the original pixels. Exact duplicates are dropped (the
+    first is kept, so the ranking is preserved), then boxes with a side under ``min_size``
+    pixels of the resized image; ``ranking`` "nms" then moves the boxes that greedy NMS at
+    ``nms_iou`` would suppress behind the others (``ss.ranking.near_duplicates_last``; "paper"
+    keeps the paper's order); then all but the first ``top_k`` are dropped (0 = keep all).
+    ``threads`` runs the hierarchies of this one image in parallel (our engine; same output). A
+    tiny image may give no box at all: shape [0, 4]. With ``return_scores``, also the boxes'
+    ranking values float32 [R] (ascending; OpenCV's engine: the rank position). It is
+    ``raw_proposals`` (the search) then ``finish_proposals`` (the cheap rest).
     """
     raw = raw_proposals(image, engine=engine, mode=mode, resize=resize, resize_side=resize_side, seed=seed,
                         k_scale=k_scale, threads=threads)
@@ -75,17 +61,12 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
 def raw_proposals(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
                   resize_side: str = "width", seed: int = 0, k_scale: float = 1.0,
                   threads: int = 1) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
-    """The expensive half of ``selective_search``: (boxes float32 [R, 4] xyxy in pixels of the
-    resized image, in the engine's ranking, no duplicates; ranking values float32 [R];
-    (original height, width, resized height, width)). ``finish_proposals`` does the rest."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-            and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0):
-        desc = f"{image.dtype} {list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"selective_search needs a uint8 RGB image [H, W, 3], got {desc}")
-    if mode not in MODES:
-        raise ValueError(f"selective_search: mode must be one of {list(MODES)}, got {mode!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"selective_search: engine must be one of {list(ENGINES)}, got {engine!r}")
+    """The expensive half of ``selective_search`` (cached by ``detect tune-proposals``): (boxes
+    float32 [R, 4] xyxy in pixels of the resized image, in the engine's ranking, no duplicates;
+    ranking values float32 [R]; (original height, width, resized height, width))."""
+    check_proposal_settings({"engine": engine, "mode": mode, "resize": resize, "resize_side": resize_side,
+                             "seed": seed, "k_scale": k_scale}, "selective_search")
+    check_image(image)
     small = _resize_for_proposals(image, resize, resize_side)  # [h, w, 3] RGB
     if engine == "ours":
         boxes, scores = selective_search_boxes(small, mode=mode, seed=seed, threads=threads,
@@ -102,8 +83,8 @@ def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper", 
                      top_k: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """``raw_proposals``' output -> (boxes float32 [R, 4] xyxy in original pixels, ranking values
     float32 [R], ascending): the min-size filter, the ranking and the top-k of ``selective_search``."""
-    if ranking not in RANKINGS:
-        raise ValueError(f"selective_search: ranking must be one of {list(RANKINGS)}, got {ranking!r}")
+    check_proposal_settings({"min_size": min_size, "ranking": ranking, "nms_iou": nms_iou, "top_k": top_k},
+                            "selective_search")
     boxes, scores, (height, width, small_height, small_width) = raw
     boxes = boxes.astype(np.float64)
     big_enough = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
@@ -120,17 +101,12 @@ def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper", 
 
 def resized_shape(height: int, width: int, resize: int, resize_side: str) -> tuple[int, int]:
     """(height, width) of an image after the proposal resize: ``resize_side`` ("width", "longer"
-    or "shorter") becomes ``resize`` pixels (0: unchanged), aspect kept, the longer side capped
-    at ``MAX_ELONGATION`` x ``resize``."""
-    if resize_side not in RESIZE_SIDES:
-        raise ValueError(f"selective_search: resize_side must be one of {RESIZE_SIDES}, got {resize_side!r}")
-    if resize < 0:
-        raise ValueError(f"selective_search: resize must be >= 0, got {resize}")
+    or "shorter") becomes ``resize`` pixels ([RCNN]: width 500; 0: unchanged), aspect kept, the
+    longer side capped at ``MAX_ELONGATION`` x ``resize`` (so that a sliver, say 2 x 700 px, is
+    not blown up to 500 x 175000 px to make its width 500)."""
     side = {"width": width, "longer": max(height, width), "shorter": min(height, width)}[resize_side]
     if resize == 0 or side == resize:
         return height, width
-    # The longer side is capped at MAX_ELONGATION x resize, so that a sliver (say 2 x 700 px)
-    # is not blown up to 500 x 175000 px to make its width 500.
     scale = min(resize / side, MAX_ELONGATION * resize / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale))
 
@@ -147,39 +123,7 @@ def _resize_for_proposals(image: np.ndarray, resize: int, resize_side: str) -> n
     return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
 
 
-def check_proposal_settings(settings: dict) -> dict:
-    """``settings`` checked as ``selective_search``'s keyword arguments (ValueError naming the key)."""
-    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
-    missing = [k for k in SETTINGS_KEYS if k not in settings]
-    if unknown or missing:
-        raise ValueError(f"proposal settings: unknown keys {unknown}, missing keys {missing} "
-                         f"(expected {list(SETTINGS_KEYS)})")
-    for key, choices in (("engine", ENGINES), ("mode", MODES), ("resize_side", RESIZE_SIDES)):
-        if settings[key] not in choices:
-            raise ValueError(f"proposal settings: {key} must be one of {list(choices)}, got {settings[key]!r}")
-    for key in ("resize", "min_size", "top_k", "seed"):
-        if isinstance(settings[key], bool) or not isinstance(settings[key], int) or settings[key] < 0:
-            raise ValueError(f"proposal settings: {key} must be an integer >= 0, got {settings[key]!r}")
-    if settings["ranking"] not in RANKINGS:
-        raise ValueError(f"proposal settings: ranking must be one of {list(RANKINGS)}, got {settings['ranking']!r}")
-    for key, low, high in (("nms_iou", 0.0, 1.0), ("k_scale", 0.0, 1e6)):
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-            raise ValueError(f"proposal settings: {key} must be a number in ({low:g}, {high:g}], got {value!r}")
-    return {key: settings[key] for key in SETTINGS_KEYS}
-
-
-# ---------------------------------------------------------------------------------------------
-# OpenCV's engine with the paper's settings
-# ---------------------------------------------------------------------------------------------
-
-PAPER_SETTINGS = {  # mode -> (colour spaces, ks, strategies)
-    "single": (("hsv",), (100,), ("CTSF",)),
-    "fast": (("hsv", "lab"), (50, 100), ("CTSF", "TSF")),
-    "quality": (("hsv", "lab", "rgi", "h", "i"), (50, 100, 150, 300), ("CTSF", "TSF", "F", "S")),
-}
-SIGMA = 0.8
-RANK_SEED = 1
+RANK_SEED = 1  # OpenCV's engine: srand(RANK_SEED) before each run
 
 try:
     _srand = ctypes.CDLL(None).srand
@@ -209,17 +153,11 @@ def _opencv_image(image_rgb: np.ndarray, bgr: np.ndarray, name: str) -> np.ndarr
 
 
 def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: float = 1.0) -> np.ndarray:
-    """OpenCV selective search with the paper's settings (k times ``k_scale``) on a uint8 RGB
-    [H, W, 3] image.
-
-    Returns float32 [R, 4] xyxy boxes (x2, y2 exclusive), in OpenCV's ranking order.
-    """
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-            and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0):
-        raise ValueError("opencv_selective_search needs a non-empty uint8 RGB image [H, W, 3]")
-    if mode not in PAPER_SETTINGS:
-        raise ValueError(f"mode must be one of {sorted(PAPER_SETTINGS)}, got {mode!r}")
-    colour_spaces, ks, strategies = PAPER_SETTINGS[mode]
+    """OpenCV selective search with the paper's settings (``MODES``; k times ``k_scale``) on a
+    uint8 RGB [H, W, 3] image: float32 [R, 4] xyxy boxes (x2, y2 exclusive), in OpenCV's ranking."""
+    check_image(image)
+    check_proposal_settings({"mode": mode, "k_scale": k_scale}, "opencv_selective_search")
+    colour_spaces, ks, strategies = MODES[mode]
     seg = cv2.ximgproc.segmentation
     image = np.ascontiguousarray(image)
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -239,9 +177,4 @@ def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: floa
         if _srand is not None:
             _srand(RANK_SEED)
         rects = np.asarray(ss.process(), dtype=np.int64).reshape(-1, 4)  # (x, y, w, h)
-    boxes = np.empty(rects.shape, np.float32)
-    boxes[:, 0] = rects[:, 0]
-    boxes[:, 1] = rects[:, 1]
-    boxes[:, 2] = rects[:, 0] + rects[:, 2]
-    boxes[:, 3] = rects[:, 1] + rects[:, 3]
-    return boxes
+    return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1).astype(np.float32)  # xyxy

@@ -4,39 +4,33 @@ A store is a folder (written by ``detect propose``, read by training, evaluation
 ``detect recall``)::
 
     STORE/boxes.f32   raw little-endian float32 [total_boxes, 4]: every image's boxes, xyxy
-                      pixels of the original image (as the user sees it, after EXIF rotation),
-                      image after image, each image's boxes in selective search's ranking.
-    STORE/scores.f32  optional, raw little-endian float32 [total_boxes]: each box's selective
-                      search ranking value (ascending: lower is ranked earlier), same order.
+                      pixels of the image as the user sees it (after EXIF rotation), image after
+                      image, each image's boxes in selective search's ranking.
+    STORE/scores.f32  raw little-endian float32 [total_boxes]: each box's ranking value
+                      (ascending: lower is ranked earlier), same order.
     STORE/index.npy   int64 [num_images, 3] rows (image_id, first_box_row, num_boxes), in the
                       input order (np.save; read with allow_pickle=False, mmap_mode="r").
-                      Image i's boxes are boxes.f32 rows first_box_row .. first_box_row + num_boxes.
-    STORE/meta.json   {"format": "detect-proposals", "version": 1,
-                       "engine", "mode", "resize", "resize_side", "min_size", "top_k", "seed": the selective
-                           search settings (detect.common.config.ProposalConfig),
-                       "code_version": detect.__version__, "opencv_version",
-                       "num_images", "num_boxes",
-                       "dataset_fingerprint": sha256 of the JSON list [[image_id, file basename],
-                           ...] in input order (see ``dataset_fingerprint``),
-                       "failures": [{"image_id", "file", "reason"}] images that could not be
-                           read or proposed (they have 0 boxes)}
-    STORE/files.json  the input files: a JSON list of {"image_id", "file"} objects (one per
-                      line, in input order); "file" is the path as given to `detect propose`.
+    STORE/meta.json   {"format": "detect-proposals", "version": 1, every field of
+                      detect.common.config.ProposalConfig, "code_version", "opencv_version",
+                      "numba_version", "num_images", "num_boxes", "dataset_fingerprint"
+                      (``dataset_fingerprint``), "failures": [{"image_id", "file", "reason"}]
+                      for the images that could not be read or proposed (0 boxes)}
+    STORE/files.json  a JSON list of {"image_id", "file"} (one per line, in input order); "file"
+                      is the path as given to `detect propose`.
     STORE/config.yaml the resolved config of the `detect propose` run (not part of the format).
 
-No pickle anywhere, no timestamps: the same inputs and settings give byte-identical files, and
-a store can be checked with ``cmp``. Reading never loads more than the index: ``boxes.f32``
-is memory-mapped and ``ProposalStore.get`` copies one image's rows, so a COCO-sized store
-(118k images x 2000 boxes = 3.8 GB) opens in milliseconds. Read one image without this
-package::
+No pickle, no timestamps: the same inputs and settings give byte-identical files (check a store
+with ``cmp``). Reading loads only the index: ``boxes.f32`` is memory-mapped and
+``ProposalStore.get`` copies one image's rows, so a COCO-sized store (118k images x 2000 boxes
+= 3.8 GB) opens in milliseconds. Read one image without this package::
 
     index = np.load("STORE/index.npy")                       # [N, 3] int64
     boxes = np.memmap("STORE/boxes.f32", dtype="<f4", mode="r").reshape(-1, 4)
     image_id, first, count = index[i]
     boxes_i = np.array(boxes[first:first + count])           # [R, 4] xyxy float32
 
-A store is written once, atomically: ``write_store`` builds it in a scratch folder and renames
-that folder into place, so a reader sees either no store or a complete one.
+``write_store`` builds a store in a scratch folder and renames it into place, so a reader sees
+either no store or a complete one.
 """
 
 from __future__ import annotations
@@ -61,14 +55,11 @@ INDEX_FILE = "index.npy"
 META_FILE = "meta.json"
 FILES_FILE = "files.json"
 BOX_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the machine
-BYTES_PER_BOX = 4 * BOX_DTYPE.itemsize  # 16
 
 
 def dataset_fingerprint(items: Iterable[tuple[int, str]]) -> str:
-    """sha256 (hex) of the JSON list ``[[image_id, file basename], ...]`` in input order.
-
-    Only basenames count, so a dataset moved to another folder keeps its fingerprint.
-    """
+    """sha256 (hex) of the JSON list ``[[image_id, file basename], ...]`` in input order (only
+    basenames count, so a dataset moved to another folder keeps its fingerprint)."""
     pairs = [[int(image_id), os.path.basename(str(path))] for image_id, path in items]
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()
 
@@ -79,12 +70,12 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
     """Write a store at ``path`` atomically and return ``path``.
 
     ``boxes_per_image`` yields one float xyxy array [R_i, 4] per id of ``image_ids``, in that
-    order (with ``with_scores``: a pair (boxes [R_i, 4], ranking values [R_i]), written to
-    scores.f32); it is consumed as a stream (a generator reading chunk files keeps memory flat).
-    ``meta`` holds the settings and provenance fields of the module docstring; ``format``,
-    ``version``, ``num_images`` and ``num_boxes`` are filled in here. ``files`` (one path per
-    image) becomes files.json. The store is built in a folder under ``scratch_dir`` (default:
-    beside ``path``, same file system) and renamed to ``path``, which must not exist yet.
+    order, or with ``with_scores`` a pair (boxes [R_i, 4], ranking values [R_i]); without, each
+    box's ranking value is its position. It is consumed as a stream (a generator reading chunk
+    files keeps memory flat). ``meta`` holds the settings and provenance fields of the module
+    docstring; ``format``, ``version``, ``num_images`` and ``num_boxes`` are filled in here.
+    ``files`` (one path per image) becomes files.json. The scratch folder is made under
+    ``scratch_dir`` (default: beside ``path``, same file system); ``path`` must not exist yet.
     """
     path = Path(path)
     if path.exists():
@@ -96,35 +87,31 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.writing-", dir=scratch_parent))
     try:
         index = np.zeros((len(image_ids), 3), dtype=np.int64)  # [N, 3]
-        num_boxes = 0
-        num_written = 0
+        num_boxes = num_written = 0
         with open(scratch / BOXES_FILE, "wb") as f, open(scratch / SCORES_FILE, "wb") as g:
             for i, item in enumerate(boxes_per_image):
                 if i >= len(image_ids):
                     raise ValueError(f"{path}: more box arrays than the {len(image_ids)} image ids")
                 boxes, scores = item if with_scores else (item, None)
                 boxes = np.ascontiguousarray(boxes, dtype=BOX_DTYPE).reshape(-1, 4)  # [R, 4]
+                scores = np.arange(len(boxes)) if scores is None else scores
+                scores = np.ascontiguousarray(scores, dtype=BOX_DTYPE).reshape(-1)  # [R]
+                if len(scores) != len(boxes):
+                    raise ValueError(f"{path}: image {image_ids[i]}: {len(scores)} scores for {len(boxes)} boxes")
                 f.write(boxes.tobytes())
-                if with_scores:
-                    scores = np.ascontiguousarray(scores, dtype=BOX_DTYPE).reshape(-1)  # [R]
-                    if len(scores) != len(boxes):
-                        raise ValueError(f"{path}: image {image_ids[i]}: {len(scores)} scores for {len(boxes)} boxes")
-                    g.write(scores.tobytes())
+                g.write(scores.tobytes())
                 index[i] = (image_ids[i], num_boxes, len(boxes))
                 num_boxes += len(boxes)
                 num_written += 1
             f.flush()
             os.fsync(f.fileno())
-        if not with_scores:
-            (scratch / SCORES_FILE).unlink()
         if num_written != len(image_ids):
             raise ValueError(f"{path}: {num_written} box arrays for {len(image_ids)} image ids")
         with open(scratch / INDEX_FILE, "wb") as f:
             np.save(f, index, allow_pickle=False)
         full_meta = {"format": FORMAT, "version": VERSION, **meta,
                      "num_images": len(image_ids), "num_boxes": num_boxes}
-        failures = full_meta.pop("failures", [])
-        full_meta["failures"] = failures  # last: the list may be long
+        full_meta["failures"] = full_meta.pop("failures", [])  # last: the list may be long
         (scratch / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
         if files is not None:
             lines = ",\n".join(json.dumps({"image_id": int(i), "file": str(f)}) for i, f in zip(image_ids, files))
@@ -139,35 +126,34 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
 class ProposalStore:
     """Read-only access to a proposal store folder (format: module docstring).
 
-    Opening reads meta.json and index.npy and checks them against boxes.f32; the boxes stay on
-    disk (memory-mapped) and ``get`` copies one image's rows.
+    Opening reads meta.json and index.npy and checks them against boxes.f32 and scores.f32; the
+    boxes stay on disk (memory-mapped) and ``get`` copies one image's rows.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: proposal store not found (make one with `detect propose`)")
-        for name in (META_FILE, INDEX_FILE, BOXES_FILE):
+        for name in (META_FILE, INDEX_FILE, BOXES_FILE, SCORES_FILE):
             if not (self.path / name).is_file():
                 raise ValueError(f"{self.path / name}: missing; {self.path} is not a complete proposal store")
         self.meta: dict[str, Any] = self._read_meta()
         self._index = self._read_index()  # [N, 3] int64 (image_id, first_box_row, num_boxes)
-        num_boxes = int(self.meta["num_boxes"])
-        boxes_path = self.path / BOXES_FILE
-        size = boxes_path.stat().st_size
-        if size != num_boxes * BYTES_PER_BOX:
-            raise ValueError(f"{boxes_path}: {size} bytes, expected {num_boxes} boxes x {BYTES_PER_BOX} = "
-                             f"{num_boxes * BYTES_PER_BOX} bytes (truncated or wrong file); "
-                             f"delete {self.path} and re-run `detect propose`")
-        if num_boxes == 0:  # np.memmap cannot map an empty file
-            self._boxes = np.zeros((0, 4), dtype=BOX_DTYPE)
-        else:
-            self._boxes = np.memmap(boxes_path, dtype=BOX_DTYPE, mode="r", shape=(num_boxes, 4))
-        scores_path = self.path / SCORES_FILE  # optional: the boxes' ranking values, [num_boxes]
-        self._scores = (np.memmap(scores_path, dtype=BOX_DTYPE, mode="r", shape=(num_boxes,))
-                        if scores_path.is_file() and num_boxes else
-                        np.zeros(0, BOX_DTYPE) if scores_path.is_file() else None)
+        self._boxes = self._map(BOXES_FILE, (4,))  # [num_boxes, 4]
+        self._scores = self._map(SCORES_FILE, ())  # [num_boxes]
         self._row_of: dict[int, int] | None = None  # image_id -> index row, built on first use
+
+    def _map(self, name: str, row_shape: tuple[int, ...]) -> np.ndarray:
+        """File ``name`` memory-mapped as float32 [num_boxes, *row_shape], its size checked."""
+        path, num_boxes = self.path / name, int(self.meta["num_boxes"])
+        expected = num_boxes * BOX_DTYPE.itemsize * int(np.prod(row_shape))
+        size = path.stat().st_size
+        if size != expected:
+            raise ValueError(f"{path}: {size} bytes, expected {expected} for {num_boxes} boxes (truncated "
+                             f"or wrong file); delete {self.path} and re-run `detect propose`")
+        if num_boxes == 0:  # np.memmap cannot map an empty file
+            return np.zeros((0, *row_shape), dtype=BOX_DTYPE)
+        return np.memmap(path, dtype=BOX_DTYPE, mode="r", shape=(num_boxes, *row_shape))
 
     def _read_meta(self) -> dict[str, Any]:
         meta_path = self.path / META_FILE
@@ -206,44 +192,35 @@ class ProposalStore:
             raise ValueError(f"{index_path}: image ids listed twice: {ids[counts > 1][:5].tolist()}")
         return index
 
-    # -- lookups ----------------------------------------------------------------------------
-
-    def _rows(self) -> dict[int, int]:
+    def _rows(self, image_id: int) -> slice:
+        """The rows of boxes.f32 and scores.f32 that hold image ``image_id`` (KeyError if none)."""
         if self._row_of is None:
             self._row_of = {image_id: row for row, image_id in enumerate(self._index[:, 0].tolist())}
-        return self._row_of
+        row = self._row_of.get(int(image_id))
+        if row is None:
+            raise KeyError(f"image id {image_id} is not in proposal store {self.path}")
+        _, first, count = self._index[row]
+        return slice(first, first + count)
 
     def get(self, image_id: int) -> np.ndarray:
         """Proposals of one image: float32 [R, 4] xyxy original pixels (a copy, R may be 0)."""
-        row = self._rows().get(int(image_id))
-        if row is None:
-            raise KeyError(f"image id {image_id} is not in proposal store {self.path}")
-        _, first, count = self._index[row]
-        return np.array(self._boxes[first:first + count], dtype=np.float32)  # [R, 4]
+        return np.array(self._boxes[self._rows(image_id)], dtype=np.float32)  # [R, 4]
 
-    def scores(self, image_id: int) -> np.ndarray | None:
-        """Ranking values of one image's proposals, float32 [R] (lower = ranked earlier), or None
-        for a store without scores.f32."""
-        if self._scores is None:
-            return None
-        row = self._rows().get(int(image_id))
-        if row is None:
-            raise KeyError(f"image id {image_id} is not in proposal store {self.path}")
-        _, first, count = self._index[row]
-        return np.array(self._scores[first:first + count], dtype=np.float32)  # [R]
+    def scores(self, image_id: int) -> np.ndarray:
+        """Ranking values of one image's proposals, float32 [R] (lower = ranked earlier)."""
+        return np.array(self._scores[self._rows(image_id)], dtype=np.float32)  # [R]
 
     def num_boxes(self, image_id: int) -> int:
         """Number of proposals of one image, without reading them."""
-        row = self._rows().get(int(image_id))
-        if row is None:
-            raise KeyError(f"image id {image_id} is not in proposal store {self.path}")
-        return int(self._index[row, 2])
+        rows = self._rows(image_id)
+        return int(rows.stop - rows.start)
 
     def __contains__(self, image_id: object) -> bool:
         try:
-            return int(image_id) in self._rows()  # type: ignore[call-overload]
-        except (TypeError, ValueError):
+            self._rows(image_id)  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
             return False
+        return True
 
     def __len__(self) -> int:
         return len(self._index)
@@ -265,11 +242,9 @@ class ProposalStore:
             raise ValueError(f"{files_path}: expected a list of {{\"image_id\", \"file\"}} objects") from None
 
     def check_dataset(self, dataset) -> None:
-        """Raise ValueError unless this store has proposals for every image of ``dataset``.
-
-        With files.json, also checks that each image id names a file of the same basename, so a
-        store made for another dataset with overlapping ids is caught.
-        """
+        """ValueError unless this store has proposals for every image of ``dataset`` and, with
+        files.json, each image id names a file of the same basename (so a store made for another
+        dataset with overlapping ids is caught)."""
         missing = [r.image_id for r in dataset.records if r.image_id not in self]
         if missing:
             raise ValueError(

@@ -1,13 +1,10 @@
 """Fast, deterministic selective search (Uijlings et al., IJCV 2013) in numpy + numba.
 
-Public API: ``selective_search_boxes(image, *, mode="fast", seed=0, threads=1, timings=None,
-randomize=True, k_scale=1.0) -> (boxes float32 [R, 4] xyxy, x2 / y2 exclusive, scores float32 [R])``,
-``warm_up()``, ``MODES`` (see ``engine``). ``detect.proposals.selective_search`` wraps it (resize,
-min size, top-k) beside OpenCV's implementation with the paper's settings.
-
-Modules: ``segmentation`` (Felzenszwalb-Huttenlocher), ``features`` (colour spaces,
-histograms, adjacency), ``grouping`` (greedy hierarchical grouping), ``ranking`` (the
-paper's pseudo-random ranking), ``engine`` (the pipeline).
+``engine.selective_search_boxes`` runs the pipeline on one image (``MODES``: the paper's modes);
+``detect.proposals.selective_search`` wraps it (resize, min size, ranking, top-k) beside
+OpenCV's implementation. The stages: ``segmentation`` (Felzenszwalb-Huttenlocher), ``features``
+(colour spaces, histograms, adjacency), ``grouping`` (greedy hierarchical grouping),
+``ranking`` (the paper's pseudo-random ranking).
 
 The original code: the IJCV release (``SelectiveSearchCodeIJCV``: ``Image2HierarchicalGrouping.m``,
 ``demo.m``; a copy is in zouchuhang/LayoutNet, ``matlab/panoContext_code/Toolbox/``) and
@@ -15,13 +12,8 @@ rbgirshick/rcnn ``selective_search/selective_search_boxes.m``. The release ships
 ``BlobStructColourHist``, ``BlobStructTextureHist`` and ``BlobStruct2HierarchicalGrouping`` as
 obfuscated ``.p`` files; their readable ``.m`` versions come from a copy of Uijlings' code in
 zhulei2016/RST-saliency (``SelectiveSearch/``), which also carries local edits (4-connected FH,
-a range-scaled k), so only those three functions were taken from it. As they are, we follow:
-colour bins round(v / 255 * 24) (end bins half-width), texture sigma 0.8 and round(r * 9 /
-0.43) bins, and merging the last of equally similar pairs (its stable ascending sort); and, from
-``Image2HierarchicalGrouping.m``, the ranking positions (last merge 1, initial regions n, listed
-once per segmentation).
-
-Where this differs from the original MATLAB code, and why:
+a range-scaled k), so only those three functions were taken from it. The modules say what they
+follow; this is the one list of where we differ from the original MATLAB code, and why:
 
 - edges are sorted with a stable radix sort (ties in generation order; std::sort left them
   unspecified), so results are reproducible everywhere;

@@ -1,13 +1,12 @@
-"""Selective search [SS] (Uijlings et al., IJCV 2013): public API.
+"""Selective search [SS] (Uijlings et al., IJCV 2013): the pipeline of one image.
 
-``selective_search_boxes(image, mode=..., seed=..., threads=..., timings=...)`` runs, for each
-colour space of the mode: the colour conversion, the smoothed 8-connected graph sorted once,
-the per-pixel colour / texture bins once; then for each k: Felzenszwalb-Huttenlocher
-segmentation (min_size = k), region features in one pass, and one greedy hierarchical
-grouping per similarity strategy. The boxes of all hierarchies are ranked as in the paper
-(see ``ranking``) and returned best first.
+``selective_search_boxes`` runs, for each colour space of the mode: the colour conversion, the
+smoothed 8-connected graph sorted once, the per-pixel colour / texture bins once; then for each
+k: Felzenszwalb-Huttenlocher segmentation (min_size = k), region features in one pass, and one
+greedy hierarchical grouping per similarity strategy. The boxes of all hierarchies are ranked
+as in the paper (``ranking``) and returned best first.
 
-Modes, as the paper defines them:
+The modes, as the paper defines them (``MODES``; the one table of them):
 
 =============  ====================  =================  ======================  ===========
 mode           colour spaces         k (= min_size)     strategies              hierarchies
@@ -23,16 +22,19 @@ Hierarchy index (seeds the ranking): ((k index) * n_colour_spaces + colour index
 n_strategies + strategy index, as the loops of the original demo (k outer, colour inner).
 
 The caller resizes the image beforehand ([RCNN]: 500 px wide); no resizing and no filtering
-of small boxes happens here. A 0 x 0 (empty) image raises ValueError.
+of small boxes happens here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import numpy as np
 
+from detect.common.config import check_proposal_settings
 from detect.proposals.ss.features import colour_space, pixel_bins, region_features
 from detect.proposals.ss.grouping import STRATEGIES, hierarchical_grouping
 from detect.proposals.ss.ranking import near_duplicates_last, rank_boxes
@@ -46,7 +48,8 @@ MODES = {  # mode -> (colour spaces, ks, strategies)
 STAGES = ("segmentation", "features", "grouping", "ranking")
 
 
-def _check_image(image: np.ndarray) -> None:
+def check_image(image: np.ndarray) -> None:
+    """ValueError, saying how to fix it, unless ``image`` is a non-empty uint8 RGB array [H, W, 3]."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f"selective search needs a numpy uint8 RGB image [H, W, 3], got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -57,8 +60,13 @@ def _check_image(image: np.ndarray) -> None:
                          "(replicate a grayscale image to 3 channels first)")
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"selective search needs a non-empty image, got shape {list(image.shape)}")
-    if image.shape[0] * image.shape[1] >= 2 ** 29:  # edge slots are int32 (4 per pixel)
-        raise ValueError(f"selective search: image too large ({image.shape[0]} x {image.shape[1]}), resize it first")
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[stage] += time.perf_counter() - start
 
 
 def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
@@ -68,35 +76,27 @@ def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
     colour_spaces, ks, strategies = MODES[mode]
     height, width = image.shape[:2]
     seconds = dict.fromkeys(STAGES, 0.0)
-    t0 = time.perf_counter()
-    seg_image, feat_image = colour_space(image, colour_spaces[colour_index])
-    order, sorted_weights = sorted_edges(seg_image, SIGMA)
-    t1 = time.perf_counter()
-    colour_bins, texture_bins = pixel_bins(feat_image)
-    t2 = time.perf_counter()
-    seconds["segmentation"] += t1 - t0
-    seconds["features"] += t2 - t1
+    with _timed(seconds, "segmentation"):
+        seg_image, feat_image = colour_space(image, colour_spaces[colour_index])
+        order, sorted_weights = sorted_edges(seg_image, SIGMA)
+    with _timed(seconds, "features"):
+        colour_bins, texture_bins = pixel_bins(feat_image)
     out = {}
     for k_index, k in enumerate(ks):
-        t0 = time.perf_counter()
         k = k * k_scale  # min size = k ([SS]), rounded to whole pixels
-        labels, n_regions = segment_graph(order, sorted_weights, height, width, float(k), max(1, int(k + 0.5)))
-        t1 = time.perf_counter()
-        sizes, boxes, colour_hist, texture_hist, pairs = region_features(
-            labels, n_regions, colour_bins, texture_bins)
-        t2 = time.perf_counter()
-        seconds["segmentation"] += t1 - t0
-        seconds["features"] += t2 - t1
+        with _timed(seconds, "segmentation"):
+            labels, n_regions = segment_graph(order, sorted_weights, height, width, float(k), max(1, int(k + 0.5)))
+        with _timed(seconds, "features"):
+            sizes, boxes, colour_hist, texture_hist, pairs = region_features(
+                labels, n_regions, colour_bins, texture_bins)
         for s_index, strategy in enumerate(strategies):
             index = (k_index * len(colour_spaces) + colour_index) * len(strategies) + s_index
             if n_regions == 1:
                 out[index] = (boxes, 1, s_index == 0)
                 continue
-            t0 = time.perf_counter()
-            use = STRATEGIES[strategy]
-            all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
-                                              height * width, use[0], use[1], use[2], use[3])[0]
-            seconds["grouping"] += time.perf_counter() - t0
+            with _timed(seconds, "grouping"):
+                all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
+                                                  height * width, *STRATEGIES[strategy])[0]
             out[index] = (all_boxes, n_regions, s_index == 0)
     return out, seconds
 
@@ -106,28 +106,23 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
                            randomize: bool = True, k_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Selective-search boxes of one image, best first.
 
-    image: uint8 RGB [H, W, 3] (H, W >= 1; grayscale must be replicated to 3 channels, other
-    dtypes are rejected with ValueError). mode: "fast", "quality" or "single" (table in the
-    module docstring). seed: int >= 0 for the pseudo-random ranking. threads: the hierarchies
-    of the image are computed in a pool of this many threads (per colour space; the numba
-    kernels release the GIL); the result is byte-identical for any value. timings: if a
-    dict, receives seconds per stage ("segmentation", "features", "grouping", "ranking";
-    summed over threads) and "total" (wall). randomize=False sets the random factor to 1
-    (for tests: the whole-image box comes first). k_scale: the mode's k values (and min sizes)
-    are multiplied by it (1 = the paper's; smaller k cuts smaller initial regions).
+    image: uint8 RGB [H, W, 3] (``check_image``). mode: a row of ``MODES``. seed: int >= 0 for
+    the pseudo-random ranking. threads: the hierarchies of the image are computed in a pool of
+    this many threads (per colour space; the numba kernels release the GIL); the result is
+    byte-identical for any value. timings: if a dict, receives seconds per stage (``STAGES``;
+    summed over threads) and "total" (wall). randomize=False sets the random factor to 1 (for
+    tests: the whole-image box comes first). k_scale: the mode's k values (and min sizes) are
+    multiplied by it (1 = the paper's; smaller k cuts smaller initial regions).
 
     Returns (boxes float32 [R, 4] xyxy in pixels of ``image``, x2 / y2 exclusive: the box of
     pixels x0..x1, y0..y1 is (x0, y0, x1 + 1, y1 + 1); scores float32 [R], the ranking
     values, ascending = best first). No duplicate boxes; a uniform image gives one box,
     the whole image.
     """
-    _check_image(image)
-    if mode not in MODES:
-        raise ValueError(f"selective search: mode must be one of {sorted(MODES)}, got {mode!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"selective search: seed must be an integer >= 0, got {seed!r}")
-    if isinstance(k_scale, bool) or not isinstance(k_scale, (int, float)) or not 0 < k_scale < 1e6:
-        raise ValueError(f"selective search: k_scale must be a number > 0, got {k_scale!r}")
+    check_image(image)
+    if image.shape[0] * image.shape[1] >= 2 ** 29:  # edge slots are int32 (4 per pixel)
+        raise ValueError(f"selective search: image too large ({image.shape[0]} x {image.shape[1]}), resize it first")
+    check_proposal_settings({"mode": mode, "seed": seed, "k_scale": k_scale}, "selective search")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"selective search: threads must be an integer >= 1, got {threads!r}")
     start = time.perf_counter()
@@ -138,18 +133,13 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
     else:
         with ThreadPoolExecutor(max_workers=min(int(threads), n_colours)) as pool:
             parts = list(pool.map(lambda c: _colour_space_hierarchies(image, c, mode, k_scale), range(n_colours)))
-    hierarchies = {}
-    seconds = dict.fromkeys(STAGES, 0.0)
-    for out, part_seconds in parts:
-        hierarchies.update(out)
-        for stage in STAGES:
-            seconds[stage] += part_seconds[stage]
-    t0 = time.perf_counter()
-    boxes, values = rank_boxes([hierarchies[i] for i in sorted(hierarchies)], seed=int(seed),
-                               randomize=randomize)
-    result = boxes.astype(np.float32)
-    result[:, 2:] += 1.0  # inclusive -> exclusive
-    seconds["ranking"] += time.perf_counter() - t0
+    hierarchies = {index: h for out, _ in parts for index, h in out.items()}
+    seconds = {stage: sum(part_seconds[stage] for _, part_seconds in parts) for stage in STAGES}
+    with _timed(seconds, "ranking"):
+        boxes, values = rank_boxes([hierarchies[i] for i in sorted(hierarchies)], seed=int(seed),
+                                   randomize=randomize)
+        result = boxes.astype(np.float32)
+        result[:, 2:] += 1.0  # inclusive -> exclusive
     if timings is not None:
         timings.update(seconds)
         timings["total"] = time.perf_counter() - start

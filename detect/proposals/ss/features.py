@@ -1,18 +1,11 @@
 """Colour spaces, per-pixel histogram bins and per-region features for selective search.
 
 Colour spaces ([SS] ``Image2ColourSpace.m``; every result is uint8, i.e. ``im2uint8`` of a
-value in [0, 1]):
-
-- ``hsv``: MATLAB ``rgb2hsv`` (H in [0, 1) -> 0..255, S, V);
-- ``lab``: CIE L*a*b* 8-bit encoding (L * 255 / 100, a + 128, b + 128; OpenCV's conversion,
-  D65 white, where MATLAB's ``applycform`` used its ICC profile);
-- ``rgi``: normalised r = R / (R+G+B), g = G / (R+G+B) (1/3 for black) and I = (R+G+B) / 3;
-- ``h``: the hue channel of ``hsv``; ``i``: intensity, MATLAB ``rgb2gray``.
-
-``h`` and ``i`` are single channels: the original replicates them 3 times, which only
-matters to the segmentation (the colour distance is sqrt(3) times the channel's), so the
-image to segment is replicated while histograms are taken of the one channel (histogram
-intersections and size-weighted merges come out identical to those of the replicated image).
+value in [0, 1]): ``hsv`` (MATLAB ``rgb2hsv``, H in [0, 1) -> 0..255), ``lab`` (CIE L*a*b*
+8-bit: L * 255 / 100, a + 128, b + 128), ``rgi`` (r = R / (R+G+B), g = G / (R+G+B), I = (R+G+B)
+/ 3), ``h`` (the hue of ``hsv``) and ``i`` (intensity, MATLAB ``rgb2gray``). ``h`` and ``i`` are
+one channel: the image to segment is it replicated 3 times, the histograms are of the one
+channel (the package's notes on the original: ``detect.proposals.ss``).
 
 Features of one colour space, computed ONCE (``pixel_bins``), reused for every k:
 
@@ -24,8 +17,7 @@ Features of one colour space, computed ONCE (``pixel_bins``), reused for every k
   orientation o + 180 is the negative of o, only positive responses are kept, the rest count
   as 0), each quantised as the original ``BlobStructTextureHist``: bin = round(r * 9 / 0.43) of
   the response r (0.43: its "maximum value of gradient"; a unit step peaks at about 0.5 with
-  sigma 0.8), capped at bin 9 (the original let larger responses spill into the next
-  orientation's bins).
+  sigma 0.8), capped at bin 9.
 
 ``region_features`` then makes, in one pass over the pixels of a label image: sizes, boxes,
 L1-normalised colour histograms [n, 25 C], texture histograms [n, 80 C], and the
@@ -95,10 +87,8 @@ def _rgb_to(image: np.ndarray, space: int) -> np.ndarray:
 
 
 def colour_space(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 RGB [H, W, 3] -> (image to segment uint8 [H, W, 3], feature image uint8 [H, W, C]).
-
-    C = 3 for "hsv", "lab", "rgi"; C = 1 for "h", "i" (see the module docstring).
-    """
+    """uint8 RGB [H, W, 3] -> (image to segment uint8 [H, W, 3], feature image uint8 [H, W, C]);
+    C = 3 for "hsv", "lab", "rgi", 1 for "h", "i"."""
     if name == "lab":
         lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2Lab)
         return lab, lab
@@ -244,18 +234,10 @@ def region_features(labels: np.ndarray, n_regions: int, colour_bins: np.ndarray,
                 other = labels[y + 1, x]
                 keys[n_keys] = min(label, other) * np.int64(n_regions) + max(label, other)
                 n_keys += 1
-    keys = np.sort(keys[:n_keys])
-    n_pairs = 0
-    for i in range(n_keys):
-        if i == 0 or keys[i] != keys[i - 1]:
-            n_pairs += 1
-    pairs = np.empty((n_pairs, 2), np.int32)
-    j = 0
-    for i in range(n_keys):
-        if i == 0 or keys[i] != keys[i - 1]:
-            pairs[j, 0] = keys[i] // n_regions
-            pairs[j, 1] = keys[i] % n_regions
-            j += 1
+    keys = np.unique(keys[:n_keys])  # sorted
+    pairs = np.empty((keys.size, 2), np.int32)
+    pairs[:, 0] = keys // n_regions
+    pairs[:, 1] = keys % n_regions
     colour_hist = np.empty((n_regions, COLOUR_BINS * channels), np.float32)
     texture_hist = np.empty((n_regions, TEXTURE_BINS * n_tex), np.float32)
     for r in range(n_regions):

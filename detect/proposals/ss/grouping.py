@@ -16,11 +16,10 @@ Implementation: a binary max-heap of candidate pairs with lazy invalidation (a p
 whose region was already merged is skipped). Heap keys are uint64: the similarity rounded to
 float32 in the high bits, the pair's push number in the low bits, so that among equal
 similarities the pair pushed LAST wins, as in the original ``BlobStruct2HierarchicalGrouping``
-(it sorts the pair list ascending, stably, and merges the last one; new pairs are appended, the
-initial ones in (a, b) order, each merge's in ascending order of the neighbour's id, as here).
-The order is fully deterministic; neighbour lists in one growable
-buffer; histograms in float32; ``merged_into`` pointers (with path compression) that map a
-stale neighbour id to the region that absorbed it. All numba, no Python objects, GIL released.
+(it merges the last of its ascending, stable sort; new pairs are appended, the initial ones in
+(a, b) order, each merge's in ascending order of the neighbour's id, as here). Neighbour lists
+live in one growable buffer; ``merged_into`` pointers (with path compression) map a stale
+neighbour id to the region that absorbed it. All numba, no Python objects, GIL released.
 """
 
 from __future__ import annotations
@@ -259,12 +258,3 @@ def hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, im_siz
     end = n + n_merges
     return (all_boxes[:end], all_sizes[:end], all_colour[:end], all_texture[:end],
             merges[:n_merges])
-
-
-def group(features: tuple, im_size: int, strategy: str):
-    """``hierarchical_grouping`` of ``region_features`` output with a named strategy
-    ("CTSF", "TSF", "F", "S"); returns its tuple (boxes, sizes, colour, texture, merges)."""
-    sizes, boxes, colour_hist, texture_hist, pairs = features
-    use_colour, use_texture, use_size, use_fill = STRATEGIES[strategy]
-    return hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, int(im_size),
-                                 use_colour, use_texture, use_size, use_fill)

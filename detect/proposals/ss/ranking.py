@@ -12,8 +12,8 @@ value = position * U[0, 1), the uniform numbers drawn from
 so the result does not depend on threads or processes. All hierarchies are pooled, sorted
 by value ascending (stable), and duplicate boxes removed keeping the first.
 
-``near_duplicates_last`` is the alternative ranking ``proposals.ranking: nms`` (applied by
-``detect.proposals.selective_search`` to the final boxes of either engine).
+``near_duplicates_last`` is the alternative ranking ``proposals.ranking: nms``, which
+``detect.proposals.selective_search`` applies to the final boxes of either engine.
 """
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ from numba import njit
 
 
 def hierarchy_positions(n_initial: int, n_boxes: int, include_initial: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Which boxes of a hierarchy are listed, and their positions.
-
-    A hierarchy holds n_boxes regions in creation order (n_initial initial ones, then the
-    merges). Returns (indices int64 [L] into those regions, positions float64 [L]).
-    """
+    """Which of a hierarchy's n_boxes regions (creation order: n_initial initial ones, then the
+    merges) are listed, and their positions: (indices int64 [L], positions float64 [L])."""
     n_merges = n_boxes - n_initial
     merged = np.arange(n_initial, n_boxes, dtype=np.int64)
     merged_pos = np.arange(n_merges, 0, -1, dtype=np.float64)  # last merge -> 1
@@ -44,21 +41,15 @@ def hierarchy_positions(n_initial: int, n_boxes: int, include_initial: bool) -> 
 
 def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
                randomize: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Pool and rank the boxes of several hierarchies.
-
-    hierarchies: in hierarchy-index order, (boxes int32 [T, 4] x0, y0, x1, y1 inclusive of all
-    regions in creation order, n_initial, include_initial). randomize=False uses a random
-    factor of 1 (values = positions), so a whole-image box comes first.
-    Returns (boxes int32 [R, 4] inclusive, values float64 [R]), best first, no duplicates.
-    """
-    all_boxes = []
-    all_values = []
+    """Pool and rank the boxes of several hierarchies, each (boxes int32 [T, 4] x0, y0, x1, y1
+    inclusive of all regions in creation order, n_initial, include_initial), in hierarchy-index
+    order. randomize=False uses a random factor of 1 (values = positions), so a whole-image box
+    comes first. Returns (boxes int32 [R, 4] inclusive, values float64 [R]), best first, no
+    duplicates."""
+    all_boxes, all_values = [], []
     for index, (boxes, n_initial, include_initial) in enumerate(hierarchies):
         rows, positions = hierarchy_positions(int(n_initial), boxes.shape[0], include_initial)
-        if randomize:
-            factors = np.random.default_rng([int(seed), index]).random(rows.size)
-        else:
-            factors = np.ones(rows.size)
+        factors = np.random.default_rng([int(seed), index]).random(rows.size) if randomize else np.ones(rows.size)
         all_boxes.append(boxes[rows])
         all_values.append(positions * factors)
     if not all_boxes:
@@ -109,15 +100,11 @@ def _nms_survivors(boxes: np.ndarray, iou: float) -> np.ndarray:
 
 
 def near_duplicates_last(boxes: np.ndarray, values: np.ndarray, iou: float) -> tuple[np.ndarray, np.ndarray]:
-    """The "nms" ranking: greedy NMS at ``iou`` over boxes in their ranked order; the survivors
-    first, then the suppressed boxes, each group in the given order. Nothing is dropped, so all
-    boxes (top_k 0) are the same set, but a budget of the first k spends fewer boxes on
-    near-duplicates of boxes it already holds.
-
-    boxes [R, 4] xyxy, values [R] ascending ranking values. Returns (order int64 [R], new values
-    float64 [R], ascending: the survivors keep theirs, a suppressed box gets its value plus 1 +
-    the largest value).
-    """
+    """The "nms" ranking of boxes [R, 4] xyxy with ascending ranking ``values`` [R]: greedy NMS
+    at ``iou`` in ranked order; the survivors first, then the suppressed boxes, each group in
+    the given order. Nothing is dropped (all boxes are the same set), but a budget of the first
+    k spends fewer boxes on near-duplicates. Returns (order int64 [R], new values float64 [R],
+    ascending: the survivors keep theirs, a suppressed box gets its value + 1 + the largest)."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64), np.zeros(0)
     alive = _nms_survivors(np.ascontiguousarray(boxes, dtype=np.float64), float(iou))

@@ -13,8 +13,7 @@ Faithful to the original ``segment-image`` code (and Uijlings' ``mexFelzenSegmen
   ``min_size``.
 
 The edges of one colour space are built and sorted ONCE (``sorted_edges``) and reused for
-every k (``segment``). The sort is a stable LSD radix sort of the float32 bit patterns, so
-ties keep the generation order (the original used std::sort, whose tie order is unspecified).
+every k (``segment_graph``); the sort is stable (``radix_sort``), so ties keep the generation order.
 
 An edge is identified by its *slot* ``4 * p + d`` (p = y * W + x, d = direction 0..3 as listed
 above); slots that point outside the image get weight +inf and are never used.
@@ -51,12 +50,9 @@ def gaussian_mask(sigma: float) -> np.ndarray:
 
 @njit(**_JIT)
 def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian smoothing of each channel: uint8 [H, W, C] -> float32 [H, W, C].
-
-    Separable, along x then along y, borders replicated; each output is
-    mask[0] * v[i] + sum_j mask[j] * (v[i - j] + v[i + j]) accumulated in float32 in that
-    order, as FH's ``convolve_even``.
-    """
+    """The smoothing of the module docstring: uint8 [H, W, C] -> float32 [H, W, C]; each output
+    is mask[0] * v[i] + sum_j mask[j] * (v[i - j] + v[i + j]), accumulated in float32 in that
+    order, as FH's ``convolve_even``."""
     height, width, channels = image.shape
     mask = gaussian_mask(sigma)
     radius = mask.size - 1
@@ -90,11 +86,8 @@ def smooth(image: np.ndarray, sigma: float) -> np.ndarray:
 
 @njit(**_JIT)
 def edge_weights(smoothed: np.ndarray) -> np.ndarray:
-    """Weights of the 8-connected grid graph: float32 [H, W, C] -> float32 [4 * H * W].
-
-    Slot 4 * (y * W + x) + d holds the edge to (x+1, y) (d=0), (x, y+1) (d=1), (x+1, y+1)
-    (d=2), (x+1, y-1) (d=3); slots pointing outside the image hold +inf.
-    """
+    """Weights of the 8-connected grid graph, one per edge slot (module docstring): float32
+    [H, W, C] -> float32 [4 * H * W]."""
     height, width, channels = smoothed.shape
     weights = np.full(4 * height * width, np.inf, np.float32)
     dys = (0, 1, 1, -1)
@@ -115,7 +108,7 @@ def edge_weights(smoothed: np.ndarray) -> np.ndarray:
 
 
 @njit(**_JIT)
-def _radix_sort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def radix_sort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order int32 [N], values[order] float32 [N]) for non-negative float32 ``values`` (+inf
     allowed): a stable LSD radix sort on the IEEE bit patterns (monotonic for non-negative
     floats), two passes of 16 bits, each moving the keys with the indices so that every read is
@@ -155,13 +148,6 @@ def _radix_sort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, (keys.view(np.float32) if moved else values.copy())
 
 
-@njit(**_JIT)
-def stable_argsort_nonneg_float32(values: np.ndarray) -> np.ndarray:
-    """Stable argsort (int32 [N]) of non-negative float32 values (+inf allowed), by
-    ``_radix_sort``. Equals ``np.argsort(values, kind="stable")``."""
-    return _radix_sort(values)[0]
-
-
 def sorted_edges(seg_image: np.ndarray, sigma: float = SIGMA) -> tuple[np.ndarray, np.ndarray]:
     """Smooth, build and sort the graph of one colour space image (uint8 [H, W, C]).
 
@@ -170,7 +156,7 @@ def sorted_edges(seg_image: np.ndarray, sigma: float = SIGMA) -> tuple[np.ndarra
     """
     height, width = seg_image.shape[:2]
     weights = edge_weights(smooth(np.ascontiguousarray(seg_image), float(sigma)))
-    order, sorted_weights = _radix_sort(weights)
+    order, sorted_weights = radix_sort(weights)
     n_edges = (width - 1) * height + width * (height - 1) + 2 * (width - 1) * (height - 1)
     return order[:n_edges], sorted_weights[:n_edges]
 
@@ -257,19 +243,3 @@ def segment_graph(order: np.ndarray, sorted_weights: np.ndarray, height: int, wi
             n_labels += 1
         labels[p] = mapped[root]
     return labels.reshape(height, width), n_labels
-
-
-def segment(seg_image: np.ndarray, k: float, min_size: int | None = None,
-            sigma: float = SIGMA, edges: tuple[np.ndarray, np.ndarray] | None = None
-            ) -> tuple[np.ndarray, int]:
-    """FH segmentation of a uint8 [H, W, C] image -> (labels int32 [H, W] in 0..n-1, n).
-
-    ``min_size`` defaults to k ([SS]). Pass ``edges=sorted_edges(seg_image)`` to reuse the
-    sorted graph across several k.
-    """
-    height, width = seg_image.shape[:2]
-    if edges is None:
-        edges = sorted_edges(seg_image, sigma)
-    order, sorted_weights = edges
-    return segment_graph(order, sorted_weights, height, width, float(k),
-                         int(k if min_size is None else min_size))
