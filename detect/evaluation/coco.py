@@ -1,11 +1,9 @@
 """COCO box evaluation: a thin wrapper around pycocotools' ``COCOeval(iouType="bbox")``.
 
-The one place where boxes and classes leave the package's internal format:
-``detections_to_coco`` turns detections (xyxy pixels, class indices 1..K) into COCO results
-entries (xywh pixels, dataset category ids, range-checked) for ``detect eval`` and ``detect
-predict``; ``dataset_to_coco`` writes ground truth the same way; ``class_of_category`` is the
-inverse mapping, for readers of COCO results. ``evaluate_coco`` scores results against
-a COCO ground-truth dict or file and returns plain numbers; ``format_metrics_table`` prints them.
+The one place where boxes and classes leave the package's internal format (xyxy pixels, class
+indices 1..K) for COCO's (xywh pixels, the dataset's category ids, range-checked), for results
+(``detections_to_coco``) and ground truth (``dataset_to_coco``) alike, and come back
+(``class_of_category``).
 
 Known traps, each pinned by a test in tests/test_evaluation.py:
 - ``COCO.loadRes`` crashes on an empty results list: we build an empty results index instead,
@@ -23,7 +21,6 @@ area range), as pycocotools reports it; ``format_metrics_table`` prints it as "n
 from __future__ import annotations
 
 import contextlib
-import os
 import copy
 import io
 import math
@@ -31,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detect.common.boxes import xyxy_to_xywh
-from detect.common.fileio import read_json, write_json_atomic, write_text_atomic
+from detect.common.box_ops import xyxy_to_xywh
+from detect.common.fileio import read_json, write_text_atomic
 from detect.data.datasets import Dataset
 from detect.models.detector import Detections
 
@@ -111,10 +108,9 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
 
     ``coco_gt`` is a COCO instances dict or JSON file (boxes xywh pixels); ``results`` a list of
     ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` or a JSON file of one.
-    Only the images of ``coco_gt`` are evaluated. Neither input is modified: the ground truth
-    is copied, and on the copy annotation ids are re-numbered 1..N when any is 0, missing or
-    repeated (pytorch/vision#1530), a missing ``area`` becomes w * h and a missing
-    ``iscrowd`` 0. Malformed input raises ``ValueError`` naming the file and the entry.
+    Only the images of ``coco_gt`` are evaluated. Neither input is modified: the traps above are
+    handled on copies, where a missing ``area`` also becomes w * h and a missing ``iscrowd`` 0.
+    Malformed input raises ``ValueError`` naming the file and the entry.
 
     Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
     "per_class_AP": {name: AP}, "per_class_AP50": {name: AP50},
@@ -127,12 +123,8 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt_source = str(coco_gt) if isinstance(coco_gt, (str, Path)) else "ground truth"
-    gt = _clean_ground_truth(read_json(coco_gt) if isinstance(coco_gt, (str, Path)) else coco_gt,
-                             gt_source)
-    res_source = str(results) if isinstance(results, (str, Path)) else "results"
-    entries = _clean_results(read_json(results) if isinstance(results, (str, Path)) else results,
-                             res_source, gt)
+    gt = _clean_ground_truth(*_read(coco_gt, "ground truth"))
+    entries = _clean_results(*_read(results, "results"), gt)
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -162,6 +154,11 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     metrics["num_images"] = len(gt["images"])
     metrics["num_detections"] = len(entries)
     return metrics
+
+
+def _read(source, name: str) -> tuple:
+    """(the JSON in file ``source``, its path) or, for an object, (``source``, ``name``)."""
+    return (read_json(source), str(source)) if isinstance(source, (str, Path)) else (source, name)
 
 
 def _per_class_metrics(coco_eval, categories: list[dict]) -> dict:
@@ -307,8 +304,8 @@ def format_metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def dataset_to_coco(dataset: Dataset, *, image_root: str | os.PathLike | None = None) -> dict:
-    """A COCO ground-truth dict for ``dataset``: for VOC -> COCO export and for evaluation.
+def dataset_to_coco(dataset: Dataset) -> dict:
+    """A COCO ground-truth dict for ``dataset`` (file names as its records hold them).
 
     Annotation ids start at 1 (pycocotools treats id 0 as "no match", pytorch/vision#1530).
     Boxes are written as ``[x, y, w, h]``; ``area`` is the source's own area where it had one
@@ -316,30 +313,21 @@ def dataset_to_coco(dataset: Dataset, *, image_root: str | os.PathLike | None = 
     ``iscrowd=1``: COCOeval has no "difficult" flag, but it ignores crowd boxes the way VOC
     ignores difficult ones, neither true nor false positive. (One difference: a crowd box
     matches a detection by intersection over the detection's area, so detections inside it are
-    ignored too.) ``file_name`` is absolute, or relative to ``image_root`` when given.
+    ignored too.)
     """
     images, annotations = [], []
     for record in dataset.records:
-        file_name = record.file_name if image_root is None else os.path.relpath(record.file_name, image_root)
-        images.append({"id": int(record.image_id), "file_name": file_name,
+        images.append({"id": int(record.image_id), "file_name": record.file_name,
                        "width": int(record.width), "height": int(record.height)})
         areas = record.gt_areas.tolist() if len(record.gt_areas) == len(record.gt_boxes) else []
-        for j, (box, cls, difficult) in enumerate(zip(record.gt_boxes.tolist(), record.gt_classes.tolist(),
-                                                      record.gt_difficult.tolist())):
-            (category_id,) = category_ids_of(np.array([cls]), dataset.category_ids, f"image id {record.image_id}")
-            x1, y1, w, h = xyxy_to_xywh(np.array([box], np.float64))[0].tolist()
-            area = areas[j] if areas and areas[j] > 0 else w * h  # NaN > 0 is False: the box area
+        boxes = xyxy_to_xywh(np.asarray(record.gt_boxes, np.float64)).tolist()
+        cats = category_ids_of(record.gt_classes, dataset.category_ids, f"image id {record.image_id}")
+        for j, (bbox, category_id, difficult) in enumerate(zip(boxes, cats, record.gt_difficult.tolist())):
+            area = areas[j] if areas and areas[j] > 0 else bbox[2] * bbox[3]  # NaN > 0 is False: the box area
             annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
-                                "category_id": category_id,
-                                "bbox": [x1, y1, w, h], "area": area, "iscrowd": int(difficult)})
+                                "category_id": category_id, "bbox": bbox, "area": area, "iscrowd": int(difficult)})
     categories = [{"id": int(cat_id), "name": name}
                   for cat_id, name in zip(dataset.category_ids, dataset.class_names)]
     return {"info": {"description": dataset.name}, "images": images, "annotations": annotations,
             "categories": categories}
 
-
-def export_coco(dataset: Dataset, path: str | os.PathLike) -> None:
-    """Write ``dataset`` as a COCO JSON (atomically), file names relative to the JSON's folder,
-    so ``load_coco(path)`` finds the images while the two stay side by side."""
-    path = Path(path)
-    write_json_atomic(path, dataset_to_coco(dataset, image_root=path.parent.resolve()), indent=None)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from detect.common.box_ops import box_iou
+
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's recThrs
 
 
@@ -33,16 +35,27 @@ class ImageBoxes:
     labels: np.ndarray  # [D]
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of xyxy boxes [A, 4] x [B, 4] -> [A, B] (COCO's: no +1 on widths)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+def match_detections(ious: np.ndarray, gt_ignore: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """COCOeval.evaluateImg's matching in one image and class: ``ious`` [D, G] of detections in
+    score order and ground truth with the non-ignored first (``gt_ignore`` [G]). Each detection
+    takes the free box of highest IoU >= the threshold, a non-ignored box before any ignored one.
+    Returns the matched box of each detection [D] (-1: none)."""
+    matched = np.full(ious.shape[0], -1, np.int64)
+    used = np.zeros(ious.shape[1], bool)
+    for j in range(ious.shape[0]):
+        best, m = min(iou_threshold, 1 - 1e-10), -1
+        for g in range(ious.shape[1]):
+            if used[g]:
+                continue
+            if m > -1 and not gt_ignore[m] and gt_ignore[g]:
+                break
+            if ious[j, g] < best:
+                continue
+            best, m = ious[j, g], g
+        if m > -1:
+            used[m] = True
+            matched[j] = m
+    return matched
 
 
 @dataclass
@@ -74,22 +87,10 @@ def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5
             if d.size == 0:
                 continue
             ious = box_iou(im.boxes[d], im.gt_boxes[g])  # [D, G]
-            f = np.zeros((d.size, len(iou_thresholds)), np.int8)
+            f = np.zeros((d.size, len(iou_thresholds)), np.int8)  # [D, T]
             for t, thr in enumerate(iou_thresholds):
-                used = np.zeros(g.size, bool)
-                for j in range(d.size):
-                    best, m = min(thr, 1 - 1e-10), -1
-                    for gi in range(g.size):
-                        if used[gi]:
-                            continue
-                        if m > -1 and not ign[m] and ign[gi]:
-                            break
-                        if ious[j, gi] < best:
-                            continue
-                        best, m = ious[j, gi], gi
-                    if m > -1:
-                        used[m] = True
-                        f[j, t] = -1 if ign[m] else 1
+                m = match_detections(ious, ign, thr)
+                f[m > -1, t] = np.where(ign[m[m > -1]], -1, 1)
             idx.append(np.full(d.size, i))
             labels.append(np.full(d.size, k))
             scores.append(im.scores[d])
