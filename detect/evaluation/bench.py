@@ -147,8 +147,9 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
     ref = reference_index(kinds)
     for i, d in enumerate(out_dets):
         if i != ref:
-            d["ratio_to_reference"] = {key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples, seed=seed)
-                                       for key, v in totals[i].items()}
+            d["ratio_to_reference"] = {
+                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples, seed=seed)
+                for key, v in totals[i].items()}
     return {"reference": names[ref], PROPOSALS: summarize(prop), "proposals_per_image_ms": list(map(float, prop)),
             "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": seed}
 

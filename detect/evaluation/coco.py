@@ -94,10 +94,8 @@ def coco_results(dataset: Dataset, detections: dict[int, Detections]) -> list[di
 
 def evaluate_detections(dataset: Dataset, detections: dict[int, Detections], *,
                         log_path: str | Path | None = None) -> dict:
-    """COCO metrics of in-memory ``detections`` (image id -> ``Detections``) on ``dataset``.
-
-    Images of ``dataset`` missing from ``detections`` count as images with no detections.
-    """
+    """COCO metrics of in-memory ``detections`` (image id -> ``Detections``) on ``dataset``; its
+    images missing from ``detections`` count as images with no detections."""
     return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections),
                          log_path=log_path)
 
@@ -146,14 +144,9 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     if log_path is not None:
         write_text_atomic(log_path, log.getvalue())
 
-    metrics: dict = {key: float(v) for key, v in zip(COCO_KEYS, coco_eval.stats[:9])}
-    metrics.update(_per_class_metrics(coco_eval, gt["categories"]))
-    precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
-    metrics["ap_per_iou"] = {"iou": [round(float(t), 2) for t in coco_eval.params.iouThrs],
-                             "AP": [_mean_defined(precision[t, :, :, 0, -1]) for t in range(precision.shape[0])]}
-    metrics["num_images"] = len(gt["images"])
-    metrics["num_detections"] = len(entries)
-    return metrics
+    return {**{key: float(v) for key, v in zip(COCO_KEYS, coco_eval.stats[:9])},
+            **_precision_metrics(coco_eval, gt["categories"]),
+            "num_images": len(gt["images"]), "num_detections": len(entries)}
 
 
 def _read(source, name: str) -> tuple:
@@ -161,18 +154,20 @@ def _read(source, name: str) -> tuple:
     return (read_json(source), str(source)) if isinstance(source, (str, Path)) else (source, name)
 
 
-def _per_class_metrics(coco_eval, categories: list[dict]) -> dict:
-    """Per-class AP, AP50 and the IoU-0.5 PR curves from ``coco_eval.eval["precision"]``."""
+def _precision_metrics(coco_eval, categories: list[dict]) -> dict:
+    """Per-class AP and AP50, the IoU-0.5 PR curves and AP per IoU threshold, from
+    ``coco_eval.eval["precision"]`` (area "all", 100 detections). Metric keys are the category
+    names; a repeated name gets its id appended to stay unique."""
     params = coco_eval.params
     precision = coco_eval.eval["precision"]  # [T iou, R recall, K classes, A areas, M maxDets]
     iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
-    names = _class_names(categories)
-    name_by_id = {c["id"]: names[i] for i, c in enumerate(categories)}
+    names = [str(c.get("name", c["id"])) for c in categories]
+    name_by_id = {c["id"]: f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)}
 
     per_class_ap, per_class_ap50, curves = {}, {}, {}
     for k, cat_id in enumerate(params.catIds):
         name = name_by_id[cat_id]
-        p_all = precision[:, :, k, 0, -1]  # [T, R] area "all", 100 detections
+        p_all = precision[:, :, k, 0, -1]  # [T, R]
         p_50 = precision[iou50, :, k, 0, -1]  # [R]
         per_class_ap[name] = _mean_defined(p_all)
         per_class_ap50[name] = _mean_defined(p_50)
@@ -182,18 +177,14 @@ def _per_class_metrics(coco_eval, categories: list[dict]) -> dict:
     mean_curve = np.mean(with_gt, axis=0) if with_gt else -np.ones(len(params.recThrs))
     return {"per_class_AP": per_class_ap, "per_class_AP50": per_class_ap50,
             "pr_curve_50": {"recall": [float(r) for r in params.recThrs],
-                            "precision": {"all": [float(v) for v in mean_curve], **curves}}}
+                            "precision": {"all": [float(v) for v in mean_curve], **curves}},
+            "ap_per_iou": {"iou": [round(float(t), 2) for t in params.iouThrs],
+                           "AP": [_mean_defined(precision[t, :, :, 0, -1]) for t in range(precision.shape[0])]}}
 
 
 def _mean_defined(values: np.ndarray) -> float:
     defined = values[values > -1]
     return float(defined.mean()) if defined.size else -1.0
-
-
-def _class_names(categories: list[dict]) -> list[str]:
-    """Category names as metric keys; a repeated name gets its id appended to stay unique."""
-    names = [str(c.get("name", c["id"])) for c in categories]
-    return [f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)]
 
 
 def _clean_ground_truth(gt, source: str) -> dict:
@@ -210,13 +201,7 @@ def _clean_ground_truth(gt, source: str) -> dict:
 
     annotations = [dict(a) for a in gt["annotations"]]
     for i, ann in enumerate(annotations):
-        where = f"{source}: annotations[{i}]"
-        if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
-        if ann.get("category_id") not in cat_ids:
-            raise ValueError(f"{where}: category_id {ann.get('category_id')!r} "
-                             "is not in 'categories'")
-        ann["bbox"] = _check_bbox(ann.get("bbox"), where)
+        ann["bbox"] = _checked_bbox(ann, f"{source}: annotations[{i}]", image_ids, cat_ids)
         ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
         ann.setdefault("iscrowd", 0)
     ids = [a.get("id") for a in annotations]
@@ -240,21 +225,22 @@ def _clean_results(results, source: str, gt: dict) -> list[dict]:
         where = f"{source}: entry {i}"
         if not isinstance(r, dict):
             raise ValueError(f"{where}: expected an object, got {type(r).__name__}")
-        if r.get("image_id") not in image_ids:
-            raise ValueError(f"{where}: image_id {r.get('image_id')!r} "
-                             "is not an image of the ground truth")
-        if r.get("category_id") not in cat_ids:
-            raise ValueError(f"{where}: category_id {r.get('category_id')!r} "
-                             "is not a category of the ground truth")
+        bbox = _checked_bbox(r, where, image_ids, cat_ids)
         score = r.get("score")
         if not _is_number(score) or not math.isfinite(score):
             raise ValueError(f"{where}: 'score' must be a finite number, got {score!r}")
-        entries.append({"image_id": r["image_id"], "category_id": r["category_id"],
-                        "bbox": _check_bbox(r.get("bbox"), where), "score": float(score)})
+        entries.append({"image_id": r["image_id"], "category_id": r["category_id"], "bbox": bbox,
+                        "score": float(score)})
     return entries
 
 
-def _check_bbox(bbox, where: str) -> list[float]:
+def _checked_bbox(entry: dict, where: str, image_ids: set, cat_ids: set) -> list[float]:
+    """The ``bbox`` of an annotation or results entry as 4 floats, once the entry is checked:
+    an image and a category of the ground truth, 4 finite numbers, no negative size."""
+    for key, ids, noun in (("image_id", image_ids, "an image"), ("category_id", cat_ids, "a category")):
+        if entry.get(key) not in ids:
+            raise ValueError(f"{where}: {key} {entry.get(key)!r} is not {noun} of the ground truth")
+    bbox = entry.get("bbox")
     if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
             or not all(_is_number(v) and math.isfinite(v) for v in bbox)):
         raise ValueError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
@@ -307,13 +293,12 @@ def format_metrics_table(metrics: dict) -> str:
 def dataset_to_coco(dataset: Dataset) -> dict:
     """A COCO ground-truth dict for ``dataset`` (file names as its records hold them).
 
-    Annotation ids start at 1 (pycocotools treats id 0 as "no match", pytorch/vision#1530).
-    Boxes are written as ``[x, y, w, h]``; ``area`` is the source's own area where it had one
-    (COCO: the segmentation area, which decides APs/APm/APl), else the box area. Difficult (and crowd) boxes are written as
-    ``iscrowd=1``: COCOeval has no "difficult" flag, but it ignores crowd boxes the way VOC
-    ignores difficult ones, neither true nor false positive. (One difference: a crowd box
-    matches a detection by intersection over the detection's area, so detections inside it are
-    ignored too.)
+    Annotation ids start at 1 (see the traps above). ``area`` is the source's own area where it
+    had one (COCO: the segmentation area, which decides APs/APm/APl), else the box area.
+    Difficult (and crowd) boxes are written as ``iscrowd=1``: COCOeval has no "difficult" flag,
+    but it ignores crowd boxes the way VOC ignores difficult ones, neither true nor false
+    positive. (One difference: a crowd box matches a detection by intersection over the
+    detection's area, so detections inside it are ignored too.)
     """
     images, annotations = [], []
     for record in dataset.records:

@@ -147,35 +147,32 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
     n = tables[0].num_gt.shape[0]
     if any(t.num_gt.shape[0] != n for t in tables):
         raise ValueError("bootstrap_ap: the detectors were evaluated on different images")
+    thresholds = tables[0].iou_thresholds
+    point = np.array([list(average_precision(t).values()) for t in tables])  # [N, T]
+    samples = np.empty((len(tables), num_resamples, len(thresholds)))  # [N, R, T]
     rng = np.random.default_rng(seed)
-    point = [average_precision(t) for t in tables]
-    samples = [[] for _ in tables]
-    for _ in range(num_resamples):
+    for r in range(num_resamples):
         weights = np.bincount(rng.integers(0, n, n), minlength=n)
         for i, t in enumerate(tables):
-            ap = average_precision(t, weights)
-            samples[i].append({thr: (v if v >= 0 else np.nan) for thr, v in ap.items()})
+            samples[i, r] = list(average_precision(t, weights).values())
+    samples[samples < 0] = np.nan  # a resample without ground truth has no AP
     a = (1 - level) / 2 * 100
 
-    def interval(values, value):
-        values = [v for v in values if np.isfinite(v)]  # a resample without ground truth has no AP
-        if not values:
-            return {"value": value, "lo": float("nan"), "hi": float("nan")}
+    def interval(values: np.ndarray, value: float) -> dict:
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return {"value": float(value), "lo": float("nan"), "hi": float("nan")}
         lo, hi = np.percentile(values, [a, 100 - a])
-        return {"value": value, "lo": float(lo), "hi": float(hi)}
+        return {"value": float(value), "lo": float(lo), "hi": float(hi)}
 
-    thresholds = tables[0].iou_thresholds
-    ap = [{thr: interval([s[thr] for s in samples[i]], point[i][thr]) for thr in thresholds}
+    ap = [{thr: interval(samples[i, :, t], point[i, t]) for t, thr in enumerate(thresholds)}
           for i in range(len(tables))]
-    diffs = [None] + [{thr: interval([s[thr] - s0[thr] for s, s0 in zip(samples[i], samples[0])],
-                                     point[i][thr] - point[0][thr]) for thr in thresholds}
-                      for i in range(1, len(tables))]
-    # The drop from the first threshold to the second (AP50 - AP75: how much AP needs tight boxes),
+    diffs = [None] + [{thr: interval(samples[i, :, t] - samples[0, :, t], point[i, t] - point[0, t])
+                       for t, thr in enumerate(thresholds)} for i in range(1, len(tables))]
+    # The drop from the first threshold to the last (AP50 - AP75: how much AP needs tight boxes),
     # per detector and its difference to the first detector's drop.
-    t0, t1 = thresholds[0], thresholds[-1]
-    drop = [[s[t0] - s[t1] for s in samples[i]] for i in range(len(tables))]
-    drops = [interval(drop[i], point[i][t0] - point[i][t1]) for i in range(len(tables))]
-    drop_diffs = [None] + [interval(np.subtract(drop[i], drop[0]), drops[i]["value"] - drops[0]["value"])
-                           for i in range(1, len(tables))]
+    drop, drop_point = samples[..., 0] - samples[..., -1], point[:, 0] - point[:, -1]  # [N, R], [N]
+    drops = [interval(drop[i], drop_point[i]) for i in range(len(tables))]
+    drop_diffs = [None] + [interval(drop[i] - drop[0], drop_point[i] - drop_point[0]) for i in range(1, len(tables))]
     return {"ap": ap, "diff_to_first": diffs, "drop": drops, "drop_diff_to_first": drop_diffs,
             "num_resamples": num_resamples, "seed": seed, "level": level}

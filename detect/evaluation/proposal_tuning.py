@@ -316,13 +316,10 @@ def format_table(result: dict) -> str:
     keys = ["recall@0.5", "recall@0.7"] + ([metric] if metric not in ("recall@0.5", "recall@0.7") else [])
     head = ["mode", "resize", "k_scale", "min_size", "ranking", "top_k", "boxes / image", *keys, "MABO",
             "s / image", ""]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    chosen = result["chosen"]
-    for r in best_per_search(result):
-        cells = [r["mode"], str(r["resize"] or "native"), f"{r['k_scale']:g}", str(r["min_size"]), _ranking_name(r),
-                 str(r["top_k"]), f"{r['boxes_per_image']:.0f}", *(f"{r[k]:.3f}" for k in keys), f"{r['MABO']:.3f}",
-                 f"{r['seconds_per_image']:.3f}", "**chosen**" if r == chosen else ""]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = _markdown(head, [[r["mode"], str(r["resize"] or "native"), f"{r['k_scale']:g}", str(r["min_size"]),
+                              _ranking_name(r), str(r["top_k"]), f"{r['boxes_per_image']:.0f}",
+                              *(f"{r[k]:.3f}" for k in keys), f"{r['MABO']:.3f}", f"{r['seconds_per_image']:.3f}",
+                              "**chosen**" if r == result["chosen"] else ""] for r in best_per_search(result)])
     pruned = [k for k, v in result["status"].items() if v == "pruned"]
     if pruned:
         lines += ["", f"Pruned after the {result['probe_images']} probe images (best recall@"
@@ -343,13 +340,17 @@ def budget_table(result: dict) -> str:
     rows = [r for r in result["rows"] if (r["mode"], r["resize"], r["k_scale"], r["min_size"])
             == (c["mode"], c["resize"], c["k_scale"], c["min_size"])]
     budgets = sorted({r["top_k"] for r in rows}, key=lambda k: k or math.inf)
-    lines = ["| ranking | " + " | ".join(str(k or "all") for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    table = []
     for ranking, nms_iou in dict.fromkeys((r["ranking"], r["nms_iou"]) for r in rows):
         cells = {r["top_k"]: r for r in rows if (r["ranking"], r["nms_iou"]) == (ranking, nms_iou)}
-        name = _ranking_name({"ranking": ranking, "nms_iou": nms_iou})
-        lines.append(f"| {name} | " + " | ".join(f"{cells[k]['recall@0.5']:.3f} / {cells[k]['recall@0.7']:.3f}"
-                                                 for k in budgets) + " |")
-    return "\n".join(lines)
+        table.append([_ranking_name(cells[budgets[0]]),
+                      *(f"{cells[k]['recall@0.5']:.3f} / {cells[k]['recall@0.7']:.3f}" for k in budgets)])
+    return "\n".join(_markdown(["ranking", *(str(k or "all") for k in budgets)], table))
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def tune_to_files(records: list, out: str | Path, *, data_spec: dict, figure, cache_dir: str = "", **options) -> dict:
@@ -359,8 +360,8 @@ def tune_to_files(records: list, out: str | Path, *, data_spec: dict, figure, ca
     searches are cached in ``cache_dir`` (default ``<out>.cache``)."""
     out = Path(out)
     result = tune(records, cache_dir=cache_dir or f"{out}.cache", **options)
-    command = (f"detect tune-proposals --data {data_arguments(data_spec)} --num-images {options.get('num_images', 50)} --seed "
-               f"{result['seed']} --target-recall {result['target']['recall']:g} --target-iou "
+    command = (f"detect tune-proposals --data {data_arguments(data_spec)} --num-images "
+               f"{options.get('num_images', 50)} --seed {result['seed']} --target-recall {result['target']['recall']:g} --target-iou "
                f"{result['target']['iou']:g} --max-boxes {result['target']['max_boxes']} ({time.strftime('%Y-%m-%d')})")
     summary = summary_line(result)
     write_text_atomic(out, proposals_yaml(result, command))
