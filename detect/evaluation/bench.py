@@ -52,11 +52,8 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 def ratio_of_medians(numer: Sequence[float], denom: Sequence[float], *, num_resamples: int = 2000,
                      seed: int = 0, level: float = 0.95) -> dict[str, float]:
-    """median(numer) / median(denom) with a paired bootstrap interval over images.
-
-    ``numer[i]`` and ``denom[i]`` are the times of image i; each resample draws image indices
-    with replacement and recomputes both medians on the same draw. Returns ratio, lo, hi.
-    """
+    """median(numer) / median(denom) with the paired bootstrap interval of the module docstring
+    (``numer[i]`` and ``denom[i]``: the times of image i). Returns ratio, lo, hi."""
     a, b = np.asarray(numer, dtype=np.float64), np.asarray(denom, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired timings differ in length: {a.size} and {b.size}")

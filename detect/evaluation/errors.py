@@ -2,8 +2,8 @@
 
 The ``tidecv`` package is not used: it pulls in opencv-python beside our OpenCV build, pandas
 and seaborn. This follows the paper's definitions at foreground IoU t_f = 0.5 and background
-IoU t_b = 0.1. After COCO-style matching at t_f, each false positive gets one type, in this
-order:
+IoU t_b = 0.1. After COCO's matching at t_f (``matching.match_detections``), each false
+positive gets one type, in this order:
 
 - classification: IoU >= t_f with a ground-truth box of another class;
 - duplicate: IoU >= t_f with a box of its class that a higher-scoring detection took;

@@ -7,7 +7,8 @@ highest IoU >= t, non-ignored first; a detection matched to an ignored box is ig
 AP is then COCO's 101-point interpolated precision, averaged over the classes that have
 ground truth. A bootstrap sample of images weights each image by how often it was drawn,
 which gives the same curve as repeating the image. ``tests/test_matching.py`` checks the AP
-against pycocotools.
+against pycocotools. The error breakdown (``detect.evaluation.errors``) matches with the same
+``match_detections``.
 
 Shapes: G ground-truth boxes, D detections of one image; T IoU thresholds.
 """
@@ -36,10 +37,9 @@ class ImageBoxes:
 
 
 def match_detections(ious: np.ndarray, gt_ignore: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """COCOeval.evaluateImg's matching in one image and class: ``ious`` [D, G] of detections in
-    score order and ground truth with the non-ignored first (``gt_ignore`` [G]). Each detection
-    takes the free box of highest IoU >= the threshold, a non-ignored box before any ignored one.
-    Returns the matched box of each detection [D] (-1: none)."""
+    """The matching of the module docstring in one image and class: ``ious`` [D, G] of the
+    detections in score order and the ground truth with the non-ignored first (``gt_ignore``
+    [G]) -> the matched box of each detection [D] (-1: none)."""
     matched = np.full(ious.shape[0], -1, np.int64)
     used = np.zeros(ious.shape[1], bool)
     for j in range(ious.shape[0]):

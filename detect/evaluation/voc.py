@@ -58,11 +58,10 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str) ->
 
 def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.ndarray, np.ndarray]],
              iou_thresh: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
-    """Recall [D'] and precision [D'] of one class, and its number of non-difficult gt boxes.
-
+    """Recall [D'] and precision [D'] of one class (steps 1-3 of the module docstring; D' leaves
+    out the detections on difficult boxes), and its number of non-difficult gt boxes.
     ``dets``: (score, image id, box [4]) of every detection of the class; ``gt``: image id ->
-    (boxes [G, 4], difficult [G]) of that class. D' leaves out detections matched to difficult
-    boxes (neither true nor false positive)."""
+    (boxes [G, 4], difficult [G]) of that class."""
     num_pos = int(sum((~difficult).sum() for _, difficult in gt.values()))
     order = np.argsort([-d[0] for d in dets], kind="stable")
     matched = {image_id: np.zeros(len(boxes), bool) for image_id, (boxes, _) in gt.items()}
