@@ -50,17 +50,17 @@ def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float
             iou_other = np.where((im.gt_classes != k) & ~ignore, ious, 0.0)  # [D, G]
             for j, m in zip(d, match_detections(ious[np.ix_(d, gt_k)], ignore[gt_k], fg)):
                 entry = {"image": i, "index": int(j), "label": k, "score": float(im.scores[j]), "target": None}
-                same, other = iou_same[j].max(initial=0.0), iou_other[j].max(initial=0.0)
+                best_same, best_other = iou_same[j].max(initial=0.0), iou_other[j].max(initial=0.0)
                 if m > -1:
                     entry.update(type="ignored" if ignore[gt_k[m]] else "tp", target=(i, int(gt_k[m])))
-                elif other >= fg:
+                elif best_other >= fg:
                     entry.update(type="classification", target=(i, int(iou_other[j].argmax())))
-                elif same >= fg:
+                elif best_same >= fg:
                     entry.update(type="duplicate")
-                elif same >= bg:
+                elif best_same >= bg:
                     entry.update(type="localisation", target=(i, int(iou_same[j].argmax())))
                 else:
-                    entry.update(type="both" if other >= bg else "background")
+                    entry.update(type="both" if best_other >= bg else "background")
                 dets.append(entry)
         targeted = {e["target"][1] for e in dets[first:] if e["target"] is not None}
         missed += [(i, int(g)) for g in np.flatnonzero(~ignore) if g not in targeted]
