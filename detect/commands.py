@@ -33,11 +33,10 @@ from detect.data.images import find_images, read_image
 from detect.data.synthetic import make_synthetic as write_synthetic
 from detect.evaluation.bench import bench as bench_detectors
 from detect.evaluation.bench import format_bench
-from detect.evaluation.coco import evaluate_detections, format_metrics_table
+from detect.evaluation.coco import evaluate_detections
 from detect.evaluation.proposal_tuning import Grid, rankings, sample_records, tune_to_files
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall, warn_if_low_recall
 from detect.evaluation.run import evaluate_detector, print_metrics, run_detector, score_results_file
-from detect.evaluation.voc import format_voc_table
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
 from detect.predict.drawing import write_recall_drawings
@@ -388,8 +387,7 @@ def evaluate(args: argparse.Namespace) -> int:
     results_path = Path(args.results)
     metrics = score_results_file(_dataset_from_args(args), results_path,
                                  Path(args.output_dir) if args.output_dir else results_path.parent, limit=args.limit)
-    print(format_voc_table(metrics[args.metric], args.metric) if args.metric != "coco"
-          else format_metrics_table(metrics))
+    print_metrics(metrics, args.metric)
     return 0
 
 

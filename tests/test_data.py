@@ -16,7 +16,8 @@ from PIL import Image
 from detect.data.datasets import DatasetWarning, load_coco, load_dataset, load_voc, training_gt
 from detect.data.voc import VOC_CLASSES
 from detect.data.images import ImageReadError, read_image
-from detect.evaluation.coco import dataset_to_coco, export_coco
+from detect.common.fileio import write_json_atomic
+from detect.evaluation.coco import dataset_to_coco
 
 
 @contextlib.contextmanager
@@ -86,8 +87,8 @@ def test_export_round_trip_keeps_boxes_classes_and_ids(tmp_path, tiny_coco):
     assert exported["categories"] == [{"id": 2, "name": "cat"}, {"id": 5, "name": "dog"}]
 
     out = tmp_path / "export" / "gt.json"
-    export_coco(dataset, out)
-    again = load_coco(out)  # file names are relative to the export's folder
+    write_json_atomic(out, exported)
+    again = load_coco(out)  # absolute file names
     assert again.category_ids == dataset.category_ids and again.class_names == dataset.class_names
     for a, b in zip(dataset.records, again.records):
         assert Path(a.file_name).resolve() == Path(b.file_name).resolve()
@@ -321,7 +322,7 @@ def test_load_voc_converts_one_based_corners_and_keeps_difficult(voc_root):
 def test_voc_export_to_coco_loads_back_the_same(voc_root, tmp_path):
     dataset = load_dataset("voc", str(voc_root), split="trainval")
     out = tmp_path / "voc_as_coco.json"
-    export_coco(dataset, out)
+    write_json_atomic(out, dataset_to_coco(dataset))
     exported = json.loads(out.read_text())
     assert [a["iscrowd"] for a in exported["annotations"]] == [0, 1, 0]
     again = load_coco(out, check_images=True)

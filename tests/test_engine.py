@@ -119,7 +119,6 @@ def test_each_rank_resumes_its_own_random_state():
     with pytest.warns(UserWarning, match="written by 2"):
         runtime.set_rng_state(runtime.rng_state_of_rank(states, 2, 3))
     assert torch.equal(torch.rand(3), draws[0][0])
-    assert runtime.rng_state_of_rank(states[1], 0, 1) is states[1]  # an older single-state checkpoint
     assert len(runtime.gather_rng_states()) == 1  # no process group: this process alone
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -278,3 +280,31 @@ def test_cli_eval_scores_a_results_file(tmp_path, capsys):
                             ' {"image_id": 5, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1}]')
     assert main(["eval", "--data", str(gt_path), "--results", str(results_path)]) == 2
     assert f"{results_path}: entry 1: image_id 5" in capsys.readouterr().err
+
+
+def test_print_metrics_prints_the_table_and_the_test_time_once(capsys):
+    from detect.evaluation.run import print_metrics
+
+    gt = _gt(GT_BOXES)
+    flat = evaluate_coco(gt, _perfect_results(gt))  # a scored results file: COCO numbers at the top
+    run = {"coco": {k: flat[k] for k in SUMMARY_KEYS}, "voc": {"mAP": 1.0, "per_class_AP": {"cat": 1.0}},
+           **{k: flat[k] for k in ("per_class_AP", "per_class_AP50", "num_images", "num_detections")},
+           "timing_ms_per_image": {"backbone": 2.0}, "images_per_second": 5.0, "device": "cpu",
+           "skipped_images": [{"file": "bad.png", "reason": "not an image"}]}
+    for metric, table in (("coco", "COCO box metrics"), ("voc", "VOC2010+ all-point AP")):
+        print_metrics(run, metric)
+        out = capsys.readouterr().out
+        assert out.count(table) == 1 and out.count("test time (ms/image): backbone 2.0") == 1
+        assert "skipped 1 unreadable image(s), scored with no detections: bad.png" in out
+    print_metrics(flat)
+    out = capsys.readouterr().out
+    assert "100.0" in out and "test time" not in out
+
+
+def test_numpy_only_modules_do_not_import_torch():
+    """The proposal workers, `detect recall` and the tuner start without torch (detect.common.box_ops)."""
+    modules = ("detect.proposals.batch, detect.evaluation.recall, detect.evaluation.errors, "
+               "detect.evaluation.proposal_tuning")
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
-from detect.evaluation.recall import box_iou_float64 as box_iou  # noqa: E402
+from detect.common.box_ops import box_iou  # noqa: E402
 from detect.evaluation.recall import greedy_match  # noqa: E402
 from detect.data.datasets import Dataset, load_coco  # noqa: E402
 from detect.data.images import read_image  # noqa: E402

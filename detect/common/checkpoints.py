@@ -42,8 +42,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint safely (``weights_only=True``: no code runs on load).
 
-    Raises ``ValueError`` naming the file when it is missing, not a torch file, a pickle that
-    wants to run code, or not one of ours.
+    Raises ``FileNotFoundError`` when it is missing, and ``ValueError`` naming the file when it
+    is not a torch file, a pickle that wants to run code, or not one of ours.
     """
     path = Path(path)
     if not path.is_file():

@@ -1,4 +1,9 @@
-"""Small file helpers: every output is written atomically (temporary file, then rename)."""
+"""Small file helpers: every output is written atomically (temporary file, then rename).
+
+Settings markers (``check_settings``, ``write_settings``) are the one resume check of every
+long job (proposals, predict, R-CNN stages, training runs, the synthetic dataset): each checks
+its folder with them before it reuses anything there.
+"""
 
 from __future__ import annotations
 
@@ -75,11 +80,6 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.flush()
 
 
-# ----------------------------------------------------------------------------------------------
-# Settings markers: the one resume check of every long job
-# ----------------------------------------------------------------------------------------------
-
-
 class SettingsMismatch(ValueError):
     """A job's folder holds work done with other settings; the message names the keys."""
 
@@ -93,9 +93,7 @@ def check_settings(path: str | os.PathLike, settings: dict, *, hint: str) -> boo
 
     Returns False when there is no marker (the work is not done, or not started), True when
     it records the same settings, and raises ``SettingsMismatch`` naming the marker, each
-    differing key and ``hint`` (what the user can do) when it records others. Every long job
-    (proposals, predict, R-CNN stages and SVM classes, training runs, the synthetic dataset)
-    checks its folder with this function before it reuses anything there.
+    differing key and ``hint`` (what the user can do) when it records others.
     """
     path = Path(path)
     if not path.is_file():
@@ -109,13 +107,11 @@ def check_settings(path: str | os.PathLike, settings: dict, *, hint: str) -> boo
         raise SettingsMismatch(f"{path}: not a settings marker of ours; {hint}")
     differ = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
     shown = ", ".join(f"{k}: before {previous.get(k)!r}, now {settings.get(k)!r}" for k in differ)
-    raise SettingsMismatch(f"{path.parent}: holds work done with other settings ({_shorten(shown)}); {hint}")
+    shown = shown if len(shown) <= 600 else shown[:600] + " ..."
+    raise SettingsMismatch(f"{path.parent}: holds work done with other settings ({shown}); {hint}")
 
 
 def write_settings(path: str | os.PathLike, settings: dict, **info: Any) -> None:
     """Write the marker ``{"settings": settings, **info}`` atomically (see ``check_settings``)."""
     write_json_atomic(path, {"settings": _as_json(settings), **info})
 
-
-def _shorten(text: str, limit: int = 600) -> str:
-    return text if len(text) <= limit else text[:limit] + " ..."

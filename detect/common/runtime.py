@@ -1,16 +1,6 @@
-"""Where the code runs: device, ranks, mixed precision, random state, peak memory.
-
-Written once here and imported everywhere else (thin wrappers over torch.distributed and
-torch.cuda; no distribution layer of our own):
-
-- ``rank_and_world()``: (rank, world size) from the process group when one is initialised,
-  else from torchrun's environment (RANK / WORLD_SIZE), else (0, 1).
-- ``init_distributed`` / ``barrier`` / ``long_wait_group``: joining and waiting.
-- ``resolve_device``: '' -> this rank's GPU when CUDA is available, else the CPU.
-- ``autocast(device, enabled)``: bf16 where the GPU supports it, else fp16; off on the CPU.
-- ``seed_everything`` / ``rng_state`` / ``set_rng_state``: seeds and resumable RNG state;
-  ``gather_rng_states`` / ``rng_state_of_rank``: every rank's state in rank 0's checkpoint.
-- ``reset_peak_memory`` / ``peak_memory_mb`` / ``device_name``: what a run reports.
+"""Where the code runs, in this order: ranks, device, mixed precision, random state, and what
+a run reports. Written once here and imported everywhere else: thin wrappers over
+torch.distributed and torch.cuda, no distribution layer of our own.
 """
 
 from __future__ import annotations
@@ -27,15 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-# ----------------------------------------------------------------------------------------------
-# Ranks
-# ----------------------------------------------------------------------------------------------
+def _in_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world_size): the process group's when initialised, else torchrun's environment
     variables (``detect predict`` and ``detect propose`` need no process group), else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _in_process_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -50,8 +39,7 @@ def local_world_size() -> int:
 
 
 def barrier(group=None) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if _in_process_group() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier(group=group)
 
 
@@ -59,8 +47,7 @@ def long_wait_group():
     """A gloo process group with a 7-day timeout (None outside torch.distributed); every rank
     must create it. Its ``barrier`` lets ranks idle while rank 0 alone works for longer than a
     collective's default timeout (NCCL: 10 minutes), which would otherwise abort the job."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_world_size() <= 1:
+    if not _in_process_group() or torch.distributed.get_world_size() <= 1:
         return None
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
@@ -105,29 +92,16 @@ def resolve_device(name: str = "") -> torch.device:
     return torch.device(name)
 
 
-# ----------------------------------------------------------------------------------------------
-# Mixed precision
-# ----------------------------------------------------------------------------------------------
-
-
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU that supports it (no loss scaling needed), else fp16."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
 
 
 def autocast(device: torch.device, enabled: bool = True):
     """Autocast on CUDA when ``enabled``; a no-op context on the CPU or when disabled."""
-    use = enabled and device.type == "cuda"
-    if not use:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=autocast_dtype(device))
-
-
-# ----------------------------------------------------------------------------------------------
-# Random state
-# ----------------------------------------------------------------------------------------------
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=autocast_dtype(device))
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -154,19 +128,16 @@ def gather_rng_states() -> list[dict]:
     Rank 0 writes the training checkpoints, so it saves them all and each rank resumes with its
     own dropout / CUDA streams."""
     _, world = rank_and_world()
-    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if world <= 1 or not _in_process_group():
         return [rng_state()]
     states: list = [None] * world
     torch.distributed.all_gather_object(states, rng_state())
     return states
 
 
-def rng_state_of_rank(saved: dict | list, rank: int, world: int) -> dict:
+def rng_state_of_rank(saved: list[dict], rank: int, world: int) -> dict:
     """This rank's entry of a checkpoint's RNG states (``gather_rng_states``). A checkpoint from
-    another world size gives every rank rank 0's state, with a warning; a single dict (one
-    process's state, as older checkpoints hold) is used as is."""
-    if isinstance(saved, dict):
-        return saved
+    another world size gives every rank rank 0's state, with a warning."""
     if len(saved) != world:
         warnings.warn(f"resuming with {world} processes from a checkpoint written by {len(saved)}: every rank "
                       "restores rank 0's random state (random streams differ from an uninterrupted run)")
@@ -184,11 +155,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(cuda)
 
 
-# ----------------------------------------------------------------------------------------------
-# What a run reports
-# ----------------------------------------------------------------------------------------------
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -201,11 +167,8 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_memory_mb(device: torch.device) -> float:

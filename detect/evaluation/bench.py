@@ -1,7 +1,7 @@
 """``detect bench``: time two or more detectors so that machine noise cancels.
 
 Timing each detector in its own run, in sequence, lets whatever else the machine does decide
-the ratio (issue 12: a busy machine once made R-CNN look faster than Fast R-CNN). Here the
+the ratio (a busy machine once made R-CNN look faster than Fast R-CNN). Here the
 detectors run **interleaved, image by image**, in one process: image 1 with A, then B, image 2
 with A, then B, ... on the same images with the same proposals. The first ``warmup`` images
 are run but not counted. Every image's time per stage is kept, and the summary gives medians,
@@ -17,6 +17,7 @@ The statistics (``summarize``, ``ratio_of_medians``) are pure functions of timin
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
 from typing import Callable, Sequence
@@ -31,6 +32,7 @@ from detect.common.runtime import device_name
 from detect.data.datasets import ImageRecord
 from detect.data.images import read_image
 from detect.evaluation.flops import detector_flops, paper_flops
+from detect.evaluation.run import timing_lists
 from detect.models.detector import Detector, StageTimer
 from detect.proposals.selective_search import selective_search
 
@@ -50,11 +52,8 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 def ratio_of_medians(numer: Sequence[float], denom: Sequence[float], *, num_resamples: int = 2000,
                      seed: int = 0, level: float = 0.95) -> dict[str, float]:
-    """median(numer) / median(denom) with a paired bootstrap interval over images.
-
-    ``numer[i]`` and ``denom[i]`` are the times of image i; each resample draws image indices
-    with replacement and recomputes both medians on the same draw. Returns ratio, lo, hi.
-    """
+    """median(numer) / median(denom) with the paired bootstrap interval of the module docstring
+    (``numer[i]`` and ``denom[i]``: the times of image i). Returns ratio, lo, hi."""
     a, b = np.asarray(numer, dtype=np.float64), np.asarray(denom, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired timings differ in length: {a.size} and {b.size}")
@@ -117,10 +116,7 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
         num_proposals.append(int(np.asarray(proposals).reshape(-1, 4).shape[0]))
         for store, st in zip(per_detector, stages):
             store.append(st)
-    lists = []
-    for per_image in per_detector:
-        names = list(dict.fromkeys(s for st in per_image for s in st))
-        lists.append({s: [st.get(s, 0.0) for st in per_image] for s in names})
+    lists = [timing_lists(per_image)["timing_ms_per_image_list"] for per_image in per_detector]
     return {PROPOSALS: proposal_ms, "num_proposals": num_proposals, "detectors": lists}
 
 
@@ -137,23 +133,20 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
     detector-only and end-to-end, and each detector's ratio of medians to the reference
     (detector time / reference time; > 1: slower than the reference), with intervals."""
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
-    totals = []
-    out_dets = []
+    totals, out_dets = [], []  # totals: per detector, {DETECTOR_TOTAL, END_TO_END: ms per image}
     for name, kind, stages in zip(names, kinds, timings["detectors"]):
         det_total = np.sum([np.asarray(v, dtype=np.float64) for v in stages.values()], axis=0) \
             if stages else np.zeros_like(prop)
-        totals.append((det_total, det_total + prop))
-        out_dets.append({"name": name, "kind": kind,
-                         "stages": {s: summarize(v) for s, v in stages.items()},
-                         DETECTOR_TOTAL: summarize(det_total), END_TO_END: summarize(det_total + prop),
+        totals.append({DETECTOR_TOTAL: det_total, END_TO_END: det_total + prop})
+        out_dets.append({"name": name, "kind": kind, "stages": {s: summarize(v) for s, v in stages.items()},
+                         **{key: summarize(v) for key, v in totals[-1].items()},
                          "per_image_ms": {s: list(map(float, v)) for s, v in stages.items()}})
     ref = reference_index(kinds)
     for i, d in enumerate(out_dets):
-        if i == ref:
-            continue
-        d["ratio_to_reference"] = {
-            DETECTOR_TOTAL: ratio_of_medians(totals[i][0], totals[ref][0], num_resamples=num_resamples, seed=seed),
-            END_TO_END: ratio_of_medians(totals[i][1], totals[ref][1], num_resamples=num_resamples, seed=seed)}
+        if i != ref:
+            d["ratio_to_reference"] = {
+                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples, seed=seed)
+                for key, v in totals[i].items()}
     return {"reference": names[ref], PROPOSALS: summarize(prop), "proposals_per_image_ms": list(map(float, prop)),
             "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": seed}
 
@@ -174,13 +167,9 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
         entry["flops"] = f
         entry["flops_total"] = sum(f.values())
         entry["flops_ratio_to_reference"] = sum(f.values()) / max(sum(flops[ref].values()), 1)
-    paper = paper_flops()
-    result.update(flops_image_hw=list(image_hw), flops_num_proposals=num_props, paper_flops={
-        "settings": "VGG16 without weights, 2000 proposals, 20 classes; Fast R-CNN on a 600 x 1000 input, "
-                    "R-CNN on 224 x 224 warps (VGG16's input; the R-CNN paper's 227 is AlexNet's)",
-        "fast_rcnn": dict(paper["fast_rcnn"]), "rcnn": dict(paper["rcnn"]),
-        "rcnn_over_fast_rcnn": sum(paper["rcnn"].values()) / sum(paper["fast_rcnn"].values())})
-    result.update(warmup=warmup, proposal_source="store" if get_proposals is not None else "selective_search",
+    result.update(flops_image_hw=list(image_hw), flops_num_proposals=num_props,
+                  paper_flops=copy.deepcopy(paper_flops()), warmup=warmup,
+                  proposal_source="store" if get_proposals is not None else "selective_search",
                   device=device_name(detectors[0].device), environment=environment())
     return result
 

@@ -1,11 +1,9 @@
 """COCO box evaluation: a thin wrapper around pycocotools' ``COCOeval(iouType="bbox")``.
 
-The one place where boxes and classes leave the package's internal format:
-``detections_to_coco`` turns detections (xyxy pixels, class indices 1..K) into COCO results
-entries (xywh pixels, dataset category ids, range-checked) for ``detect eval`` and ``detect
-predict``; ``dataset_to_coco`` writes ground truth the same way; ``class_of_category`` is the
-inverse mapping, for readers of COCO results. ``evaluate_coco`` scores results against
-a COCO ground-truth dict or file and returns plain numbers; ``format_metrics_table`` prints them.
+The one place where boxes and classes leave the package's internal format (xyxy pixels, class
+indices 1..K) for COCO's (xywh pixels, the dataset's category ids, range-checked), for results
+(``detections_to_coco``) and ground truth (``dataset_to_coco``) alike, and come back
+(``class_of_category``).
 
 Known traps, each pinned by a test in tests/test_evaluation.py:
 - ``COCO.loadRes`` crashes on an empty results list: we build an empty results index instead,
@@ -23,7 +21,6 @@ area range), as pycocotools reports it; ``format_metrics_table`` prints it as "n
 from __future__ import annotations
 
 import contextlib
-import os
 import copy
 import io
 import math
@@ -31,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detect.common.boxes import xyxy_to_xywh
-from detect.common.fileio import read_json, write_json_atomic, write_text_atomic
+from detect.common.box_ops import xyxy_to_xywh
+from detect.common.fileio import read_json, write_text_atomic
 from detect.data.datasets import Dataset
 from detect.models.detector import Detections
 
@@ -97,10 +94,8 @@ def coco_results(dataset: Dataset, detections: dict[int, Detections]) -> list[di
 
 def evaluate_detections(dataset: Dataset, detections: dict[int, Detections], *,
                         log_path: str | Path | None = None) -> dict:
-    """COCO metrics of in-memory ``detections`` (image id -> ``Detections``) on ``dataset``.
-
-    Images of ``dataset`` missing from ``detections`` count as images with no detections.
-    """
+    """COCO metrics of in-memory ``detections`` (image id -> ``Detections``) on ``dataset``; its
+    images missing from ``detections`` count as images with no detections."""
     return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections),
                          log_path=log_path)
 
@@ -111,10 +106,9 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
 
     ``coco_gt`` is a COCO instances dict or JSON file (boxes xywh pixels); ``results`` a list of
     ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` or a JSON file of one.
-    Only the images of ``coco_gt`` are evaluated. Neither input is modified: the ground truth
-    is copied, and on the copy annotation ids are re-numbered 1..N when any is 0, missing or
-    repeated (pytorch/vision#1530), a missing ``area`` becomes w * h and a missing
-    ``iscrowd`` 0. Malformed input raises ``ValueError`` naming the file and the entry.
+    Only the images of ``coco_gt`` are evaluated. Neither input is modified: the traps above are
+    handled on copies, where a missing ``area`` also becomes w * h and a missing ``iscrowd`` 0.
+    Malformed input raises ``ValueError`` naming the file and the entry.
 
     Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
     "per_class_AP": {name: AP}, "per_class_AP50": {name: AP50},
@@ -127,12 +121,8 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt_source = str(coco_gt) if isinstance(coco_gt, (str, Path)) else "ground truth"
-    gt = _clean_ground_truth(read_json(coco_gt) if isinstance(coco_gt, (str, Path)) else coco_gt,
-                             gt_source)
-    res_source = str(results) if isinstance(results, (str, Path)) else "results"
-    entries = _clean_results(read_json(results) if isinstance(results, (str, Path)) else results,
-                             res_source, gt)
+    gt = _clean_ground_truth(*_read(coco_gt, "ground truth"))
+    entries = _clean_results(*_read(results, "results"), gt)
 
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -154,28 +144,30 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     if log_path is not None:
         write_text_atomic(log_path, log.getvalue())
 
-    metrics: dict = {key: float(v) for key, v in zip(COCO_KEYS, coco_eval.stats[:9])}
-    metrics.update(_per_class_metrics(coco_eval, gt["categories"]))
-    precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
-    metrics["ap_per_iou"] = {"iou": [round(float(t), 2) for t in coco_eval.params.iouThrs],
-                             "AP": [_mean_defined(precision[t, :, :, 0, -1]) for t in range(precision.shape[0])]}
-    metrics["num_images"] = len(gt["images"])
-    metrics["num_detections"] = len(entries)
-    return metrics
+    return {**{key: float(v) for key, v in zip(COCO_KEYS, coco_eval.stats[:9])},
+            **_precision_metrics(coco_eval, gt["categories"]),
+            "num_images": len(gt["images"]), "num_detections": len(entries)}
 
 
-def _per_class_metrics(coco_eval, categories: list[dict]) -> dict:
-    """Per-class AP, AP50 and the IoU-0.5 PR curves from ``coco_eval.eval["precision"]``."""
+def _read(source, name: str) -> tuple:
+    """(the JSON in file ``source``, its path) or, for an object, (``source``, ``name``)."""
+    return (read_json(source), str(source)) if isinstance(source, (str, Path)) else (source, name)
+
+
+def _precision_metrics(coco_eval, categories: list[dict]) -> dict:
+    """Per-class AP and AP50, the IoU-0.5 PR curves and AP per IoU threshold, from
+    ``coco_eval.eval["precision"]`` (area "all", 100 detections). Metric keys are the category
+    names; a repeated name gets its id appended to stay unique."""
     params = coco_eval.params
     precision = coco_eval.eval["precision"]  # [T iou, R recall, K classes, A areas, M maxDets]
     iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
-    names = _class_names(categories)
-    name_by_id = {c["id"]: names[i] for i, c in enumerate(categories)}
+    names = [str(c.get("name", c["id"])) for c in categories]
+    name_by_id = {c["id"]: f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)}
 
     per_class_ap, per_class_ap50, curves = {}, {}, {}
     for k, cat_id in enumerate(params.catIds):
         name = name_by_id[cat_id]
-        p_all = precision[:, :, k, 0, -1]  # [T, R] area "all", 100 detections
+        p_all = precision[:, :, k, 0, -1]  # [T, R]
         p_50 = precision[iou50, :, k, 0, -1]  # [R]
         per_class_ap[name] = _mean_defined(p_all)
         per_class_ap50[name] = _mean_defined(p_50)
@@ -185,18 +177,14 @@ def _per_class_metrics(coco_eval, categories: list[dict]) -> dict:
     mean_curve = np.mean(with_gt, axis=0) if with_gt else -np.ones(len(params.recThrs))
     return {"per_class_AP": per_class_ap, "per_class_AP50": per_class_ap50,
             "pr_curve_50": {"recall": [float(r) for r in params.recThrs],
-                            "precision": {"all": [float(v) for v in mean_curve], **curves}}}
+                            "precision": {"all": [float(v) for v in mean_curve], **curves}},
+            "ap_per_iou": {"iou": [round(float(t), 2) for t in params.iouThrs],
+                           "AP": [_mean_defined(precision[t, :, :, 0, -1]) for t in range(precision.shape[0])]}}
 
 
 def _mean_defined(values: np.ndarray) -> float:
     defined = values[values > -1]
     return float(defined.mean()) if defined.size else -1.0
-
-
-def _class_names(categories: list[dict]) -> list[str]:
-    """Category names as metric keys; a repeated name gets its id appended to stay unique."""
-    names = [str(c.get("name", c["id"])) for c in categories]
-    return [f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)]
 
 
 def _clean_ground_truth(gt, source: str) -> dict:
@@ -213,13 +201,7 @@ def _clean_ground_truth(gt, source: str) -> dict:
 
     annotations = [dict(a) for a in gt["annotations"]]
     for i, ann in enumerate(annotations):
-        where = f"{source}: annotations[{i}]"
-        if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
-        if ann.get("category_id") not in cat_ids:
-            raise ValueError(f"{where}: category_id {ann.get('category_id')!r} "
-                             "is not in 'categories'")
-        ann["bbox"] = _check_bbox(ann.get("bbox"), where)
+        ann["bbox"] = _checked_bbox(ann, f"{source}: annotations[{i}]", image_ids, cat_ids)
         ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
         ann.setdefault("iscrowd", 0)
     ids = [a.get("id") for a in annotations]
@@ -243,21 +225,22 @@ def _clean_results(results, source: str, gt: dict) -> list[dict]:
         where = f"{source}: entry {i}"
         if not isinstance(r, dict):
             raise ValueError(f"{where}: expected an object, got {type(r).__name__}")
-        if r.get("image_id") not in image_ids:
-            raise ValueError(f"{where}: image_id {r.get('image_id')!r} "
-                             "is not an image of the ground truth")
-        if r.get("category_id") not in cat_ids:
-            raise ValueError(f"{where}: category_id {r.get('category_id')!r} "
-                             "is not a category of the ground truth")
+        bbox = _checked_bbox(r, where, image_ids, cat_ids)
         score = r.get("score")
         if not _is_number(score) or not math.isfinite(score):
             raise ValueError(f"{where}: 'score' must be a finite number, got {score!r}")
-        entries.append({"image_id": r["image_id"], "category_id": r["category_id"],
-                        "bbox": _check_bbox(r.get("bbox"), where), "score": float(score)})
+        entries.append({"image_id": r["image_id"], "category_id": r["category_id"], "bbox": bbox,
+                        "score": float(score)})
     return entries
 
 
-def _check_bbox(bbox, where: str) -> list[float]:
+def _checked_bbox(entry: dict, where: str, image_ids: set, cat_ids: set) -> list[float]:
+    """The ``bbox`` of an annotation or results entry as 4 floats, once the entry is checked:
+    an image and a category of the ground truth, 4 finite numbers, no negative size."""
+    for key, ids, noun in (("image_id", image_ids, "an image"), ("category_id", cat_ids, "a category")):
+        if entry.get(key) not in ids:
+            raise ValueError(f"{where}: {key} {entry.get(key)!r} is not {noun} of the ground truth")
+    bbox = entry.get("bbox")
     if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
             or not all(_is_number(v) and math.isfinite(v) for v in bbox)):
         raise ValueError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
@@ -307,39 +290,29 @@ def format_metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def dataset_to_coco(dataset: Dataset, *, image_root: str | os.PathLike | None = None) -> dict:
-    """A COCO ground-truth dict for ``dataset``: for VOC -> COCO export and for evaluation.
+def dataset_to_coco(dataset: Dataset) -> dict:
+    """A COCO ground-truth dict for ``dataset`` (file names as its records hold them).
 
-    Annotation ids start at 1 (pycocotools treats id 0 as "no match", pytorch/vision#1530).
-    Boxes are written as ``[x, y, w, h]``; ``area`` is the source's own area where it had one
-    (COCO: the segmentation area, which decides APs/APm/APl), else the box area. Difficult (and crowd) boxes are written as
-    ``iscrowd=1``: COCOeval has no "difficult" flag, but it ignores crowd boxes the way VOC
-    ignores difficult ones, neither true nor false positive. (One difference: a crowd box
-    matches a detection by intersection over the detection's area, so detections inside it are
-    ignored too.) ``file_name`` is absolute, or relative to ``image_root`` when given.
+    Annotation ids start at 1 (see the traps above). ``area`` is the source's own area where it
+    had one (COCO: the segmentation area, which decides APs/APm/APl), else the box area.
+    Difficult (and crowd) boxes are written as ``iscrowd=1``: COCOeval has no "difficult" flag,
+    but it ignores crowd boxes the way VOC ignores difficult ones, neither true nor false
+    positive. (One difference: a crowd box matches a detection by intersection over the
+    detection's area, so detections inside it are ignored too.)
     """
     images, annotations = [], []
     for record in dataset.records:
-        file_name = record.file_name if image_root is None else os.path.relpath(record.file_name, image_root)
-        images.append({"id": int(record.image_id), "file_name": file_name,
+        images.append({"id": int(record.image_id), "file_name": record.file_name,
                        "width": int(record.width), "height": int(record.height)})
         areas = record.gt_areas.tolist() if len(record.gt_areas) == len(record.gt_boxes) else []
-        for j, (box, cls, difficult) in enumerate(zip(record.gt_boxes.tolist(), record.gt_classes.tolist(),
-                                                      record.gt_difficult.tolist())):
-            (category_id,) = category_ids_of(np.array([cls]), dataset.category_ids, f"image id {record.image_id}")
-            x1, y1, w, h = xyxy_to_xywh(np.array([box], np.float64))[0].tolist()
-            area = areas[j] if areas and areas[j] > 0 else w * h  # NaN > 0 is False: the box area
+        boxes = xyxy_to_xywh(np.asarray(record.gt_boxes, np.float64)).tolist()
+        cats = category_ids_of(record.gt_classes, dataset.category_ids, f"image id {record.image_id}")
+        for j, (bbox, category_id, difficult) in enumerate(zip(boxes, cats, record.gt_difficult.tolist())):
+            area = areas[j] if areas and areas[j] > 0 else bbox[2] * bbox[3]  # NaN > 0 is False: the box area
             annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
-                                "category_id": category_id,
-                                "bbox": [x1, y1, w, h], "area": area, "iscrowd": int(difficult)})
+                                "category_id": category_id, "bbox": bbox, "area": area, "iscrowd": int(difficult)})
     categories = [{"id": int(cat_id), "name": name}
                   for cat_id, name in zip(dataset.category_ids, dataset.class_names)]
     return {"info": {"description": dataset.name}, "images": images, "annotations": annotations,
             "categories": categories}
 
-
-def export_coco(dataset: Dataset, path: str | os.PathLike) -> None:
-    """Write ``dataset`` as a COCO JSON (atomically), file names relative to the JSON's folder,
-    so ``load_coco(path)`` finds the images while the two stay side by side."""
-    path = Path(path)
-    write_json_atomic(path, dataset_to_coco(dataset, image_root=path.parent.resolve()), indent=None)

@@ -2,8 +2,8 @@
 
 The ``tidecv`` package is not used: it pulls in opencv-python beside our OpenCV build, pandas
 and seaborn. This follows the paper's definitions at foreground IoU t_f = 0.5 and background
-IoU t_b = 0.1. After COCO-style matching at t_f, each false positive gets one type, in this
-order:
+IoU t_b = 0.1. After COCO's matching at t_f (``matching.match_detections``), each false
+positive gets one type, in this order:
 
 - classification: IoU >= t_f with a ground-truth box of another class;
 - duplicate: IoU >= t_f with a box of its class that a higher-scoring detection took;
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from detect.evaluation.matching import ImageBoxes, ap_from_flags, box_iou
+from detect.common.box_ops import box_iou
+from detect.evaluation.matching import ImageBoxes, MatchTable, average_precision, match_detections
 
 ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
 
@@ -39,64 +40,39 @@ def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float
         ignore = np.asarray(im.gt_ignore, bool)
         num_pos += np.bincount(np.asarray(im.gt_classes, np.int64)[~ignore], minlength=num_classes + 1)[1:]
         ious = box_iou(im.boxes, im.gt_boxes)  # [D, G]
-        used = np.zeros(len(im.gt_classes), bool)
-        image_dets = []
+        first = len(dets)
         for k in np.unique(im.labels).tolist():  # the classes it detected
             d = np.flatnonzero(im.labels == k)
             d = d[np.argsort(-im.scores[d], kind="mergesort")][:max_dets]
-            same = np.flatnonzero(im.gt_classes == k)
-            same = np.concatenate([same[~ignore[same]], same[ignore[same]]])
-            for j in d:
-                best, m = fg - 1e-12, -1
-                for g in same:  # COCO's rule: best free box, non-ignored first
-                    if used[g] or (m > -1 and not ignore[m] and ignore[g]):
-                        continue
-                    if ious[j, g] >= best:
-                        best, m = ious[j, g], g
-                entry = {"image": i, "index": int(j), "label": k, "score": float(im.scores[j]),
-                         "target": None}
+            gt_k = np.flatnonzero(im.gt_classes == k)
+            gt_k = np.concatenate([gt_k[~ignore[gt_k]], gt_k[ignore[gt_k]]])  # non-ignored first
+            iou_same = np.where((im.gt_classes == k) & ~ignore, ious, 0.0)  # [D, G]
+            iou_other = np.where((im.gt_classes != k) & ~ignore, ious, 0.0)  # [D, G]
+            for j, m in zip(d, match_detections(ious[np.ix_(d, gt_k)], ignore[gt_k], fg)):
+                entry = {"image": i, "index": int(j), "label": k, "score": float(im.scores[j]), "target": None}
+                best_same, best_other = iou_same[j].max(initial=0.0), iou_other[j].max(initial=0.0)
                 if m > -1:
-                    used[m] = True
-                    entry.update(type="ignored" if ignore[m] else "tp", target=(i, int(m)))
-                image_dets.append((j, entry))
-        for j, entry in image_dets:
-            if "type" in entry:
+                    entry.update(type="ignored" if ignore[gt_k[m]] else "tp", target=(i, int(gt_k[m])))
+                elif best_other >= fg:
+                    entry.update(type="classification", target=(i, int(iou_other[j].argmax())))
+                elif best_same >= fg:
+                    entry.update(type="duplicate")
+                elif best_same >= bg:
+                    entry.update(type="localisation", target=(i, int(iou_same[j].argmax())))
+                else:
+                    entry.update(type="both" if best_other >= bg else "background")
                 dets.append(entry)
-                continue
-            k = entry["label"]
-            same = (im.gt_classes == k) & ~ignore
-            other = (im.gt_classes != k) & ~ignore
-            iou_same = np.where(same, ious[j], 0.0) if ious.shape[1] else np.zeros(0)
-            iou_other = np.where(other, ious[j], 0.0) if ious.shape[1] else np.zeros(0)
-            s_max = iou_same.max(initial=0.0)
-            o_max = iou_other.max(initial=0.0)
-            if o_max >= fg:
-                entry.update(type="classification", target=(i, int(iou_other.argmax())))
-            elif s_max >= fg:
-                entry.update(type="duplicate")
-            elif s_max >= bg:
-                entry.update(type="localisation", target=(i, int(iou_same.argmax())))
-            elif o_max >= bg:
-                entry.update(type="both")
-            else:
-                entry.update(type="background")
-            dets.append(entry)
-        targeted = {e["target"][1] for _, e in image_dets if e["target"] is not None}
+        targeted = {e["target"][1] for e in dets[first:] if e["target"] is not None}
         missed += [(i, int(g)) for g in np.flatnonzero(~ignore) if g not in targeted]
     return dets, num_pos, missed
 
 
 def _ap50(dets: list[dict], num_pos: np.ndarray) -> float:
-    aps = []
-    for k in range(1, len(num_pos) + 1):
-        if num_pos[k - 1] <= 0:
-            continue
-        # COCO leaves a detection matched to an ignored (crowd / difficult) box out of the curve
-        mine = sorted((e for e in dets if e["label"] == k and e["type"] != "ignored"),
-                      key=lambda e: -e["score"])
-        flags = np.array([1 if e["type"] == "tp" else 0 for e in mine], np.int8)
-        aps.append(ap_from_flags(flags, np.ones(len(flags)), num_pos[k - 1]))
-    return float(np.mean(aps)) if aps else -1.0
+    """COCO's AP50 (``average_precision``) of classified detections, with ``num_pos`` [K]."""
+    flags = np.array([{"tp": 1, "ignored": -1}.get(e["type"], 0) for e in dets], np.int8).reshape(-1, 1)
+    table = MatchTable(np.zeros(len(dets), np.int64), np.array([e["label"] for e in dets], np.int64),
+                       np.array([e["score"] for e in dets], np.float64), flags, num_pos[None, :], (0.5,))
+    return average_precision(table)[0.5]
 
 
 def per_image_ap50(dets: list[dict], images: list[ImageBoxes], num_classes: int) -> list[float | None]:

@@ -12,9 +12,7 @@ does not see are added by formula:
 - R-CNN's warp: 4 bilinear taps per output value, one multiply-add each (8 FLOPs).
 
 ``detector_flops`` counts a detector at its configured settings; ``paper_flops`` counts both
-detectors at the papers' settings from the real VGG16 definition without weights: Fast R-CNN
-on a 600 x 1000 network input with 2,000 proposals, R-CNN on 2,000 warps of 224 x 224 pixels
-(VGG16's input size, which our config uses; the R-CNN paper's 227 is AlexNet's), 20 classes.
+detectors at the papers' (``PAPER_SETTINGS``), from the real VGG16 definition.
 """
 
 from __future__ import annotations
@@ -35,8 +33,11 @@ ROI_FLOPS_PER_OUTPUT = {"roi_pool": 1, "roi_align": 32}  # see the module docstr
 WARP_FLOPS_PER_OUTPUT = 8  # bilinear: 4 taps x (multiply + add)
 PAPER_NUM_PROPOSALS = 2000
 PAPER_FAST_RCNN_INPUT = (600, 1000)  # [FRCN] shorter side 600, longer side capped at 1000
-PAPER_RCNN_CROP = 224  # VGG16's input; [RCNN]'s 227 is AlexNet's
+PAPER_RCNN_CROP = 224  # VGG16's input, which our configs use; [RCNN]'s 227 is AlexNet's
 PAPER_NUM_CLASSES = 20  # PASCAL VOC
+PAPER_SETTINGS = (f"VGG16 without weights, {PAPER_NUM_PROPOSALS} proposals, {PAPER_NUM_CLASSES} classes; Fast R-CNN "
+                  f"on a {PAPER_FAST_RCNN_INPUT[0]} x {PAPER_FAST_RCNN_INPUT[1]} input, R-CNN on {PAPER_RCNN_CROP} x "
+                  f"{PAPER_RCNN_CROP} warps (VGG16's input; the R-CNN paper's 227 is AlexNet's)")
 
 
 def count_flops(module: nn.Module, *inputs_shapes: tuple[int, ...]) -> int:
@@ -114,17 +115,18 @@ def _out_channels(body: nn.Module, input_hw: tuple[int, int]) -> int:
         return int(meta(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
 
 
-@functools.lru_cache(maxsize=4)  # deterministic; building VGG16 on meta takes seconds
-def paper_flops(num_proposals: int = PAPER_NUM_PROPOSALS) -> dict[str, dict[str, int]]:
-    """Both detectors at the papers' settings with VGG16 (no weights, built on meta):
-    {"fast_rcnn": {stage: FLOPs}, "rcnn": {stage: FLOPs}}."""
+@functools.lru_cache(maxsize=1)  # deterministic; building VGG16 on meta takes seconds
+def paper_flops() -> dict:
+    """Both detectors at ``PAPER_SETTINGS`` (VGG16 built on meta): {"settings", "fast_rcnn":
+    {stage: FLOPs}, "rcnn": {stage: FLOPs}, "rcnn_over_fast_rcnn"}. Cached: copy it to change it."""
     with torch.device("meta"):
         bb = build_backbone("vgg16", weights="none", head_dim=4096, roi_size=7)
         k = PAPER_NUM_CLASSES
         roi_head = _RoIHead(bb.head, nn.Linear(bb.head_dim, k + 1), nn.Linear(bb.head_dim, 4 * k))
         net = RegionNet(body=bb.body, head=bb.head, roi_size=bb.roi_size)
     fast = fast_rcnn_flops(body=bb.body, roi_head=roi_head, out_channels=bb.out_channels, roi_size=bb.roi_size,
-                           input_hw=PAPER_FAST_RCNN_INPUT, num_proposals=num_proposals)
-    slow = rcnn_flops(net=net, crop_size=PAPER_RCNN_CROP, num_proposals=num_proposals, head_dim=bb.head_dim,
+                           input_hw=PAPER_FAST_RCNN_INPUT, num_proposals=PAPER_NUM_PROPOSALS)
+    slow = rcnn_flops(net=net, crop_size=PAPER_RCNN_CROP, num_proposals=PAPER_NUM_PROPOSALS, head_dim=bb.head_dim,
                       pool5_dim=bb.out_channels * bb.roi_size ** 2, num_classes=k)
-    return {"fast_rcnn": fast, "rcnn": slow}  # callers copy before changing it
+    return {"settings": PAPER_SETTINGS, "fast_rcnn": fast, "rcnn": slow,
+            "rcnn_over_fast_rcnn": sum(slow.values()) / sum(fast.values())}

@@ -7,7 +7,8 @@ highest IoU >= t, non-ignored first; a detection matched to an ignored box is ig
 AP is then COCO's 101-point interpolated precision, averaged over the classes that have
 ground truth. A bootstrap sample of images weights each image by how often it was drawn,
 which gives the same curve as repeating the image. ``tests/test_matching.py`` checks the AP
-against pycocotools.
+against pycocotools. The error breakdown (``detect.evaluation.errors``) matches with the same
+``match_detections``.
 
 Shapes: G ground-truth boxes, D detections of one image; T IoU thresholds.
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from detect.common.box_ops import box_iou
 
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's recThrs
 
@@ -33,16 +36,26 @@ class ImageBoxes:
     labels: np.ndarray  # [D]
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of xyxy boxes [A, 4] x [B, 4] -> [A, B] (COCO's: no +1 on widths)."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+def match_detections(ious: np.ndarray, gt_ignore: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """The matching of the module docstring in one image and class: ``ious`` [D, G] of the
+    detections in score order and the ground truth with the non-ignored first (``gt_ignore``
+    [G]) -> the matched box of each detection [D] (-1: none)."""
+    matched = np.full(ious.shape[0], -1, np.int64)
+    used = np.zeros(ious.shape[1], bool)
+    for j in range(ious.shape[0]):
+        best, m = min(iou_threshold, 1 - 1e-10), -1
+        for g in range(ious.shape[1]):
+            if used[g]:
+                continue
+            if m > -1 and not gt_ignore[m] and gt_ignore[g]:
+                break
+            if ious[j, g] < best:
+                continue
+            best, m = ious[j, g], g
+        if m > -1:
+            used[m] = True
+            matched[j] = m
+    return matched
 
 
 @dataclass
@@ -74,22 +87,10 @@ def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5
             if d.size == 0:
                 continue
             ious = box_iou(im.boxes[d], im.gt_boxes[g])  # [D, G]
-            f = np.zeros((d.size, len(iou_thresholds)), np.int8)
+            f = np.zeros((d.size, len(iou_thresholds)), np.int8)  # [D, T]
             for t, thr in enumerate(iou_thresholds):
-                used = np.zeros(g.size, bool)
-                for j in range(d.size):
-                    best, m = min(thr, 1 - 1e-10), -1
-                    for gi in range(g.size):
-                        if used[gi]:
-                            continue
-                        if m > -1 and not ign[m] and ign[gi]:
-                            break
-                        if ious[j, gi] < best:
-                            continue
-                        best, m = ious[j, gi], gi
-                    if m > -1:
-                        used[m] = True
-                        f[j, t] = -1 if ign[m] else 1
+                m = match_detections(ious, ign, thr)
+                f[m > -1, t] = np.where(ign[m[m > -1]], -1, 1)
             idx.append(np.full(d.size, i))
             labels.append(np.full(d.size, k))
             scores.append(im.scores[d])
@@ -146,35 +147,32 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
     n = tables[0].num_gt.shape[0]
     if any(t.num_gt.shape[0] != n for t in tables):
         raise ValueError("bootstrap_ap: the detectors were evaluated on different images")
+    thresholds = tables[0].iou_thresholds
+    point = np.array([list(average_precision(t).values()) for t in tables])  # [N, T]
+    samples = np.empty((len(tables), num_resamples, len(thresholds)))  # [N, R, T]
     rng = np.random.default_rng(seed)
-    point = [average_precision(t) for t in tables]
-    samples = [[] for _ in tables]
-    for _ in range(num_resamples):
+    for r in range(num_resamples):
         weights = np.bincount(rng.integers(0, n, n), minlength=n)
         for i, t in enumerate(tables):
-            ap = average_precision(t, weights)
-            samples[i].append({thr: (v if v >= 0 else np.nan) for thr, v in ap.items()})
+            samples[i, r] = list(average_precision(t, weights).values())
+    samples[samples < 0] = np.nan  # a resample without ground truth has no AP
     a = (1 - level) / 2 * 100
 
-    def interval(values, value):
-        values = [v for v in values if np.isfinite(v)]  # a resample without ground truth has no AP
-        if not values:
-            return {"value": value, "lo": float("nan"), "hi": float("nan")}
+    def interval(values: np.ndarray, value: float) -> dict:
+        values = values[np.isfinite(values)]
+        if not values.size:
+            return {"value": float(value), "lo": float("nan"), "hi": float("nan")}
         lo, hi = np.percentile(values, [a, 100 - a])
-        return {"value": value, "lo": float(lo), "hi": float(hi)}
+        return {"value": float(value), "lo": float(lo), "hi": float(hi)}
 
-    thresholds = tables[0].iou_thresholds
-    ap = [{thr: interval([s[thr] for s in samples[i]], point[i][thr]) for thr in thresholds}
+    ap = [{thr: interval(samples[i, :, t], point[i, t]) for t, thr in enumerate(thresholds)}
           for i in range(len(tables))]
-    diffs = [None] + [{thr: interval([s[thr] - s0[thr] for s, s0 in zip(samples[i], samples[0])],
-                                     point[i][thr] - point[0][thr]) for thr in thresholds}
-                      for i in range(1, len(tables))]
-    # The drop from the first threshold to the second (AP50 - AP75: how much AP needs tight boxes),
+    diffs = [None] + [{thr: interval(samples[i, :, t] - samples[0, :, t], point[i, t] - point[0, t])
+                       for t, thr in enumerate(thresholds)} for i in range(1, len(tables))]
+    # The drop from the first threshold to the last (AP50 - AP75: how much AP needs tight boxes),
     # per detector and its difference to the first detector's drop.
-    t0, t1 = thresholds[0], thresholds[-1]
-    drop = [[s[t0] - s[t1] for s in samples[i]] for i in range(len(tables))]
-    drops = [interval(drop[i], point[i][t0] - point[i][t1]) for i in range(len(tables))]
-    drop_diffs = [None] + [interval(np.subtract(drop[i], drop[0]), drops[i]["value"] - drops[0]["value"])
-                           for i in range(1, len(tables))]
+    drop, drop_point = samples[..., 0] - samples[..., -1], point[:, 0] - point[:, -1]  # [N, R], [N]
+    drops = [interval(drop[i], drop_point[i]) for i in range(len(tables))]
+    drop_diffs = [None] + [interval(drop[i] - drop[0], drop_point[i] - drop_point[0]) for i in range(1, len(tables))]
     return {"ap": ap, "diff_to_first": diffs, "drop": drops, "drop_diff_to_first": drop_diffs,
             "num_resamples": num_resamples, "seed": seed, "level": level}

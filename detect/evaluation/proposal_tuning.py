@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +39,12 @@ from detect import __version__
 from detect.common.fileio import (atomic_path, check_settings, write_bytes_atomic, write_json_atomic,
                                   write_settings, write_text_atomic)
 from detect.data.images import read_image
-from detect.evaluation.recall import box_iou_float64, counted_gt, greedy_match
+from detect.evaluation.recall import counted_gt, data_arguments, match_at_top_ks, recall_summary
 from detect.proposals.selective_search import finish_proposals, raw_proposals, resized_shape
-from detect.proposals.ss import MODES as OUR_MODES
-from detect.proposals.ss import warm_up
+from detect.proposals.ss import MODES as OUR_MODES, warm_up
 from detect.proposals.store import dataset_fingerprint
 
-MODES = ("single", "fast", "quality")
+MODES = tuple(OUR_MODES)  # every mode of selective search
 RESIZES = (0, 500, 800, 1000)  # 0: native size
 K_SCALES = (1.0, 0.5, 0.25)
 MIN_SIZES = (5, 10, 20)  # box sides, pixels of the resized image ([RCNN]: 20)
@@ -130,59 +129,40 @@ class SearchCache:
         return raw, seconds
 
 
-def budget_metrics(boxes: np.ndarray, gt_boxes: np.ndarray, budgets: list[int]) -> dict:
-    """{top_k: (matched IoU [G], best IoU [G])} of the first top_k boxes (0: all) against the
-    GT: greedy one-to-one matching as ``detect.evaluation.recall.proposal_recall``, on the
-    boxes that overlap some GT box by IoU >= 0.5 only (the same recall at any IoU >= 0.5:
-    greedy matching takes those pairs before any lower one)."""
-    iou = box_iou_float64(boxes, gt_boxes) if len(boxes) else np.zeros((0, len(gt_boxes)))  # [R, G]
-    useful = iou.max(axis=1) >= 0.5 if len(iou) else np.zeros(0, bool)  # [R]
-    out = {}
-    for k in budgets:
-        head = iou[:k] if k > 0 else iou
-        best = head.max(axis=0) if len(head) else np.zeros(len(gt_boxes))
-        out[k] = (greedy_match(head[useful[:len(head)]]), best)
-    return out
-
-
 def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Grid, target_iou: float,
                     progress: bool = True, desc: str = "") -> tuple[list[dict], float]:
     """Every (min_size, ranking, top_k) of ``search`` on ``records`` -> (rows, search seconds per
-    image). A row: the setting, boxes_per_image, recall@0.5, recall@0.7, recall@target_iou,
-    MABO, seconds_per_image (search + filter and ranking)."""
+    image). A row: the setting, boxes_per_image, ``recall_summary``'s figures, recall@target_iou,
+    seconds_per_image (search + filter and ranking)."""
     budgets = sorted(set(grid.budgets)) + [0]
     variants = [(m, r, i) for m in grid.min_sizes for r, i in grid.rankings]
-    per_variant = {v: {"matched": {k: [] for k in budgets}, "best": {k: [] for k in budgets},
-                       "boxes": {k: [] for k in budgets}, "seconds": []} for v in variants}
+    matches = {(v, k): [] for v in variants for k in budgets}  # per image: (matched IoU [G], best IoU [G])
+    num_boxes = {(v, k): [] for v in variants for k in budgets}  # per image
+    filter_seconds = {v: [] for v in variants}  # per image
     classes, search_seconds = [], []
     for record in tqdm(records, desc=desc or search.key, unit="img", leave=False, disable=not progress):
         raw, seconds = cache.get(search, record)
         search_seconds.append(seconds)
         gt_boxes, gt_classes = counted_gt(record)
         classes.append(gt_classes)
-        for variant in variants:
-            min_size, ranking, nms_iou = variant
+        for v in variants:
+            min_size, ranking, nms_iou = v
             t0 = time.perf_counter()
             boxes, _ = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou, top_k=0)
-            acc = per_variant[variant]
-            acc["seconds"].append(time.perf_counter() - t0)
-            for k, (matched, best) in budget_metrics(boxes, gt_boxes, budgets).items():
-                acc["matched"][k].append(matched)
-                acc["best"][k].append(best)
-                acc["boxes"][k].append(min(k, len(boxes)) if k > 0 else len(boxes))
+            filter_seconds[v].append(time.perf_counter() - t0)
+            for k, match in match_at_top_ks(boxes, gt_boxes, budgets).items():
+                matches[v, k].append(match)
+                num_boxes[v, k].append(min(k, len(boxes)) if k > 0 else len(boxes))
     classes = np.concatenate(classes)
     search_s = float(np.mean(search_seconds))
     rows = []
-    for (min_size, ranking, nms_iou), acc in per_variant.items():
-        for k in budgets:
-            matched, best = np.concatenate(acc["matched"][k]), np.concatenate(acc["best"][k])
-            rows.append({**asdict(search), "min_size": min_size, "ranking": ranking, "nms_iou": nms_iou,
-                         "top_k": k, "boxes_per_image": float(np.mean(acc["boxes"][k])),
-                         "recall@0.5": float((matched >= 0.5).mean()), "recall@0.7": float((matched >= 0.7).mean()),
-                         f"recall@{target_iou:g}": float((matched >= target_iou).mean()),
-                         "MABO": float(np.mean([best[classes == c].mean() for c in np.unique(classes)])),
-                         "search_seconds_per_image": search_s,
-                         "seconds_per_image": search_s + float(np.mean(acc["seconds"]))})
+    for (v, k), match in matches.items():
+        matched = np.concatenate([m for m, _ in match])
+        rows.append({**asdict(search), "min_size": v[0], "ranking": v[1], "nms_iou": v[2], "top_k": k,
+                     "boxes_per_image": float(np.mean(num_boxes[v, k])), **recall_summary(match, classes),
+                     f"recall@{target_iou:g}": float((matched >= target_iou).mean()),
+                     "search_seconds_per_image": search_s,
+                     "seconds_per_image": search_s + float(np.mean(filter_seconds[v]))})
     return rows, search_s
 
 
@@ -205,6 +185,16 @@ def cost(row: dict) -> tuple[float, float]:
     return row["search_seconds_per_image"], row["boxes_per_image"]
 
 
+def choose(rows: list[dict], metric: str, target: float) -> dict:
+    """The rule of the module docstring: the cheapest of ``rows`` whose ``metric`` reaches
+    ``target``, else the cheapest of those with the highest ``metric``."""
+    reaching = [r for r in rows if r[metric] >= target]
+    if reaching:
+        return min(reaching, key=cost)
+    top = max(r[metric] for r in rows)
+    return min((r for r in rows if r[metric] == top), key=cost)
+
+
 def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None = None, num_images: int = 50,
          seed: int = 0, target_recall: float = 0.9, target_iou: float = 0.5, max_boxes: int = 2000,
          probe_images: int = 5, exhaustive: bool = False, progress: bool = True) -> dict:
@@ -224,7 +214,7 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
     if max_boxes < 1 or num_images < 1 or probe_images < 1:
         raise ValueError("tune-proposals: max boxes, number of images and probe images must be >= 1")
     budgets = sorted({b for b in grid.budgets if b <= max_boxes} | {max_boxes})
-    grid = Grid(grid.modes, grid.resizes, grid.k_scales, grid.min_sizes, grid.rankings, tuple(budgets))
+    grid = replace(grid, budgets=tuple(budgets))
     sample = sample_records(records, num_images, seed)
     cache = SearchCache(cache_dir, base, sample)
     if base["engine"] == "ours":
@@ -254,19 +244,13 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
         search = next(s for s in order if s.key == max(probe, key=lambda k: probe[k]["best_recall"]))
         all_rows, _ = evaluate_search(search, sample, cache, grid, target_iou, progress, desc=search.key)
         status[search.key] = "measured"
-    candidates = [r for r in all_rows if eligible(r, max_boxes)]
-    reaching = [r for r in candidates if r[metric] >= target_recall]
-    if reaching:
-        chosen = min(reaching, key=cost)
-    else:
-        top = max(r[metric] for r in candidates)
-        chosen = min((r for r in candidates if r[metric] == top), key=cost)
+    chosen = choose([r for r in all_rows if eligible(r, max_boxes)], metric, target_recall)
     settings = {**base, **{k: chosen[k] for k in ("mode", "resize", "min_size", "top_k", "ranking", "k_scale")}}
     if chosen["ranking"] == "nms":
         settings["nms_iou"] = chosen["nms_iou"]
     status.update({s.key: "not run" for s in order if s.key not in status})
     return {"rows": all_rows, "probe": probe, "status": status, "chosen": chosen, "settings": settings,
-            "reached": bool(reaching), "shortfall": target_recall - chosen[metric], "metric": metric,
+            "reached": chosen[metric] >= target_recall, "shortfall": target_recall - chosen[metric], "metric": metric,
             "target": {"recall": target_recall, "iou": target_iou, "max_boxes": max_boxes},
             "images": len(records), "sample": len(sample), "seed": seed, "probe_images": len(probe_set),
             "grid": asdict(grid), "exhaustive": exhaustive}
@@ -290,39 +274,40 @@ def summary_line(result: dict) -> str:
             f"selective search does not separate enough of these objects at any setting tried")
 
 
-_SOURCES = {  # key -> where its value comes from, in the YAML
-    "engine": "as given", "resize_side": "as given", "seed": "as given",
-    "mode": "tuned: single, fast, quality", "resize": "tuned: native (0), 500, 800, 1000",
-    "min_size": "tuned", "top_k": "tuned: the smallest budget that does it", "ranking": "tuned: paper, nms",
-    "nms_iou": "tuned: 0.7, 0.9 (used by ranking nms only)", "k_scale": "tuned: the paper's k times 1, 0.5, 0.25",
-}
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def proposals_yaml(result: dict, command: str) -> str:
-    """The ``proposals:`` block to merge into a config, each value commented with its source."""
+    """The ``proposals:`` block to merge into a config, each value commented with its source
+    (the values the grid tried, or "as given")."""
+    grid = result["grid"]
+
+    def tried(values) -> str:
+        return "tuned: " + ", ".join(_text(v) for v in dict.fromkeys(values))
+    sources = {"mode": tried(grid["modes"]), "resize": tried(grid["resizes"]) + " (0: native)",
+               "k_scale": tried(grid["k_scales"]) + " (times the paper's k)", "min_size": tried(grid["min_sizes"]),
+               "top_k": "tuned: the smallest budget that does it", "ranking": tried(r for r, _ in grid["rankings"]),
+               "nms_iou": tried(i for r, i in grid["rankings"] if r == "nms") + " (used by ranking nms only)"}
     lines = [f"# {command}", f"# {result['sample']} of {result['images']} training images (seed {result['seed']}), "
              f"one thread. {summary_line(result)}.", "proposals:"]
     for key, value in result["settings"].items():
-        text = f"{value:g}" if isinstance(value, float) else str(value)
-        source = _SOURCES.get(key, "as given")
+        source = sources.get(key, "as given")
         if key == "nms_iou" and result["settings"]["ranking"] != "nms":
             source = "as given (unused with ranking paper)"
-        lines.append(f"  {key + ':':<13} {text:<8} # {source}")
+        lines.append(f"  {key + ':':<13} {_text(value):<8} # {source}")
     return "\n".join(lines) + "\n"
 
 
 def best_per_search(result: dict) -> list[dict]:
-    """For each fully measured search, its chosen-by-the-same-rule setting (cheapest reaching the
-    target, else the best), best search first."""
-    out = []
-    metric, target, max_boxes = result["metric"], result["target"]["recall"], result["target"]["max_boxes"]
-    for key in dict.fromkeys(Search(r["mode"], r["resize"], r["k_scale"]).key for r in result["rows"]):
-        rows = [r for r in result["rows"] if Search(r["mode"], r["resize"], r["k_scale"]).key == key
-                and eligible(r, max_boxes)]
-        reaching = [r for r in rows if r[metric] >= target]
-        top = max(r[metric] for r in rows)
-        out.append(min(reaching, key=cost) if reaching else min((r for r in rows if r[metric] == top), key=cost))
-    return sorted(out, key=lambda r: (-min(r[metric], target), cost(r)))
+    """For each fully measured search, its setting by ``choose``, best search first."""
+    metric, target = result["metric"], result["target"]["recall"]
+    per_search: dict[tuple, list[dict]] = {}
+    for r in result["rows"]:
+        if eligible(r, result["target"]["max_boxes"]):
+            per_search.setdefault((r["mode"], r["resize"], r["k_scale"]), []).append(r)
+    best = [choose(rows, metric, target) for rows in per_search.values()]
+    return sorted(best, key=lambda r: (-min(r[metric], target), cost(r)))
 
 
 def format_table(result: dict) -> str:
@@ -331,13 +316,10 @@ def format_table(result: dict) -> str:
     keys = ["recall@0.5", "recall@0.7"] + ([metric] if metric not in ("recall@0.5", "recall@0.7") else [])
     head = ["mode", "resize", "k_scale", "min_size", "ranking", "top_k", "boxes / image", *keys, "MABO",
             "s / image", ""]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    chosen = result["chosen"]
-    for r in best_per_search(result):
-        cells = [r["mode"], str(r["resize"] or "native"), f"{r['k_scale']:g}", str(r["min_size"]), _ranking_name(r),
-                 str(r["top_k"]), f"{r['boxes_per_image']:.0f}", *(f"{r[k]:.3f}" for k in keys), f"{r['MABO']:.3f}",
-                 f"{r['seconds_per_image']:.3f}", "**chosen**" if r == chosen else ""]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = _markdown(head, [[r["mode"], str(r["resize"] or "native"), f"{r['k_scale']:g}", str(r["min_size"]),
+                              _ranking_name(r), str(r["top_k"]), f"{r['boxes_per_image']:.0f}",
+                              *(f"{r[k]:.3f}" for k in keys), f"{r['MABO']:.3f}", f"{r['seconds_per_image']:.3f}",
+                              "**chosen**" if r == result["chosen"] else ""] for r in best_per_search(result)])
     pruned = [k for k, v in result["status"].items() if v == "pruned"]
     if pruned:
         lines += ["", f"Pruned after the {result['probe_images']} probe images (best recall@"
@@ -358,13 +340,17 @@ def budget_table(result: dict) -> str:
     rows = [r for r in result["rows"] if (r["mode"], r["resize"], r["k_scale"], r["min_size"])
             == (c["mode"], c["resize"], c["k_scale"], c["min_size"])]
     budgets = sorted({r["top_k"] for r in rows}, key=lambda k: k or math.inf)
-    lines = ["| ranking | " + " | ".join(str(k or "all") for k in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    table = []
     for ranking, nms_iou in dict.fromkeys((r["ranking"], r["nms_iou"]) for r in rows):
         cells = {r["top_k"]: r for r in rows if (r["ranking"], r["nms_iou"]) == (ranking, nms_iou)}
-        name = _ranking_name({"ranking": ranking, "nms_iou": nms_iou})
-        lines.append(f"| {name} | " + " | ".join(f"{cells[k]['recall@0.5']:.3f} / {cells[k]['recall@0.7']:.3f}"
-                                                 for k in budgets) + " |")
-    return "\n".join(lines)
+        table.append([_ranking_name(cells[budgets[0]]),
+                      *(f"{cells[k]['recall@0.5']:.3f} / {cells[k]['recall@0.7']:.3f}" for k in budgets)])
+    return "\n".join(_markdown(["ranking", *(str(k or "all") for k in budgets)], table))
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def tune_to_files(records: list, out: str | Path, *, data_spec: dict, figure, cache_dir: str = "", **options) -> dict:
@@ -374,9 +360,8 @@ def tune_to_files(records: list, out: str | Path, *, data_spec: dict, figure, ca
     searches are cached in ``cache_dir`` (default ``<out>.cache``)."""
     out = Path(out)
     result = tune(records, cache_dir=cache_dir or f"{out}.cache", **options)
-    data = data_spec["path"] + (f" --format voc --split {data_spec['split']}" if data_spec["format"] == "voc" else "")
-    command = (f"detect tune-proposals --data {data} --num-images {options.get('num_images', 50)} --seed "
-               f"{result['seed']} --target-recall {result['target']['recall']:g} --target-iou "
+    command = (f"detect tune-proposals --data {data_arguments(data_spec)} --num-images "
+               f"{options.get('num_images', 50)} --seed {result['seed']} --target-recall {result['target']['recall']:g} --target-iou "
                f"{result['target']['iou']:g} --max-boxes {result['target']['max_boxes']} ({time.strftime('%Y-%m-%d')})")
     summary = summary_line(result)
     write_text_atomic(out, proposals_yaml(result, command))

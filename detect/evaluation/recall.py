@@ -13,6 +13,8 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from detect.common.box_ops import box_iou
+
 RECALL_TOP_KS = (100, 300, 1000, 2000)
 LOW_RECALL = 0.8  # recall@0.5 under which `detect propose`, `recall` and `train` warn
 WARNING_IMAGES = 500  # the warning measures recall on at most this many images (evenly spread)
@@ -40,8 +42,7 @@ def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progr
         raise ValueError(f"proposal_recall: top_ks must be positive, got {top_ks}")
     if hasattr(store, "check_dataset"):
         store.check_dataset(dataset)
-    matched = {k: [] for k in top_ks}  # k -> [G_i] matched IoU per GT box (0 = unmatched)
-    best = {k: [] for k in top_ks}  # k -> [G_i] best IoU per GT box
+    matches = {k: [] for k in top_ks}  # k -> (matched IoU [G_i], best IoU [G_i]) per image
     used = {k: [] for k in top_ks}  # k -> number of proposals used per image
     gt_classes = []
     for record in tqdm(dataset.records, desc="recall", unit="img", disable=None if progress else True):
@@ -49,38 +50,51 @@ def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progr
         for k in top_ks:
             used[k].append(min(k, len(proposal_boxes)))
         gt_boxes, classes = counted_gt(record)  # [G, 4], [G]
-        if len(gt_boxes) == 0:
-            continue
-        gt_classes.append(classes)
-        iou = box_iou_float64(proposal_boxes, gt_boxes)  # [R, G]
-        for k in top_ks:
-            iou_k = iou[:k]  # [min(k, R), G]
-            best[k].append(iou_k.max(axis=0) if len(iou_k) else np.zeros(len(gt_boxes)))
-            matched[k].append(greedy_match(iou_k))
-
+        if len(gt_boxes):
+            gt_classes.append(classes)
+            for k, match in match_at_top_ks(proposal_boxes, gt_boxes, top_ks).items():
+                matches[k].append(match)
     classes = np.concatenate(gt_classes) if gt_classes else np.zeros(0, np.int64)  # [G_total]
     result: dict[str, list] = {"top_k": top_ks}
     for k in top_ks:
-        m = np.concatenate(matched[k]) if matched[k] else np.zeros(0)  # [G_total]
-        b = np.concatenate(best[k]) if best[k] else np.zeros(0)  # [G_total]
-        recalls = [float((m >= t).mean()) if len(m) else -1.0 for t in IOU_THRESHOLDS]
-        class_abo = [b[classes == c].mean() for c in np.unique(classes)]
-        result.setdefault("recall@0.5", []).append(recalls[0])
-        result.setdefault("recall@0.7", []).append(recalls[4])
-        result.setdefault("AR", []).append(float(np.mean(recalls)) if len(m) else -1.0)
-        result.setdefault("ABO", []).append(float(b.mean()) if len(b) else -1.0)
-        result.setdefault("MABO", []).append(float(np.mean(class_abo)) if class_abo else -1.0)
-        result.setdefault("avg_proposals", []).append(float(np.mean(used[k])) if used[k] else 0.0)
+        summary = recall_summary(matches[k], classes)
+        summary["avg_proposals"] = float(np.mean(used[k])) if used[k] else 0.0
+        for key, value in summary.items():
+            result.setdefault(key, []).append(value)
     return result
 
 
+def match_at_top_ks(proposal_boxes: np.ndarray, gt_boxes: np.ndarray, top_ks) -> dict:
+    """{k: (matched IoU [G], best IoU [G])} of the first k proposals (0: all) against the GT
+    boxes: ``greedy_match`` and the best overlap. Only the proposals that overlap some GT box by
+    IoU >= 0.5 are matched, which changes no matched IoU >= 0.5 (greedy matching takes those
+    pairs before any lower one), so every recall at 0.5 and above is exact."""
+    iou = box_iou(proposal_boxes, gt_boxes)  # [R, G]
+    useful = iou.max(axis=1) >= 0.5 if len(iou) else np.zeros(0, bool)  # [R]
+    out = {}
+    for k in top_ks:
+        head = iou[:k] if k > 0 else iou
+        best = head.max(axis=0) if len(head) else np.zeros(len(gt_boxes))
+        out[k] = (greedy_match(head[useful[:len(head)]]), best)
+    return out
+
+
+def recall_summary(matches: list[tuple[np.ndarray, np.ndarray]], classes: np.ndarray) -> dict[str, float]:
+    """recall@0.5, recall@0.7, AR, ABO and MABO (``proposal_recall``) of per-image
+    ``match_at_top_ks`` entries and the GT classes [G_total]; -1 for each when there is no GT box."""
+    if not len(classes):
+        return dict.fromkeys(("recall@0.5", "recall@0.7", "AR", "ABO", "MABO"), -1.0)
+    matched, best = (np.concatenate(parts) for parts in zip(*matches))  # [G_total] each
+    recalls = [float((matched >= t).mean()) for t in IOU_THRESHOLDS]
+    return {"recall@0.5": recalls[0], "recall@0.7": recalls[4], "AR": float(np.mean(recalls)),
+            "ABO": float(best.mean()), "MABO": float(np.mean([best[classes == c].mean() for c in np.unique(classes)]))}
+
+
 def warn_if_low_recall(dataset, store, top_k: int, data_spec: dict | None = None) -> str | None:
-    """The one warning of ``detect propose`` (for a split with boxes), ``detect recall`` and
-    ``detect train``: when recall@0.5 of the first ``top_k`` proposals (0 = all) is below
-    ``LOW_RECALL``, print one line with the figure and the fix to stderr and return it; None
-    when recall is fine or there is no box to measure. Measured on at most ``WARNING_IMAGES``
-    images, evenly spread. ``data_spec`` (``DatasetConfig`` as a dict) names the data in the
-    suggested ``detect tune-proposals`` command."""
+    """When recall@0.5 of the first ``top_k`` proposals (0 = all) is below ``LOW_RECALL``, print
+    one line with the figure and the fix to stderr and return it; None when recall is fine or
+    there is no box to measure. ``data_spec`` (``DatasetConfig`` as a dict) names the data in
+    the suggested ``detect tune-proposals`` command."""
     records = [r for r in dataset.records if len(counted_gt(r)[0])]
     if not records:
         return None
@@ -89,8 +103,7 @@ def warn_if_low_recall(dataset, store, top_k: int, data_spec: dict | None = None
     recall = proposal_recall(subset, store, top_ks=[top_k if top_k > 0 else 10 ** 9])["recall@0.5"][0]
     if recall >= LOW_RECALL:
         return None
-    spec = data_spec or {"path": "TRAIN", "format": "coco"}
-    data = spec["path"] + (f" --format voc --split {spec.get('split', '')}" if spec["format"] == "voc" else "")
+    data = data_arguments(data_spec or {"path": "TRAIN", "format": "coco"})
     message = (f"warning: proposal recall@0.5 is {recall:.2f} at {f'top_k {top_k}' if top_k > 0 else 'all proposals'}"
                f" ({len(subset)} images): no detector can find more of the objects than that. Run `detect "
                f"tune-proposals --data {data} --out proposals.yaml` to choose proposal settings for this data")
@@ -98,24 +111,16 @@ def warn_if_low_recall(dataset, store, top_k: int, data_spec: dict | None = None
     return message
 
 
-def box_iou_float64(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """IoU [A, B] of xyxy boxes [A, 4] and [B, 4], in float64. (detect.boxes.box_iou_numpy goes
-    through torch; this module stays torch-free so that workers and `detect recall` start fast.)"""
-    boxes1 = boxes1.astype(np.float64)[:, None, :]  # [A, 1, 4]
-    boxes2 = boxes2.astype(np.float64)[None, :, :]  # [1, B, 4]
-    inter_w = (np.minimum(boxes1[..., 2], boxes2[..., 2]) - np.maximum(boxes1[..., 0], boxes2[..., 0])).clip(0)
-    inter_h = (np.minimum(boxes1[..., 3], boxes2[..., 3]) - np.maximum(boxes1[..., 1], boxes2[..., 1])).clip(0)
-    inter = inter_w * inter_h  # [A, B]
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # [A, 1]
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # [1, B]
-    union = area1 + area2 - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+def data_arguments(data_spec: dict) -> str:
+    """The ``--data`` value (and VOC flags) of a command line for ``data_spec``."""
+    voc = f" --format voc --split {data_spec.get('split', '')}" if data_spec["format"] == "voc" else ""
+    return data_spec["path"] + voc
 
 
 def best_proposals(proposal_boxes: np.ndarray, gt_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each GT box, the proposal of highest IoU (ABO's best overlap, no one-to-one
     matching): its index [G] (-1 when there is no proposal) and that IoU [G]."""
-    iou = box_iou_float64(np.asarray(proposal_boxes).reshape(-1, 4), np.asarray(gt_boxes).reshape(-1, 4))  # [R, G]
+    iou = box_iou(proposal_boxes, gt_boxes)  # [R, G]
     if iou.shape[0] == 0:
         return np.full(iou.shape[1], -1, np.int64), np.zeros(iou.shape[1])
     return iou.argmax(axis=0), iou.max(axis=0)
@@ -124,8 +129,7 @@ def best_proposals(proposal_boxes: np.ndarray, gt_boxes: np.ndarray) -> tuple[np
 def first_covering(proposal_boxes: np.ndarray, gt_boxes: np.ndarray, iou: float = 0.5) -> np.ndarray:
     """For each GT box [G], the rank of the first proposal (selective search's order) with IoU
     >= ``iou``, or -1: the top k proposals cover a box when 0 <= rank < k."""
-    ious = box_iou_float64(np.asarray(proposal_boxes).reshape(-1, 4), np.asarray(gt_boxes).reshape(-1, 4))  # [R, G]
-    covered = ious >= iou
+    covered = box_iou(proposal_boxes, gt_boxes) >= iou  # [R, G]
     return np.where(covered.any(axis=0), covered.argmax(axis=0), -1)
 
 

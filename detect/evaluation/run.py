@@ -2,17 +2,9 @@
 
 Both detectors go through the same code here: the same proposals (a store, or selective
 search timed as the "proposals" stage), the same ``Detector.detect`` (hence the same
-post-processing) and the same COCO evaluation. A run directory ends up with:
-
-- ``detections.json``: COCO results of the evaluated images;
-- ``metrics.json``: COCO metrics, per-class AP, PR curves at IoU 0.5, AP at each IoU
-  0.50:0.95, the unreadable images skipped (``skipped_images``), VOC AP ("voc07": 11-point, "voc": all-point, each {"mAP", "per_class_AP"};
-  ``detect.evaluation.voc``), per-stage test time in ms per image (mean; median after
-  ``TIMING_WARMUP`` images; every image's list), the test settings (box regression, proposal
-  top-k), images/s, peak memory, parameter count, device, training time, proposal
-  recall, the proposal store and the dataset it was measured on (the contract ``detect compare`` reads; see
-  ``detect.report.runs``);
-- ``coco_eval.log``: what pycocotools printed.
+post-processing) and the same COCO and VOC evaluation. A run directory ends up with
+``detections.json`` (COCO results), ``metrics.json`` (its keys: the contract in
+``detect.report.runs``) and ``coco_eval.log`` (what pycocotools printed).
 """
 
 from __future__ import annotations
@@ -31,7 +23,7 @@ from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.coco import COCO_KEYS, coco_results, dataset_to_coco, evaluate_coco, format_metrics_table
 from detect.evaluation.recall import RECALL_TOP_KS, proposal_recall
-from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, for_json, format_voc_table
+from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, format_voc_table
 from detect.models.detector import Detections, Detector, StageTimer
 
 
@@ -118,7 +110,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "coco": {k: m[k] for k in COCO_KEYS},
         "per_class_AP": m["per_class_AP"], "per_class_AP50": m["per_class_AP50"],
         "pr_curve_50": m["pr_curve_50"],
-        "voc07": for_json(voc["voc07"]), "voc": for_json(voc["voc"]),
+        "voc07": voc["voc07"], "voc": voc["voc"],
         "ap_per_iou": m["ap_per_iou"],
         "test_settings": {"box_regression": detector.box_regression, "proposal_top_k": detector.proposal_top_k},
         "timing_ms_per_image": timer.per_image(len(dataset)),
@@ -147,21 +139,15 @@ def timing_lists(per_image: list[dict[str, float]], warmup: int = TIMING_WARMUP)
 
 
 def print_metrics(metrics: dict, metric: str = "coco") -> None:
-    """Print the COCO table (``metric="coco"``) or the VOC AP table ("voc07", "voc"), and timing."""
+    """Print the COCO table (``metric="coco"``) or the VOC AP table ("voc07", "voc") of a run's
+    or a results file's metrics, then the test time and the skipped images, when there are."""
     if metric in ("voc07", "voc"):
         print(format_voc_table(metrics[metric], metric))
-    else:
-        print_coco(metrics)
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in metrics["timing_ms_per_image"].items())
-    print(f"test time (ms/image): {stages}; {metrics['images_per_second']:.2f} images/s on {metrics['device']}")
-
-
-def print_coco(metrics: dict) -> None:
-    flat = dict(metrics["coco"], per_class_AP=metrics["per_class_AP"], per_class_AP50=metrics["per_class_AP50"],
-                num_images=metrics["num_images"], num_detections=metrics["num_detections"])
-    print(format_metrics_table(flat))
-    stages = ", ".join(f"{k} {v:.1f}" for k, v in metrics["timing_ms_per_image"].items())
-    print(f"test time (ms/image): {stages}; {metrics['images_per_second']:.2f} images/s on {metrics['device']}")
+    else:  # a run nests the COCO numbers under "coco"; a scored results file has them at the top
+        print(format_metrics_table({**metrics, **metrics.get("coco", {})}))
+    if "timing_ms_per_image" in metrics:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in metrics["timing_ms_per_image"].items())
+        print(f"test time (ms/image): {stages}; {metrics['images_per_second']:.2f} images/s on {metrics['device']}")
     if metrics.get("skipped_images"):
         print(f"skipped {len(metrics['skipped_images'])} unreadable image(s), scored with no detections: "
               + ", ".join(e["file"] for e in metrics["skipped_images"][:5]))
@@ -184,7 +170,7 @@ def score_results_file(dataset: Dataset, results_path: Path, output_dir: Path, *
         raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
     if isinstance(results, list):  # evaluate_coco checked every entry
         voc = evaluate_voc_metrics(dataset, detections_from_results(dataset, results))
-        metrics.update({name: for_json(result) for name, result in voc.items()})
+        metrics.update(voc)
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
     return metrics

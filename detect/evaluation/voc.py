@@ -21,19 +21,19 @@ Differences, deliberate: voc_eval.py measures boxes in inclusive 1-based pixels 
 IoU here is plain IoU without the ``+ 1``. A detection on a difficult box is left out of the
 precision/recall points rather than kept as a point that changes nothing (the same AP, except
 that voc_eval.py gets 0/0 = NaN when such a detection comes first). A class without
-non-difficult gt boxes has no AP (NaN, written as -1 in metrics.json) and is left out of the
-mean, as COCO's per-class AP. Ties in score keep the order of the input (numpy's stable sort;
+non-difficult gt boxes has no AP (-1, as pycocotools writes "not defined") and is left out of
+the mean, as COCO's per-class AP. Ties in score keep the order of the input (numpy's stable sort;
 voc_eval.py's argsort is not stable).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from detect.common.box_ops import box_iou, xywh_to_xyxy
 from detect.data.datasets import Dataset
+from detect.evaluation.coco import class_of_category
 from detect.models.detector import Detections
 
 METRICS = ("voc07", "voc")
@@ -58,11 +58,10 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str) ->
 
 def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.ndarray, np.ndarray]],
              iou_thresh: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
-    """Recall [D'] and precision [D'] of one class, and its number of non-difficult gt boxes.
-
+    """Recall [D'] and precision [D'] of one class (steps 1-3 of the module docstring; D' leaves
+    out the detections on difficult boxes), and its number of non-difficult gt boxes.
     ``dets``: (score, image id, box [4]) of every detection of the class; ``gt``: image id ->
-    (boxes [G, 4], difficult [G]) of that class. D' leaves out detections matched to difficult
-    boxes (neither true nor false positive)."""
+    (boxes [G, 4], difficult [G]) of that class."""
     num_pos = int(sum((~difficult).sum() for _, difficult in gt.values()))
     order = np.argsort([-d[0] for d in dets], kind="stable")
     matched = {image_id: np.zeros(len(boxes), bool) for image_id, (boxes, _) in gt.items()}
@@ -71,7 +70,7 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.n
         _, image_id, box = dets[i]
         boxes, difficult = gt.get(image_id, (np.zeros((0, 4), np.float32), np.zeros(0, bool)))
         if len(boxes):
-            ious = _iou(np.asarray(box, np.float64), boxes.astype(np.float64))  # [G]
+            ious = box_iou(box, boxes)[0]  # [G]
             j = int(np.argmax(ious))
             if ious[j] > iou_thresh:
                 if difficult[j]:
@@ -89,26 +88,12 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.n
     return recall, precision, num_pos
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU [G] of one xyxy box [4] with boxes [G, 4], continuous (no ``+ 1``), float64."""
-    iw = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    ih = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = iw * ih
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
-    return inter / np.maximum(union, np.finfo(np.float64).eps)
-
-
-def evaluate_voc(dataset: Dataset, detections: dict[int, Detections], metric: str,
-                 iou_thresh: float = 0.5) -> dict:
-    """``{"mAP": float, "per_class_AP": {class name: float}}`` of ``detections`` (image id ->
-    ``Detections``, labels 1..K) on ``dataset``; NaN for a class without non-difficult gt."""
-    return evaluate_voc_metrics(dataset, detections, (metric,), iou_thresh)[metric]
-
-
 def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], metrics=METRICS,
                          iou_thresh: float = 0.5) -> dict[str, dict]:
-    """``evaluate_voc`` for several ``metrics`` at once: detections are matched to the ground
-    truth once per class, and only the averaging of the precision-recall curve differs."""
+    """``{metric: {"mAP": float, "per_class_AP": {class name: float}}}`` of ``detections``
+    (image id -> ``Detections``, labels 1..K) on ``dataset``; -1 for a class without
+    non-difficult gt. Detections are matched once per class; the metrics differ only in how
+    they average the precision-recall curve."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown VOC metric {unknown[0]!r}: expected one of {METRICS}")
@@ -128,37 +113,28 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], me
             dets.extend((float(s), image_id, b) for s, b in zip(scores, boxes))
         recall, precision, num_pos = class_pr(dets, gt, iou_thresh)
         for m in metrics:
-            per_class[m][name] = average_precision(recall, precision, m) if num_pos else math.nan
+            per_class[m][name] = average_precision(recall, precision, m) if num_pos else -1.0
     out = {}
     for m in metrics:
-        defined = [v for v in per_class[m].values() if not math.isnan(v)]
-        out[m] = {"mAP": float(np.mean(defined)) if defined else math.nan, "per_class_AP": per_class[m]}
+        defined = [v for v in per_class[m].values() if v >= 0]
+        out[m] = {"mAP": float(np.mean(defined)) if defined else -1.0, "per_class_AP": per_class[m]}
     return out
-
-
-def for_json(result: dict) -> dict:
-    """``evaluate_voc``'s result with NaN written as -1 (metrics.json's "n/a", as COCO's)."""
-    def clean(v: float) -> float:
-        return -1.0 if math.isnan(v) else v
-    return {"mAP": clean(result["mAP"]), "per_class_AP": {k: clean(v) for k, v in result["per_class_AP"].items()}}
 
 
 def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, Detections]:
     """COCO results entries (already checked by ``evaluate_coco``) -> image id -> ``Detections``
     with class indices 1..K, so a results file gets VOC AP too."""
-    class_of = {cat_id: k for k, cat_id in enumerate(dataset.category_ids, start=1)}
-    grouped: dict[int, list[tuple[list[float], float, int]]] = {}
+    class_of = class_of_category(dataset.category_ids)
+    grouped: dict[int, list[dict]] = {}
     for entry in results:
-        if entry["category_id"] not in class_of:
-            continue
-        x, y, w, h = (float(v) for v in entry["bbox"])
-        grouped.setdefault(entry["image_id"], []).append(([x, y, x + w, y + h], float(entry["score"]),
-                                                           class_of[entry["category_id"]]))
+        if entry["category_id"] in class_of:
+            grouped.setdefault(entry["image_id"], []).append(entry)
     out = {}
-    for image_id, items in grouped.items():
-        out[image_id] = Detections(torch.tensor([b for b, _, _ in items], dtype=torch.float64).reshape(-1, 4),
-                                   torch.tensor([s for _, s, _ in items], dtype=torch.float64),
-                                   torch.tensor([k for _, _, k in items], dtype=torch.int64))
+    for image_id, entries in grouped.items():
+        boxes = xywh_to_xyxy(np.array([e["bbox"] for e in entries], np.float64))  # [D, 4]
+        out[image_id] = Detections(torch.from_numpy(boxes),
+                                   torch.tensor([float(e["score"]) for e in entries], dtype=torch.float64),
+                                   torch.tensor([class_of[e["category_id"]] for e in entries]))
     return out
 
 
@@ -167,8 +143,6 @@ def format_voc_table(result: dict, metric: str) -> str:
     title = {"voc07": "VOC2007 11-point AP", "voc": "VOC2010+ all-point AP"}[metric]
     width = max([len(n) for n in result["per_class_AP"]] + [3])
     lines = [f"{title} (IoU > 0.5, difficult ignored)"]
-    for name, ap in result["per_class_AP"].items():
-        lines.append(f"  {name:<{width}}  {'n/a' if ap < 0 or math.isnan(ap) else f'{100 * ap:5.1f}'}")
-    m = result["mAP"]
-    lines.append(f"  {'mAP':<{width}}  {'n/a' if m < 0 or math.isnan(m) else f'{100 * m:5.1f}'}")
+    for name, ap in [*result["per_class_AP"].items(), ("mAP", result["mAP"])]:
+        lines.append(f"  {name:<{width}}  {'n/a' if ap < 0 else f'{100 * ap:5.1f}'}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from detect.common.boxes import xywh_to_xyxy
+from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset
 from detect.evaluation.coco import class_of_category

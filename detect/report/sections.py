@@ -26,7 +26,7 @@ from pathlib import Path
 import matplotlib.style
 import numpy as np
 
-from detect.common.boxes import xywh_to_xyxy
+from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json, write_bytes_atomic, write_text_atomic
 from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError

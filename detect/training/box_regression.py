@@ -95,17 +95,6 @@ def dual_is_smaller(n: int, d: int) -> bool:
     return n * d * 4 + n * n * 8 < d * d * 8
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float, *, chunk_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """x [N, D], y [N, T] -> w [D, T], b [T] minimising ``||x w + b - y||^2 + lam (||w||^2 + b^2)``
-    ([RCNN]'s penalised bias), by whichever of the primal (``RidgeAccumulator``) and the dual
-    (``fit_ridge_dual``) needs less memory."""
-    if dual_is_smaller(*x.shape):
-        return fit_ridge_dual(x, y, lam, chunk_rows=chunk_rows)
-    acc = RidgeAccumulator(x.shape[1], y.shape[1], chunk_rows=chunk_rows)
-    acc.add(x, y)
-    return acc.solve(lam)
-
-
 @dataclass
 class BoxRegressors:
     weight: np.ndarray  # [K, D5, 4] float32, applied to raw pool5 (the feature scale folded in)
@@ -121,13 +110,13 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
 
     Examples: rows with IoU > ``min_iou`` (strictly, as ``O > opts.min_overlap`` in [RCNN]
     ``rcnn_train_bbox_regressor.m``) to their best-overlapping gt box, for the class of that gt
-    box (gt rows included, target 0). Targets are ``detect.boxes.encode_boxes``, normalised per
-    class to zero mean and unit std (the [RCNN] code whitened them with the full 4 x 4
-    covariance; per-coordinate is the same idea); features are scaled by ``feat_scale`` (average
-    norm 20 over random rows, ``feature_cache.mean_feature_norm``); lambda = 1000 penalises the
-    weights and the bias alike. With more examples than dimensions the Gram matrix is streamed
-    from ``source`` one image at a time (``RidgeAccumulator``: no [N, D5] copy); with fewer, the
-    N x N dual is solved on a float32 copy (``fit_ridge_dual``), whichever needs less memory.
+    box (gt rows included, target 0). Targets are ``detect.common.boxes.encode_boxes``,
+    normalised per class to zero mean and unit std (the [RCNN] code whitened them with the full
+    4 x 4 covariance; per-coordinate is the same idea); features are scaled by ``feat_scale``
+    (average norm 20 over random rows, ``feature_cache.mean_feature_norm``); lambda = 1000
+    penalises the weights and the bias alike. Solved by the primal streamed from ``source`` one
+    image at a time (``RidgeAccumulator``) or the dual on a float32 copy (``fit_ridge_dual``),
+    whichever needs less memory (``dual_is_smaller``).
     """
     per_class: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in range(1, num_classes + 1)}
     for i in range(source.num_images):
@@ -155,11 +144,11 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
         mean[k - 1] = t.mean(axis=0)
         std[k - 1] = np.where(t.std(axis=0) > 1e-6, t.std(axis=0), 1.0)
         y = (t - mean[k - 1]) / std[k - 1]  # [N, 4]
-        if dual_is_smaller(len(t), source.pool5_dim):  # fewer examples than dimensions: N x N dual
+        if dual_is_smaller(len(t), source.pool5_dim):
             x = np.concatenate([source.pool5(i, idx) for i, idx in per_class[k]]) * np.float32(feat_scale)
             w, b = fit_ridge_dual(x, y, lam)
             del x
-        else:  # the Gram matrix, streamed one image at a time
+        else:
             acc = RidgeAccumulator(source.pool5_dim, 4)
             for (i, idx), ys in zip(per_class[k], np.split(y, np.cumsum([len(v) for v in targets.values()])[:-1])):
                 acc.add(source.pool5(i, idx) * np.float32(feat_scale), ys)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detect.common.boxes import box_iou, encode_boxes, flip_boxes
+from detect.common.box_ops import flip_boxes
+from detect.common.boxes import box_iou, encode_boxes
 from detect.data.datasets import ImageRecord, training_gt
 from detect.data.images import ImageReadError, read_image
 from detect.models.fast_rcnn import FastRCNN, prepare_image

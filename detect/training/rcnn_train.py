@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from detect.common.boxes import box_iou_numpy
+from detect.common.box_ops import box_iou
 from detect.common.checkpoints import save_checkpoint
 from detect.common.fileio import atomic_path, check_settings, read_json, write_json_atomic, write_settings
 from detect.common.runtime import barrier, rank_and_world
@@ -64,7 +64,7 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
     proposals = np.asarray(proposals, np.float32).reshape(-1, 4)
     boxes = np.concatenate([gt_boxes[easy], proposals])  # [R, 4]
     num_rows = len(boxes)
-    iou = box_iou_numpy(boxes, gt_boxes)  # [R, G]
+    iou = box_iou(boxes, gt_boxes).astype(np.float32)  # [R, G]
     overlaps = np.zeros((num_rows, num_classes), np.float32)
     for k in np.unique(gt_classes).tolist():
         overlaps[:, k - 1] = iou[:, gt_classes == k].max(axis=1)
