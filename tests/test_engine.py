@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -46,8 +47,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     resumed = _train(tmp_path / "b", 10, resume=True)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k  # dropout masks and momentum included
-    log = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 5 and '"iteration": 10' in log[-1]
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [2, 4, 6, 6, 8, 10]  # the resume is logged at its checkpoint
+    assert log[3]["resumed_from"].endswith("iter_0000006.pt") and "loss" not in log[3]
 
 
 def test_existing_checkpoints_need_resume(tmp_path):

@@ -60,10 +60,12 @@ def _train_argv(config: Path, out: Path) -> list[str]:
 
 
 def _log(path: Path) -> list[dict]:
-    """Complete lines of a JSON-lines log (a kill may cut the last one short)."""
+    """Complete lines of a JSON-lines log (a kill may cut the last one short), without the
+    train loop's resume records."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_bytes().split(b"\n")[:-1]]
+    records = [json.loads(line) for line in path.read_bytes().split(b"\n")[:-1]]
+    return [r for r in records if "resumed_from" not in r]
 
 
 def _checkpoint_iteration(run: Path) -> int:
