@@ -320,16 +320,13 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
                 device: torch.device, resume: bool, progress: bool = True) -> Path:
     r, t = cfg.rcnn, cfg.train
     idle_group = long_wait_group()  # other ranks wait in it while rank 0 trains the SVMs
-    if t.eval_period > 0 and is_main_process():
-        print("train.eval_period is for Fast R-CNN only: an R-CNN has no detector before its SVMs are "
-              "trained, so it is evaluated at the end", file=sys.stderr)
     seed_everything(t.seed)  # the same initial weights whatever the number of GPUs
     backbone = build_backbone_from(cfg)
     seed_everything(t.seed + rank_and_world()[0])  # dropout differs per GPU during fine-tuning
     finetune = FineTuneSettings(
         lr=r.ft_lr, momentum=r.ft_momentum, weight_decay=r.ft_weight_decay, max_iter=r.ft_max_iter,
         steps=list(r.ft_steps), batch_size=r.ft_batch_size, fg_per_batch=r.ft_fg_per_batch, fg_iou=r.ft_fg_iou,
-        gamma=t.gamma, warmup_iters=t.warmup_iters, warmup_factor=t.warmup_factor, flip=t.flip, seed=t.seed,
+        gamma=r.ft_gamma, flip=t.flip, seed=t.seed,
         checkpoint_period=t.checkpoint_period, log_period=t.log_period)
     svm = SVMSettings(feat_norm=r.svm_feat_norm, C=r.svm_C, pos_weight=r.svm_pos_weight,
                       intercept_scaling=r.svm_intercept_scaling, neg_iou=r.svm_neg_iou,

@@ -119,7 +119,7 @@ def rcnn_config(train: tuple[Path, Path, Path], val: tuple[Path, Path, Path] | N
         "proposals": {"mode": "fast", "resize": 96, "resize_side": "longer", "min_size": 8, "top_k": 0},
         "model": {"backbone": "efficientnet_lite0", "weights": "default", "freeze_at": "block8", "head_dim": 0,
                   "roi_size": 3, "dropout": 0.0},
-        "train": {"checkpoint_period": 2, "log_period": 1, "warmup_iters": 0, "amp": False, "seed": 0},
+        "train": {"checkpoint_period": 2, "log_period": 1, "amp": False, "seed": 0},
         "rcnn": {"crop_size": 48, "context_pad": 6, "ft_batch_size": 8, "ft_fg_per_batch": 2, "ft_max_iter": 4,
                  "ft_steps": [100], "svm_workers": 1, "svm_retrain_limit": 10, "feature_batch_size": 64,
                  **rcnn_options},

@@ -349,8 +349,11 @@ def _rcnn_into_fast_rcnn_run(tmp: Path, shared: dict) -> list[str]:
     _write(run / "config.yaml", yaml.safe_dump(shared["config"]))  # detector: fast_rcnn
     _write(run / "run.json", json.dumps({"settings": {"detector": "fast_rcnn"}}))  # as `detect train` writes
     _write(run / "model_final.pt", shared["checkpoint"].read_bytes())
+    from detect.common.config import FAST_RCNN_ONLY
+
     config = _with(shared["config"], "rcnn", ft_max_iter=1)
     config["detector"] = "rcnn"
+    config["train"] = {k: v for k, v in config["train"].items() if k not in FAST_RCNN_ONLY["train"]}
     return _train(tmp, shared, config, "--resume")
 
 

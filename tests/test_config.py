@@ -42,14 +42,27 @@ def test_bad_configs_name_the_key_and_the_file(tmp_path, text, message):
 
 def test_overrides_are_typed_and_checked(tmp_path):
     path = _write(tmp_path, "train:\n  lr: 0.01\n")
-    cfg = load_config(path, ["train.lr=0.02", "train.scales=[480, 576]", "detector=rcnn", "train.flip=false"])
-    assert cfg.train.lr == 0.02 and cfg.train.scales == [480, 576] and cfg.detector == "rcnn"
-    assert cfg.train.flip is False
+    cfg = load_config(path, ["train.lr=0.02", "train.scales=[480, 576]", "train.flip=false"])
+    assert cfg.train.lr == 0.02 and cfg.train.scales == [480, 576] and cfg.train.flip is False
     assert isinstance(load_config(path, ["train.lr=1"]).train.lr, float)  # int widens to float
     with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
         load_config(path, ["train.nope=1"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(path, ["train.lr"])
+
+
+def test_a_key_the_detector_does_not_read_is_an_error_not_ignored(tmp_path):
+    """R-CNN's fine-tuning schedule is rcnn.ft_*: train.lr (Fast R-CNN's) set for an R-CNN is
+    refused, and so is an rcnn key set for a Fast R-CNN; the keys both read are accepted."""
+    path = _write(tmp_path, "detector: rcnn\ntrain:\n  flip: false\n  seed: 3\nrcnn:\n  ft_lr: 0.01\n")
+    assert load_config(path).rcnn.ft_lr == 0.01
+    with pytest.raises(ConfigError, match="'train.lr' does not apply to detector rcnn .*rcnn.ft_"):
+        load_config(path, ["train.lr=0.01"])
+    with pytest.raises(ConfigError, match="'train.eval_period' does not apply to detector rcnn"):
+        load_config(path, ["train.eval_period=5"])
+    with pytest.raises(ConfigError, match="'rcnn.ft_lr' does not apply to detector fast_rcnn"):
+        load_config(path, ["detector=fast_rcnn"])
+    assert load_config(path, ["train.lr=0.001"]).detector == "rcnn"  # the default value is no setting
 
 
 def test_saved_config_loads_back_identically(tmp_path):

@@ -278,7 +278,7 @@ def _tiny_config(json_path: Path, images: Path, store: Path, **rcnn_overrides):
         "proposals": {"top_k": 0},
         "model": {"backbone": "efficientnet_lite0", "weights": "default", "freeze_at": "block8", "head_dim": 0,
                   "roi_size": 3, "dropout": 0.0},
-        "train": {"checkpoint_period": 4, "log_period": 4, "warmup_iters": 0, "amp": False},
+        "train": {"checkpoint_period": 4, "log_period": 4, "amp": False},
         "rcnn": {"crop_size": 48, "context_pad": 6, "ft_batch_size": 16, "ft_fg_per_batch": 4, "ft_max_iter": 4,
                  "ft_steps": [100], "svm_workers": 2, "svm_retrain_limit": 10, "feature_batch_size": 64,
                  **rcnn_overrides},

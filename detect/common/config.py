@@ -117,6 +117,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    # Both detectors: flip, use_difficult, amp, checkpoint/log periods, seed. The rest is Fast
+    # R-CNN's sampling and schedule; R-CNN's fine-tuning has its own in `rcnn` (FAST_RCNN_ONLY).
     # [FRCN] hierarchical sampling: N=2 images, R=128 RoIs per mini-batch (64 per image).
     images_per_batch: int = 2
     rois_per_image: int = 64
@@ -155,9 +157,9 @@ class TrainConfig:
     # Mixed precision, CUDA only.
     amp: bool = True
     checkpoint_period: int = 10000
-    # Fast R-CNN only: every eval_period iterations, COCO AP / AP50 on data.val go into
-    # log.jsonl (not in [FRCN]). 0 = evaluate only at the end. R-CNN ignores it: its detector
-    # needs the SVMs, which come after fine-tuning.
+    # Every eval_period iterations, COCO AP / AP50 on data.val go into log.jsonl (not in
+    # [FRCN]). 0 = evaluate only at the end. Fast R-CNN only: an R-CNN has no detector before
+    # its SVMs, which come after fine-tuning.
     eval_period: int = 0
     log_period: int = 20
     seed: int = 0
@@ -170,7 +172,8 @@ class RCNNConfig:
     context_pad: int = 16
     # Warp size: 224 for VGG16 ([RCNN] code), 227 for AlexNet. 0 = the backbone's default.
     crop_size: int = 0
-    # Fine-tuning ([RCNN] code rcnn_finetune): batches of 128 = 32 fg + 96 bg, lr 0.001.
+    # Fine-tuning, its whole schedule ([RCNN] code rcnn_finetune): batches of 128 = 32 fg +
+    # 96 bg, lr 0.001, x ft_gamma at ft_steps, no warm-up.
     ft_batch_size: int = 128
     ft_fg_per_batch: int = 32
     ft_fg_iou: float = 0.5
@@ -179,6 +182,7 @@ class RCNNConfig:
     ft_weight_decay: float = 0.0005
     ft_max_iter: int = 40000
     ft_steps: list[int] = field(default_factory=lambda: [20000])
+    ft_gamma: float = 0.1
     # Feature stage: cache features to disk as float16 shards (False = stream them).
     cache_features: bool = True
     feature_batch_size: int = 128
@@ -245,6 +249,14 @@ class Config:
     rcnn: RCNNConfig = field(default_factory=RCNNConfig)
     test: TestConfig = field(default_factory=TestConfig)
 
+
+# The keys one detector does not read: setting one (to other than its default) is an error, not
+# silently ignored. R-CNN reads from `train` only what both detectors share.
+FAST_RCNN_ONLY = {"train": ("images_per_batch", "rois_per_image", "fg_fraction", "fg_iou", "bg_iou_low",
+                            "bg_iou_high", "scales", "max_size", "lr", "momentum", "weight_decay", "max_iter",
+                            "steps", "gamma", "warmup_iters", "warmup_factor", "bbox_loss_weight", "bbox_std",
+                            "eval_period", "num_workers")}
+RCNN_ONLY = {"rcnn": tuple(f.name for f in dataclasses.fields(RCNNConfig))}
 
 # ----------------------------------------------------------------------------------------------
 # Loading, overrides, saving
@@ -360,6 +372,13 @@ def validate(cfg: Config, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' {msg}")
 
     need(cfg.detector in ("fast_rcnn", "rcnn"), "detector", f"must be fast_rcnn or rcnn, got {cfg.detector!r}")
+    unused = FAST_RCNN_ONLY if cfg.detector == "rcnn" else RCNN_ONLY
+    for section, keys in unused.items():
+        ours, default = getattr(cfg, section), type(getattr(cfg, section))()
+        for key in keys:
+            need(getattr(ours, key) == getattr(default, key), f"{section}.{key}",
+                 f"does not apply to detector {cfg.detector}" +
+                 (" (its fine-tuning schedule is rcnn.ft_*)" if section == "train" else ""))
     for name in ("train", "val"):
         ds = getattr(cfg.data, name)
         need(ds.format in ("coco", "voc"), f"data.{name}.format", f"must be coco or voc, got {ds.format!r}")

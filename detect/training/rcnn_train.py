@@ -342,8 +342,6 @@ class FineTuneSettings:
     fg_per_batch: int  # ... of which foreground
     fg_iou: float
     gamma: float = 0.1
-    warmup_iters: int = 0
-    warmup_factor: float = 0.001
     flip: bool = True
     seed: int = 0
     checkpoint_period: int = 10000
@@ -424,8 +422,7 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         optimizer = torch.optim.SGD(finetune_param_groups(model, weight_decay=finetune.weight_decay),
                                     lr=finetune.lr, momentum=finetune.momentum)
         train_loop(model=model, step_fn=step_fn, optimizer=optimizer,
-                   lr_at=step_lr(finetune.lr, finetune.steps, finetune.gamma, finetune.warmup_iters,
-                                 finetune.warmup_factor),
+                   lr_at=step_lr(finetune.lr, finetune.steps, finetune.gamma, 0, 1.0),  # [RCNN]: no warm-up
                    max_iter=finetune.max_iter, output_dir=ft_dir, checkpoint_period=finetune.checkpoint_period,
                    log_period=finetune.log_period, amp=amp, device=device,
                    checkpoint_extra={"stage": "rcnn_finetune"}, resume=resume, desc="R-CNN fine-tune",
