@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "proposal with the IoU, and in red the boxes no proposal reaches at IoU 0.5")
     p.add_argument("--vis-dir", default="", help="where the drawings go (default: recall_vis/ beside --out, "
                                                   "else in the current folder)")
-    p.add_argument("--vis-top-k", type=int, default=RECALL_TOP_KS[-1],
-                   help="proposals per image the drawings consider (0: all; default: %(default)s, the "
-                        "largest top-k of the table)")
+    p.add_argument("--top-k", type=int, default=RECALL_TOP_KS[-1],
+                   help="the budget the detectors will score (proposals.top_k; 0: all): the low-recall "
+                        "warning and the drawings use the first K boxes (default: %(default)s)")
 
     p = sub.add_parser("tune-proposals", help="choose selective-search settings that reach a recall target "
                                               "on a training split (writes a proposals: block)")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from detect.common.checkpoints import save_detector_checkpoint
-from detect.common.config import Config, load_config, save_config, to_dict
+from detect.common.config import Config, check_proposal_settings, load_config, save_config, to_dict
 from detect.common.fileio import check_settings, read_json, write_json_atomic, write_settings
 from detect.common.cpus import available_cores
 from detect.common.runtime import (barrier, init_distributed, is_main_process, local_world_size,
@@ -43,7 +43,7 @@ from detect.predict.drawing import write_recall_drawings
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals, parse_shard
 from detect.proposals.export import FORMATS as EXPORT_FORMATS
 from detect.proposals.export import export_proposals
-from detect.proposals.selective_search import selective_search
+from detect.proposals.selective_search import first_proposals, selective_search
 from detect.proposals.store import ProposalStore
 from detect.report.figures import proposal_tuning as proposal_tuning_figure
 from detect.report.sections import make_report
@@ -164,13 +164,13 @@ def recall(args: argparse.Namespace) -> int:
     print(f"{store.path} on {dataset.name}: {len(dataset)} images, {num_gt} GT boxes, "
           f"{avg:.1f} proposals per image ({store.meta.get('mode')} mode)")
     print(format_recall_table(result))
-    warn_if_low_recall(dataset, store, int(store.meta.get("top_k", 0)), _dataset_spec(args))
+    warn_if_low_recall(dataset, store, args.top_k, _dataset_spec(args))
     if args.out:
         write_json_atomic(args.out, summary)
         print(f"wrote {args.out}")
     if args.visualize:
         vis_dir = Path(args.vis_dir or Path(args.out or ".").parent / "recall_vis")
-        written = write_recall_drawings(dataset.records, store.get, vis_dir, args.visualize, top_k=args.vis_top_k)
+        written = write_recall_drawings(dataset.records, store.get, vis_dir, args.visualize, top_k=args.top_k)
         print(f"wrote {len(written)} drawing(s) of each ground-truth box's best proposal to {vis_dir}")
     return 0
 
@@ -188,11 +188,11 @@ def tune_proposals(args: argparse.Namespace) -> int:
                            data_spec=_dataset_spec(args), figure=proposal_tuning_figure,
                            **{key: getattr(args, key) for key in options})
     if args.visualize:  # the chosen settings' proposals on the first sampled images, as `detect recall`
-        by_id = {r.image_id: r for r in records}
+        by_id, search = {r.image_id: r for r in records}, check_proposal_settings(result["settings"])
         written = write_recall_drawings(
             sample_records(records, args.num_images, args.seed),
-            lambda image_id: selective_search(read_image(by_id[image_id].file_name), **result["settings"]),
-            Path(f"{args.out}_vis"), args.visualize)
+            lambda image_id: selective_search(read_image(by_id[image_id].file_name), **search),
+            Path(f"{args.out}_vis"), args.visualize, top_k=result["settings"]["top_k"])
         print(f"wrote {len(written)} drawings of the chosen settings' proposals into {args.out}_vis/")
     return 0
 
@@ -242,8 +242,7 @@ def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.devi
         warn_if_low_recall(dataset, store, top_k, to_dict(cfg.data.train))
 
     def get_proposals(image_id: int) -> np.ndarray:  # [P, 4] xyxy, selective search's best first
-        boxes = store.get(image_id)
-        return boxes[:top_k] if top_k > 0 else boxes
+        return first_proposals(store.get(image_id), top_k)
 
     if cfg.detector == "fast_rcnn":
         return _train_fast_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume)

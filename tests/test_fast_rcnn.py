@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.ops import box_iou
 
 from detect.models.backbones import Backbone, FcHead
 from detect.common.box_ops import flip_boxes
-from detect.common.boxes import box_iou, decode_boxes, encode_boxes
+from detect.common.boxes import decode_boxes, encode_boxes
 from detect.common.config import Config, to_dict
 from detect.data.datasets import Dataset, ImageRecord
 from detect.models.detector import Detections

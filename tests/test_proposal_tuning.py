@@ -10,7 +10,7 @@ import pytest
 
 from detect.cli import main
 from detect.common.box_ops import box_iou
-from detect.common.config import load_config, to_dict
+from detect.common.config import check_proposal_settings, load_config, to_dict
 from detect.data.datasets import Dataset, load_coco
 from detect.data.images import read_image
 from detect.evaluation import proposal_tuning as tuning
@@ -63,7 +63,8 @@ def test_tune_proposals_cli_choice_is_what_propose_gives(synthetic_dir, tmp_path
     assert settings == result["settings"] and settings["resize"] == 160
     dataset = load_coco(synthetic_dir / "train.json")
     sample = tuning.sample_records(dataset.records, 2, 0)
-    store = DictStore({r.image_id: selective_search(read_image(r.file_name), **settings) for r in sample})
+    store = DictStore({r.image_id: selective_search(read_image(r.file_name), **check_proposal_settings(settings))
+                       for r in sample})
     recall = proposal_recall(Dataset("s", sample, dataset.class_names, dataset.category_ids), store,
                              top_ks=[settings["top_k"]])
     assert recall["recall@0.5"][0] == pytest.approx(chosen["recall@0.5"])
@@ -113,9 +114,9 @@ def test_recall_command_warns(tiny_coco, tmp_path, capsys):
     dataset = load_coco(json_path, image_dir)
     write_store(tmp_path / "store", image_ids=[r.image_id for r in dataset.records],
                 boxes_per_image=[r.gt_boxes + 25 for r in dataset.records],
-                meta={"top_k": 300, "failures": []}, files=[r.file_name for r in dataset.records])
+                meta={"failures": []}, files=[r.file_name for r in dataset.records])
     assert main(["recall", "--data", str(json_path), "--images", str(image_dir), "--proposals",
-                 str(tmp_path / "store")]) == 0
+                 str(tmp_path / "store"), "--top-k", "300"]) == 0
     err = capsys.readouterr().err
     assert "recall@0.5 is 0.00 at top_k 300" in err and f"tune-proposals --data {json_path}" in err
 

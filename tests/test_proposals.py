@@ -23,12 +23,12 @@ from detect.proposals.store import BOXES_FILE, INDEX_FILE, META_FILE, ProposalSt
 from detect.evaluation.recall import best_proposals, first_covering, proposal_recall
 from detect.predict.drawing import PROPOSAL_RGB, REACHED_RGB, UNREACHED_RGB, draw_proposal_recall
 from detect.proposals.batch import generate_proposals
-from detect.proposals.selective_search import selective_search
+from detect.proposals.selective_search import first_proposals, selective_search
 from detect.proposals.ss import MODES
 
 REPO = Path(__file__).resolve().parents[1]
 # Small, fast settings for the batch tests: no resize, tiny min_size.
-FAST = {"engine": "ours", "mode": "fast", "resize": 0, "resize_side": "width", "min_size": 4, "top_k": 0, "seed": 0,
+FAST = {"engine": "ours", "mode": "fast", "resize": 0, "resize_side": "width", "min_size": 4, "seed": 0,
         "ranking": "paper", "nms_iou": 0.7, "k_scale": 1.0}
 
 
@@ -67,7 +67,7 @@ def test_selective_search_boxes_are_valid_ranked_and_deterministic():
     rng = np.random.default_rng(1)
     image = _scene(rng, 90, 120)
     other = _scene(rng, 70, 50)
-    boxes = selective_search(image, resize=200, min_size=10, top_k=0)
+    boxes = selective_search(image, resize=200, min_size=10)
     assert boxes.dtype == np.float32 and boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) > 20
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= 120).all() and (boxes[:, 3] <= 90).all()
@@ -79,9 +79,10 @@ def test_selective_search_boxes_are_valid_ranked_and_deterministic():
     # OpenCV ranks with C rand(): without re-seeding, a second call in the same process (after
     # another image advanced the generator) would come back in another order.
     selective_search(other, resize=200)
-    again = selective_search(image, resize=200, min_size=10, top_k=0)
+    again = selective_search(image, resize=200, min_size=10)
     np.testing.assert_array_equal(boxes, again)
-    np.testing.assert_array_equal(selective_search(image, resize=200, min_size=10, top_k=7), boxes[:7])
+    np.testing.assert_array_equal(first_proposals(boxes, 7), boxes[:7])  # proposals.top_k's one cut
+    assert first_proposals(boxes, 0) is boxes  # 0 = all
     assert selective_search(image, resize=200, min_size=0).shape[0] > len(boxes)  # min_size drops some
 
 
@@ -90,16 +91,16 @@ def test_selective_search_boxes_are_in_original_pixels():
     # averages each 2x2 block back to the original pixels), must give the original's boxes x 2.
     image = _scene(np.random.default_rng(2), 50, 70)
     big = image.repeat(2, axis=0).repeat(2, axis=1)  # [100, 140, 3]
-    small_boxes = selective_search(image, resize=0, min_size=5, top_k=0)
-    big_boxes = selective_search(big, resize=70, resize_side="width", min_size=5, top_k=0)
+    small_boxes = selective_search(image, resize=0, min_size=5)
+    big_boxes = selective_search(big, resize=70, resize_side="width", min_size=5)
     assert len(small_boxes) > 10
     np.testing.assert_allclose(big_boxes, small_boxes * 2, atol=1e-4)
     # "longer" / "shorter" pick the side that is resized; the boxes stay in original pixels.
     tall = np.ascontiguousarray(big.transpose(1, 0, 2))  # [140, 100, 3]
     tall_small = np.ascontiguousarray(image.transpose(1, 0, 2))  # [70, 50, 3]
-    np.testing.assert_allclose(selective_search(tall, resize=70, resize_side="longer", min_size=5, top_k=0),
-                               selective_search(tall_small, resize=0, min_size=5, top_k=0) * 2, atol=1e-4)
-    np.testing.assert_allclose(selective_search(big, resize=50, resize_side="shorter", min_size=5, top_k=0),
+    np.testing.assert_allclose(selective_search(tall, resize=70, resize_side="longer", min_size=5),
+                               selective_search(tall_small, resize=0, min_size=5) * 2, atol=1e-4)
+    np.testing.assert_allclose(selective_search(big, resize=50, resize_side="shorter", min_size=5),
                                small_boxes * 2, atol=1e-4)
 
 
@@ -131,7 +132,7 @@ def test_image_kinds_through_read_image(tmp_path):
                                   ("deep.png", (40, 64)), ("rotated.jpg", (64, 40))]:
         image = read_image(tmp_path / name)
         assert image.shape == (height, width, 3), name
-        boxes = selective_search(image, resize=0, min_size=0, top_k=0)
+        boxes = selective_search(image, resize=0, min_size=0)
         assert len(boxes) > 0, name
         assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all(), name
         assert [0, 0, width, height] in boxes.tolist(), name  # the final merge covers the image
@@ -142,8 +143,8 @@ def test_nms_ranking_moves_near_duplicates_behind_and_drops_nothing():
     from torchvision.ops import nms
 
     image = _scene(np.random.default_rng(3), 90, 120)
-    paper, paper_scores = selective_search(image, resize=0, min_size=4, top_k=0, return_scores=True)
-    boxes, scores = selective_search(image, resize=0, min_size=4, top_k=0, ranking="nms", nms_iou=0.6,
+    paper, paper_scores = selective_search(image, resize=0, min_size=4, return_scores=True)
+    boxes, scores = selective_search(image, resize=0, min_size=4, ranking="nms", nms_iou=0.6,
                                      return_scores=True)
     assert len(boxes) == len(paper) > 30
     assert sorted(map(tuple, boxes.tolist())) == sorted(map(tuple, paper.tolist()))  # a permutation
@@ -155,17 +156,15 @@ def test_nms_ranking_moves_near_duplicates_behind_and_drops_nothing():
     rest = np.setdiff1d(np.arange(len(paper)), keep)
     np.testing.assert_array_equal(boxes, paper[np.concatenate([keep, rest])])
     assert 0 < len(rest) < len(paper)
-    np.testing.assert_array_equal(selective_search(image, resize=0, min_size=4, top_k=20, ranking="nms",
-                                                   nms_iou=0.6), boxes[:20])
     with pytest.raises(ValueError, match="'ranking' must be paper or nms"):
         selective_search(image, ranking="size")
 
 
 def test_k_scale_cuts_smaller_regions():
     image = _scene(np.random.default_rng(4), 90, 120)
-    default = selective_search(image, resize=0, min_size=0, top_k=0)
-    np.testing.assert_array_equal(selective_search(image, resize=0, min_size=0, top_k=0, k_scale=1.0), default)
-    finer = selective_search(image, resize=0, min_size=0, top_k=0, k_scale=0.25)
+    default = selective_search(image, resize=0, min_size=0)
+    np.testing.assert_array_equal(selective_search(image, resize=0, min_size=0, k_scale=1.0), default)
+    finer = selective_search(image, resize=0, min_size=0, k_scale=0.25)
     assert len(finer) > len(default)
     with pytest.raises(ValueError, match="k_scale"):
         selective_search(image, k_scale=0)
@@ -176,13 +175,15 @@ def test_proposal_settings_follow_config():
     settings = to_dict(cfg)
     assert settings == {"engine": "ours", "mode": "quality", "resize": 300, "resize_side": "longer", "min_size": 8,
                         "top_k": 50, "seed": 0, "ranking": "paper", "nms_iou": 0.7, "k_scale": 1.0}
-    # selective_search's keyword arguments are the config's fields, with the same defaults
+    # selective_search's keyword arguments are the config's fields but top_k (the detectors'
+    # cut), with the same defaults
     parameters = inspect.signature(selective_search).parameters
     defaults = {name: p.default for name, p in parameters.items() if name not in ("image", "threads", "return_scores")}
-    assert defaults == to_dict(ProposalConfig())
+    search = {k: v for k, v in to_dict(ProposalConfig()).items() if k != "top_k"}
+    assert defaults == search
     assert set(MODES) == set(PROPOSAL_CHOICES["mode"])  # the engine's table has every mode the config takes
     # one rule for the config, a store's settings and the arguments: types, unknown keys, ranges
-    assert check_proposal_settings({"mode": "single"}) == {**to_dict(ProposalConfig()), "mode": "single"}
+    assert check_proposal_settings({"mode": "single", "top_k": 5}) == {**search, "mode": "single"}
     with pytest.raises(ValueError, match="unknown key 'sigma'"):
         check_proposal_settings({"sigma": 0.8})
     for bad, message in [({"top_k": True}, "'top_k' must be an integer"),
@@ -190,8 +191,9 @@ def test_proposal_settings_follow_config():
                          ({"nms_iou": 0.0}, r"'nms_iou' must be in \(0, 1\]"), ({"seed": -1}, "'seed' must be >= 0")]:
         with pytest.raises(ValueError, match=message):
             check_proposal_settings(bad)
-        with pytest.raises(ValueError, match=message):
-            selective_search(np.zeros((8, 8, 3), np.uint8), **bad)
+        if "top_k" not in bad:
+            with pytest.raises(ValueError, match=message):
+                selective_search(np.zeros((8, 8, 3), np.uint8), **bad)
 
 
 # ---------------------------------------------------------------------------------------------

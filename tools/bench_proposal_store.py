@@ -32,7 +32,7 @@ from detect.proposals.store import BOXES_FILE, ProposalStore, write_store
 from detect.data.images import find_images
 from detect.proposals.batch import generate_proposals
 
-SETTINGS = {"engine": "ours", "mode": "fast", "resize": 500, "resize_side": "width", "min_size": 20, "top_k": 2000,
+SETTINGS = {"engine": "ours", "mode": "fast", "resize": 500, "resize_side": "width", "min_size": 20,
             "seed": 0, "ranking": "paper", "nms_iou": 0.7, "k_scale": 1.0}
 
 

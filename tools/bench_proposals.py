@@ -221,7 +221,7 @@ def fidelity(spec: str, limit: int) -> dict:
     resize, min_size = (int(rest[0]) if rest else 500), (int(rest[1]) if len(rest) > 1 else 20)
     dataset = load_coco(json_path)
     records = dataset.records[:limit] if limit > 0 else dataset.records
-    store = {r.image_id: selective_search(read_image(r.file_name), resize=resize, min_size=min_size, top_k=0)
+    store = {r.image_id: selective_search(read_image(r.file_name), resize=resize, min_size=min_size)
              for r in records}
     subset = Dataset(dataset.name, records, dataset.class_names, dataset.category_ids)
     recall = proposal_recall(subset, _DictStore(store), top_ks=(300, 1000, 2000, 10 ** 9))
@@ -346,7 +346,7 @@ def main() -> None:
     if "fidelity" in args.only:
         results["fidelity"] = {spec: fidelity(spec, args.fidelity_images) for spec in args.fidelity}
         results["fidelity"]["photos_boxes_per_image"] = {  # fast mode at 500 px, all boxes
-            name: len(selective_search(image, top_k=0)) for name, image in images.items()
+            name: len(selective_search(image)) for name, image in images.items()
             if not name.startswith("synthetic")}
         for spec, row in results["fidelity"].items():
             print(spec, json.dumps(row), flush=True)

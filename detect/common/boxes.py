@@ -14,7 +14,6 @@ import math
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou  # noqa: F401 -- the torch IoU, imported from here by training code
 
 # Widest log-scale a delta may take before exp(): stops exp overflow on wild predictions
 # (torchvision's BoxCoder uses the same bound).

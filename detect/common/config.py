@@ -75,10 +75,12 @@ class ProposalConfig:
     resize_side: str = "width"
     # [RCNN] FilterBoxesWidth(boxes, 20): drop boxes with a side under 20 px of the RESIZED image.
     min_size: int = 20
-    # Keep at most this many boxes per image, in the ranking's order (0 = all). The paper configs
-    # keep all, as rcnn selective_search_boxes.m and fast-rcnn's pascal_voc.py do (fast mode gives
-    # ~2000 per VOC image); 2000 is fast-rcnn's cap for COCO (lib/datasets/coco.py top_k) and a
-    # bound on memory for any image.
+    # The detectors score the first top_k boxes of each image, in the ranking's order (0 = all),
+    # in training and at test: the one cut, ``detect.proposals.selective_search.first_proposals``.
+    # Stores and selective search keep every box, so one store serves any top_k (`--top-k`).
+    # The paper configs keep all, as rcnn selective_search_boxes.m and fast-rcnn's pascal_voc.py
+    # do (fast mode gives ~2000 per VOC image); 2000 is fast-rcnn's cap for COCO
+    # (lib/datasets/coco.py top_k) and a bound on memory for any image.
     top_k: int = 2000
     # Seed of [SS]'s pseudo-random ranking (position x uniform random), engine "ours".
     seed: int = 0
@@ -431,13 +433,14 @@ def _validate_proposals(p: ProposalConfig, source: str, prefix: str) -> None:
 
 
 def check_proposal_settings(settings: dict, source: str = "proposal settings") -> dict:
-    """``settings``, some or all of ``ProposalConfig``'s fields (selective search's keyword
-    arguments, a proposal store's settings), checked as a config's ``proposals`` section is:
-    types, unknown keys, ranges (ConfigError naming the key). Returns every field, in field
-    order, the missing ones at their defaults."""
+    """``settings``, some or all of ``ProposalConfig``'s fields, checked as a config's
+    ``proposals`` section is: types, unknown keys, ranges (ConfigError naming the key). Returns
+    selective search's keyword arguments (a proposal store's settings): every field but
+    ``top_k``, which is not the search's but the detectors' cut, in field order, the missing ones
+    at their defaults."""
     proposals = _build(ProposalConfig, settings, "", source)
     _validate_proposals(proposals, source, "")
-    return to_dict(proposals)
+    return {k: v for k, v in to_dict(proposals).items() if k != "top_k"}
 
 
 def to_dict(cfg: Any) -> dict:

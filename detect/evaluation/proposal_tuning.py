@@ -148,7 +148,7 @@ def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Gri
         for v in variants:
             min_size, ranking, nms_iou = v
             t0 = time.perf_counter()
-            boxes, _ = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou, top_k=0)
+            boxes, _ = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou)
             filter_seconds[v].append(time.perf_counter() - t0)
             for k, match in match_at_top_ks(boxes, gt_boxes, budgets).items():
                 matches[v, k].append(match)

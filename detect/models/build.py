@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from detect.common.checkpoints import DETECTOR_FORMAT, load_checkpoint
-from detect.common.config import Config, apply_override, from_dict, to_dict
+from detect.common.config import Config, apply_override, check_proposal_settings, from_dict, to_dict
 from detect.common.runtime import resolve_device
 from detect.models.backbones import Backbone, build_backbone
 from detect.models.detector import Detector
@@ -39,7 +39,7 @@ def _detector_kwargs(cfg: Config, class_names: list[str], category_ids: list[int
     """What both detectors take from a config: classes, proposals, post-processing, AMP."""
     t = cfg.test
     return dict(class_names=list(class_names), category_ids=category_ids,
-                proposal_settings=to_dict(cfg.proposals), proposal_top_k=cfg.proposals.top_k,
+                proposal_settings=check_proposal_settings(to_dict(cfg.proposals)), proposal_top_k=cfg.proposals.top_k,
                 backbone_name=cfg.model.backbone, amp=cfg.train.amp, score_thresh=t.score_thresh,
                 nms_thresh=t.nms_thresh, detections_per_image=t.detections_per_image,
                 per_class_top_k=t.per_class_top_k, box_regression=t.box_regression)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from detect.common.boxes import clip_boxes, decode_boxes
-from detect.proposals.selective_search import selective_search
+from detect.proposals.selective_search import first_proposals, selective_search
 
 
 @dataclass
@@ -191,10 +191,8 @@ class Detector(nn.Module):
         if proposals is None:
             with timer("proposals"):
                 proposals = selective_search(image, **self.proposal_settings)
-        proposal_boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4)
-        if self.proposal_top_k > 0:
-            proposal_boxes = proposal_boxes[: self.proposal_top_k]  # [R, 4], best-ranked first
-        proposal_boxes = proposal_boxes.to(self.device)
+        proposals = first_proposals(proposals, self.proposal_top_k)  # [R, 4], best-ranked first
+        proposal_boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4).to(self.device)
         out = self.score_proposals(image, proposal_boxes, timer)
         if not self.box_regression:
             out = ProposalScores(out.proposal_boxes, out.scores, torch.zeros_like(out.deltas))  # [R, K, 4]

@@ -35,7 +35,7 @@ MAX_ELONGATION = 4  # see resized_shape
 
 
 def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
-                     resize_side: str = "width", min_size: int = 20, top_k: int = 2000, seed: int = 0,
+                     resize_side: str = "width", min_size: int = 20, seed: int = 0,
                      ranking: str = "paper", nms_iou: float = 0.7, k_scale: float = 1.0,
                      threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of one image: float32 [R, 4] xyxy in pixels of ``image``.
@@ -46,7 +46,8 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
     first is kept, so the ranking is preserved), then boxes with a side under ``min_size``
     pixels of the resized image; ``ranking`` "nms" then moves the boxes that greedy NMS at
     ``nms_iou`` would suppress behind the others (``ss.ranking.near_duplicates_last``; "paper"
-    keeps the paper's order); then all but the first ``top_k`` are dropped (0 = keep all).
+    keeps the paper's order). Every box is kept: the detectors take the first ``top_k``
+    (``first_proposals``).
     ``threads`` runs the hierarchies of this one image in parallel (our engine; same output). A
     tiny image may give no box at all: shape [0, 4]. With ``return_scores``, also the boxes'
     ranking values float32 [R] (ascending; OpenCV's engine: the rank position). It is
@@ -54,8 +55,16 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
     """
     raw = raw_proposals(image, engine=engine, mode=mode, resize=resize, resize_side=resize_side, seed=seed,
                         k_scale=k_scale, threads=threads)
-    boxes, scores = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou, top_k=top_k)
+    boxes, scores = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou)
     return (boxes, scores) if return_scores else boxes
+
+
+def first_proposals(boxes, top_k: int):
+    """The one cut of ``proposals.top_k``: the first ``top_k`` of an image's proposals [R, 4] in
+    the ranking's order (0 = all). The detectors apply it where they read proposals, in
+    training (``detect.commands.train_from_config``) and at test
+    (``detect.models.detector.Detector.detect``)."""
+    return boxes[:top_k] if top_k > 0 else boxes
 
 
 def raw_proposals(image: np.ndarray, *, engine: str = "ours", mode: str = "fast", resize: int = 500,
@@ -79,12 +88,11 @@ def raw_proposals(image: np.ndarray, *, engine: str = "ours", mode: str = "fast"
     return boxes[keep], scores[keep], (*image.shape[:2], *small.shape[:2])
 
 
-def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper", nms_iou: float = 0.7,
-                     top_k: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper",
+                     nms_iou: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
     """``raw_proposals``' output -> (boxes float32 [R, 4] xyxy in original pixels, ranking values
-    float32 [R], ascending): the min-size filter, the ranking and the top-k of ``selective_search``."""
-    check_proposal_settings({"min_size": min_size, "ranking": ranking, "nms_iou": nms_iou, "top_k": top_k},
-                            "selective_search")
+    float32 [R], ascending): the min-size filter and the ranking of ``selective_search``."""
+    check_proposal_settings({"min_size": min_size, "ranking": ranking, "nms_iou": nms_iou}, "selective_search")
     boxes, scores, (height, width, small_height, small_width) = raw
     boxes = boxes.astype(np.float64)
     big_enough = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
@@ -92,8 +100,6 @@ def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper", 
     if ranking == "nms":
         order, scores = near_duplicates_last(boxes, scores, nms_iou)
         boxes = boxes[order]
-    if top_k > 0:
-        boxes, scores = boxes[:top_k], scores[:top_k]
     boxes[:, 0::2] = (boxes[:, 0::2] * (width / small_width)).clip(0, width)
     boxes[:, 1::2] = (boxes[:, 1::2] * (height / small_height)).clip(0, height)
     return boxes.astype(np.float32), np.asarray(scores, dtype=np.float32)  # [R, 4] xyxy original pixels

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
 from detect.common.box_ops import flip_boxes
-from detect.common.boxes import box_iou, encode_boxes
+from detect.common.boxes import encode_boxes
 from detect.data.datasets import ImageRecord, training_gt
 from detect.data.images import ImageReadError, read_image
 from detect.models.fast_rcnn import FastRCNN, prepare_image
