@@ -2,32 +2,31 @@
 
 ``box_accuracy`` reads each run's detections.json against the dataset and computes, with
 ``detect.evaluation``: AP50 and AP75 with paired bootstrap 95% intervals over images, the
-difference to the first run (the reference: Fast R-CNN when R-CNN is there too), the drop
+difference to the first run (the reference:
+``detect.evaluation.bench.reference_index``), the drop
 from AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error breakdown.
 
 ``findings`` turns those numbers, the bench and the FLOPs into sentences (a pure function of
 dicts, tested on fixed numbers). A difference whose interval contains 0 is reported as "no
-significant difference". ``explained_blocks`` is the report section showing them: AP against
+significant difference". ``explained_section`` is the report section showing them: AP against
 IoU, the interval table and the error breakdown.
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import numpy as np
 
 from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset
+from detect.evaluation.bench import reference_index
 from detect.evaluation.coco import class_of_category
 from detect.evaluation.errors import ERROR_TYPES, error_breakdown
 from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
 from detect.report import figures
-from detect.report.render import Figure, Heading, Table, Text
+from detect.report.render import Figure, Heading, Section, Table, Text
 from detect.report.runs import Run
 
-NAMES = {"fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN"}
 NUM_RESAMPLES = 1000
 
 
@@ -50,12 +49,9 @@ def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
 
 
 def reference_first(runs: list[Run]) -> list[Run]:
-    """The runs with the reference first: Fast R-CNN when R-CNN is there too, else as given."""
-    kinds = [r.detector for r in runs]
-    if "fast_rcnn" in kinds and "rcnn" in kinds:
-        i = kinds.index("fast_rcnn")
-        return [runs[i]] + runs[:i] + runs[i + 1:]
-    return list(runs)
+    """The runs with the reference (``detect.evaluation.bench.reference_index``) first."""
+    i = reference_index([r.detector for r in runs])
+    return [runs[i]] + runs[:i] + runs[i + 1:]
 
 
 def box_accuracy(runs: list[Run], dataset: Dataset, *, num_resamples: int = NUM_RESAMPLES) -> dict:
@@ -154,9 +150,9 @@ def _localisation_claim(acc: dict) -> str:
             f"(Fast R-CNN's drop minus R-CNN's: {_interval(fast_minus_rcnn)}). " + facts)
 
 
-def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str, bytes]]:
+def explained_section(runs: list[Run], acc: dict | None) -> Section:
     """AP against IoU, AP50/AP75 with intervals, the error breakdown."""
-    section = SimpleNamespace(blocks=[Heading("Box accuracy explained")], pngs={})
+    section = Section([Heading("Box accuracy explained")])
     with_curve = [r for r in runs if r.ap_per_iou]
     if with_curve:
         section.pngs["ap_vs_iou.png"] = figures.ap_vs_iou(with_curve)
@@ -167,7 +163,7 @@ def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str,
     if acc is None:
         section.blocks.append(Text("Intervals and error breakdown: not available (they need every run's "
                                    "detections.json and the dataset)."))
-        return section.blocks, section.pngs
+        return section
     boot = acc["bootstrap"]
 
     def iv(d: dict) -> str:
@@ -188,4 +184,4 @@ def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str,
                                                             acc["errors"])
     section.blocks.append(Figure("error_breakdown.png", "AP50 points each error type costs (count in "
                                  "brackets in the table): foreground IoU 0.5, background IoU 0.1."))
-    return section.blocks, section.pngs
+    return section
