@@ -31,7 +31,7 @@ from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
 from detect.report import figures, render
-from detect.report.findings import box_accuracy, explained_section, findings
+from detect.report.findings import box_accuracy, explained_section, findings, like_for_like
 from detect.report.render import Figure, Heading, Section, Table, Text
 from detect.report.runs import Run, apply_bench, load_bench, load_run
 from detect.report.viewer import write_viewer
@@ -154,8 +154,8 @@ def _accuracy_section(runs: list[Run]) -> Section:
     return section
 
 
-def _findings_section(acc: dict | None, bench: dict | None) -> Section:
-    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench)])
+def _findings_section(runs: list[Run], acc: dict | None, bench: dict | None) -> Section:
+    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench, *like_for_like(runs))])
 
 
 def _ratio_text(r: dict) -> str:
@@ -472,7 +472,7 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
-        sections = [_findings_section(acc, bench_result), _runs_section(runs), _accuracy_section(runs),
+        sections = [_findings_section(runs, acc, bench_result), _runs_section(runs), _accuracy_section(runs),
                     explained_section(runs, acc), _speed_section(runs, bench_result),
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]
