@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 
@@ -101,9 +102,10 @@ def write_tiny_coco(root: Path) -> Path:
 
 
 def write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_json: Path | None,
-              detections: list | None = None, full: bool = True) -> Path:
+              detections: list | None = None, full: bool = True, config: dict | None = None,
+              **metrics_keys) -> Path:
     """A fake evaluated run folder for ``detect compare``: metrics.json (every key the report
-    reads when ``full``) and, if given, detections.json."""
+    reads when ``full``, then ``metrics_keys``) and, if given, detections.json and config.yaml."""
     metrics = {"detector": detector, "coco": {"AP": ap, "AP50": 0.801, "AP75": 0.55, "APs": -1.0,
                                               "APm": 0.4, "APl": 0.6, "AR1": 0.3, "AR10": 0.5,
                                               "AR100": 0.65}}
@@ -123,8 +125,11 @@ def write_run(run_dir: Path, *, detector: str, ap: float, timing: dict, data_jso
             "peak_memory_mb": 1234.5, "train_time_s": 95.0, "proposal_recall": PROPOSAL_RECALL})
     if data_json is not None:
         metrics["data"] = {"format": "coco", "path": str(data_json), "images": "", "split": ""}
+    metrics.update(metrics_keys)
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if config is not None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     if detections is not None:
         (run_dir / "detections.json").write_text(json.dumps(detections))
     return run_dir

@@ -232,6 +232,7 @@ def test_runs_that_differ_in_proposals_get_a_sweep_figure(tmp_path):
     md_path, _ = make_report(runs, tmp_path / "report", timestamp="T", num_grid_images=0)
     md = md_path.read_text()
     assert "| k10 | Fast R-CNN | efficientnet_lite0 | cpu | 3 | top-10 proposals |" in md
+    assert "These runs are not like for like: proposal top_k 10 (k10) vs 100 (k100) vs all (k0)." in md
     assert "| all proposals |" in md and "proposals_sweep.png" in md
     assert (tmp_path / "report" / "proposals_sweep.png").is_file()
     # each run's proposal recall@0.5 at the number of proposals its detector scored (all: the largest k)

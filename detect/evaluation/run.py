@@ -120,6 +120,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "train_time_s": train_time_s,
         "proposal_recall": recall,
         "proposals": None if store is None else str(store.path),
+        "proposal_settings": detector.proposal_settings if store is None else store.settings,
         "data": data_spec or {},
         "skipped_images": skipped,  # unreadable images, scored as having no detections
     }

@@ -226,6 +226,12 @@ class ProposalStore:
         return len(self._index)
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The settings it was made with: meta.json less format, versions, counts, fingerprint, failures."""
+        skip = {"format", "version", "num_images", "num_boxes", "dataset_fingerprint", "failures"}
+        return {k: v for k, v in self.meta.items() if k not in skip and not k.endswith("_version")}
+
+    @property
     def image_ids(self) -> list[int]:
         """The store's image ids, in input order."""
         return self._index[:, 0].tolist()

@@ -2,33 +2,39 @@
 
 ``box_accuracy`` reads each run's detections.json against the dataset and computes, with
 ``detect.evaluation``: AP50 and AP75 with paired bootstrap 95% intervals over images, the
-difference to the first run (the reference: Fast R-CNN when R-CNN is there too), the drop
-from AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error breakdown.
+difference to the first run (the reference: ``detect.evaluation.bench.reference_index``), the
+drop from AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error breakdown.
 
-``findings`` turns those numbers, the bench and the FLOPs into sentences (a pure function of
-dicts, tested on fixed numbers). A difference whose interval contains 0 is reported as "no
-significant difference". ``explained_blocks`` is the report section showing them: AP against
-IoU, the interval table and the error breakdown.
-"""
+``like_for_like`` finds what the runs do not share: proposal store and settings, the top_k
+scored, validation set, backbone and weights, training images, schedule (``_setup``).
+
+``findings`` turns those numbers, the differences, the bench and the FLOPs into sentences (a
+pure function of dicts, tested on fixed numbers). A difference whose interval contains 0 is
+reported as "no significant difference"; each verdict names the differences between its runs,
+and the box-accuracy claim is judged only on like-for-like runs. ``explained_section`` is the
+report section showing the numbers: AP against IoU, the interval table and the error breakdown."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import json
 
 import numpy as np
 
 from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset
+from detect.evaluation.bench import reference_index
 from detect.evaluation.coco import class_of_category
 from detect.evaluation.errors import ERROR_TYPES, error_breakdown
 from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
 from detect.report import figures
-from detect.report.render import Figure, Heading, Table, Text
+from detect.report.render import Figure, Heading, Section, Table, Text
 from detect.report.runs import Run
 
-NAMES = {"fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN"}
 NUM_RESAMPLES = 1000
+# An AP50 whose 95% interval reaches below this is near zero: its drop to AP75 is bounded by
+# the AP50 itself, so a smaller drop there says nothing about the boxes.
+FLOOR_AP50 = 0.05
 
 
 def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
@@ -50,12 +56,75 @@ def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
 
 
 def reference_first(runs: list[Run]) -> list[Run]:
-    """The runs with the reference first: Fast R-CNN when R-CNN is there too, else as given."""
-    kinds = [r.detector for r in runs]
-    if "fast_rcnn" in kinds and "rcnn" in kinds:
-        i = kinds.index("fast_rcnn")
-        return [runs[i]] + runs[:i] + runs[i + 1:]
-    return list(runs)
+    """The runs with the reference (``detect.evaluation.bench.reference_index``) first."""
+    i = reference_index([r.detector for r in runs])
+    return [runs[i]] + runs[:i] + runs[i + 1:]
+
+
+def _schedule(run: Run) -> str | None:
+    """The fine-tuning schedule of the run's config.yaml, in terms both detectors share (an
+    iteration is 128 RoIs at either paper's settings: [FRCN] 2 images x 64, [RCNN] 128 windows)."""
+    cfg = run.config or {}
+    t, r = cfg.get("train") or {}, cfg.get("rcnn") or {}
+    if run.detector == "rcnn":
+        steps = (r.get("ft_max_iter"), r.get("ft_batch_size"), r.get("ft_lr"), r.get("ft_steps"))
+    else:
+        rois = t.get("images_per_batch", 0) * t.get("rois_per_image", 0) or None
+        steps = (t.get("max_iter"), rois, t.get("lr"), t.get("steps"))
+    if None in steps:
+        return None
+    return f"{steps[0]} iterations of {steps[1]} RoIs at lr {steps[2]}, steps {steps[3]}"
+
+
+def _setup(run: Run) -> dict:
+    """What a comparison must hold equal, as this run records it (None: not recorded)."""
+    cfg = run.config or {}
+    train = (cfg.get("data") or {}).get("train")
+    settings = dict(run.proposal_settings or {})
+    cut = [k for k in ((run.test_settings or {}).get("proposal_top_k"), settings.pop("top_k", 0)) if k]
+    val = run.data or {}
+    return {
+        "proposal store": run.proposals or "none (selective search at test time)",
+        "proposal settings": settings or None,  # the store's, as meta.json records them
+        "proposal top_k": None if run.test_settings is None else str(min(cut)) if cut else "all",
+        "validation set": f"{val['path']} {val.get('split', '')}".rstrip() + f", {run.num_images} images"
+        if val.get("path") else None,
+        "backbone": None if run.backbone == "n/a" else run.backbone,
+        "backbone weights": (cfg.get("model") or {}).get("weights"),
+        "training images": None if not train else (f"{train.get('path')} {train.get('split', '')}".rstrip()
+                                                   + f", proposals {cfg['data'].get('train_proposals')}"),
+        "schedule": _schedule(run),
+    }
+
+
+def like_for_like(runs: list[Run]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """What ``runs`` do not share: {what: {run label: its value}} for each item of ``_setup``
+    that differs, and the items some run does not record (not checked)."""
+    setups = {r.label: _setup(r) for r in runs}
+    differ, unknown = {}, []
+    for what in next(iter(setups.values())):
+        values = {label: s[what] for label, s in setups.items()}
+        if any(v is None for v in values.values()):
+            unknown.append(what)
+        elif len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            if what == "proposal settings":  # name only the keys that differ
+                keys = sorted(k for k in set().union(*values.values())
+                              if len({str(v.get(k)) for v in values.values()}) > 1)
+                values = {label: ", ".join(f"{k} {v.get(k)}" for k in keys) for label, v in values.items()}
+            differ[what] = values
+    return differ, unknown
+
+
+def _versus(values: dict[str, str]) -> str:
+    """'2000 (a, b) vs 300 (c)'."""
+    by_value: dict[str, list[str]] = {}
+    for label, v in values.items():
+        by_value.setdefault(v, []).append(label)
+    return " vs ".join(f"{v} ({', '.join(labels)})" for v, labels in by_value.items())
+
+
+def _caveat(names: list[str]) -> str:
+    return f" Not like for like: they differ in {', '.join(names)}." if names else ""
 
 
 def box_accuracy(runs: list[Run], dataset: Dataset, *, num_resamples: int = NUM_RESAMPLES) -> dict:
@@ -86,9 +155,17 @@ def _ratio(r: dict) -> str:
     return f"{r['ratio']:.2f}x (95% CI {r['lo']:.2f}-{r['hi']:.2f})"
 
 
-def findings(acc: dict | None, bench: dict | None) -> list[str]:
-    """The report's opening sentences from ``box_accuracy``'s and ``detect bench``'s numbers."""
+def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, unknown: list[str] = ()) -> list[str]:
+    """The report's opening sentences from ``box_accuracy``'s and ``detect bench``'s numbers and
+    ``like_for_like``'s differences (``differ``) and unchecked items (``unknown``)."""
+    differ = differ or {}
     out: list[str] = []
+    if differ:
+        out.append("These runs are not like for like: " + "; ".join(f"{w} {_versus(v)}" for w, v in differ.items())
+                   + ". Every verdict below that depends on it says so.")
+    if unknown:
+        out.append("Not checked, as not every run folder records it (metrics.json, config.yaml): "
+                   + ", ".join(unknown) + ".")
     if acc is not None and len(acc["labels"]) >= 2:
         boot, labels = acc["bootstrap"], acc["labels"]
         ref = labels[0]
@@ -99,24 +176,27 @@ def findings(acc: dict | None, bench: dict | None) -> list[str]:
                 head = f"At {name}, {labels[i]} scores {_interval(a)} and {ref} {_interval(b)}: "
                 if _significant(d):
                     better, worse = (labels[i], ref) if d["value"] > 0 else (ref, labels[i])
-                    out.append(head + f"{better} is more accurate by {_pts(abs(d['value']))} points "
-                               f"(difference {_interval(d)}).")
+                    head += f"{better} is more accurate by {_pts(abs(d['value']))} points (difference {_interval(d)})."
                 else:
-                    out.append(head + f"no significant difference (difference {_interval(d)}, "
-                               "the interval contains 0).")
-        out.append(_localisation_claim(acc))
+                    head += f"no significant difference (difference {_interval(d)}, the interval contains 0)."
+                out.append(head + _caveat([w for w, v in differ.items() if v[labels[i]] != v[ref]]))
+        out.append(_localisation_claim(acc, list(differ), list(unknown)))
     elif acc is None:
         out.append("Accuracy intervals: not available (the runs need detections.json and the dataset).")
     if bench is not None:
+        # A speed ratio depends on the backbones and on the bench's own cut (its proposals are shared).
+        top_k = {e["name"]: (e.get("test_settings") or {}).get("proposal_top_k") for e in bench["detectors"]}
         for d in bench["detectors"]:
             r = d.get("ratio_to_reference")
             if not r:
                 continue
             flop = (f"; it needs {d['flops_ratio_to_reference']:.2f}x the FLOPs"
                     if "flops_ratio_to_reference" in d else "")
+            apart = (["backbone"] * ("backbone" in differ)
+                     + ["proposal top_k"] * (top_k[d["name"]] != top_k[bench["reference"]]))
             out.append(f"Speed ({bench['num_images']} images, interleaved): {d['name']} takes {_ratio(r['detector'])} "
                        f"the time of {bench['reference']} detector-only and {_ratio(r['end_to_end'])} end to end "
-                       f"with selective search{flop}.")
+                       f"with selective search{flop}." + _caveat(apart))
         paper = bench.get("paper_flops")
         if paper:
             out.append(f"At the papers' settings (VGG16, 2,000 proposals) R-CNN would need "
@@ -127,22 +207,40 @@ def findings(acc: dict | None, bench: dict | None) -> list[str]:
     return out
 
 
-def _localisation_claim(acc: dict) -> str:
-    """Whether the data support "Fast R-CNN localises boxes worse than R-CNN"."""
+def _drop_facts(acc: dict, i: int) -> str:
+    """Run i's fall from AP50 to AP75, in points and as a share of its AP50."""
+    drop, ap50 = acc["bootstrap"]["drop"][i], acc["bootstrap"]["ap"][i][0.5]["value"]
+    share = f"it loses {100 * drop['value'] / ap50:.0f}% of its AP50" if ap50 > 0 else "it has no AP50 to lose"
+    return f"{_interval(drop)} points for {acc['labels'][i]} ({share})"
+
+
+def _localisation_claim(acc: dict, differ: list[str], unknown: list[str]) -> str:
+    """Whether the data support "Fast R-CNN localises boxes worse than R-CNN": judged only on
+    runs shown to be like for like (``differ`` and ``unknown`` empty) whose AP50 are both clear
+    of the floor (``FLOOR_AP50``)."""
     kinds, labels = acc["kinds"], acc["labels"]
+    claim = "Claim \"Fast R-CNN localises boxes worse than R-CNN\": "
     if "fast_rcnn" not in kinds or "rcnn" not in kinds:
-        return "The claim \"Fast R-CNN localises boxes worse than R-CNN\" needs one run of each: not tested."
+        return claim + "needs one run of each: not tested."
     f, r = kinds.index("fast_rcnn"), kinds.index("rcnn")
     boot = acc["bootstrap"]
-    drop_f, drop_r = boot["drop"][f], boot["drop"][r]
+    loc_f, loc_r = acc["errors"][f]["dAP50"]["localisation"], acc["errors"][r]["dAP50"]["localisation"]
+    facts = (f"AP falls from IoU 0.5 to 0.75 by {_drop_facts(acc, f)} and {_drop_facts(acc, r)}; localisation "
+             f"errors cost {_pts(loc_f)} and {_pts(loc_r)} AP50 points (TIDE-style, no interval).")
+    floor = [labels[i] for i in (f, r) if boot["ap"][i][0.5]["lo"] < FLOOR_AP50]
+    if differ or unknown:
+        why = ([f"the runs differ in {', '.join(differ)}"] * bool(differ)
+               + [f"{', '.join(unknown)} not checked"] * bool(unknown))
+        return claim + (f"cannot be judged, as {' and '.join(why)} (box accuracy is compared on like-for-like "
+                        "runs only). " + facts)
+    if floor:
+        return claim + (f"cannot be judged: the AP50 of {' and '.join(floor)} is near zero (its 95% interval "
+                        f"reaches below {_pts(FLOOR_AP50)} points), so its drop to AP75 is bounded by its AP50, "
+                        "not by its boxes. " + facts)
     # diff_to_first is against the reference (index 0, Fast R-CNN here): R-CNN's drop minus Fast R-CNN's.
     d = boot["drop_diff_to_first"][r] if f == 0 else None
-    loc_f, loc_r = acc["errors"][f]["dAP50"]["localisation"], acc["errors"][r]["dAP50"]["localisation"]
-    facts = (f"AP falls from IoU 0.5 to 0.75 by {_interval(drop_f)} points for {labels[f]} and "
-             f"{_interval(drop_r)} for {labels[r]}; localisation errors cost {_pts(loc_f)} and {_pts(loc_r)} "
-             f"AP50 points (TIDE-style, no interval).")
     if d is None:
-        return "Claim \"Fast R-CNN localises boxes worse than R-CNN\": " + facts
+        return claim + facts
     fast_minus_rcnn = {"value": -d["value"], "lo": -d["hi"], "hi": -d["lo"]}
     if fast_minus_rcnn["lo"] > 0:
         verdict = "supported by these data: Fast R-CNN loses significantly more AP at strict IoU"
@@ -150,13 +248,12 @@ def _localisation_claim(acc: dict) -> str:
         verdict = "contradicted by these data: Fast R-CNN loses significantly less AP at strict IoU"
     else:
         verdict = "not supported by these data: no significant difference in the drop"
-    return (f"Claim \"Fast R-CNN localises boxes worse than R-CNN\": {verdict} "
-            f"(Fast R-CNN's drop minus R-CNN's: {_interval(fast_minus_rcnn)}). " + facts)
+    return claim + f"{verdict} (Fast R-CNN's drop minus R-CNN's: {_interval(fast_minus_rcnn)}). " + facts
 
 
-def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str, bytes]]:
+def explained_section(runs: list[Run], acc: dict | None) -> Section:
     """AP against IoU, AP50/AP75 with intervals, the error breakdown."""
-    section = SimpleNamespace(blocks=[Heading("Box accuracy explained")], pngs={})
+    section = Section([Heading("Box accuracy explained")])
     with_curve = [r for r in runs if r.ap_per_iou]
     if with_curve:
         section.pngs["ap_vs_iou.png"] = figures.ap_vs_iou(with_curve)
@@ -167,7 +264,7 @@ def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str,
     if acc is None:
         section.blocks.append(Text("Intervals and error breakdown: not available (they need every run's "
                                    "detections.json and the dataset)."))
-        return section.blocks, section.pngs
+        return section
     boot = acc["bootstrap"]
 
     def iv(d: dict) -> str:
@@ -188,4 +285,4 @@ def explained_blocks(runs: list[Run], acc: dict | None) -> tuple[list, dict[str,
                                                             acc["errors"])
     section.blocks.append(Figure("error_breakdown.png", "AP50 points each error type costs (count in "
                                  "brackets in the table): foreground IoU 0.5, background IoU 0.1."))
-    return section.blocks, section.pngs
+    return section

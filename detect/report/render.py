@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,6 +51,14 @@ class Table:
 class Figure:
     file_name: str  # PNG beside report.md
     caption: str
+
+
+@dataclass
+class Section:
+    """One part of the report: its blocks and its figures."""
+
+    blocks: list = field(default_factory=list)
+    pngs: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,8 +31,13 @@ and its part of the report then says "not available". (A scored results file, ``
      "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
                          "AR": [...], "MABO": [...]} | null,       # one value per top_k
      "proposals": str | null,          # the proposal store evaluated with (the viewer draws it)
+     "proposal_settings": {setting: value} | null,  # its settings (ProposalStore.settings), or
+                                       # selective search's when there was no store
      "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str,
               "classes": [class names]}}   # classes: VOC only, the evaluated class order
+
+``config.yaml`` (optional, ``detect train`` writes it): the resolved config, read as plain YAML
+for what ``detect.report.findings.like_for_like`` compares (weights, training data, schedule).
 
 ``detections.json`` (optional): the COCO results of the evaluated images, a list of
 ``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
@@ -54,9 +59,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from detect.common.fileio import read_json
 from detect.evaluation.coco import COCO_KEYS
-
 
 
 @dataclass(eq=False)
@@ -91,6 +97,8 @@ class Run:
     train_peak_mb: float | None = None  # peak memory while training (log.jsonl max_mem_mb)
     feature_cache_bytes: int | None = None  # R-CNN's feature cache on disk
     proposals: str | None = None  # the proposal store it was evaluated with, as metrics.json names it
+    proposal_settings: dict | None = None  # the settings of those proposals (metrics.json)
+    config: dict | None = None  # config.yaml beside metrics.json, as plain YAML
     label: str = ""  # unique display name (set by make_report)
     color: str = ""  # this run's colour in every figure (set by make_report)
 
@@ -215,8 +223,19 @@ def load_run(run_dir: str | Path) -> Run:
         ap_per_iou=_ap_per_iou(m, path),
         test_settings=_mapping(m, "test_settings", path),
         proposals=str(m["proposals"]) if m.get("proposals") else None,
+        proposal_settings=_mapping(m, "proposal_settings", path),
+        config=_config(run_dir / "config.yaml"),
         **_training_cost(run_dir),
     )
+
+
+def _config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected the resolved config (a YAML mapping), got {type(cfg).__name__}")
+    return cfg
 
 
 def _training_cost(run_dir: Path) -> dict:

@@ -19,7 +19,6 @@ then from the run folder.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
 from detect.report import figures, render
-from detect.report.findings import box_accuracy, explained_blocks, findings
-from detect.report.render import Figure, Heading, Table, Text
+from detect.report.findings import box_accuracy, explained_section, findings, like_for_like
+from detect.report.render import Figure, Heading, Section, Table, Text
 from detect.report.runs import Run, apply_bench, load_bench, load_run
 from detect.report.viewer import write_viewer
 
@@ -53,15 +52,7 @@ def _warn(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading run folders
-
-@dataclass
-class Section:
-    """One part of the report: its blocks (``detect.report.render``) and its figures."""
-
-    blocks: list = field(default_factory=list)
-    pngs: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
-
+# Number formats
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -163,13 +154,8 @@ def _accuracy_section(runs: list[Run]) -> Section:
     return section
 
 
-def _findings_section(acc: dict | None, bench: dict | None) -> Section:
-    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench)])
-
-
-def _explained_section(runs: list[Run], acc: dict | None) -> Section:
-    blocks, pngs = explained_blocks(runs, acc)
-    return Section(blocks, pngs)
+def _findings_section(runs: list[Run], acc: dict | None, bench: dict | None) -> Section:
+    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench, *like_for_like(runs))])
 
 
 def _ratio_text(r: dict) -> str:
@@ -486,8 +472,8 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
-        sections = [_findings_section(acc, bench_result), _runs_section(runs), _accuracy_section(runs),
-                    _explained_section(runs, acc), _speed_section(runs, bench_result),
+        sections = [_findings_section(runs, acc, bench_result), _runs_section(runs), _accuracy_section(runs),
+                    explained_section(runs, acc), _speed_section(runs, bench_result),
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]
     blocks: list = [Heading("Detector comparison", 1)]
