@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detect.models.backbones import BACKBONE_NAMES, FcHead, build_backbone, load_state_dict_file
+from detect.models.backbones import BACKBONE_NAMES, FcHead, _dilate_last_stage, build_backbone, load_state_dict_file
 
 # name -> (C, pooled head width without extra fc, S)
 EXPECTED = {
@@ -79,6 +79,38 @@ def test_fc_head_for_conv_backbones():
     backbone.head.eval()
     with torch.no_grad():
         assert backbone.head(torch.zeros(3, 112, 5, 5)).shape == (3, 64)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "vgg16"])
+def test_feature_stride_8_doubles_the_map(name):
+    backbone = build_backbone(name, weights="none", head_dim=64 if name != "vgg16" else 4096, feature_stride=8)
+    assert backbone.stride == 8
+    with torch.no_grad():
+        features = backbone.body.eval()(torch.zeros(1, 3, 128, 192))  # [1, C, 128 / 8, 192 / 8]
+    assert features.shape[2:] == (16, 24)
+
+
+def test_dilated_last_stage_equals_torchvisions_dilated_resnet():
+    """The atrous conversion of ResNet-50's layer3 is torchvision's replace_stride_with_dilation."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, False]).eval()
+    reference.load_state_dict(model.state_dict())
+    body = nn.Sequential(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool), model.layer1,
+                         model.layer2, model.layer3)
+    _dilate_last_stage(body)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = nn.Sequential(*list(reference.children())[:7])(x)  # conv1 .. layer3, stride 8
+        torch.testing.assert_close(body(x), expected)
+    assert expected.shape[2:] == (8, 12)
+
+
+def test_bad_feature_stride_raises():
+    with pytest.raises(ValueError, match="16 or 8"):
+        build_backbone("resnet18", feature_stride=32)
+    with pytest.raises(ValueError, match="not available for densenet121"):
+        build_backbone("densenet121", feature_stride=8)
 
 
 def test_fc_backbones_fix_roi_size_and_width():

@@ -30,6 +30,8 @@ def test_defaults_follow_the_papers():
     ("test:\n  nms_thresh: 1.5\n", "'test.nms_thresh' must be in [0, 1]"),
     ("proposals:\n  mode: slow\n", "'proposals.mode' must be fast, quality or single"),
     ("detector: yolo\n", "'detector' must be fast_rcnn or rcnn"),
+    ("model:\n  feature_stride: 4\n", "'model.feature_stride' must be 16 or 8"),
+    ("model:\n  roi_sampling_ratio: -1\n", "'model.roi_sampling_ratio' must be >= 0"),
     ("train: [1, 2]\n", "'train' must be a mapping"),
     ("train:\n  lr: [0.1\n", "malformed YAML"),
 ])
@@ -66,7 +68,9 @@ def test_a_key_the_detector_does_not_read_is_an_error_not_ignored(tmp_path):
 
 
 def test_saved_config_loads_back_identically(tmp_path):
-    cfg = load_config(None, ["train.lr=0.005", "model.backbone=resnet18"])
+    cfg = load_config(None, ["train.lr=0.005", "model.backbone=resnet18", "model.feature_stride=8",
+                             "model.roi_sampling_ratio=0", "model.roi_aligned=false"])
+    assert (cfg.model.feature_stride, cfg.model.roi_sampling_ratio, cfg.model.roi_aligned) == (8, 0, False)
     save_config(cfg, tmp_path / "out.yaml")
     assert load_config(tmp_path / "out.yaml") == cfg
 

@@ -108,9 +108,17 @@ class ModelConfig:
     # Freeze the backbone's first layers: [FRCN] fine-tunes VGG16 from conv3_1 up (so conv1
     # and conv2 stay frozen). Names are per backbone, see detect.models.backbones.
     freeze_at: str = "conv3_1"
+    # Stride of the conv feature map: [FRCN] 16. 8 (not in the papers, for small objects)
+    # dilates the body's last stage instead of striding it (detect.models.backbones).
+    feature_stride: int = 16
     # [FRCN] RoI max pooling to 7x7 (roi_pool); roi_align is an option.
     roi_op: str = "roi_pool"
     roi_size: int = 7
+    # roi_align only (torchvision.ops.roi_align): bilinear samples per bin side (2: torchvision's
+    # MultiScaleRoIAlign; 0 = adaptive, ceil(RoI size / S) as torchvision's own default), and
+    # aligned=True, the half-pixel shift of detectron2's ROIAlignV2 (False: Mask R-CNN's original).
+    roi_sampling_ratio: int = 2
+    roi_aligned: bool = True
     # Width of the two fc layers of the head when the backbone has none ([FRCN] fc6/fc7: 4096).
     head_dim: int = 4096
     # [FRCN] dropout 0.5 on fc6 and fc7 during training.
@@ -388,6 +396,8 @@ def validate(cfg: Config, source: str) -> None:
     m = cfg.model
     need(m.roi_op in ("roi_pool", "roi_align"), "model.roi_op", f"must be roi_pool or roi_align, got {m.roi_op!r}")
     need(m.roi_size > 0, "model.roi_size", "must be > 0")
+    need(m.feature_stride in (8, 16), "model.feature_stride", f"must be 16 or 8, got {m.feature_stride}")
+    need(m.roi_sampling_ratio >= 0, "model.roi_sampling_ratio", "must be >= 0 (0 = adaptive)")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     t = cfg.train
     need(t.images_per_batch > 0, "train.images_per_batch", "must be > 0")

@@ -7,6 +7,13 @@ one feature vector, on which the detector puts its classifier and box regressor.
     body:  normalised images [N, 3, H, W]  ->  feature map [N, C, ~H/16, ~W/16]
     head:  pooled RoI features [R, C, S, S] ->  [R, head_dim]
 
+``feature_stride = 8`` (not in the papers; for small objects) makes the body's last stride-2
+step stride 1 and dilates every later conv of that stage by 2, the "atrous" conversion of
+DeepLab (Chen et al. 2015) and of torchvision's ``replace_stride_with_dilation``: the same
+weights see the same receptive field on a map twice as fine, at about 4x that stage's cost. A
+stride-2 max-pool becomes 3x3 / stride 1 / pad 1 (DeepLab's pool4). densenet121's stride-16
+step is an average pool inside ``transition2``, and it raises ValueError.
+
 Backbones (``name``):
 - ``vgg16``: [FRCN] model L. Body = conv1_1 .. conv5_3 + ReLU (the last max-pool is removed,
   stride 16, C = 512). Head = fc6, fc7 (4096, ReLU, dropout) from the ImageNet classifier;
@@ -108,7 +115,7 @@ class Backbone:
     body: nn.Module  # normalised images [N, 3, H, W] -> feature map [N, C, H/stride, W/stride]
     head: nn.Module  # pooled RoI features [R, C, S, S] -> [R, head_dim]
     out_channels: int  # C
-    stride: int  # 16 for every backbone here
+    stride: int  # feature_stride: 16 (the papers') or 8
     head_dim: int  # width of the head's output
     roi_size: int  # S, the pooled size the head expects
     pixel_mean: tuple[float, float, float]  # RGB, 0..1 scale
@@ -136,15 +143,21 @@ class FcHead(nn.Module):
 
 
 def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", head_dim: int = 4096,
-                   dropout: float = 0.5, roi_size: int = 7) -> Backbone:
+                   dropout: float = 0.5, roi_size: int = 7, feature_stride: int = 16) -> Backbone:
     """Build backbone ``name`` with ``weights``, frozen before layer ``freeze_at`` (see module doc).
 
     ``roi_size`` is the pooled size S: it must be 7 for vgg16 and 6 for alexnet (their fc6
-    weights fix it); any S >= 1 works for the others. Raises ValueError for an unknown name,
-    weights name, freeze_at name or a head_dim the backbone cannot have.
+    weights fix it); any S >= 1 works for the others. ``feature_stride`` is 16 or 8 (the
+    body's last stage dilated, see the module doc). Raises ValueError for an unknown name,
+    weights name, freeze_at name, a head_dim the backbone cannot have or a stride it cannot give.
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+    if feature_stride not in (8, 16):
+        raise ValueError(f"feature_stride must be 16 or 8, got {feature_stride}")
+    if feature_stride == 8 and name == "densenet121":
+        raise ValueError("feature_stride 8 is not available for densenet121: its stride-16 step is "
+                         "transition2's 2x2 average pool, which has no dilated equivalent here")
     if roi_size < 1:
         raise ValueError(f"roi_size must be >= 1, got {roi_size}")
     if head_dim < 0:
@@ -174,8 +187,36 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
         backbone = Backbone(body=body, head=head, out_channels=channels, stride=16,
                             head_dim=head_dim if head_dim > 0 else pooled_dim, roi_size=roi_size,
                             pixel_mean=mean, pixel_std=std, crop_size=224)
+    if feature_stride == 8:
+        _dilate_last_stage(backbone.body)
+        backbone.stride = 8
     _freeze_before(name, stages, freeze_at)
     return backbone
+
+
+def _dilate_last_stage(body: nn.Sequential) -> None:
+    """Stride 16 -> 8, in place: from the body's last child holding a stride-2 layer on, stride-2
+    layers get stride 1 and every later conv wider than 1x1 gets dilation 2 (the module doc)."""
+    def strided(m: nn.Module) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and 2 in _pair(m.stride)
+
+    start = max(i for i, child in enumerate(body) if any(strided(m) for m in child.modules()))
+    seen_stride = False
+    for child in list(body)[start:]:
+        for m in child.modules():
+            if strided(m):
+                m.stride = (1, 1) if isinstance(m, nn.Conv2d) else 1
+                if isinstance(m, nn.MaxPool2d):
+                    m.kernel_size, m.padding = 3, 1  # DeepLab's pool4: 3x3, stride 1, pad 1
+                seen_stride = True
+            elif seen_stride and isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
+                m.dilation = (2, 2)
+                if m.padding == tuple((k - 1) // 2 for k in m.kernel_size):  # static "same" padding
+                    m.padding = tuple(k - 1 for k in m.kernel_size)  # 2 x (k - 1) / 2
+
+
+def _pair(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
 
 
 # ----------------------------------------------------------------------------------------------

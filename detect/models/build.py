@@ -32,7 +32,7 @@ def build_backbone_from(cfg: Config, *, weights: str | None = None) -> Backbone:
     m = cfg.model
     return build_backbone(m.backbone, weights=m.weights if weights is None else weights,
                           freeze_at=m.freeze_at, head_dim=m.head_dim, dropout=m.dropout,
-                          roi_size=m.roi_size)
+                          roi_size=m.roi_size, feature_stride=m.feature_stride)
 
 
 def _detector_kwargs(cfg: Config, class_names: list[str], category_ids: list[int] | None) -> dict:
@@ -48,7 +48,9 @@ def _detector_kwargs(cfg: Config, class_names: list[str], category_ids: list[int
 def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int] | None = None, *,
                     backbone: Backbone | None = None) -> FastRCNN:
     """The one place a ``FastRCNN`` is made from a config."""
-    return FastRCNN(backbone=backbone or build_backbone_from(cfg), roi_op=cfg.model.roi_op,
+    m = cfg.model
+    return FastRCNN(backbone=backbone or build_backbone_from(cfg), roi_op=m.roi_op,
+                    roi_sampling_ratio=m.roi_sampling_ratio, roi_aligned=m.roi_aligned,
                     bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale,
                     test_scales=cfg.test.scales,
                     test_max_size=cfg.test.max_size, **_detector_kwargs(cfg, class_names, category_ids))

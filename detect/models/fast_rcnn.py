@@ -87,12 +87,14 @@ class FastRCNN(Detector):
     and each proposal scored once, on the level where its scaled area is closest to 224 x 224
     (``assign_levels``). No scores are averaged or max-pooled over levels. ``detector_kwargs`` are ``Detector``'s (category ids, proposal settings, amp).
     ``roi_chunk`` bounds the RoIs run through the head at once at test time (the
-    memory of conv heads grows with R x S x S).
+    memory of conv heads grows with R x S x S). ``roi_sampling_ratio`` and ``roi_aligned`` are
+    ``torchvision.ops.roi_align``'s ``sampling_ratio`` and ``aligned`` (``roi_op="roi_align"`` only).
     """
 
     kind = "fast_rcnn"
 
     def __init__(self, *, backbone: Backbone, class_names: list[str], roi_op: str = "roi_pool",
+                 roi_sampling_ratio: int = 2, roi_aligned: bool = True,
                  bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
                  test_max_size: int = 1000, test_scales: Sequence[int] | None = None,
                  score_thresh: float = 0.05, nms_thresh: float = 0.3,
@@ -108,7 +110,10 @@ class FastRCNN(Detector):
             raise ValueError("test_scale(s), test_max_size and roi_chunk must be positive")
         self.body = backbone.body
         self.head = backbone.head
+        if roi_sampling_ratio < 0:
+            raise ValueError(f"roi_sampling_ratio must be >= 0 (0 = adaptive), got {roi_sampling_ratio}")
         self.roi_op = roi_op
+        self.roi_sampling_ratio, self.roi_aligned = roi_sampling_ratio, roi_aligned
         self.roi_size = backbone.roi_size
         self.stride = backbone.stride
         self.pixel_mean = tuple(backbone.pixel_mean)
@@ -129,7 +134,7 @@ class FastRCNN(Detector):
     def forward(self, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised images [N, 3, H, W] and rois [R, 5] (batch index, xyxy in those images'
         pixels) -> (class_logits [R, K+1], box_deltas [R, K, 4] normalised by bbox_std)."""
-        features = self.body(images)  # [N, C, H/16, W/16]
+        features = self.body(images)  # [N, C, H/stride, W/stride]
         return self.roi_heads(features, rois)
 
     def roi_heads(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,7 +145,7 @@ class FastRCNN(Detector):
             pooled = roi_pool(features, rois, self.roi_size, 1.0 / self.stride)  # [R, C, S, S]
         else:
             pooled = roi_align(features, rois, self.roi_size, 1.0 / self.stride,
-                               sampling_ratio=2, aligned=True)  # [R, C, S, S]
+                               sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)  # [R, C, S, S]
         x = self.head(pooled)  # [R, D]
         # The two output layers in float32, outside autocast: bf16 logits would quantise the
         # softmax scores into ties.
