@@ -15,7 +15,7 @@ Conventions used everywhere in the package:
 The layout, with every import running down this order (``tests/test_layout.py`` checks it):
 common -> data -> proposals -> models -> training | evaluation -> predict | report ->
 commands | demo -> cli. The names below are imported on first use, so that ``import
-detect.common.boxes`` (say, in a proposal worker) does not import torch models.
+detect.common.box_ops`` (say, in a proposal worker) does not import torch models.
 """
 
 from __future__ import annotations
