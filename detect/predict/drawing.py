@@ -21,6 +21,7 @@ from detect.data.datasets import ImageRecord
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.recall import best_proposals, counted_gt
 from detect.predict.outputs import safe_relative_name
+from detect.proposals.selective_search import first_proposals
 
 # Proposal recall: a ground-truth box some proposal reaches, one none reaches, and the best
 # proposal of each box (labelled with its IoU).
@@ -135,8 +136,7 @@ def write_recall_drawings(records: list[ImageRecord], get_proposals: Callable[[i
         except ImageReadError as e:
             warnings.warn(f"recall drawing skipped: {e}")
             continue
-        proposals = get_proposals(record.image_id)
-        proposals = proposals[:top_k] if top_k > 0 else proposals
+        proposals = first_proposals(get_proposals(record.image_id), top_k)
         name = safe_relative_name(record.file_name, Path(record.file_name).parent)
         path = out_dir / f"{record.image_id:06d}_{name}"
         write_jpeg(path, draw_proposal_recall(image, gt_boxes, proposals, iou=iou))

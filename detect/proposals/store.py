@@ -45,6 +45,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from detect.common.config import check_proposal_settings
 from detect.common.fileio import read_json
 
 FORMAT = "detect-proposals"
@@ -227,9 +228,8 @@ class ProposalStore:
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The settings it was made with: meta.json less format, versions, counts, fingerprint, failures."""
-        skip = {"format", "version", "num_images", "num_boxes", "dataset_fingerprint", "failures"}
-        return {k: v for k, v in self.meta.items() if k not in skip and not k.endswith("_version")}
+        """The selective-search settings it was made with (``check_proposal_settings``' keys in meta.json)."""
+        return {k: self.meta[k] for k in check_proposal_settings({}) if k in self.meta}
 
     @property
     def image_ids(self) -> list[int]:
