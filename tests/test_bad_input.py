@@ -29,7 +29,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers_fault import frcn_config, make_square_dataset
+from conftest import frcn_config, make_square_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -25,7 +25,7 @@ import shutil
 import pytest
 import torch
 
-from helpers_fault import (frcn_config, make_square_dataset, max_weight_difference, model_weights, rcnn_config,
+from conftest import (frcn_config, make_square_dataset, max_weight_difference, model_weights, rcnn_config,
                            run_ok, store_bytes, torchrun_cmd, write_config)
 
 pytestmark = [

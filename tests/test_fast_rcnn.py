@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +11,12 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import box_iou
 
+from conftest import frcn_config, make_square_dataset
+from detect.commands import train_from_config
 from detect.models.backbones import Backbone, FcHead
 from detect.common.box_ops import flip_boxes
 from detect.common.boxes import decode_boxes, encode_boxes
-from detect.common.config import Config, to_dict
+from detect.common.config import Config, from_dict, to_dict
 from detect.data.datasets import Dataset, ImageRecord
 from detect.models.detector import Detections
 from detect.models.build import build_fast_rcnn, build_from_checkpoint
@@ -464,13 +468,6 @@ def test_output_layers_stay_float32_under_autocast():
 
 def test_eval_period_logs_val_metrics(tmp_path):
     """train.eval_period: COCO AP / AP50 of the model being trained on data.val, in log.jsonl."""
-    import json
-
-    from helpers_fault import frcn_config, make_square_dataset
-
-    from detect.commands import train_from_config
-    from detect.common.config import from_dict
-
     train = make_square_dataset(tmp_path / "data", num_images=2, name="train")
     val = make_square_dataset(tmp_path / "data", num_images=2, name="val", seed=1)
     cfg = from_dict(frcn_config(train, val, max_iter=4, checkpoint_period=4, eval_period=2))

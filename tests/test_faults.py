@@ -1,7 +1,7 @@
 """Kill-and-restart tests: every long job survives SIGKILL at seeded points, and a full disk.
 
 Each job (``detect propose``, ``detect train`` for Fast R-CNN and for every R-CNN stage, ``detect
-predict``) runs as its own process (forked from a warm server, see ``helpers_fault.WarmJob``),
+predict``) runs as its own process (forked from a warm server, see ``conftest.WarmJob``),
 is killed with SIGKILL (its whole process group) at points drawn from a seeded generator (a
 count of finished units, then a seeded delay of a few ms, so the kill also lands inside writes),
 and is restarted with the same command. After every kill, every output a later run reads must
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_fault import (WarmJob, assert_outputs_intact, frcn_config, kill_when, make_square_dataset,
+from conftest import (WarmJob, assert_outputs_intact, frcn_config, kill_when, make_square_dataset,
                            model_weights, rcnn_config, run_warm, store_bytes, write_config)
 
 # In-process runs use one thread, as the warm jobs do: other thread counts sum convolutions in

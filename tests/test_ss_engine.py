@@ -5,7 +5,7 @@ import pytest
 
 from detect.proposals.ss.engine import selective_search_boxes
 from detect.proposals.ss.ranking import hierarchy_positions, rank_boxes
-from test_ss_segmentation import blocky_image
+from conftest import blocky_image
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 
 from detect.proposals.ss import features as feat
 from detect.proposals.ss import grouping
-from test_ss_segmentation import blocky_image, segment
+from conftest import blocky_image, segment
 
 
 def setup_case(seed, height=36, width=48, k=30, space="hsv"):

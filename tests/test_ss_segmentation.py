@@ -6,21 +6,8 @@ import numpy as np
 import pytest
 from scipy.ndimage import correlate1d
 
+from conftest import blocky_image, segment
 from detect.proposals.ss import segmentation as seg
-
-
-def blocky_image(rng, height, width, block=4, noise=20):
-    """Random colour blocks plus noise: uint8 [H, W, 3] with several segments."""
-    coarse = rng.integers(0, 256, ((height + block - 1) // block, (width + block - 1) // block, 3))
-    image = np.repeat(np.repeat(coarse, block, 0), block, 1)[:height, :width]
-    image = image + rng.integers(-noise, noise + 1, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def segment(image, k, min_size=None, edges=None):
-    """FH of a uint8 [H, W, C] image with min_size = k by default ([SS]), as the engine calls it."""
-    order, weights = edges if edges is not None else seg.sorted_edges(image)
-    return seg.segment_graph(order, weights, *image.shape[:2], float(k), int(k if min_size is None else min_size))
 
 
 # ---- the reference: plain Python loops, float32 arithmetic as in the original C++ ----------

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers_fault import frcn_config, make_square_dataset
+from conftest import frcn_config, make_square_dataset
 from torch import nn
 
 from detect.commands import train_from_config
