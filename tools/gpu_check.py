@@ -42,7 +42,6 @@ import datetime
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -51,6 +50,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 from detect.common.checkpoints import last_checkpoint
 from detect.common.fileio import write_json_atomic, write_text_atomic
@@ -228,15 +228,21 @@ def step_tests(c: Check) -> dict:
                    if "mark.gpu" in p.read_text(errors="replace"))
     if not files:
         raise StepError("no test file under tests/ holds a @pytest.mark.gpu test")
+    junit = c.out / "logs" / "pytest_gpu.xml"
     pytest_out = c.run("pytest_gpu", [c.python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                                      *files], check=False)
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", pytest_out)}
+                                      f"--junitxml={junit}", *files], check=False)
+    if not junit.is_file():
+        raise StepError(f"pytest -m gpu wrote no {junit}:\n{tail(pytest_out)}")
+    suite = ElementTree.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    totals = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts = {"passed": totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"],
+              "failed": totals["failures"], "errors": totals["errors"], "skipped": totals["skipped"]}
     install_out = c.run("check_install", [c.python, "-m", "detect.check_install"])
     result = {"test_files": files, "pytest": counts, "check_install": install_out.strip().splitlines()[-1]}
-    if counts.get("failed") or counts.get("error") or counts.get("errors") or not (counts.get("passed")
-                                                                                    or counts.get("skipped")):
+    if counts["failed"] or counts["errors"] or not (counts["passed"] or counts["skipped"]):
         raise StepError(f"pytest -m gpu: {counts}; see logs/pytest_gpu.log:\n{tail(pytest_out)}")
-    if c.args.device == "cuda" and counts.get("skipped"):
+    if c.args.device == "cuda" and counts["skipped"]:
         raise StepError(f"pytest -m gpu skipped tests on a CUDA machine: {counts}\n{tail(pytest_out)}")
     return result
 
@@ -363,7 +369,7 @@ def write_reference(c: Check, result: dict) -> None:
 
 
 DDP_PROBE = r"""
-import os, torch, torch.distributed as dist
+import json, os, torch, torch.distributed as dist
 cuda = os.environ["PROBE_DEVICE"] == "cuda"
 dist.init_process_group("nccl" if cuda else "gloo")
 device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
@@ -375,8 +381,10 @@ loss = model(torch.ones(4, 8, device=device)).square().sum()
 loss.backward()
 t = torch.ones(1, device=device)
 dist.all_reduce(t)
-print(f"DDP_PROBE backend={dist.get_backend()} world={dist.get_world_size()} all_reduce={t.item()} "
-      f"grad_finite={all(bool(p.grad.isfinite().all()) for p in model.parameters())}")
+if dist.get_rank() == 0:
+    with open(os.environ["PROBE_OUT"], "w") as f:
+        json.dump({"backend": dist.get_backend(), "world": dist.get_world_size(), "all_reduce": t.item(),
+                   "grad_finite": all(bool(p.grad.isfinite().all()) for p in model.parameters())}, f)
 dist.destroy_process_group()
 """
 
@@ -394,12 +402,15 @@ def step_torchrun(c: Check) -> dict:
     launcher = [c.python, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}"]
     probe_py = c.out / "logs" / "ddp_probe.py"
     probe_py.write_text(DDP_PROBE)
-    out = c.run("ddp_probe", [*launcher, str(probe_py)], env=c.env(PROBE_DEVICE=c.args.device, NCCL_DEBUG="INFO"))
-    m = re.search(r"DDP_PROBE backend=(\S+) world=(\d+) all_reduce=(\S+) grad_finite=(\S+)", out)
-    if not m or m.group(4) != "True":
-        raise StepError(f"DDP probe: no success line:\n{tail(out)}")
-    result = {"probe_backend": m.group(1), "probe_world": int(m.group(2)),
-              "nccl_info_lines": len(re.findall(r"NCCL INFO", out))}
+    probe_json = c.out / "logs" / "ddp_probe.json"
+    probe_json.unlink(missing_ok=True)
+    out = c.run("ddp_probe", [*launcher, str(probe_py)],
+                env=c.env(PROBE_DEVICE=c.args.device, PROBE_OUT=str(probe_json), NCCL_DEBUG="INFO"))
+    probe = json.loads(probe_json.read_text()) if probe_json.is_file() else {}
+    if not probe.get("grad_finite"):
+        raise StepError(f"DDP probe: no finite gradients or no {probe_json}:\n{tail(out)}")
+    result = {"probe_backend": probe["backend"], "probe_world": probe["world"],
+              "nccl_info_lines": out.count("NCCL INFO")}
     run_dir = c.out / "torchrun" / "fast_rcnn"
     shutil.rmtree(run_dir, ignore_errors=True)
     launcher[-1] = f"--master_port={free_port()}"
