@@ -35,7 +35,7 @@ def build_backbone_from(cfg: Config, *, weights: str | None = None) -> Backbone:
                           roi_size=m.roi_size, feature_stride=m.feature_stride)
 
 
-def _detector_kwargs(cfg: Config, class_names: list[str], category_ids: list[int] | None) -> dict:
+def _detector_settings(cfg: Config, class_names: list[str], category_ids: list[int] | None) -> dict:
     """What both detectors take from a config: classes, proposals, post-processing, AMP."""
     t = cfg.test
     return dict(class_names=list(class_names), category_ids=category_ids,
@@ -53,7 +53,7 @@ def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int]
                     roi_sampling_ratio=m.roi_sampling_ratio, roi_aligned=m.roi_aligned,
                     bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale,
                     test_scales=cfg.test.scales,
-                    test_max_size=cfg.test.max_size, **_detector_kwargs(cfg, class_names, category_ids))
+                    test_max_size=cfg.test.max_size, **_detector_settings(cfg, class_names, category_ids))
 
 
 def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: list[int] | None = None, *,
@@ -67,7 +67,7 @@ def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: l
                 feat_scale=float(extra["feat_scale"]), bbox_weight=extra["bbox_weight"],
                 bbox_bias=extra["bbox_bias"], bbox_target_mean=extra["bbox_target_mean"],
                 bbox_target_std=extra["bbox_target_std"], test_chunk=cfg.rcnn.test_chunk,
-                **_detector_kwargs(cfg, class_names, category_ids))
+                **_detector_settings(cfg, class_names, category_ids))
 
 
 def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: list[str] = ()) -> Detector:

@@ -85,7 +85,8 @@ class FastRCNN(Detector):
     600 / 1000). ``test_scales`` (several sizes, overriding ``test_scale``) is [FRCN]'s
     multi-scale test (Table 7: 480, 576, 688, 864, 1200): an image pyramid, one level per size,
     and each proposal scored once, on the level where its scaled area is closest to 224 x 224
-    (``assign_levels``). No scores are averaged or max-pooled over levels. ``detector_kwargs`` are ``Detector``'s (category ids, proposal settings, amp).
+    (``assign_levels``). No scores are averaged or max-pooled over levels.
+    The parameters from ``score_thresh`` on are ``Detector``'s.
     ``roi_chunk`` bounds the RoIs run through the head at once at test time (the
     memory of conv heads grows with R x S x S). ``roi_sampling_ratio`` and ``roi_aligned`` are
     ``torchvision.ops.roi_align``'s ``sampling_ratio`` and ``aligned`` (``roi_op="roi_align"`` only).
@@ -96,11 +97,16 @@ class FastRCNN(Detector):
     def __init__(self, *, backbone: Backbone, class_names: list[str], roi_op: str = "roi_pool",
                  roi_sampling_ratio: int = 2, roi_aligned: bool = True,
                  bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
-                 test_max_size: int = 1000, test_scales: Sequence[int] | None = None,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.3,
-                 detections_per_image: int = 100, roi_chunk: int = 1024, **detector_kwargs):
+                 test_max_size: int = 1000, test_scales: Sequence[int] | None = None, roi_chunk: int = 1024,
+                 score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
+                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
+                 proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
+                 amp: bool = True, box_regression: bool = True):
         super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                         detections_per_image=detections_per_image, **detector_kwargs)
+                         detections_per_image=detections_per_image, per_class_top_k=per_class_top_k,
+                         category_ids=category_ids, proposal_settings=proposal_settings,
+                         proposal_top_k=proposal_top_k, backbone_name=backbone_name, amp=amp,
+                         box_regression=box_regression)
         if roi_op not in ("roi_pool", "roi_align"):
             raise ValueError(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
         if len(bbox_std) != 4 or any(s <= 0 for s in bbox_std):

@@ -137,8 +137,7 @@ class RCNN(Detector):
     [K, D5, 4] and ``bbox_bias`` [K, 4] act on raw flattened pool5 and give normalised deltas,
     de-normalised with ``bbox_target_mean`` / ``bbox_target_std`` [K, 4]. All are buffers, so
     ``.to(device)`` moves them; they are not in ``state_dict()`` (the checkpoint keeps them in
-    ``extra``). ``detector_kwargs`` are ``Detector``'s (category ids, proposal settings and
-    ``proposal_top_k``, amp).
+    ``extra``). The parameters from ``score_thresh`` on are ``Detector``'s.
     """
 
     kind = "rcnn"
@@ -147,9 +146,14 @@ class RCNN(Detector):
                  svm_weight: Tensor, svm_bias: Tensor, feat_scale: float, bbox_weight: Tensor, bbox_bias: Tensor,
                  bbox_target_mean: Tensor, bbox_target_std: Tensor, test_chunk: int = 512,
                  score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
-                 **detector_kwargs):
+                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
+                 proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
+                 amp: bool = True, box_regression: bool = True):
         super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                         detections_per_image=detections_per_image, **detector_kwargs)
+                         detections_per_image=detections_per_image, per_class_top_k=per_class_top_k,
+                         category_ids=category_ids, proposal_settings=proposal_settings,
+                         proposal_top_k=proposal_top_k, backbone_name=backbone_name, amp=amp,
+                         box_regression=box_regression)
         k, d = len(class_names), backbone.head_dim
         d5 = backbone.out_channels * backbone.roi_size ** 2
         for name, t, shape in (("svm_weight", svm_weight, (k, d)), ("svm_bias", svm_bias, (k,)),
