@@ -2,7 +2,8 @@
 
 This file declares the flags; ``detect.commands`` has one function per subcommand (``demo``:
 ``detect.demo``). Errors we expect (bad config, bad dataset, bad checkpoint, a full disk)
-print one clear line naming the file or key and exit with status 2.
+print one clear line naming the file or key and exit with status 2; anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -185,15 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = {"make-synthetic": commands.make_synthetic, "propose": commands.propose, "recall": commands.recall,
+            "tune-proposals": commands.tune_proposals, "eval": commands.evaluate, "bench": commands.bench,
+            "train": commands.train, "predict": commands.predict, "compare": commands.compare}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONHASHSEED", "0")
     # A warning is one line, as an error is (not Python's header and source line).
     warnings.showwarning = lambda message, *_: print(f"detect {args.command}: warning: {message}", file=sys.stderr)
     try:
-        return _dispatch(args) or 0
-    # Expected failures (bad config, data or checkpoint; no network for weights; a full disk)
-    # print one line naming the file or key. Anything else is a bug and keeps its traceback.
+        if args.command == "demo":
+            return demo.run_demo(args.output_dir, device=args.device, run_command=main) or 0
+        return COMMANDS[args.command](args) or 0
     except (ConfigError, ImageReadError, OSError, ValueError) as e:
         print(f"detect {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -201,18 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"detect {args.command}: interrupted; finished outputs are kept, re-run to resume",
               file=sys.stderr)
         return 130
-
-
-COMMANDS = {"make-synthetic": commands.make_synthetic, "propose": commands.propose, "recall": commands.recall,
-            "tune-proposals": commands.tune_proposals,
-            "eval": commands.evaluate, "bench": commands.bench, "train": commands.train, "predict": commands.predict,
-            "compare": commands.compare}
-
-
-def _dispatch(args: argparse.Namespace) -> int | None:
-    if args.command == "demo":
-        return demo.run_demo(args.output_dir, device=args.device, run_command=main)
-    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

@@ -143,11 +143,6 @@ class Dataset:
         return len(self.records)
 
 
-# ----------------------------------------------------------------------------------------------
-# Loaders
-# ----------------------------------------------------------------------------------------------
-
-
 def load_dataset(fmt: str, path: str | os.PathLike, images: str | os.PathLike = "",
                  split: str = "", *, check_images: bool = False, classes: Sequence[str] | None = None) -> Dataset:
     """Load a dataset by format name, as the CLI flags and ``DatasetConfig`` give it.

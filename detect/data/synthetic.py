@@ -85,11 +85,6 @@ class SyntheticObject:
     visible_fraction: float
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing the dataset
-# ----------------------------------------------------------------------------------------------
-
-
 def make_synthetic(out_dir: str | Path, num_train: int, num_val: int, seed: int) -> tuple[Path, Path]:
     """Write the synthetic dataset into ``out_dir``; return the paths of train.json and val.json.
 
@@ -169,11 +164,6 @@ def _remove_images(image_dir: Path, first_index: int) -> None:
         match = re.fullmatch(r"(\d{6})\.png", path.name)
         if match and int(match.group(1)) >= first_index:
             path.unlink()
-
-
-# ----------------------------------------------------------------------------------------------
-# Drawing one image
-# ----------------------------------------------------------------------------------------------
 
 
 def generate_image(seed: int, split_index: int,

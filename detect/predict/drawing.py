@@ -54,8 +54,6 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, colors: list[tuple[int, int
     return canvas
 
 
-
-
 def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes: np.ndarray, *,
                          iou: float = 0.5, min_side: int = RECALL_MIN_SIDE) -> np.ndarray:
     """The ground truth ``gt_boxes`` [G, 4] and, for each box, the best of ``proposal_boxes``

@@ -14,12 +14,6 @@ import html
 import re
 from dataclasses import dataclass, field
 
-
-# ----------------------------------------------------------------------------------------------
-# Report blocks: each section builds these; render_markdown / render_html turn them into text
-# ----------------------------------------------------------------------------------------------
-
-
 _NUMERIC = re.compile(r"^(n/a|-|[-+]?[\d,]*\.?\d+(x| s| min| h)?)$")
 
 
@@ -59,11 +53,6 @@ class Section:
 
     blocks: list = field(default_factory=list)
     pngs: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
-
-
-# ----------------------------------------------------------------------------------------------
-# Document: Markdown and HTML
-# ----------------------------------------------------------------------------------------------
 
 
 def _md_cell(text: str) -> str:

@@ -45,17 +45,13 @@ for what ``detect.report.findings.like_for_like`` compares (weights, training da
 Test time per image "excluding proposals" is the sum of all stages but ``proposals``: the
 detectors' own cost, as [FRCN] Table 4 compares them (selective search is the same for both
 and costs seconds per image on a CPU).
-
-The detection grid loads the dataset named by the first run's ``data`` (or the ``data``
-argument) with ``detect.data.datasets.load_dataset`` and shows the first ``num_grid_images`` image ids
-(ascending) that have ground truth. Relative dataset paths are tried from the current folder,
-then from the run folder.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +59,18 @@ import yaml
 
 from detect.common.fileio import read_json
 from detect.evaluation.coco import COCO_KEYS
+
+
+def warn(message: str) -> None:
+    print(f"detect compare: warning: {message}", file=sys.stderr)
+
+
+def resolve_path(path: str, run_dir: Path) -> str:
+    """A path a run folder names: as given when it exists from the current folder (or is
+    absolute), else from ``run_dir`` when it exists there."""
+    if not Path(path).is_absolute() and not Path(path).exists() and (run_dir / path).exists():
+        return str(run_dir / path)
+    return path
 
 
 @dataclass(eq=False)
@@ -306,8 +314,3 @@ def apply_bench(runs: list[Run], bench: dict) -> list[Run]:
                 matched.append(run)
                 break
     return matched
-
-
-# ----------------------------------------------------------------------------------------------
-# Section contents and number formats
-# ----------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ then from the run folder.
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from detect.evaluation.coco import class_of_category
 from detect.report import figures, render
 from detect.report.findings import box_accuracy, explained_section, findings, like_for_like
 from detect.report.render import Figure, Heading, Section, Table, Text
-from detect.report.runs import Run, apply_bench, load_bench, load_run
+from detect.report.runs import Run, apply_bench, load_bench, load_run, resolve_path, warn
 from detect.report.viewer import write_viewer
 
 ACCURACY_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
@@ -44,15 +43,6 @@ DETECTOR_NAMES = {"fast_rcnn": "Fast R-CNN", "rcnn": "R-CNN"}
 GRID_SCORE_THRESH = 0.5  # detections drawn in the grid: score >= this ...
 GRID_MAX_DETECTIONS = 10  # ... and at most this many per image, best first
 
-
-
-
-def _warn(message: str) -> None:
-    print(f"detect compare: warning: {message}", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------
-# Number formats
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -85,11 +75,6 @@ def _union(names) -> list[str]:
 
 def _detector_name(kind: str) -> str:
     return DETECTOR_NAMES.get(kind, kind)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sections
-# ----------------------------------------------------------------------------------------------
 
 
 def _settings_text(settings: dict | None) -> str:
@@ -321,17 +306,6 @@ def _proposal_section(runs: list[Run]) -> Section:
     return section
 
 
-def _resolve_data(spec: dict[str, str], run_dir: Path | None) -> dict[str, str]:
-    """Relative dataset paths: from the current folder if they exist there, else from ``run_dir``."""
-    spec = dict(spec)
-    for key in ("path", "images"):
-        value = spec.get(key, "")
-        if value and not Path(value).is_absolute() and not Path(value).exists() and run_dir:
-            if (run_dir / value).exists():
-                spec[key] = str(run_dir / value)
-    return spec
-
-
 def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset | None, str]:
     """The dataset of the detection grid, or None and the reason why not.
 
@@ -345,14 +319,15 @@ def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset
         if owner is None:
             return None, "no \"data\" in metrics.json; pass --data"
         data, run_dir = owner.data, owner.run_dir
-    data = _resolve_data(data, run_dir)
+    if run_dir is not None:  # relative paths: from the current folder, else from the run folder
+        data = {**data, **{k: resolve_path(data[k], run_dir) for k in ("path", "images") if data.get(k)}}
     try:
         return load_dataset(data.get("format", "coco"), data["path"], data.get("images", ""),
                             data.get("split", ""), classes=data.get("classes") or None), ""
     except (FileNotFoundError, ValueError, ImageReadError, OSError) as e:
         if explicit:
             raise
-        _warn(f"detection grid skipped: dataset {data['path']!r} could not be loaded ({e})")
+        warn(f"detection grid skipped: dataset {data['path']!r} could not be loaded ({e})")
         return None, f"dataset {data['path']} could not be loaded; pass --data"
 
 
@@ -372,9 +347,7 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
 
     image_ids = {r.image_id for r in records}
     classes = class_of_category(dataset.category_ids)
-    detections_per_run: list[dict[int, list] | None] = []
-    for run in runs:
-        detections_per_run.append(_grid_detections(run, image_ids, classes))
+    detections_per_run = [_grid_detections(run, image_ids, classes) for run in runs]
     missing = [r.label for r, d in zip(runs, detections_per_run) if d is None]
     if missing:
         section.blocks.append(Text("Detections not available for: " + ", ".join(missing) + "."))
@@ -401,10 +374,10 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
     try:
         entries = read_json(run.detections_path)
     except ValueError as e:
-        _warn(f"{e}; its detections are left out of the grid")
+        warn(f"{e}; its detections are left out of the grid")
         return None
     if not isinstance(entries, list):
-        _warn(f"{run.detections_path}: expected a list of COCO results; left out of the grid")
+        warn(f"{run.detections_path}: expected a list of COCO results; left out of the grid")
         return None
     by_image: dict[int, list] = {i: [] for i in image_ids}
     malformed = unknown = 0
@@ -424,17 +397,12 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
             box = tuple(xywh_to_xyxy(np.array([[x, y, w, h]], np.float64))[0].tolist())
             by_image[image_id].append((score, classes[category_id], box))
     if malformed or unknown:
-        _warn(f"{run.detections_path}: skipped {malformed} malformed entries and {unknown} with a "
+        warn(f"{run.detections_path}: skipped {malformed} malformed entries and {unknown} with a "
               "category id not in the dataset")
     for image_id, dets in by_image.items():
         dets.sort(key=lambda d: -d[0])  # stable: ties keep file order
         by_image[image_id] = dets[:GRID_MAX_DETECTIONS]
     return by_image
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry points
-# ----------------------------------------------------------------------------------------------
 
 
 def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None = None,
@@ -459,7 +427,7 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         run.label = run.name if seen[run.name] == 1 else f"{run.name} ({seen[run.name]})"
     bench_result = load_bench(bench) if bench else None
     if bench_result is not None and not apply_bench(runs, bench_result):
-        _warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
+        warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
     want_data = num_grid_images > 0 or all(r.detections_path for r in runs)
     dataset, reason = _grid_dataset(runs, data) if want_data else (None, "")
     acc = None
@@ -467,7 +435,7 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         try:
             acc = box_accuracy(runs, dataset)
         except (KeyError, TypeError, ValueError) as e:
-            _warn(f"box-accuracy analysis skipped: a detections.json does not match the dataset ({e})")
+            warn(f"box-accuracy analysis skipped: a detections.json does not match the dataset ({e})")
     if timestamp is None:
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ from detect.evaluation.errors import classify_detections, per_image_ap50
 from detect.evaluation.recall import first_covering
 from detect.proposals.store import ProposalStore
 from detect.report.findings import image_boxes, reference_first
-from detect.report.runs import Run
+from detect.report.runs import Run, resolve_path, warn
 
 VIEW_SIZE = 512  # longer side of the viewer's images, pixels (smaller images are kept as they are)
 JPEG_QUALITY = 85
@@ -64,10 +63,6 @@ TEMPLATE = Path(__file__).with_name("viewer_template.html")
 FOLDER = "viewer"  # beside viewer.html: img/NNNNNN.jpg and data/NNNNNN.js when not embedded
 
 
-def _warn(message: str) -> None:
-    print(f"detect compare: warning: {message}", file=sys.stderr)
-
-
 def _stores(runs: list[Run], dataset: Dataset, override: str) -> tuple[list[ProposalStore], list[int]]:
     """The distinct proposal stores of the runs (``override``, else each run's metrics.json
     "proposals"; relative paths from the current folder, else the run folder) and each run's
@@ -75,19 +70,17 @@ def _stores(runs: list[Run], dataset: Dataset, override: str) -> tuple[list[Prop
     stores, paths, index = [], [], []
     for run in runs:
         name = override or run.proposals
-        path = Path(name) if name else None
-        if path is not None and not path.is_absolute() and not path.exists() and (run.run_dir / path).exists():
-            path = run.run_dir / path
-        if path is None:
+        if not name:
             index.append(-1)
             continue
+        path = resolve_path(name, run.run_dir)
         key = os.path.realpath(path)
         if key not in paths:
             try:
                 store = ProposalStore(path)
                 store.check_dataset(dataset)
             except (OSError, ValueError) as e:
-                _warn(f"viewer: no proposals for {run.label} ({e})")
+                warn(f"viewer: no proposals for {run.label} ({e})")
                 index.append(-1)
                 continue
             stores.append(store)
@@ -208,7 +201,7 @@ def write_viewer(runs: list[Run], dataset: Dataset, output_dir: str | Path, *, p
     if not embed:
         partial.rename(folder)
     if unreadable:
-        _warn(f"viewer: {unreadable} unreadable image(s) shown as grey frames")
+        warn(f"viewer: {unreadable} unreadable image(s) shown as grey frames")
     page = TEMPLATE.read_text(encoding="utf-8").replace("__VIEWER_DATA__", _script_json(data))
     path = output_dir / "viewer.html"
     write_text_atomic(path, page)
