@@ -112,18 +112,20 @@ class ImageRecord:
     gt_areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
 
 
+def gt_flags(values: np.ndarray, num_gt: int) -> np.ndarray:
+    """A record's per-box flags (``gt_difficult``, ``gt_crowd``) as bool [G]; empty (the
+    default of a record built without them) means none set."""
+    values = np.asarray(values, bool).reshape(-1)
+    return values if len(values) else np.zeros(num_gt, bool)
+
+
 def training_gt(record: ImageRecord, use_difficult: bool) -> np.ndarray:
     """Mask [G] of the gt boxes of ``record`` that training learns from: all but crowd boxes,
     and but VOC difficult ones when ``use_difficult`` is False."""
     num_gt = len(np.asarray(record.gt_boxes).reshape(-1, 4))
-
-    def flags(values: np.ndarray) -> np.ndarray:
-        values = np.asarray(values, bool).reshape(-1)
-        return values if values.shape == (num_gt,) else np.zeros(num_gt, bool)  # empty: none
-
-    keep = ~flags(record.gt_crowd)
+    keep = ~gt_flags(record.gt_crowd, num_gt)
     if not use_difficult:
-        keep &= ~flags(record.gt_difficult)
+        keep &= ~gt_flags(record.gt_difficult, num_gt)
     return keep
 
 

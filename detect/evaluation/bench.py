@@ -174,6 +174,11 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
     return result
 
 
+def ratio_text(r: dict) -> str:
+    """A ``ratio_of_medians`` result as "1.23x (95% CI 1.10-1.40)"."""
+    return f"{r['ratio']:.2f}x (95% CI {r['lo']:.2f}-{r['hi']:.2f})"
+
+
 def format_bench(result: dict) -> str:
     """A plain-text table of a bench result (what ``detect bench`` prints)."""
     lines = [f"{result['num_images']} image(s) after {result['warmup']} warm-up, proposals from "
@@ -185,8 +190,7 @@ def format_bench(result: dict) -> str:
         for s, v in list(d["stages"].items()) + [(DETECTOR_TOTAL, d[DETECTOR_TOTAL]), (END_TO_END, d[END_TO_END])]:
             lines.append(f"  {s}: {v['median']:.1f} [{v['p10']:.1f}, {v['p90']:.1f}]")
         for key, r in d.get("ratio_to_reference", {}).items():
-            lines.append(f"  {key} time / {result['reference']}: {r['ratio']:.2f}x "
-                         f"(95% CI {r['lo']:.2f}-{r['hi']:.2f})")
+            lines.append(f"  {key} time / {result['reference']}: {ratio_text(r)}")
         if "flops_total" in d:
             lines.append(f"  GFLOPs per image: {d['flops_total'] / 1e9:.2f} "
                          f"({d['flops_ratio_to_reference']:.2f}x {result['reference']})")

@@ -30,7 +30,7 @@ import numpy as np
 
 from detect.common.box_ops import xyxy_to_xywh
 from detect.common.fileio import read_json, write_text_atomic
-from detect.data.datasets import Dataset
+from detect.data.datasets import Dataset, gt_flags
 from detect.models.detector import Detections
 
 # pycocotools' stats[0:9], in its order.
@@ -307,7 +307,8 @@ def dataset_to_coco(dataset: Dataset) -> dict:
         areas = record.gt_areas.tolist() if len(record.gt_areas) == len(record.gt_boxes) else []
         boxes = xyxy_to_xywh(np.asarray(record.gt_boxes, np.float64)).tolist()
         cats = category_ids_of(record.gt_classes, dataset.category_ids, f"image id {record.image_id}")
-        for j, (bbox, category_id, difficult) in enumerate(zip(boxes, cats, record.gt_difficult.tolist())):
+        difficult_flags = gt_flags(record.gt_difficult, len(boxes)).tolist()
+        for j, (bbox, category_id, difficult) in enumerate(zip(boxes, cats, difficult_flags)):
             area = areas[j] if areas and areas[j] > 0 else bbox[2] * bbox[3]  # NaN > 0 is False: the box area
             annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
                                 "category_id": category_id, "bbox": bbox, "area": area, "iscrowd": int(difficult)})

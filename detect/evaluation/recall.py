@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from detect.common.box_ops import box_iou
+from detect.data.datasets import gt_flags
 
 RECALL_TOP_KS = (100, 300, 1000, 2000)
 LOW_RECALL = 0.8  # recall@0.5 under which `detect propose`, `recall` and `train` warn
@@ -137,9 +138,7 @@ def counted_gt(record) -> tuple[np.ndarray, np.ndarray]:
     """The GT boxes [G, 4] xyxy and classes [G] that recall counts: all but difficult / crowd."""
     gt_boxes = np.asarray(record.gt_boxes, dtype=np.float32).reshape(-1, 4)
     gt_classes = np.asarray(record.gt_classes, dtype=np.int64).reshape(-1)
-    difficult = np.asarray(record.gt_difficult, dtype=bool).reshape(-1)
-    if len(difficult) == 0:  # ImageRecord's default: no flags given, none difficult
-        difficult = np.zeros(len(gt_boxes), dtype=bool)
+    difficult = gt_flags(record.gt_difficult, len(gt_boxes))
     if len(difficult) != len(gt_boxes) or len(gt_classes) != len(gt_boxes):
         raise ValueError(f"image {record.image_id} ({record.file_name}): {len(gt_boxes)} GT boxes but "
                          f"{len(gt_classes)} classes and {len(difficult)} difficult flags")

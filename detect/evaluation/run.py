@@ -30,8 +30,7 @@ from detect.models.detector import Detections, Detector, StageTimer
 TIMING_WARMUP = 3  # images left out of the medians: the first calls pay for allocation and caches
 
 
-def run_detector(detector: Detector, records: list[ImageRecord], *, store=None,
-                 timer: StageTimer | None = None, progress: bool = True,
+def run_detector(detector: Detector, records: list[ImageRecord], *, store=None, progress: bool = True,
                  per_image_ms: list[dict[str, float]] | None = None,
                  skipped: list[dict] | None = None) -> dict[int, Detections]:
     """Detect on every record (this rank's share under torchrun); returns {image_id: Detections}.
@@ -43,7 +42,6 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None,
     ``{"file", "reason"}`` appended to ``skipped`` (every rank's, on every rank). No rank
     raises for one, so the ranks stay in step for the final gather.
     """
-    timer = timer or StageTimer(detector.device)
     rank, world = rank_and_world()
     mine = records[rank::world]
     results: dict[int, Detections] = {}
@@ -57,15 +55,13 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None,
             results[rec.image_id] = Detections.empty()
             continue
         proposals = None
-        image_timer = StageTimer(detector.device)  # this image's stages, then added to ``timer``
+        timer = StageTimer(detector.device)  # this image's stages
         if store is not None:
-            with image_timer("proposal_load"):
+            with timer("proposal_load"):
                 proposals = store.get(rec.image_id)
-        results[rec.image_id] = detector.detect(image, proposals, timer=image_timer)
-        for stage, ms in image_timer.totals_ms.items():
-            timer.totals_ms[stage] = timer.totals_ms.get(stage, 0.0) + ms
+        results[rec.image_id] = detector.detect(image, proposals, timer=timer)
         if per_image_ms is not None:
-            per_image_ms.append(dict(image_timer.totals_ms))
+            per_image_ms.append(dict(timer.totals_ms))
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, (results, unreadable))
@@ -83,11 +79,10 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     output_dir = Path(output_dir)
     device = detector.device
     reset_peak_memory(device)
-    timer = StageTimer(device)
     per_image: list[dict[str, float]] = []
     t0 = time.perf_counter()
     skipped: list[dict] = []
-    detections = run_detector(detector, dataset.records, store=store, timer=timer, progress=progress,
+    detections = run_detector(detector, dataset.records, store=store, progress=progress,
                               per_image_ms=per_image, skipped=skipped)
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
@@ -97,24 +92,20 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     write_json_atomic(output_dir / "detections.json", results, indent=None)
     m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
     voc = evaluate_voc_metrics(dataset, detections)
-    recall = None
+    timings, recall = timing_lists(per_image), None
     if store is not None:  # also at the detector's own top-k (0: all, the store's largest count)
         own = detector.proposal_top_k or max((store.num_boxes(r.image_id) for r in dataset.records), default=1)
         recall = proposal_recall(dataset, store, top_ks=sorted({*RECALL_TOP_KS, max(own, 1)}))
     metrics = {
-        "detector": detector.kind, "name": name or output_dir.name,
-        "backbone": detector.backbone_name,
-        "device": device_name(device),
-        "num_parameters": sum(p.numel() for p in detector.parameters()),
-        "num_images": len(dataset), "num_detections": m["num_detections"],
-        "coco": {k: m[k] for k in COCO_KEYS},
-        "per_class_AP": m["per_class_AP"], "per_class_AP50": m["per_class_AP50"],
-        "pr_curve_50": m["pr_curve_50"],
-        "voc07": voc["voc07"], "voc": voc["voc"],
-        "ap_per_iou": m["ap_per_iou"],
+        "detector": detector.kind, "name": name or output_dir.name, "backbone": detector.backbone_name,
+        "device": device_name(device), "num_parameters": sum(p.numel() for p in detector.parameters()),
+        "num_images": len(dataset), "num_detections": m["num_detections"], "coco": {k: m[k] for k in COCO_KEYS},
+        **{k: m[k] for k in ("per_class_AP", "per_class_AP50", "pr_curve_50")},
+        "voc07": voc["voc07"], "voc": voc["voc"], "ap_per_iou": m["ap_per_iou"],
         "test_settings": {"box_regression": detector.box_regression, "proposal_top_k": detector.proposal_top_k},
-        "timing_ms_per_image": timer.per_image(len(dataset)),
-        **timing_lists(per_image),
+        "timing_ms_per_image": {s: sum(v) / max(len(dataset), 1)  # over every image, unreadable ones too
+                                for s, v in timings["timing_ms_per_image_list"].items()},
+        **timings,
         "images_per_second": len(dataset) / max(elapsed, 1e-9),
         "peak_memory_mb": peak_memory_mb(device),
         "train_time_s": train_time_s,

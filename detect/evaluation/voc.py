@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from detect.common.box_ops import box_iou, xywh_to_xyxy
-from detect.data.datasets import Dataset
+from detect.data.datasets import Dataset, gt_flags
 from detect.evaluation.coco import class_of_category
 from detect.models.detector import Detections
 
@@ -56,8 +56,8 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str) ->
     raise ValueError(f"unknown VOC metric {metric!r}: expected one of {METRICS}")
 
 
-def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.ndarray, np.ndarray]],
-             iou_thresh: float = 0.5) -> tuple[np.ndarray, np.ndarray, int]:
+def class_pr(dets: list[tuple[float, int, np.ndarray]],
+             gt: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, int]:
     """Recall [D'] and precision [D'] of one class (steps 1-3 of the module docstring; D' leaves
     out the detections on difficult boxes), and its number of non-difficult gt boxes.
     ``dets``: (score, image id, box [4]) of every detection of the class; ``gt``: image id ->
@@ -72,7 +72,7 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.n
         if len(boxes):
             ious = box_iou(box, boxes)[0]  # [G]
             j = int(np.argmax(ious))
-            if ious[j] > iou_thresh:
+            if ious[j] > 0.5:
                 if difficult[j]:
                     continue  # neither TP nor FP
                 tp.append(not matched[image_id][j])
@@ -88,8 +88,7 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]], gt: dict[int, tuple[np.n
     return recall, precision, num_pos
 
 
-def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], metrics=METRICS,
-                         iou_thresh: float = 0.5) -> dict[str, dict]:
+def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], metrics=METRICS) -> dict[str, dict]:
     """``{metric: {"mAP": float, "per_class_AP": {class name: float}}}`` of ``detections``
     (image id -> ``Detections``, labels 1..K) on ``dataset``; -1 for a class without
     non-difficult gt. Detections are matched once per class; the metrics differ only in how
@@ -102,16 +101,14 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], me
         gt = {}
         for record in dataset.records:
             mine = np.asarray(record.gt_classes).reshape(-1) == k
-            difficult = np.asarray(record.gt_difficult, bool).reshape(-1)
-            if difficult.shape != mine.shape:  # no flags given: none difficult
-                difficult = np.zeros(mine.shape, bool)
+            difficult = gt_flags(record.gt_difficult, len(mine))
             gt[record.image_id] = (np.asarray(record.gt_boxes).reshape(-1, 4)[mine], difficult[mine])
         dets = []
         for image_id, d in detections.items():
             labels = d.labels.cpu().numpy()
             boxes, scores = d.boxes.cpu().numpy()[labels == k], d.scores.cpu().numpy()[labels == k]
             dets.extend((float(s), image_id, b) for s, b in zip(scores, boxes))
-        recall, precision, num_pos = class_pr(dets, gt, iou_thresh)
+        recall, precision, num_pos = class_pr(dets, gt)
         for m in metrics:
             per_class[m][name] = average_precision(recall, precision, m) if num_pos else -1.0
     out = {}

@@ -70,8 +70,6 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
         raise ValueError(f"proposals for {out}: image ids listed twice: {ids[counts > 1][:5].tolist()}")
     if chunk_size < 1:
         raise ValueError(f"proposals: chunk_size must be >= 1, got {chunk_size}")
-    if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
-        raise ValueError(f"proposals: shard must be i/N with 0 <= i < N, got {shard[0]}/{shard[1]}")
     versions = {"code_version": __version__, "opencv_version": cv2.__version__, "numba_version": numba.__version__}
     meta = {**settings, **versions, "dataset_fingerprint": dataset_fingerprint(items)}
     partial = Path(f"{out}.partial")

@@ -125,11 +125,8 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
 
 
 class ProposalStore:
-    """Read-only access to a proposal store folder (format: module docstring).
-
-    Opening reads meta.json and index.npy and checks them against boxes.f32 and scores.f32; the
-    boxes stay on disk (memory-mapped) and ``get`` copies one image's rows.
-    """
+    """Read-only access to a proposal store folder (format: module docstring); opening checks
+    meta.json and index.npy against boxes.f32 and scores.f32."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -22,13 +22,13 @@ import numpy as np
 
 from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
-from detect.data.datasets import Dataset
-from detect.evaluation.bench import reference_index
+from detect.data.datasets import Dataset, gt_flags
+from detect.evaluation.bench import ratio_text, reference_index
 from detect.evaluation.coco import class_of_category
 from detect.evaluation.errors import ERROR_TYPES, error_breakdown
 from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
 from detect.report import figures
-from detect.report.render import Figure, Heading, Section, Table, Text
+from detect.report.render import Heading, Section, Table, Text
 from detect.report.runs import Run
 
 NUM_RESAMPLES = 1000
@@ -48,8 +48,9 @@ def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
     for rec in dataset.records:
         dets = by_image.get(rec.image_id, [])
         boxes = xywh_to_xyxy(np.array([d["bbox"] for d in dets], np.float64).reshape(-1, 4))
-        images.append(ImageBoxes(np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4), np.asarray(rec.gt_classes),
-                                 np.asarray(rec.gt_difficult, bool), np.asarray(boxes, np.float64),
+        gt_boxes = np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4)
+        images.append(ImageBoxes(gt_boxes, np.asarray(rec.gt_classes), gt_flags(rec.gt_difficult, len(gt_boxes)),
+                                 np.asarray(boxes, np.float64),
                                  np.array([d["score"] for d in dets], np.float64),
                                  np.array([classes[d["category_id"]] for d in dets], np.int64)))
     return images
@@ -151,10 +152,6 @@ def _significant(d: dict) -> bool:
     return d["lo"] > 0 or d["hi"] < 0
 
 
-def _ratio(r: dict) -> str:
-    return f"{r['ratio']:.2f}x (95% CI {r['lo']:.2f}-{r['hi']:.2f})"
-
-
 def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, unknown: list[str] = ()) -> list[str]:
     """The report's opening sentences from ``box_accuracy``'s and ``detect bench``'s numbers and
     ``like_for_like``'s differences (``differ``) and unchecked items (``unknown``)."""
@@ -194,8 +191,8 @@ def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, u
                     if "flops_ratio_to_reference" in d else "")
             apart = (["backbone"] * ("backbone" in differ)
                      + ["proposal top_k"] * (top_k[d["name"]] != top_k[bench["reference"]]))
-            out.append(f"Speed ({bench['num_images']} images, interleaved): {d['name']} takes {_ratio(r['detector'])} "
-                       f"the time of {bench['reference']} detector-only and {_ratio(r['end_to_end'])} end to end "
+            out.append(f"Speed ({bench['num_images']} images, interleaved): {d['name']} takes {ratio_text(r['detector'])} "
+                       f"the time of {bench['reference']} detector-only and {ratio_text(r['end_to_end'])} end to end "
                        f"with selective search{flop}." + _caveat(apart))
         paper = bench.get("paper_flops")
         if paper:
@@ -256,9 +253,8 @@ def explained_section(runs: list[Run], acc: dict | None) -> Section:
     section = Section([Heading("Box accuracy explained")])
     with_curve = [r for r in runs if r.ap_per_iou]
     if with_curve:
-        section.pngs["ap_vs_iou.png"] = figures.ap_vs_iou(with_curve)
-        section.blocks.append(Figure("ap_vs_iou.png", "AP against IoU threshold (0.50:0.95): the steeper the "
-                                     "fall, the looser the boxes."))
+        section.add_figure("ap_vs_iou.png", figures.ap_vs_iou(with_curve), "AP against IoU threshold "
+                           "(0.50:0.95): the steeper the fall, the looser the boxes.")
     else:
         section.blocks.append(Text("AP against IoU: not available (no ap_per_iou in metrics.json)."))
     if acc is None:
@@ -281,8 +277,8 @@ def explained_section(runs: list[Run], acc: dict | None) -> Section:
     section.blocks.append(Heading("Error breakdown (TIDE-style)", 3))
     section.blocks.append(Table(["run", *ERROR_TYPES], rows))
     colors = {r.label: r.color for r in runs}
-    section.pngs["error_breakdown.png"] = figures.error_bars(acc["labels"], [colors[x] for x in acc["labels"]],
-                                                            acc["errors"])
-    section.blocks.append(Figure("error_breakdown.png", "AP50 points each error type costs (count in "
-                                 "brackets in the table): foreground IoU 0.5, background IoU 0.1."))
+    section.add_figure("error_breakdown.png",
+                       figures.error_bars(acc["labels"], [colors[x] for x in acc["labels"]], acc["errors"]),
+                       "AP50 points each error type costs (count in brackets in the table): foreground "
+                       "IoU 0.5, background IoU 0.1.")
     return section

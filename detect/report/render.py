@@ -54,6 +54,10 @@ class Section:
     blocks: list = field(default_factory=list)
     pngs: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG bytes
 
+    def add_figure(self, file_name: str, png: bytes, caption: str) -> None:
+        self.pngs[file_name] = png
+        self.blocks.append(Figure(file_name, caption))
+
 
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")

@@ -31,7 +31,7 @@ from detect.data.images import ImageReadError
 from detect.evaluation.coco import class_of_category
 from detect.report import figures, render
 from detect.report.findings import box_accuracy, explained_section, findings, like_for_like
-from detect.report.render import Figure, Heading, Section, Table, Text
+from detect.report.render import Heading, Section, Table, Text
 from detect.report.runs import Run, apply_bench, load_bench, load_run, resolve_path, warn
 from detect.report.viewer import write_viewer
 
@@ -108,9 +108,8 @@ def _runs_section(runs: list[Run]) -> Section:
     sweeps = {k: v for k, v in sweeps.items()
               if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
     if sweeps:
-        section.pngs["proposals_sweep.png"] = figures.proposal_sweep(sweeps)
-        section.blocks.append(Figure("proposals_sweep.png", "AP50 and detector time per image against the "
-                                     "number of proposals (test-time ablation, [FRCN] Section 5.5)."))
+        section.add_figure("proposals_sweep.png", figures.proposal_sweep(sweeps), "AP50 and detector time per "
+                           "image against the number of proposals (test-time ablation, [FRCN] Section 5.5).")
     return section
 
 
@@ -134,8 +133,8 @@ def _accuracy_section(runs: list[Run]) -> Section:
     rows = [[c] + [_fmt(d.get(c)) for r in runs for d in (r.per_class_ap, r.per_class_ap50)]
             for c in class_names]
     section.blocks.append(Table(header, rows))
-    section.pngs["per_class_ap.png"] = figures.per_class_ap_bars(runs, class_names)
-    section.blocks.append(Figure("per_class_ap.png", "Per-class AP (IoU 0.50:0.95), one bar per run."))
+    section.add_figure("per_class_ap.png", figures.per_class_ap_bars(runs, class_names),
+                       "Per-class AP (IoU 0.50:0.95), one bar per run.")
     return section
 
 
@@ -246,11 +245,10 @@ def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
 
     if timed:
         all_stages = ["proposals"] * any("proposals" in r.timing_ms for r in timed) + stages
-        section.pngs["stage_times.png"] = figures.stage_bars(timed, all_stages)
-        section.blocks.append(Figure("stage_times.png", "Time per image by stage, selective search included."))
-        section.pngs["speed_vs_accuracy.png"] = figures.speed_vs_accuracy(timed)
-        section.blocks.append(Figure("speed_vs_accuracy.png", "AP50 against time per image: detector only "
-                                     "(filled) and end to end with selective search (hollow)."))
+        section.add_figure("stage_times.png", figures.stage_bars(timed, all_stages),
+                           "Time per image by stage, selective search included.")
+        section.add_figure("speed_vs_accuracy.png", figures.speed_vs_accuracy(timed), "AP50 against time per "
+                           "image: detector only (filled) and end to end with selective search (hollow).")
     return section
 
 
@@ -263,13 +261,11 @@ def _pr_section(runs: list[Run]) -> Section:
                                    + ", ".join(missing) + "."))
     if not with_pr:
         return section
-    section.pngs["pr_overall.png"] = figures.pr_overall(with_pr)
-    section.blocks.append(Figure("pr_overall.png", "All classes (mean precision over classes with "
-                                 "ground truth, 101 recall points, 100 detections per image)."))
+    section.add_figure("pr_overall.png", figures.pr_overall(with_pr), "All classes (mean precision over "
+                       "classes with ground truth, 101 recall points, 100 detections per image).")
     class_names = _union(c for r in with_pr for c in r.pr_precision if c != "all")
     if class_names:
-        section.pngs["pr_per_class.png"] = figures.pr_per_class(with_pr, class_names)
-        section.blocks.append(Figure("pr_per_class.png", "Per class."))
+        section.add_figure("pr_per_class.png", figures.pr_per_class(with_pr, class_names), "Per class.")
     return section
 
 
@@ -277,9 +273,7 @@ def _proposal_section(runs: list[Run]) -> Section:
     section = Section([Heading("Proposal recall")])
     # Runs that share one proposal store report the same figures: show each distinct set once.
     groups: list[tuple[list[Run], dict]] = []
-    for r in runs:
-        if r.proposal_recall is None:
-            continue
+    for r in (r for r in runs if r.proposal_recall is not None):
         match = next((g for g in groups if g[1] == r.proposal_recall), None)
         if match:
             match[0].append(r)
@@ -298,11 +292,9 @@ def _proposal_section(runs: list[Run]) -> Section:
             rows.append([label, f"{top_k:.0f}"] + [_fmt(recall[k][i]) if k in recall else "n/a"
                                                    for k in metrics])
     section.blocks.append(Table(["runs", "proposals per image", *metrics], rows))
-    section.pngs["proposal_recall.png"] = figures.proposal_recall(
-        labels, [members[0].color for members, _ in groups], [g for _, g in groups])
-    section.blocks.append(Figure("proposal_recall.png", "Recall of ground-truth boxes by the top-k "
-                                 "proposals (AR: average recall over IoU 0.5:0.95; MABO: mean "
-                                 "best overlap)."))
+    png = figures.proposal_recall(labels, [members[0].color for members, _ in groups], [g for _, g in groups])
+    section.add_figure("proposal_recall.png", png, "Recall of ground-truth boxes by the top-k proposals "
+                       "(AR: average recall over IoU 0.5:0.95; MABO: mean best overlap).")
     return section
 
 
@@ -351,13 +343,11 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
     missing = [r.label for r, d in zip(runs, detections_per_run) if d is None]
     if missing:
         section.blocks.append(Text("Detections not available for: " + ", ".join(missing) + "."))
-    section.pngs["detections.png"] = figures.detection_grid(records, dataset.class_names, runs,
-                                                          detections_per_run)
-    section.blocks.append(Figure(
-        "detections.png",
+    section.add_figure(
+        "detections.png", figures.detection_grid(records, dataset.class_names, runs, detections_per_run),
         f"The first {len(records)} val images (by image id) with ground truth; left the ground truth, "
         f"then each run's detections with score >= {GRID_SCORE_THRESH} (at most "
-        f"{GRID_MAX_DETECTIONS} per image, best first)."))
+        f"{GRID_MAX_DETECTIONS} per image, best first).")
     return section
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from detect.common.fileio import write_text_atomic
 from detect.common.palette import TAB10_HEX
-from detect.data.datasets import Dataset
+from detect.data.datasets import Dataset, gt_flags
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.errors import classify_detections, per_image_ap50
 from detect.evaluation.recall import first_covering
@@ -147,9 +147,7 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
     index, boxes = [], []
     for i, rec in enumerate(dataset.records):
         gt = np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4)
-        ignored = np.asarray(rec.gt_difficult, bool).reshape(-1)
-        if len(ignored) != len(gt):
-            ignored = np.zeros(len(gt), bool)
+        ignored = gt_flags(rec.gt_difficult, len(gt))
         classes = np.asarray(rec.gt_classes, np.int64).reshape(-1)
         props = [store.get(rec.image_id)[:k] for store, k in zip(stores, store_k)]
         boxes.append({"gt": [b + [int(c), int(g)] for b, c, g in zip(_ints(gt), classes, ignored)],
