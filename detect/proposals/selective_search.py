@@ -40,18 +40,15 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
                      threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of one image: float32 [R, 4] xyxy in pixels of ``image``.
 
-    ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). It is resized
-    (``resized_shape``), proposed on by ``engine`` in ``mode`` (its k values times ``k_scale``),
-    and the boxes are scaled back to the original pixels. Exact duplicates are dropped (the
-    first is kept, so the ranking is preserved), then boxes with a side under ``min_size``
-    pixels of the resized image; ``ranking`` "nms" then moves the boxes that greedy NMS at
-    ``nms_iou`` would suppress behind the others (``ss.ranking.near_duplicates_last``; "paper"
-    keeps the paper's order). Every box is kept: the detectors take the first ``top_k``
-    (``first_proposals``).
-    ``threads`` runs the hierarchies of this one image in parallel (our engine; same output). A
-    tiny image may give no box at all: shape [0, 4]. With ``return_scores``, also the boxes'
-    ranking values float32 [R] (ascending; OpenCV's engine: the rank position). It is
-    ``raw_proposals`` (the search) then ``finish_proposals`` (the cheap rest).
+    ``image`` is uint8 RGB [H, W, 3] (``detect.data.images.read_image``). ``raw_proposals``
+    resizes it (``resized_shape``), runs ``engine`` in ``mode`` (its k values times ``k_scale``;
+    ``threads``: this image's hierarchies in parallel, our engine, same output) and drops exact
+    duplicates, keeping the first; ``finish_proposals`` drops boxes with a side under
+    ``min_size`` pixels of the resized image, applies ``ranking`` ("nms": the boxes greedy NMS
+    at ``nms_iou`` would suppress go last, ``ss.ranking.near_duplicates_last``) and scales the
+    boxes back. Every box is kept: the detectors take the first ``top_k`` (``first_proposals``).
+    A tiny image may give shape [0, 4]. With ``return_scores``, also the ranking values float32
+    [R] (ascending; OpenCV's engine: the rank position).
     """
     raw = raw_proposals(image, engine=engine, mode=mode, resize=resize, resize_side=resize_side, seed=seed,
                         k_scale=k_scale, threads=threads)

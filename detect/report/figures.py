@@ -68,17 +68,14 @@ def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
                     color=run.color)
     rotate = num_classes > 6 or max(len(c) for c in class_names) > 10
     ax.set_xticks(x, class_names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-    ax.set_xlim(-0.6, num_classes - 0.4)
-    ax.set_ylim(0, min(1.0, top * 1.2 + 0.02))
-    ax.set_ylabel("AP (IoU 0.50:0.95)")
+    ax.set(xlim=(-0.6, num_classes - 0.4), ylim=(0, min(1.0, top * 1.2 + 0.02)), ylabel="AP (IoU 0.50:0.95)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9)
     return _png(fig)
 
 
 def _pr_axes(ax, title: str, fontsize: float) -> None:
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.05)
+    ax.set(xlim=(0, 1), ylim=(0, 1.05))
     ax.set_title(title, fontsize=fontsize)
     ax.grid(alpha=0.3)
 
@@ -93,8 +90,7 @@ def pr_overall(runs: list[Run]) -> bytes:
             ax.plot(run.pr_recall, run.pr_precision["all"], color=run.color, linewidth=2,
                     label=f"{run.label} (AP50 {ap50})")
     _pr_axes(ax, "all classes, IoU 0.5", 11)
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
+    ax.set(xlabel="recall", ylabel="precision")
     ax.legend(loc="lower left", fontsize=9)
     return _png(fig)
 
@@ -140,9 +136,8 @@ def proposal_recall(labels: list[str], colors: list[str], recalls: list[dict]) -
         ax.set_xscale("log")
         ax.set_xticks(top_k, [f"{k:g}" for k in top_k], fontsize=8)
         ax.minorticks_off()
-        ax.set_ylim(0, 1.05)
+        ax.set(ylim=(0, 1.05), xlabel="proposals per image")
         ax.set_title(metric, fontsize=11)
-        ax.set_xlabel("proposals per image")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall")
     axes[0].legend(fontsize=8, loc="lower right")
@@ -187,10 +182,7 @@ def detection_grid(records: list[ImageRecord], class_names: list[str], runs: lis
         for col in range(ncols):
             ax = axes[row, col]
             ax.imshow(image, extent=extent, interpolation="bilinear")
-            ax.set_xlim(0, record.width)
-            ax.set_ylim(record.height, 0)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xlim=(0, record.width), ylim=(record.height, 0), xticks=[], yticks=[])
             if col == 0:
                 for box, k in zip(record.gt_boxes.tolist(), record.gt_classes.tolist()):
                     _draw_box(ax, box, class_names[k - 1], GT_COLOR, record.height)
@@ -217,9 +209,7 @@ def ap_vs_iou(runs: list[Run]) -> bytes:
     ax = fig.add_subplot()
     for run in runs:
         ax.plot(run.ap_per_iou["iou"], run.ap_per_iou["AP"], "o-", color=run.color, label=run.label)
-    ax.set_xlabel("IoU threshold")
-    ax.set_ylabel("AP (mean over classes)")
-    ax.set_ylim(0, 1)
+    ax.set(xlabel="IoU threshold", ylabel="AP (mean over classes)", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     return _png(fig)
@@ -278,11 +268,8 @@ def speed_vs_accuracy(runs: list[Run]) -> bytes:
         ax.annotate(run.label, (run.test_ms, ap50), xytext=(6, 5), textcoords="offset points", fontsize=9,
                     color=run.color)
     if xs:
-        ax.set_xscale("log")
-        ax.set_xlim(min(xs) / 2, max(xs) * 2)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("ms per image (log scale)")
-    ax.set_ylabel("AP50")
+        ax.set(xscale="log", xlim=(min(xs) / 2, max(xs) * 2))
+    ax.set(ylim=(0, 1), xlabel="ms per image (log scale)", ylabel="AP50")
     ax.grid(alpha=0.3)
     ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color="#555", label="detector only"),
                        Line2D([], [], marker="o", linestyle="", mfc="none", color="#555",
@@ -305,9 +292,7 @@ def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
         ax_ap.plot(xs, [runs[i].coco["AP50"] or 0.0 for i in order], "o-", color=color, label=kind)
         ax_t.plot(xs, [runs[i].test_ms for i in order], "o-", color=color, label=kind)
     for ax, label in ((ax_ap, "AP50"), (ax_t, "detector ms per image")):
-        ax.set_xscale("log")
-        ax.set_xlabel("proposals per image (top-k; rightmost: all)")
-        ax.set_ylabel(label)
+        ax.set(xscale="log", xlabel="proposals per image (top-k; rightmost: all)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _png(fig)
@@ -350,12 +335,9 @@ def proposal_tuning(result: dict) -> bytes:
     for ax, xlabel in ((ax_boxes, "boxes per image (top_k budgets; log scale)"),
                        (ax_time, "seconds per image, one thread (log scale)")):
         ax.axhline(target, color="#555", linestyle="--", linewidth=1)
-        ax.set_xscale("log")
+        ax.set(xscale="log", xlabel=xlabel, ylabel=metric, ylim=(0, 1.02))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric)
-        ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     ax_boxes.legend(fontsize=6, loc="lower right")
     return _png(fig)

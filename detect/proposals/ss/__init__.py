@@ -1,7 +1,7 @@
 """Fast, deterministic selective search (Uijlings et al., IJCV 2013) in numpy + numba.
 
 ``engine.selective_search_boxes`` runs the pipeline on one image (``MODES``: the paper's modes);
-``detect.proposals.selective_search`` wraps it (resize, min size, ranking, top-k) beside
+``detect.proposals.selective_search`` wraps it (resize, min size, ranking) beside
 OpenCV's implementation. The stages: ``segmentation`` (Felzenszwalb-Huttenlocher), ``features``
 (colour spaces, histograms, adjacency), ``grouping`` (greedy hierarchical grouping),
 ``ranking`` (the paper's pseudo-random ranking).
