@@ -44,8 +44,8 @@ GRID_SCORE_THRESH = 0.5  # detections drawn in the grid: score >= this ...
 GRID_MAX_DETECTIONS = 10  # ... and at most this many per image, best first
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _fmt_ms(ms: float | None) -> str:
@@ -96,7 +96,7 @@ def _own_proposal_recall(r: Run) -> str:
 
 def _runs_section(runs: list[Run]) -> Section:
     rows = [[r.label, _detector_name(r.detector), r.backbone, r.device,
-             "n/a" if r.num_images is None else str(r.num_images), _settings_text(r.test_settings),
+             _fmt(r.num_images, ""), _settings_text(r.test_settings),
              _own_proposal_recall(r), str(r.run_dir)] for r in runs]
     section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
                                                "test settings", "proposal recall@0.5", "folder"], rows)])
@@ -195,8 +195,7 @@ def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
             ["training time"] + [_fmt_duration(r.train_time_s) for r in runs]]
     rows += [[f"training: {stage}"] + [_fmt_duration((r.train_stage_s or {}).get(stage)) for r in runs]
              for stage in train_stages]
-    rows += [["training peak memory, MB"] + ["n/a" if r.train_peak_mb is None else f"{r.train_peak_mb:,.0f}"
-                                            for r in runs],
+    rows += [["training peak memory, MB"] + [_fmt(r.train_peak_mb, ",.0f") for r in runs],
              ["feature cache on disk"] + ["-" if r.feature_cache_bytes is None
                                           else f"{r.feature_cache_bytes / 2**20:,.1f} MiB" for r in runs],
             ["proposals (selective search), ms/image"]
@@ -211,11 +210,9 @@ def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
     if len(timed) >= 2:
         rows.append(["relative to the fastest (excluding proposals)"]
                     + [_fmt_ratio(r.test_ms / fastest) if r.test_ms else "n/a" for r in runs])
-    rows += [["images/s"] + [_fmt(r.images_per_second, 2) for r in runs],
-             ["peak memory, MB"] + ["n/a" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.0f}"
-                                    for r in runs],
-             ["parameters"] + ["n/a" if r.num_parameters is None else f"{r.num_parameters:,}"
-                               for r in runs]]
+    rows += [["images/s"] + [_fmt(r.images_per_second, ".2f") for r in runs],
+             ["peak memory, MB"] + [_fmt(r.peak_memory_mb, ",.0f") for r in runs],
+             ["parameters"] + [_fmt(r.num_parameters, ",") for r in runs]]
     sources = "; ".join(sorted({f"{r.label}: {r.timing_source}" for r in timed})) or "none"
     section = Section([Heading("Speed"), Table(["", *[r.label for r in runs]], rows),
                        Text(f"Times are per test image ({sources}); peak memory is CUDA "
