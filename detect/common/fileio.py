@@ -1,8 +1,8 @@
 """Small file helpers: every output is written atomically (temporary file, then rename).
 
-Settings markers (``check_settings``, ``write_settings``) are the one resume check of every
-long job (proposals, predict, R-CNN stages, training runs, the synthetic dataset): each checks
-its folder with them before it reuses anything there.
+Settings markers (``check_settings``, ``write_settings``, ``start_or_resume``) are the one
+resume check of every long job (proposals, predict, R-CNN stages, training runs, the synthetic
+dataset): each checks its folder with them before it reuses anything there.
 """
 
 from __future__ import annotations
@@ -114,4 +114,11 @@ def check_settings(path: str | os.PathLike, settings: dict, *, hint: str) -> boo
 def write_settings(path: str | os.PathLike, settings: dict, **info: Any) -> None:
     """Write the marker ``{"settings": settings, **info}`` atomically (see ``check_settings``)."""
     write_json_atomic(path, {"settings": _as_json(settings), **info})
+
+
+def start_or_resume(path: str | os.PathLike, settings: dict, *, hint: str) -> None:
+    """A job's marker: check that a resumed job has the same ``settings`` (``check_settings``),
+    or write them when the job starts."""
+    if not check_settings(path, settings, hint=hint):
+        write_settings(path, settings)
 

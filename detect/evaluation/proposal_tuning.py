@@ -36,8 +36,8 @@ import numpy as np
 from tqdm import tqdm
 
 from detect import __version__
-from detect.common.fileio import (atomic_path, check_settings, write_bytes_atomic, write_json_atomic,
-                                  write_settings, write_text_atomic)
+from detect.common.fileio import (atomic_path, start_or_resume, write_bytes_atomic, write_json_atomic,
+                                  write_text_atomic)
 from detect.data.images import read_image
 from detect.evaluation.recall import counted_gt, data_arguments, match_at_top_ks, recall_summary
 from detect.proposals.selective_search import finish_proposals, raw_proposals, resized_shape
@@ -109,9 +109,8 @@ class SearchCache:
         job = {"engine": base["engine"], "resize_side": base["resize_side"], "seed": base["seed"],
                "code_version": __version__,
                "images": dataset_fingerprint([(r.image_id, r.file_name) for r in records])}
-        hint = f"delete {self.dir} to start over, or re-run with the same data, sample and settings"
-        if not check_settings(self.dir / "job.json", job, hint=hint):
-            write_settings(self.dir / "job.json", job)
+        start_or_resume(self.dir / "job.json", job, hint=f"delete {self.dir} to start over, or re-run "
+                        "with the same data, sample and settings")
         self.base = base
 
     def get(self, search: Search, record) -> tuple[tuple, float]:

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from detect.common.fileio import check_settings, write_json_atomic, write_settings
+from detect.common.fileio import start_or_resume, write_json_atomic
 from detect.common.cpus import available_cores
 from detect.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, read_image
 from detect.models.detector import Detections, Detector, StageTimer
@@ -170,7 +170,6 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     workers = workers or available_cores()
     output_dir = Path(output_dir)
     partial_dir = output_dir / "partial"
-    vis_dir = output_dir / "vis"
 
     unsupported: list[Path] = []
     paths = find_images(inputs, exclude=output_dir, unsupported=unsupported)
@@ -190,9 +189,8 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     proposals = {"store": str(Path(proposal_store).resolve())} if store is not None else proposal_settings
     run_settings = {"score_threshold": score_threshold, "class_names": class_names, "category_ids": category_ids,
                     "model": model_fingerprint, "proposals": proposals}
-    hint = "use a new --output-dir, or delete its partial/ folder to start over"
-    if not check_settings(partial_dir / "settings.json", run_settings, hint=hint):
-        write_settings(partial_dir / "settings.json", run_settings)
+    start_or_resume(partial_dir / "settings.json", run_settings,
+                    hint="use a new --output-dir, or delete its partial/ folder to start over")
     done, _, _ = load_results(partial_dir)
     mine = [i for i in range(len(files)) if i % world_size == rank]
     todo = [i for i in mine if files[i] not in done]
@@ -258,7 +256,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
             journal.flush()
             if visualize and "error" not in record:
                 with timer("visualize"):
-                    write_visualisation(vis_dir, safe_relative_name(file, common_root),
+                    write_visualisation(output_dir / "vis", safe_relative_name(file, common_root),
                                         loaded.image, record, class_names)
             bar.update(1)
             since_merge += 1

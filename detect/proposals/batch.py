@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from detect import __version__
 from detect.common.config import check_proposal_settings
-from detect.common.fileio import atomic_path, check_settings, write_settings
+from detect.common.fileio import atomic_path, start_or_resume
 from detect.common.cpus import available_cores
 from detect.data.images import ImageReadError, read_image
 from detect.proposals.selective_search import selective_search
@@ -78,7 +78,8 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed between its merge and this cleanup
         return store
 
-    _start_or_check_job(partial, {**meta, "num_images": len(items), "chunk_size": chunk_size})
+    start_or_resume(partial / "job.json", {**meta, "num_images": len(items), "chunk_size": chunk_size},
+                    hint=f"delete {partial} to start over, or re-run with the same inputs and settings")
     num_chunks = math.ceil(len(items) / chunk_size)
     mine = [k for k in range(num_chunks) if shard is None or k % shard[1] == shard[0]]
     todo = [k for k in mine if not _chunk_path(partial, k).is_file()]
@@ -110,13 +111,6 @@ def _existing_store(out: Path, meta: dict, num_images: int) -> ProposalStore:
                          f"delete it or choose another output folder")
     print(f"proposals: {out} is already complete ({len(store)} images)", file=sys.stderr)
     return store
-
-
-def _start_or_check_job(partial: Path, job: dict) -> None:
-    """Record the run's settings in ``partial/job.json``, or check a resumed run matches them."""
-    hint = f"delete {partial} to start over, or re-run with the same inputs and settings"
-    if not check_settings(partial / "job.json", job, hint=hint):
-        write_settings(partial / "job.json", job)
 
 
 def _chunk_path(partial: Path, k: int) -> Path:
