@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, roi_align
 
 from conftest import frcn_config, make_square_dataset
 from detect.commands import train_from_config
@@ -477,3 +477,31 @@ def test_eval_period_logs_val_metrics(tmp_path):
     assert [r["iteration"] for r in evals] == [2]  # the final model is evaluated by `detect train`
     assert set(evals[0]["eval"]) == {"AP", "AP50", "skipped_images"}
     assert 0.0 <= evals[0]["eval"]["AP50"] <= 1.0 and evals[0]["eval"]["skipped_images"] == 0
+
+
+@pytest.mark.parametrize("size", [161, 167, 175])
+def test_roi_features_do_not_move_with_image_size_parity(size):
+    """efficientnet_lite0 pads TensorFlow-"same" style: a stride-2 layer pads an odd-sized input
+    one pixel more on the left and top, moving the feature grid against the RoI coordinates.
+    ``FastRCNN.features`` pads images to a multiple of the stride on the right and bottom, so
+    the same content, with zeros added on the right and bottom, gives the same RoI features
+    (up to rounding: zeros beyond the content reach the RoI through the deep layers), where
+    the body alone moves them (measured with the ImageNet weights: about 14 px at stride 16
+    between a 160 and a 161 px image)."""
+    from detect.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    model = FastRCNN(backbone=build_backbone("efficientnet_lite0", weights="none", head_dim=32, roi_size=4),
+                     class_names=["a"]).eval()
+    content = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    grown = torch.zeros(1, 3, size, size)
+    grown[..., :160, :160] = content  # zeros in normalised space, as a padded training batch
+    roi = torch.tensor([[0.0, 16, 16, 80, 80]])  # far from the right and bottom edges
+    with torch.no_grad():
+        maps = [model.features(x) for x in (content, grown)]
+        assert [m.shape[-1] for m in maps] == [10, -(-size // 16)]  # ceil(size / stride)
+        pooled = [roi_align(m, roi, 4, 1 / 16, sampling_ratio=2, aligned=True) for m in maps]
+        shifted = roi_align(model.body(grown), roi, 4, 1 / 16, sampling_ratio=2, aligned=True)
+    scale = pooled[0].abs().max()  # random weights: small activations, so relative errors
+    assert (pooled[1] - pooled[0]).abs().max() < 0.01 * scale  # (the far border leaks in a little)
+    assert (shifted - pooled[0]).abs().max() > 0.1 * scale  # the body alone: the grid moves

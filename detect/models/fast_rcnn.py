@@ -140,8 +140,27 @@ class FastRCNN(Detector):
     def forward(self, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised images [N, 3, H, W] and rois [R, 5] (batch index, xyxy in those images'
         pixels) -> (class_logits [R, K+1], box_deltas [R, K, 4] normalised by bbox_std)."""
-        features = self.body(images)  # [N, C, H/stride, W/stride]
-        return self.roi_heads(features, rois)
+        return self.roi_heads(self.features(images), rois)
+
+    def features(self, images: Tensor) -> Tensor:
+        """Normalised images [N, 3, H, W] -> feature map [N, C, ceil(H / stride), ceil(W / stride)].
+
+        The images are zero-padded on the right and bottom to a multiple of ``stride`` first
+        (which moves no RoI coordinate). RoI pooling assumes that feature cell i covers pixels
+        [i * stride, (i + 1) * stride); a backbone with TensorFlow "same" padding
+        (efficientnet_lite0) pads a stride-2 layer's input on the left or top by one more pixel
+        when that input's size is odd, which moved its grid by up to stride - 1 pixels with the
+        image size's parity (an odd size at every stride-2 layer: -15 px against an even
+        one at stride 16), different between training batches and test images. Padded to a
+        multiple of the stride, every stride-2 layer sees an even size and the grid's offset is
+        one constant. Backbones with symmetric padding (torchvision's) have a constant offset
+        at any size; for them the padding only adds a border of zeros.
+        """
+        height, width = images.shape[-2:]
+        pad_h, pad_w = -height % self.stride, -width % self.stride
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))  # [N, 3, H', W'], multiples of stride
+        return self.body(images)  # [N, C, H' / stride, W' / stride]
 
     def roi_heads(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Feature map [N, C, h, w], rois [R, 5] -> (class_logits [R, K+1], box_deltas [R, K, 4])."""
@@ -183,7 +202,7 @@ class FastRCNN(Detector):
                 x, factors = prepare_image(pixels, target_size=size, max_size=self.test_max_size,
                                            pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
                 with autocast(device, self.amp):
-                    levels.append((self.body(x[None]), factors))
+                    levels.append((self.features(x[None]), factors))
         with timer("roi_head"):
             factors = torch.tensor([f for _, f in levels], device=device)  # [L, 2]
             level_of = assign_levels(proposal_boxes, factors)  # [R]
