@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from detect.models.backbones import BACKBONE_NAMES, FcHead, _dilate_last_stage, build_backbone, load_state_dict_file
+from detect.models.backbones import (BACKBONE_NAMES, FcHead, _dilate_last_stage, build_backbone, inference_copy,
+                                    load_state_dict_file)
 
 # name -> (C, pooled head width without extra fc, S)
 EXPECTED = {
@@ -69,6 +70,41 @@ def test_batchnorm_is_frozen(backbones, name):
         backbone.body.eval()
         eval_out = backbone.body(x)
     torch.testing.assert_close(train_out, eval_out)  # no batch statistics used in train mode
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18", "mobilenet_v3_large", "googlenet"])
+def test_inference_copy_folds_batchnorm_and_equals_the_original(name):
+    torch.manual_seed(0)
+    backbone = build_backbone(name, weights="none", head_dim=0, roi_size=3)
+    for m in list(backbone.body.modules()) + list(backbone.head.modules()):
+        if isinstance(m, FrozenBatchNorm2d):  # statistics far from identity, so a missed fold shows
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    net = nn.Sequential(backbone.body, nn.AdaptiveMaxPool2d(3), backbone.head).eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = inference_copy(net)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())  # every norm follows a conv
+    x = torch.randn(3, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-4, rtol=1e-4)
+        fast_cl = fast.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast_cl(x.contiguous(memory_format=torch.channels_last)), net(x),
+                                   atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # the original is untouched
+    assert not any(p.requires_grad for p in fast.parameters())
+
+
+def test_inference_copy_keeps_densenets_norms_before_convs():
+    torch.manual_seed(0)
+    backbone = build_backbone("densenet121", weights="none", head_dim=0, roi_size=3)
+    body = backbone.body.eval()
+    fast = inference_copy(body)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in fast.modules())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), body(x), atol=1e-4, rtol=1e-4)
 
 
 def test_fc_head_for_conv_backbones():

@@ -330,6 +330,48 @@ def test_scores_are_chunk_independent_and_empty_proposals_work(trained):
     assert len(detector.detect(image, np.zeros((0, 4), np.float32))) == 0
 
 
+def test_scores_equal_the_unfolded_networks_and_follow_new_weights(trained):
+    """score_proposals runs the folded channels-last inference net: same scores as a slow
+    reference pass through ``detector.net`` itself (NCHW, BatchNorm unfolded), on proposals
+    partly outside the image; rebuilt after .eval() when the weights change."""
+    detector = trained["detector"]
+    record = trained["dataset"].records[0]
+    image = read_image(record.file_name)
+    proposals = torch.cat([torch.from_numpy(trained["proposals"][0]),
+                           torch.tensor([[-20.0, -10, 30, 40], [70, 60, 130, 120], [-50, -50, -10, -10]])])
+
+    def reference():
+        image_t = rcnn.normalize_image(image, pixel_mean=detector.pixel_mean, pixel_std=detector.pixel_std,
+                                       device=torch.device("cpu"))
+        crops = rcnn.warp_regions(image_t, proposals, crop_size=detector.crop_size, context_pad=detector.context_pad)
+        with torch.no_grad():
+            pool5, fc7 = detector.net(crops)
+        margin = fc7 * detector.feat_scale @ detector.svm_weight.T + detector.svm_bias
+        return torch.sigmoid(margin), pool5.flatten(1)
+
+    fast = detector.score_proposals(image, proposals)
+    ref_scores, ref_pool5 = reference()
+    torch.testing.assert_close(fast.scores, ref_scores, atol=1e-5, rtol=1e-4)
+    fast_pool5, _ = rcnn.region_features(detector.inference_net(), rcnn.normalize_image(
+        image, pixel_mean=detector.pixel_mean, pixel_std=detector.pixel_std, device=torch.device("cpu")),
+        proposals, crop_size=detector.crop_size, context_pad=detector.context_pad, batch_size=5, amp=False)
+    torch.testing.assert_close(fast_pool5, ref_pool5, atol=1e-4, rtol=1e-4)
+
+    state = {k: v.clone() for k, v in detector.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in detector.net.head.parameters():
+                p.mul_(1.5)
+        detector.eval()
+        changed = detector.score_proposals(image, proposals)
+        torch.testing.assert_close(changed.scores, reference()[0], atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(changed.scores, fast.scores)
+    finally:
+        detector.load_state_dict(state)
+        detector.eval()
+    assert set(detector.state_dict()) == set(state)  # the inference copy is not a submodule
+
+
 def test_feature_cache_holds_the_network_features(trained):
     from detect.training.rcnn_svm import mine_svms as mine
 

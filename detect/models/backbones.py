@@ -78,13 +78,20 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import copy
+
 import torch
 import torchvision
+from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite_pytorch.model import MBConvBlock
+from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
+from torchvision.models.googlenet import BasicConv2d
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["Backbone", "FcHead", "build_backbone", "normalize_pixels", "BACKBONE_NAMES", "IMAGENET_MEAN",
-           "IMAGENET_STD"]
+__all__ = ["Backbone", "FcHead", "build_backbone", "inference_copy", "normalize_pixels", "BACKBONE_NAMES",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +333,77 @@ def _freeze_batchnorm(module: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Inference copies: BatchNorm folded into the convs
+# ----------------------------------------------------------------------------------------------
+
+# Blocks whose forward applies a FrozenBatchNorm2d straight to a conv's output, by attribute
+# name: (conv, norm) pairs. Convs followed by a norm inside an nn.Sequential are found by position.
+_CONV_NORM_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
+    MBConvBlock: (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")),
+    BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+    Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    BasicConv2d: (("conv", "bn"),),
+}
+
+
+def inference_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` (a backbone's body, head, or a module holding them) for inference
+    only, equal up to float rounding, with less work per call:
+
+    - every FrozenBatchNorm2d applied straight to a conv's output is folded into that conv
+      (w' = w s, b' = (b - mean) s + beta with s = gamma / sqrt(var + eps)) and replaced by
+      ``nn.Identity``; norms before a conv (DenseNet's) stay;
+    - efficientnet_lite0's stride-1 "same"-padded convs, which pad a copy of their input on every
+      call, become plain convs with the same symmetric zero padding (the strided ones pad
+      asymmetrically and stay);
+    - ReLU6 runs in place (the backbones here apply it to fresh conv outputs only).
+
+    The copy's parameters are detached; ``module`` is unchanged. Its state_dict has other keys
+    (folded biases, no norms), so save the original, never the copy.
+    """
+    module = copy.deepcopy(module)
+    for block in list(module.modules()):
+        for conv_name, norm_name in _CONV_NORM_PAIRS.get(type(block), ()):
+            if hasattr(block, conv_name) and isinstance(getattr(block, norm_name), FrozenBatchNorm2d):
+                _fold_norm(getattr(block, conv_name), getattr(block, norm_name))
+                setattr(block, norm_name, nn.Identity())
+        if isinstance(block, nn.Sequential):
+            for i in range(len(block) - 1):
+                if isinstance(block[i], nn.Conv2d) and isinstance(block[i + 1], FrozenBatchNorm2d):
+                    _fold_norm(block[i], block[i + 1])
+                    block[i + 1] = nn.Identity()
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, Conv2dDynamicSamePadding) and tuple(child.stride) == (1, 1):
+                setattr(parent, name, _static_same_conv(child))
+            elif isinstance(child, nn.ReLU6):
+                child.inplace = True
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def _fold_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> None:
+    """Fold ``norm`` (applied to ``conv``'s output) into ``conv``'s weight and bias, in place."""
+    with torch.no_grad():
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # [C_out]
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias)
+
+
+def _static_same_conv(conv: Conv2dDynamicSamePadding) -> nn.Conv2d:
+    """A stride-1 TF "same" conv as nn.Conv2d: total padding (k - 1) d, split evenly (odd k)."""
+    padding = tuple((k - 1) * d // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    if any((k - 1) * d % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+        return conv  # an even kernel pads one side more: keep the dynamic padding
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=1, padding=padding,
+                      dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    plain.weight, plain.bias = conv.weight, conv.bias
+    return plain
+
+
+# ----------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------
 
@@ -366,8 +444,6 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
 
 
 def _efficientnet_lite0(weights: str) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
-
     # image_size=None gives dynamic "same" padding, correct for any input size.
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     if weights.lower() == "none" or weights == "":

@@ -32,7 +32,7 @@ from detect.common.runtime import barrier, rank_and_world
 from detect.data.datasets import ImageRecord, training_gt
 from detect.data.images import ImageReadError, read_image
 from detect.models.backbones import Backbone
-from detect.models.rcnn import FineTuneNet, RegionNet, normalize_image, region_features, warp_regions
+from detect.models.rcnn import FineTuneNet, RegionNet, inference_net, normalize_image, region_features, warp_regions
 from detect.training.box_regression import train_box_regressors
 from detect.training.engine import step_lr, train_loop
 from detect.training.feature_cache import (FEATURE_FORMAT, FEATURE_VERSION, FeatureCache, ImageRows,
@@ -433,7 +433,8 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         barrier()
     net.load_state_dict(torch.load(ft_dir / "net.pt", map_location="cpu", weights_only=True))
     net.to(device).eval()
-    featurizer = _RegionFeaturizer(net, records=records, get_proposals=get_proposals, num_classes=num_classes,
+    # Features come from the fine-tuned net with BatchNorm folded (equal up to float rounding).
+    featurizer = _RegionFeaturizer(inference_net(net), records=records, get_proposals=get_proposals, num_classes=num_classes,
                                    bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size, amp=amp,
                                    use_difficult=use_difficult, **warp)
 
