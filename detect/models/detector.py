@@ -124,10 +124,6 @@ class StageTimer:
             torch.cuda.synchronize()
         self.totals_ms[stage] = self.totals_ms.get(stage, 0.0) + (time.perf_counter() - t0) * 1e3
 
-    def per_image(self, num_images: int) -> dict[str, float]:
-        n = max(num_images, 1)
-        return {k: v / n for k, v in self.totals_ms.items()}
-
 
 class Detector(nn.Module):
     """Base class of ``FastRCNN`` and ``RCNN``: complete after construction.
