@@ -352,7 +352,7 @@ def test_scores_equal_the_unfolded_networks_and_follow_new_weights(trained):
     fast = detector.score_proposals(image, proposals)
     ref_scores, ref_pool5 = reference()
     torch.testing.assert_close(fast.scores, ref_scores, atol=1e-5, rtol=1e-4)
-    fast_pool5, _ = rcnn.region_features(detector.inference_net(), rcnn.normalize_image(
+    fast_pool5, _ = rcnn.region_features(detector.inference_module(), rcnn.normalize_image(
         image, pixel_mean=detector.pixel_mean, pixel_std=detector.pixel_std, device=torch.device("cpu")),
         proposals, crop_size=detector.crop_size, context_pad=detector.context_pad, batch_size=5, amp=False)
     torch.testing.assert_close(fast_pool5, ref_pool5, atol=1e-4, rtol=1e-4)

@@ -175,6 +175,22 @@ class Detector(nn.Module):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    def train(self, mode: bool = True) -> Detector:
+        self._inference = None  # the weights may change: rebuild the inference copy on next use
+        return super().train(mode)
+
+    def inference_module(self) -> nn.Module:
+        """``make_inference_module()`` on the detector's device, built on first use and again after
+        ``.train()`` / ``.eval()`` or a move: after changing the weights, call ``.eval()`` again."""
+        cached = getattr(self, "_inference", None)  # a tuple, not a submodule
+        if cached is None or cached[0] != self.device:
+            self._inference = cached = (self.device, self.make_inference_module())
+        return cached[1]
+
+    def make_inference_module(self) -> nn.Module:
+        """The network ``score_proposals`` runs, as a ``detect.models.backbones.inference_copy``."""
+        raise NotImplementedError
+
     def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
                         timer: StageTimer | None = None) -> ProposalScores:
         raise NotImplementedError

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
 from detect.common.runtime import autocast
-from detect.models.backbones import Backbone, FcHead, normalize_pixels
+from detect.models.backbones import Backbone, FcHead, inference_copy, normalize_pixels
 from detect.models.detector import Detector, ProposalScores, StageTimer
 
 __all__ = ["FastRCNN", "resize_scale", "prepare_image", "assign_levels"]
@@ -86,8 +86,8 @@ class FastRCNN(Detector):
     multi-scale test (Table 7: 480, 576, 688, 864, 1200): an image pyramid, one level per size,
     and each proposal scored once, on the level where its scaled area is closest to 224 x 224
     (``assign_levels``). No scores are averaged or max-pooled over levels.
-    The parameters from ``score_thresh`` on are ``Detector``'s.
-    ``roi_chunk`` bounds the RoIs run through the head at once at test time (the
+    The parameters from ``score_thresh`` on are ``Detector``'s. ``score_proposals`` runs the
+    body's channels-last ``inference_copy`` (``Detector.inference_module``). ``roi_chunk`` bounds the RoIs run through the head at once at test time (the
     memory of conv heads grows with R x S x S). ``roi_sampling_ratio`` and ``roi_aligned`` are
     ``torchvision.ops.roi_align``'s ``sampling_ratio`` and ``aligned`` (``roi_op="roi_align"`` only).
     """
@@ -142,8 +142,10 @@ class FastRCNN(Detector):
         pixels) -> (class_logits [R, K+1], box_deltas [R, K, 4] normalised by bbox_std)."""
         return self.roi_heads(self.features(images), rois)
 
-    def features(self, images: Tensor) -> Tensor:
+    def features(self, images: Tensor, body: nn.Module | None = None) -> Tensor:
         """Normalised images [N, 3, H, W] -> feature map [N, C, ceil(H / stride), ceil(W / stride)].
+        ``body``: ``self.body`` by default; at test time its channels-last inference copy
+        (``Detector.inference_module``), fed channels-last images.
 
         The images are zero-padded on the right and bottom to a multiple of ``stride`` first
         (which moves no RoI coordinate). RoI pooling assumes that feature cell i covers pixels
@@ -160,7 +162,12 @@ class FastRCNN(Detector):
         pad_h, pad_w = -height % self.stride, -width % self.stride
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))  # [N, 3, H', W'], multiples of stride
-        return self.body(images)  # [N, C, H' / stride, W' / stride]
+        if body is None:
+            return self.body(images)  # [N, C, H' / stride, W' / stride]
+        return body(images.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def make_inference_module(self) -> nn.Module:
+        return inference_copy(self.body).eval().to(memory_format=torch.channels_last)
 
     def roi_heads(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Feature map [N, C, h, w], rois [R, 5] -> (class_logits [R, K+1], box_deltas [R, K, 4])."""
@@ -197,12 +204,13 @@ class FastRCNN(Detector):
                                   torch.zeros((0, num_classes, 4), device=device))
         with timer("backbone"):
             pixels = torch.tensor(image, dtype=torch.uint8, device=device)  # [H, W, 3], a copy
+            body = self.inference_module()
             levels = []  # (features [1, C, h, w], (scale_x, scale_y)) per pyramid level
             for size in self.test_scales:
                 x, factors = prepare_image(pixels, target_size=size, max_size=self.test_max_size,
                                            pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
                 with autocast(device, self.amp):
-                    levels.append((self.features(x[None]), factors))
+                    levels.append((self.features(x[None], body), factors))
         with timer("roi_head"):
             factors = torch.tensor([f for _, f in levels], device=device)  # [L, 2]
             level_of = assign_levels(proposal_boxes, factors)  # [R]

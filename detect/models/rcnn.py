@@ -149,8 +149,7 @@ class RCNN(Detector):
     ``.to(device)`` moves them; they are not in ``state_dict()`` (the checkpoint keeps them in
     ``extra``). The parameters from ``score_thresh`` on are ``Detector``'s.
 
-    Scoring runs ``inference_net(self.net)``, built on first use on each device and rebuilt after
-    ``.eval()`` / ``.train()``: after changing ``self.net``'s weights, call ``.eval()`` again.
+    Scoring runs ``inference_net(self.net)`` (``Detector.inference_module``).
     """
 
     kind = "rcnn"
@@ -184,17 +183,9 @@ class RCNN(Detector):
         self.crop_size, self.context_pad = crop_size, context_pad
         self.feat_scale = float(feat_scale)
         self.test_chunk = test_chunk
-        self._inference: tuple[torch.device, RegionNet] | None = None  # a tuple: not a submodule
 
-    def train(self, mode: bool = True) -> RCNN:
-        self._inference = None  # the weights may have changed: rebuild on the next call
-        return super().train(mode)
-
-    def inference_net(self) -> RegionNet:
-        """``inference_net(self.net)`` on the detector's device, built once (see the class doc)."""
-        if self._inference is None or self._inference[0] != self.device:
-            self._inference = (self.device, inference_net(self.net))
-        return self._inference[1]
+    def make_inference_module(self) -> RegionNet:
+        return inference_net(self.net)
 
     @torch.no_grad()
     def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
@@ -216,7 +207,7 @@ class RCNN(Detector):
         with timer("warp"):
             image_t = normalize_image(image, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std, device=device)
         bbox_weight = self.bbox_weight.permute(1, 0, 2).reshape(self.bbox_weight.shape[1], -1)  # [D5, K * 4]
-        net = self.inference_net()
+        net = self.inference_module()
         scores, deltas = [], []
         for start in range(0, proposal_boxes.shape[0], self.test_chunk):
             boxes = proposal_boxes[start:start + self.test_chunk]
