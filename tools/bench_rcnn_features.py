@@ -1,6 +1,6 @@
 """R-CNN's test-time pass, old against new, on one trained checkpoint, interleaved image by image.
 
-"old" is ``reference_scores``: the pass as it was before ``detect.models.rcnn.inference_net``
+"old" is ``reference_scores``: the pass as it was before ``detect.models.backbones.inference_copy``
 (the trained ``detector.net`` itself, NCHW, BatchNorm unfolded, chunks of ``--old-chunk``).
 "new" is ``RCNN.score_proposals`` (folded, channels-last, chunks of ``--new-chunk``). For each
 thread count, every image is scored by both, the order alternating image by image, so load on

@@ -72,13 +72,12 @@ statistics and affine terms) because detection batches of 2 images are too small
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import copy
 
 import torch
 import torchvision
@@ -356,7 +355,9 @@ def inference_copy(module: nn.Module) -> nn.Module:
     - efficientnet_lite0's stride-1 "same"-padded convs, which pad a copy of their input on every
       call, become plain convs with the same symmetric zero padding (the strided ones pad
       asymmetrically and stay);
-    - ReLU6 runs in place (the backbones here apply it to fresh conv outputs only).
+    - ReLU6 runs in place (the backbones here apply it to fresh conv outputs only);
+    - eval mode and channels-last weights, which oneDNN runs several times faster on CPU than
+      NCHW for efficientnet_lite0's depthwise convs (feed it channels-last inputs).
 
     The copy's parameters are detached; ``module`` is unchanged. Its state_dict has other keys
     (folded biases, no norms), so save the original, never the copy.
@@ -380,7 +381,7 @@ def inference_copy(module: nn.Module) -> nn.Module:
                 child.inplace = True
     for p in module.parameters():
         p.requires_grad_(False)
-    return module
+    return module.eval().to(memory_format=torch.channels_last)
 
 
 def _fold_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> None:

@@ -162,6 +162,7 @@ class Detector(nn.Module):
         self.per_class_top_k = per_class_top_k
         self.proposal_settings = dict(proposal_settings or {})  # selective search's, when detect() gets None
         self.proposal_top_k = proposal_top_k
+        self._inference: tuple[torch.device, nn.Module] | None = None  # a tuple, not a submodule
         self.backbone_name = backbone_name
         self.amp = amp
         self.box_regression = box_regression  # False: boxes are the proposals (an ablation, [RCNN] Table 2)
@@ -182,10 +183,9 @@ class Detector(nn.Module):
     def inference_module(self) -> nn.Module:
         """``make_inference_module()`` on the detector's device, built on first use and again after
         ``.train()`` / ``.eval()`` or a move: after changing the weights, call ``.eval()`` again."""
-        cached = getattr(self, "_inference", None)  # a tuple, not a submodule
-        if cached is None or cached[0] != self.device:
-            self._inference = cached = (self.device, self.make_inference_module())
-        return cached[1]
+        if self._inference is None or self._inference[0] != self.device:
+            self._inference = (self.device, self.make_inference_module())
+        return self._inference[1]
 
     def make_inference_module(self) -> nn.Module:
         """The network ``score_proposals`` runs, as a ``detect.models.backbones.inference_copy``."""

@@ -167,7 +167,7 @@ class FastRCNN(Detector):
         return body(images.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def make_inference_module(self) -> nn.Module:
-        return inference_copy(self.body).eval().to(memory_format=torch.channels_last)
+        return inference_copy(self.body)
 
     def roi_heads(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Feature map [N, C, h, w], rois [R, 5] -> (class_logits [R, K+1], box_deltas [R, K, 4])."""

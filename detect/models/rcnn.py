@@ -110,19 +110,10 @@ class FineTuneNet(nn.Module):
         return self.cls_score(self.net(crops)[1])  # [B, K + 1]
 
 
-def inference_net(net: RegionNet) -> RegionNet:
-    """``net`` for feature extraction only, equal up to float rounding: an eval-mode
-    ``detect.models.backbones.inference_copy`` (BatchNorm folded into the convs, no per-call
-    padding copies) with channels-last weights, which oneDNN runs several times faster on CPU
-    than NCHW for efficientnet_lite0's depthwise convs. Feed it channels-last crops
-    (``region_features`` does). ``net`` is unchanged: train and save that one."""
-    return inference_copy(net).eval().to(memory_format=torch.channels_last)
-
-
 def region_features(net: RegionNet, image: Tensor, boxes: Tensor, *, crop_size: int, context_pad: int,
                     batch_size: int, amp: bool) -> tuple[Tensor, Tensor]:
     """pool5 [R, D5] (flattened) and fc7 [R, D] of regions of one normalised image, in batches of
-    ``batch_size`` crops; ``net`` is best an ``inference_net`` (crops go in channels-last)."""
+    ``batch_size`` crops; ``net`` is best its ``inference_copy`` (crops go in channels-last)."""
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, 0)), boxes.new_zeros((0, 0))
     pool5_out, fc7_out = [], []
@@ -149,7 +140,7 @@ class RCNN(Detector):
     ``.to(device)`` moves them; they are not in ``state_dict()`` (the checkpoint keeps them in
     ``extra``). The parameters from ``score_thresh`` on are ``Detector``'s.
 
-    Scoring runs ``inference_net(self.net)`` (``Detector.inference_module``).
+    Scoring runs ``inference_copy(self.net)`` (``Detector.inference_module``).
     """
 
     kind = "rcnn"
@@ -185,7 +176,7 @@ class RCNN(Detector):
         self.test_chunk = test_chunk
 
     def make_inference_module(self) -> RegionNet:
-        return inference_net(self.net)
+        return inference_copy(self.net)
 
     @torch.no_grad()
     def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,

@@ -31,8 +31,8 @@ from detect.common.fileio import atomic_path, check_settings, read_json, write_j
 from detect.common.runtime import barrier, rank_and_world
 from detect.data.datasets import ImageRecord, training_gt
 from detect.data.images import ImageReadError, read_image
-from detect.models.backbones import Backbone
-from detect.models.rcnn import FineTuneNet, RegionNet, inference_net, normalize_image, region_features, warp_regions
+from detect.models.backbones import Backbone, inference_copy
+from detect.models.rcnn import FineTuneNet, RegionNet, normalize_image, region_features, warp_regions
 from detect.training.box_regression import train_box_regressors
 from detect.training.engine import step_lr, train_loop
 from detect.training.feature_cache import (FEATURE_FORMAT, FEATURE_VERSION, FeatureCache, ImageRows,
@@ -434,7 +434,7 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     net.load_state_dict(torch.load(ft_dir / "net.pt", map_location="cpu", weights_only=True))
     net.to(device).eval()
     # Features come from the fine-tuned net with BatchNorm folded (equal up to float rounding).
-    featurizer = _RegionFeaturizer(inference_net(net), records=records, get_proposals=get_proposals, num_classes=num_classes,
+    featurizer = _RegionFeaturizer(inference_copy(net), records=records, get_proposals=get_proposals, num_classes=num_classes,
                                    bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size, amp=amp,
                                    use_difficult=use_difficult, **warp)
 
