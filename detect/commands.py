@@ -1,10 +1,7 @@
-"""One function per ``detect`` subcommand: the wiring of the stages.
+"""One function per ``detect`` subcommand (flags: ``detect.cli``): the wiring of the stages.
 
-This module (with ``detect.models.build``, which turns a config into a model) is the only reader
-of the ``Config`` object: it loads the config, the dataset and its proposals, and passes plain
-values to the stage functions in ``detect.data``, ``detect.proposals``, ``detect.training``,
-``detect.evaluation``, ``detect.predict`` and ``detect.report``. ``detect.cli`` declares the
-flags and calls these functions with the parsed arguments.
+The only reader of the ``Config`` object (with ``detect.models.build``): it loads the config,
+the dataset and its proposals, and passes plain values to the stage functions.
 """
 
 from __future__ import annotations
@@ -72,6 +69,10 @@ def make_synthetic(args: argparse.Namespace) -> int:
 
 def _dataset_from_args(args: argparse.Namespace) -> Dataset:
     return _load_spec(_dataset_spec(args))
+
+
+def _store_for(path: str, dataset: Dataset) -> ProposalStore | None:
+    return ProposalStore(path).check_dataset(dataset) if path else None
 
 
 def _dataset_spec(args: argparse.Namespace) -> dict:
@@ -257,9 +258,7 @@ def _train_split(cfg: Config) -> tuple[Dataset, ProposalStore]:
     dataset = _load_spec(to_dict(cfg.data.train))
     if not cfg.data.train_proposals:
         raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
-    store = ProposalStore(cfg.data.train_proposals)
-    store.check_dataset(dataset)
-    return dataset, store
+    return dataset, ProposalStore(cfg.data.train_proposals).check_dataset(dataset)
 
 
 def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, *,
@@ -302,9 +301,7 @@ def _periodic_eval_fn(cfg: Config):
               "evaluation", file=sys.stderr)
         return None
     val = _load_spec(to_dict(cfg.data.val))
-    store = ProposalStore(cfg.data.val_proposals) if cfg.data.val_proposals else None
-    if store is not None:
-        store.check_dataset(val)
+    store = _store_for(cfg.data.val_proposals, val)
 
     def eval_fn(model, iteration: int) -> dict:
         skipped: list[dict] = []
@@ -423,9 +420,7 @@ def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str
         dataset = _load_spec(data_spec)
     if limit:
         dataset = Dataset(dataset.name, dataset.records[:limit], dataset.class_names, dataset.category_ids)
-    store = ProposalStore(proposals) if proposals else None
-    if store is not None:
-        store.check_dataset(dataset)
+    store = _store_for(proposals, dataset)
     if detector.class_names != dataset.class_names:
         raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but {data_spec['path']} "
                          f"has {dataset.class_names}")
@@ -448,9 +443,7 @@ def bench(args: argparse.Namespace) -> int:
     spec = _dataset_spec(args)
     dataset = _load_spec(spec)
     records = dataset.records[:args.limit] if args.limit > 0 else dataset.records
-    store = ProposalStore(args.proposals) if args.proposals else None
-    if store is not None:
-        store.check_dataset(dataset)
+    store = _store_for(args.proposals, dataset)
     device = resolve_device(args.device)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: the libraries' defaults), got {args.threads}")

@@ -1,22 +1,14 @@
-"""Datasets in one internal representation, and their loaders (COCO, VOC).
+"""Datasets in one internal representation (conventions: ``detect``), and their loaders.
 
-``Dataset`` holds ``ImageRecord``s with ground truth as float xyxy pixels and contiguous class
-indices 1..K (0 is background). ``Dataset.category_ids[k - 1]`` is the dataset's own category
-id of class k: the only place indices map back to category ids.
+Loaders convert each format's boxes once, here: COCO ``[x, y, w, h]`` (``load_coco``), VOC
+1-based inclusive corners (``load_voc``, through ``detect.data.voc``). Structural problems
+(malformed files, missing fields, duplicate or dangling ids) raise ``ValueError`` naming the
+file and the entry; bad boxes are skipped or clipped and counted in a ``LoadReport``
+(``dataset.report``), summarised in one ``DatasetWarning``.
 
-Loaders convert each format's boxes once, here: COCO ``[x, y, w, h]`` -> xyxy (``load_coco``),
-VOC 1-based inclusive corners -> 0-based continuous xyxy (``load_voc``, through
-``detect.data.voc``). They validate as they
-go: structural problems (malformed files, missing fields, duplicate or dangling ids) raise
-``ValueError`` naming the file and the entry; bad boxes are skipped or clipped and counted in a
-``LoadReport`` (``dataset.report``), summarised in one ``DatasetWarning``.
-
-``gt_difficult`` marks boxes that evaluation ignores (neither true nor false positive): VOC
-``difficult`` and COCO ``iscrowd``; ``gt_crowd`` marks the COCO crowd ones among them.
-Training (``training_gt``) uses VOC difficult objects by default, as both papers' code does
-(rbgirshick/fast-rcnn ``lib/datasets/pascal_voc.py::_load_pascal_annotation`` keeps them;
-rbgirshick/rcnn ``imdb/roidb_from_voc.m`` uses every object), and never crowd boxes (one box
-around many objects is no object box; detectron2 and torchvision drop them in training too).
+``gt_difficult`` marks boxes that evaluation ignores: VOC ``difficult`` and COCO ``iscrowd``
+(``gt_crowd``: the crowd ones among them, never trained on; training's use of the difficult
+ones: ``detect.common.config.TrainConfig.use_difficult``).
 """
 
 from __future__ import annotations
@@ -32,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.images import image_size
 from detect.data.voc import read_voc_xml, voc_class_names
@@ -71,7 +64,6 @@ class LoadReport:
     max_examples: int = 5
 
     def add(self, problem: str, message: str) -> None:
-        """Count one ``problem`` and keep ``message`` as an example."""
         self.add_many(problem, [0], lambda _: message)
 
     def add_many(self, problem: str, indices: Sequence[int], message_of: Callable[[int], str]) -> None:
@@ -86,7 +78,6 @@ class LoadReport:
         return sum(self.problems.values())
 
     def summary(self) -> str:
-        """One line: the counts, each problem's count, the first few examples."""
         parts = [f"{self.problems[name]} {text}" for name, text in PROBLEMS.items() if self.problems[name]]
         line = (f"{self.source}: {self.num_images} images, {self.num_boxes} boxes "
                 f"({self.num_difficult} difficult/crowd)")
@@ -147,13 +138,9 @@ class Dataset:
 
 def load_dataset(fmt: str, path: str | os.PathLike, images: str | os.PathLike = "",
                  split: str = "", *, check_images: bool = False, classes: Sequence[str] | None = None) -> Dataset:
-    """Load a dataset by format name, as the CLI flags and ``DatasetConfig`` give it.
-
-    ``fmt="coco"``: ``path`` is the instances JSON, ``images`` the image folder (default: the
-    JSON's folder). ``fmt="voc"``: ``path`` is the VOC folder, ``split`` the ImageSets/Main name.
-    ``classes`` (class names of classes 1..K, e.g. the training set's): VOC objects are mapped
-    to them by name; a COCO file must have exactly these categories' names.
-    """
+    """Load a dataset as ``detect.common.config.DatasetConfig`` describes it. ``classes`` (e.g.
+    the training set's): VOC objects are mapped to them by name; a COCO file must have exactly
+    these categories' names."""
     if not str(path):
         raise ValueError(f"no dataset path given for the {fmt!r} dataset (--data or data.*.path)")
     if fmt == "coco":
@@ -169,14 +156,12 @@ def load_dataset(fmt: str, path: str | os.PathLike, images: str | os.PathLike = 
 
 def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *,
               check_images: bool = False) -> Dataset:
-    """Load a COCO instances JSON.
+    """Load a COCO instances JSON (``file_name`` relative to ``image_dir``, default its folder).
 
-    Boxes are converted in float64, so an exported xyxy box comes back bit for bit. Category ids
-    in ascending order become classes 1..K. ``iscrowd=1`` boxes are kept, as ``gt_crowd`` (and
-    so ``gt_difficult``). Images without annotations are kept. ``file_name`` is relative to
-    ``image_dir`` (default: the JSON's folder). ``check_images=True`` opens every image header
-    (fast, no decoding) and skips missing, unreadable or wrongly sized ones; by default images
-    are only read when used.
+    Boxes are converted in float64, so an exported xyxy box comes back bit for bit. Ascending
+    category ids become classes 1..K. Crowd boxes and images without annotations are kept.
+    ``check_images=True`` reads every image header and skips missing, unreadable or wrongly
+    sized images; by default images are only read when used.
     """
     json_path = Path(json_path)
     src = str(json_path)
@@ -249,8 +234,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         where = [i for i, a in enumerate(ann_ids) if a == duplicates[0]]
         raise ValueError(f"{src}: duplicate annotation id {duplicates[0]} (annotations[{where[0]}] and "
                          f"annotations[{where[1]}]); {len(duplicates)} duplicated ids in all")
-    xywh = _number_array(bboxes, ann_ids, src)  # [A, 4] float64
-    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)  # [A, 4]
+    xyxy = xywh_to_xyxy(_number_array(bboxes, ann_ids, src))  # [A, 4] float64
     rows = np.asarray(rows, dtype=np.int64)  # [A]
     widths = np.array([r.width for r in records], dtype=np.float64)[rows]  # [A]
     heights = np.array([r.height for r in records], dtype=np.float64)[rows]  # [A]
@@ -327,13 +311,9 @@ def _number_array(bboxes: list[list], ann_ids: list[int], src: str) -> np.ndarra
 
 def clean_boxes(boxes: np.ndarray, widths: np.ndarray, heights: np.ndarray, report: LoadReport,
                 describe: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
-    """Check xyxy boxes [N, 4] (float64) against their images' ``widths`` and ``heights`` [N].
-
-    Returns the boxes clipped to their images [N, 4] and ``keep`` [N] bool. Boxes with a NaN or
-    inf, of zero or negative size, or entirely outside the image are dropped; boxes partly
-    outside are clipped. Each case is counted in ``report``; ``describe(j)`` names box j in the
-    example messages (file and entry). Clipping by at most CLIP_TOLERANCE is not counted.
-    """
+    """Xyxy boxes [N, 4] float64 clipped to their images' ``widths`` and ``heights`` [N], and
+    ``keep`` [N]: False for a NaN or inf, zero or negative size, or entirely outside. Each case
+    (and clipping by over CLIP_TOLERANCE) is counted in ``report``, box j named ``describe(j)``."""
     with np.errstate(invalid="ignore"):
         x1, y1, x2, y2 = boxes.T  # [N] each
         finite = np.isfinite(boxes).all(axis=1)  # [N]
@@ -401,15 +381,13 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
 
 def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
              classes: Sequence[str] | None = None) -> Dataset:
-    """Load a VOC-style folder (PASCAL VOC, or what LabelImg and CVAT export): the image names
-    in ``ImageSets/Main/<split>.txt``, each ``Annotations/<name>.xml`` read by
-    ``detect.data.voc.read_voc_xml`` (its image in ``JPEGImages/``).
+    """Load a VOC-style folder (PASCAL VOC, LabelImg, CVAT): the names in
+    ``ImageSets/Main/<split>.txt``, each ``Annotations/<name>.xml`` read by
+    ``detect.data.voc.read_voc_xml``.
 
-    Classes: ``classes`` (names of classes 1..K, e.g. the training split's) when given; an
-    object of another class is an error naming the file and the object. Otherwise
-    ``voc_class_names`` of the names found in the split. Category ids are 1..K. Image ids are
-    the names as integers ("2008_000008" -> 2008000008) when they all are digits and distinct,
-    otherwise the 1-based position in the split file.
+    Classes: ``classes`` when given (an object of another class is an error), else
+    ``voc_class_names`` of the names found; category ids are 1..K. Image ids: the names as
+    integers ("2008_000008" -> 2008000008) when all are distinct digits, else 1-based positions.
     """
     root = Path(root)
     if not split:

@@ -6,33 +6,24 @@
     DIR/images/train/000000.png ...  the images
     DIR/generator.json               the generator version and seed that drew the images
 
-It is the dataset of the demo and the tests, so it is built not to be trivially easy:
+It is the dataset of the demo and the tests, so it is built not to be trivially easy (the
+sizes and probabilities: the constants below):
 
-- Four classes with non-contiguous category ids (to keep the id mapping honest): disc 1
-  (ellipse, radial gradient), box 3 (rectangle, stripes), triangle 7 (checker or dots), ring 9
-  (elliptical annulus, speckle). One object in four wears a texture drawn from all five, and
-  each class draws its hue from a 200-degree range that overlaps its neighbours', so neither
-  colour nor texture alone tells the classes apart: the shape has to.
-- Object boxes from 12 to 200 px a side (log-uniform scale), aspect ratios 1:3 to 3:1; 0 to 6
-  objects per image, about 7% of images empty; images 320-640 px a side.
-- Later objects occlude earlier ones (a third of them are placed over an earlier one).
-- Backgrounds: a colour gradient, low-frequency colour noise, patches wearing the classes'
-  textures, lines and small irregular polygons; a few lines and polygons are drawn over the
-  objects too. Some images are blurred, some get Gaussian noise.
-- Most objects stand out from the background, not all: selective search (fast mode, 500 px
-  wide, boxes of 20 px and up) finds about 93% of them at IoU 0.5 (100 val images, seed 0;
-  most misses are objects under 20 px).
+- Four classes with non-contiguous category ids (``CATEGORIES``): disc, box, triangle, ring,
+  each with its own textures; one object in four wears any texture, and the classes' hue
+  ranges overlap, so neither colour nor texture alone tells them apart: the shape has to.
+- Later objects occlude earlier ones; backgrounds hold gradients, colour noise, textured
+  patches, lines and polygons (a few drawn over the objects too); some images are blurred or
+  noisy. Selective search (fast mode) finds about 93% of the objects at IoU 0.5 (100 val
+  images, seed 0; most misses are under 20 px).
 
-Ground truth follows the PASCAL VOC annotation guidelines: the box is the extent of the
-object's visible pixels, not of the occluded whole. An object with less than 30% of its pixels
-visible (over 70% occluded) is annotated ``iscrowd=1``, so training skips it and evaluation
-ignores it (neither a miss nor a false positive); an object with no visible pixel is dropped.
+Ground truth follows the PASCAL VOC guidelines: the box is the extent of the visible pixels.
+An object under ``MIN_VISIBLE`` visible is ``iscrowd=1`` (training skips it, evaluation
+ignores it); one with no visible pixel is dropped.
 
-Determinism: image i of split s (train 0, val 1) is drawn from its own generator,
+Determinism: image i of split s (train 0, val 1) is drawn from
 ``np.random.default_rng([seed, s, i])``, so ``generate_image`` redraws any image alone, and the
-same seed gives byte-identical files (PNG via ``cv2.imencode`` with fixed parameters, JSON
-with sorted keys and fixed formatting). Re-running into the same folder with the same seed
-rewrites nothing that is already there and complete.
+same seed gives byte-identical files. A re-run into the same folder rewrites nothing complete.
 """
 
 from __future__ import annotations
@@ -87,12 +78,8 @@ class SyntheticObject:
 
 def make_synthetic(out_dir: str | Path, num_train: int, num_val: int, seed: int) -> tuple[Path, Path]:
     """Write the synthetic dataset into ``out_dir``; return the paths of train.json and val.json.
-
-    Images already in ``out_dir`` from the same seed and generator version (``generator.json``
-    says which) are kept as they are: they would come out byte-identical anyway. Images from
-    another seed or version are deleted first, and images past ``num_train``/``num_val`` left by
-    a larger earlier run are removed.
-    """
+    Images there from the same seed and version (``generator.json``) are kept; others, and those
+    past ``num_train``/``num_val``, are removed."""
     if num_train < 1 or num_val < 1:
         raise ValueError(f"make-synthetic needs at least 1 train and 1 val image, got {num_train} "
                          f"and {num_val}")
@@ -363,13 +350,23 @@ def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray) -> None:
         texture = _texture(rng, kind, _random_colour(rng), y1 - y0, x1 - x0)
         _paste(canvas, texture, alpha, int(x0), int(y0))
     for _ in range(int(rng.integers(2, 12))):
-        p0 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        cv2.line(canvas, p0, p1, _random_colour(rng).tolist(), int(rng.integers(1, 4)))
+        cv2.line(canvas, *_random_line(rng, height, width, max_thickness=3))
     for _ in range(int(rng.integers(2, 10))):
-        points = _irregular_polygon(rng, rng.uniform(0, width), rng.uniform(0, height),
-                                    rng.uniform(3, 14), int(rng.integers(3, 8)), 0.7)
-        cv2.fillPoly(canvas, [points], _random_colour(rng).tolist())
+        cv2.fillPoly(canvas, *_random_polygon(rng, height, width, max_radius=14))
+
+
+def _random_line(rng: np.random.Generator, height: int, width: int, max_thickness: int) -> tuple:
+    """(start, end, colour, thickness) of a random line, as ``cv2.line`` takes them."""
+    p0 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+    p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+    return p0, p1, _random_colour(rng).tolist(), int(rng.integers(1, max_thickness + 1))
+
+
+def _random_polygon(rng: np.random.Generator, height: int, width: int, max_radius: float) -> tuple:
+    """([points int32 [V, 2]], colour) of a small random polygon, as ``cv2.fillPoly`` takes them."""
+    points = _irregular_polygon(rng, rng.uniform(0, width), rng.uniform(0, height),
+                                rng.uniform(3, max_radius), int(rng.integers(3, 8)), 0.7)
+    return [points], _random_colour(rng).tolist()
 
 
 def _draw_foreground_distractors(rng: np.random.Generator, canvas: np.ndarray, owner: np.ndarray) -> None:
@@ -377,14 +374,11 @@ def _draw_foreground_distractors(rng: np.random.Generator, canvas: np.ndarray, o
     height, width = canvas.shape[:2]
     cover = np.zeros((height, width), np.uint8)  # [H, W] 255 where a distractor was drawn
     for _ in range(int(rng.integers(0, 4))):
-        p0 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        colour, thickness = _random_colour(rng).tolist(), int(rng.integers(1, 3))
+        p0, p1, colour, thickness = _random_line(rng, height, width, max_thickness=2)
         cv2.line(canvas, p0, p1, colour, thickness)
         cv2.line(cover, p0, p1, 255, thickness)
     for _ in range(int(rng.integers(0, 4))):
-        points = _irregular_polygon(rng, rng.uniform(0, width), rng.uniform(0, height),
-                                    rng.uniform(3, 10), int(rng.integers(3, 8)), 0.7)
-        cv2.fillPoly(canvas, [points], _random_colour(rng).tolist())
-        cv2.fillPoly(cover, [points], 255)
+        points, colour = _random_polygon(rng, height, width, max_radius=10)
+        cv2.fillPoly(canvas, points, colour)
+        cv2.fillPoly(cover, points, 255)
     owner[cover > 0] = -1

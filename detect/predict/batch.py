@@ -1,8 +1,7 @@
 """Batch detection on image files, folders and globs: ``detect predict``.
 
-The main process runs the detector, one image at a time; a pool of worker processes reads the
-images and computes their selective-search proposals ahead of it (at most ``2 x workers``
-images in flight), so proposals and inference overlap. Results come back in input order.
+The main process runs the detector, one image at a time; worker processes read the images and
+propose boxes ahead of it (at most ``2 x workers`` images in flight), results in input order.
 
 Outputs in ``output_dir`` (each written atomically; paths never leave ``output_dir``):
 
@@ -21,16 +20,13 @@ Outputs in ``output_dir`` (each written atomically; paths never leave ``output_d
 - ``vis/<name>.jpg``   with ``visualize``: the boxes, labels and scores drawn; ``<name>`` is the
                        input's path relative to the inputs' common folder (``safe_relative_name``).
 
-Resume: every finished image appends one flushed line to the journal ``partial/done.jsonl``
-(``partial/done.rank{r}.jsonl`` per rank), as in ``detections.jsonl`` but with class indices
-1..K as labels, or {"file", "error"}. A re-run into the same folder skips files with a result in
-any journal (failures are retried) and refuses to mix results of other settings
-(``partial/settings.json``). The final files are rewritten from the journals at the end, and
-every 100 images (but at least 30 s apart), so a killed run loses only the images in flight.
-
-Distributed: with ``world_size > 1`` rank r takes images i with ``i % world_size == r``; each
-rank merges all journals when it finishes (under a file lock), so the last rank to finish
-writes the complete outputs.
+Resume: every finished image appends a flushed line to the journal ``partial/done.jsonl``
+(``done.rank{r}.jsonl`` per rank), as in ``detections.jsonl`` but with class indices 1..K as
+labels, or {"file", "error"}. A re-run skips files with a result in any journal (failures are
+retried) and refuses other settings (``partial/settings.json``). The final files are rewritten
+from the journals at the end and every ``REWRITE_EVERY_IMAGES`` images, so a killed run loses
+only the images in flight. With ``world_size > 1`` rank r takes images i with
+``i % world_size == r``; the last rank to finish merges all journals.
 """
 
 from __future__ import annotations
@@ -67,7 +63,7 @@ from detect.proposals.store import ProposalStore
 REWRITE_EVERY_IMAGES = 100
 REWRITE_MIN_INTERVAL_S = 30.0
 
-ProposeFn = Callable[..., np.ndarray]  # (image uint8 RGB [H, W, 3], **settings) -> [R, 4] xyxy
+ProposeFn = Callable[..., np.ndarray]  # as selective_search
 
 
 def _init_worker() -> None:
@@ -75,9 +71,7 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-class Loaded(NamedTuple):
-    """What a worker sends back for one input file."""
-
+class Loaded(NamedTuple):  # what a worker sends back for one input file
     image: np.ndarray | None  # [H, W, 3] uint8 RGB, None on error
     proposals: np.ndarray | None  # [R, 4] xyxy float32, None on error or with a store
     error: str  # "" or why the file has no result
@@ -86,9 +80,8 @@ class Loaded(NamedTuple):
 
 
 def _load_and_propose(file: str, propose_fn: ProposeFn | None, settings: dict) -> Loaded:
-    """Worker task: read ``file`` and propose boxes in it (``propose_fn=None``: only read it, the
-    proposals come from a store). A failure comes back as a reason, never as an exception, so
-    one bad file cannot stop the run."""
+    """Worker task: read ``file`` and propose boxes in it (``propose_fn=None``: only read it). A
+    failure comes back as a reason, never as an exception."""
     t0 = time.perf_counter()
     try:
         image = read_image(file)
@@ -105,16 +98,9 @@ def _load_and_propose(file: str, propose_fn: ProposeFn | None, settings: dict) -
     return Loaded(image, proposals, "", read_ms, (time.perf_counter() - t1) * 1e3)
 
 
-def _mp_context() -> multiprocessing.context.BaseContext:
-    # fork where the platform has it (as torch's DataLoader): workers start instantly and never
-    # touch the detector or CUDA; spawn elsewhere.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-
-
 def _store_ids(store, files: list[str]) -> dict[str, int]:
-    """file -> image id in ``store`` (a ``detect propose --input`` store, whose files.json lists
-    its resolved input paths), for every file of ``files``; ValueError naming missing files."""
+    """file -> image id in a ``detect propose --input`` store (its files.json), for every file of
+    ``files``; ValueError naming missing files."""
     by_id = store.files()
     if by_id is None:
         raise ValueError(f"proposal store {store.path} has no files.json, so its images cannot be "
@@ -154,11 +140,9 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     """Detect objects in every image of ``inputs`` (``find_images``); write the outputs of the
     module docstring to ``output_dir``, resuming a previous run there.
 
-    ``proposal_settings`` are the keyword arguments of ``propose_fn`` (default
-    ``detect.proposals.selective_search.selective_search``), or proposals come from
-    ``proposal_store`` (a ``detect propose --input`` store). ``workers``: processes (0 = all
-    cores). The category ids are the detector's. ``model_fingerprint`` identifies the
-    checkpoint, so a resume with another model is refused.
+    Proposals: ``propose_fn(image, **proposal_settings)`` (default ``selective_search``) or
+    ``proposal_store``. ``workers``: processes (0 = all cores). ``model_fingerprint`` identifies
+    the checkpoint, so a resume with another model is refused.
     """
     start = time.perf_counter()
     if workers < 0:
@@ -206,8 +190,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     timer = StageTimer(detector.device)  # main-process stages: wait, the detector's, visualize
     worker_ms = {"read_in_workers": 0.0, "proposals_in_workers": 0.0}  # summed over workers
     since_merge, last_merge = 0, time.perf_counter()
-    # One image to do: selective search runs its hierarchies on all cores (the same boxes), so
-    # a single photo waits less; with many images each worker process takes one image.
+    # One image to do: its hierarchies on all cores (the same boxes); else one image per worker.
     call_settings = dict(proposal_settings)
     if propose_fn is selective_search and len(todo) == 1:
         call_settings["threads"] = available_cores()
@@ -221,13 +204,13 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
 
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=not progress or None,
                dynamic_ncols=True, file=sys.stderr)
-    # Fork the workers while this process's OpenCV thread pool is stopped: a forked worker whose
-    # parent had the pool running (e.g. after make-synthetic or selective search in the same
-    # process, as `detect demo` does) hangs forever in cv2.setNumThreads (_init_worker).
+    # Fork (spawn where there is none) while this process's OpenCV thread pool is stopped: a
+    # worker forked from a running pool (as in `detect demo`) hangs in cv2.setNumThreads.
     cv2_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = ProcessPoolExecutor(max_workers=min(workers, max(len(todo), 1)),
-                               mp_context=_mp_context(), initializer=_init_worker)
+                               mp_context=multiprocessing.get_context(method), initializer=_init_worker)
     journal = open_journal(partial_dir / ("done.jsonl" if world_size == 1 else f"done.rank{rank}.jsonl"))
     try:
         submit_more(pool)

@@ -1,12 +1,9 @@
-"""Selective search over many images: a process pool, resumable chunks, shards, one store.
+"""Selective search over many images into one store: a process pool, resumable chunks, shards.
 
-``generate_proposals(items, out_dir, ...)`` writes a ``ProposalStore`` (format:
-``detect.proposals.store``). Work goes into ``<out>.partial/`` as chunks of ``chunk_size``
-images in input order (chunk k = items[k*256:(k+1)*256]), each file written atomically; a
-re-run skips finished chunks, and when all exist they are merged into the store (built in a
-scratch folder, then renamed). A killed and re-run job gives a store byte-identical to an
-uninterrupted one; so does a job split into shards (``shard=(i, N)`` computes chunks with
-k % N == i).
+Work goes into ``<out>.partial/`` as chunk files of ``chunk_size`` images in input order, each
+written atomically; a re-run skips finished chunks, and once all exist they are merged into the
+store (``detect.proposals.store``). A killed and re-run job, or one split into shards
+(``shard=(i, N)`` computes chunks k with k % N == i), gives the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -53,14 +50,13 @@ def parse_shard(text: str) -> tuple[int, int] | None:
 def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike, *, settings: dict,
                        workers: int = 0, shard: tuple[int, int] | None = None, progress: bool = True,
                        chunk_size: int = DEFAULT_CHUNK_SIZE, merge: bool = True) -> ProposalStore | None:
-    """Selective search on every ``(image_id, path)`` of ``items`` into the store ``out_dir``.
+    """Selective search on every ``(image_id, path)`` of ``items`` into the store ``out_dir``
+    (returned as is if already there with the same images and settings).
 
-    ``settings`` are ``selective_search``'s keyword arguments (``ProposalConfig`` as a dict).
-    ``workers`` processes (0 = all available cores; 1 = in this process). An image that cannot
-    be read or proposed gets 0 boxes and is listed in ``meta.json`` "failures" (delete the store
-    to retry them); if every image fails, no store is written (ValueError). Returns the store,
-    or None while chunks are missing (other shards' work) or with ``merge=False``. If
-    ``out_dir`` already holds a store of the same images and settings, it is returned as is.
+    ``settings``: ``ProposalConfig`` as a dict. ``workers`` processes (0 = all cores; 1 = in this
+    process). An image that cannot be read or proposed gets 0 boxes and is listed in meta.json
+    "failures"; if all fail, ValueError and no store. Returns None while chunks are missing
+    (other shards' work) or with ``merge=False``.
     """
     out = Path(out_dir)
     settings = check_proposal_settings(settings)
@@ -141,20 +137,16 @@ def _compute_chunks(items: list[tuple[int, str]], todo: list[int], partial: Path
     if not tasks:
         return
     num_workers = max(1, min(workers if workers > 0 else available_cores(), len(tasks)))
-    # In a log file (a batch job) the bar still shows, once every 30 s.
     with tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
               mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
         if num_workers == 1:
             _write_chunks(todo, chunks, map(_propose_file, tasks), partial, bar)
             return
-        # spawn: workers start clean (no inherited OpenCV/torch thread state) on every OS. An
-        # executor rather than multiprocessing.Pool: if a worker dies (killed for memory, a crash
-        # inside OpenCV) it raises BrokenProcessPool where Pool.imap would wait forever.
+        # spawn: workers start clean (no inherited OpenCV/torch thread state). An executor, not a
+        # Pool: a dead worker raises BrokenProcessPool where Pool.imap would wait forever.
         pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker)
-        try:
-            # Ordered results, one image per task: an image takes ~1 s, so the IPC is negligible
-            # and small tasks keep every worker busy to the end.
+        try:  # one image (~1 s) per task keeps every worker busy to the end
             _write_chunks(todo, chunks, pool.map(_propose_file, tasks, chunksize=1), partial, bar)
         except BrokenProcessPool:
             raise ValueError(f"proposals: a worker process died (out of memory, or a crash inside "
@@ -166,7 +158,6 @@ def _compute_chunks(items: list[tuple[int, str]], todo: list[int], partial: Path
 
 def _write_chunks(todo: list[int], chunks: list[list[tuple[int, str]]],
                   results: Iterator[tuple[np.ndarray, np.ndarray, str]], partial: Path, bar: tqdm) -> None:
-    results = iter(results)
     for k, chunk in zip(todo, chunks):
         done = []
         for _ in chunk:
@@ -218,9 +209,7 @@ def _merge_chunks(items: list[tuple[int, str]], partial: Path, out: Path, meta: 
                              f"{first['reason']}; check the image paths (--images); no store written")
         write_store(out, image_ids=[i for i, _ in items], boxes_per_image=boxes_stream(), with_scores=True,
                     meta={**meta, "failures": failures}, files=[p for _, p in items], scratch_dir=partial)
-    except (FileExistsError, ValueError):
-        # Another shard finished at the same moment and merged first (and may have removed
-        # ``partial`` under us): its store is the same bytes.
+    except (FileExistsError, ValueError):  # another shard merged first: the same bytes
         if not (out / "meta.json").is_file():
             raise
         return _existing_store(out, meta, len(items))

@@ -19,18 +19,14 @@ A store is a folder (written by ``detect propose``, read by training, evaluation
                       is the path as given to `detect propose`.
     STORE/config.yaml the resolved config of the `detect propose` run (not part of the format).
 
-No pickle, no timestamps: the same inputs and settings give byte-identical files (check a store
-with ``cmp``). Reading loads only the index: ``boxes.f32`` is memory-mapped and
-``ProposalStore.get`` copies one image's rows, so a COCO-sized store (118k images x 2000 boxes
-= 3.8 GB) opens in milliseconds. Read one image without this package::
+No pickle, no timestamps: the same inputs and settings give byte-identical files. Reading
+loads only the index (``boxes.f32`` is memory-mapped), so a COCO-sized store opens in
+milliseconds. Read one image without this package::
 
     index = np.load("STORE/index.npy")                       # [N, 3] int64
     boxes = np.memmap("STORE/boxes.f32", dtype="<f4", mode="r").reshape(-1, 4)
     image_id, first, count = index[i]
     boxes_i = np.array(boxes[first:first + count])           # [R, 4] xyxy float32
-
-``write_store`` builds a store in a scratch folder and renames it into place, so a reader sees
-either no store or a complete one.
 """
 
 from __future__ import annotations
@@ -68,15 +64,13 @@ def dataset_fingerprint(items: Iterable[tuple[int, str]]) -> str:
 def write_store(path: str | os.PathLike, *, image_ids: list[int],
                 boxes_per_image: Iterable, meta: dict[str, Any], files: list[str] | None = None,
                 scratch_dir: str | os.PathLike | None = None, with_scores: bool = False) -> Path:
-    """Write a store at ``path`` atomically and return ``path``.
+    """Write a new store at ``path`` (built in a scratch folder under ``scratch_dir``, default
+    beside it, then renamed into place) and return ``path``.
 
-    ``boxes_per_image`` yields one float xyxy array [R_i, 4] per id of ``image_ids``, in that
-    order, or with ``with_scores`` a pair (boxes [R_i, 4], ranking values [R_i]); without, each
-    box's ranking value is its position. It is consumed as a stream (a generator reading chunk
-    files keeps memory flat). ``meta`` holds the settings and provenance fields of the module
-    docstring; ``format``, ``version``, ``num_images`` and ``num_boxes`` are filled in here.
-    ``files`` (one path per image) becomes files.json. The scratch folder is made under
-    ``scratch_dir`` (default: beside ``path``, same file system); ``path`` must not exist yet.
+    ``boxes_per_image`` streams one xyxy array [R_i, 4] per id of ``image_ids``, or with
+    ``with_scores`` pairs (boxes, ranking values [R_i]); without, a box's value is its position.
+    ``meta``: the module docstring's fields but the counts, format and version, filled in here.
+    ``files`` (one path per image) becomes files.json.
     """
     path = Path(path)
     if path.exists():
@@ -136,7 +130,7 @@ class ProposalStore:
             if not (self.path / name).is_file():
                 raise ValueError(f"{self.path / name}: missing; {self.path} is not a complete proposal store")
         self.meta: dict[str, Any] = self._read_meta()
-        self._index = self._read_index()  # [N, 3] int64 (image_id, first_box_row, num_boxes)
+        self._index = self._read_index()  # [N, 3] int64
         self._boxes = self._map(BOXES_FILE, (4,))  # [num_boxes, 4]
         self._scores = self._map(SCORES_FILE, ())  # [num_boxes]
         self._row_of: dict[int, int] | None = None  # image_id -> index row, built on first use
@@ -191,7 +185,7 @@ class ProposalStore:
         return index
 
     def _rows(self, image_id: int) -> slice:
-        """The rows of boxes.f32 and scores.f32 that hold image ``image_id`` (KeyError if none)."""
+        """The rows of image ``image_id`` in boxes.f32 and scores.f32 (KeyError if none)."""
         if self._row_of is None:
             self._row_of = {image_id: row for row, image_id in enumerate(self._index[:, 0].tolist())}
         row = self._row_of.get(int(image_id))
@@ -209,7 +203,6 @@ class ProposalStore:
         return np.array(self._scores[self._rows(image_id)], dtype=np.float32)  # [R]
 
     def num_boxes(self, image_id: int) -> int:
-        """Number of proposals of one image, without reading them."""
         rows = self._rows(image_id)
         return int(rows.stop - rows.start)
 
@@ -229,8 +222,7 @@ class ProposalStore:
         return {k: self.meta[k] for k in check_proposal_settings({}) if k in self.meta}
 
     @property
-    def image_ids(self) -> list[int]:
-        """The store's image ids, in input order."""
+    def image_ids(self) -> list[int]:  # in input order
         return self._index[:, 0].tolist()
 
     def files(self) -> dict[int, str] | None:
@@ -244,10 +236,10 @@ class ProposalStore:
         except (TypeError, ValueError, KeyError):
             raise ValueError(f"{files_path}: expected a list of {{\"image_id\", \"file\"}} objects") from None
 
-    def check_dataset(self, dataset) -> None:
-        """ValueError unless this store has proposals for every image of ``dataset`` and, with
-        files.json, each image id names a file of the same basename (so a store made for another
-        dataset with overlapping ids is caught)."""
+    def check_dataset(self, dataset) -> ProposalStore:
+        """This store, if it has every image of ``dataset`` and, with files.json, each image id
+        names a file of the same basename (a store of another dataset with the same ids is caught);
+        else ValueError."""
         missing = [r.image_id for r in dataset.records if r.image_id not in self]
         if missing:
             raise ValueError(
@@ -255,14 +247,14 @@ class ProposalStore:
                 f"dataset {dataset.name!r} (image ids {missing[:5]}{' ...' if len(missing) > 5 else ''}); "
                 f"make a store for this dataset with `detect propose`")
         files = self.files()
-        if files is None:
-            return
         wrong = [(r.image_id, os.path.basename(files[r.image_id]), os.path.basename(r.file_name))
-                 for r in dataset.records if os.path.basename(files[r.image_id]) != os.path.basename(r.file_name)]
+                 for r in dataset.records if files is not None
+                 and os.path.basename(files[r.image_id]) != os.path.basename(r.file_name)]
         if wrong:
             shown = "; ".join(f"id {i}: store {a!r}, dataset {b!r}" for i, a, b in wrong[:5])
             raise ValueError(f"proposal store {self.path} was made for other files than dataset "
                              f"{dataset.name!r} ({len(wrong)} images differ: {shown})")
+        return self
 
     def __repr__(self) -> str:
         return (f"ProposalStore({str(self.path)!r}, images={len(self)}, boxes={self.meta['num_boxes']}, "

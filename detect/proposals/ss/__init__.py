@@ -1,19 +1,14 @@
 """Fast, deterministic selective search (Uijlings et al., IJCV 2013) in numpy + numba.
 
-``engine.selective_search_boxes`` runs the pipeline on one image (``MODES``: the paper's modes);
-``detect.proposals.selective_search`` wraps it (resize, min size, ranking) beside
-OpenCV's implementation. The stages: ``segmentation`` (Felzenszwalb-Huttenlocher), ``features``
-(colour spaces, histograms, adjacency), ``grouping`` (greedy hierarchical grouping),
-``ranking`` (the paper's pseudo-random ranking).
+``engine.selective_search_boxes`` runs the pipeline on one image (stages: ``segmentation``,
+``features``, ``grouping``, ``ranking``); ``detect.proposals.selective_search`` wraps it.
 
-The original code: the IJCV release (``SelectiveSearchCodeIJCV``: ``Image2HierarchicalGrouping.m``,
-``demo.m``; a copy is in zouchuhang/LayoutNet, ``matlab/panoContext_code/Toolbox/``) and
-rbgirshick/rcnn ``selective_search/selective_search_boxes.m``. The release ships
-``BlobStructColourHist``, ``BlobStructTextureHist`` and ``BlobStruct2HierarchicalGrouping`` as
-obfuscated ``.p`` files; their readable ``.m`` versions come from a copy of Uijlings' code in
-zhulei2016/RST-saliency (``SelectiveSearch/``), which also carries local edits (4-connected FH,
-a range-scaled k), so only those three functions were taken from it. The modules say what they
-follow; this is the one list of where we differ from the original MATLAB code, and why:
+The original code: the IJCV release (``SelectiveSearchCodeIJCV``; a copy is in
+zouchuhang/LayoutNet, ``matlab/panoContext_code/Toolbox/``) and rbgirshick/rcnn
+``selective_search/selective_search_boxes.m``. The release's ``BlobStructColourHist``,
+``BlobStructTextureHist`` and ``BlobStruct2HierarchicalGrouping`` are obfuscated ``.p`` files;
+their readable ``.m`` versions come from zhulei2016/RST-saliency (``SelectiveSearch/``), whose
+other local edits were not taken. The one list of where we differ from the original, and why:
 
 - edges are sorted with a stable radix sort (ties in generation order; std::sort left them
   unspecified), so results are reproducible everywhere;

@@ -1,12 +1,8 @@
 """Selective search [SS] (Uijlings et al., IJCV 2013): the pipeline of one image.
 
-``selective_search_boxes`` runs, for each colour space of the mode: the colour conversion, the
-smoothed 8-connected graph sorted once, the per-pixel colour / texture bins once; then for each
-k: Felzenszwalb-Huttenlocher segmentation (min_size = k), region features in one pass, and one
-greedy hierarchical grouping per similarity strategy. The boxes of all hierarchies are ranked
-as in the paper (``ranking``) and returned best first.
-
-The modes, as the paper defines them (``MODES``; the one table of them):
+For each colour space of the mode: the graph and the per-pixel bins once; then for each k: FH
+segmentation (min_size = k), region features, one grouping per strategy. The boxes of all
+hierarchies are ranked as in the paper. The modes (``MODES``; the one table of them):
 
 =============  ====================  =================  ======================  ===========
 mode           colour spaces         k (= min_size)     strategies              hierarchies
@@ -17,12 +13,8 @@ mode           colour spaces         k (= min_size)     strategies              
 =============  ====================  =================  ======================  ===========
 
 ``k_scale`` multiplies the k values (and so the min sizes, rounded); 1 is the paper's.
-
 Hierarchy index (seeds the ranking): ((k index) * n_colour_spaces + colour index) *
-n_strategies + strategy index, as the loops of the original demo (k outer, colour inner).
-
-The caller resizes the image beforehand ([RCNN]: 500 px wide); no resizing and no filtering
-of small boxes happens here.
+n_strategies + strategy index, as the original demo's loops. No resizing, no size filter here.
 """
 
 from __future__ import annotations
@@ -104,20 +96,12 @@ def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
 def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int = 0,
                            threads: int = 1, timings: dict | None = None,
                            randomize: bool = True, k_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Selective-search boxes of one image, best first.
+    """Selective-search boxes of uint8 RGB ``image`` [H, W, 3], best first: (boxes float32 [R, 4]
+    xyxy, x2 / y2 exclusive; ranking values float32 [R], ascending), no duplicates.
 
-    image: uint8 RGB [H, W, 3] (``check_image``). mode: a row of ``MODES``. seed: int >= 0 for
-    the pseudo-random ranking. threads: the hierarchies of the image are computed in a pool of
-    this many threads (per colour space; the numba kernels release the GIL); the result is
-    byte-identical for any value. timings: if a dict, receives seconds per stage (``STAGES``;
-    summed over threads) and "total" (wall). randomize=False sets the random factor to 1 (for
-    tests: the whole-image box comes first). k_scale: the mode's k values (and min sizes) are
-    multiplied by it (1 = the paper's; smaller k cuts smaller initial regions).
-
-    Returns (boxes float32 [R, 4] xyxy in pixels of ``image``, x2 / y2 exclusive: the box of
-    pixels x0..x1, y0..y1 is (x0, y0, x1 + 1, y1 + 1); scores float32 [R], the ranking
-    values, ascending = best first). No duplicate boxes; a uniform image gives one box,
-    the whole image.
+    ``threads``: a pool over the colour spaces (the kernels release the GIL), byte-identical
+    output for any value. ``timings``: a dict that receives seconds per stage (summed over
+    threads) and "total". ``randomize=False``: random factor 1 (the whole image comes first).
     """
     check_image(image)
     if image.shape[0] * image.shape[1] >= 2 ** 29:  # edge slots are int32 (4 per pixel)

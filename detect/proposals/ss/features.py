@@ -1,13 +1,10 @@
 """Colour spaces, per-pixel histogram bins and per-region features for selective search.
 
-Colour spaces ([SS] ``Image2ColourSpace.m``; every result is uint8, i.e. ``im2uint8`` of a
-value in [0, 1]): ``hsv`` (MATLAB ``rgb2hsv``, H in [0, 1) -> 0..255), ``lab`` (CIE L*a*b*
-8-bit: L * 255 / 100, a + 128, b + 128), ``rgi`` (r = R / (R+G+B), g = G / (R+G+B), I = (R+G+B)
-/ 3), ``h`` (the hue of ``hsv``) and ``i`` (intensity, MATLAB ``rgb2gray``). ``h`` and ``i`` are
-one channel: the image to segment is it replicated 3 times, the histograms are of the one
-channel (the package's notes on the original: ``detect.proposals.ss``).
+Colour spaces ([SS] ``Image2ColourSpace.m``; uint8, ``im2uint8`` of a value in [0, 1]): ``hsv``
+(MATLAB ``rgb2hsv``), ``lab`` (8-bit CIE L*a*b*), ``rgi``, ``h`` (the hue) and ``i`` (MATLAB
+``rgb2gray``); how ``h`` and ``i`` are used: ``detect.proposals.ss``.
 
-Features of one colour space, computed ONCE (``pixel_bins``), reused for every k:
+Per-pixel bins of one colour space, computed ONCE (``pixel_bins``), reused for every k:
 
 - colour: 25 bins per channel, bin = round(v / 255 * 24) of the uint8 value v, as the original
   ``BlobStructColourHist`` (``round(colourIm .* (cBin - 1))`` on values in [0, 1]): the two end
@@ -19,9 +16,7 @@ Features of one colour space, computed ONCE (``pixel_bins``), reused for every k
   the response r (0.43: its "maximum value of gradient"; a unit step peaks at about 0.5 with
   sigma 0.8), capped at bin 9.
 
-``region_features`` then makes, in one pass over the pixels of a label image: sizes, boxes,
-L1-normalised colour histograms [n, 25 C], texture histograms [n, 80 C], and the
-4-connected region adjacency (pairs a < b).
+``region_features`` then makes the regions' features in one pass over a label image.
 """
 
 from __future__ import annotations
@@ -188,14 +183,10 @@ def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @njit(**_JIT)
 def region_features(labels: np.ndarray, n_regions: int, colour_bins: np.ndarray,
                     texture_bins: np.ndarray):
-    """Features of every region of one segmentation, in one pass over the pixels.
-
-    labels: int32 [H, W] in 0..n-1; colour_bins uint8 [H*W, C], texture_bins uint8 [H*W, 8C]
-    from ``pixel_bins``. Returns
-    sizes int64 [n] (pixels), boxes int32 [n, 4] (x0, y0, x1, y1, inclusive pixel
-    coordinates), colour_hist float32 [n, 25 C] and texture_hist float32 [n, 80 C] (each row
-    sums to 1), pairs int32 [m, 2] (a < b, sorted) of 4-connected neighbouring regions.
-    """
+    """Features of every region of labels int32 [H, W] (0..n-1), with ``pixel_bins``' bins:
+    sizes int64 [n], boxes int32 [n, 4] (x0, y0, x1, y1 inclusive), colour_hist float32 [n, 25 C]
+    and texture_hist float32 [n, 80 C] (rows sum to 1), pairs int32 [m, 2] (a < b, sorted) of
+    4-connected neighbours."""
     height, width = labels.shape
     channels = colour_bins.shape[1]
     n_tex = texture_bins.shape[1]

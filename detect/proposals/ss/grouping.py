@@ -12,14 +12,12 @@ sum of the enabled terms:
 The merged region t gets size_t = size_i + size_j, box = union of the boxes, histograms
 = (size_i h_i + size_j h_j) / size_t (no pixel rescan), and neighbours = N(i) | N(j) - {i, j}.
 
-Implementation: a binary max-heap of candidate pairs with lazy invalidation (a popped pair
-whose region was already merged is skipped). Heap keys are uint64: the similarity rounded to
-float32 in the high bits, the pair's push number in the low bits, so that among equal
-similarities the pair pushed LAST wins, as in the original ``BlobStruct2HierarchicalGrouping``
-(it merges the last of its ascending, stable sort; new pairs are appended, the initial ones in
-(a, b) order, each merge's in ascending order of the neighbour's id, as here). Neighbour lists
-live in one growable buffer; ``merged_into`` pointers (with path compression) map a stale
-neighbour id to the region that absorbed it. All numba, no Python objects, GIL released.
+Implementation: a max-heap of candidate pairs with lazy invalidation (a popped pair whose
+region was merged is skipped). A uint64 key holds the similarity as float32 above the pair's
+push number, so among equal similarities the pair pushed LAST wins, as in the original
+``BlobStruct2HierarchicalGrouping`` (which merges the last of its ascending stable sort, pairs
+pushed in the same order as here). ``merged_into`` pointers map a stale neighbour id to the
+region that absorbed it. All numba, GIL released.
 """
 
 from __future__ import annotations
@@ -135,16 +133,12 @@ def _find(merged_into, x):
 @njit(**_JIT)
 def hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, im_size,
                           use_colour, use_texture, use_size, use_fill):
-    """Greedy grouping of one segmentation with one similarity strategy.
+    """Greedy grouping of one segmentation (``features.region_features``' outputs, im_size =
+    H * W) with one strategy (the four booleans enable the similarity terms).
 
-    Inputs (``features.region_features``): colour_hist float32 [n, Kc], texture_hist float32
-    [n, Kt], sizes int64 [n], boxes int32 [n, 4] (x0, y0, x1, y1 inclusive), pairs int32 [m, 2]
-    of neighbouring regions, im_size = H * W; four booleans enable the similarity terms.
-
-    Returns, for all regions in creation order (the n initial ones, then one per merge;
-    T = n + number of merges, which is 2n - 1 when the adjacency graph is connected):
-    boxes int32 [T, 4], sizes int64 [T], colour_hist float32 [T, Kc], texture_hist float32
-    [T, Kt], merges int32 [T - n, 2] (the two regions merged into region n + m).
+    Returns, for all T regions in creation order (the n initial ones, then one per merge):
+    boxes int32 [T, 4], sizes int64 [T], colour_hist [T, Kc], texture_hist [T, Kt], merges
+    int32 [T - n, 2] (the two regions merged into region n + m).
     """
     n = sizes.size
     total = 2 * n - 1

@@ -7,13 +7,9 @@ position n. The initial regions are listed once per segmentation (with the first
 hierarchy), as the original adds ``blobBoxes`` once per ``Image2HierarchicalGrouping`` call.
 A segmentation with a single region gives just its box, position 1.
 
-value = position * U[0, 1), the uniform numbers drawn from
-``np.random.default_rng([seed, hierarchy_index])`` (one draw per listed box, in list order),
-so the result does not depend on threads or processes. All hierarchies are pooled, sorted
-by value ascending (stable), and duplicate boxes removed keeping the first.
-
-``near_duplicates_last`` is the alternative ranking ``proposals.ranking: nms``, which
-``detect.proposals.selective_search`` applies to the final boxes of either engine.
+value = position * U[0, 1), drawn from ``np.random.default_rng([seed, hierarchy_index])`` in
+list order (independent of threads or processes). All hierarchies are pooled, sorted by value
+(stable), duplicates removed keeping the first. ``near_duplicates_last``: ``ranking: nms``.
 """
 
 from __future__ import annotations
@@ -41,11 +37,9 @@ def hierarchy_positions(n_initial: int, n_boxes: int, include_initial: bool) -> 
 
 def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
                randomize: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Pool and rank the boxes of several hierarchies, each (boxes int32 [T, 4] x0, y0, x1, y1
-    inclusive of all regions in creation order, n_initial, include_initial), in hierarchy-index
-    order. randomize=False uses a random factor of 1 (values = positions), so a whole-image box
-    comes first. Returns (boxes int32 [R, 4] inclusive, values float64 [R]), best first, no
-    duplicates."""
+    """Pool and rank hierarchies, each (boxes int32 [T, 4] inclusive in creation order, n_initial,
+    include_initial), in index order; randomize=False: values = positions. Returns (boxes int32
+    [R, 4] inclusive, values float64 [R]), best first, no duplicates."""
     all_boxes, all_values = [], []
     for index, (boxes, n_initial, include_initial) in enumerate(hierarchies):
         rows, positions = hierarchy_positions(int(n_initial), boxes.shape[0], include_initial)
@@ -100,11 +94,9 @@ def _nms_survivors(boxes: np.ndarray, iou: float) -> np.ndarray:
 
 
 def near_duplicates_last(boxes: np.ndarray, values: np.ndarray, iou: float) -> tuple[np.ndarray, np.ndarray]:
-    """The "nms" ranking of boxes [R, 4] xyxy with ascending ranking ``values`` [R]: greedy NMS
-    at ``iou`` in ranked order; the survivors first, then the suppressed boxes, each group in
-    the given order. Nothing is dropped (all boxes are the same set), but a budget of the first
-    k spends fewer boxes on near-duplicates. Returns (order int64 [R], new values float64 [R],
-    ascending: the survivors keep theirs, a suppressed box gets its value + 1 + the largest)."""
+    """The "nms" ranking of boxes [R, 4] xyxy with ascending ``values`` [R]: the survivors of
+    greedy NMS at ``iou`` first, then the suppressed, each in the given order (none dropped).
+    Returns (order int64 [R], values float64 [R]: a suppressed box's + 1 + the largest)."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64), np.zeros(0)
     alive = _nms_survivors(np.ascontiguousarray(boxes, dtype=np.float64), float(iou))

@@ -12,11 +12,9 @@ Faithful to the original ``segment-image`` code (and Uijlings' ``mexFelzenSegmen
 - then every edge, in the same order, joins its two components if either is smaller than
   ``min_size``.
 
-The edges of one colour space are built and sorted ONCE (``sorted_edges``) and reused for
-every k (``segment_graph``); the sort is stable (``radix_sort``), so ties keep the generation order.
-
-An edge is identified by its *slot* ``4 * p + d`` (p = y * W + x, d = direction 0..3 as listed
-above); slots that point outside the image get weight +inf and are never used.
+The edges are built and stably sorted ONCE per colour space (``sorted_edges``), reused for every
+k (``segment_graph``). An edge is its *slot* ``4 * p + d`` (p = y * W + x, d = direction 0..3 as
+listed above); slots pointing outside the image weigh +inf and are never used.
 """
 
 from __future__ import annotations
