@@ -12,10 +12,9 @@ Conventions used everywhere in the package:
   back to the dataset's own category ids, in one place (``detect.evaluation.coco``).
 - Shape shorthand in comments: N images, R proposals, G ground-truth boxes, K object classes.
 
-The layout, with every import running down this order (``tests/test_layout.py`` checks it):
-common -> data -> proposals -> models -> training | evaluation -> predict | report ->
-commands | demo -> cli. The names below are imported on first use, so that ``import
-detect.common.box_ops`` (say, in a proposal worker) does not import torch models.
+The layout, with every import running down this order: common -> data -> proposals -> models
+-> training | evaluation -> predict | report -> commands | demo -> cli. The names below are
+imported on first use, so that a proposal worker does not import torch models.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """Fail loudly if the installed torch/torchvision/OpenCV cannot do what the toolkit needs, and
-compile selective search's numba kernels into numba's on-disk cache.
-
-Run by ``make venv``: ``python -m detect.check_install``. A torchvision built for another torch
-raises "operator torchvision::nms does not exist" here, not halfway through a training run. The
-kernels take 15 to 70 s to compile; compiled here, a user's first ``detect propose`` loads them
-in about a second (``detect.proposals.ss.warm_up``).
+compile selective search's numba kernels into numba's cache (``detect.proposals.ss.warm_up``).
+Run by ``make venv``: ``python -m detect.check_install``.
 """
 
 from __future__ import annotations

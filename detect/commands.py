@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import cv2
@@ -81,8 +82,7 @@ def _dataset_spec(args: argparse.Namespace) -> dict:
 
 
 def _load_spec(spec: dict, classes: list[str] | None = None) -> Dataset:
-    """The dataset of a spec (``DatasetConfig`` as a dict); ``classes`` (the trained detector's)
-    take precedence over the spec's own."""
+    """The dataset of a ``DatasetConfig`` dict; ``classes`` (the detector's) before the spec's."""
     return load_dataset(spec["format"], spec["path"], spec["images"], spec["split"],
                         classes=classes or spec.get("classes") or None)
 
@@ -93,14 +93,9 @@ def _load_spec(spec: dict, classes: list[str] | None = None) -> Dataset:
 
 
 def propose(args: argparse.Namespace) -> int:
-    """``detect propose``: a store for a dataset (``--data``) or for files (``--input``).
-
-    With ``--input`` (files, folders searched recursively, globs) the image ids are the 1-based
-    positions in the sorted list of resolved paths (the ids ``detect predict`` gives them). The
-    resolved config is written to ``<out>/config.yaml``. Hidden: ``DETECT_PROPOSAL_CHUNK`` sets
-    the images per chunk file (default 256; tests use small chunks). Under torchrun each rank
-    computes its shard and rank 0 merges after a barrier.
-    """
+    """``detect propose``: a store for a dataset (``--data``) or for files (``--input``, ids as
+    ``detect predict`` gives them). Hidden: ``DETECT_PROPOSAL_CHUNK`` sets the images per chunk
+    file. Under torchrun each rank computes its shard and rank 0 merges after a barrier."""
     cfg = load_config(args.config, args.overrides)
     settings = to_dict(cfg.proposals)
     if args.export and args.export[0] not in EXPORT_FORMATS:  # before hours of work, not after
@@ -149,11 +144,8 @@ def propose(args: argparse.Namespace) -> int:
 
 
 def recall(args: argparse.Namespace) -> int:
-    """``detect recall``: recall / AR / (M)ABO of a store on a dataset; ``--out`` JSON; drawings.
-
-    The JSON is ``proposal_recall``'s result plus "num_images", "num_gt" (non-difficult GT
-    boxes) and "avg_proposals_per_image" (all proposals in the store for these images).
-    """
+    """``detect recall``: ``proposal_recall`` of a store on a dataset, plus "num_images", "num_gt"
+    (non-difficult) and "avg_proposals_per_image" in the ``--out`` JSON; drawings."""
     if not args.data:
         raise ValueError("detect recall needs --data (the dataset the proposals were made for)")
     dataset = _dataset_from_args(args)
@@ -177,8 +169,7 @@ def recall(args: argparse.Namespace) -> int:
 
 
 def tune_proposals(args: argparse.Namespace) -> int:
-    """``detect tune-proposals``: ``detect.evaluation.proposal_tuning.tune_to_files`` on the
-    training split, from the config's (or the default) proposal settings."""
+    """``detect tune-proposals``: ``detect.evaluation.proposal_tuning.tune_to_files``."""
     if not args.data:
         raise ValueError("detect tune-proposals needs --data (a training split with boxes)")
     cfg = load_config(args.config, args.overrides)
@@ -204,8 +195,7 @@ def tune_proposals(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    """``detect train``: train the config's detector into ``--output-dir``, then evaluate it on
-    the config's val split (metrics.json)."""
+    """``detect train``: train into ``--output-dir``, then evaluate on the val split."""
     cfg = load_config(args.config, args.overrides)
     output_dir = Path(args.output_dir)
     check_settings(output_dir / "run.json", {"detector": cfg.detector},
@@ -234,8 +224,7 @@ def train(args: argparse.Namespace) -> int:
 
 def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.device = torch.device("cpu"),
                       resume: bool = False, progress: bool = True) -> Path:
-    """Train ``cfg.detector`` on ``cfg``'s training split into ``output_dir``; returns the path of
-    its ``model_final.pt`` (the training part of ``detect train``)."""
+    """Train ``cfg.detector`` into ``output_dir``; returns the path of its ``model_final.pt``."""
     output_dir = Path(output_dir)
     dataset, store = _train_split(cfg)
     top_k = cfg.proposals.top_k
@@ -291,9 +280,8 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
 
 
 def _periodic_eval_fn(cfg: Config):
-    """``train.eval_period``'s evaluation: the model being trained, run over the val split (its
-    proposal store, else selective search), -> {"AP", "AP50", "skipped_images"} in log.jsonl.
-    None when eval_period is 0 or the config has no val split (with a warning)."""
+    """``train.eval_period``'s evaluation on the val split, -> {"AP", "AP50", "skipped_images"};
+    None when eval_period is 0 or there is no val split (with a warning)."""
     if cfg.train.eval_period <= 0:
         return None
     if not cfg.data.val.path:
@@ -319,15 +307,11 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
     seed_everything(t.seed)  # the same initial weights whatever the number of GPUs
     backbone = build_backbone_from(cfg)
     seed_everything(t.seed + rank_and_world()[0])  # dropout differs per GPU during fine-tuning
-    finetune = FineTuneSettings(
-        lr=r.ft_lr, momentum=r.ft_momentum, weight_decay=r.ft_weight_decay, max_iter=r.ft_max_iter,
-        steps=list(r.ft_steps), batch_size=r.ft_batch_size, fg_per_batch=r.ft_fg_per_batch, fg_iou=r.ft_fg_iou,
-        gamma=r.ft_gamma, flip=t.flip, seed=t.seed,
-        checkpoint_period=t.checkpoint_period, log_period=t.log_period)
-    svm = SVMSettings(feat_norm=r.svm_feat_norm, C=r.svm_C, pos_weight=r.svm_pos_weight,
-                      intercept_scaling=r.svm_intercept_scaling, neg_iou=r.svm_neg_iou,
-                      hard_thresh=r.svm_hard_thresh, evict_thresh=r.svm_evict_thresh,
-                      retrain_limit=r.svm_retrain_limit, passes=r.svm_passes, workers=r.svm_workers)
+    # Each stage's settings are the rcnn section's ft_* / svm_* fields, plus what train shares.
+    shared = {name: getattr(t, name) for name in ("flip", "seed", "checkpoint_period", "log_period")}
+    finetune = FineTuneSettings(**{f.name: getattr(r, f"ft_{f.name}") for f in fields(FineTuneSettings)
+                                   if f.name not in shared}, **shared)
+    svm = SVMSettings(**{f.name: getattr(r, f"svm_{f.name}") for f in fields(SVMSettings)})
     fingerprint = {**to_dict(cfg.data.train), "proposals": cfg.data.train_proposals,
                    "top_k": cfg.proposals.top_k, "num_images": len(dataset), "model": to_dict(cfg.model)}
     extra = train_rcnn(backbone, dataset.records, get_proposals, output_dir, num_classes=dataset.num_classes,
@@ -361,8 +345,7 @@ def _record_train_time(output_dir: Path, seconds: float) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``detect eval``: score a results file (``--results``) or a trained detector
-    (``--checkpoint``). The results branch writes metrics.json and coco_eval.log. Both write
-    COCO and VOC AP (11-point "voc07", all-point "voc"); ``--metric`` picks the table printed."""
+    (``--checkpoint``); metrics.json holds COCO and VOC AP, ``--metric`` picks the table printed."""
     if bool(args.results) == bool(args.checkpoint):
         raise ValueError("give exactly one of --results (a COCO results JSON to score) or "
                          "--checkpoint (a trained detector to run and score)")
@@ -407,8 +390,7 @@ def _load_ablated(checkpoint: str | Path, device, ablation: list[str] | None):
 def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str, output_dir: Path, *,
                          device: torch.device, limit: int = 0, metric: str = "coco",
                          ablation: list[str] | None = None) -> dict:
-    """Load the detector, the dataset (with the detector's classes) and its proposals; evaluate;
-    print and write metrics."""
+    """Evaluate a checkpoint on a dataset (mapped to its classes); print and write metrics."""
     detector = _load_ablated(checkpoint, device, ablation)
     if data_spec.get("classes") and list(data_spec["classes"]) != detector.class_names:
         raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but the dataset's "
@@ -469,12 +451,8 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """``detect predict``: load the checkpoint, run ``detect.predict.batch.predict``, print where
-    the outputs are.
-
-    Under ``torchrun`` (env RANK / WORLD_SIZE) each rank takes its share of the images on GPU
-    LOCAL_RANK; no process group is needed (ranks meet only in the journal merge).
-    """
+    """``detect predict``: ``detect.predict.batch.predict`` with a checkpoint; under torchrun each
+    rank takes its share of the images, without a process group."""
     rank, world_size = rank_and_world()
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():

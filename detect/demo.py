@@ -1,14 +1,8 @@
 """``detect demo``: the whole story on the built-in synthetic dataset, resumable.
 
-make the dataset -> selective search for train and val -> proposal recall -> train and evaluate
-Fast R-CNN -> train and evaluate R-CNN (all four stages) -> ``detect predict`` on a few val
-images with drawings -> ``detect bench`` (both detectors interleaved) -> ``detect compare`` ->
-test-time ablations (box regression off, SVD, fewer proposals) -> a second report of them. Each
-step prints the ``detect`` command it runs, so the demo doubles as a tour of the CLI, and each
-step is skipped when its output is complete: re-running the demo reuses what is finished.
-
-It imports nothing of the package: ``detect.cli`` hands it ``run_command`` (its own ``main``),
-and each step is a ``detect`` command line.
+Each step (``demo_steps``) is a ``detect`` command line, printed as it runs, so the demo doubles
+as a tour of the CLI; a step whose output is complete is skipped. It imports nothing of the
+package: ``detect.cli`` hands it ``run_command`` (its own ``main``).
 """
 
 from __future__ import annotations

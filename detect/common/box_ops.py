@@ -1,9 +1,5 @@
-"""Box operations on numpy arrays, without torch: IoU, (x, y, w, h) conversions, flips.
-
-Numpy-only code (evaluation, ``detect recall``, the proposal tuner, training rows) takes its
-boxes rules from here, so that it starts without loading torch; the torch box ops (deltas,
-clipping) are ``detect.common.boxes``. Boxes are float xyxy pixels with continuous coordinates:
-a width is ``x2 - x1``, without the MATLAB-era ``+ 1``.
+"""Box operations on numpy arrays, without torch (so numpy-only code starts fast): IoU,
+(x, y, w, h) conversions, flips. Widths are ``x2 - x1``, without the MATLAB-era ``+ 1``.
 """
 
 from __future__ import annotations

@@ -2,10 +2,8 @@
 
 Box deltas follow [RCNN] appendix C / [FRCN]: for a proposal P (center Px, Py, size Pw, Ph) and
 its target G, ``tx = (Gx - Px) / Pw``, ``ty = (Gy - Py) / Ph``, ``tw = log(Gw / Pw)``,
-``th = log(Gh / Ph)``. Widths are ``x2 - x1`` (continuous coordinates, as detectron2 and
-torchvision; the MATLAB-era ``+ 1`` is dropped). ``weights`` divide the targets' scale, so
-``weights = 1 / std`` gives normalised targets; our fixed std (0.1, 0.1, 0.2, 0.2) is
-py-faster-rcnn's BBOX_NORMALIZE_STDS ([FRCN] itself used per-class training-set stds).
+``th = log(Gh / Ph)``, widths ``x2 - x1``. ``weights = 1 / std`` gives normalised targets
+(the std: ``detect.common.config.TrainConfig.bbox_std``).
 """
 
 from __future__ import annotations

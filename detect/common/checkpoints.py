@@ -25,11 +25,7 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint.
-
-    A failed write (a full disk) raises ``OSError`` naming ``path``; the previous checkpoints
-    are untouched.
-    """
+    """``torch.save``, atomically; a failed write (a full disk) raises ``OSError`` naming ``path``."""
     with atomic_path(path) as tmp:
         try:
             torch.save(state, tmp)
@@ -40,11 +36,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (``weights_only=True``: no code runs on load).
-
-    Raises ``FileNotFoundError`` when it is missing, and ``ValueError`` naming the file when it
-    is not a torch file, a pickle that wants to run code, or not one of ours.
-    """
+    """Load a checkpoint with ``weights_only=True``; ``ValueError`` naming the file when it is not
+    a torch file, wants to run code, or is not one of ours."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")

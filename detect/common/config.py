@@ -1,15 +1,11 @@
-"""Typed, strict configuration: small nested dataclasses loaded from YAML.
+"""Typed, strict configuration: small nested dataclasses loaded from YAML; the one place that
+documents every field and where its default comes from.
 
-Every field says where its default comes from. Papers: [RCNN] Girshick et al. 2014 and the
-original ``rcnn`` code; [FRCN] Girshick 2015 and ``rbgirshick/fast-rcnn``
-(``lib/fast_rcnn/config.py``); [SS] Uijlings et al. 2013.
+Papers: [RCNN] Girshick et al. 2014 and the original ``rcnn`` code; [FRCN] Girshick 2015 and
+``rbgirshick/fast-rcnn`` (``lib/fast_rcnn/config.py``); [SS] Uijlings et al. 2013.
 
-Loading is strict: an unknown key or a value of the wrong type raises ``ConfigError`` naming
-the key and the file. ``key=value`` overrides (``train.lr=0.01``) are parsed as YAML scalars and
-checked the same way. ``save_config`` writes the resolved config beside every output and
-``to_dict`` puts it inside every checkpoint. Stage modules never read the config object: the
-wiring (``detect.commands``, and ``detect.models.build`` for models) passes plain values to
-constructors and functions.
+An unknown key or a value of the wrong type raises ``ConfigError`` naming the key and the
+file; ``key=value`` overrides (``train.lr=0.01``) are parsed as YAML scalars and checked alike.
 """
 
 from __future__ import annotations
@@ -273,6 +269,8 @@ RCNN_ONLY = {"rcnn": tuple(f.name for f in dataclasses.fields(RCNNConfig))}
 # ----------------------------------------------------------------------------------------------
 
 T = typing.TypeVar("T")
+_SCALARS = {float: ((int, float), "a number"), int: (int, "an integer"), bool: (bool, "true or false"),
+            str: (str, "a string")}  # type -> (accepted Python types, as the error says it)
 
 
 def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
@@ -294,22 +292,11 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{source}: '{key}' has the wrong type: {value!r}")
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        accepted, what = _SCALARS[tp]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
+            raise ConfigError(f"{source}: '{key}' must be {what}, got {value!r}")
+        return float(value) if tp is float else value
     raise ConfigError(f"{source}: '{key}': unsupported type {tp}")
 
 
@@ -443,11 +430,9 @@ def _validate_proposals(p: ProposalConfig, source: str, prefix: str) -> None:
 
 
 def check_proposal_settings(settings: dict, source: str = "proposal settings") -> dict:
-    """``settings``, some or all of ``ProposalConfig``'s fields, checked as a config's
-    ``proposals`` section is: types, unknown keys, ranges (ConfigError naming the key). Returns
-    selective search's keyword arguments (a proposal store's settings): every field but
-    ``top_k``, which is not the search's but the detectors' cut, in field order, the missing ones
-    at their defaults."""
+    """``settings`` (some of ``ProposalConfig``'s fields) checked as a config's ``proposals``
+    section -> selective search's keyword arguments: every field, defaults filled in, but
+    ``top_k`` (the detectors' cut, not the search's)."""
     proposals = _build(ProposalConfig, settings, "", source)
     _validate_proposals(proposals, source, "")
     return {k: v for k, v in to_dict(proposals).items() if k != "top_k"}

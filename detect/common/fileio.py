@@ -1,9 +1,5 @@
-"""Small file helpers: every output is written atomically (temporary file, then rename).
-
-Settings markers (``check_settings``, ``write_settings``, ``start_or_resume``) are the one
-resume check of every long job (proposals, predict, R-CNN stages, training runs, the synthetic
-dataset): each checks its folder with them before it reuses anything there.
-"""
+"""Small file helpers: atomic writes (temporary file, then rename), JSON, and the settings
+markers that are every long job's one resume check (``check_settings``)."""
 
 from __future__ import annotations
 
@@ -20,11 +16,8 @@ os.umask(_UMASK)
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``.
-
-    A reader never sees a half-written file: either the old file or the whole new one. On an
-    exception (a full disk, say) the temporary file is removed and ``path`` is left untouched.
-    """
+    """Yield a temporary path beside ``path``; on success rename it over ``path``, on an
+    exception remove it (``path`` untouched)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -89,12 +82,8 @@ def _as_json(value: Any) -> Any:
 
 
 def check_settings(path: str | os.PathLike, settings: dict, *, hint: str) -> bool:
-    """Compare ``settings`` with the marker at ``path`` (``{"settings": ..., ...}``).
-
-    Returns False when there is no marker (the work is not done, or not started), True when
-    it records the same settings, and raises ``SettingsMismatch`` naming the marker, each
-    differing key and ``hint`` (what the user can do) when it records others.
-    """
+    """False without a marker at ``path``, True when it records ``settings``; else
+    ``SettingsMismatch`` naming each differing key and ``hint`` (what the user can do)."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -117,8 +106,7 @@ def write_settings(path: str | os.PathLike, settings: dict, **info: Any) -> None
 
 
 def start_or_resume(path: str | os.PathLike, settings: dict, *, hint: str) -> None:
-    """A job's marker: check that a resumed job has the same ``settings`` (``check_settings``),
-    or write them when the job starts."""
+    """``check_settings``, writing the marker when there is none."""
     if not check_settings(path, settings, hint=hint):
         write_settings(path, settings)
 

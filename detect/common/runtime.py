@@ -1,7 +1,5 @@
-"""Where the code runs, in this order: ranks, device, mixed precision, random state, and what
-a run reports. Written once here and imported everywhere else: thin wrappers over
-torch.distributed and torch.cuda, no distribution layer of our own.
-"""
+"""Where the code runs: ranks, device, mixed precision, random state, peak memory. Thin
+wrappers over torch.distributed and torch.cuda, written once here."""
 
 from __future__ import annotations
 
@@ -22,8 +20,7 @@ def _in_process_group() -> bool:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world_size): the process group's when initialised, else torchrun's environment
-    variables (``detect predict`` and ``detect propose`` need no process group), else (0, 1)."""
+    """(rank, world_size): the process group's, else torchrun's environment variables, else (0, 1)."""
     if _in_process_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,20 +41,16 @@ def barrier(group=None) -> None:
 
 
 def long_wait_group():
-    """A gloo process group with a 7-day timeout (None outside torch.distributed); every rank
-    must create it. Its ``barrier`` lets ranks idle while rank 0 alone works for longer than a
-    collective's default timeout (NCCL: 10 minutes), which would otherwise abort the job."""
+    """A gloo group with a 7-day timeout (None outside torch.distributed; every rank must create
+    it): its ``barrier`` lets ranks idle while rank 0 alone works past NCCL's 10-minute timeout."""
     if not _in_process_group() or torch.distributed.get_world_size() <= 1:
         return None
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
 
 def init_distributed(device: torch.device | None = None, backend: str = "") -> bool:
-    """Join the process group that ``torchrun`` describes in the environment.
-
-    NCCL for CUDA, gloo for the CPU (or ``backend``); each rank uses GPU ``LOCAL_RANK``.
-    Returns True when this process is in a group of more than one rank.
-    """
+    """Join torchrun's process group (NCCL for CUDA, else gloo, or ``backend``; GPU
+    ``LOCAL_RANK``); True when it has more than one rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if torch.distributed.is_initialized():
@@ -71,8 +64,8 @@ def init_distributed(device: torch.device | None = None, backend: str = "") -> b
 
 
 def try_init_gloo(fallback: str) -> bool:
-    """Join torchrun's process group with gloo (``init_distributed``); if that fails, print why
-    and ``fallback`` (what happens instead) to stderr and return False."""
+    """Join torchrun's process group with gloo; on failure print why and ``fallback`` (what happens
+    instead) to stderr and return False."""
     try:
         return init_distributed(backend="gloo")
     except Exception as e:  # noqa: BLE001 -- the caller has a fallback
@@ -105,8 +98,7 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (every device). Training passes ``seed + rank`` so dropout
-    masks differ between GPUs; what data each rank gets depends on the rank explicitly."""
+    """Seed Python, numpy and torch (every device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -124,9 +116,7 @@ def rng_state() -> dict:
 
 
 def gather_rng_states() -> list[dict]:
-    """Every rank's ``rng_state()``, indexed by rank (a collective: every rank must call it).
-    Rank 0 writes the training checkpoints, so it saves them all and each rank resumes with its
-    own dropout / CUDA streams."""
+    """Every rank's ``rng_state()``, indexed by rank (a collective), for rank 0's checkpoints."""
     _, world = rank_and_world()
     if world <= 1 or not _in_process_group():
         return [rng_state()]
@@ -136,8 +126,8 @@ def gather_rng_states() -> list[dict]:
 
 
 def rng_state_of_rank(saved: list[dict], rank: int, world: int) -> dict:
-    """This rank's entry of a checkpoint's RNG states (``gather_rng_states``). A checkpoint from
-    another world size gives every rank rank 0's state, with a warning."""
+    """This rank's entry of ``gather_rng_states``' list; rank 0's, with a warning, when the
+    checkpoint was written by another world size."""
     if len(saved) != world:
         warnings.warn(f"resuming with {world} processes from a checkpoint written by {len(saved)}: every rank "
                       "restores rank 0's random state (random streams differ from an uninterrupted run)")
@@ -162,8 +152,7 @@ def device_name(device: torch.device) -> str:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak: CUDA's allocator stats, or on Linux the process's RSS high-water mark
-    (``/proc/self/clear_refs``), so that a process that measures two runs reports each its own."""
+    """Start a fresh peak: CUDA's allocator stats, or on Linux the process's RSS high-water mark."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return

@@ -1,8 +1,4 @@
-"""Reading images as the user sees them, and finding image files on disk.
-
-``read_image`` returns uint8 RGB [H, W, 3] in the orientation the user sees (EXIF applied) for
-any common format, mode and bit depth, and raises ``ImageReadError`` naming the file otherwise.
-"""
+"""Reading images as the user sees them (``read_image``), and finding image files on disk."""
 
 from __future__ import annotations
 
@@ -26,12 +22,8 @@ class ImageReadError(Exception):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 RGB [H, W, 3], in the orientation the user sees.
-
-    Handles EXIF rotation, grayscale, palette, RGBA (alpha dropped) and 16-bit images (scaled
-    to 8 bits). Raises ``ImageReadError`` naming the file for missing, empty, corrupt or truncated
-    files and for anything that is not an image.
-    """
+    """Read an image as uint8 RGB [H, W, 3], in the orientation the user sees (EXIF applied), from
+    any common format, mode and bit depth; else ``ImageReadError`` naming the file and why."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -59,8 +51,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image as the user sees it (after EXIF rotation), from its header
-    alone (no decoding). PIL's errors pass through."""
+    """(width, height) as the user sees it (after EXIF rotation), from the header alone."""
     with Image.open(path) as im:
         width, height = im.size
         orientation = im.getexif().get(0x0112, 1)
@@ -88,12 +79,10 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
 
 def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
                 unsupported: list[Path] | None = None) -> list[Path]:
-    """Files, folders (searched recursively for IMAGE_EXTENSIONS, in any case) and globs ->
-    sorted absolute paths without repeats, less those under ``exclude`` (``detect predict``'s
-    output folder, so a re-run never reads its own drawings back). Symbolic links are not
-    followed, so a link keeps its own name. A file named explicitly is kept whatever its name;
-    an input that matches nothing raises FileNotFoundError naming it. The other files of the
-    folders and globs (no image extension) are appended, sorted, to ``unsupported`` when given."""
+    """Files, folders (searched recursively for IMAGE_EXTENSIONS, any case) and globs -> sorted
+    absolute paths (links not followed), less those under ``exclude``. A file named explicitly
+    is kept whatever its name; an input matching nothing raises FileNotFoundError. The folders'
+    and globs' other files are appended, sorted, to ``unsupported`` when given."""
     found: set[Path] = set()
     others: set[Path] = set()
 

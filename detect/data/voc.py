@@ -37,14 +37,10 @@ def voc_class_names(found: set[str]) -> list[str]:
 
 
 def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
-    """Parse ``xml_path``. The image is ``image_dir/<name>.jpg``, or ``image_dir/<filename>``
-    (LabelImg/CVAT write e.g. a .png there) when only that exists. A missing ``<size>`` is read
-    from the image header; a missing ``<difficult>`` is 0; coordinates may be fractional;
-    ``<truncated>``, ``<pose>`` and other tags are ignored. VOC corners are 1-based and
-    inclusive: the pixels xmin..xmax cover the continuous 0-based span [xmin - 1, xmax], so a box
-    becomes ``(xmin - 1, ymin - 1, xmax, ymax)`` (rbgirshick/fast-rcnn ``datasets/pascal_voc.py``
-    also subtracted 1, keeping inclusive corners for its ``+ 1`` widths, which this package does
-    not use). Errors name the file and the object."""
+    """Parse ``xml_path``; its image is ``image_dir/<name>.jpg``, else ``image_dir/<filename>``
+    (LabelImg/CVAT). A missing ``<size>`` is read from the image, a missing ``<difficult>`` is 0.
+    VOC's 1-based inclusive corners become ``(xmin - 1, ymin - 1, xmax, ymax)``, continuous
+    0-based. Errors name the file and the object."""
     try:
         tree = ET.parse(xml_path)
     except FileNotFoundError:

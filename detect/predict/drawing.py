@@ -30,13 +30,12 @@ RECALL_MIN_SIDE = 512  # recall drawings of smaller images are enlarged to this 
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, colors: list[tuple[int, int, int]],
-               texts: list[str] | None = None, *, thickness: int = 0) -> np.ndarray:
+               texts: list[str] | None = None) -> np.ndarray:
     """Draw ``boxes`` [N, 4] (xyxy) on a copy of ``image``, box i in RGB ``colors[i]`` with
-    ``texts[i]`` on a tab of that colour above its top-left corner (below, at the top edge);
-    black or white text by the colour's luma. ``thickness`` 0: by the image size."""
+    ``texts[i]`` on a tab of that colour above its top-left corner (below, at the top edge)."""
     canvas = np.ascontiguousarray(image.copy())
     height, width = canvas.shape[:2]
-    thickness = thickness or max(1, round(min(height, width) / 300))
+    thickness = max(1, round(min(height, width) / 300))
     font_scale = max(0.35, min(height, width) / 900)
     for i, box in enumerate(np.asarray(boxes).reshape(-1, 4)):
         color = tuple(int(c) for c in colors[i])
@@ -56,12 +55,9 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, colors: list[tuple[int, int
 
 def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes: np.ndarray, *,
                          iou: float = 0.5, min_side: int = RECALL_MIN_SIDE) -> np.ndarray:
-    """The ground truth ``gt_boxes`` [G, 4] and, for each box, the best of ``proposal_boxes``
-    [R, 4] (highest IoU, ``detect.evaluation.recall.best_proposals``) labelled with that IoU.
-    A box no proposal reaches at ``iou`` is drawn in red, the others in green; the best
-    proposals in blue. Images whose shorter side is under ``min_side`` are enlarged first (so
-    the labels of small objects stay legible). A caption strip above says how many boxes are
-    reached. Returns uint8 RGB [H', W', 3]."""
+    """``gt_boxes`` [G, 4] (red: reached by no proposal at ``iou``, else green) and each one's
+    best of ``proposal_boxes`` [R, 4] in blue, labelled with its IoU, under a caption; an image
+    with a shorter side under ``min_side`` is enlarged first. Returns uint8 RGB [H', W', 3]."""
     gt_boxes = np.asarray(gt_boxes, np.float64).reshape(-1, 4)
     proposal_boxes = np.asarray(proposal_boxes, np.float64).reshape(-1, 4)
     best, best_iou = best_proposals(proposal_boxes, gt_boxes)  # [G], [G]
@@ -81,7 +77,7 @@ def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes
 
 
 def _with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
-    """``canvas`` with a white strip above it holding one line of black ``text`` (shrunk to fit)."""
+    """``canvas`` under a white strip holding one line of ``text``, shrunk to fit."""
     (width_at_1, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
     font_scale = min(max(0.4, canvas.shape[1] / 1400), (canvas.shape[1] - 8) / width_at_1)
     (_, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
@@ -100,8 +96,8 @@ def write_jpeg(path: Path, canvas: np.ndarray, quality: int = 90) -> None:
 
 def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dict,
                         class_names: list[str]) -> None:
-    """A ``detect predict`` journal record's boxes drawn on ``image``, each in its class's colour
-    with class name and score, as ``vis_dir/name``."""
+    """A ``detect predict`` journal record's boxes, class names and scores drawn on ``image``, as
+    ``vis_dir/name``."""
     path = vis_dir / name
     if os.path.commonpath([os.path.abspath(path), os.path.abspath(vis_dir)]) != os.path.abspath(vis_dir):
         raise ValueError(f"refusing to write {path}: outside {vis_dir}")  # safe_relative_name prevents it
@@ -114,11 +110,9 @@ def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dic
 def write_recall_drawings(records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
                           out_dir: str | Path, num_images: int, *, top_k: int = 0,
                           iou: float = 0.5) -> list[Path]:
-    """``draw_proposal_recall`` for the first ``num_images`` records with ground truth (in the
-    order given), with the first ``top_k`` proposals of ``get_proposals(image_id)`` (0: all);
-    difficult / crowd boxes are left out, as recall leaves them out. Writes
-    ``out_dir/<image id>_<file name>.jpg`` and returns the paths; an unreadable image is
-    warned about and passed over."""
+    """``draw_proposal_recall`` of the first ``num_images`` records with counted ground truth and
+    the first ``top_k`` proposals of ``get_proposals(image_id)`` (0: all), as
+    ``out_dir/<image id>_<file name>.jpg``; returns the paths (an unreadable image is skipped)."""
     if num_images < 0 or top_k < 0:
         raise ValueError(f"recall drawings: the number of images and top_k must be >= 0, got {num_images}, {top_k}")
     out_dir = Path(out_dir)

@@ -25,15 +25,11 @@ except ImportError:  # Windows: one process at a time anyway
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike, suffix: str = ".jpg") -> str:
-    """A relative output name for ``path`` that cannot leave the folder it is joined to.
-
-    The name is ``path`` relative to ``root`` (or just its file name when it is not under
-    ``root``) plus ``suffix``, so ``a/b.png`` -> ``a/b.png.jpg`` (keeping the extension keeps
-    ``b.png`` and ``b.jpg`` apart). Each part is reduced to ``[A-Za-z0-9._-]``, ``.``/``..``
-    and hidden names are prefixed with ``_``, long parts are cut; when anything changed, a
-    short hash of the full path is added so two different inputs never share a name.
-    """
+def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` (else its file name) plus ".jpg" (``a/b.png`` ->
+    ``a/b.png.jpg``), as a name that cannot leave the folder it is joined to: parts reduced to
+    ``[A-Za-z0-9._-]``, hidden ones prefixed with ``_``, long ones cut, and when anything changed
+    a short hash of the full path added, so two inputs never share a name."""
     path = os.path.abspath(path)
     root = os.path.abspath(root)
     try:
@@ -53,13 +49,12 @@ def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike, suffix:
     if safe_parts != parts:
         digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]
         name = f"{name}-{digest}"
-    return name + suffix
+    return name + ".jpg"
 
 
 def read_journal(path: Path) -> tuple[list[dict], int]:
-    """Records of one journal, and the number of unreadable lines skipped. The text after the
-    last newline is a line whose write was cut short by a kill: skipped (its image is redone),
-    not counted."""
+    """Records of one journal, and the number of unreadable lines skipped (a torn last line,
+    cut short by a kill, is skipped but not counted)."""
     records, bad = [], 0
     with open(path, "rb") as f:
         *lines, _ = f.read().split(b"\n")
@@ -90,9 +85,8 @@ def open_journal(path: Path):
 
 
 def load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """All journals -> (file -> result record, file -> error reason, bad line count).
-
-    A file may have both (a retried failure that now works): the result wins."""
+    """All journals -> (file -> result record, file -> error reason, bad line count); a file may
+    have both (a retried failure that now works)."""
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     bad_total = 0
@@ -109,10 +103,9 @@ def load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], in
 
 def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_names: list[str],
                   category_ids: list[int], unsupported: list[str] = ()) -> dict[str, int]:
-    """Rewrite detections.json, images.json, categories.json, detections.jsonl and errors.json
-    from every journal in ``output_dir/partial``, keeping only ``files`` (the sorted inputs;
-    image id = position + 1); ``unsupported`` files (no image extension) are listed in
-    errors.json after them. Returns counts {"images", "errors", "detections"}."""
+    """Rewrite the final files from every journal in ``output_dir/partial``, keeping only
+    ``files`` (image id = position + 1), ``unsupported`` files last in errors.json. Returns
+    counts {"images", "errors", "detections"}."""
     output_dir = Path(output_dir)
     partial_dir = output_dir / "partial"
     partial_dir.mkdir(parents=True, exist_ok=True)

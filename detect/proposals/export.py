@@ -1,8 +1,5 @@
-"""Write a proposal store as the precomputed-proposal files detectron2 and mmdetection read.
-
-Users of those frameworks ask for selective search and find none (detectron2#2521,
-mmdetection#7300). Both read pickles, so these files are pickles; this package only writes
-them and never loads a pickle.
+"""Write a proposal store as the precomputed-proposal pickles detectron2 and mmdetection read
+(this package never loads a pickle).
 
 - ``detectron2``: a dict ``{"ids": [image ids], "boxes": [float32 [R, 4] XYXY_ABS],
   "objectness_logits": [float32 [R]], "bbox_mode": 0}`` (``BoxMode.XYXY_ABS``), the format of
@@ -26,8 +23,7 @@ FORMATS = ("detectron2", "mmdet")
 
 
 def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
-    """Write ``store`` as ``fmt`` ("detectron2" or "mmdet") to ``path``, atomically; returns the
-    number of images written."""
+    """Write ``store`` as ``fmt`` to ``path``, atomically; returns the number of images."""
     if fmt not in FORMATS:
         raise ValueError(f"--export: format must be one of {list(FORMATS)}, got {fmt!r}")
     ids = store.image_ids

@@ -131,9 +131,8 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
 
 
 def warm_up() -> float:
-    """Compile (or load from numba's on-disk cache) every kernel on a tiny image, the "nms"
-    ranking's too; returns the seconds it took. ``python -m detect.check_install`` (the install
-    step) runs it, so that a user's first run loads the cache instead of compiling."""
+    """Compile (or load from numba's on-disk cache) every kernel on a tiny image; returns the
+    seconds it took."""
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     image = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 4, 0), 4, 1)

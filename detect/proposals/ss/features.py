@@ -6,15 +6,11 @@ Colour spaces ([SS] ``Image2ColourSpace.m``; uint8, ``im2uint8`` of a value in [
 
 Per-pixel bins of one colour space, computed ONCE (``pixel_bins``), reused for every k:
 
-- colour: 25 bins per channel, bin = round(v / 255 * 24) of the uint8 value v, as the original
-  ``BlobStructColourHist`` (``round(colourIm .* (cBin - 1))`` on values in [0, 1]): the two end
-  bins are half as wide as the others (OpenCV's ``v * 25 // 256`` makes 25 equal bins);
-- texture: Gaussian derivatives (sigma = 0.8, radius ceil(4 sigma)) of each channel (scaled to
-  [0, 1]) in 8 orientations 0, 45, ..., 315 degrees (steered from the x and y derivatives;
-  orientation o + 180 is the negative of o, only positive responses are kept, the rest count
-  as 0), each quantised as the original ``BlobStructTextureHist``: bin = round(r * 9 / 0.43) of
-  the response r (0.43: its "maximum value of gradient"; a unit step peaks at about 0.5 with
-  sigma 0.8), capped at bin 9.
+- colour: 25 bins per channel, bin = round(v / 255 * 24), as the original
+  ``BlobStructColourHist`` (so the two end bins are half as wide as the others);
+- texture: Gaussian derivatives of each channel in 8 orientations 0, 45, ..., 315 degrees
+  (steered from x and y; o + 180 is the negative of o, so only positive responses count), each
+  quantised as the original ``BlobStructTextureHist`` (how we differ: ``detect.proposals.ss``).
 
 ``region_features`` then makes the regions' features in one pass over a label image.
 """
@@ -145,11 +141,8 @@ def _convolve_y(src: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 @njit(**_JIT)
 def pixel_bins(feat_image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel histogram bins of one colour space image (uint8 [H, W, C]).
-
-    Returns (colour uint8 [H * W, C]: bin 0..24 of channel c; texture uint8 [H * W, 8 C]:
-    bin 0..9 of orientation o of channel c at column c * 8 + o).
-    """
+    """Per-pixel bins of a colour space image uint8 [H, W, C]: (colour uint8 [H * W, C]; texture
+    uint8 [H * W, 8 C], orientation o of channel c at column c * 8 + o)."""
     height, width, channels = feat_image.shape
     n = height * width
     colour = np.empty((n, channels), np.uint8)

@@ -13,11 +13,9 @@ The merged region t gets size_t = size_i + size_j, box = union of the boxes, his
 = (size_i h_i + size_j h_j) / size_t (no pixel rescan), and neighbours = N(i) | N(j) - {i, j}.
 
 Implementation: a max-heap of candidate pairs with lazy invalidation (a popped pair whose
-region was merged is skipped). A uint64 key holds the similarity as float32 above the pair's
-push number, so among equal similarities the pair pushed LAST wins, as in the original
-``BlobStruct2HierarchicalGrouping`` (which merges the last of its ascending stable sort, pairs
-pushed in the same order as here). ``merged_into`` pointers map a stale neighbour id to the
-region that absorbed it. All numba, GIL released.
+region was merged is skipped); a key is the similarity as float32 above the pair's push number
+(ties: ``detect.proposals.ss``). ``merged_into`` maps a stale neighbour id to the region that
+absorbed it. All numba, GIL released.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Pseudo-random ranking of the boxes of several hierarchies [SS, section 3.4].
 
-As ``Image2HierarchicalGrouping.m`` and the demo / [RCNN] ``selective_search_boxes.m``:
-within one hierarchy of n initial regions the LAST merge (the whole image) has position 1,
-the one before position 2, ..., the first merge position n - 1, and the initial regions
-position n. The initial regions are listed once per segmentation (with the first strategy's
-hierarchy), as the original adds ``blobBoxes`` once per ``Image2HierarchicalGrouping`` call.
-A segmentation with a single region gives just its box, position 1.
+As ``Image2HierarchicalGrouping.m``: within one hierarchy of n initial regions the LAST merge
+has position 1, ..., the first merge n - 1, the initial regions n (listed once per
+segmentation, with the first strategy's hierarchy). A single-region segmentation gives its box,
+position 1.
 
 value = position * U[0, 1), drawn from ``np.random.default_rng([seed, hierarchy_index])`` in
 list order (independent of threads or processes). All hierarchies are pooled, sorted by value

@@ -108,10 +108,8 @@ def edge_weights(smoothed: np.ndarray) -> np.ndarray:
 @njit(**_JIT)
 def radix_sort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order int32 [N], values[order] float32 [N]) for non-negative float32 ``values`` (+inf
-    allowed): a stable LSD radix sort on the IEEE bit patterns (monotonic for non-negative
-    floats), two passes of 16 bits, each moving the keys with the indices so that every read is
-    sequential; a pass whose digit is the same for every value is skipped. ``values`` is not
-    written."""
+    allowed): a stable LSD radix sort on the IEEE bits, two 16-bit passes (one skipped when its
+    digit is the same for every value)."""
     n = values.size
     keys = values.view(np.uint32)
     counts = np.zeros((2, 65536), np.int64)
@@ -147,11 +145,8 @@ def radix_sort(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sorted_edges(seg_image: np.ndarray, sigma: float = SIGMA) -> tuple[np.ndarray, np.ndarray]:
-    """Smooth, build and sort the graph of one colour space image (uint8 [H, W, C]).
-
-    Returns (order int32 [E]: the edge slots in non-decreasing weight order, ties in slot
-    order; weights float32 [E]: their weights). E = number of edges of the grid.
-    """
+    """Smooth, build and sort the graph of one colour space image (uint8 [H, W, C]): (edge slots
+    int32 [E] by weight, ties in slot order; their weights float32 [E])."""
     height, width = seg_image.shape[:2]
     weights = edge_weights(smooth(np.ascontiguousarray(seg_image), float(sigma)))
     order, sorted_weights = radix_sort(weights)
@@ -192,11 +187,8 @@ def _join(parent: np.ndarray, info: np.ndarray, a: int, b: int) -> int:
 @njit(**_JIT)
 def segment_graph(order: np.ndarray, sorted_weights: np.ndarray, height: int, width: int,
                   k: float, min_size: int) -> tuple[np.ndarray, int]:
-    """FH on pre-sorted edges -> (labels int32 [H, W] numbered 0..n-1 in row-major order of
-    first appearance, n).
-
-    order: int32 [E] edge slots in visiting order; sorted_weights: float32 [E] their weights.
-    """
+    """FH on ``sorted_edges``' output -> (labels int32 [H, W] numbered 0..n-1 in row-major order
+    of first appearance, n)."""
     n_pixels = height * width
     parent = np.arange(n_pixels).astype(np.int32)
     info = np.empty(2 * n_pixels, np.int32)
