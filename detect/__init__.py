@@ -6,8 +6,7 @@ The public Python API, importable from the top as torchvision's is::
                         evaluate_detections, load_dataset)
 
 Conventions used everywhere in the package:
-- Boxes are float xyxy in pixels of the original image (x1, y1, x2, y2), converted once at the
-  edges from OpenCV's xywh, COCO's xywh and VOC's 1-based corners.
+- Boxes are float xyxy in pixels of the original image, converted once at the edges.
 - Class index 0 is background; object classes are 1..K. ``Dataset.category_ids`` maps them
   back to the dataset's own category ids, in one place (``detect.evaluation.coco``).
 - Shape shorthand in comments: N images, R proposals, G ground-truth boxes, K object classes.

@@ -1,9 +1,7 @@
-"""The ``detect`` command: one entry point, one subcommand per job; argparse only.
+"""The ``detect`` command: the flags of each subcommand (handlers: ``detect.commands``).
 
-This file declares the flags; ``detect.commands`` has one function per subcommand (``demo``:
-``detect.demo``). Errors we expect (bad config, bad dataset, bad checkpoint, a full disk)
-print one clear line naming the file or key and exit with status 2; anything else is a bug and
-keeps its traceback.
+Expected errors (bad config, dataset or checkpoint, a full disk) print one line and exit with
+status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

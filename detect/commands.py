@@ -97,7 +97,6 @@ def propose(args: argparse.Namespace) -> int:
     ``detect predict`` gives them). Hidden: ``DETECT_PROPOSAL_CHUNK`` sets the images per chunk
     file. Under torchrun each rank computes its shard and rank 0 merges after a barrier."""
     cfg = load_config(args.config, args.overrides)
-    settings = to_dict(cfg.proposals)
     if args.export and args.export[0] not in EXPORT_FORMATS:  # before hours of work, not after
         raise ValueError(f"--export: format must be one of {list(EXPORT_FORMATS)}, got {args.export[0]!r}")
     if args.input and args.data:
@@ -110,10 +109,8 @@ def propose(args: argparse.Namespace) -> int:
         items = [(r.image_id, r.file_name) for r in dataset.records]
     else:
         raise ValueError("give --data (a dataset) or --input (image files, folders or globs)")
-    chunk_size = int(os.environ.get("DETECT_PROPOSAL_CHUNK", DEFAULT_CHUNK_SIZE))
     shard = parse_shard(args.shard)
     workers = args.workers
-
     distributed = False
     rank, world_size = rank_and_world()
     if shard is None and world_size > 1:  # under torchrun
@@ -121,13 +118,13 @@ def propose(args: argparse.Namespace) -> int:
         if workers <= 0:  # share the node's cores between its ranks
             workers = max(1, available_cores() // local_world_size())
         distributed = try_init_gloo("proposals: each rank computes its shard and the last to finish merges")
-    store = generate_proposals(items, args.out, settings=settings, workers=workers, shard=shard,
-                               chunk_size=chunk_size, merge=not distributed)
+    run = {"settings": to_dict(cfg.proposals), "workers": workers,
+           "chunk_size": int(os.environ.get("DETECT_PROPOSAL_CHUNK", DEFAULT_CHUNK_SIZE))}
+    store = generate_proposals(items, args.out, shard=shard, merge=not distributed, **run)
     if distributed:
         barrier()  # every rank's chunks are on disk
         if shard[0] == 0:
-            store = generate_proposals(items, args.out, settings=settings, workers=workers,
-                                       chunk_size=chunk_size)
+            store = generate_proposals(items, args.out, **run)
         torch.distributed.destroy_process_group()
     if store is None:
         return 0
@@ -226,7 +223,10 @@ def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.devi
                       resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg.detector`` into ``output_dir``; returns the path of its ``model_final.pt``."""
     output_dir = Path(output_dir)
-    dataset, store = _train_split(cfg)
+    dataset = _load_spec(to_dict(cfg.data.train))
+    if not cfg.data.train_proposals:
+        raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
+    store = ProposalStore(cfg.data.train_proposals).check_dataset(dataset)
     top_k = cfg.proposals.top_k
     if is_main_process():
         warn_if_low_recall(dataset, store, top_k, to_dict(cfg.data.train))
@@ -236,18 +236,7 @@ def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.devi
 
     if cfg.detector == "fast_rcnn":
         return _train_fast_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume)
-    if cfg.detector == "rcnn":
-        return _train_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume,
-                           progress=progress)
-    raise ValueError(f"unknown detector {cfg.detector!r}")  # validated by the config loader already
-
-
-def _train_split(cfg: Config) -> tuple[Dataset, ProposalStore]:
-    """The training dataset of ``cfg`` and its proposal store, checked against each other."""
-    dataset = _load_spec(to_dict(cfg.data.train))
-    if not cfg.data.train_proposals:
-        raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
-    return dataset, ProposalStore(cfg.data.train_proposals).check_dataset(dataset)
+    return _train_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume, progress=progress)
 
 
 def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, *,

@@ -14,9 +14,8 @@ from typing import Callable
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
-# Demo sizes: the whole story in under 30 minutes on 2 CPU cores. The configs' own schedules
-# (configs/*_synthetic_cpu.yaml: ~10 min for Fast R-CNN, ~15 min for R-CNN) are halved here;
-# `detect train` with the configs alone gives the figures in the README's benchmark table.
+# Demo sizes: the whole story in under 30 minutes on 2 CPU cores (the configs' own schedules,
+# those of the README's benchmark table, are halved here).
 NUM_TRAIN, NUM_VAL, SEED = 80, 30, 0
 NUM_PREDICT = 6
 BENCH_WARMUP = 3  # val images run by `detect bench` but not counted
@@ -55,17 +54,14 @@ def demo_steps(out: Path, device: str = "") -> list[tuple[list[str], Path | None
         steps.append((["predict", "--checkpoint", str(out / name / "model_final.pt"), "--input",
                        *(val_images or [str(data / "images" / "val")]), "--output-dir",
                        str(out / "predict" / name), "--visualize", *device_flag], None))
-    # Speed measured so that machine noise cancels: both detectors interleaved image by image on
-    # the val images, selective search run once per image as the shared stage (end-to-end time).
+    # Both detectors interleaved image by image (machine noise cancels), end to end.
     bench_json = out / "bench.json"
     steps.append((["bench", *(str(out / name / "model_final.pt") for name in DETECTORS), "--data",
                    str(data / "val.json"), "--warmup", str(BENCH_WARMUP), "--threads", "1",
-                   "--output", str(bench_json),
-                   *device_flag], bench_json))
+                   "--output", str(bench_json), *device_flag], bench_json))
     steps.append((["compare", *(str(out / name) for name in DETECTORS), "--output-dir", str(out / "report"),
                    "--bench", str(bench_json)], None))
-    # Test-time ablations, no retraining ([RCNN] Table 2, [FRCN] Table 7 and section 5.5): what box
-    # regression buys, what SVD costs, AP and time against the number of proposals.
+    # Test-time ablations ([RCNN] Table 2, [FRCN] Table 7 and section 5.5), no retraining.
     ablations = []
     for name in DETECTORS:
         variants = [(f"top{k}", ["--top-k", str(k)]) for k in ABLATION_TOP_KS]

@@ -1,6 +1,5 @@
-"""Checkpoint files: written atomically, loaded only with ``weights_only=True``.
-
-Two kinds (``torch.save`` of plain containers of tensors, numbers and strings):
+"""Checkpoint files (``torch.save`` of plain containers), written atomically, loaded only with
+``weights_only=True``. Two kinds:
 - training state ``<output>/checkpoints/iter_0001000.pt``: {format: TRAIN_FORMAT, version, model,
   optimizer, scaler, iteration, rng, lr_schedule, extra}; ``<output>/checkpoints/last`` names
   the newest (written by ``detect.training.engine.train_loop``).

@@ -42,9 +42,8 @@ class DatasetConfig:
     images: str = ""
     # voc: the split name in ImageSets/Main. coco: unused.
     split: str = ""
-    # voc: class names of classes 1..K. Empty: the 20 VOC classes (standard order) when every
-    # name in the split is one of them, else the sorted names found. The val split always uses
-    # the trained detector's classes. coco: the categories' names, checked when given.
+    # voc: class names of classes 1..K (empty: detect.data.voc.voc_class_names of the split's; the
+    # val split uses the trained detector's). coco: the categories' names, checked when given.
     classes: list[str] = field(default_factory=list)
 
 
@@ -71,19 +70,16 @@ class ProposalConfig:
     resize_side: str = "width"
     # [RCNN] FilterBoxesWidth(boxes, 20): drop boxes with a side under 20 px of the RESIZED image.
     min_size: int = 20
-    # The detectors score the first top_k boxes of each image, in the ranking's order (0 = all),
-    # in training and at test: the one cut, ``detect.proposals.selective_search.first_proposals``.
-    # Stores and selective search keep every box, so one store serves any top_k (`--top-k`).
-    # The paper configs keep all, as rcnn selective_search_boxes.m and fast-rcnn's pascal_voc.py
-    # do (fast mode gives ~2000 per VOC image); 2000 is fast-rcnn's cap for COCO
-    # (lib/datasets/coco.py top_k) and a bound on memory for any image.
+    # The detectors score the first top_k boxes of each image (0 = all), in training and at test:
+    # the one cut, ``detect.proposals.selective_search.first_proposals``; stores keep every box.
+    # The paper configs keep all (fast mode gives ~2000 per VOC image); 2000 is fast-rcnn's cap
+    # for COCO (lib/datasets/coco.py top_k).
     top_k: int = 2000
     # Seed of [SS]'s pseudo-random ranking (position x uniform random), engine "ours".
     seed: int = 0
     # Order of the boxes, which `top_k` cuts. "paper": [SS]'s pseudo-random ranking. "nms": the
-    # paper's order with the boxes that greedy NMS at `nms_iou` would suppress moved behind the
-    # rest (none dropped), so a budget holds fewer near-duplicates; on dense small objects it
-    # keeps more of them in the first 300-1000 boxes (BENCHMARKS.md, "Recall at a budget, per ranking").
+    # boxes greedy NMS at `nms_iou` would suppress moved behind the rest, so a budget holds fewer
+    # near-duplicates (BENCHMARKS.md, "Recall at a budget, per ranking").
     ranking: str = "paper"
     nms_iou: float = 0.7
     # The mode's k values ([SS]: 50, 100, 150, 300; min size = k) times this. 1 = the paper's;
@@ -138,9 +134,8 @@ class TrainConfig:
     max_size: int = 1000
     # [FRCN] horizontal flip augmentation.
     flip: bool = True
-    # Train on VOC difficult objects, as both papers' code does: fast-rcnn
-    # lib/datasets/pascal_voc.py::_load_pascal_annotation keeps them, rcnn
-    # imdb/roidb_from_voc.m uses every object. COCO crowd boxes are never trained on.
+    # Train on VOC difficult objects, as both papers' code does (fast-rcnn pascal_voc.py, rcnn
+    # roidb_from_voc.m). COCO crowd boxes are never trained on.
     use_difficult: bool = True
     # [FRCN] SGD, lr 0.001, momentum 0.9, weight decay 5e-4; lr x0.1 at `steps`.
     lr: float = 0.001
@@ -154,18 +149,15 @@ class TrainConfig:
     warmup_iters: int = 100
     warmup_factor: float = 0.001
     # [FRCN] lambda = 1 weighting smooth-L1 against the log loss. Box targets are divided by
-    # the fixed std (0.1, 0.1, 0.2, 0.2): py-faster-rcnn's BBOX_NORMALIZE_STDS. [FRCN] itself
-    # measured per-class means and stds on the training set (fast-rcnn
-    # lib/roi_data_layer/roidb.py add_bbox_regression_targets) and folded them into bbox_pred
-    # at snapshot time (lib/fast_rcnn/train.py SolverWrapper.snapshot).
+    # the fixed std (0.1, 0.1, 0.2, 0.2): py-faster-rcnn's BBOX_NORMALIZE_STDS ([FRCN] itself
+    # measured per-class stds on the training set).
     bbox_loss_weight: float = 1.0
     bbox_std: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
     # Mixed precision, CUDA only.
     amp: bool = True
     checkpoint_period: int = 10000
     # Every eval_period iterations, COCO AP / AP50 on data.val go into log.jsonl (not in
-    # [FRCN]). 0 = evaluate only at the end. Fast R-CNN only: an R-CNN has no detector before
-    # its SVMs, which come after fine-tuning.
+    # [FRCN]; 0 = only at the end). Fast R-CNN only: an R-CNN has no detector before its SVMs.
     eval_period: int = 0
     log_period: int = 20
     seed: int = 0
@@ -232,8 +224,7 @@ class TestConfig:
     # fast-rcnn test.py::test_net's max_per_image and COCO's limit.
     detections_per_image: int = 100
     # At most this many boxes per class per image, best first, before NMS (0 = no cap): rcnn
-    # rcnn_test.m keeps max_per_image = 100 per class (its dataset-wide max_per_set threshold
-    # is not implemented here).
+    # rcnn_test.m keeps 100 per class (its dataset-wide max_per_set is not implemented).
     per_class_top_k: int = 0
     # [FRCN] section 3.1: truncated SVD, top 1024 singular values of fc6, 256 of fc7.
     svd: bool = False

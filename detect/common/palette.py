@@ -1,8 +1,4 @@
-"""The one colour palette: matplotlib's tab10, distinct and readable on photos.
-
-``TAB10_RGB`` for OpenCV drawings (``detect predict --visualize``), ``TAB10_HEX`` for
-matplotlib figures (``detect compare``), in the same order.
-"""
+"""The one colour palette, matplotlib's tab10: RGB for OpenCV drawings, hex for figures."""
 
 TAB10_RGB = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
              (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))

@@ -98,8 +98,7 @@ class ImageRecord:
     gt_difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     # [G] COCO iscrowd (a subset of gt_difficult): never trained on. Empty = none.
     gt_crowd: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
-    # [G] the dataset's own object areas (COCO segmentation area; NaN = unknown, use the box):
-    # COCO's small/medium/large split is by this area, so evaluation writes it back unchanged.
+    # [G] COCO's own object areas (NaN = unknown, use the box), for its small/medium/large split.
     gt_areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
 
 
@@ -156,13 +155,10 @@ def load_dataset(fmt: str, path: str | os.PathLike, images: str | os.PathLike = 
 
 def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None = None, *,
               check_images: bool = False) -> Dataset:
-    """Load a COCO instances JSON (``file_name`` relative to ``image_dir``, default its folder).
-
-    Boxes are converted in float64, so an exported xyxy box comes back bit for bit. Ascending
-    category ids become classes 1..K. Crowd boxes and images without annotations are kept.
+    """Load a COCO instances JSON (``file_name`` relative to ``image_dir``, default its folder):
+    ascending category ids become classes 1..K, boxes are converted in float64 (bit for bit).
     ``check_images=True`` reads every image header and skips missing, unreadable or wrongly
-    sized images; by default images are only read when used.
-    """
+    sized images; by default images are only read when used."""
     json_path = Path(json_path)
     src = str(json_path)
     data = read_json(json_path)
@@ -207,8 +203,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         records.append(ImageRecord(image_id=image_id, file_name=str(image_dir / file_name),
                                    width=int(width), height=int(height)))
 
-    # Annotations: a lean loop for the common, well-formed case; an entry that fails it goes to
-    # _explain_bad_annotation, which names the problem. Boxes are then checked all at once.
+    # A lean loop for well-formed annotations; _explain_bad_annotation names what is wrong.
     row_of_image = {r.image_id: row for row, r in enumerate(records)}
     ann_ids, rows, classes, crowd, bboxes, areas = [], [], [], [], [], []
     for i, ann in enumerate(data["annotations"]):
@@ -381,14 +376,10 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
 
 def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
              classes: Sequence[str] | None = None) -> Dataset:
-    """Load a VOC-style folder (PASCAL VOC, LabelImg, CVAT): the names in
-    ``ImageSets/Main/<split>.txt``, each ``Annotations/<name>.xml`` read by
-    ``detect.data.voc.read_voc_xml``.
-
-    Classes: ``classes`` when given (an object of another class is an error), else
-    ``voc_class_names`` of the names found; category ids are 1..K. Image ids: the names as
-    integers ("2008_000008" -> 2008000008) when all are distinct digits, else 1-based positions.
-    """
+    """Load a VOC-style folder (PASCAL VOC, LabelImg, CVAT): ``Annotations/<name>.xml`` of each
+    name in ``ImageSets/Main/<split>.txt``. Classes: ``classes``, else ``voc_class_names`` of the
+    names found (category ids 1..K). Image ids: the names as integers ("2008_000008" ->
+    2008000008) when all are distinct digits, else 1-based positions."""
     root = Path(root)
     if not split:
         raise ValueError(f"{root}: a VOC dataset needs a split name (e.g. --split test)")

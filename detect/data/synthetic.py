@@ -6,20 +6,12 @@
     DIR/images/train/000000.png ...  the images
     DIR/generator.json               the generator version and seed that drew the images
 
-It is the dataset of the demo and the tests, so it is built not to be trivially easy (the
-sizes and probabilities: the constants below):
-
-- Four classes with non-contiguous category ids (``CATEGORIES``): disc, box, triangle, ring,
-  each with its own textures; one object in four wears any texture, and the classes' hue
-  ranges overlap, so neither colour nor texture alone tells them apart: the shape has to.
-- Later objects occlude earlier ones; backgrounds hold gradients, colour noise, textured
-  patches, lines and polygons (a few drawn over the objects too); some images are blurred or
-  noisy. Selective search (fast mode) finds about 93% of the objects at IoU 0.5 (100 val
-  images, seed 0; most misses are under 20 px).
-
-Ground truth follows the PASCAL VOC guidelines: the box is the extent of the visible pixels.
-An object under ``MIN_VISIBLE`` visible is ``iscrowd=1`` (training skips it, evaluation
-ignores it); one with no visible pixel is dropped.
+The dataset of the demo and the tests, built not to be trivially easy (sizes and probabilities:
+the constants below): four classes with non-contiguous category ids (``CATEGORIES``) whose hues
+overlap and whose textures are shared, so only the shape tells them apart; occlusion; cluttered
+backgrounds; blur and noise. Selective search (fast mode) finds about 93% of the objects at IoU
+0.5. Boxes are the extent of the visible pixels (PASCAL VOC); an object under ``MIN_VISIBLE``
+visible is ``iscrowd=1``, one with no visible pixel is dropped.
 
 Determinism: image i of split s (train 0, val 1) is drawn from
 ``np.random.default_rng([seed, s, i])``, so ``generate_image`` redraws any image alone, and the
@@ -39,7 +31,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from detect.common.fileio import SettingsMismatch, check_settings, write_bytes_atomic, write_settings
+from detect.common.fileio import check_settings, write_bytes_atomic, write_settings
 
 # Bump when the drawing changes: a folder drawn by another version is redrawn, not reused.
 GENERATOR_VERSION = 1
@@ -90,7 +82,7 @@ def make_synthetic(out_dir: str | Path, num_train: int, num_val: int, seed: int)
     marker_path = out_dir / "generator.json"
     try:
         reuse_images = check_settings(marker_path, marker, hint="the images are redrawn")
-    except (SettingsMismatch, ValueError):  # another seed or version (or a damaged marker)
+    except ValueError:  # another seed or version (SettingsMismatch), or a damaged marker
         reuse_images = False
     if not reuse_images:  # clear what another seed or version drew, so no stale file survives a crash
         for split in SPLITS:
@@ -170,12 +162,9 @@ def generate_image(seed: int, split_index: int,
         w, h = _object_size(rng, height, width)
         x0, y0 = _object_position(rng, w, h, height, width, placed)
         alpha = _silhouette(rng, name, w, h)  # [h, w] uint8, 255 inside
-        if rng.random() < BORROWED_TEXTURE_PROB:
-            texture_kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
-        else:
-            texture_kind = OWN_TEXTURES[name][int(rng.integers(len(OWN_TEXTURES[name])))]
-        hue_low, hue_high = HUE_RANGES[name]
-        colour = _hsv(rng.uniform(hue_low, hue_high), rng.uniform(0.25, 1.0), rng.uniform(0.3, 1.0))
+        kinds = TEXTURES if rng.random() < BORROWED_TEXTURE_PROB else OWN_TEXTURES[name]
+        texture_kind = kinds[int(rng.integers(len(kinds)))]
+        colour = _hsv(rng.uniform(*HUE_RANGES[name]), rng.uniform(0.25, 1.0), rng.uniform(0.3, 1.0))
         texture = _texture(rng, texture_kind, colour, h, w)  # [h, w, 3]
         _paste(canvas, texture, alpha, x0, y0)
         inside = alpha >= 128  # [h, w]
@@ -254,8 +243,6 @@ def _silhouette(rng: np.random.Generator, name: str, w: int, h: int) -> np.ndarr
         ][int(rng.integers(4))]
         points = np.round(np.array(corners) * s).astype(np.int32)  # [3, 2]
         cv2.fillPoly(alpha, [points], 255, cv2.LINE_AA, 4)
-    else:
-        raise ValueError(f"unknown shape {name!r}")
     return alpha
 
 
@@ -291,10 +278,8 @@ def _texture(rng: np.random.Generator, kind: str, colour: np.ndarray, h: int, w:
         radius = spacing * rng.uniform(0.2, 0.38)
         t = (((xs % spacing) - spacing / 2) ** 2 + ((ys % spacing) - spacing / 2) ** 2 < radius ** 2)
         t = t.astype(np.float32)
-    elif kind == "speckle":
+    else:  # speckle
         t = np.clip(rng.normal(0.15, 0.2, size=(h, w)), 0, 1).astype(np.float32)
-    else:
-        raise ValueError(f"unknown texture {kind!r}")
     return colour + t[:, :, None] * (second - colour)  # [h, w, 3]
 
 

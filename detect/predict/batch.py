@@ -6,19 +6,16 @@ propose boxes ahead of it (at most ``2 x workers`` images in flight), results in
 Outputs in ``output_dir`` (each written atomically; paths never leave ``output_dir``):
 
 - ``detections.json``  COCO results: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}].
-- ``images.json``      [{"id", "file_name", "width", "height"}]: ``file_name`` is the resolved
-                       input path, ``id`` its 1-based position in the sorted input list (so ids
-                       do not depend on workers, ranks or resumes).
+- ``images.json``      [{"id", "file_name", "width", "height"}]: ``id`` is the 1-based position
+                       of the resolved input path in the sorted input list.
 - ``categories.json``  [{"id", "name"}]: the checkpoint's class names and category ids.
 - ``detections.jsonl`` one line per image, in input order: {"image_id", "file", "width",
                        "height", "detections": [{"box": [x1, y1, x2, y2], "label": name,
                        "score"}]}, boxes in pixels of the image as the user sees it (EXIF).
-- ``errors.json``      [{"file", "reason"}]: files that could not be read or proposed, and files
-                       of the input folders that are no image ("unsupported file type").
-- ``summary.json``     counts, images/s, device, elapsed, ms per image per stage
-                       (``summary.rank{r}.json`` per rank when ``world_size > 1``).
-- ``vis/<name>.jpg``   with ``visualize``: the boxes, labels and scores drawn; ``<name>`` is the
-                       input's path relative to the inputs' common folder (``safe_relative_name``).
+- ``errors.json``      [{"file", "reason"}]: files that could not be read or proposed, or are no
+                       image ("unsupported file type").
+- ``summary.json``     ``PredictSummary`` (``summary.rank{r}.json`` per rank).
+- ``vis/<name>.jpg``   with ``visualize``: the detections drawn (``safe_relative_name``).
 
 Resume: every finished image appends a flushed line to the journal ``partial/done.jsonl``
 (``done.rank{r}.jsonl`` per rank), as in ``detections.jsonl`` but with class indices 1..K as
@@ -58,8 +55,7 @@ from detect.predict.outputs import journal_record, load_results, open_journal, s
 from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore
 
-# Rewrite the final outputs from the journal every this many images, but not more often than
-# every this many seconds (a merge re-reads the whole journal).
+# Rewrite the final outputs every this many images, at most every this many seconds.
 REWRITE_EVERY_IMAGES = 100
 REWRITE_MIN_INTERVAL_S = 30.0
 
@@ -127,8 +123,8 @@ class PredictSummary:
     device: str
     rank: int
     world_size: int
-    # Per stage: in the workers (read, proposals: CPU time, overlapped with the rest) and in the
-    # main process (wait = the detector idle waiting for workers, the detector's own stages).
+    # Per stage: in the workers (read, proposals; overlapped) and in the main process (wait, the
+    # detector's own stages).
     ms_per_image: dict[str, float]
 
 
@@ -137,20 +133,17 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
             workers: int = 0, proposal_store: str | os.PathLike | None = None,
             visualize: bool = False, progress: bool = True, propose_fn: ProposeFn | None = None,
             rank: int = 0, world_size: int = 1, model_fingerprint: str = "") -> PredictSummary:
-    """Detect objects in every image of ``inputs`` (``find_images``); write the outputs of the
-    module docstring to ``output_dir``, resuming a previous run there.
-
-    Proposals: ``propose_fn(image, **proposal_settings)`` (default ``selective_search``) or
-    ``proposal_store``. ``workers``: processes (0 = all cores). ``model_fingerprint`` identifies
-    the checkpoint, so a resume with another model is refused.
-    """
+    """Detect objects in every image of ``inputs`` into the outputs of the module docstring,
+    resuming a run in ``output_dir``. Proposals: ``propose_fn(image, **proposal_settings)``
+    (default ``selective_search``) or ``proposal_store``. ``workers``: processes (0 = all cores).
+    ``model_fingerprint`` identifies the checkpoint: a resume with another model is refused."""
     start = time.perf_counter()
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0 = all cores), got {workers}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
     class_names, category_ids = list(detector.class_names), list(detector.category_ids)
-    proposal_settings = dict(proposal_settings or {})
+    proposal_settings = proposal_settings or {}
     workers = workers or available_cores()
     output_dir = Path(output_dir)
     partial_dir = output_dir / "partial"
@@ -162,14 +155,9 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {inputs}")
     common_root = os.path.commonpath([str(p.parent) for p in paths])
 
-    store = store_ids = None
-    if proposal_store is not None:
-        store = ProposalStore(proposal_store)
-        store_ids = _store_ids(store, files)
-    elif propose_fn is None:
-        propose_fn = selective_search
-
-    partial_dir.mkdir(parents=True, exist_ok=True)
+    store = ProposalStore(proposal_store) if proposal_store is not None else None
+    store_ids = _store_ids(store, files) if store is not None else None
+    propose_fn = propose_fn or selective_search
     proposals = {"store": str(Path(proposal_store).resolve())} if store is not None else proposal_settings
     run_settings = {"score_threshold": score_threshold, "class_names": class_names, "category_ids": category_ids,
                     "model": model_fingerprint, "proposals": proposals}

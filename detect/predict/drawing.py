@@ -1,9 +1,5 @@
-"""Boxes drawn on images with OpenCV: detections (``detect predict --visualize``) and proposal
-recall (``detect recall --visualize``).
-
-Images are uint8 RGB [H, W, 3]; boxes are xyxy pixels of that image. Colours come from the
-one palette, ``detect.common.palette``.
-"""
+"""Boxes drawn with OpenCV on uint8 RGB images [H, W, 3]: detections (``detect predict
+--visualize``) and proposal recall (``detect recall --visualize``)."""
 
 from __future__ import annotations
 
@@ -23,8 +19,7 @@ from detect.evaluation.recall import best_proposals, counted_gt
 from detect.predict.outputs import safe_relative_name
 from detect.proposals.selective_search import first_proposals
 
-# Proposal recall: a ground-truth box some proposal reaches, one none reaches, and the best
-# proposal of each box (labelled with its IoU).
+# Proposal recall: a ground-truth box some proposal reaches, one none reaches, the best proposal.
 REACHED_RGB, UNREACHED_RGB, PROPOSAL_RGB = TAB10_RGB[2], TAB10_RGB[3], TAB10_RGB[0]
 RECALL_MIN_SIDE = 512  # recall drawings of smaller images are enlarged to this shorter side
 

@@ -52,27 +52,6 @@ def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
     return name + ".jpg"
 
 
-def read_journal(path: Path) -> tuple[list[dict], int]:
-    """Records of one journal, and the number of unreadable lines skipped (a torn last line,
-    cut short by a kill, is skipped but not counted)."""
-    records, bad = [], 0
-    with open(path, "rb") as f:
-        *lines, _ = f.read().split(b"\n")
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if not (isinstance(rec, dict) and isinstance(rec.get("file"), str)
-                    and ("error" in rec or isinstance(rec.get("detections"), list))):
-                raise ValueError("not a record")
-        except ValueError:
-            bad += 1
-            continue
-        records.append(rec)
-    return records, bad
-
-
 def open_journal(path: Path):
     """Open a journal for appending, first cutting off a torn last line (no final newline)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,20 +64,28 @@ def open_journal(path: Path):
 
 
 def load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """All journals -> (file -> result record, file -> error reason, bad line count); a file may
-    have both (a retried failure that now works)."""
+    """All journals -> (file -> result record, file -> error reason, unreadable lines skipped);
+    a file may have both (a retried failure that now works). A torn last line (no newline: cut
+    short by a kill, its image is redone) is skipped, not counted."""
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
-    bad_total = 0
+    bad = 0
     for path in sorted(partial_dir.glob("done*.jsonl")):
-        records, bad = read_journal(path)
-        bad_total += bad
-        for rec in records:
+        *lines, _ = path.read_bytes().split(b"\n")
+        for line in filter(bytes.strip, lines):
+            try:
+                rec = json.loads(line)
+                if not (isinstance(rec, dict) and isinstance(rec.get("file"), str)
+                        and ("error" in rec or isinstance(rec.get("detections"), list))):
+                    raise ValueError("not a record")
+            except ValueError:
+                bad += 1
+                continue
             if "error" in rec:
                 errors[rec["file"]] = str(rec["error"])
             else:
                 results[rec["file"]] = rec
-    return results, errors, bad_total
+    return results, errors, bad
 
 
 def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_names: list[str],

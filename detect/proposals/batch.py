@@ -51,13 +51,10 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
                        workers: int = 0, shard: tuple[int, int] | None = None, progress: bool = True,
                        chunk_size: int = DEFAULT_CHUNK_SIZE, merge: bool = True) -> ProposalStore | None:
     """Selective search on every ``(image_id, path)`` of ``items`` into the store ``out_dir``
-    (returned as is if already there with the same images and settings).
-
-    ``settings``: ``ProposalConfig`` as a dict. ``workers`` processes (0 = all cores; 1 = in this
-    process). An image that cannot be read or proposed gets 0 boxes and is listed in meta.json
-    "failures"; if all fail, ValueError and no store. Returns None while chunks are missing
-    (other shards' work) or with ``merge=False``.
-    """
+    (returned as is if already there with the same images and settings). ``settings``:
+    ``ProposalConfig`` as a dict. ``workers`` processes (0 = all cores; 1 = in this process).
+    A failed image gets 0 boxes and is listed in meta.json "failures" (all failed: ValueError).
+    Returns None while chunks are missing (other shards' work) or with ``merge=False``."""
     out = Path(out_dir)
     settings = check_proposal_settings(settings)
     items = [(int(image_id), str(path)) for image_id, path in items]
@@ -123,10 +120,9 @@ def _propose_file(task: tuple[str, dict]) -> tuple[np.ndarray, np.ndarray, str]:
     path, settings = task
     try:
         return (*selective_search(read_image(path), **settings, return_scores=True), "")
-    except ImageReadError as e:
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), e.reason
     except Exception as e:  # noqa: BLE001 -- one bad image must not stop a 100k-image run
-        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), f"{type(e).__name__}: {e}"
+        reason = e.reason if isinstance(e, ImageReadError) else f"{type(e).__name__}: {e}"
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), reason
 
 
 def _compute_chunks(items: list[tuple[int, str]], todo: list[int], partial: Path, settings: dict, *,

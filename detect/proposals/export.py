@@ -23,9 +23,8 @@ FORMATS = ("detectron2", "mmdet")
 
 
 def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
-    """Write ``store`` as ``fmt`` to ``path``, atomically; returns the number of images."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--export: format must be one of {list(FORMATS)}, got {fmt!r}")
+    """Write ``store`` as ``fmt`` (one of ``FORMATS``) to ``path``, atomically; returns the number
+    of images."""
     ids = store.image_ids
     boxes = [store.get(image_id) for image_id in ids]  # [R, 4] xyxy each
     values = [store.scores(image_id) for image_id in ids]  # [R] ranking values, ascending

@@ -1,13 +1,12 @@
 """The proposal store: one documented on-disk format for precomputed proposals.
 
-A store is a folder (written by ``detect propose``, read by training, evaluation and
-``detect recall``)::
+A store is a folder, written by ``detect propose``::
 
     STORE/boxes.f32   raw little-endian float32 [total_boxes, 4]: every image's boxes, xyxy
-                      pixels of the image as the user sees it (after EXIF rotation), image after
-                      image, each image's boxes in selective search's ranking.
+                      pixels of the image as the user sees it, image after image, each image's
+                      boxes in selective search's ranking.
     STORE/scores.f32  raw little-endian float32 [total_boxes]: each box's ranking value
-                      (ascending: lower is ranked earlier), same order.
+                      (ascending), same order.
     STORE/index.npy   int64 [num_images, 3] rows (image_id, first_box_row, num_boxes), in the
                       input order (np.save; read with allow_pickle=False, mmap_mode="r").
     STORE/meta.json   {"format": "detect-proposals", "version": 1, every field of
@@ -15,8 +14,7 @@ A store is a folder (written by ``detect propose``, read by training, evaluation
                       "numba_version", "num_images", "num_boxes", "dataset_fingerprint"
                       (``dataset_fingerprint``), "failures": [{"image_id", "file", "reason"}]
                       for the images that could not be read or proposed (0 boxes)}
-    STORE/files.json  a JSON list of {"image_id", "file"} (one per line, in input order); "file"
-                      is the path as given to `detect propose`.
+    STORE/files.json  a JSON list of {"image_id", "file"} (one per line, in input order).
     STORE/config.yaml the resolved config of the `detect propose` run (not part of the format).
 
 No pickle, no timestamps: the same inputs and settings give byte-identical files. Reading
@@ -65,13 +63,10 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
                 boxes_per_image: Iterable, meta: dict[str, Any], files: list[str] | None = None,
                 scratch_dir: str | os.PathLike | None = None, with_scores: bool = False) -> Path:
     """Write a new store at ``path`` (built in a scratch folder under ``scratch_dir``, default
-    beside it, then renamed into place) and return ``path``.
-
-    ``boxes_per_image`` streams one xyxy array [R_i, 4] per id of ``image_ids``, or with
-    ``with_scores`` pairs (boxes, ranking values [R_i]); without, a box's value is its position.
-    ``meta``: the module docstring's fields but the counts, format and version, filled in here.
-    ``files`` (one path per image) becomes files.json.
-    """
+    beside it, then renamed into place) and return ``path``. ``boxes_per_image`` streams one
+    xyxy array [R_i, 4] per id of ``image_ids``, or with ``with_scores`` pairs (boxes, ranking
+    values [R_i]; else the positions). ``meta``: the module docstring's fields but the counts,
+    format and version. ``files`` (one path per image) becomes files.json."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path}: a proposal store (or other file) is already there")

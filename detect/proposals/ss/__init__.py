@@ -10,23 +10,20 @@ zouchuhang/LayoutNet, ``matlab/panoContext_code/Toolbox/``) and rbgirshick/rcnn
 their readable ``.m`` versions come from zhulei2016/RST-saliency (``SelectiveSearch/``), whose
 other local edits were not taken. The one list of where we differ from the original, and why:
 
-- edges are sorted with a stable radix sort (ties in generation order; std::sort left them
-  unspecified), so results are reproducible everywhere;
+- edges are sorted with a stable radix sort (std::sort left ties unspecified): reproducible;
 - texture: first-order Gaussian derivatives with sigma 0.8 and round(r * 9 / 0.43) bins, as the
-  released code (the paper says sigma 1), but of every channel, as the paper: the released
-  code took the first channel three times, a bug; responses over the top bin are capped
-  rather than spilled into the next orientation's bins; borders are replicated (its
-  ``conv2(..., 'same')`` pads with zeros: a false edge along every border); the diagonal
-  derivatives are steered from x and y (the release filters them with ``anigauss``, equal for
-  an isotropic Gaussian up to discretisation);
-- Lab is OpenCV's 8-bit conversion (D65) rather than MATLAB's ``applycform``; rgI's
-  ``Rgb2Rgi`` is unpublished: r = R/(R+G+B), g = G/(R+G+B) (1/3 for black), I = (R+G+B)/3;
+  released code (the paper says sigma 1), but of every channel, as the paper (the release took
+  the first channel three times, a bug); responses over the top bin are capped, not spilled
+  into the next orientation's; borders are replicated (its zero padding makes a false edge
+  along every border); the diagonal derivatives are steered from x and y (the release's
+  ``anigauss`` is equal up to discretisation);
+- Lab is OpenCV's 8-bit conversion (D65), not MATLAB's ``applycform``; the unpublished
+  ``Rgb2Rgi``: r = R/(R+G+B), g = G/(R+G+B) (1/3 for black), I = (R+G+B)/3;
 - H and I: the image to segment is the channel replicated 3 times (as the original); the
   histograms use the single channel (identical similarities, a third of the work);
-- grouping keeps histograms in float32 and orders pairs by their similarity rounded to
-  float32 (the original compares doubles); equal ones go to the pair listed last, as the
-  original's ascending sort that merges the last pair; the ranking uses numpy's generator
-  seeded with (seed, hierarchy index) instead of MATLAB's ``rand``.
+- grouping keeps histograms in float32 and orders pairs by similarity rounded to float32 (the
+  original: doubles); ties go to the pair pushed last, as the original's ascending sort; the
+  ranking draws from numpy's generator seeded with (seed, hierarchy index), not MATLAB's ``rand``.
 """
 
 from detect.proposals.ss.engine import MODES, selective_search_boxes, warm_up

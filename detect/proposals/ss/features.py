@@ -28,7 +28,6 @@ TEXTURE_BINS = 10
 ORIENTATIONS = 8
 TEXTURE_SIGMA = 0.8  # original BlobStructTextureHist: Image2OrientedGradients(im, 0.8)
 TEXTURE_MAX = 0.43  # original BlobStructTextureHist: "maximum value of gradient"
-COLOUR_SPACES = ("hsv", "lab", "rgi", "h", "i")
 _JIT = dict(cache=True, nogil=True)
 
 
@@ -83,8 +82,6 @@ def colour_space(image: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == "lab":
         lab = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2Lab)
         return lab, lab
-    if name not in COLOUR_SPACES:
-        raise ValueError(f"colour space must be one of {COLOUR_SPACES}, got {name!r}")
     converted = _rgb_to(np.ascontiguousarray(image), {"hsv": 0, "h": 0, "rgi": 1, "i": 2}[name])
     if name in ("hsv", "rgi"):
         return converted, converted

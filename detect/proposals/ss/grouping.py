@@ -1,16 +1,15 @@
 """Greedy hierarchical grouping of selective search [SS, section 3.1 and 3.2].
 
-Starting from the n regions of one segmentation, the most similar pair of NEIGHBOURING
-regions is merged until one region is left (n - 1 merges). Similarity of regions i, j is the
-sum of the enabled terms:
+The most similar pair of NEIGHBOURING regions is merged until one is left. The similarity of
+regions i, j is the sum of the enabled terms:
 
 - colour:  sum_k min(c_i[k], c_j[k])  (histogram intersection, L1-normalised histograms)
 - texture: sum_k min(t_i[k], t_j[k])
 - size:    1 - (size_i + size_j) / size_im
 - fill:    1 - (size(BB_ij) - size_i - size_j) / size_im  (BB_ij: the box around both)
 
-The merged region t gets size_t = size_i + size_j, box = union of the boxes, histograms
-= (size_i h_i + size_j h_j) / size_t (no pixel rescan), and neighbours = N(i) | N(j) - {i, j}.
+The merged region t gets size_i + size_j, the union of the boxes, histograms
+(size_i h_i + size_j h_j) / size_t and neighbours N(i) | N(j) - {i, j}.
 
 Implementation: a max-heap of candidate pairs with lazy invalidation (a popped pair whose
 region was merged is skipped); a key is the similarity as float32 above the pair's push number

@@ -1,16 +1,11 @@
 """Felzenszwalb-Huttenlocher graph segmentation [FH04], as used by selective search [SS].
 
 Faithful to the original ``segment-image`` code (and Uijlings' ``mexFelzenSegmentIndex``):
-
-- every channel is smoothed with a Gaussian (sigma = 0.8, mask radius ceil(4 sigma),
-  replicated borders, first along x then along y, float32);
-- 8-connected grid graph, each edge stored once: for each pixel in row-major order the
-  edges to (x+1, y), (x, y+1), (x+1, y+1), (x+1, y-1); weight = Euclidean distance of the
-  smoothed colours (float32);
-- edges visited in non-decreasing weight order; components A, B joined when
-  w <= Int(A) + k/|A| and w <= Int(B) + k/|B|;
-- then every edge, in the same order, joins its two components if either is smaller than
-  ``min_size``.
+each channel smoothed with a Gaussian (sigma 0.8, replicated borders, x then y, float32); an
+8-connected grid graph, for each pixel in row-major order the edges to (x+1, y), (x, y+1),
+(x+1, y+1), (x+1, y-1), weighing the Euclidean distance of the smoothed colours; edges visited
+by weight, components A, B joined when w <= Int(A) + k/|A| and w <= Int(B) + k/|B|; then every
+edge, in the same order, joins its two components if either is smaller than ``min_size``.
 
 The edges are built and stably sorted ONCE per colour space (``sorted_edges``), reused for every
 k (``segment_graph``). An edge is its *slot* ``4 * p + d`` (p = y * W + x, d = direction 0..3 as
@@ -154,9 +149,8 @@ def sorted_edges(seg_image: np.ndarray, sigma: float = SIGMA) -> tuple[np.ndarra
     return order[:n_edges], sorted_weights[:n_edges]
 
 
-# Union-find: ``parent`` int32 [N] (path compression; the array the edge loop hits at random,
-# small enough to stay in cache), and ``info`` int32 [2N] holding, for a root r, its size at
-# 2r and the float32 bits of its threshold Int(C) + k / |C| at 2r + 1 (one cache line).
+# Union-find: ``parent`` int32 [N] (path compression), and ``info`` int32 [2N] holding, for a
+# root r, its size at 2r and the float32 bits of its threshold Int(C) + k / |C| at 2r + 1.
 
 
 @njit(inline="always", **_JIT)
