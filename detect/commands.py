@@ -206,8 +206,11 @@ def train(args: argparse.Namespace) -> int:
         save_config(cfg, output_dir / "config.yaml")
     t0 = time.perf_counter()
     checkpoint = train_from_config(cfg, output_dir, device=device, resume=args.resume)
+    seconds, train_time = time.perf_counter() - t0, output_dir / "train_time.json"
     if is_main_process():
-        _record_train_time(output_dir, time.perf_counter() - t0)
+        if math.isfinite(seconds):  # this session's seconds: a resumed run adds up
+            before = read_json(train_time)["seconds"] if train_time.is_file() else 0.0
+            write_json_atomic(train_time, {"seconds": before + seconds})
         print(f"trained {cfg.detector}: {checkpoint}")
     val = cfg.data.val
     if not val.path:
@@ -317,14 +320,6 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
                                  category_ids=dataset.category_ids, state_dict=detector.state_dict(), extra=extra)
     barrier(idle_group)  # a 7-day timeout: the other ranks wait here while rank 0 trains the SVMs
     return path
-
-
-def _record_train_time(output_dir: Path, seconds: float) -> None:
-    """Add this session's training seconds to ``train_time.json`` (a resumed run adds up)."""
-    path = output_dir / "train_time.json"
-    total = read_json(path)["seconds"] if path.is_file() else 0.0
-    if math.isfinite(seconds):
-        write_json_atomic(path, {"seconds": total + seconds})
 
 
 # ----------------------------------------------------------------------------------------------

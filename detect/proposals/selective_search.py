@@ -58,7 +58,12 @@ def raw_proposals(image: np.ndarray, *, engine: str = "ours", mode: str = "fast"
     check_proposal_settings({"engine": engine, "mode": mode, "resize": resize, "resize_side": resize_side,
                              "seed": seed, "k_scale": k_scale}, "selective_search")
     check_image(image)
-    small = _resize_for_proposals(image, resize, resize_side)  # [h, w, 3] RGB
+    height, width = image.shape[:2]
+    small_height, small_width = resized_shape(height, width, resize, resize_side)
+    small = image  # [h, w, 3] RGB, small images enlarged too, as [RCNN] did
+    if (small_height, small_width) != (height, width):  # INTER_AREA averages when shrinking, as imresize
+        interpolation = cv2.INTER_AREA if small_width * small_height < width * height else cv2.INTER_LINEAR
+        small = cv2.resize(image, (small_width, small_height), interpolation=interpolation)
     if engine == "ours":
         boxes, scores = selective_search_boxes(small, mode=mode, seed=seed, threads=threads,
                                                k_scale=k_scale)  # [R, 4], [R]
@@ -67,7 +72,7 @@ def raw_proposals(image: np.ndarray, *, engine: str = "ours", mode: str = "fast"
         scores = np.arange(len(boxes), dtype=np.float32)
     _, first = np.unique(boxes, axis=0, return_index=True)
     keep = np.sort(first)  # duplicates dropped, ranking kept
-    return boxes[keep], scores[keep], (*image.shape[:2], *small.shape[:2])
+    return boxes[keep], scores[keep], (height, width, *small.shape[:2])
 
 
 def finish_proposals(raw: tuple, *, min_size: int = 20, ranking: str = "paper",
@@ -99,17 +104,6 @@ def resized_shape(height: int, width: int, resize: int, resize_side: str) -> tup
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _resize_for_proposals(image: np.ndarray, resize: int, resize_side: str) -> np.ndarray:
-    """Resize to ``resized_shape``; small images are enlarged too, as [RCNN] did."""
-    height, width = image.shape[:2]
-    new_height, new_width = resized_shape(height, width, resize, resize_side)
-    if (new_height, new_width) == (height, width):
-        return image
-    # INTER_AREA averages when shrinking (anti-aliased, like MATLAB's imresize in [RCNN]).
-    interpolation = cv2.INTER_AREA if new_width * new_height < width * height else cv2.INTER_LINEAR
-    return cv2.resize(image, (new_width, new_height), interpolation=interpolation)
-
-
 RANK_SEED = 1  # OpenCV's engine: srand(RANK_SEED) before each run
 
 try:
@@ -131,14 +125,6 @@ def _strategy(name: str):
     return seg.createSelectiveSearchSegmentationStrategyMultiple(*strategies)
 
 
-def _opencv_image(image_rgb: np.ndarray, bgr: np.ndarray, name: str) -> np.ndarray:
-    if name == "hsv":
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
-    if name == "lab":
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2Lab)
-    return colour_space(image_rgb, name)[0]  # paper's rgI, H x 3, I x 3
-
-
 def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: float = 1.0) -> np.ndarray:
     """OpenCV selective search with the paper's settings (``MODES``; k times ``k_scale``) on a
     uint8 RGB [H, W, 3] image: float32 [R, 4] xyxy boxes (x2, y2 exclusive), in OpenCV's ranking."""
@@ -151,8 +137,9 @@ def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: floa
     ss.clearImages()
     ss.clearGraphSegmentations()
     ss.clearStrategies()
+    conversions = {"hsv": cv2.COLOR_BGR2HSV, "lab": cv2.COLOR_BGR2Lab}  # else the paper's rgI, H x 3, I x 3
     for name in colour_spaces:
-        ss.addImage(_opencv_image(image, bgr, name))
+        ss.addImage(cv2.cvtColor(bgr, conversions[name]) if name in conversions else colour_space(image, name)[0])
     for k in ks:
         k = k * k_scale  # min size = k, rounded as our engine
         ss.addGraphSegmentation(seg.createGraphSegmentation(SIGMA, float(k), max(1, int(k + 0.5))))
