@@ -55,11 +55,10 @@ def init_distributed(device: torch.device | None = None, backend: str = "") -> b
         return False
     if torch.distributed.is_initialized():
         return True
-    if not backend:
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-    if device is not None and device.type == "cuda":
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend=backend)
+    torch.distributed.init_process_group(backend=backend or ("nccl" if cuda else "gloo"))
     return True
 
 

@@ -64,9 +64,8 @@ def open_journal(path: Path):
 
 
 def load_results(partial_dir: Path) -> tuple[dict[str, dict], dict[str, str], int]:
-    """All journals -> (file -> result record, file -> error reason, unreadable lines skipped);
-    a file may have both (a retried failure that now works). A torn last line (no newline: cut
-    short by a kill, its image is redone) is skipped, not counted."""
+    """All journals -> (file -> result record, file -> error reason, unreadable lines skipped, not
+    counting a torn last line); a file may have both (a retried failure that now works)."""
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
     bad = 0
@@ -136,10 +135,7 @@ def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_name
 
 def journal_record(file: str, image: np.ndarray, dets: Detections, score_threshold: float) -> dict:
     keep = dets.scores >= score_threshold
-    boxes = dets.boxes[keep].tolist()  # [D, 4] xyxy
-    scores = dets.scores[keep].tolist()
-    labels = dets.labels[keep].tolist()
+    found = zip(dets.boxes[keep].tolist(), dets.labels[keep].tolist(), dets.scores[keep].tolist())
     return {"file": file, "width": int(image.shape[1]), "height": int(image.shape[0]),
             "detections": [{"box": [round(float(v), 3) for v in box], "label": int(label),
-                            "score": round(float(score), 6)}
-                           for box, label, score in zip(boxes, labels, scores)]}
+                            "score": round(float(score), 6)} for box, label, score in found]}

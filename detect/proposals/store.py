@@ -232,9 +232,8 @@ class ProposalStore:
             raise ValueError(f"{files_path}: expected a list of {{\"image_id\", \"file\"}} objects") from None
 
     def check_dataset(self, dataset) -> ProposalStore:
-        """This store, if it has every image of ``dataset`` and, with files.json, each image id
-        names a file of the same basename (a store of another dataset with the same ids is caught);
-        else ValueError."""
+        """This store, if it has every image of ``dataset`` and (with files.json) under the same
+        file basenames; else ValueError."""
         missing = [r.image_id for r in dataset.records if r.image_id not in self]
         if missing:
             raise ValueError(

@@ -12,7 +12,6 @@ mode           colour spaces         k (= min_size)     strategies              
 ``"quality"``  HSV, Lab, rgI, H, I   50, 100, 150, 300  C+T+S+F, T+S+F, F, S    80
 =============  ====================  =================  ======================  ===========
 
-``k_scale`` multiplies the k values (and so the min sizes, rounded); 1 is the paper's.
 Hierarchy index (seeds the ranking): ((k index) * n_colour_spaces + colour index) *
 n_strategies + strategy index, as the original demo's loops. No resizing, no size filter here.
 """
@@ -97,12 +96,9 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
                            threads: int = 1, timings: dict | None = None,
                            randomize: bool = True, k_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Selective-search boxes of uint8 RGB ``image`` [H, W, 3], best first: (boxes float32 [R, 4]
-    xyxy, x2 / y2 exclusive; ranking values float32 [R], ascending), no duplicates.
-
-    ``threads``: a pool over the colour spaces (the kernels release the GIL), byte-identical
-    output for any value. ``timings``: a dict that receives seconds per stage (summed over
-    threads) and "total". ``randomize=False``: random factor 1 (the whole image comes first).
-    """
+    xyxy, x2 / y2 exclusive; ranking values float32 [R], ascending), no duplicates. ``threads``:
+    a pool over the colour spaces, same output. ``timings``: a dict that receives seconds per
+    stage and "total". ``randomize=False``: random factor 1 (the whole image comes first)."""
     check_image(image)
     if image.shape[0] * image.shape[1] >= 2 ** 29:  # edge slots are int32 (4 per pixel)
         raise ValueError(f"selective search: image too large ({image.shape[0]} x {image.shape[1]}), resize it first")

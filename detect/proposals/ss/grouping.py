@@ -130,13 +130,9 @@ def _find(merged_into, x):
 @njit(**_JIT)
 def hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, im_size,
                           use_colour, use_texture, use_size, use_fill):
-    """Greedy grouping of one segmentation (``features.region_features``' outputs, im_size =
-    H * W) with one strategy (the four booleans enable the similarity terms).
-
-    Returns, for all T regions in creation order (the n initial ones, then one per merge):
-    boxes int32 [T, 4], sizes int64 [T], colour_hist [T, Kc], texture_hist [T, Kt], merges
-    int32 [T - n, 2] (the two regions merged into region n + m).
-    """
+    """Greedy grouping of one segmentation (``features.region_features``' outputs, im_size = H * W)
+    with one strategy (the four booleans) -> for all T regions in creation order: boxes int32
+    [T, 4], sizes int64 [T], colour_hist [T, Kc], texture_hist [T, Kt], merges int32 [T - n, 2]."""
     n = sizes.size
     total = 2 * n - 1
     n_colour = colour_hist.shape[1]
