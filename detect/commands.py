@@ -435,8 +435,7 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """``detect predict``: ``detect.predict.batch.predict`` with a checkpoint; under torchrun each
-    rank takes its share of the images, without a process group."""
+    """``detect predict``: ``detect.predict.batch.predict`` with a checkpoint (torchrun: a share per rank)."""
     rank, world_size = rank_and_world()
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():

@@ -29,8 +29,7 @@ SHORT_SCHEDULE = {  # (and Fast R-CNN's val AP every 100 iterations, for TensorB
 
 
 def demo_steps(out: Path, device: str = "") -> list[tuple[list[str], Path | None]]:
-    """The demo as (``detect`` argv, done-file) pairs, in order: a step whose done-file exists
-    is skipped (None: always run)."""
+    """The demo as (``detect`` argv, done-file or None) pairs; a step whose done-file exists is skipped."""
     data = out / "data"
     device_flag = ["--device", device] if device else []
     stores = {split: out / "proposals" / split for split in ("train", "val")}

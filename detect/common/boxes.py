@@ -37,8 +37,7 @@ def encode_boxes(proposal_boxes: Tensor, gt_boxes: Tensor,
 
 def decode_boxes(deltas: Tensor, proposal_boxes: Tensor,
                  weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
-    """Apply ``deltas`` [R, ..., 4] (e.g. [R, K, 4], one per class) to ``proposal_boxes`` [R, 4]
-    -> boxes [R, ..., 4] (xyxy)."""
+    """Apply ``deltas`` [R, ..., 4] (e.g. [R, K, 4]) to ``proposal_boxes`` [R, 4] -> xyxy [R, ..., 4]."""
     shape = (proposal_boxes.shape[0],) + (1,) * (deltas.dim() - 2)  # broadcast over the middle dims
     px, py, pw, ph = (v.reshape(shape) for v in _centre_size(proposal_boxes.to(deltas.dtype)))
     wx, wy, ww, wh = weights

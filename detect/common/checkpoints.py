@@ -35,8 +35,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with ``weights_only=True``; ``ValueError`` naming the file when it is not
-    a torch file, wants to run code, or is not one of ours."""
+    """Load one of our checkpoints with ``weights_only=True``; else ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")

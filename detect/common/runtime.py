@@ -49,8 +49,7 @@ def long_wait_group():
 
 
 def init_distributed(device: torch.device | None = None, backend: str = "") -> bool:
-    """Join torchrun's process group (NCCL for CUDA, else gloo, or ``backend``; GPU
-    ``LOCAL_RANK``); True when it has more than one rank."""
+    """Join torchrun's process group (``backend``, default NCCL for CUDA, else gloo); True if > 1 rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if torch.distributed.is_initialized():
@@ -63,8 +62,7 @@ def init_distributed(device: torch.device | None = None, backend: str = "") -> b
 
 
 def try_init_gloo(fallback: str) -> bool:
-    """Join torchrun's process group with gloo; on failure print why and ``fallback`` (what happens
-    instead) to stderr and return False."""
+    """Join torchrun's process group with gloo; on failure print why and ``fallback``, return False."""
     try:
         return init_distributed(backend="gloo")
     except Exception as e:  # noqa: BLE001 -- the caller has a fallback
@@ -125,8 +123,7 @@ def gather_rng_states() -> list[dict]:
 
 
 def rng_state_of_rank(saved: list[dict], rank: int, world: int) -> dict:
-    """This rank's entry of ``gather_rng_states``' list; rank 0's, with a warning, when the
-    checkpoint was written by another world size."""
+    """This rank's entry of ``gather_rng_states``' list (rank 0's, warned, from another world size)."""
     if len(saved) != world:
         warnings.warn(f"resuming with {world} processes from a checkpoint written by {len(saved)}: every rank "
                       "restores rank 0's random state (random streams differ from an uninterrupted run)")

@@ -67,8 +67,7 @@ class LoadReport:
         self.add_many(problem, [0], lambda _: message)
 
     def add_many(self, problem: str, indices: Sequence[int], message_of: Callable[[int], str]) -> None:
-        """Count ``len(indices)`` of ``problem``; ``message_of(i)`` writes an example (only as
-        many as are kept, so a million clipped boxes cost no million messages)."""
+        """Count ``len(indices)`` of ``problem``; ``message_of(i)`` writes only the examples kept."""
         self.problems[problem] += len(indices)
         for i in indices[:max(0, self.max_examples - len(self.examples))]:
             self.examples.append(message_of(int(i)))
@@ -103,15 +102,13 @@ class ImageRecord:
 
 
 def gt_flags(values: np.ndarray, num_gt: int) -> np.ndarray:
-    """A record's per-box flags (``gt_difficult``, ``gt_crowd``) as bool [G]; empty (the
-    default of a record built without them) means none set."""
+    """Per-box flags (``gt_difficult``, ``gt_crowd``) as bool [G]; empty means none set."""
     values = np.asarray(values, bool).reshape(-1)
     return values if len(values) else np.zeros(num_gt, bool)
 
 
 def training_gt(record: ImageRecord, use_difficult: bool) -> np.ndarray:
-    """Mask [G] of the gt boxes of ``record`` that training learns from: all but crowd boxes,
-    and but VOC difficult ones when ``use_difficult`` is False."""
+    """Mask [G] of the boxes training learns from: not crowd, nor difficult unless ``use_difficult``."""
     num_gt = len(np.asarray(record.gt_boxes).reshape(-1, 4))
     keep = ~gt_flags(record.gt_crowd, num_gt)
     if not use_difficult:

@@ -284,8 +284,7 @@ def _texture(rng: np.random.Generator, kind: str, colour: np.ndarray, h: int, w:
 
 
 def _paste(canvas: np.ndarray, texture: np.ndarray, alpha: np.ndarray, x0: int, y0: int) -> None:
-    """Blend ``texture`` [h, w, 3] through ``alpha`` [h, w] uint8 onto ``canvas`` at (x0, y0);
-    the parts falling outside the canvas are cut off."""
+    """Blend ``texture`` [h, w, 3] through ``alpha`` [h, w] onto ``canvas`` at (x0, y0), clipped."""
     height, width = canvas.shape[:2]
     h, w = alpha.shape
     cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, width), min(y0 + h, height)
@@ -297,8 +296,7 @@ def _paste(canvas: np.ndarray, texture: np.ndarray, alpha: np.ndarray, x0: int, 
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A colour gradient plus low-frequency colour noise: [H, W, 3] float32. Both are drawn on
-    a coarse grid and upsampled (bicubic), which keeps this cheap."""
+    """A colour gradient plus colour noise, drawn coarse and upsampled: [H, W, 3] float32."""
     start, end = _random_colour(rng), _random_colour(rng)
     angle = rng.uniform(0, 2 * math.pi)
     grid_h, grid_w = (int(v) for v in rng.integers(3, 9, size=2))

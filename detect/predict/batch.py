@@ -76,8 +76,7 @@ class Loaded(NamedTuple):  # what a worker sends back for one input file
 
 
 def _load_and_propose(file: str, propose_fn: ProposeFn | None, settings: dict) -> Loaded:
-    """Worker task: read ``file`` and propose boxes in it (``propose_fn=None``: only read it). A
-    failure comes back as a reason, never as an exception."""
+    """Worker task: read ``file`` and propose boxes (``propose_fn=None``: only read); never raises."""
     t0 = time.perf_counter()
     try:
         image = read_image(file)
@@ -95,8 +94,7 @@ def _load_and_propose(file: str, propose_fn: ProposeFn | None, settings: dict) -
 
 
 def _store_ids(store, files: list[str]) -> dict[str, int]:
-    """file -> image id in a ``detect propose --input`` store (its files.json), for every file of
-    ``files``; ValueError naming missing files."""
+    """file -> image id in a ``detect propose --input`` store, for every file; ValueError if missing."""
     by_id = store.files()
     if by_id is None:
         raise ValueError(f"proposal store {store.path} has no files.json, so its images cannot be "

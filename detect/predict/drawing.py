@@ -91,8 +91,7 @@ def write_jpeg(path: Path, canvas: np.ndarray, quality: int = 90) -> None:
 
 def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dict,
                         class_names: list[str]) -> None:
-    """A ``detect predict`` journal record's boxes, class names and scores drawn on ``image``, as
-    ``vis_dir/name``."""
+    """A journal record's boxes, class names and scores drawn on ``image``, as ``vis_dir/name``."""
     path = vis_dir / name
     if os.path.commonpath([os.path.abspath(path), os.path.abspath(vis_dir)]) != os.path.abspath(vis_dir):
         raise ValueError(f"refusing to write {path}: outside {vis_dir}")  # safe_relative_name prevents it

@@ -115,8 +115,7 @@ def _init_worker() -> None:
 
 
 def _propose_file(task: tuple[str, dict]) -> tuple[np.ndarray, np.ndarray, str]:
-    """Worker task (path, settings) -> (boxes float32 [R, 4] xyxy, their ranking values float32
-    [R], failure reason or "")."""
+    """Worker task (path, settings) -> (boxes [R, 4], ranking values [R], failure reason or "")."""
     path, settings = task
     try:
         return (*selective_search(read_image(path), **settings, return_scores=True), "")

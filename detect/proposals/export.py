@@ -23,8 +23,7 @@ FORMATS = ("detectron2", "mmdet")
 
 
 def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
-    """Write ``store`` as ``fmt`` (one of ``FORMATS``) to ``path``, atomically; returns the number
-    of images."""
+    """Write ``store`` as ``fmt`` (one of ``FORMATS``) to ``path``, atomically; returns the image count."""
     ids = store.image_ids
     boxes = [store.get(image_id) for image_id in ids]  # [R, 4] xyxy each
     values = [store.scores(image_id) for image_id in ids]  # [R] ranking values, ascending

@@ -43,8 +43,7 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
 
 
 def first_proposals(boxes, top_k: int):
-    """The one cut of ``proposals.top_k``: the first ``top_k`` of an image's proposals [R, 4]
-    (0 = all), in training and at test."""
+    """The one cut of ``proposals.top_k``: the first ``top_k`` proposals [R, 4] (0 = all)."""
     return boxes[:top_k] if top_k > 0 else boxes
 
 

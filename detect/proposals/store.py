@@ -114,8 +114,7 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
 
 
 class ProposalStore:
-    """Read-only access to a proposal store folder (format: module docstring); opening checks
-    meta.json and index.npy against boxes.f32 and scores.f32."""
+    """Read-only access to a store folder; opening checks meta.json and index.npy against the data."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -232,8 +231,7 @@ class ProposalStore:
             raise ValueError(f"{files_path}: expected a list of {{\"image_id\", \"file\"}} objects") from None
 
     def check_dataset(self, dataset) -> ProposalStore:
-        """This store, if it has every image of ``dataset`` and (with files.json) under the same
-        file basenames; else ValueError."""
+        """This store, if it has every image of ``dataset`` (same basenames in files.json); else ValueError."""
         missing = [r.image_id for r in dataset.records if r.image_id not in self]
         if missing:
             raise ValueError(

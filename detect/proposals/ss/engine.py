@@ -127,8 +127,7 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
 
 
 def warm_up() -> float:
-    """Compile (or load from numba's on-disk cache) every kernel on a tiny image; returns the
-    seconds it took."""
+    """Compile (or load from numba's cache) every kernel on a tiny image; returns the seconds."""
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     image = np.repeat(np.repeat(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), 4, 0), 4, 1)
