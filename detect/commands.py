@@ -141,8 +141,7 @@ def propose(args: argparse.Namespace) -> int:
 
 
 def recall(args: argparse.Namespace) -> int:
-    """``detect recall``: ``proposal_recall`` of a store on a dataset, plus "num_images", "num_gt"
-    (non-difficult) and "avg_proposals_per_image" in the ``--out`` JSON; drawings."""
+    """``detect recall``: ``proposal_recall`` of a store, with "num_images", "num_gt" and drawings."""
     if not args.data:
         raise ValueError("detect recall needs --data (the dataset the proposals were made for)")
     dataset = _dataset_from_args(args)
@@ -272,8 +271,7 @@ def _train_fast_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: P
 
 
 def _periodic_eval_fn(cfg: Config):
-    """``train.eval_period``'s evaluation on the val split, -> {"AP", "AP50", "skipped_images"};
-    None when eval_period is 0 or there is no val split (with a warning)."""
+    """``train.eval_period``'s evaluation on val -> {"AP", "AP50", "skipped_images"}; None if off or no val."""
     if cfg.train.eval_period <= 0:
         return None
     if not cfg.data.val.path:
@@ -328,8 +326,7 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """``detect eval``: score a results file (``--results``) or a trained detector
-    (``--checkpoint``); metrics.json holds COCO and VOC AP, ``--metric`` picks the table printed."""
+    """``detect eval``: score a results file (``--results``) or a trained detector (``--checkpoint``)."""
     if bool(args.results) == bool(args.checkpoint):
         raise ValueError("give exactly one of --results (a COCO results JSON to score) or "
                          "--checkpoint (a trained detector to run and score)")

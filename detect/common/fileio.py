@@ -81,8 +81,7 @@ def _as_json(value: Any) -> Any:
 
 
 def check_settings(path: str | os.PathLike, settings: dict, *, hint: str) -> bool:
-    """False without a marker at ``path``, True when it records ``settings``; else
-    ``SettingsMismatch`` naming each differing key and ``hint`` (what the user can do)."""
+    """False without a marker at ``path``, True if it records ``settings``, else ``SettingsMismatch``."""
     path = Path(path)
     if not path.is_file():
         return False

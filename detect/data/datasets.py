@@ -52,8 +52,7 @@ PROBLEMS = {
 
 @dataclass
 class LoadReport:
-    """What a loader kept, and what it skipped or repaired: ``problems[name]`` counts each of
-    ``PROBLEMS``, and the first few messages, each naming the file and the entry, are kept."""
+    """What a loader kept, and what it skipped or repaired (counts of ``PROBLEMS``, a few examples)."""
 
     source: str
     num_images: int = 0  # images kept
@@ -348,8 +347,7 @@ def _finish_loading(dataset: Dataset, check_images: bool, src: str) -> Dataset:
 
 
 def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[ImageRecord]:
-    """Keep the records whose file exists, has a readable header and the annotated size (after
-    EXIF rotation). Reads headers only (PIL ``verify``), so it is fast but misses truncation."""
+    """The records whose file exists, has a readable header (PIL ``verify``) and the annotated size."""
     kept = []
     for record in tqdm(records, desc="checking images", unit="img", disable=None):
         path = Path(record.file_name)

@@ -127,8 +127,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def _write_json_if_changed(path: Path, obj: dict) -> Path:
-    """Write ``obj`` as compact JSON with sorted keys (one line, as COCO's own files: the same
-    dict, the same bytes), unless ``path`` already holds exactly that; returns ``path``."""
+    """Write ``obj`` as compact JSON with sorted keys unless ``path`` holds just that; returns ``path``."""
     data = (json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
     if not (path.is_file() and path.read_bytes() == data):
         write_bytes_atomic(path, data)

@@ -31,8 +31,7 @@ class VocAnnotation:
 
 
 def voc_class_names(found: set[str]) -> list[str]:
-    """Classes 1..K of a split whose objects have the names ``found``: ``VOC_CLASSES`` when all
-    are VOC class names (PASCAL VOC keeps its standard ids), else the sorted names."""
+    """Classes 1..K of a split with object names ``found``: ``VOC_CLASSES`` if all are VOC's, else sorted."""
     return list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
 
 

@@ -124,8 +124,8 @@ def _strategy(name: str):
 
 
 def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: float = 1.0) -> np.ndarray:
-    """OpenCV selective search with the paper's settings (``MODES``; k times ``k_scale``) on a
-    uint8 RGB [H, W, 3] image: float32 [R, 4] xyxy boxes (x2, y2 exclusive), in OpenCV's ranking."""
+    """OpenCV selective search in the paper's ``MODES`` (k times ``k_scale``) on uint8 RGB [H, W, 3]:
+    float32 xyxy [R, 4] (x2, y2 exclusive), in OpenCV's ranking."""
     colour_spaces, ks, strategies = MODES[mode]
     seg = cv2.ximgproc.segmentation
     image = np.ascontiguousarray(image)

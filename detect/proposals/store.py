@@ -53,8 +53,7 @@ BOX_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the machine
 
 
 def dataset_fingerprint(items: Iterable[tuple[int, str]]) -> str:
-    """sha256 (hex) of the JSON list ``[[image_id, file basename], ...]`` in input order (only
-    basenames count, so a dataset moved to another folder keeps its fingerprint)."""
+    """sha256 of ``[[image_id, file basename], ...]`` in order (a moved dataset keeps its fingerprint)."""
     pairs = [[int(image_id), os.path.basename(str(path))] for image_id, path in items]
     return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode("utf-8")).hexdigest()
 

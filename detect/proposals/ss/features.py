@@ -38,8 +38,7 @@ def _im2uint8(value: float) -> np.uint8:
 
 @njit(**_JIT)
 def _rgb_to(image: np.ndarray, space: int) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> space 0: hsv uint8 [H, W, 3], 1: rgi [H, W, 3], 2: gray [H, W, 1]
-    (only the one asked for is computed)."""
+    """uint8 RGB [H, W, 3] -> space 0: hsv [H, W, 3], 1: rgi [H, W, 3], 2: gray [H, W, 1], uint8."""
     height, width = image.shape[:2]
     out = np.empty((height, width, 1 if space == 2 else 3), np.uint8)
     for y in range(height):
