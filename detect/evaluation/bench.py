@@ -1,18 +1,12 @@
 """``detect bench``: time two or more detectors so that machine noise cancels.
 
-Timing each detector in its own run, in sequence, lets whatever else the machine does decide
-the ratio (a busy machine once made R-CNN look faster than Fast R-CNN). Here the
-detectors run **interleaved, image by image**, in one process: image 1 with A, then B, image 2
-with A, then B, ... on the same images with the same proposals. The first ``warmup`` images
-are run but not counted. Every image's time per stage is kept, and the summary gives medians,
-p10/p90 and the ratio of medians with a bootstrap 95% interval over images (images resampled
-with replacement, the same resample for both detectors: a paired bootstrap).
-
-Selective search runs once per image (unless a proposal store is given), as a shared
-"proposals" stage; end-to-end time is proposals + detector, the time a user waits in
-``detect predict``.
-
-The statistics (``summarize``, ``ratio_of_medians``) are pure functions of timing lists.
+Timed one after the other, whatever else the machine does decides the ratio. Here they run
+**interleaved, image by image**, in one process (image 1 with A, then B, image 2 with A, then
+B, ...), on the same images with the same proposals; the first ``warmup`` images are not
+counted. The summary gives medians, p10/p90 and the ratio of medians with a paired bootstrap 95%
+interval over images (one resample for all detectors). Selective search (or the store read)
+runs once per image as the shared "proposals" stage; end to end is proposals + detector, the
+wait in ``detect predict``.
 """
 
 from __future__ import annotations
@@ -83,10 +77,9 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
                     progress: bool = True) -> dict:
     """Run every detector on every record, interleaved; per-image stage times after warm-up.
 
-    Proposals come from ``get_proposals(image_id)`` (a store) or ``propose(image)`` (default:
-    selective search with the first detector's settings), computed once per image and given to
-    every detector. Returns ``{"proposals": [ms per image], "detectors": [{stage: [ms per
-    image]}, ...]}`` for the counted images (index ``warmup`` onwards), aligned across detectors.
+    Proposals, once per image for all: ``get_proposals(image_id)`` (a store) or ``propose(image)``
+    (default: selective search with the first detector's settings). Returns {"proposals": [ms],
+    "num_proposals": [R], "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards).
     """
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
@@ -164,9 +157,8 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
     flops = [detector_flops(d, image_hw, num_props) for d in detectors]
     for entry, f, det in zip(result["detectors"], flops, detectors):
         entry["test_settings"] = {"box_regression": det.box_regression, "proposal_top_k": det.proposal_top_k}
-        entry["flops"] = f
-        entry["flops_total"] = sum(f.values())
-        entry["flops_ratio_to_reference"] = sum(f.values()) / max(sum(flops[ref].values()), 1)
+        entry.update(flops=f, flops_total=sum(f.values()),
+                     flops_ratio_to_reference=sum(f.values()) / max(sum(flops[ref].values()), 1))
     result.update(flops_image_hw=list(image_hw), flops_num_proposals=num_props,
                   paper_flops=copy.deepcopy(paper_flops()), warmup=warmup,
                   proposal_source="store" if get_proposals is not None else "selective_search",

@@ -1,28 +1,21 @@
 """``detect tune-proposals``: the selective-search settings that fit a dataset.
 
-As YOLOv5's autoanchor checks its anchors against the data, this checks the proposals: it runs
-selective search over a grid of settings on a seeded sample of training images and measures,
-for each setting, recall@0.5, recall@0.7 and MABO against the ground truth (the definitions of
-``detect.evaluation.recall``), boxes per image and seconds per image (one thread). A setting is
-
-- a *search* (the expensive part, one run per image): ``mode`` x ``resize`` x ``k_scale``;
-- and what is done to its boxes (cheap, tried on the cached search): ``min_size`` x
-  ``ranking`` (with ``nms_iou``) x ``top_k`` (the box budget),
-
-each exactly as ``detect.proposals.selective_search`` does it (``raw_proposals`` then
+As YOLOv5's autoanchor checks its anchors against the data, this runs selective search over a
+grid of settings on a seeded sample of training images and measures, per setting, recall@0.5,
+recall@0.7 and MABO (``detect.evaluation.recall``), boxes and seconds per image (one thread). A
+setting is a *search* (one run per image: ``mode`` x ``resize`` x ``k_scale``) and what is done
+to its boxes (cheap, on the cached search: ``min_size`` x ``ranking`` (with ``nms_iou``) x
+``top_k``), each as ``detect.proposals.selective_search`` does it (``raw_proposals``, then
 ``finish_proposals``), so ``detect propose`` with the chosen block gives the measured boxes.
 
-The choice: among settings whose recall at ``target_iou`` reaches ``target_recall`` with a
-``top_k`` of at most ``max_boxes``, the one whose search takes the fewest seconds per image,
-then the fewest boxes per image (what both detectors pay for at every epoch and test). If
-none does, the setting with the highest recall, and by how much it falls short.
-
-So that a 2-core machine gets there in minutes rather than hours, searches are tried cheapest
-first (``estimated_cost``): each runs on the first ``probe_images`` of the sample, then, unless
-its best recall there is more than ``PRUNE_MARGIN`` under the target, on the whole sample; the
-run stops at the first search whose settings reach the target (``exhaustive``: every search on
-the whole sample). Each (search, image) result is cached in ``cache_dir`` as one file written
-atomically, so a killed run redoes at most one image.
+The choice (``choose``): among the settings whose recall at ``target_iou`` reaches
+``target_recall`` with a ``top_k`` of at most ``max_boxes``, the one with the fewest search
+seconds, then boxes, per image; if none does, the highest recall, and by how much it falls
+short. Searches are tried cheapest first (``estimated_cost``), each on the first
+``probe_images`` of the sample, then, unless its best recall there is more than
+``PRUNE_MARGIN`` under the target, on all of it; the run stops at the first search that reaches
+the target (``exhaustive``: every search). Each (search, image) result is cached in
+``cache_dir``, one file written atomically, so a killed run redoes at most one image.
 """
 
 from __future__ import annotations
@@ -201,9 +194,8 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
 
     base: the other ``ProposalConfig`` fields as a dict (engine, resize_side, seed are used as
     they are). Returns {"rows": every fully measured setting, "probe": {search key: {seconds,
-    best recall}}, "status": {search key: "measured", "pruned" or "not run"}, "chosen": a row, "reached":
-    bool, "shortfall": target - chosen recall (<= 0 when reached), "settings": the
-    ``proposals:`` values, "images", "sample", "target"...}.
+    best recall}}, "status": {search key: "measured", "pruned" or "not run"}, "chosen": a row,
+    "reached", "shortfall": target - chosen recall, "settings": the ``proposals:`` values, ...}.
     """
     grid = grid or Grid()
     if not 0.5 <= target_iou <= 0.95:
@@ -255,7 +247,7 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
             "grid": asdict(grid), "exhaustive": exhaustive}
 
 
-def _ranking_name(row: dict) -> str:
+def ranking_name(row: dict) -> str:
     return "paper" if row["ranking"] == "paper" else f"nms {row['nms_iou']:g}"
 
 
@@ -263,7 +255,7 @@ def summary_line(result: dict) -> str:
     """One sentence: the target, reached or by how much it falls short, and the chosen setting."""
     c, t, metric = result["chosen"], result["target"], result["metric"]
     what = (f"{c['mode']} mode, resize {c['resize'] or 'native'}, k_scale {c['k_scale']:g}, min_size "
-            f"{c['min_size']}, ranking {_ranking_name(c)}, top_k {c['top_k']}: {metric} {c[metric]:.3f}, "
+            f"{c['min_size']}, ranking {ranking_name(c)}, top_k {c['top_k']}: {metric} {c[metric]:.3f}, "
             f"recall@0.7 {c['recall@0.7']:.3f}, MABO {c['MABO']:.3f}, {c['boxes_per_image']:.0f} boxes and "
             f"{c['seconds_per_image']:.2f} s per image")
     goal = f"{metric} >= {t['recall']:g} within {t['max_boxes']} boxes per image"
@@ -316,7 +308,7 @@ def format_table(result: dict) -> str:
     head = ["mode", "resize", "k_scale", "min_size", "ranking", "top_k", "boxes / image", *keys, "MABO",
             "s / image", ""]
     lines = _markdown(head, [[r["mode"], str(r["resize"] or "native"), f"{r['k_scale']:g}", str(r["min_size"]),
-                              _ranking_name(r), str(r["top_k"]), f"{r['boxes_per_image']:.0f}",
+                              ranking_name(r), str(r["top_k"]), f"{r['boxes_per_image']:.0f}",
                               *(f"{r[k]:.3f}" for k in keys), f"{r['MABO']:.3f}", f"{r['seconds_per_image']:.3f}",
                               "**chosen**" if r == result["chosen"] else ""] for r in best_per_search(result)])
     pruned = [k for k, v in result["status"].items() if v == "pruned"]
@@ -342,7 +334,7 @@ def budget_table(result: dict) -> str:
     table = []
     for ranking, nms_iou in dict.fromkeys((r["ranking"], r["nms_iou"]) for r in rows):
         cells = {r["top_k"]: r for r in rows if (r["ranking"], r["nms_iou"]) == (ranking, nms_iou)}
-        table.append([_ranking_name(cells[budgets[0]]),
+        table.append([ranking_name(cells[budgets[0]]),
                       *(f"{cells[k]['recall@0.5']:.3f} / {cells[k]['recall@0.7']:.3f}" for k in budgets)])
     return "\n".join(_markdown(["ranking", *(str(k or "all") for k in budgets)], table))
 

@@ -35,12 +35,10 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None, 
                  skipped: list[dict] | None = None) -> dict[int, Detections]:
     """Detect on every record (this rank's share under torchrun); returns {image_id: Detections}.
 
-    Proposals come from ``store`` (a ``ProposalStore``) or, without one, from selective search
-    with the detector's own settings (timed as the "proposals" stage). ``per_image_ms``, when
-    given, receives each image's {stage: ms} in order (this rank's images). An unreadable image
-    gets no detections (it still counts in the evaluation), a warning naming it, and an entry
-    ``{"file", "reason"}`` appended to ``skipped`` (every rank's, on every rank). No rank
-    raises for one, so the ranks stay in step for the final gather.
+    Proposals: ``store`` (a ``ProposalStore``), else selective search with the detector's settings
+    (the "proposals" stage). ``per_image_ms`` receives each of this rank's images' {stage: ms}. An
+    unreadable image gets no detections, a warning and an entry {"file", "reason"} in ``skipped``
+    (every rank's, on every rank); no rank raises, so the ranks stay in step for the gather.
     """
     rank, world = rank_and_world()
     mine = records[rank::world]

@@ -26,7 +26,7 @@ from detect.common.palette import TAB10_HEX
 from detect.data.datasets import ImageRecord
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.errors import ERROR_TYPES
-from detect.evaluation.proposal_tuning import best_per_search
+from detect.evaluation.proposal_tuning import best_per_search, ranking_name
 from detect.report.runs import Run
 
 RUN_COLORS = tuple(TAB10_HEX[i] for i in (0, 3, 2, 1, 4, 5, 6, 7, 8, 9))  # blue, red, green, orange, ...
@@ -314,8 +314,8 @@ def proposal_tuning(result: dict) -> bytes:
         rows = sorted((r for r in result["rows"] if all(r[k] == best[k] for k in same)),
                       key=lambda r: r["boxes_per_image"])
         color = TAB10_HEX[modes.index(best["mode"]) % len(TAB10_HEX)]
-        ranking = best["ranking"] if best["ranking"] == "paper" else f"nms {best['nms_iou']:g}"
-        label = f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} {ranking}"
+        label = (f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} "
+                 + ranking_name(best))
         ax_boxes.plot([r["boxes_per_image"] for r in rows], [r[metric] for r in rows], "o" + styles[best["k_scale"]],
                       color=color, label=label, markersize=3, linewidth=1.2)
         ax_time.plot([best["seconds_per_image"]], [best[metric]], "o", color=color, markersize=5)
