@@ -104,12 +104,12 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) ->
 
 
 def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, Detections]:
-    """COCO results entries (already checked by ``evaluate_coco``) -> image id -> ``Detections``
-    with class indices 1..K, so a results file gets VOC AP too."""
+    """COCO results entries -> image id -> ``Detections`` (float64, classes 1..K), in file order;
+    entries of a category not in ``dataset`` are left out."""
     class_of = class_of_category(dataset.category_ids)
     grouped: dict[int, list[dict]] = {}
     for entry in results:
-        if entry["category_id"] in class_of:
+        if entry.get("category_id") in class_of:
             grouped.setdefault(entry["image_id"], []).append(entry)
     out = {}
     for image_id, entries in grouped.items():

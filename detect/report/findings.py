@@ -1,18 +1,13 @@
 """Box accuracy explained, and the "Findings" the report opens with.
 
-``box_accuracy`` reads each run's detections.json against the dataset and computes, with
-``detect.evaluation``: AP50 and AP75 with paired bootstrap 95% intervals over images, the
-difference to the first run (the reference: ``detect.evaluation.bench.reference_index``), the
-drop from AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error breakdown.
-
-``like_for_like`` finds what the runs do not share: proposal store and settings, the top_k
-scored, validation set, backbone and weights, training images, schedule (``_setup``).
-
-``findings`` turns those numbers, the differences, the bench and the FLOPs into sentences (a
-pure function of dicts, tested on fixed numbers). A difference whose interval contains 0 is
-reported as "no significant difference"; each verdict names the differences between its runs,
-and the box-accuracy claim is judged only on like-for-like runs. ``explained_section`` is the
-report section showing the numbers: AP against IoU, the interval table and the error breakdown."""
+``box_accuracy`` computes from each run's detections.json (``detect.evaluation``): AP50 and AP75
+with paired bootstrap 95% intervals over images, the difference to the reference run
+(``detect.evaluation.bench.reference_index``), the drop from AP50 to AP75 (how much AP needs
+tight boxes) and the TIDE-style error breakdown; ``explained_section`` shows them.
+``like_for_like`` finds what the runs do not share (``_setup``). ``findings`` turns all that, the
+bench and the FLOPs into sentences (a pure function of dicts): an interval containing 0 is "no
+significant difference", each verdict names the differences between its runs, and the
+box-accuracy claim is judged on like-for-like runs only."""
 
 from __future__ import annotations
 
@@ -20,13 +15,12 @@ import json
 
 import numpy as np
 
-from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset, gt_flags
 from detect.evaluation.bench import ratio_text, reference_index
-from detect.evaluation.coco import class_of_category
 from detect.evaluation.errors import ERROR_TYPES, error_breakdown
 from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
+from detect.evaluation.voc import detections_from_results
 from detect.report import figures
 from detect.report.render import Heading, Section, Table, Text
 from detect.report.runs import Run
@@ -39,20 +33,14 @@ FLOOR_AP50 = 0.05
 
 def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
     """The run's detections.json and the dataset's ground truth, image by image (dataset order)."""
-    classes = class_of_category(dataset.category_ids)
-    by_image: dict[int, list] = {}
-    for d in read_json(run.detections_path):
-        if d.get("category_id") in classes:
-            by_image.setdefault(d["image_id"], []).append(d)
+    detections = detections_from_results(dataset, read_json(run.detections_path))
+    none = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
     images = []
     for rec in dataset.records:
-        dets = by_image.get(rec.image_id, [])
-        boxes = xywh_to_xyxy(np.array([d["bbox"] for d in dets], np.float64).reshape(-1, 4))
+        d = detections.get(rec.image_id)
         gt_boxes = np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4)
         images.append(ImageBoxes(gt_boxes, np.asarray(rec.gt_classes), gt_flags(rec.gt_difficult, len(gt_boxes)),
-                                 np.asarray(boxes, np.float64),
-                                 np.array([d["score"] for d in dets], np.float64),
-                                 np.array([classes[d["category_id"]] for d in dets], np.int64)))
+                                 *(none if d is None else (d.boxes.numpy(), d.scores.numpy(), d.labels.numpy()))))
     return images
 
 
@@ -128,7 +116,7 @@ def _caveat(names: list[str]) -> str:
     return f" Not like for like: they differ in {', '.join(names)}." if names else ""
 
 
-def box_accuracy(runs: list[Run], dataset: Dataset, *, num_resamples: int = NUM_RESAMPLES) -> dict:
+def box_accuracy(runs: list[Run], dataset: Dataset) -> dict:
     """{"labels", "kinds", "bootstrap" (``bootstrap_ap``), "errors": [``error_breakdown``]} for
     the runs (reference first), on every image of ``dataset``."""
     ordered = reference_first(runs)
@@ -136,7 +124,7 @@ def box_accuracy(runs: list[Run], dataset: Dataset, *, num_resamples: int = NUM_
     k = len(dataset.class_names)
     tables = [match_images(im, k, (0.5, 0.75)) for im in images]
     return {"labels": [r.label for r in ordered], "kinds": [r.detector for r in ordered],
-            "bootstrap": bootstrap_ap(tables, num_resamples=num_resamples),
+            "bootstrap": bootstrap_ap(tables, num_resamples=NUM_RESAMPLES),
             "errors": [error_breakdown(im, k) for im in images], "num_images": len(dataset.records)}
 
 

@@ -1,19 +1,12 @@
 """Side-by-side reports of evaluated runs: ``detect compare RUN_DIR... --output-dir REPORT``.
 
-``make_report`` writes ``report.md`` (its figures saved beside it as PNG files) and
-``report.html`` (self-contained: inline CSS, figures embedded as base64 PNG ``data:`` URIs, no
-script, font or any other external URL; one relative link, to ``viewer.html`` beside it, the
-per-image viewer of ``detect.report.viewer``). Given the same runs, both files are identical apart
-from the one ``Generated:`` line, and the PNGs are byte-identical (fixed sizes and dpi,
-matplotlib's default style whatever the user's matplotlibrc says, no dates or software tag in
-the PNG metadata).
-
-The run folders it reads: ``detect.report.runs``.
-
-The detection grid loads the dataset named by the first run's ``data`` (or the ``data``
-argument) with ``detect.data.datasets.load_dataset`` and shows the first ``num_grid_images`` image ids
-(ascending) that have ground truth. Relative dataset paths are tried from the current folder,
-then from the run folder.
+``make_report`` writes ``report.md`` with its figures beside it as PNG files, and ``report.html``,
+self-contained (``detect.report.render``) but for one link to ``viewer.html``
+(``detect.report.viewer``). For the same runs both are identical apart from the ``Generated:``
+line, and the PNGs byte-identical (``detect.report.figures``, in matplotlib's default style
+whatever the user's matplotlibrc). The run folders it reads: ``detect.report.runs``. The detection
+grid shows the first ``num_grid_images`` image ids with ground truth of the dataset named by
+``data`` or the first run's metrics.json (relative paths: from the current folder, else the run's).
 """
 
 from __future__ import annotations
@@ -73,10 +66,6 @@ def _union(names) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _detector_name(kind: str) -> str:
-    return DETECTOR_NAMES.get(kind, kind)
-
-
 def _settings_text(settings: dict | None) -> str:
     if not settings:
         return "n/a"
@@ -95,7 +84,7 @@ def _own_proposal_recall(r: Run) -> str:
 
 
 def _runs_section(runs: list[Run]) -> Section:
-    rows = [[r.label, _detector_name(r.detector), r.backbone, r.device,
+    rows = [[r.label, DETECTOR_NAMES.get(r.detector, r.detector), r.backbone, r.device,
              _fmt(r.num_images, ""), _settings_text(r.test_settings),
              _own_proposal_recall(r), str(r.run_dir)] for r in runs]
     section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
@@ -114,7 +103,7 @@ def _runs_section(runs: list[Run]) -> Section:
 
 
 def _accuracy_section(runs: list[Run]) -> Section:
-    rows = [[r.label, _detector_name(r.detector), r.backbone]
+    rows = [[r.label, DETECTOR_NAMES.get(r.detector, r.detector), r.backbone]
             + [_fmt(r.coco[k]) for k in ACCURACY_COLUMNS] + [_fmt(r.voc_map.get(k)) for k in VOC_COLUMNS]
             for r in runs]
     section = Section([Heading("Accuracy (COCO box AP, VOC mAP)"),
@@ -136,10 +125,6 @@ def _accuracy_section(runs: list[Run]) -> Section:
     section.add_figure("per_class_ap.png", figures.per_class_ap_bars(runs, class_names),
                        "Per-class AP (IoU 0.50:0.95), one bar per run.")
     return section
-
-
-def _findings_section(runs: list[Run], acc: dict | None, bench: dict | None) -> Section:
-    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench, *like_for_like(runs))])
 
 
 def _ratio_text(r: dict) -> str:
@@ -322,18 +307,13 @@ def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset
 
 def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_images: int) -> Section:
     section = Section([Heading("Detections")])
-    if num_images <= 0:
-        section.blocks.append(Text("Detection grid: not requested."))
-        return section
-    if dataset is None:
-        section.blocks.append(Text(f"Detection grid: not available ({reason})."))
-        return section
-    records = sorted((r for r in dataset.records if len(r.gt_boxes) > 0), key=lambda r: r.image_id)
-    records = records[:num_images]
+    records = [] if num_images <= 0 or dataset is None else sorted(
+        (r for r in dataset.records if len(r.gt_boxes) > 0), key=lambda r: r.image_id)[:num_images]
     if not records:
-        section.blocks.append(Text("Detection grid: not available (no image with ground truth)."))
+        why = ("not requested" if num_images <= 0 else f"not available ({reason})" if dataset is None
+               else "not available (no image with ground truth)")
+        section.blocks.append(Text(f"Detection grid: {why}."))
         return section
-
     image_ids = {r.image_id for r in records}
     classes = class_of_category(dataset.category_ids)
     detections_per_run = [_grid_detections(run, image_ids, classes) for run in runs]
@@ -427,7 +407,9 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
-        sections = [_findings_section(runs, acc, bench_result), _runs_section(runs), _accuracy_section(runs),
+        opening = Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench_result,
+                                                                                   *like_for_like(runs))])
+        sections = [opening, _runs_section(runs), _accuracy_section(runs),
                     explained_section(runs, acc), _speed_section(runs, bench_result),
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]
