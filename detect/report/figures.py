@@ -1,12 +1,8 @@
-"""The report's figures, as PNG bytes: per-class AP, precision-recall, proposal recall, the
-detection grid, AP against IoU, the error breakdown, stage times, speed against accuracy, the
-proposal sweep, and ``detect tune-proposals``' recall against boxes and seconds.
+"""The figures of ``detect compare`` and ``detect tune-proposals``, as PNG bytes.
 
-Figures are built with ``matplotlib.figure.Figure`` directly: no pyplot, so no global figure
-state and no backend switch in the caller's process. Bytes are stable for the same inputs:
-fixed sizes and dpi, and no software tag or date in the PNG metadata (``detect.report.sections``
-also pins matplotlib's default style). Each run keeps one colour (``run.color``) in every figure.
-Boxes are xyxy pixels of the original image.
+Built on ``matplotlib.figure.Figure``, no pyplot (no global state, no backend switch). The bytes
+are stable for the same inputs: fixed sizes and dpi, no software tag or date in the metadata.
+Each run keeps one colour (``run.color``) in every figure. Boxes are xyxy original-image pixels.
 """
 
 from __future__ import annotations
@@ -239,8 +235,7 @@ def stage_bars(runs: list[Run], stages: list[str]) -> bytes:
     left = np.zeros(len(runs))
     for j, stage in enumerate(stages):
         widths = np.array([r.timing_ms.get(stage, 0.0) for r in runs])
-        color = cmap(j % 20)
-        ax.barh(np.arange(len(runs)), widths, left=left, label=stage, color=color)
+        ax.barh(np.arange(len(runs)), widths, left=left, label=stage, color=cmap(j % 20))
         left += widths
     ax.set_yticks(np.arange(len(runs)), [r.label for r in runs])
     ax.set_xlabel("ms per image (median), stacked by stage")
@@ -282,15 +277,12 @@ def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
     fig = _figure(9.0, 3.8)
     ax_ap, ax_t = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for kind, runs in sweeps.items():
-        # 0 = all proposals: drawn at the right end, past the largest k
         ks = [r.test_settings.get("proposal_top_k", 0) for r in runs]
-        largest = max(ks)
-        xs = [k if k else largest * 2 for k in ks]
+        xs = [k if k else max(ks) * 2 for k in ks]  # 0 = all proposals: at the right end, past the largest k
         order = np.argsort(xs)
         xs = [xs[i] for i in order]
-        color = runs[0].color
-        ax_ap.plot(xs, [runs[i].coco["AP50"] or 0.0 for i in order], "o-", color=color, label=kind)
-        ax_t.plot(xs, [runs[i].test_ms for i in order], "o-", color=color, label=kind)
+        ax_ap.plot(xs, [runs[i].coco["AP50"] or 0.0 for i in order], "o-", color=runs[0].color, label=kind)
+        ax_t.plot(xs, [runs[i].test_ms for i in order], "o-", color=runs[0].color, label=kind)
     for ax, label in ((ax_ap, "AP50"), (ax_t, "detector ms per image")):
         ax.set(xscale="log", xlabel="proposals per image (top-k; rightmost: all)", ylabel=label)
         ax.grid(alpha=0.3)

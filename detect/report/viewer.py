@@ -1,27 +1,19 @@
 """The per-image viewer of ``detect compare``: ``viewer.html`` beside ``report.html``.
 
-For every image of the dataset it shows the runs side by side (the reference first, as in
-the report), the ground truth on each, and every detection coloured by its type in the
-report's error breakdown (``detect.evaluation.errors.classify_detections``: COCO matching at
-IoU 0.5, then TIDE's types). A ground-truth box is drawn as missed when no detection shown
-(above the score threshold) is its true positive or its classification or localisation
-error, which at the lowest threshold is the breakdown's "missed". Controls: the score
-threshold, a class filter, the sort (per-image AP50 difference to the reference, number of
-misses, file name) and the proposals each run used (its top-k, at most ``MAX_PROPOSALS``),
-with the ground truth none of them covers at IoU ``COVER_IOU`` highlighted. The state is kept
-in the URL's fragment (``viewer.html#sort=d1&t=0.3&props=1``), so a view can be linked.
+Every image of the dataset, the runs side by side (the reference first), the ground truth on
+each and every detection coloured by its type in the error breakdown
+(``detect.evaluation.errors.classify_detections``); a gt box is drawn as missed when no detection
+above the score threshold is its true positive or its classification or localisation error.
+Controls: the score threshold, a class filter, the sort (per-image AP50 difference to the
+reference, ``detect.evaluation.errors.per_image_ap50``, images without gt last; misses; file
+name) and each run's proposals (its top-k, at most ``MAX_PROPOSALS``; gt none covers at IoU
+``COVER_IOU`` highlighted). The state is kept in the URL's fragment (``viewer.html#sort=d1&t=0.3``).
 
-Offline and self-contained: no external URL, no CDN; the page is ``viewer_template.html``
-(CSS and vanilla JavaScript) with the data inlined. Images are downscaled to ``VIEW_SIZE``
-pixels on their longer side (JPEG). Up to ``EMBED_MAX_IMAGES`` images, everything is embedded
-in viewer.html. Beyond that, viewer.html holds only an index of the images (file name,
-size, per-run AP50 and misses, classes: about 105 bytes plus the file name per image, 0.67 MB
-for 5,000 COCO-named images, under ``INDEX_MAX_BYTES``: ``tests/test_viewer.py``), and each image's
-JPEG and boxes are files in ``viewer/``, referenced relatively and loaded only when their
-page (``PAGE_SIZE`` images) is shown.
-
-Per-image AP50 (``detect.evaluation.errors.per_image_ap50``) is the mean over the classes
-with ground truth in that image; an image without ground truth has none and sorts last.
+Offline: ``viewer_template.html`` (CSS and vanilla JavaScript) with the data inlined; images as
+JPEGs of ``VIEW_SIZE`` px on the longer side. Up to ``EMBED_MAX_IMAGES`` images everything is
+embedded; beyond, viewer.html holds an index (about 105 bytes plus the file name per image,
+under ``INDEX_MAX_BYTES`` at 5,000 images) and each image's JPEG and boxes are files in
+``viewer/``, loaded when their page (``PAGE_SIZE`` images) is shown.
 """
 
 from __future__ import annotations
