@@ -72,31 +72,25 @@ def environment() -> dict:
 
 def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord], *,
                     get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
-                    load_image: Callable[[str], np.ndarray] = read_image,
-                    propose: Callable[[np.ndarray], np.ndarray] | None = None,
                     progress: bool = True) -> dict:
     """Run every detector on every record, interleaved; per-image stage times after warm-up.
 
-    Proposals, once per image for all: ``get_proposals(image_id)`` (a store) or ``propose(image)``
-    (default: selective search with the first detector's settings). Returns {"proposals": [ms],
-    "num_proposals": [R], "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards).
+    Proposals, once per image for all: ``get_proposals(image_id)`` (a store), else selective
+    search with the first detector's settings. Returns {"proposals": [ms], "num_proposals": [R],
+    "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards).
     """
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if len(records) <= warmup:
         raise ValueError(f"{len(records)} image(s) but warm-up takes {warmup}: nothing left to time")
-    if propose is None:
-        settings = detectors[0].proposal_settings
-
-        def propose(image):
-            return selective_search(image, **settings)
+    settings = detectors[0].proposal_settings
     proposal_ms: list[float] = []
     num_proposals: list[int] = []
     per_detector: list[list[dict[str, float]]] = [[] for _ in detectors]
     for i, rec in enumerate(tqdm(records, desc="bench", unit="img", disable=not progress, dynamic_ncols=True)):
-        image = load_image(rec.file_name)
+        image = read_image(rec.file_name)
         t0 = time.perf_counter()
-        proposals = get_proposals(rec.image_id) if get_proposals is not None else propose(image)
+        proposals = get_proposals(rec.image_id) if get_proposals is not None else selective_search(image, **settings)
         prop_ms = (time.perf_counter() - t0) * 1e3
         stages = []
         for det in detectors:
