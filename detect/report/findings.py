@@ -136,10 +136,6 @@ def _interval(d: dict) -> str:
     return f"{_pts(d['value'])} (95% CI {_pts(d['lo'])} to {_pts(d['hi'])})"
 
 
-def _significant(d: dict) -> bool:
-    return d["lo"] > 0 or d["hi"] < 0
-
-
 def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, unknown: list[str] = ()) -> list[str]:
     """The report's opening sentences from ``box_accuracy``'s and ``detect bench``'s numbers and
     ``like_for_like``'s differences (``differ``) and unchecked items (``unknown``)."""
@@ -152,15 +148,14 @@ def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, u
         out.append("Not checked, as not every run folder records it (metrics.json, config.yaml): "
                    + ", ".join(unknown) + ".")
     if acc is not None and len(acc["labels"]) >= 2:
-        boot, labels = acc["bootstrap"], acc["labels"]
-        ref = labels[0]
+        boot, labels, ref = acc["bootstrap"], acc["labels"], acc["labels"][0]
         for i in range(1, len(labels)):
             for thr, name in ((0.5, "loose IoU (AP50)"), (0.75, "strict IoU (AP75)")):
                 d = boot["diff_to_first"][i][thr]
-                a, b = boot["ap"][i][thr], boot["ap"][0][thr]
-                head = f"At {name}, {labels[i]} scores {_interval(a)} and {ref} {_interval(b)}: "
-                if _significant(d):
-                    better, worse = (labels[i], ref) if d["value"] > 0 else (ref, labels[i])
+                head = (f"At {name}, {labels[i]} scores {_interval(boot['ap'][i][thr])} and {ref} "
+                        f"{_interval(boot['ap'][0][thr])}: ")
+                if d["lo"] > 0 or d["hi"] < 0:  # the interval excludes 0
+                    better = labels[i] if d["value"] > 0 else ref
                     head += f"{better} is more accurate by {_pts(abs(d['value']))} points (difference {_interval(d)})."
                 else:
                     head += f"no significant difference (difference {_interval(d)}, the interval contains 0)."
@@ -171,10 +166,8 @@ def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, u
     if bench is not None:
         # A speed ratio depends on the backbones and on the bench's own cut (its proposals are shared).
         top_k = {e["name"]: (e.get("test_settings") or {}).get("proposal_top_k") for e in bench["detectors"]}
-        for d in bench["detectors"]:
-            r = d.get("ratio_to_reference")
-            if not r:
-                continue
+        for d in (d for d in bench["detectors"] if d.get("ratio_to_reference")):
+            r = d["ratio_to_reference"]
             flop = (f"; it needs {d['flops_ratio_to_reference']:.2f}x the FLOPs"
                     if "flops_ratio_to_reference" in d else "")
             apart = (["backbone"] * ("backbone" in differ)
