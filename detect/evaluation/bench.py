@@ -38,9 +38,7 @@ END_TO_END = "end_to_end"  # proposals + detector
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """Median, p10 and p90 (numpy's linear interpolation) and the count of ``values``."""
     v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {"median": float("nan"), "p10": float("nan"), "p90": float("nan"), "n": 0}
-    p10, p50, p90 = np.percentile(v, [10, 50, 90])
+    p10, p50, p90 = np.percentile(v, [10, 50, 90]) if v.size else (np.nan,) * 3
     return {"median": float(p50), "p10": float(p10), "p90": float(p90), "n": int(v.size)}
 
 
@@ -109,9 +107,7 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
 
 def reference_index(kinds: Sequence[str]) -> int:
     """The detector ratios are taken against: Fast R-CNN when R-CNN is also there, else the first."""
-    if "rcnn" in kinds and "fast_rcnn" in kinds:
-        return list(kinds).index("fast_rcnn")
-    return 0
+    return list(kinds).index("fast_rcnn") if "rcnn" in kinds and "fast_rcnn" in kinds else 0
 
 
 def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000,

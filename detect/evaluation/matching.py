@@ -162,9 +162,7 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
 
     def interval(values: np.ndarray, value: float) -> dict:
         values = values[np.isfinite(values)]
-        if not values.size:
-            return {"value": float(value), "lo": float("nan"), "hi": float("nan")}
-        lo, hi = np.percentile(values, [a, 100 - a])
+        lo, hi = np.percentile(values, [a, 100 - a]) if values.size else (np.nan, np.nan)
         return {"value": float(value), "lo": float(lo), "hi": float(hi)}
 
     ap = [{thr: interval(samples[i, :, t], point[i, t]) for t, thr in enumerate(thresholds)}

@@ -118,9 +118,8 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
 
 
 def timing_lists(per_image: list[dict[str, float]], warmup: int = TIMING_WARMUP) -> dict:
-    """metrics.json's per-image timings: every image's ms per stage (0 where an image skipped a
-    stage), and per-stage medians over the images after ``warmup`` (all of them when there are
-    no more than ``warmup``)."""
+    """metrics.json's per-image timings: every image's ms per stage (0 where it skipped one) and
+    per-stage medians over the images after ``warmup`` (all, when there are no more)."""
     stages = list(dict.fromkeys(s for st in per_image for s in st))
     lists = {s: [st.get(s, 0.0) for st in per_image] for s in stages}
     skip = warmup if len(per_image) > warmup else 0
@@ -159,8 +158,7 @@ def score_results_file(dataset: Dataset, results_path: Path, output_dir: Path, *
             raise
         raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
     if isinstance(results, list):  # evaluate_coco checked every entry
-        voc = evaluate_voc_metrics(dataset, detections_from_results(dataset, results))
-        metrics.update(voc)
+        metrics.update(evaluate_voc_metrics(dataset, detections_from_results(dataset, results)))
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
     return metrics

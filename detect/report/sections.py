@@ -239,8 +239,7 @@ def _pr_section(runs: list[Run]) -> Section:
     with_pr = [r for r in runs if r.pr_recall is not None and r.pr_precision]
     missing = [r.label for r in runs if r.pr_recall is None or not r.pr_precision]
     if missing:
-        section.blocks.append(Text("Precision-recall curve not available for: "
-                                   + ", ".join(missing) + "."))
+        section.blocks.append(Text("Precision-recall curve not available for: " + ", ".join(missing) + "."))
     if not with_pr:
         return section
     section.add_figure("pr_overall.png", figures.pr_overall(with_pr), "All classes (mean precision over "
@@ -254,13 +253,11 @@ def _pr_section(runs: list[Run]) -> Section:
 def _proposal_section(runs: list[Run]) -> Section:
     section = Section([Heading("Proposal recall")])
     # Runs that share one proposal store report the same figures: show each distinct set once.
-    groups: list[tuple[list[Run], dict]] = []
-    for r in (r for r in runs if r.proposal_recall is not None):
-        match = next((g for g in groups if g[1] == r.proposal_recall), None)
-        if match:
-            match[0].append(r)
-        else:
-            groups.append(([r], r.proposal_recall))
+    distinct: list[dict] = []
+    for r in runs:
+        if r.proposal_recall is not None and r.proposal_recall not in distinct:
+            distinct.append(r.proposal_recall)
+    groups = [([r for r in runs if r.proposal_recall == recall], recall) for recall in distinct]
     missing = [r.label for r in runs if r.proposal_recall is None]
     if missing:
         section.blocks.append(Text("Proposal recall not available for: " + ", ".join(missing) + "."))
@@ -268,11 +265,8 @@ def _proposal_section(runs: list[Run]) -> Section:
         return section
     labels = [", ".join(r.label for r in members) for members, _ in groups]
     metrics = [k for k in ("recall@0.5", "recall@0.7", "AR", "MABO") if any(k in g for _, g in groups)]
-    rows = []
-    for label, (_, recall) in zip(labels, groups):
-        for i, top_k in enumerate(recall["top_k"]):
-            rows.append([label, f"{top_k:.0f}"] + [_fmt(recall[k][i]) if k in recall else "n/a"
-                                                   for k in metrics])
+    rows = [[label, f"{top_k:.0f}"] + [_fmt(recall[k][i]) if k in recall else "n/a" for k in metrics]
+            for label, (_, recall) in zip(labels, groups) for i, top_k in enumerate(recall["top_k"])]
     section.blocks.append(Table(["runs", "proposals per image", *metrics], rows))
     png = figures.proposal_recall(labels, [members[0].color for members, _ in groups], [g for _, g in groups])
     section.add_figure("proposal_recall.png", png, "Recall of ground-truth boxes by the top-k proposals "
@@ -287,14 +281,12 @@ def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset
     a failure there (the dataset lives on another machine, say) only skips the grid.
     """
     explicit = data is not None
-    run_dir = None
     if data is None:
         owner = next((r for r in runs if r.data and r.data.get("path")), None)
         if owner is None:
             return None, "no \"data\" in metrics.json; pass --data"
-        data, run_dir = owner.data, owner.run_dir
-    if run_dir is not None:  # relative paths: from the current folder, else from the run folder
-        data = {**data, **{k: resolve_path(data[k], run_dir) for k in ("path", "images") if data.get(k)}}
+        data = {**owner.data, **{k: resolve_path(owner.data[k], owner.run_dir)  # from ".", else the run folder
+                                 for k in ("path", "images") if owner.data.get(k)}}
     try:
         return load_dataset(data.get("format", "coco"), data["path"], data.get("images", ""),
                             data.get("split", ""), classes=data.get("classes") or None), ""
