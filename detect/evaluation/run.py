@@ -71,8 +71,7 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None, 
 
 
 def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Path, *, store=None,
-                      name: str = "", data_spec: dict | None = None, train_time_s: float | None = None,
-                      progress: bool = True) -> dict:
+                      name: str = "", data_spec: dict | None = None, train_time_s: float | None = None) -> dict:
     """Run ``detector`` over ``dataset``, write detections.json and metrics.json, return metrics."""
     output_dir = Path(output_dir)
     device = detector.device
@@ -80,8 +79,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     per_image: list[dict[str, float]] = []
     t0 = time.perf_counter()
     skipped: list[dict] = []
-    detections = run_detector(detector, dataset.records, store=store, progress=progress,
-                              per_image_ms=per_image, skipped=skipped)
+    detections = run_detector(detector, dataset.records, store=store, per_image_ms=per_image, skipped=skipped)
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
         return {}

@@ -60,8 +60,7 @@ def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
         positions = x - 0.4 + width * (i + 0.5)  # [K]
         ax.bar(positions, values, width, color=run.color, label=run.label)
         for position in positions[np.isnan(values)]:  # no ground truth or not measured
-            ax.text(position, 0.005, "n/a", rotation=90, ha="center", va="bottom", fontsize=7,
-                    color=run.color)
+            ax.text(position, 0.005, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color=run.color)
     rotate = num_classes > 6 or max(len(c) for c in class_names) > 10
     ax.set_xticks(x, class_names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
     ax.set(xlim=(-0.6, num_classes - 0.4), ylim=(0, min(1.0, top * 1.2 + 0.02)), ylabel="AP (IoU 0.50:0.95)")

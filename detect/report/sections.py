@@ -42,9 +42,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "n/a"
-    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+    return "n/a" if ms is None else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
 
 
 def _fmt_ratio(ratio: float) -> str:
@@ -322,12 +320,9 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
 
 def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
                      ) -> dict[int, list[tuple[float, int, tuple[float, float, float, float]]]] | None:
-    """A run's detections on ``image_ids``: image id -> [(score, class 1..K, xyxy)], best first.
-
-    Entries with score < GRID_SCORE_THRESH are dropped; malformed entries and unknown category
-    ids are counted and reported with one warning. None when the run has no usable
-    detections.json.
-    """
+    """A run's detections on ``image_ids`` with score >= ``GRID_SCORE_THRESH``: image id ->
+    [(score, class 1..K, xyxy)], best first; malformed entries and unknown category ids are
+    counted in one warning. None when the run has no usable detections.json."""
     if run.detections_path is None:
         return None
     try:
@@ -358,10 +353,7 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
     if malformed or unknown:
         warn(f"{run.detections_path}: skipped {malformed} malformed entries and {unknown} with a "
               "category id not in the dataset")
-    for image_id, dets in by_image.items():
-        dets.sort(key=lambda d: -d[0])  # stable: ties keep file order
-        by_image[image_id] = dets[:GRID_MAX_DETECTIONS]
-    return by_image
+    return {i: sorted(dets, key=lambda d: -d[0])[:GRID_MAX_DETECTIONS] for i, dets in by_image.items()}  # stable
 
 
 def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None = None,
@@ -369,12 +361,10 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
                 bench: str | Path | None = None, proposals: str = "") -> tuple[Path, Path]:
     """Compare the runs in ``run_dirs``; write ``report.md`` + PNGs and ``report.html``.
 
-    ``data``: {"format", "path", "images", "split"} of the dataset for the detection grid
-    (default: the first run's metrics.json "data"). ``timestamp`` is the report's one varying
-    line (default: now, UTC). ``bench``: a bench.json (``detect bench``) whose medians and
-    ratio intervals replace the runs' own timings. ``viewer.html`` (``detect.report.viewer``;
-    ``proposals``: the store it draws, default each run's own) is written beside the report
-    when every run has a detections.json and the dataset loads. Returns (md_path, html_path).
+    ``data``: {"format", "path", "images", "split"} of the dataset (default: the first run's);
+    ``timestamp``: the one varying line (default: now, UTC); ``bench``: a bench.json whose
+    medians and intervals replace the runs' timings; ``proposals``: the store the viewer draws
+    (default: each run's own). Returns (md_path, html_path).
     """
     if not run_dirs:
         raise ValueError("no run folders given")
@@ -387,10 +377,10 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
     bench_result = load_bench(bench) if bench else None
     if bench_result is not None and not apply_bench(runs, bench_result):
         warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
-    want_data = num_grid_images > 0 or all(r.detections_path for r in runs)
-    dataset, reason = _grid_dataset(runs, data) if want_data else (None, "")
+    with_detections = all(r.detections_path for r in runs)
+    dataset, reason = _grid_dataset(runs, data) if num_grid_images > 0 or with_detections else (None, "")
     acc = None
-    if dataset is not None and all(r.detections_path for r in runs):
+    if dataset is not None and with_detections:
         try:
             acc = box_accuracy(runs, dataset)
         except (KeyError, TypeError, ValueError) as e:

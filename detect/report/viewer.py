@@ -126,10 +126,8 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
         ap50.append(per_image_ap50(dets, images, num_classes))
         misses.append(np.bincount([i for i, _ in missed], minlength=n).tolist())
     stores, store_of_run = _stores(ordered, dataset, proposals)
-    top_ks = []
-    for run in ordered:
-        k = int((run.test_settings or {}).get("proposal_top_k", 0))
-        top_ks.append(min(k, MAX_PROPOSALS) if k > 0 else MAX_PROPOSALS)
+    top_ks = [min(k, MAX_PROPOSALS) if k > 0 else MAX_PROPOSALS
+              for k in (int((r.test_settings or {}).get("proposal_top_k", 0)) for r in ordered)]
     store_k = [max(k for k, s in zip(top_ks, store_of_run) if s == j) for j in range(len(stores))]
 
     files = [r.file_name for r in dataset.records]
@@ -192,7 +190,6 @@ def write_viewer(runs: list[Run], dataset: Dataset, output_dir: str | Path, *, p
         partial.rename(folder)
     if unreadable:
         warn(f"viewer: {unreadable} unreadable image(s) shown as grey frames")
-    page = TEMPLATE.read_text(encoding="utf-8").replace("__VIEWER_DATA__", _script_json(data))
     path = output_dir / "viewer.html"
-    write_text_atomic(path, page)
+    write_text_atomic(path, TEMPLATE.read_text(encoding="utf-8").replace("__VIEWER_DATA__", _script_json(data)))
     return path
