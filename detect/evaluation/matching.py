@@ -169,8 +169,6 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
           for i in range(len(tables))]
     diffs = [None] + [{thr: interval(samples[i, :, t] - samples[0, :, t], point[i, t] - point[0, t])
                        for t, thr in enumerate(thresholds)} for i in range(1, len(tables))]
-    # The drop from the first threshold to the last (AP50 - AP75: how much AP needs tight boxes),
-    # per detector and its difference to the first detector's drop.
     drop, drop_point = samples[..., 0] - samples[..., -1], point[:, 0] - point[:, -1]  # [N, R], [N]
     drops = [interval(drop[i], drop_point[i]) for i in range(len(tables))]
     drop_diffs = [None] + [interval(drop[i] - drop[0], drop_point[i] - drop_point[0]) for i in range(1, len(tables))]

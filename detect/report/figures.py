@@ -42,10 +42,6 @@ def _png(fig: MplFigure) -> bytes:
     return buf.getvalue()
 
 
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else value
-
-
 def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
     """Per-class AP, one bar per run, grouped by class."""
     num_classes, num_runs = len(class_names), len(runs)
@@ -55,7 +51,7 @@ def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
     width = 0.8 / num_runs
     top = 0.0
     for i, run in enumerate(runs):
-        values = np.array([_nan(run.per_class_ap.get(c)) for c in class_names])  # [K]
+        values = np.array([run.per_class_ap.get(c) for c in class_names], dtype=float)  # [K], None: NaN
         top = max(top, np.nanmax(values, initial=0.0))
         positions = x - 0.4 + width * (i + 0.5)  # [K]
         ax.bar(positions, values, width, color=run.color, label=run.label)
@@ -158,11 +154,8 @@ def _draw_box(ax, box, text: str, color: str, image_height: int) -> None:
 
 def detection_grid(records: list[ImageRecord], class_names: list[str], runs: list[Run],
                    detections_per_run: list[dict[int, list] | None]) -> bytes:
-    """Rows: images; columns: ground truth, then each run's detections.
-
-    ``detections_per_run[j]`` maps image id -> [(score, class 1..K, xyxy box)] for run j, or is
-    None when the run has no detections file (its cells say so).
-    """
+    """Rows: images; columns: ground truth, then each run's detections (``detections_per_run[j]``:
+    image id -> [(score, class 1..K, xyxy box)], None when run j has no detections file)."""
     ncols = 1 + len(runs)
     ratios = [min(max(r.height / max(r.width, 1), 0.4), 1.6) for r in records]  # [N] h / w
     fig = _figure(GRID_CELL_INCHES * ncols, sum(GRID_CELL_INCHES * q + 0.35 for q in ratios))

@@ -104,11 +104,10 @@ def _script_json(value) -> str:
 
 
 def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tuple[dict, list[dict]]:
-    """The viewer's index (``{"runs", "classes", "types", "colors", ...,"images": [...]}``, one
-    entry per dataset image, in dataset order) and each image's boxes (xyxy pixels of the
-    original image, rounded): ``{"gt": [[x1, y1, x2, y2, class, ignored]], "det": per run
-    [[x1, y1, x2, y2, class, score, type index, gt index or -1]], "prop": per store [[x1, y1,
-    x2, y2]], "cover": per store [rank of the first proposal covering each gt box, or -1]}``."""
+    """The viewer's index ({"runs", "classes", "types", "colors", ..., "images": one entry per
+    image, in dataset order}) and each image's boxes (rounded xyxy pixels): {"gt": [[x1, y1, x2,
+    y2, class, ignored]], "det": per run [[x1, y1, x2, y2, class, score, type index, gt index or
+    -1]], "prop": per store [[x1, y1, x2, y2]], "cover": per store [first covering rank or -1]}."""
     ordered = reference_first(runs)
     num_classes = len(dataset.class_names)
     n = len(dataset.records)
@@ -159,9 +158,8 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
 
 def write_viewer(runs: list[Run], dataset: Dataset, output_dir: str | Path, *, proposals: str = "",
                  embed_max: int = EMBED_MAX_IMAGES, progress: bool = True) -> Path:
-    """Write ``output_dir/viewer.html`` (and ``output_dir/viewer/`` beyond ``embed_max``
-    images) for the runs on ``dataset``; returns its path. ``proposals``: a store for every
-    run instead of their own."""
+    """Write ``output_dir/viewer.html`` (and ``viewer/`` beyond ``embed_max`` images); returns its
+    path. ``proposals``: a store for every run instead of their own."""
     output_dir = Path(output_dir)
     data, boxes = viewer_data(runs, dataset, proposals=proposals)
     embed = len(dataset.records) <= embed_max
