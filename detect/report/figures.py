@@ -283,10 +283,9 @@ def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
 
 
 def proposal_tuning(result: dict) -> bytes:
-    """``detect tune-proposals``: recall against boxes per image (left: the budgets of each
-    measured search, at its best min size and ranking) and against seconds per image (right:
-    one point per measured search, hollow: every search on the probe images); the target as a
-    dashed line, the chosen setting as a star."""
+    """``detect tune-proposals``: recall against boxes per image (each measured search's budgets at
+    its best min size and ranking) and seconds per image (one point per measured search, hollow:
+    every search on the probe images); the target dashed, the chosen setting a star."""
     fig = _figure(11.0, 4.4)
     ax_boxes, ax_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     metric, target = result["metric"], result["target"]["recall"]

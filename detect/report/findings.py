@@ -26,9 +26,7 @@ from detect.report.render import Heading, Section, Table, Text
 from detect.report.runs import Run
 
 NUM_RESAMPLES = 1000
-# An AP50 whose 95% interval reaches below this is near zero: its drop to AP75 is bounded by
-# the AP50 itself, so a smaller drop there says nothing about the boxes.
-FLOOR_AP50 = 0.05
+FLOOR_AP50 = 0.05  # an AP50 whose interval reaches below this bounds its own drop to AP75
 
 
 def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:

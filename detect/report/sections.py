@@ -273,11 +273,8 @@ def _proposal_section(runs: list[Run]) -> Section:
 
 
 def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset | None, str]:
-    """The dataset of the detection grid, or None and the reason why not.
-
-    ``data`` given (``--data``): a load failure is an error. Otherwise the first run's "data":
-    a failure there (the dataset lives on another machine, say) only skips the grid.
-    """
+    """The grid's dataset, or None and why not. A load failure is an error for ``data``
+    (``--data``) and only skips the grid for the first run's "data" (on another machine, say)."""
     explicit = data is not None
     if data is None:
         owner = next((r for r in runs if r.data and r.data.get("path")), None)
