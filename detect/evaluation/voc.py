@@ -115,7 +115,7 @@ def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, 
     for image_id, entries in grouped.items():
         boxes = xywh_to_xyxy(np.array([e["bbox"] for e in entries], np.float64))  # [D, 4]
         out[image_id] = Detections(torch.from_numpy(boxes),
-                                   torch.tensor([float(e["score"]) for e in entries], dtype=torch.float64),
+                                   torch.from_numpy(np.array([e["score"] for e in entries], np.float64)),
                                    torch.tensor([class_of[e["category_id"]] for e in entries]))
     return out
 
