@@ -52,8 +52,7 @@ def ratio_of_medians(numer: Sequence[float], denom: Sequence[float], *, num_resa
     if a.size == 0:
         return {"ratio": float("nan"), "lo": float("nan"), "hi": float("nan")}
     ratio = float(np.median(a) / np.median(b))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(num_resamples, a.size))
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(num_resamples, a.size))
     boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
     alpha = (1.0 - level) / 2
     lo, hi = np.percentile(boot, [100 * alpha, 100 * (1 - alpha)])

@@ -86,10 +86,10 @@ def per_image_ap50(dets: list[dict], images: list[ImageBoxes], num_classes: int)
 
 
 def _fix(dets: list[dict], error: str, images: list[ImageBoxes]) -> list[dict]:
-    if error in ("both", "duplicate", "background"):
-        return [e for e in dets if e["type"] != error]
-    taken = {e["target"] for e in dets if e["type"] == "tp"}
     fixed = [e for e in dets if e["type"] != error]
+    if error in ("both", "duplicate", "background"):
+        return fixed
+    taken = {e["target"] for e in dets if e["type"] == "tp"}
     for e in sorted((e for e in dets if e["type"] == error), key=lambda e: -e["score"]):
         if e["target"] in taken:
             continue  # the box is taken: the fixed detection would be a duplicate, so it goes

@@ -58,9 +58,7 @@ def _schedule(run: Run) -> str | None:
     else:
         rois = t.get("images_per_batch", 0) * t.get("rois_per_image", 0) or None
         steps = (t.get("max_iter"), rois, t.get("lr"), t.get("steps"))
-    if None in steps:
-        return None
-    return f"{steps[0]} iterations of {steps[1]} RoIs at lr {steps[2]}, steps {steps[3]}"
+    return None if None in steps else f"{steps[0]} iterations of {steps[1]} RoIs at lr {steps[2]}, steps {steps[3]}"
 
 
 def _setup(run: Run) -> dict:

@@ -62,9 +62,8 @@ def warn(message: str) -> None:
 def resolve_path(path: str, run_dir: Path) -> str:
     """A path a run folder names: as given when it exists from the current folder (or is
     absolute), else from ``run_dir`` when it exists there."""
-    if not Path(path).is_absolute() and not Path(path).exists() and (run_dir / path).exists():
-        return str(run_dir / path)
-    return path
+    from_run_dir = not Path(path).is_absolute() and not Path(path).exists() and (run_dir / path).exists()
+    return str(run_dir / path) if from_run_dir else path
 
 
 @dataclass(eq=False)
@@ -118,16 +117,12 @@ def _number(value, where: str, path: Path, *, minus_one_is_na: bool = False) -> 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{path}: key '{where}' should be a number, got {value!r}")
     value = float(value)
-    if math.isnan(value) or (minus_one_is_na and value < 0):
-        return None
-    return value
+    return None if math.isnan(value) or (minus_one_is_na and value < 0) else value
 
 
 def _mapping(m: dict, key: str, path: Path) -> dict | None:
     value = m.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
+    if value is not None and not isinstance(value, dict):
         raise ValueError(f"{path}: key '{key}' should be an object, got {type(value).__name__}")
     return value
 

@@ -116,10 +116,8 @@ def _accuracy_section(runs: list[Run]) -> Section:
     if not class_names:
         section.blocks.append(Text("Per-class AP: not available (no per_class_AP in metrics.json)."))
         return section
-    header = ["class"] + [f"{r.label} {k}" for r in runs for k in ("AP", "AP50")]
-    rows = [[c] + [_fmt(d.get(c)) for r in runs for d in (r.per_class_ap, r.per_class_ap50)]
-            for c in class_names]
-    section.blocks.append(Table(header, rows))
+    rows = [[c] + [_fmt(d.get(c)) for r in runs for d in (r.per_class_ap, r.per_class_ap50)] for c in class_names]
+    section.blocks.append(Table(["class"] + [f"{r.label} {k}" for r in runs for k in ("AP", "AP50")], rows))
     section.add_figure("per_class_ap.png", figures.per_class_ap_bars(runs, class_names),
                        "Per-class AP (IoU 0.50:0.95), one bar per run.")
     return section
