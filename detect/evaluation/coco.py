@@ -99,10 +99,9 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
     "category_id", "bbox": [x, y, w, h], "score"}`` or a JSON file of one. Only the images of
     ``coco_gt`` count. The inputs are not modified (the traps above, a missing ``area`` = w * h and
     ``iscrowd`` = 0 are handled on copies); malformed input raises ValueError naming the file and
-    entry. Returns the ``COCO_KEYS``, "per_class_AP" and "per_class_AP50" ({name: AP}), "pr_curve_50"
-    ({"recall": [101], "precision": {"all": [101], name: [101]}}: IoU 0.5, all areas, 100
-    detections; "all" is the mean over classes with gt), "ap_per_iou" ({"iou": [10], "AP": [10]}),
-    "num_images" and "num_detections".
+    entry. Returns the ``COCO_KEYS``, "per_class_AP", "per_class_AP50", "pr_curve_50" (IoU 0.5, all
+    areas, 100 detections; "all": the mean over classes with gt) and "ap_per_iou" as metrics.json
+    holds them (``detect.report.runs``), "num_images" and "num_detections".
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval

@@ -76,9 +76,8 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     output_dir = Path(output_dir)
     device = detector.device
     reset_peak_memory(device)
-    per_image: list[dict[str, float]] = []
+    per_image, skipped = [], []  # {stage: ms} per image; unreadable images
     t0 = time.perf_counter()
-    skipped: list[dict] = []
     detections = run_detector(detector, dataset.records, store=store, per_image_ms=per_image, skipped=skipped)
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
@@ -87,7 +86,6 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     results = coco_results(dataset, detections)
     write_json_atomic(output_dir / "detections.json", results, indent=None)
     m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
-    voc = evaluate_voc_metrics(dataset, detections)
     timings, recall = timing_lists(per_image), None
     if store is not None:  # also at the detector's own top-k (0: all, the store's largest count)
         own = detector.proposal_top_k or max((store.num_boxes(r.image_id) for r in dataset.records), default=1)
@@ -97,7 +95,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "device": device_name(device), "num_parameters": sum(p.numel() for p in detector.parameters()),
         "num_images": len(dataset), "num_detections": m["num_detections"], "coco": {k: m[k] for k in COCO_KEYS},
         **{k: m[k] for k in ("per_class_AP", "per_class_AP50", "pr_curve_50")},
-        "voc07": voc["voc07"], "voc": voc["voc"], "ap_per_iou": m["ap_per_iou"],
+        **evaluate_voc_metrics(dataset, detections), "ap_per_iou": m["ap_per_iou"],  # "voc07", "voc"
         "test_settings": {"box_regression": detector.box_regression, "proposal_top_k": detector.proposal_top_k},
         "timing_ms_per_image": {s: sum(v) / max(len(dataset), 1)  # over every image, unreadable ones too
                                 for s, v in timings["timing_ms_per_image_list"].items()},
