@@ -111,9 +111,8 @@ def reference_index(kinds: Sequence[str]) -> int:
 
 def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000,
                   seed: int = 0) -> dict:
-    """Summaries of ``run_interleaved``'s timings: per detector and stage median/p10/p90,
-    detector-only and end-to-end, and each detector's ratio of medians to the reference
-    (detector time / reference time; > 1: slower than the reference), with intervals."""
+    """Median/p10/p90 of ``run_interleaved``'s timings per detector and stage, detector-only and end to
+    end, and each detector's ratio of medians to the reference (> 1: slower), with intervals."""
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
     totals, out_dets = [], []  # totals: per detector, {DETECTOR_TOTAL, END_TO_END: ms per image}
     for name, kind, stages in zip(names, kinds, timings["detectors"]):

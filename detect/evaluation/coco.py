@@ -140,9 +140,8 @@ def _read(source, name: str) -> tuple:
 
 
 def _precision_metrics(coco_eval, categories: list[dict]) -> dict:
-    """Per-class AP and AP50, the IoU-0.5 PR curves and AP per IoU threshold, from
-    ``coco_eval.eval["precision"]`` (area "all", 100 detections). Metric keys are the category
-    names; a repeated name gets its id appended to stay unique."""
+    """Per-class AP and AP50, IoU-0.5 PR curves and AP per IoU from ``coco_eval.eval["precision"]``
+    (area "all", 100 detections), keyed by category name (a repeated name gets its id appended)."""
     params = coco_eval.params
     precision = coco_eval.eval["precision"]  # [T iou, R recall, K classes, A areas, M maxDets]
     iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])

@@ -79,9 +79,8 @@ def rcnn_flops(*, net: nn.Module, crop_size: int, num_proposals: int, head_dim: 
 
 
 def detector_flops(detector: Detector, image_hw: tuple[int, int], num_proposals: int) -> dict[str, int]:
-    """FLOPs per stage of ``detector`` on one image of ``image_hw`` (original pixels) with
-    ``num_proposals`` proposals (trimmed to the detector's ``proposal_top_k`` when set), at its
-    configured settings (test scale, crop size, SVD)."""
+    """FLOPs per stage of ``detector`` at its settings on one image of ``image_hw`` (original
+    pixels) with ``num_proposals`` proposals (cut to its ``proposal_top_k`` when set)."""
     r = min(num_proposals, detector.proposal_top_k) if detector.proposal_top_k > 0 else num_proposals
     if isinstance(detector, FastRCNN):  # multi-scale test: the backbone runs at every scale
         h, w = image_hw

@@ -141,11 +141,10 @@ def average_precision(table: MatchTable, image_weights: np.ndarray | None = None
 
 def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict:
-    """Paired bootstrap over images of AP per table (detector) and of each table's AP minus the
-    first's. All tables must cover the same images in the same order. Returns
-    ``{"ap": [{thr: {"value", "lo", "hi"}}], "diff_to_first": [{thr: {...}} or None], "drop":
-    [{...}], "drop_diff_to_first": [{...} or None]}`` where "drop" is AP at the first threshold
-    minus AP at the last (AP50 - AP75)."""
+    """Paired bootstrap over images (all tables cover the same images, in order) of each table's AP
+    and its AP minus the first's: ``{"ap": [{thr: {"value", "lo", "hi"}}], "diff_to_first": [{thr:
+    {...}} or None], "drop": [{...}], "drop_diff_to_first": [{...} or None]}``, where "drop" is AP at
+    the first threshold minus AP at the last (AP50 - AP75)."""
     n = tables[0].num_gt.shape[0]
     if any(t.num_gt.shape[0] != n for t in tables):
         raise ValueError("bootstrap_ap: the detectors were evaluated on different images")

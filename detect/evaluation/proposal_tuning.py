@@ -122,9 +122,8 @@ class SearchCache:
 
 def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Grid, target_iou: float,
                     progress: bool = True, desc: str = "") -> tuple[list[dict], float]:
-    """Every (min_size, ranking, top_k) of ``search`` on ``records`` -> (rows, search seconds per
-    image). A row: the setting, boxes_per_image, ``recall_summary``'s figures, recall@target_iou,
-    seconds_per_image (search + filter and ranking)."""
+    """Every (min_size, ranking, top_k) of ``search`` on ``records`` -> (rows, search s / image); a
+    row: the setting, boxes_per_image, ``recall_summary``, recall@target_iou, seconds_per_image."""
     budgets = sorted(set(grid.budgets)) + [0]
     variants = [(m, r, i) for m in grid.min_sizes for r, i in grid.rankings]
     matches = {(v, k): [] for v in variants for k in budgets}  # per image: (matched IoU [G], best IoU [G])
@@ -157,9 +156,8 @@ def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Gri
 
 
 def estimated_cost(search: Search, records: list, resize_side: str) -> float:
-    """A rough a-priori cost of ``search`` (the order searches are tried in; the measured
-    seconds decide the choice): resized pixels x colour spaces x ks x (1 + strategies / 4),
-    and more for smaller k (more regions to group)."""
+    """A rough a-priori cost of ``search``, to order the searches: resized pixels x colour spaces x
+    ks x (1 + strategies / 4), more for a smaller k (more regions to group)."""
     colour_spaces, ks, strategies = OUR_MODES[search.mode]
     pixels = np.mean([math.prod(resized_shape(r.height, r.width, search.resize, resize_side)) for r in records])
     return float(pixels * len(colour_spaces) * len(ks) * (1 + len(strategies) / 4) / math.sqrt(search.k_scale))
@@ -339,10 +337,9 @@ def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def tune_to_files(records: list, out: str | Path, *, data_spec: dict, figure, cache_dir: str = "", **options) -> dict:
-    """``tune`` (``options``: its keyword arguments), then write ``out`` (the ``proposals:``
-    block), ``.md`` (the tables), ``.png`` (``figure(result)``: PNG bytes) and ``.json`` (every
-    setting measured) beside it, print the table and the verdict; returns the result. The
-    searches are cached in ``cache_dir`` (default ``<out>.cache``)."""
+    """``tune`` (``options``: its keyword arguments; searches cached in ``cache_dir``, default
+    ``<out>.cache``), then write ``out`` (the ``proposals:`` block) and beside it ``.md`` (the tables),
+    ``.png`` (``figure(result)``) and ``.json``, print the table and the verdict; returns the result."""
     out = Path(out)
     result = tune(records, cache_dir=cache_dir or f"{out}.cache", **options)
     command = (f"detect tune-proposals --data {data_arguments(data_spec)} --num-images "

@@ -190,8 +190,7 @@ def _drop_facts(acc: dict, i: int) -> str:
 
 def _localisation_claim(acc: dict, differ: list[str], unknown: list[str]) -> str:
     """Whether the data support "Fast R-CNN localises boxes worse than R-CNN": judged only on
-    runs shown to be like for like (``differ`` and ``unknown`` empty) whose AP50 are both clear
-    of the floor (``FLOOR_AP50``)."""
+    like-for-like runs (``differ``, ``unknown`` empty) with both AP50 clear of ``FLOOR_AP50``."""
     kinds, labels = acc["kinds"], acc["labels"]
     claim = "Claim \"Fast R-CNN localises boxes worse than R-CNN\": "
     if "fast_rcnn" not in kinds or "rcnn" not in kinds:

@@ -270,9 +270,8 @@ def load_bench(path: str | Path) -> dict:
 
 
 def apply_bench(runs: list[Run], bench: dict) -> list[Run]:
-    """Give each run its bench entry: matched by the checkpoint's folder (``detect bench`` names
-    a detector after it), else by name. The run's stage times become the bench's medians
-    (plus the shared proposals stage). Returns the runs that matched."""
+    """Give each run its bench entry, matched by checkpoint folder, else by name; its stage times
+    become the bench's medians (plus the shared proposals). Returns the runs that matched."""
     checkpoints = bench.get("checkpoints") or [""] * len(bench["detectors"])
     matched = []
     for run in runs:

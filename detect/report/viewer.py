@@ -56,9 +56,8 @@ FOLDER = "viewer"  # beside viewer.html: img/NNNNNN.jpg and data/NNNNNN.js when 
 
 
 def _stores(runs: list[Run], dataset: Dataset, override: str) -> tuple[list[ProposalStore], list[int]]:
-    """The distinct proposal stores of the runs (``override``, else each run's metrics.json
-    "proposals"; relative paths from the current folder, else the run folder) and each run's
-    index into them (-1: none, or it does not match the dataset)."""
+    """The runs' distinct proposal stores (``override``, else each run's "proposals", resolved by
+    ``resolve_path``) and each run's index into them (-1: none, or not matching the dataset)."""
     stores, paths, index = [], [], []
     for run in runs:
         name = override or run.proposals
@@ -82,8 +81,7 @@ def _stores(runs: list[Run], dataset: Dataset, override: str) -> tuple[list[Prop
 
 
 def _thumbnail(path: str) -> bytes | None:
-    """The image at ``path`` as a JPEG of at most VIEW_SIZE px on its longer side; None when it
-    cannot be read."""
+    """The image at ``path`` as a JPEG of at most VIEW_SIZE px a side; None when it cannot be read."""
     try:
         image = Image.fromarray(read_image(path))
     except ImageReadError:
