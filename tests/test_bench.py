@@ -17,6 +17,7 @@ from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn
 from detect.proposals.store import write_store
 from detect.data.datasets import ImageRecord
 from detect.demo import demo_steps
+from detect.evaluation import bench
 from detect.evaluation.bench import (bench_summary, ratio_of_medians, reference_index, run_interleaved,
                                      summarize)
 from detect.models.detector import Detector, ProposalScores
@@ -41,17 +42,23 @@ def _records(n: int) -> list[ImageRecord]:
     return [ImageRecord(image_id=i + 1, file_name=str(i + 1), width=4, height=4) for i in range(n)]
 
 
-def test_detectors_run_interleaved_image_by_image_and_warmup_is_not_counted():
+def _fake_images(monkeypatch):
+    """Image "n" is filled with the value n."""
+    monkeypatch.setattr(bench, "read_image", lambda f: np.full((4, 4, 3), int(f), np.uint8))
+
+
+def test_detectors_run_interleaved_image_by_image_and_warmup_is_not_counted(monkeypatch):
     calls: list = []
     a, b = FakeDetector("A", calls), FakeDetector("B", calls)
     proposed: list = []
 
-    def propose(image):
+    def propose(image, **settings):
         proposed.append(int(image[0, 0, 0]))
         return np.array([[0, 0, 2, 2]] * int(image[0, 0, 0]), np.float32)
 
-    out = run_interleaved([a, b], _records(5), warmup=2, progress=False, propose=propose,
-                          load_image=lambda f: np.full((4, 4, 3), int(f), np.uint8))
+    _fake_images(monkeypatch)
+    monkeypatch.setattr(bench, "selective_search", propose)
+    out = run_interleaved([a, b], _records(5), warmup=2, progress=False)
     assert [c[:2] for c in calls] == [(n, i) for i in range(1, 6) for n in "AB"]
     assert proposed == [1, 2, 3, 4, 5]  # once per image, shared
     assert [c[2] for c in calls if c[0] == "B"] == [1, 2, 3, 4, 5]  # the same proposals to both
@@ -61,15 +68,15 @@ def test_detectors_run_interleaved_image_by_image_and_warmup_is_not_counted():
         assert all(len(v) == 3 for v in stages.values())
 
 
-def test_a_store_replaces_selective_search_and_too_few_images_is_an_error():
+def test_a_store_replaces_selective_search_and_too_few_images_is_an_error(monkeypatch):
     calls: list = []
     a = FakeDetector("A", calls)
+    _fake_images(monkeypatch)
     out = run_interleaved([a], _records(2), warmup=0, progress=False,
-                          get_proposals=lambda i: np.zeros((7, 4), np.float32),
-                          load_image=lambda f: np.full((4, 4, 3), int(f), np.uint8))
+                          get_proposals=lambda i: np.zeros((7, 4), np.float32))
     assert [c[2] for c in calls] == [7, 7] and len(out["proposals"]) == 2
     with pytest.raises(ValueError, match="warm-up"):
-        run_interleaved([a], _records(2), warmup=2, progress=False, propose=lambda im: np.zeros((1, 4)))
+        run_interleaved([a], _records(2), warmup=2, progress=False)
 
 
 def test_summarize_gives_median_and_interpolated_percentiles():

@@ -1,18 +1,12 @@
 """``detect bench``: time two or more detectors so that machine noise cancels.
 
-Timing each detector in its own run, in sequence, lets whatever else the machine does decide
-the ratio (a busy machine once made R-CNN look faster than Fast R-CNN). Here the
-detectors run **interleaved, image by image**, in one process: image 1 with A, then B, image 2
-with A, then B, ... on the same images with the same proposals. The first ``warmup`` images
-are run but not counted. Every image's time per stage is kept, and the summary gives medians,
-p10/p90 and the ratio of medians with a bootstrap 95% interval over images (images resampled
-with replacement, the same resample for both detectors: a paired bootstrap).
-
-Selective search runs once per image (unless a proposal store is given), as a shared
-"proposals" stage; end-to-end time is proposals + detector, the time a user waits in
-``detect predict``.
-
-The statistics (``summarize``, ``ratio_of_medians``) are pure functions of timing lists.
+Timed one after the other, whatever else the machine does decides the ratio. Here they run
+**interleaved, image by image**, in one process (image 1 with A, then B, image 2 with A, then
+B, ...), on the same images with the same proposals; the first ``warmup`` images are not
+counted. The summary gives medians, p10/p90 and the ratio of medians with a paired bootstrap 95%
+interval over images (one resample for all detectors). Selective search (or the store read)
+runs once per image as the shared "proposals" stage; end to end is proposals + detector, the
+wait in ``detect predict``.
 """
 
 from __future__ import annotations
@@ -44,9 +38,7 @@ END_TO_END = "end_to_end"  # proposals + detector
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """Median, p10 and p90 (numpy's linear interpolation) and the count of ``values``."""
     v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {"median": float("nan"), "p10": float("nan"), "p90": float("nan"), "n": 0}
-    p10, p50, p90 = np.percentile(v, [10, 50, 90])
+    p10, p50, p90 = np.percentile(v, [10, 50, 90]) if v.size else (np.nan,) * 3
     return {"median": float(p50), "p10": float(p10), "p90": float(p90), "n": int(v.size)}
 
 
@@ -60,8 +52,7 @@ def ratio_of_medians(numer: Sequence[float], denom: Sequence[float], *, num_resa
     if a.size == 0:
         return {"ratio": float("nan"), "lo": float("nan"), "hi": float("nan")}
     ratio = float(np.median(a) / np.median(b))
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, size=(num_resamples, a.size))
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(num_resamples, a.size))
     boot = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
     alpha = (1.0 - level) / 2
     lo, hi = np.percentile(boot, [100 * alpha, 100 * (1 - alpha)])
@@ -78,32 +69,25 @@ def environment() -> dict:
 
 def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord], *,
                     get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
-                    load_image: Callable[[str], np.ndarray] = read_image,
-                    propose: Callable[[np.ndarray], np.ndarray] | None = None,
                     progress: bool = True) -> dict:
     """Run every detector on every record, interleaved; per-image stage times after warm-up.
 
-    Proposals come from ``get_proposals(image_id)`` (a store) or ``propose(image)`` (default:
-    selective search with the first detector's settings), computed once per image and given to
-    every detector. Returns ``{"proposals": [ms per image], "detectors": [{stage: [ms per
-    image]}, ...]}`` for the counted images (index ``warmup`` onwards), aligned across detectors.
+    Proposals, once per image for all: ``get_proposals(image_id)`` (a store), else selective
+    search with the first detector's settings. Returns {"proposals": [ms], "num_proposals": [R],
+    "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards).
     """
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if len(records) <= warmup:
         raise ValueError(f"{len(records)} image(s) but warm-up takes {warmup}: nothing left to time")
-    if propose is None:
-        settings = detectors[0].proposal_settings
-
-        def propose(image):
-            return selective_search(image, **settings)
+    settings = detectors[0].proposal_settings
     proposal_ms: list[float] = []
     num_proposals: list[int] = []
     per_detector: list[list[dict[str, float]]] = [[] for _ in detectors]
     for i, rec in enumerate(tqdm(records, desc="bench", unit="img", disable=not progress, dynamic_ncols=True)):
-        image = load_image(rec.file_name)
+        image = read_image(rec.file_name)
         t0 = time.perf_counter()
-        proposals = get_proposals(rec.image_id) if get_proposals is not None else propose(image)
+        proposals = get_proposals(rec.image_id) if get_proposals is not None else selective_search(image, **settings)
         prop_ms = (time.perf_counter() - t0) * 1e3
         stages = []
         for det in detectors:
@@ -122,16 +106,13 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
 
 def reference_index(kinds: Sequence[str]) -> int:
     """The detector ratios are taken against: Fast R-CNN when R-CNN is also there, else the first."""
-    if "rcnn" in kinds and "fast_rcnn" in kinds:
-        return list(kinds).index("fast_rcnn")
-    return 0
+    return list(kinds).index("fast_rcnn") if "rcnn" in kinds and "fast_rcnn" in kinds else 0
 
 
 def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000,
                   seed: int = 0) -> dict:
-    """Summaries of ``run_interleaved``'s timings: per detector and stage median/p10/p90,
-    detector-only and end-to-end, and each detector's ratio of medians to the reference
-    (detector time / reference time; > 1: slower than the reference), with intervals."""
+    """Median/p10/p90 of ``run_interleaved``'s timings per detector and stage, detector-only and end to
+    end, and each detector's ratio of medians to the reference (> 1: slower), with intervals."""
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
     totals, out_dets = [], []  # totals: per detector, {DETECTOR_TOTAL, END_TO_END: ms per image}
     for name, kind, stages in zip(names, kinds, timings["detectors"]):
@@ -164,9 +145,8 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
     flops = [detector_flops(d, image_hw, num_props) for d in detectors]
     for entry, f, det in zip(result["detectors"], flops, detectors):
         entry["test_settings"] = {"box_regression": det.box_regression, "proposal_top_k": det.proposal_top_k}
-        entry["flops"] = f
-        entry["flops_total"] = sum(f.values())
-        entry["flops_ratio_to_reference"] = sum(f.values()) / max(sum(flops[ref].values()), 1)
+        entry.update(flops=f, flops_total=sum(f.values()),
+                     flops_ratio_to_reference=sum(f.values()) / max(sum(flops[ref].values()), 1))
     result.update(flops_image_hw=list(image_hw), flops_num_proposals=num_props,
                   paper_flops=copy.deepcopy(paper_flops()), warmup=warmup,
                   proposal_source="store" if get_proposals is not None else "selective_search",

@@ -1,21 +1,14 @@
 """COCO box evaluation: a thin wrapper around pycocotools' ``COCOeval(iouType="bbox")``.
 
-The one place where boxes and classes leave the package's internal format (xyxy pixels, class
-indices 1..K) for COCO's (xywh pixels, the dataset's category ids, range-checked), for results
-(``detections_to_coco``) and ground truth (``dataset_to_coco``) alike, and come back
-(``class_of_category``).
+The one place where boxes and classes leave the internal format (xyxy pixels, classes 1..K) for
+COCO's (xywh pixels, the dataset's category ids, range-checked), for results
+(``detections_to_coco``) and ground truth (``dataset_to_coco``), and come back (``class_of_category``).
 
-Known traps, each pinned by a test in tests/test_evaluation.py:
-- ``COCO.loadRes`` crashes on an empty results list: we build an empty results index instead,
-  so no detections scores AP 0.0.
-- An annotation id of 0 silently breaks COCOeval's matching (pytorch/vision#1530): ground
-  truth with id 0, duplicate or missing ids is re-numbered 1..N on a copy.
-- Category ids need not be contiguous; images without ground truth are allowed (their
-  detections count as false positives).
-- pycocotools prints; its output goes to ``log_path`` (or nowhere), never to the console.
-
-Metric values are floats in [0, 1]; -1.0 means "not defined" (no ground truth in that class or
-area range), as pycocotools reports it; ``format_metrics_table`` prints it as "n/a".
+Known traps, each pinned by a test in tests/test_evaluation.py: ``COCO.loadRes`` crashes on an
+empty results list (we build the empty index: AP 0.0); an annotation id of 0 breaks COCOeval's
+matching (pytorch/vision#1530), so ids 0, repeated or missing are renumbered 1..N on a copy;
+category ids need not be contiguous; images without ground truth are allowed; pycocotools'
+prints go to ``log_path`` (or nowhere). Metrics are in [0, 1], -1.0 where not defined ("n/a").
 """
 
 from __future__ import annotations
@@ -73,9 +66,8 @@ def detections_to_coco(image_id: int, boxes: np.ndarray, scores: np.ndarray, lab
 
 
 def coco_results(dataset: Dataset, detections: dict[int, Detections]) -> list[dict]:
-    """COCO results entries for ``detections`` (image id -> ``Detections``), by
-    ``detections_to_coco`` with ``dataset.category_ids``; an image id that is not in
-    ``dataset`` raises ``ValueError`` naming it."""
+    """COCO results entries of ``detections`` (image id -> ``Detections``); ValueError for an
+    image id not in ``dataset``."""
     if len(dataset.category_ids) != dataset.num_classes:
         raise ValueError(f"dataset {dataset.name!r}: {len(dataset.category_ids)} category ids "
                          f"for {dataset.num_classes} class names")
@@ -96,27 +88,20 @@ def evaluate_detections(dataset: Dataset, detections: dict[int, Detections], *,
                         log_path: str | Path | None = None) -> dict:
     """COCO metrics of in-memory ``detections`` (image id -> ``Detections``) on ``dataset``; its
     images missing from ``detections`` count as images with no detections."""
-    return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections),
-                         log_path=log_path)
+    return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections), log_path=log_path)
 
 
 def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, *,
                   log_path: str | Path | None = None) -> dict:
     """Score COCO box ``results`` against ground truth ``coco_gt`` with pycocotools' COCOeval.
 
-    ``coco_gt`` is a COCO instances dict or JSON file (boxes xywh pixels); ``results`` a list of
-    ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` or a JSON file of one.
-    Only the images of ``coco_gt`` are evaluated. Neither input is modified: the traps above are
-    handled on copies, where a missing ``area`` also becomes w * h and a missing ``iscrowd`` 0.
-    Malformed input raises ``ValueError`` naming the file and the entry.
-
-    Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
-    "per_class_AP": {name: AP}, "per_class_AP50": {name: AP50},
-    "pr_curve_50": {"recall": [101], "precision": {"all": [101], name: [101]}},
-    "ap_per_iou": {"iou": [0.5, 0.55, ..., 0.95], "AP": [10]},
-    "num_images", "num_detections"}`` with values in [0, 1], -1.0 where undefined. The PR
-    curves are at IoU 0.5, all areas, 100 detections per image; "all" is the mean over the
-    classes that have ground truth.
+    ``coco_gt``: a COCO instances dict or JSON file; ``results``: a list of ``{"image_id",
+    "category_id", "bbox": [x, y, w, h], "score"}`` or a JSON file of one. Only the images of
+    ``coco_gt`` count. The inputs are not modified (the traps above, a missing ``area`` = w * h and
+    ``iscrowd`` = 0 are handled on copies); malformed input raises ValueError naming the file and
+    entry. Returns the ``COCO_KEYS``, "per_class_AP", "per_class_AP50", "pr_curve_50" (IoU 0.5, all
+    areas, 100 detections; "all": the mean over classes with gt) and "ap_per_iou" as metrics.json
+    holds them (``detect.report.runs``), "num_images" and "num_detections".
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -155,9 +140,8 @@ def _read(source, name: str) -> tuple:
 
 
 def _precision_metrics(coco_eval, categories: list[dict]) -> dict:
-    """Per-class AP and AP50, the IoU-0.5 PR curves and AP per IoU threshold, from
-    ``coco_eval.eval["precision"]`` (area "all", 100 detections). Metric keys are the category
-    names; a repeated name gets its id appended to stay unique."""
+    """Per-class AP and AP50, IoU-0.5 PR curves and AP per IoU from ``coco_eval.eval["precision"]``
+    (area "all", 100 detections), keyed by category name (a repeated name gets its id appended)."""
     params = coco_eval.params
     precision = coco_eval.eval["precision"]  # [T iou, R recall, K classes, A areas, M maxDets]
     iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
@@ -167,9 +151,8 @@ def _precision_metrics(coco_eval, categories: list[dict]) -> dict:
     per_class_ap, per_class_ap50, curves = {}, {}, {}
     for k, cat_id in enumerate(params.catIds):
         name = name_by_id[cat_id]
-        p_all = precision[:, :, k, 0, -1]  # [T, R]
         p_50 = precision[iou50, :, k, 0, -1]  # [R]
-        per_class_ap[name] = _mean_defined(p_all)
+        per_class_ap[name] = _mean_defined(precision[:, :, k, 0, -1])  # over [T, R]
         per_class_ap50[name] = _mean_defined(p_50)
         curves[name] = [float(v) for v in p_50]
 
@@ -214,10 +197,9 @@ def _clean_ground_truth(gt, source: str) -> dict:
 def _clean_results(results, source: str, gt: dict) -> list[dict]:
     """Validated copies of results entries (``loadRes`` writes into the entries it gets)."""
     if not isinstance(results, list):
-        looks_like_gt = isinstance(results, dict) and "annotations" in results
-        hint = " (this looks like a ground-truth file)" if looks_like_gt else ""
-        raise ValueError(f"{source}: expected a list of results entries, got "
-                         f"{type(results).__name__}{hint}")
+        gt_like = isinstance(results, dict) and "annotations" in results
+        raise ValueError(f"{source}: expected a list of results entries, got {type(results).__name__}"
+                         + " (this looks like a ground-truth file)" * gt_like)
     image_ids = {img["id"] for img in gt["images"]}
     cat_ids = {c["id"] for c in gt["categories"]}
     entries = []
@@ -250,8 +232,7 @@ def _checked_bbox(entry: dict, where: str, image_ids: set, cat_ids: set) -> list
 
 
 def _unique_ids(entries: list[dict], key: str, noun: str, source: str) -> set[int]:
-    """The integer ``id``s of ``entries`` (gt[key]); ValueError naming the entry if one is
-    missing or repeated."""
+    """The integer ``id``s of ``entries`` (gt[key]); ValueError for a missing or repeated one."""
     ids: set[int] = set()
     for i, entry in enumerate(entries):
         if not _is_int(entry.get("id")):
@@ -291,14 +272,12 @@ def format_metrics_table(metrics: dict) -> str:
 
 
 def dataset_to_coco(dataset: Dataset) -> dict:
-    """A COCO ground-truth dict for ``dataset`` (file names as its records hold them).
+    """A COCO ground-truth dict for ``dataset``; annotation ids from 1.
 
-    Annotation ids start at 1 (see the traps above). ``area`` is the source's own area where it
-    had one (COCO: the segmentation area, which decides APs/APm/APl), else the box area.
-    Difficult (and crowd) boxes are written as ``iscrowd=1``: COCOeval has no "difficult" flag,
-    but it ignores crowd boxes the way VOC ignores difficult ones, neither true nor false
-    positive. (One difference: a crowd box matches a detection by intersection over the
-    detection's area, so detections inside it are ignored too.)
+    ``area`` is the source's own (COCO: the segmentation area, which decides APs/APm/APl), else
+    the box area. Difficult and crowd boxes become ``iscrowd=1``, which COCOeval ignores as VOC
+    ignores difficult ones (but a crowd box matches by intersection over the detection's area,
+    so the detections inside it are ignored too).
     """
     images, annotations = [], []
     for record in dataset.records:

@@ -1,9 +1,8 @@
 """Where AP50 goes: an error breakdown in the manner of TIDE (Bolya et al., ECCV 2020).
 
-The ``tidecv`` package is not used: it pulls in opencv-python beside our OpenCV build, pandas
-and seaborn. This follows the paper's definitions at foreground IoU t_f = 0.5 and background
-IoU t_b = 0.1. After COCO's matching at t_f (``matching.match_detections``), each false
-positive gets one type, in this order:
+Not the ``tidecv`` package (it pulls in opencv-python, pandas and seaborn), but the paper's
+definitions at foreground IoU t_f = 0.5 and background IoU t_b = 0.1: after COCO's matching at
+t_f (``matching.match_detections``), each false positive gets one type, in this order:
 
 - classification: IoU >= t_f with a ground-truth box of another class;
 - duplicate: IoU >= t_f with a box of its class that a higher-scoring detection took;
@@ -11,12 +10,11 @@ positive gets one type, in this order:
 - both: t_b <= IoU < t_f with a box of another class;
 - background: IoU < t_b with every box.
 
-A ground-truth box no detection matched, and that no classification or localisation error
-points at, is **missed**. Each type's cost, dAP50, is AP50 after an oracle fixes that type
-alone, minus AP50: a classification (localisation) error becomes a true positive of its
-box's class (with its box) when that box is still free, and is removed otherwise; both,
-duplicate and background errors are removed; missed boxes are dropped from the ground truth.
-Fixes of one type are applied in score order, so two fixes never claim one box.
+A gt box no detection matched and no classification or localisation error points at is
+**missed**. A type's cost, dAP50, is AP50 after an oracle fixes that type alone, minus AP50: a
+classification (localisation) error becomes a true positive of its box's class (with its box)
+when that box is still free, in score order, and is removed otherwise; both, duplicate and
+background errors are removed; missed boxes are dropped from the ground truth.
 """
 
 from __future__ import annotations
@@ -24,13 +22,14 @@ from __future__ import annotations
 import numpy as np
 
 from detect.common.box_ops import box_iou
-from detect.evaluation.matching import ImageBoxes, MatchTable, average_precision, match_detections
+from detect.evaluation.matching import ImageBoxes, MatchTable, average_precision, class_order, match_detections
 
 ERROR_TYPES = ("classification", "localisation", "both", "duplicate", "background", "missed")
+FG_IOU, BG_IOU = 0.5, 0.1  # t_f and t_b
 
 
-def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float = 0.5, bg: float = 0.1,
-                        max_dets: int = 100) -> tuple[list[dict], np.ndarray, list[tuple[int, int]]]:
+def classify_detections(images: list[ImageBoxes],
+                        num_classes: int) -> tuple[list[dict], np.ndarray, list[tuple[int, int]]]:
     """Every kept detection as {image, index, label, score, type, target}: index into its
     image's ``boxes``; type "tp", an error type or "ignored" (matched to a crowd / difficult
     box); target (image, gt index) for tp/classification/localisation. Also the non-ignored
@@ -42,25 +41,22 @@ def classify_detections(images: list[ImageBoxes], num_classes: int, *, fg: float
         ious = box_iou(im.boxes, im.gt_boxes)  # [D, G]
         first = len(dets)
         for k in np.unique(im.labels).tolist():  # the classes it detected
-            d = np.flatnonzero(im.labels == k)
-            d = d[np.argsort(-im.scores[d], kind="mergesort")][:max_dets]
-            gt_k = np.flatnonzero(im.gt_classes == k)
-            gt_k = np.concatenate([gt_k[~ignore[gt_k]], gt_k[ignore[gt_k]]])  # non-ignored first
+            d, gt_k = class_order(im, k)
             iou_same = np.where((im.gt_classes == k) & ~ignore, ious, 0.0)  # [D, G]
             iou_other = np.where((im.gt_classes != k) & ~ignore, ious, 0.0)  # [D, G]
-            for j, m in zip(d, match_detections(ious[np.ix_(d, gt_k)], ignore[gt_k], fg)):
+            for j, m in zip(d, match_detections(ious[np.ix_(d, gt_k)], ignore[gt_k], FG_IOU)):
                 entry = {"image": i, "index": int(j), "label": k, "score": float(im.scores[j]), "target": None}
                 best_same, best_other = iou_same[j].max(initial=0.0), iou_other[j].max(initial=0.0)
                 if m > -1:
                     entry.update(type="ignored" if ignore[gt_k[m]] else "tp", target=(i, int(gt_k[m])))
-                elif best_other >= fg:
+                elif best_other >= FG_IOU:
                     entry.update(type="classification", target=(i, int(iou_other[j].argmax())))
-                elif best_same >= fg:
+                elif best_same >= FG_IOU:
                     entry.update(type="duplicate")
-                elif best_same >= bg:
+                elif best_same >= BG_IOU:
                     entry.update(type="localisation", target=(i, int(iou_same[j].argmax())))
                 else:
-                    entry.update(type="both" if best_other >= bg else "background")
+                    entry.update(type="both" if best_other >= BG_IOU else "background")
                 dets.append(entry)
         targeted = {e["target"][1] for e in dets[first:] if e["target"] is not None}
         missed += [(i, int(g)) for g in np.flatnonzero(~ignore) if g not in targeted]
@@ -90,10 +86,10 @@ def per_image_ap50(dets: list[dict], images: list[ImageBoxes], num_classes: int)
 
 
 def _fix(dets: list[dict], error: str, images: list[ImageBoxes]) -> list[dict]:
-    if error in ("both", "duplicate", "background"):
-        return [e for e in dets if e["type"] != error]
-    taken = {e["target"] for e in dets if e["type"] == "tp"}
     fixed = [e for e in dets if e["type"] != error]
+    if error in ("both", "duplicate", "background"):
+        return fixed
+    taken = {e["target"] for e in dets if e["type"] == "tp"}
     for e in sorted((e for e in dets if e["type"] == error), key=lambda e: -e["score"]):
         if e["target"] in taken:
             continue  # the box is taken: the fixed detection would be a duplicate, so it goes
@@ -103,10 +99,9 @@ def _fix(dets: list[dict], error: str, images: list[ImageBoxes]) -> list[dict]:
     return fixed
 
 
-def error_breakdown(images: list[ImageBoxes], num_classes: int, *, fg: float = 0.5, bg: float = 0.1,
-                    max_dets: int = 100) -> dict:
+def error_breakdown(images: list[ImageBoxes], num_classes: int) -> dict:
     """{"AP50", "dAP50": {type: cost}, "counts": {type: n}} (see the module docstring)."""
-    dets, num_pos, missed = classify_detections(images, num_classes, fg=fg, bg=bg, max_dets=max_dets)
+    dets, num_pos, missed = classify_detections(images, num_classes)
     base = _ap50(dets, num_pos)
     d_ap = {}
     for error in ERROR_TYPES:
@@ -119,4 +114,4 @@ def error_breakdown(images: list[ImageBoxes], num_classes: int, *, fg: float = 0
             d_ap[error] = _ap50(_fix(dets, error, images), num_pos) - base
     counts = {t: sum(e["type"] == t for e in dets) for t in ERROR_TYPES[:-1]}
     counts["missed"] = len(missed)
-    return {"AP50": base, "dAP50": d_ap, "counts": counts, "fg_iou": fg, "bg_iou": bg}
+    return {"AP50": base, "dAP50": d_ap, "counts": counts, "fg_iou": FG_IOU, "bg_iou": BG_IOU}

@@ -1,18 +1,12 @@
-"""FLOPs per image, per stage: machine-independent and deterministic, next to measured times.
+"""FLOPs per image and stage: machine-independent and deterministic, beside measured times.
 
-Counted with ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add, as it
-counts convolutions and matrix products) on **meta** tensors: only shapes flow, so counting
-VGG16 over 2,000 warps costs nothing. Per-RoI work (R-CNN's CNN on one warp, Fast R-CNN's head
-on one pooled RoI) is counted once and multiplied by the number of proposals. Ops the counter
-does not see are added by formula:
-
-- RoI pooling / RoI align: ``R * C * S * S * k`` with k = 1 comparison per output for max
-  pooling (a lower bound: one feature cell per bin) and k = 32 for RoI align (2 x 2 samples,
-  4 bilinear taps each, a multiply-add per tap). Either is below 0.1% of fc6 for VGG16.
-- R-CNN's warp: 4 bilinear taps per output value, one multiply-add each (8 FLOPs).
-
-``detector_flops`` counts a detector at its configured settings; ``paper_flops`` counts both
-detectors at the papers' (``PAPER_SETTINGS``), from the real VGG16 definition.
+Counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add) on **meta**
+tensors, where only shapes flow; per-RoI work (R-CNN's CNN on one warp, Fast R-CNN's head on one
+pooled RoI) is counted once and multiplied by the number of proposals. Added by formula, unseen
+by the counter: RoI pooling, ``R * C * S * S * k`` with k = 1 comparison per output for max
+pooling (a lower bound) or 32 for RoI align (2 x 2 samples of 4 bilinear taps), either under
+0.1% of VGG16's fc6; R-CNN's warp, 4 bilinear taps per output value (8 FLOPs).
+``detector_flops`` counts a detector at its settings, ``paper_flops`` both at the papers'.
 """
 
 from __future__ import annotations
@@ -85,9 +79,8 @@ def rcnn_flops(*, net: nn.Module, crop_size: int, num_proposals: int, head_dim: 
 
 
 def detector_flops(detector: Detector, image_hw: tuple[int, int], num_proposals: int) -> dict[str, int]:
-    """FLOPs per stage of ``detector`` on one image of ``image_hw`` (original pixels) with
-    ``num_proposals`` proposals (trimmed to the detector's ``proposal_top_k`` when set), at its
-    configured settings (test scale, crop size, SVD)."""
+    """FLOPs per stage of ``detector`` at its settings on one image of ``image_hw`` (original
+    pixels) with ``num_proposals`` proposals (cut to its ``proposal_top_k`` when set)."""
     r = min(num_proposals, detector.proposal_top_k) if detector.proposal_top_k > 0 else num_proposals
     if isinstance(detector, FastRCNN):  # multi-scale test: the backbone runs at every scale
         h, w = image_hw

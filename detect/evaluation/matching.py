@@ -1,14 +1,11 @@
 """Per-detection matches, AP from them, and bootstrap intervals over images.
 
-pycocotools re-accumulates every image for every AP; a bootstrap needs thousands of APs. So
-the matching is done once here, as COCOeval.evaluateImg does it for boxes (per image and
-class: detections by score, the top ``max_dets``, each to the unmatched ground truth of
-highest IoU >= t, non-ignored first; a detection matched to an ignored box is ignored), and
-AP is then COCO's 101-point interpolated precision, averaged over the classes that have
-ground truth. A bootstrap sample of images weights each image by how often it was drawn,
-which gives the same curve as repeating the image. ``tests/test_matching.py`` checks the AP
-against pycocotools. The error breakdown (``detect.evaluation.errors``) matches with the same
-``match_detections``.
+pycocotools re-accumulates every image for every AP, and a bootstrap needs thousands of APs, so
+the matching is done once here as COCOeval.evaluateImg does it (per image and class: the top
+``MAX_DETS`` detections by score, each to the unmatched gt box of highest IoU >= t, non-ignored
+first; a detection matched to an ignored box is ignored). AP is COCO's 101-point interpolated
+precision averaged over the classes with gt; a bootstrap sample weights each image by its draws
+(the same curve as repeating it). ``tests/test_matching.py`` checks the AP against pycocotools.
 
 Shapes: G ground-truth boxes, D detections of one image; T IoU thresholds.
 """
@@ -22,6 +19,7 @@ import numpy as np
 from detect.common.box_ops import box_iou
 
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's recThrs
+MAX_DETS = 100  # detections per image and class, COCO's maxDets
 
 
 @dataclass
@@ -58,6 +56,15 @@ def match_detections(ious: np.ndarray, gt_ignore: np.ndarray, iou_threshold: flo
     return matched
 
 
+def class_order(im: ImageBoxes, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class k's indices in ``im`` as COCO orders them: its top ``MAX_DETS`` detections by score
+    [D] and its gt boxes, the non-ignored first [G]."""
+    d = np.flatnonzero(im.labels == k)
+    g = np.flatnonzero(im.gt_classes == k)
+    ignored = np.asarray(im.gt_ignore, bool)[g]
+    return d[np.argsort(-im.scores[d], kind="mergesort")][:MAX_DETS], np.concatenate([g[~ignored], g[ignored]])
+
+
 @dataclass
 class MatchTable:
     """Every kept detection of a dataset with its match flags; per (image, class) gt counts."""
@@ -70,20 +77,15 @@ class MatchTable:
     iou_thresholds: tuple[float, ...]
 
 
-def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5, 0.75),
-                 max_dets: int = 100) -> MatchTable:
+def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5, 0.75)) -> MatchTable:
     """Match every image's detections to its ground truth at each IoU threshold (COCO's rules)."""
     idx, labels, scores, flags = [], [], [], []
     num_gt = np.zeros((len(images), num_classes), np.int64)
     for i, im in enumerate(images):
         for k in range(1, num_classes + 1):
-            g = np.flatnonzero(im.gt_classes == k)
+            d, g = class_order(im, k)
             ign = np.asarray(im.gt_ignore, bool)[g]
-            g = np.concatenate([g[~ign], g[ign]])  # non-ignored first, as COCO sorts them
-            ign = np.concatenate([np.zeros((~ign).sum(), bool), np.ones(ign.sum(), bool)])
             num_gt[i, k - 1] = int((~ign).sum())
-            d = np.flatnonzero(im.labels == k)
-            d = d[np.argsort(-im.scores[d], kind="mergesort")][:max_dets]
             if d.size == 0:
                 continue
             ious = box_iou(im.boxes[d], im.gt_boxes[g])  # [D, G]
@@ -139,11 +141,10 @@ def average_precision(table: MatchTable, image_weights: np.ndarray | None = None
 
 def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict:
-    """Paired bootstrap over images of AP per table (detector) and of each table's AP minus the
-    first's. All tables must cover the same images in the same order. Returns
-    ``{"ap": [{thr: {"value", "lo", "hi"}}], "diff_to_first": [{thr: {...}} or None], "drop":
-    [{...}], "drop_diff_to_first": [{...} or None]}`` where "drop" is AP at the first threshold
-    minus AP at the last (AP50 - AP75)."""
+    """Paired bootstrap over images (all tables cover the same images, in order) of each table's AP
+    and its AP minus the first's: ``{"ap": [{thr: {"value", "lo", "hi"}}], "diff_to_first": [{thr:
+    {...}} or None], "drop": [{...}], "drop_diff_to_first": [{...} or None]}``, where "drop" is AP at
+    the first threshold minus AP at the last (AP50 - AP75)."""
     n = tables[0].num_gt.shape[0]
     if any(t.num_gt.shape[0] != n for t in tables):
         raise ValueError("bootstrap_ap: the detectors were evaluated on different images")
@@ -160,17 +161,13 @@ def bootstrap_ap(tables: list[MatchTable], *, num_resamples: int = 1000, seed: i
 
     def interval(values: np.ndarray, value: float) -> dict:
         values = values[np.isfinite(values)]
-        if not values.size:
-            return {"value": float(value), "lo": float("nan"), "hi": float("nan")}
-        lo, hi = np.percentile(values, [a, 100 - a])
+        lo, hi = np.percentile(values, [a, 100 - a]) if values.size else (np.nan, np.nan)
         return {"value": float(value), "lo": float(lo), "hi": float(hi)}
 
     ap = [{thr: interval(samples[i, :, t], point[i, t]) for t, thr in enumerate(thresholds)}
           for i in range(len(tables))]
     diffs = [None] + [{thr: interval(samples[i, :, t] - samples[0, :, t], point[i, t] - point[0, t])
                        for t, thr in enumerate(thresholds)} for i in range(1, len(tables))]
-    # The drop from the first threshold to the last (AP50 - AP75: how much AP needs tight boxes),
-    # per detector and its difference to the first detector's drop.
     drop, drop_point = samples[..., 0] - samples[..., -1], point[:, 0] - point[:, -1]  # [N, R], [N]
     drops = [interval(drop[i], drop_point[i]) for i in range(len(tables))]
     drop_diffs = [None] + [interval(drop[i] - drop[0], drop_point[i] - drop_point[0]) for i in range(1, len(tables))]

@@ -1,28 +1,21 @@
 """``detect tune-proposals``: the selective-search settings that fit a dataset.
 
-As YOLOv5's autoanchor checks its anchors against the data, this checks the proposals: it runs
-selective search over a grid of settings on a seeded sample of training images and measures,
-for each setting, recall@0.5, recall@0.7 and MABO against the ground truth (the definitions of
-``detect.evaluation.recall``), boxes per image and seconds per image (one thread). A setting is
-
-- a *search* (the expensive part, one run per image): ``mode`` x ``resize`` x ``k_scale``;
-- and what is done to its boxes (cheap, tried on the cached search): ``min_size`` x
-  ``ranking`` (with ``nms_iou``) x ``top_k`` (the box budget),
-
-each exactly as ``detect.proposals.selective_search`` does it (``raw_proposals`` then
+As YOLOv5's autoanchor checks its anchors against the data, this runs selective search over a
+grid of settings on a seeded sample of training images and measures, per setting, recall@0.5,
+recall@0.7 and MABO (``detect.evaluation.recall``), boxes and seconds per image (one thread). A
+setting is a *search* (one run per image: ``mode`` x ``resize`` x ``k_scale``) and what is done
+to its boxes (cheap, on the cached search: ``min_size`` x ``ranking`` (with ``nms_iou``) x
+``top_k``), each as ``detect.proposals.selective_search`` does it (``raw_proposals``, then
 ``finish_proposals``), so ``detect propose`` with the chosen block gives the measured boxes.
 
-The choice: among settings whose recall at ``target_iou`` reaches ``target_recall`` with a
-``top_k`` of at most ``max_boxes``, the one whose search takes the fewest seconds per image,
-then the fewest boxes per image (what both detectors pay for at every epoch and test). If
-none does, the setting with the highest recall, and by how much it falls short.
-
-So that a 2-core machine gets there in minutes rather than hours, searches are tried cheapest
-first (``estimated_cost``): each runs on the first ``probe_images`` of the sample, then, unless
-its best recall there is more than ``PRUNE_MARGIN`` under the target, on the whole sample; the
-run stops at the first search whose settings reach the target (``exhaustive``: every search on
-the whole sample). Each (search, image) result is cached in ``cache_dir`` as one file written
-atomically, so a killed run redoes at most one image.
+The choice (``choose``): among the settings whose recall at ``target_iou`` reaches
+``target_recall`` with a ``top_k`` of at most ``max_boxes``, the one with the fewest search
+seconds, then boxes, per image; if none does, the highest recall, and by how much it falls
+short. Searches are tried cheapest first (``estimated_cost``), each on the first
+``probe_images`` of the sample, then, unless its best recall there is more than
+``PRUNE_MARGIN`` under the target, on all of it; the run stops at the first search that reaches
+the target (``exhaustive``: every search). Each (search, image) result is cached in
+``cache_dir``, one file written atomically, so a killed run redoes at most one image.
 """
 
 from __future__ import annotations
@@ -48,9 +41,8 @@ MODES = tuple(OUR_MODES)  # every mode of selective search
 RESIZES = (0, 500, 800, 1000)  # 0: native size
 K_SCALES = (1.0, 0.5, 0.25)
 MIN_SIZES = (5, 10, 20)  # box sides, pixels of the resized image ([RCNN]: 20)
-# The "nms" ranking's IoUs tried (and "paper"). Not 0.5: within a budget it keeps recall@0.5 but
-# loses recall@0.7 (nuclei, 100 boxes: 0.49 against 0.69 at 0.7), and the cheapest-setting rule
-# would pick it.
+# The "nms" ranking's IoUs tried. Not 0.5: within a budget it keeps recall@0.5 but loses
+# recall@0.7 (nuclei, 100 boxes: 0.49 against 0.69 at 0.7), and the cheapest rule would pick it.
 NMS_IOUS = (0.7, 0.9)
 
 
@@ -130,9 +122,8 @@ class SearchCache:
 
 def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Grid, target_iou: float,
                     progress: bool = True, desc: str = "") -> tuple[list[dict], float]:
-    """Every (min_size, ranking, top_k) of ``search`` on ``records`` -> (rows, search seconds per
-    image). A row: the setting, boxes_per_image, ``recall_summary``'s figures, recall@target_iou,
-    seconds_per_image (search + filter and ranking)."""
+    """Every (min_size, ranking, top_k) of ``search`` on ``records`` -> (rows, search s / image); a
+    row: the setting, boxes_per_image, ``recall_summary``, recall@target_iou, seconds_per_image."""
     budgets = sorted(set(grid.budgets)) + [0]
     variants = [(m, r, i) for m in grid.min_sizes for r, i in grid.rankings]
     matches = {(v, k): [] for v in variants for k in budgets}  # per image: (matched IoU [G], best IoU [G])
@@ -144,10 +135,9 @@ def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Gri
         search_seconds.append(seconds)
         gt_boxes, gt_classes = counted_gt(record)
         classes.append(gt_classes)
-        for v in variants:
-            min_size, ranking, nms_iou = v
+        for v in variants:  # (min_size, ranking, nms_iou)
             t0 = time.perf_counter()
-            boxes, _ = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou)
+            boxes, _ = finish_proposals(raw, min_size=v[0], ranking=v[1], nms_iou=v[2])
             filter_seconds[v].append(time.perf_counter() - t0)
             for k, match in match_at_top_ks(boxes, gt_boxes, budgets).items():
                 matches[v, k].append(match)
@@ -166,9 +156,8 @@ def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Gri
 
 
 def estimated_cost(search: Search, records: list, resize_side: str) -> float:
-    """A rough a-priori cost of ``search`` (the order searches are tried in; the measured
-    seconds decide the choice): resized pixels x colour spaces x ks x (1 + strategies / 4),
-    and more for smaller k (more regions to group)."""
+    """A rough a-priori cost of ``search``, to order the searches: resized pixels x colour spaces x
+    ks x (1 + strategies / 4), more for a smaller k (more regions to group)."""
     colour_spaces, ks, strategies = OUR_MODES[search.mode]
     pixels = np.mean([math.prod(resized_shape(r.height, r.width, search.resize, resize_side)) for r in records])
     return float(pixels * len(colour_spaces) * len(ks) * (1 + len(strategies) / 4) / math.sqrt(search.k_scale))
@@ -179,19 +168,15 @@ def eligible(row: dict, max_boxes: int) -> bool:
 
 
 def cost(row: dict) -> tuple[float, float]:
-    """Cheaper first: the search's seconds per image (the filter and the ranking cost
-    milliseconds), then boxes per image."""
+    """Cheaper first: the search's seconds per image (its filter costs ms), then boxes per image."""
     return row["search_seconds_per_image"], row["boxes_per_image"]
 
 
 def choose(rows: list[dict], metric: str, target: float) -> dict:
     """The rule of the module docstring: the cheapest of ``rows`` whose ``metric`` reaches
     ``target``, else the cheapest of those with the highest ``metric``."""
-    reaching = [r for r in rows if r[metric] >= target]
-    if reaching:
-        return min(reaching, key=cost)
     top = max(r[metric] for r in rows)
-    return min((r for r in rows if r[metric] == top), key=cost)
+    return min((r for r in rows if r[metric] >= min(target, top)), key=cost)
 
 
 def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None = None, num_images: int = 50,
@@ -201,9 +186,8 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
 
     base: the other ``ProposalConfig`` fields as a dict (engine, resize_side, seed are used as
     they are). Returns {"rows": every fully measured setting, "probe": {search key: {seconds,
-    best recall}}, "status": {search key: "measured", "pruned" or "not run"}, "chosen": a row, "reached":
-    bool, "shortfall": target - chosen recall (<= 0 when reached), "settings": the
-    ``proposals:`` values, "images", "sample", "target"...}.
+    best recall}}, "status": {search key: "measured", "pruned" or "not run"}, "chosen": a row,
+    "reached", "shortfall": target - chosen recall, "settings": the ``proposals:`` values, ...}.
     """
     grid = grid or Grid()
     if not 0.5 <= target_iou <= 0.95:
@@ -255,7 +239,7 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
             "grid": asdict(grid), "exhaustive": exhaustive}
 
 
-def _ranking_name(row: dict) -> str:
+def ranking_name(row: dict) -> str:
     return "paper" if row["ranking"] == "paper" else f"nms {row['nms_iou']:g}"
 
 
@@ -263,7 +247,7 @@ def summary_line(result: dict) -> str:
     """One sentence: the target, reached or by how much it falls short, and the chosen setting."""
     c, t, metric = result["chosen"], result["target"], result["metric"]
     what = (f"{c['mode']} mode, resize {c['resize'] or 'native'}, k_scale {c['k_scale']:g}, min_size "
-            f"{c['min_size']}, ranking {_ranking_name(c)}, top_k {c['top_k']}: {metric} {c[metric]:.3f}, "
+            f"{c['min_size']}, ranking {ranking_name(c)}, top_k {c['top_k']}: {metric} {c[metric]:.3f}, "
             f"recall@0.7 {c['recall@0.7']:.3f}, MABO {c['MABO']:.3f}, {c['boxes_per_image']:.0f} boxes and "
             f"{c['seconds_per_image']:.2f} s per image")
     goal = f"{metric} >= {t['recall']:g} within {t['max_boxes']} boxes per image"
@@ -316,7 +300,7 @@ def format_table(result: dict) -> str:
     head = ["mode", "resize", "k_scale", "min_size", "ranking", "top_k", "boxes / image", *keys, "MABO",
             "s / image", ""]
     lines = _markdown(head, [[r["mode"], str(r["resize"] or "native"), f"{r['k_scale']:g}", str(r["min_size"]),
-                              _ranking_name(r), str(r["top_k"]), f"{r['boxes_per_image']:.0f}",
+                              ranking_name(r), str(r["top_k"]), f"{r['boxes_per_image']:.0f}",
                               *(f"{r[k]:.3f}" for k in keys), f"{r['MABO']:.3f}", f"{r['seconds_per_image']:.3f}",
                               "**chosen**" if r == result["chosen"] else ""] for r in best_per_search(result)])
     pruned = [k for k, v in result["status"].items() if v == "pruned"]
@@ -342,7 +326,7 @@ def budget_table(result: dict) -> str:
     table = []
     for ranking, nms_iou in dict.fromkeys((r["ranking"], r["nms_iou"]) for r in rows):
         cells = {r["top_k"]: r for r in rows if (r["ranking"], r["nms_iou"]) == (ranking, nms_iou)}
-        table.append([_ranking_name(cells[budgets[0]]),
+        table.append([ranking_name(cells[budgets[0]]),
                       *(f"{cells[k]['recall@0.5']:.3f} / {cells[k]['recall@0.7']:.3f}" for k in budgets)])
     return "\n".join(_markdown(["ranking", *(str(k or "all") for k in budgets)], table))
 
@@ -353,10 +337,9 @@ def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def tune_to_files(records: list, out: str | Path, *, data_spec: dict, figure, cache_dir: str = "", **options) -> dict:
-    """``tune`` (``options``: its keyword arguments), then write ``out`` (the ``proposals:``
-    block), ``.md`` (the tables), ``.png`` (``figure(result)``: PNG bytes) and ``.json`` (every
-    setting measured) beside it, print the table and the verdict; returns the result. The
-    searches are cached in ``cache_dir`` (default ``<out>.cache``)."""
+    """``tune`` (``options``: its keyword arguments; searches cached in ``cache_dir``, default
+    ``<out>.cache``), then write ``out`` (the ``proposals:`` block) and beside it ``.md`` (the tables),
+    ``.png`` (``figure(result)``) and ``.json``, print the table and the verdict; returns the result."""
     out = Path(out)
     result = tune(records, cache_dir=cache_dir or f"{out}.cache", **options)
     command = (f"detect tune-proposals --data {data_arguments(data_spec)} --num-images "

@@ -23,20 +23,14 @@ IOU_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)  # COCO's 0.5:0.95, for
 
 
 def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progress: bool = False) -> dict:
-    """Recall of the proposals against the ground truth, at several numbers of proposals.
+    """Recall of the first k proposals of every image against its GT, for each k of ``top_ks``.
 
-    For each k of ``top_ks`` the first k proposals of every image (selective search's ranking)
-    are compared with its ground truth (difficult / crowd boxes, ``gt_difficult``, are ignored):
-    - "recall@0.5", "recall@0.7": fraction of GT boxes covered at that IoU; each proposal covers
-      at most one GT box, matched greedily from the highest IoU down (detectron2
-      ``_eval_box_proposals``, fast-rcnn ``imdb.evaluate_recall``). A GT box in an image with no
-      proposal counts as missed.
-    - "AR": recall averaged over IoU 0.5:0.95 (step 0.05), the same matching.
-    - "ABO": mean over GT boxes of the best IoU of any proposal (no one-to-one matching).
-    - "MABO": [SS]'s mean ABO: the ABO of each class, averaged over classes with GT.
-    - "avg_proposals": mean number of proposals per image actually used (min(k, R)).
-    Returns {"top_k": [T], metric: [T] floats}: the ``proposal_recall`` block of metrics.json
-    (detect.report). A metric with no GT box to measure is -1 (n/a).
+    Difficult / crowd boxes are ignored. "recall@0.5", "recall@0.7": the fraction of GT boxes
+    covered at that IoU, each proposal covering at most one, matched greedily from the highest
+    IoU down (detectron2's ``_eval_box_proposals``, fast-rcnn's ``imdb.evaluate_recall``); "AR":
+    that recall averaged over IoU 0.5:0.95; "ABO": the mean best IoU of a GT box (no one-to-one
+    matching); "MABO" ([SS]): ABO averaged over classes; "avg_proposals": mean min(k, R). Returns
+    {"top_k": [T], metric: [T]}, metrics.json's "proposal_recall"; -1 where there is no GT box.
     """
     top_ks = sorted({int(k) for k in top_ks})
     if not top_ks or top_ks[0] < 1:
@@ -66,10 +60,9 @@ def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progr
 
 
 def match_at_top_ks(proposal_boxes: np.ndarray, gt_boxes: np.ndarray, top_ks) -> dict:
-    """{k: (matched IoU [G], best IoU [G])} of the first k proposals (0: all) against the GT
-    boxes: ``greedy_match`` and the best overlap. Only the proposals that overlap some GT box by
-    IoU >= 0.5 are matched, which changes no matched IoU >= 0.5 (greedy matching takes those
-    pairs before any lower one), so every recall at 0.5 and above is exact."""
+    """{k: (``greedy_match`` IoU [G], best IoU [G])} of the first k proposals (0: all). Only the
+    proposals with IoU >= 0.5 to some GT box are matched: greedy matching takes those pairs
+    before any lower one, so every recall at 0.5 and above is exact."""
     iou = box_iou(proposal_boxes, gt_boxes)  # [R, G]
     useful = iou.max(axis=1) >= 0.5 if len(iou) else np.zeros(0, bool)  # [R]
     out = {}
@@ -92,10 +85,9 @@ def recall_summary(matches: list[tuple[np.ndarray, np.ndarray]], classes: np.nda
 
 
 def warn_if_low_recall(dataset, store, top_k: int, data_spec: dict | None = None) -> str | None:
-    """When recall@0.5 of the first ``top_k`` proposals (0 = all) is below ``LOW_RECALL``, print
-    one line with the figure and the fix to stderr and return it; None when recall is fine or
-    there is no box to measure. ``data_spec`` (``DatasetConfig`` as a dict) names the data in
-    the suggested ``detect tune-proposals`` command."""
+    """Print (stderr) and return one line with the figure and the fix when recall@0.5 of the first
+    ``top_k`` proposals (0: all) is below ``LOW_RECALL``, else None. ``data_spec``
+    (``DatasetConfig`` as a dict) names the data in the suggested command."""
     records = [r for r in dataset.records if len(counted_gt(r)[0])]
     if not records:
         return None
@@ -162,8 +154,7 @@ def greedy_match(iou: np.ndarray) -> np.ndarray:
 def format_recall_table(recall: dict) -> str:
     """The ``proposal_recall`` result as a text table, one row per top-k."""
     keys = ["avg_proposals", "recall@0.5", "recall@0.7", "AR", "ABO", "MABO"]
-    header = f"{'top-k':>6}  " + "  ".join(f"{k:>13}" for k in keys)
-    rows = [header]
+    rows = [f"{'top-k':>6}  " + "  ".join(f"{k:>13}" for k in keys)]
     for i, k in enumerate(recall["top_k"]):
         cells = [f"{recall[key][i]:13.1f}" if key == "avg_proposals" else f"{recall[key][i]:13.4f}" for key in keys]
         rows.append(f"{k:>6}  " + "  ".join(cells))

@@ -35,12 +35,10 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None, 
                  skipped: list[dict] | None = None) -> dict[int, Detections]:
     """Detect on every record (this rank's share under torchrun); returns {image_id: Detections}.
 
-    Proposals come from ``store`` (a ``ProposalStore``) or, without one, from selective search
-    with the detector's own settings (timed as the "proposals" stage). ``per_image_ms``, when
-    given, receives each image's {stage: ms} in order (this rank's images). An unreadable image
-    gets no detections (it still counts in the evaluation), a warning naming it, and an entry
-    ``{"file", "reason"}`` appended to ``skipped`` (every rank's, on every rank). No rank
-    raises for one, so the ranks stay in step for the final gather.
+    Proposals: ``store`` (a ``ProposalStore``), else selective search with the detector's settings
+    (the "proposals" stage). ``per_image_ms`` receives each of this rank's images' {stage: ms}. An
+    unreadable image gets no detections, a warning and an entry {"file", "reason"} in ``skipped``
+    (every rank's, on every rank); no rank raises, so the ranks stay in step for the gather.
     """
     rank, world = rank_and_world()
     mine = records[rank::world]
@@ -73,17 +71,14 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None, 
 
 
 def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Path, *, store=None,
-                      name: str = "", data_spec: dict | None = None, train_time_s: float | None = None,
-                      progress: bool = True) -> dict:
+                      name: str = "", data_spec: dict | None = None, train_time_s: float | None = None) -> dict:
     """Run ``detector`` over ``dataset``, write detections.json and metrics.json, return metrics."""
     output_dir = Path(output_dir)
     device = detector.device
     reset_peak_memory(device)
-    per_image: list[dict[str, float]] = []
+    per_image, skipped = [], []  # {stage: ms} per image; unreadable images
     t0 = time.perf_counter()
-    skipped: list[dict] = []
-    detections = run_detector(detector, dataset.records, store=store, progress=progress,
-                              per_image_ms=per_image, skipped=skipped)
+    detections = run_detector(detector, dataset.records, store=store, per_image_ms=per_image, skipped=skipped)
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
         return {}
@@ -91,7 +86,6 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     results = coco_results(dataset, detections)
     write_json_atomic(output_dir / "detections.json", results, indent=None)
     m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
-    voc = evaluate_voc_metrics(dataset, detections)
     timings, recall = timing_lists(per_image), None
     if store is not None:  # also at the detector's own top-k (0: all, the store's largest count)
         own = detector.proposal_top_k or max((store.num_boxes(r.image_id) for r in dataset.records), default=1)
@@ -101,7 +95,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         "device": device_name(device), "num_parameters": sum(p.numel() for p in detector.parameters()),
         "num_images": len(dataset), "num_detections": m["num_detections"], "coco": {k: m[k] for k in COCO_KEYS},
         **{k: m[k] for k in ("per_class_AP", "per_class_AP50", "pr_curve_50")},
-        "voc07": voc["voc07"], "voc": voc["voc"], "ap_per_iou": m["ap_per_iou"],
+        **evaluate_voc_metrics(dataset, detections), "ap_per_iou": m["ap_per_iou"],  # "voc07", "voc"
         "test_settings": {"box_regression": detector.box_regression, "proposal_top_k": detector.proposal_top_k},
         "timing_ms_per_image": {s: sum(v) / max(len(dataset), 1)  # over every image, unreadable ones too
                                 for s, v in timings["timing_ms_per_image_list"].items()},
@@ -120,9 +114,8 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
 
 
 def timing_lists(per_image: list[dict[str, float]], warmup: int = TIMING_WARMUP) -> dict:
-    """metrics.json's per-image timings: every image's ms per stage (0 where an image skipped a
-    stage), and per-stage medians over the images after ``warmup`` (all of them when there are
-    no more than ``warmup``)."""
+    """metrics.json's per-image timings: every image's ms per stage (0 where it skipped one) and
+    per-stage medians over the images after ``warmup`` (all, when there are no more)."""
     stages = list(dict.fromkeys(s for st in per_image for s in st))
     lists = {s: [st.get(s, 0.0) for st in per_image] for s in stages}
     skip = warmup if len(per_image) > warmup else 0
@@ -161,8 +154,7 @@ def score_results_file(dataset: Dataset, results_path: Path, output_dir: Path, *
             raise
         raise ValueError(f"{results_path}: {str(e).removeprefix('results: ')}") from None
     if isinstance(results, list):  # evaluate_coco checked every entry
-        voc = evaluate_voc_metrics(dataset, detections_from_results(dataset, results))
-        metrics.update(voc)
+        metrics.update(evaluate_voc_metrics(dataset, detections_from_results(dataset, results)))
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(f"wrote {output_dir / 'metrics.json'} and {output_dir / 'coco_eval.log'}")
     return metrics

@@ -1,29 +1,20 @@
 """PASCAL VOC average precision: VOC2007's 11-point AP and VOC2010+'s all-point AP.
 
-The algorithm of ``lib/datasets/voc_eval.py`` (``voc_eval`` and ``voc_ap``) in
-rbgirshick/py-faster-rcnn, the Python port of the VOCdevkit's MATLAB evaluation that
-rbgirshick/fast-rcnn itself called (``lib/datasets/VOCdevkit-matlab-wrapper/voc_eval.m``),
-per class:
+The algorithm of rbgirshick/py-faster-rcnn's ``lib/datasets/voc_eval.py`` (``voc_eval``,
+``voc_ap``), the port of the VOCdevkit's MATLAB evaluation that fast-rcnn called, per class:
 
-1. all detections of the class over all images, sorted by score, best first;
-2. each detection is matched to the ground-truth box of its image (same class) with the
-   highest IoU; if that IoU is > 0.5 (strictly) the detection is a true positive when that
-   box is not difficult and not yet matched, a false positive when it was matched already,
-   and neither when it is difficult; IoU <= 0.5 is a false positive;
-3. recall = cumulative TP / number of non-difficult gt boxes; precision = TP / (TP + FP);
-4. AP: ``"voc07"`` averages, over recall thresholds 0, 0.1, ..., 1, the highest precision
-   at recall >= t (0 if none); ``"voc"`` (VOC2010+) takes the area under the precision
-   envelope (precision made monotone from the right), summed over the points where recall
-   changes.
+1. its detections over all images, best score first;
+2. each is matched to the gt box of its image and class with the highest IoU: IoU > 0.5 makes
+   it a true positive when that box is neither difficult nor matched yet, a false positive when
+   it was matched, neither when it is difficult; IoU <= 0.5 is a false positive;
+3. recall = cumulative TP / non-difficult gt boxes; precision = TP / (TP + FP);
+4. ``"voc07"`` averages, over recall 0, 0.1, ..., 1, the highest precision at recall >= t (0 if
+   none); ``"voc"`` (VOC2010+) sums the area under the precision envelope where recall changes.
 
-Differences, deliberate: voc_eval.py measures boxes in inclusive 1-based pixels (widths
-``x2 - x1 + 1``); our boxes are continuous xyxy (see ``detect.data.datasets.load_voc``), so
-IoU here is plain IoU without the ``+ 1``. A detection on a difficult box is left out of the
-precision/recall points rather than kept as a point that changes nothing (the same AP, except
-that voc_eval.py gets 0/0 = NaN when such a detection comes first). A class without
-non-difficult gt boxes has no AP (-1, as pycocotools writes "not defined") and is left out of
-the mean, as COCO's per-class AP. Ties in score keep the order of the input (numpy's stable sort;
-voc_eval.py's argsort is not stable).
+Deliberate differences: plain IoU, without voc_eval.py's ``+ 1`` of 1-based pixels (our boxes
+are continuous xyxy, ``detect.data.datasets.load_voc``); a detection on a difficult box is no
+precision/recall point (the same AP, without voc_eval.py's 0/0 when one comes first); a class
+without non-difficult gt has AP -1 and is left out of the mean; score ties keep the input order.
 """
 
 from __future__ import annotations
@@ -58,10 +49,9 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str) ->
 
 def class_pr(dets: list[tuple[float, int, np.ndarray]],
              gt: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Recall [D'] and precision [D'] of one class (steps 1-3 of the module docstring; D' leaves
-    out the detections on difficult boxes), and its number of non-difficult gt boxes.
-    ``dets``: (score, image id, box [4]) of every detection of the class; ``gt``: image id ->
-    (boxes [G, 4], difficult [G]) of that class."""
+    """Recall [D'] and precision [D'] of one class (steps 1-3 above; D' leaves out detections on
+    difficult boxes) and its non-difficult gt count. ``dets``: (score, image id, box [4]) of each
+    detection of the class; ``gt``: image id -> (boxes [G, 4], difficult [G]) of that class."""
     num_pos = int(sum((~difficult).sum() for _, difficult in gt.values()))
     order = np.argsort([-d[0] for d in dets], kind="stable")
     matched = {image_id: np.zeros(len(boxes), bool) for image_id, (boxes, _) in gt.items()}
@@ -88,15 +78,10 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]],
     return recall, precision, num_pos
 
 
-def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], metrics=METRICS) -> dict[str, dict]:
-    """``{metric: {"mAP": float, "per_class_AP": {class name: float}}}`` of ``detections``
-    (image id -> ``Detections``, labels 1..K) on ``dataset``; -1 for a class without
-    non-difficult gt. Detections are matched once per class; the metrics differ only in how
-    they average the precision-recall curve."""
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown VOC metric {unknown[0]!r}: expected one of {METRICS}")
-    per_class: dict[str, dict[str, float]] = {m: {} for m in metrics}
+def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) -> dict[str, dict]:
+    """``{metric: {"mAP", "per_class_AP": {class name: AP}}}`` of ``detections`` (image id ->
+    ``Detections``, labels 1..K) on ``dataset`` for each of ``METRICS``; -1 where undefined."""
+    per_class: dict[str, dict[str, float]] = {m: {} for m in METRICS}
     for k, name in enumerate(dataset.class_names, start=1):
         gt = {}
         for record in dataset.records:
@@ -109,28 +94,28 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections], me
             boxes, scores = d.boxes.cpu().numpy()[labels == k], d.scores.cpu().numpy()[labels == k]
             dets.extend((float(s), image_id, b) for s, b in zip(scores, boxes))
         recall, precision, num_pos = class_pr(dets, gt)
-        for m in metrics:
+        for m in METRICS:
             per_class[m][name] = average_precision(recall, precision, m) if num_pos else -1.0
     out = {}
-    for m in metrics:
+    for m in METRICS:
         defined = [v for v in per_class[m].values() if v >= 0]
         out[m] = {"mAP": float(np.mean(defined)) if defined else -1.0, "per_class_AP": per_class[m]}
     return out
 
 
 def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, Detections]:
-    """COCO results entries (already checked by ``evaluate_coco``) -> image id -> ``Detections``
-    with class indices 1..K, so a results file gets VOC AP too."""
+    """COCO results entries -> image id -> ``Detections`` (float64, classes 1..K), in file order;
+    entries of a category not in ``dataset`` are left out."""
     class_of = class_of_category(dataset.category_ids)
     grouped: dict[int, list[dict]] = {}
     for entry in results:
-        if entry["category_id"] in class_of:
+        if entry.get("category_id") in class_of:
             grouped.setdefault(entry["image_id"], []).append(entry)
     out = {}
     for image_id, entries in grouped.items():
         boxes = xywh_to_xyxy(np.array([e["bbox"] for e in entries], np.float64))  # [D, 4]
         out[image_id] = Detections(torch.from_numpy(boxes),
-                                   torch.tensor([float(e["score"]) for e in entries], dtype=torch.float64),
+                                   torch.from_numpy(np.array([e["score"] for e in entries], np.float64)),
                                    torch.tensor([class_of[e["category_id"]] for e in entries]))
     return out
 

@@ -1,12 +1,8 @@
-"""The report's figures, as PNG bytes: per-class AP, precision-recall, proposal recall, the
-detection grid, AP against IoU, the error breakdown, stage times, speed against accuracy, the
-proposal sweep, and ``detect tune-proposals``' recall against boxes and seconds.
+"""The figures of ``detect compare`` and ``detect tune-proposals``, as PNG bytes.
 
-Figures are built with ``matplotlib.figure.Figure`` directly: no pyplot, so no global figure
-state and no backend switch in the caller's process. Bytes are stable for the same inputs:
-fixed sizes and dpi, and no software tag or date in the PNG metadata (``detect.report.sections``
-also pins matplotlib's default style). Each run keeps one colour (``run.color``) in every figure.
-Boxes are xyxy pixels of the original image.
+Built on ``matplotlib.figure.Figure``, no pyplot (no global state, no backend switch). The bytes
+are stable for the same inputs: fixed sizes and dpi, no software tag or date in the metadata.
+Each run keeps one colour (``run.color``) in every figure. Boxes are xyxy original-image pixels.
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from detect.common.palette import TAB10_HEX
 from detect.data.datasets import ImageRecord
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.errors import ERROR_TYPES
-from detect.evaluation.proposal_tuning import best_per_search
+from detect.evaluation.proposal_tuning import best_per_search, ranking_name
 from detect.report.runs import Run
 
 RUN_COLORS = tuple(TAB10_HEX[i] for i in (0, 3, 2, 1, 4, 5, 6, 7, 8, 9))  # blue, red, green, orange, ...
@@ -46,10 +42,6 @@ def _png(fig: MplFigure) -> bytes:
     return buf.getvalue()
 
 
-def _nan(value: float | None) -> float:
-    return math.nan if value is None else value
-
-
 def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
     """Per-class AP, one bar per run, grouped by class."""
     num_classes, num_runs = len(class_names), len(runs)
@@ -59,13 +51,12 @@ def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
     width = 0.8 / num_runs
     top = 0.0
     for i, run in enumerate(runs):
-        values = np.array([_nan(run.per_class_ap.get(c)) for c in class_names])  # [K]
+        values = np.array([run.per_class_ap.get(c) for c in class_names], dtype=float)  # [K], None: NaN
         top = max(top, np.nanmax(values, initial=0.0))
         positions = x - 0.4 + width * (i + 0.5)  # [K]
         ax.bar(positions, values, width, color=run.color, label=run.label)
         for position in positions[np.isnan(values)]:  # no ground truth or not measured
-            ax.text(position, 0.005, "n/a", rotation=90, ha="center", va="bottom", fontsize=7,
-                    color=run.color)
+            ax.text(position, 0.005, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color=run.color)
     rotate = num_classes > 6 or max(len(c) for c in class_names) > 10
     ax.set_xticks(x, class_names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
     ax.set(xlim=(-0.6, num_classes - 0.4), ylim=(0, min(1.0, top * 1.2 + 0.02)), ylabel="AP (IoU 0.50:0.95)")
@@ -163,11 +154,8 @@ def _draw_box(ax, box, text: str, color: str, image_height: int) -> None:
 
 def detection_grid(records: list[ImageRecord], class_names: list[str], runs: list[Run],
                    detections_per_run: list[dict[int, list] | None]) -> bytes:
-    """Rows: images; columns: ground truth, then each run's detections.
-
-    ``detections_per_run[j]`` maps image id -> [(score, class 1..K, xyxy box)] for run j, or is
-    None when the run has no detections file (its cells say so).
-    """
+    """Rows: images; columns: ground truth, then each run's detections (``detections_per_run[j]``:
+    image id -> [(score, class 1..K, xyxy box)], None when run j has no detections file)."""
     ncols = 1 + len(runs)
     ratios = [min(max(r.height / max(r.width, 1), 0.4), 1.6) for r in records]  # [N] h / w
     fig = _figure(GRID_CELL_INCHES * ncols, sum(GRID_CELL_INCHES * q + 0.35 for q in ratios))
@@ -239,8 +227,7 @@ def stage_bars(runs: list[Run], stages: list[str]) -> bytes:
     left = np.zeros(len(runs))
     for j, stage in enumerate(stages):
         widths = np.array([r.timing_ms.get(stage, 0.0) for r in runs])
-        color = cmap(j % 20)
-        ax.barh(np.arange(len(runs)), widths, left=left, label=stage, color=color)
+        ax.barh(np.arange(len(runs)), widths, left=left, label=stage, color=cmap(j % 20))
         left += widths
     ax.set_yticks(np.arange(len(runs)), [r.label for r in runs])
     ax.set_xlabel("ms per image (median), stacked by stage")
@@ -282,15 +269,12 @@ def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
     fig = _figure(9.0, 3.8)
     ax_ap, ax_t = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for kind, runs in sweeps.items():
-        # 0 = all proposals: drawn at the right end, past the largest k
         ks = [r.test_settings.get("proposal_top_k", 0) for r in runs]
-        largest = max(ks)
-        xs = [k if k else largest * 2 for k in ks]
+        xs = [k if k else max(ks) * 2 for k in ks]  # 0 = all proposals: at the right end, past the largest k
         order = np.argsort(xs)
         xs = [xs[i] for i in order]
-        color = runs[0].color
-        ax_ap.plot(xs, [runs[i].coco["AP50"] or 0.0 for i in order], "o-", color=color, label=kind)
-        ax_t.plot(xs, [runs[i].test_ms for i in order], "o-", color=color, label=kind)
+        ax_ap.plot(xs, [runs[i].coco["AP50"] or 0.0 for i in order], "o-", color=runs[0].color, label=kind)
+        ax_t.plot(xs, [runs[i].test_ms for i in order], "o-", color=runs[0].color, label=kind)
     for ax, label in ((ax_ap, "AP50"), (ax_t, "detector ms per image")):
         ax.set(xscale="log", xlabel="proposals per image (top-k; rightmost: all)", ylabel=label)
         ax.grid(alpha=0.3)
@@ -299,10 +283,9 @@ def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
 
 
 def proposal_tuning(result: dict) -> bytes:
-    """``detect tune-proposals``: recall against boxes per image (left: the budgets of each
-    measured search, at its best min size and ranking) and against seconds per image (right:
-    one point per measured search, hollow: every search on the probe images); the target as a
-    dashed line, the chosen setting as a star."""
+    """``detect tune-proposals``: recall against boxes per image (each measured search's budgets at
+    its best min size and ranking) and seconds per image (one point per measured search, hollow:
+    every search on the probe images); the target dashed, the chosen setting a star."""
     fig = _figure(11.0, 4.4)
     ax_boxes, ax_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     metric, target = result["metric"], result["target"]["recall"]
@@ -314,8 +297,8 @@ def proposal_tuning(result: dict) -> bytes:
         rows = sorted((r for r in result["rows"] if all(r[k] == best[k] for k in same)),
                       key=lambda r: r["boxes_per_image"])
         color = TAB10_HEX[modes.index(best["mode"]) % len(TAB10_HEX)]
-        ranking = best["ranking"] if best["ranking"] == "paper" else f"nms {best['nms_iou']:g}"
-        label = f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} {ranking}"
+        label = (f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} "
+                 + ranking_name(best))
         ax_boxes.plot([r["boxes_per_image"] for r in rows], [r[metric] for r in rows], "o" + styles[best["k_scale"]],
                       color=color, label=label, markersize=3, linewidth=1.2)
         ax_time.plot([best["seconds_per_image"]], [best[metric]], "o", color=color, markersize=5)

@@ -1,18 +1,13 @@
 """Box accuracy explained, and the "Findings" the report opens with.
 
-``box_accuracy`` reads each run's detections.json against the dataset and computes, with
-``detect.evaluation``: AP50 and AP75 with paired bootstrap 95% intervals over images, the
-difference to the first run (the reference: ``detect.evaluation.bench.reference_index``), the
-drop from AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error breakdown.
-
-``like_for_like`` finds what the runs do not share: proposal store and settings, the top_k
-scored, validation set, backbone and weights, training images, schedule (``_setup``).
-
-``findings`` turns those numbers, the differences, the bench and the FLOPs into sentences (a
-pure function of dicts, tested on fixed numbers). A difference whose interval contains 0 is
-reported as "no significant difference"; each verdict names the differences between its runs,
-and the box-accuracy claim is judged only on like-for-like runs. ``explained_section`` is the
-report section showing the numbers: AP against IoU, the interval table and the error breakdown."""
+``box_accuracy`` computes from each run's detections.json (``detect.evaluation``): AP50 and AP75
+with paired bootstrap 95% intervals over images, the difference to the reference run
+(``detect.evaluation.bench.reference_index``), the drop from AP50 to AP75 (how much AP needs
+tight boxes) and the TIDE-style error breakdown; ``explained_section`` shows them.
+``like_for_like`` finds what the runs do not share (``_setup``). ``findings`` turns all that, the
+bench and the FLOPs into sentences (a pure function of dicts): an interval containing 0 is "no
+significant difference", each verdict names the differences between its runs, and the
+box-accuracy claim is judged on like-for-like runs only."""
 
 from __future__ import annotations
 
@@ -20,39 +15,30 @@ import json
 
 import numpy as np
 
-from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset, gt_flags
 from detect.evaluation.bench import ratio_text, reference_index
-from detect.evaluation.coco import class_of_category
 from detect.evaluation.errors import ERROR_TYPES, error_breakdown
 from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
+from detect.evaluation.voc import detections_from_results
 from detect.report import figures
 from detect.report.render import Heading, Section, Table, Text
 from detect.report.runs import Run
 
 NUM_RESAMPLES = 1000
-# An AP50 whose 95% interval reaches below this is near zero: its drop to AP75 is bounded by
-# the AP50 itself, so a smaller drop there says nothing about the boxes.
-FLOOR_AP50 = 0.05
+FLOOR_AP50 = 0.05  # an AP50 whose interval reaches below this bounds its own drop to AP75
 
 
 def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
     """The run's detections.json and the dataset's ground truth, image by image (dataset order)."""
-    classes = class_of_category(dataset.category_ids)
-    by_image: dict[int, list] = {}
-    for d in read_json(run.detections_path):
-        if d.get("category_id") in classes:
-            by_image.setdefault(d["image_id"], []).append(d)
+    detections = detections_from_results(dataset, read_json(run.detections_path))
+    none = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
     images = []
     for rec in dataset.records:
-        dets = by_image.get(rec.image_id, [])
-        boxes = xywh_to_xyxy(np.array([d["bbox"] for d in dets], np.float64).reshape(-1, 4))
+        d = detections.get(rec.image_id)
         gt_boxes = np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4)
         images.append(ImageBoxes(gt_boxes, np.asarray(rec.gt_classes), gt_flags(rec.gt_difficult, len(gt_boxes)),
-                                 np.asarray(boxes, np.float64),
-                                 np.array([d["score"] for d in dets], np.float64),
-                                 np.array([classes[d["category_id"]] for d in dets], np.int64)))
+                                 *(none if d is None else (d.boxes.numpy(), d.scores.numpy(), d.labels.numpy()))))
     return images
 
 
@@ -72,9 +58,7 @@ def _schedule(run: Run) -> str | None:
     else:
         rois = t.get("images_per_batch", 0) * t.get("rois_per_image", 0) or None
         steps = (t.get("max_iter"), rois, t.get("lr"), t.get("steps"))
-    if None in steps:
-        return None
-    return f"{steps[0]} iterations of {steps[1]} RoIs at lr {steps[2]}, steps {steps[3]}"
+    return None if None in steps else f"{steps[0]} iterations of {steps[1]} RoIs at lr {steps[2]}, steps {steps[3]}"
 
 
 def _setup(run: Run) -> dict:
@@ -128,7 +112,7 @@ def _caveat(names: list[str]) -> str:
     return f" Not like for like: they differ in {', '.join(names)}." if names else ""
 
 
-def box_accuracy(runs: list[Run], dataset: Dataset, *, num_resamples: int = NUM_RESAMPLES) -> dict:
+def box_accuracy(runs: list[Run], dataset: Dataset) -> dict:
     """{"labels", "kinds", "bootstrap" (``bootstrap_ap``), "errors": [``error_breakdown``]} for
     the runs (reference first), on every image of ``dataset``."""
     ordered = reference_first(runs)
@@ -136,7 +120,7 @@ def box_accuracy(runs: list[Run], dataset: Dataset, *, num_resamples: int = NUM_
     k = len(dataset.class_names)
     tables = [match_images(im, k, (0.5, 0.75)) for im in images]
     return {"labels": [r.label for r in ordered], "kinds": [r.detector for r in ordered],
-            "bootstrap": bootstrap_ap(tables, num_resamples=num_resamples),
+            "bootstrap": bootstrap_ap(tables, num_resamples=NUM_RESAMPLES),
             "errors": [error_breakdown(im, k) for im in images], "num_images": len(dataset.records)}
 
 
@@ -146,10 +130,6 @@ def _pts(v: float) -> str:
 
 def _interval(d: dict) -> str:
     return f"{_pts(d['value'])} (95% CI {_pts(d['lo'])} to {_pts(d['hi'])})"
-
-
-def _significant(d: dict) -> bool:
-    return d["lo"] > 0 or d["hi"] < 0
 
 
 def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, unknown: list[str] = ()) -> list[str]:
@@ -164,15 +144,14 @@ def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, u
         out.append("Not checked, as not every run folder records it (metrics.json, config.yaml): "
                    + ", ".join(unknown) + ".")
     if acc is not None and len(acc["labels"]) >= 2:
-        boot, labels = acc["bootstrap"], acc["labels"]
-        ref = labels[0]
+        boot, labels, ref = acc["bootstrap"], acc["labels"], acc["labels"][0]
         for i in range(1, len(labels)):
             for thr, name in ((0.5, "loose IoU (AP50)"), (0.75, "strict IoU (AP75)")):
                 d = boot["diff_to_first"][i][thr]
-                a, b = boot["ap"][i][thr], boot["ap"][0][thr]
-                head = f"At {name}, {labels[i]} scores {_interval(a)} and {ref} {_interval(b)}: "
-                if _significant(d):
-                    better, worse = (labels[i], ref) if d["value"] > 0 else (ref, labels[i])
+                head = (f"At {name}, {labels[i]} scores {_interval(boot['ap'][i][thr])} and {ref} "
+                        f"{_interval(boot['ap'][0][thr])}: ")
+                if d["lo"] > 0 or d["hi"] < 0:  # the interval excludes 0
+                    better = labels[i] if d["value"] > 0 else ref
                     head += f"{better} is more accurate by {_pts(abs(d['value']))} points (difference {_interval(d)})."
                 else:
                     head += f"no significant difference (difference {_interval(d)}, the interval contains 0)."
@@ -183,10 +162,8 @@ def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, u
     if bench is not None:
         # A speed ratio depends on the backbones and on the bench's own cut (its proposals are shared).
         top_k = {e["name"]: (e.get("test_settings") or {}).get("proposal_top_k") for e in bench["detectors"]}
-        for d in bench["detectors"]:
-            r = d.get("ratio_to_reference")
-            if not r:
-                continue
+        for d in (d for d in bench["detectors"] if d.get("ratio_to_reference")):
+            r = d["ratio_to_reference"]
             flop = (f"; it needs {d['flops_ratio_to_reference']:.2f}x the FLOPs"
                     if "flops_ratio_to_reference" in d else "")
             apart = (["backbone"] * ("backbone" in differ)
@@ -213,8 +190,7 @@ def _drop_facts(acc: dict, i: int) -> str:
 
 def _localisation_claim(acc: dict, differ: list[str], unknown: list[str]) -> str:
     """Whether the data support "Fast R-CNN localises boxes worse than R-CNN": judged only on
-    runs shown to be like for like (``differ`` and ``unknown`` empty) whose AP50 are both clear
-    of the floor (``FLOOR_AP50``)."""
+    like-for-like runs (``differ``, ``unknown`` empty) with both AP50 clear of ``FLOOR_AP50``."""
     kinds, labels = acc["kinds"], acc["labels"]
     claim = "Claim \"Fast R-CNN localises boxes worse than R-CNN\": "
     if "fast_rcnn" not in kinds or "rcnn" not in kinds:

@@ -1,10 +1,6 @@
-"""How ``detect compare`` writes the document: its blocks, Markdown and HTML.
-
-``detect.report.sections`` decides what the report says, as a list of blocks (``Heading``, ``Text``,
-``Table``, ``Figure``, the figures' PNGs coming from ``detect.report.figures``);
-``render_markdown`` and ``render_html`` write them out. The HTML is self-contained: inline CSS,
-figures as base64 PNG ``data:`` URIs, no scripts, no external URL (a ``Text`` may link to a file
-beside the report).
+"""The blocks of a ``detect compare`` report (``detect.report.sections`` lays them out), written
+as Markdown or as one HTML page: inline CSS, figures as base64 PNG ``data:`` URIs, no script and
+no external URL (a ``Text`` may link to a file beside the report).
 """
 
 from __future__ import annotations

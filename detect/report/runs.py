@@ -2,9 +2,9 @@
 
 Run-folder contract (written by ``detect train`` / ``detect eval``)
 -------------------------------------------------------------------
-``metrics.json`` (required). ``coco`` must be present; any other key may be missing or null,
-and its part of the report then says "not available". (A scored results file, ``detect eval
---results``, has no ``detector`` and its COCO numbers at the top level: accepted too.)::
+``metrics.json`` (required): ``coco`` must be present (or, from ``detect eval --results``, its
+numbers at the top level); any other key may be missing or null, and the report then says "not
+available" there::
 
     {"detector": "fast_rcnn" | "rcnn", "name": str, "backbone": str,
      "device": "cpu" | "cuda: NVIDIA H100 ...", "num_parameters": int, "num_images": int,
@@ -19,36 +19,30 @@ and its part of the report then says "not available". (A scored results file, ``
      "timing_ms_per_image": {stage: ms},   # mean over all images
      "timing_ms_median": {stage: ms},      # median after the first images (warm-up); preferred
      "timing_ms_per_image_list": {stage: [ms per image]},
-         # fast_rcnn stages: proposals, backbone, roi_head, postprocess
-         # rcnn stages: proposals, warp, features, svm, bbox_reg, postprocess
-         # "proposals" (selective search) is present only when it was measured
+         # stages: [proposals,] backbone, roi_head, postprocess (fast_rcnn) or [proposals,] warp,
+         # features, svm, bbox_reg, postprocess (rcnn); "proposals" only where it was measured
      "images_per_second": float,
      "peak_memory_mb": float,          # CUDA max allocated on a GPU, max RSS of the process on CPU
      "train_time_s": float | null,
-     # read beside metrics.json when present (the training cost table): rcnn_stages.json
-     # {"seconds": {stage: s}}, features/done {"bytes": {"total"}} (R-CNN's feature cache) and
-     # the peak "max_mem_mb" of log.jsonl / finetune/log.jsonl
      "proposal_recall": {"top_k": [100, 300, 1000, 2000], "recall@0.5": [...], "recall@0.7": [...],
                          "AR": [...], "MABO": [...]} | null,       # one value per top_k
      "proposals": str | null,          # the proposal store evaluated with (the viewer draws it)
-     "proposal_settings": {setting: value} | null,  # its settings (ProposalStore.settings), or
-                                       # selective search's when there was no store
+     "proposal_settings": {setting: value} | null,  # the store's, or selective search's
      "data": {"format": "coco" | "voc", "path": str, "images": str, "split": str,
               "classes": [class names]}}   # classes: VOC only, the evaluated class order
 
-``config.yaml`` (optional, ``detect train`` writes it): the resolved config, read as plain YAML
-for what ``detect.report.findings.like_for_like`` compares (weights, training data, schedule).
+Optional beside it: ``config.yaml`` (the resolved config, read as plain YAML for
+``detect.report.findings.like_for_like``); ``detections.json`` (COCO results); for the training
+cost, rcnn_stages.json {"seconds": {stage: s}}, features/done {"bytes": {"total"}} (R-CNN's
+feature cache) and the peak "max_mem_mb" of log.jsonl / finetune/log.jsonl.
 
-``detections.json`` (optional): the COCO results of the evaluated images, a list of
-``{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}``.
-
-Test time per image "excluding proposals" is the sum of all stages but ``proposals``: the
-detectors' own cost, as [FRCN] Table 4 compares them (selective search is the same for both
-and costs seconds per image on a CPU).
+Test time "excluding proposals" is the sum of all stages but ``proposals``: the detectors' own
+cost, as [FRCN] Table 4 compares them (selective search is the same for both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -68,9 +62,8 @@ def warn(message: str) -> None:
 def resolve_path(path: str, run_dir: Path) -> str:
     """A path a run folder names: as given when it exists from the current folder (or is
     absolute), else from ``run_dir`` when it exists there."""
-    if not Path(path).is_absolute() and not Path(path).exists() and (run_dir / path).exists():
-        return str(run_dir / path)
-    return path
+    from_run_dir = not Path(path).is_absolute() and not Path(path).exists() and (run_dir / path).exists()
+    return str(run_dir / path) if from_run_dir else path
 
 
 @dataclass(eq=False)
@@ -124,16 +117,12 @@ def _number(value, where: str, path: Path, *, minus_one_is_na: bool = False) -> 
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{path}: key '{where}' should be a number, got {value!r}")
     value = float(value)
-    if math.isnan(value) or (minus_one_is_na and value < 0):
-        return None
-    return value
+    return None if math.isnan(value) or (minus_one_is_na and value < 0) else value
 
 
 def _mapping(m: dict, key: str, path: Path) -> dict | None:
     value = m.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, dict):
+    if value is not None and not isinstance(value, dict):
         raise ValueError(f"{path}: key '{key}' should be an object, got {type(value).__name__}")
     return value
 
@@ -163,8 +152,7 @@ def load_run(run_dir: str | Path) -> Run:
     if not isinstance(detector, str):
         raise ValueError(f"{path}: key 'detector' should be 'fast_rcnn' or 'rcnn', got {detector!r}")
     coco = _mapping(m, "coco", path)
-    if coco is None and "AP" in m:  # `detect eval --results` writes the COCO numbers at the top
-        coco = m
+    coco = m if coco is None and "AP" in m else coco  # `detect eval --results`: COCO numbers at the top
     if coco is None:
         raise ValueError(f"{path}: key 'coco' is missing (the COCO summary numbers)")
 
@@ -172,10 +160,8 @@ def load_run(run_dir: str | Path) -> Run:
         values = _mapping(m, key, path) or {}
         return {str(k): _number(v, f"{key}.{k}", path, minus_one_is_na=True) for k, v in values.items()}
 
-    voc_map = {}
-    for key in ("voc07", "voc"):
-        voc = _mapping(m, key, path)
-        voc_map[key] = None if voc is None else _number(voc.get("mAP"), f"{key}.mAP", path, minus_one_is_na=True)
+    voc_map = {key: _number((_mapping(m, key, path) or {}).get("mAP"), f"{key}.mAP", path, minus_one_is_na=True)
+               for key in ("voc07", "voc")}
 
     pr_recall, pr_precision = None, {}
     pr = _mapping(m, "pr_curve_50", path)
@@ -201,8 +187,7 @@ def load_run(run_dir: str | Path) -> Run:
         timing_key, timing_source = "timing_ms_median", f"median per image after {warmup} warm-up image(s)"
     timing = _mapping(m, timing_key, path) or {}
     timing_ms = {str(k): _number(v, f"{timing_key}.{k}", path) for k, v in timing.items()}
-    num_parameters = _number(m.get("num_parameters"), "num_parameters", path)
-    num_images = _number(m.get("num_images"), "num_images", path)
+    counts = {k: _number(m.get(k), k, path) for k in ("num_parameters", "num_images")}
     data = _mapping(m, "data", path)
     detections = run_dir / "detections.json"
     return Run(
@@ -218,11 +203,8 @@ def load_run(run_dir: str | Path) -> Run:
         pr_recall=pr_recall,
         pr_precision=pr_precision,
         timing_ms={k: v for k, v in timing_ms.items() if v is not None},
-        images_per_second=_number(m.get("images_per_second"), "images_per_second", path),
-        peak_memory_mb=_number(m.get("peak_memory_mb"), "peak_memory_mb", path),
-        train_time_s=_number(m.get("train_time_s"), "train_time_s", path),
-        num_parameters=None if num_parameters is None else int(num_parameters),
-        num_images=None if num_images is None else int(num_images),
+        **{k: _number(m.get(k), k, path) for k in ("images_per_second", "peak_memory_mb", "train_time_s")},
+        **{k: None if v is None else int(v) for k, v in counts.items()},
         proposal_recall=recall,
         data={str(k): [str(c) for c in v] if k == "classes" and isinstance(v, list) else str(v)
               for k, v in data.items() if v is not None} if data else None,
@@ -250,26 +232,17 @@ def _training_cost(run_dir: Path) -> dict:
     """Training time per stage, peak memory and feature-cache bytes from the files a training run
     leaves beside metrics.json; what is missing or unreadable stays None (the report says n/a)."""
     out: dict = {}
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
         stages = read_json(run_dir / "rcnn_stages.json")["seconds"]
         out["train_stage_s"] = {str(k): float(v) for k, v in stages.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         out["feature_cache_bytes"] = int(read_json(run_dir / "features" / "done")["bytes"]["total"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     peaks = []
     for log in (run_dir / "log.jsonl", run_dir / "finetune" / "log.jsonl"):
-        try:
-            lines = log.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            try:
-                peaks.append(float(json.loads(line)["max_mem_mb"]))
-            except (ValueError, KeyError, TypeError):
-                continue
+        with contextlib.suppress(OSError):  # no log
+            for line in log.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line without max_mem_mb
+                    peaks.append(float(json.loads(line)["max_mem_mb"]))
     if peaks:
         out["train_peak_mb"] = max(peaks)
     return out
@@ -297,9 +270,8 @@ def load_bench(path: str | Path) -> dict:
 
 
 def apply_bench(runs: list[Run], bench: dict) -> list[Run]:
-    """Give each run its bench entry: matched by the checkpoint's folder (``detect bench`` names
-    a detector after it), else by name. The run's stage times become the bench's medians
-    (plus the shared proposals stage). Returns the runs that matched."""
+    """Give each run its bench entry, matched by checkpoint folder, else by name; its stage times
+    become the bench's medians (plus the shared proposals). Returns the runs that matched."""
     checkpoints = bench.get("checkpoints") or [""] * len(bench["detectors"])
     matched = []
     for run in runs:

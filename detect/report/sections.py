@@ -1,19 +1,12 @@
 """Side-by-side reports of evaluated runs: ``detect compare RUN_DIR... --output-dir REPORT``.
 
-``make_report`` writes ``report.md`` (its figures saved beside it as PNG files) and
-``report.html`` (self-contained: inline CSS, figures embedded as base64 PNG ``data:`` URIs, no
-script, font or any other external URL; one relative link, to ``viewer.html`` beside it, the
-per-image viewer of ``detect.report.viewer``). Given the same runs, both files are identical apart
-from the one ``Generated:`` line, and the PNGs are byte-identical (fixed sizes and dpi,
-matplotlib's default style whatever the user's matplotlibrc says, no dates or software tag in
-the PNG metadata).
-
-The run folders it reads: ``detect.report.runs``.
-
-The detection grid loads the dataset named by the first run's ``data`` (or the ``data``
-argument) with ``detect.data.datasets.load_dataset`` and shows the first ``num_grid_images`` image ids
-(ascending) that have ground truth. Relative dataset paths are tried from the current folder,
-then from the run folder.
+``make_report`` writes ``report.md`` with its figures beside it as PNG files, and ``report.html``,
+self-contained (``detect.report.render``) but for one link to ``viewer.html``
+(``detect.report.viewer``). For the same runs both are identical apart from the ``Generated:``
+line, and the PNGs byte-identical (``detect.report.figures``, in matplotlib's default style
+whatever the user's matplotlibrc). The run folders it reads: ``detect.report.runs``. The detection
+grid shows the first ``num_grid_images`` image ids with ground truth of the dataset named by
+``data`` or the first run's metrics.json (relative paths: from the current folder, else the run's).
 """
 
 from __future__ import annotations
@@ -49,9 +42,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _fmt_ms(ms: float | None) -> str:
-    if ms is None:
-        return "n/a"
-    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+    return "n/a" if ms is None else f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
 
 
 def _fmt_ratio(ratio: float) -> str:
@@ -73,10 +64,6 @@ def _union(names) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _detector_name(kind: str) -> str:
-    return DETECTOR_NAMES.get(kind, kind)
-
-
 def _settings_text(settings: dict | None) -> str:
     if not settings:
         return "n/a"
@@ -95,7 +82,7 @@ def _own_proposal_recall(r: Run) -> str:
 
 
 def _runs_section(runs: list[Run]) -> Section:
-    rows = [[r.label, _detector_name(r.detector), r.backbone, r.device,
+    rows = [[r.label, DETECTOR_NAMES.get(r.detector, r.detector), r.backbone, r.device,
              _fmt(r.num_images, ""), _settings_text(r.test_settings),
              _own_proposal_recall(r), str(r.run_dir)] for r in runs]
     section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
@@ -114,7 +101,7 @@ def _runs_section(runs: list[Run]) -> Section:
 
 
 def _accuracy_section(runs: list[Run]) -> Section:
-    rows = [[r.label, _detector_name(r.detector), r.backbone]
+    rows = [[r.label, DETECTOR_NAMES.get(r.detector, r.detector), r.backbone]
             + [_fmt(r.coco[k]) for k in ACCURACY_COLUMNS] + [_fmt(r.voc_map.get(k)) for k in VOC_COLUMNS]
             for r in runs]
     section = Section([Heading("Accuracy (COCO box AP, VOC mAP)"),
@@ -129,17 +116,11 @@ def _accuracy_section(runs: list[Run]) -> Section:
     if not class_names:
         section.blocks.append(Text("Per-class AP: not available (no per_class_AP in metrics.json)."))
         return section
-    header = ["class"] + [f"{r.label} {k}" for r in runs for k in ("AP", "AP50")]
-    rows = [[c] + [_fmt(d.get(c)) for r in runs for d in (r.per_class_ap, r.per_class_ap50)]
-            for c in class_names]
-    section.blocks.append(Table(header, rows))
+    rows = [[c] + [_fmt(d.get(c)) for r in runs for d in (r.per_class_ap, r.per_class_ap50)] for c in class_names]
+    section.blocks.append(Table(["class"] + [f"{r.label} {k}" for r in runs for k in ("AP", "AP50")], rows))
     section.add_figure("per_class_ap.png", figures.per_class_ap_bars(runs, class_names),
                        "Per-class AP (IoU 0.50:0.95), one bar per run.")
     return section
-
-
-def _findings_section(runs: list[Run], acc: dict | None, bench: dict | None) -> Section:
-    return Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench, *like_for_like(runs))])
 
 
 def _ratio_text(r: dict) -> str:
@@ -254,8 +235,7 @@ def _pr_section(runs: list[Run]) -> Section:
     with_pr = [r for r in runs if r.pr_recall is not None and r.pr_precision]
     missing = [r.label for r in runs if r.pr_recall is None or not r.pr_precision]
     if missing:
-        section.blocks.append(Text("Precision-recall curve not available for: "
-                                   + ", ".join(missing) + "."))
+        section.blocks.append(Text("Precision-recall curve not available for: " + ", ".join(missing) + "."))
     if not with_pr:
         return section
     section.add_figure("pr_overall.png", figures.pr_overall(with_pr), "All classes (mean precision over "
@@ -269,13 +249,11 @@ def _pr_section(runs: list[Run]) -> Section:
 def _proposal_section(runs: list[Run]) -> Section:
     section = Section([Heading("Proposal recall")])
     # Runs that share one proposal store report the same figures: show each distinct set once.
-    groups: list[tuple[list[Run], dict]] = []
-    for r in (r for r in runs if r.proposal_recall is not None):
-        match = next((g for g in groups if g[1] == r.proposal_recall), None)
-        if match:
-            match[0].append(r)
-        else:
-            groups.append(([r], r.proposal_recall))
+    distinct: list[dict] = []
+    for r in runs:
+        if r.proposal_recall is not None and r.proposal_recall not in distinct:
+            distinct.append(r.proposal_recall)
+    groups = [([r for r in runs if r.proposal_recall == recall], recall) for recall in distinct]
     missing = [r.label for r in runs if r.proposal_recall is None]
     if missing:
         section.blocks.append(Text("Proposal recall not available for: " + ", ".join(missing) + "."))
@@ -283,11 +261,8 @@ def _proposal_section(runs: list[Run]) -> Section:
         return section
     labels = [", ".join(r.label for r in members) for members, _ in groups]
     metrics = [k for k in ("recall@0.5", "recall@0.7", "AR", "MABO") if any(k in g for _, g in groups)]
-    rows = []
-    for label, (_, recall) in zip(labels, groups):
-        for i, top_k in enumerate(recall["top_k"]):
-            rows.append([label, f"{top_k:.0f}"] + [_fmt(recall[k][i]) if k in recall else "n/a"
-                                                   for k in metrics])
+    rows = [[label, f"{top_k:.0f}"] + [_fmt(recall[k][i]) if k in recall else "n/a" for k in metrics]
+            for label, (_, recall) in zip(labels, groups) for i, top_k in enumerate(recall["top_k"])]
     section.blocks.append(Table(["runs", "proposals per image", *metrics], rows))
     png = figures.proposal_recall(labels, [members[0].color for members, _ in groups], [g for _, g in groups])
     section.add_figure("proposal_recall.png", png, "Recall of ground-truth boxes by the top-k proposals "
@@ -296,20 +271,15 @@ def _proposal_section(runs: list[Run]) -> Section:
 
 
 def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset | None, str]:
-    """The dataset of the detection grid, or None and the reason why not.
-
-    ``data`` given (``--data``): a load failure is an error. Otherwise the first run's "data":
-    a failure there (the dataset lives on another machine, say) only skips the grid.
-    """
+    """The grid's dataset, or None and why not. A load failure is an error for ``data``
+    (``--data``) and only skips the grid for the first run's "data" (on another machine, say)."""
     explicit = data is not None
-    run_dir = None
     if data is None:
         owner = next((r for r in runs if r.data and r.data.get("path")), None)
         if owner is None:
             return None, "no \"data\" in metrics.json; pass --data"
-        data, run_dir = owner.data, owner.run_dir
-    if run_dir is not None:  # relative paths: from the current folder, else from the run folder
-        data = {**data, **{k: resolve_path(data[k], run_dir) for k in ("path", "images") if data.get(k)}}
+        data = {**owner.data, **{k: resolve_path(owner.data[k], owner.run_dir)  # from ".", else the run folder
+                                 for k in ("path", "images") if owner.data.get(k)}}
     try:
         return load_dataset(data.get("format", "coco"), data["path"], data.get("images", ""),
                             data.get("split", ""), classes=data.get("classes") or None), ""
@@ -322,18 +292,13 @@ def _grid_dataset(runs: list[Run], data: dict[str, str] | None) -> tuple[Dataset
 
 def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_images: int) -> Section:
     section = Section([Heading("Detections")])
-    if num_images <= 0:
-        section.blocks.append(Text("Detection grid: not requested."))
-        return section
-    if dataset is None:
-        section.blocks.append(Text(f"Detection grid: not available ({reason})."))
-        return section
-    records = sorted((r for r in dataset.records if len(r.gt_boxes) > 0), key=lambda r: r.image_id)
-    records = records[:num_images]
+    records = [] if num_images <= 0 or dataset is None else sorted(
+        (r for r in dataset.records if len(r.gt_boxes) > 0), key=lambda r: r.image_id)[:num_images]
     if not records:
-        section.blocks.append(Text("Detection grid: not available (no image with ground truth)."))
+        why = ("not requested" if num_images <= 0 else f"not available ({reason})" if dataset is None
+               else "not available (no image with ground truth)")
+        section.blocks.append(Text(f"Detection grid: {why}."))
         return section
-
     image_ids = {r.image_id for r in records}
     classes = class_of_category(dataset.category_ids)
     detections_per_run = [_grid_detections(run, image_ids, classes) for run in runs]
@@ -350,12 +315,9 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
 
 def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
                      ) -> dict[int, list[tuple[float, int, tuple[float, float, float, float]]]] | None:
-    """A run's detections on ``image_ids``: image id -> [(score, class 1..K, xyxy)], best first.
-
-    Entries with score < GRID_SCORE_THRESH are dropped; malformed entries and unknown category
-    ids are counted and reported with one warning. None when the run has no usable
-    detections.json.
-    """
+    """A run's detections on ``image_ids`` with score >= ``GRID_SCORE_THRESH``: image id ->
+    [(score, class 1..K, xyxy)], best first; malformed entries and unknown category ids are
+    counted in one warning. None when the run has no usable detections.json."""
     if run.detections_path is None:
         return None
     try:
@@ -386,10 +348,7 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
     if malformed or unknown:
         warn(f"{run.detections_path}: skipped {malformed} malformed entries and {unknown} with a "
               "category id not in the dataset")
-    for image_id, dets in by_image.items():
-        dets.sort(key=lambda d: -d[0])  # stable: ties keep file order
-        by_image[image_id] = dets[:GRID_MAX_DETECTIONS]
-    return by_image
+    return {i: sorted(dets, key=lambda d: -d[0])[:GRID_MAX_DETECTIONS] for i, dets in by_image.items()}  # stable
 
 
 def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None = None,
@@ -397,12 +356,10 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
                 bench: str | Path | None = None, proposals: str = "") -> tuple[Path, Path]:
     """Compare the runs in ``run_dirs``; write ``report.md`` + PNGs and ``report.html``.
 
-    ``data``: {"format", "path", "images", "split"} of the dataset for the detection grid
-    (default: the first run's metrics.json "data"). ``timestamp`` is the report's one varying
-    line (default: now, UTC). ``bench``: a bench.json (``detect bench``) whose medians and
-    ratio intervals replace the runs' own timings. ``viewer.html`` (``detect.report.viewer``;
-    ``proposals``: the store it draws, default each run's own) is written beside the report
-    when every run has a detections.json and the dataset loads. Returns (md_path, html_path).
+    ``data``: {"format", "path", "images", "split"} of the dataset (default: the first run's);
+    ``timestamp``: the one varying line (default: now, UTC); ``bench``: a bench.json whose
+    medians and intervals replace the runs' timings; ``proposals``: the store the viewer draws
+    (default: each run's own). Returns (md_path, html_path).
     """
     if not run_dirs:
         raise ValueError("no run folders given")
@@ -415,10 +372,10 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
     bench_result = load_bench(bench) if bench else None
     if bench_result is not None and not apply_bench(runs, bench_result):
         warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
-    want_data = num_grid_images > 0 or all(r.detections_path for r in runs)
-    dataset, reason = _grid_dataset(runs, data) if want_data else (None, "")
+    with_detections = all(r.detections_path for r in runs)
+    dataset, reason = _grid_dataset(runs, data) if num_grid_images > 0 or with_detections else (None, "")
     acc = None
-    if dataset is not None and all(r.detections_path for r in runs):
+    if dataset is not None and with_detections:
         try:
             acc = box_accuracy(runs, dataset)
         except (KeyError, TypeError, ValueError) as e:
@@ -427,7 +384,9 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
     with matplotlib.style.context("default"):  # the same pixels whatever the user's matplotlibrc
-        sections = [_findings_section(runs, acc, bench_result), _runs_section(runs), _accuracy_section(runs),
+        opening = Section([Heading("Findings")] + [Text(line) for line in findings(acc, bench_result,
+                                                                                   *like_for_like(runs))])
+        sections = [opening, _runs_section(runs), _accuracy_section(runs),
                     explained_section(runs, acc), _speed_section(runs, bench_result),
                     _pr_section(runs), _proposal_section(runs),
                     _grid_section(runs, dataset, reason, num_grid_images)]

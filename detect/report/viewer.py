@@ -1,27 +1,19 @@
 """The per-image viewer of ``detect compare``: ``viewer.html`` beside ``report.html``.
 
-For every image of the dataset it shows the runs side by side (the reference first, as in
-the report), the ground truth on each, and every detection coloured by its type in the
-report's error breakdown (``detect.evaluation.errors.classify_detections``: COCO matching at
-IoU 0.5, then TIDE's types). A ground-truth box is drawn as missed when no detection shown
-(above the score threshold) is its true positive or its classification or localisation
-error, which at the lowest threshold is the breakdown's "missed". Controls: the score
-threshold, a class filter, the sort (per-image AP50 difference to the reference, number of
-misses, file name) and the proposals each run used (its top-k, at most ``MAX_PROPOSALS``),
-with the ground truth none of them covers at IoU ``COVER_IOU`` highlighted. The state is kept
-in the URL's fragment (``viewer.html#sort=d1&t=0.3&props=1``), so a view can be linked.
+Every image of the dataset, the runs side by side (the reference first), the ground truth on
+each and every detection coloured by its type in the error breakdown
+(``detect.evaluation.errors.classify_detections``); a gt box is drawn as missed when no detection
+above the score threshold is its true positive or its classification or localisation error.
+Controls: the score threshold, a class filter, the sort (per-image AP50 difference to the
+reference, ``detect.evaluation.errors.per_image_ap50``, images without gt last; misses; file
+name) and each run's proposals (its top-k, at most ``MAX_PROPOSALS``; gt none covers at IoU
+``COVER_IOU`` highlighted). The state is kept in the URL's fragment (``viewer.html#sort=d1&t=0.3``).
 
-Offline and self-contained: no external URL, no CDN; the page is ``viewer_template.html``
-(CSS and vanilla JavaScript) with the data inlined. Images are downscaled to ``VIEW_SIZE``
-pixels on their longer side (JPEG). Up to ``EMBED_MAX_IMAGES`` images, everything is embedded
-in viewer.html. Beyond that, viewer.html holds only an index of the images (file name,
-size, per-run AP50 and misses, classes: about 105 bytes plus the file name per image, 0.67 MB
-for 5,000 COCO-named images, under ``INDEX_MAX_BYTES``: ``tests/test_viewer.py``), and each image's
-JPEG and boxes are files in ``viewer/``, referenced relatively and loaded only when their
-page (``PAGE_SIZE`` images) is shown.
-
-Per-image AP50 (``detect.evaluation.errors.per_image_ap50``) is the mean over the classes
-with ground truth in that image; an image without ground truth has none and sorts last.
+Offline: ``viewer_template.html`` (CSS and vanilla JavaScript) with the data inlined; images as
+JPEGs of ``VIEW_SIZE`` px on the longer side. Up to ``EMBED_MAX_IMAGES`` images everything is
+embedded; beyond, viewer.html holds an index (about 105 bytes plus the file name per image,
+under ``INDEX_MAX_BYTES`` at 5,000 images) and each image's JPEG and boxes are files in
+``viewer/``, loaded when their page (``PAGE_SIZE`` images) is shown.
 """
 
 from __future__ import annotations
@@ -64,9 +56,8 @@ FOLDER = "viewer"  # beside viewer.html: img/NNNNNN.jpg and data/NNNNNN.js when 
 
 
 def _stores(runs: list[Run], dataset: Dataset, override: str) -> tuple[list[ProposalStore], list[int]]:
-    """The distinct proposal stores of the runs (``override``, else each run's metrics.json
-    "proposals"; relative paths from the current folder, else the run folder) and each run's
-    index into them (-1: none, or it does not match the dataset)."""
+    """The runs' distinct proposal stores (``override``, else each run's "proposals", resolved by
+    ``resolve_path``) and each run's index into them (-1: none, or not matching the dataset)."""
     stores, paths, index = [], [], []
     for run in runs:
         name = override or run.proposals
@@ -90,8 +81,7 @@ def _stores(runs: list[Run], dataset: Dataset, override: str) -> tuple[list[Prop
 
 
 def _thumbnail(path: str) -> bytes | None:
-    """The image at ``path`` as a JPEG of at most VIEW_SIZE px on its longer side; None when it
-    cannot be read."""
+    """The image at ``path`` as a JPEG of at most VIEW_SIZE px a side; None when it cannot be read."""
     try:
         image = Image.fromarray(read_image(path))
     except ImageReadError:
@@ -112,11 +102,10 @@ def _script_json(value) -> str:
 
 
 def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tuple[dict, list[dict]]:
-    """The viewer's index (``{"runs", "classes", "types", "colors", ...,"images": [...]}``, one
-    entry per dataset image, in dataset order) and each image's boxes (xyxy pixels of the
-    original image, rounded): ``{"gt": [[x1, y1, x2, y2, class, ignored]], "det": per run
-    [[x1, y1, x2, y2, class, score, type index, gt index or -1]], "prop": per store [[x1, y1,
-    x2, y2]], "cover": per store [rank of the first proposal covering each gt box, or -1]}``."""
+    """The viewer's index ({"runs", "classes", "types", "colors", ..., "images": one entry per
+    image, in dataset order}) and each image's boxes (rounded xyxy pixels): {"gt": [[x1, y1, x2,
+    y2, class, ignored]], "det": per run [[x1, y1, x2, y2, class, score, type index, gt index or
+    -1]], "prop": per store [[x1, y1, x2, y2]], "cover": per store [first covering rank or -1]}."""
     ordered = reference_first(runs)
     num_classes = len(dataset.class_names)
     n = len(dataset.records)
@@ -134,10 +123,8 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
         ap50.append(per_image_ap50(dets, images, num_classes))
         misses.append(np.bincount([i for i, _ in missed], minlength=n).tolist())
     stores, store_of_run = _stores(ordered, dataset, proposals)
-    top_ks = []
-    for run in ordered:
-        k = int((run.test_settings or {}).get("proposal_top_k", 0))
-        top_ks.append(min(k, MAX_PROPOSALS) if k > 0 else MAX_PROPOSALS)
+    top_ks = [min(k, MAX_PROPOSALS) if k > 0 else MAX_PROPOSALS
+              for k in (int((r.test_settings or {}).get("proposal_top_k", 0)) for r in ordered)]
     store_k = [max(k for k, s in zip(top_ks, store_of_run) if s == j) for j in range(len(stores))]
 
     files = [r.file_name for r in dataset.records]
@@ -169,9 +156,8 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
 
 def write_viewer(runs: list[Run], dataset: Dataset, output_dir: str | Path, *, proposals: str = "",
                  embed_max: int = EMBED_MAX_IMAGES, progress: bool = True) -> Path:
-    """Write ``output_dir/viewer.html`` (and ``output_dir/viewer/`` beyond ``embed_max``
-    images) for the runs on ``dataset``; returns its path. ``proposals``: a store for every
-    run instead of their own."""
+    """Write ``output_dir/viewer.html`` (and ``viewer/`` beyond ``embed_max`` images); returns its
+    path. ``proposals``: a store for every run instead of their own."""
     output_dir = Path(output_dir)
     data, boxes = viewer_data(runs, dataset, proposals=proposals)
     embed = len(dataset.records) <= embed_max
@@ -200,7 +186,6 @@ def write_viewer(runs: list[Run], dataset: Dataset, output_dir: str | Path, *, p
         partial.rename(folder)
     if unreadable:
         warn(f"viewer: {unreadable} unreadable image(s) shown as grey frames")
-    page = TEMPLATE.read_text(encoding="utf-8").replace("__VIEWER_DATA__", _script_json(data))
     path = output_dir / "viewer.html"
-    write_text_atomic(path, page)
+    write_text_atomic(path, TEMPLATE.read_text(encoding="utf-8").replace("__VIEWER_DATA__", _script_json(data)))
     return path
