@@ -260,16 +260,21 @@ class _Prefetcher:
 
 
 
-def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD over the trainable parameters; [FRCN]: biases get 2x the lr and no weight decay.
+def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
+                    lr_scale_of: Callable[[str], float] = lambda name: 1.0) -> torch.optim.SGD:
+    """SGD over the trainable parameters; [FRCN] and [RCNN]: biases get 2x the lr and no weight
+    decay, and ``lr_scale_of(name)`` scales a parameter's lr further.
 
-    The groups carry ``lr_scale`` (read by ``engine.train_loop`` when it sets the lr).
+    The groups, by increasing ``lr_scale``, carry it for ``engine.train_loop``, which sets the lr.
     """
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
-    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": biases, "lr": 2 * lr, "weight_decay": 0.0, "lr_scale": 2.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum)
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_bias = name.endswith(".bias")
+            key = (lr_scale_of(name) * (2.0 if is_bias else 1.0), 0.0 if is_bias else weight_decay)
+            groups.setdefault(key, []).append(p)
+    return torch.optim.SGD([{"params": ps, "lr": s * lr, "weight_decay": wd, "lr_scale": s}
+                            for (s, wd), ps in sorted(groups.items())], lr=lr, momentum=momentum)
 
 
 def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | Path, *,

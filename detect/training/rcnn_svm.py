@@ -163,6 +163,17 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
     return out
 
 
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def _class_files(svm_dir: Path, k: int) -> tuple[Path, Path]:
     return svm_dir / f"class_{k:03d}.npz", svm_dir / f"class_{k:03d}.json"
 
@@ -173,15 +184,13 @@ def _load_class(svm_dir: Path, k: int, settings: dict) -> ClassSVM | None:
     hint = f"delete {svm_dir} to retrain the SVMs with these settings, or use another --output-dir"
     if not (npz.is_file() and check_settings(meta, settings, hint=hint)):
         return None
-    with np.load(npz, allow_pickle=False) as z:
-        return ClassSVM(z["weight"], float(z["bias"]), read_json(meta)["stats"])
+    arrays = load_arrays(npz)
+    return ClassSVM(arrays["weight"], float(arrays["bias"]), read_json(meta)["stats"])
 
 
 def _save_class(svm_dir: Path, k: int, svm: ClassSVM, settings: dict) -> None:
     npz, meta = _class_files(svm_dir, k)
-    with atomic_path(npz) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, weight=svm.weight, bias=np.float32(svm.bias))
+    save_arrays(npz, weight=svm.weight, bias=np.float32(svm.bias))
     write_settings(meta, settings, **{"class": k, "stats": svm.stats})
 
 
