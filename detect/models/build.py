@@ -1,14 +1,6 @@
 """Config -> detector: the one place that knows every detector kind (a plain if/elif, as DETR's
-``build(args)``), and the loader of trained detectors.
-
-- ``build_backbone_from(cfg)``: the backbone a config asks for (both detectors share it).
-- ``build_fast_rcnn(cfg, ...)`` / ``build_rcnn(cfg, ...)``: a detector, complete after
-  construction (classes, category ids, proposal settings, post-processing, AMP).
-- ``load_detector(checkpoint, device)``: rebuild a trained detector of either kind from its
-  ``model_final.pt`` (the config saved inside gives the architecture).
-
-The config object is read here and in ``detect.commands`` only; everything below takes plain
-values.
+``build(args)``), and the loader of trained detectors (``load_detector``). The config object is
+read here and in ``detect.commands`` only; everything below takes plain values.
 """
 
 from __future__ import annotations
@@ -51,8 +43,7 @@ def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int]
     m = cfg.model
     return FastRCNN(backbone=backbone or build_backbone_from(cfg), roi_op=m.roi_op,
                     roi_sampling_ratio=m.roi_sampling_ratio, roi_aligned=m.roi_aligned,
-                    bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale,
-                    test_scales=cfg.test.scales,
+                    bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale, test_scales=cfg.test.scales,
                     test_max_size=cfg.test.max_size, **_detector_settings(cfg, class_names, category_ids))
 
 
@@ -62,12 +53,11 @@ def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: l
     ``detect.training.rcnn_train``). Without ``backbone`` it starts random (weights "none"):
     load the trained state dict next."""
     backbone = backbone or build_backbone_from(cfg, weights="none")
+    arrays = {k: extra[k] for k in ("svm_weight", "svm_bias", "bbox_weight", "bbox_bias", "bbox_target_mean",
+                                    "bbox_target_std")}
     return RCNN(backbone=backbone, crop_size=cfg.rcnn.crop_size or backbone.crop_size,
-                context_pad=cfg.rcnn.context_pad, svm_weight=extra["svm_weight"], svm_bias=extra["svm_bias"],
-                feat_scale=float(extra["feat_scale"]), bbox_weight=extra["bbox_weight"],
-                bbox_bias=extra["bbox_bias"], bbox_target_mean=extra["bbox_target_mean"],
-                bbox_target_std=extra["bbox_target_std"], test_chunk=cfg.rcnn.test_chunk,
-                **_detector_settings(cfg, class_names, category_ids))
+                context_pad=cfg.rcnn.context_pad, feat_scale=float(extra["feat_scale"]),
+                test_chunk=cfg.rcnn.test_chunk, **arrays, **_detector_settings(cfg, class_names, category_ids))
 
 
 def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: list[str] = ()) -> Detector:

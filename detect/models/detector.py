@@ -62,13 +62,9 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
     """Decode, clip, threshold, keep the top ``per_class_top_k`` of each class (0 = all),
     per-class NMS, keep the top ``detections_per_image`` over all classes (0 = all).
 
-    The shared step of both detectors (as torchvision's ``postprocess_detections`` and
-    detectron2's ``fast_rcnn_inference_single_image``). The two caps are the two papers' test
-    code: rbgirshick/rcnn ``rcnn_test.m`` keeps the 100 best-scoring boxes per class per image
-    before NMS (``max_per_image``) and caps nothing after; rbgirshick/fast-rcnn
-    ``lib/fast_rcnn/test.py::test_net`` keeps the 100 best over all classes after NMS. Ties at
-    either cap are broken by order (torch's stable sort), not kept as the originals' ``>=`` does.
-    Defaults: [FRCN] test config.
+    The shared step of both detectors (as torchvision's ``postprocess_detections``). The caps are
+    the two papers' test code (``detect.common.config.TestConfig``); ties at either cap are
+    broken by order (torch's stable sort), not kept as the originals' ``>=`` does.
     """
     scores = out.scores.float()  # [R, K]
     num_props, num_classes = scores.shape
@@ -153,18 +149,15 @@ class Detector(nn.Module):
             raise ValueError(f"{len(self.category_ids)} category ids for {len(self.class_names)} classes")
         if proposal_top_k < 0:
             raise ValueError(f"proposal_top_k must be >= 0 (0 = all), got {proposal_top_k}")
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
         if detections_per_image < 0 or per_class_top_k < 0:
             raise ValueError(f"detections_per_image and per_class_top_k must be >= 0 (0 = no cap), got "
                              f"{detections_per_image} and {per_class_top_k}")
-        self.detections_per_image = detections_per_image
-        self.per_class_top_k = per_class_top_k
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.detections_per_image, self.per_class_top_k = detections_per_image, per_class_top_k
         self.proposal_settings = dict(proposal_settings or {})  # selective search's, when detect() gets None
         self.proposal_top_k = proposal_top_k
         self._inference: tuple[torch.device, nn.Module] | None = None  # a tuple, not a submodule
-        self.backbone_name = backbone_name
-        self.amp = amp
+        self.backbone_name, self.amp = backbone_name, amp
         self.box_regression = box_regression  # False: boxes are the proposals (an ablation, [RCNN] Table 2)
 
     @property
@@ -210,7 +203,6 @@ class Detector(nn.Module):
             out = ProposalScores(out.proposal_boxes, out.scores, torch.zeros_like(out.deltas))  # [R, K, 4]
         with timer("postprocess"):
             dets = postprocess(out, image.shape[0], image.shape[1], score_thresh=self.score_thresh,
-                               nms_thresh=self.nms_thresh,
-                               detections_per_image=self.detections_per_image,
+                               nms_thresh=self.nms_thresh, detections_per_image=self.detections_per_image,
                                per_class_top_k=self.per_class_top_k)
         return dets.to("cpu")
