@@ -186,11 +186,6 @@ def _pair(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
 
 
-# ----------------------------------------------------------------------------------------------
-# Splitting models into body and head
-# ----------------------------------------------------------------------------------------------
-
-
 def _split_fc_backbone(name: str, model: nn.Module, dropout: float):
     """VGG16 / AlexNet: the conv body without the last max-pool (stride 16, as [FRCN]), head =
     the classifier's fc6, fc7. Returns what ``_split_conv_backbone`` does."""
@@ -280,10 +275,6 @@ def _freeze_batchnorm(module: nn.Module) -> None:
             _freeze_batchnorm(child)
 
 
-# ----------------------------------------------------------------------------------------------
-# Inference copies: BatchNorm folded into the convs
-# ----------------------------------------------------------------------------------------------
-
 # Blocks whose forward applies a FrozenBatchNorm2d straight to a conv's output, by attribute
 # name: (conv, norm) pairs. Convs followed by a norm inside an nn.Sequential are found by position.
 _CONV_NORM_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
@@ -343,11 +334,6 @@ def _static_same_conv(conv: Conv2dDynamicSamePadding) -> nn.Conv2d:
                       dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
     plain.weight, plain.bias = conv.weight, conv.bias
     return plain
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights
-# ----------------------------------------------------------------------------------------------
 
 
 def _is_path(weights: str) -> bool:

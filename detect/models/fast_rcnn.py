@@ -33,11 +33,6 @@ from detect.models.backbones import Backbone, FcHead, inference_copy, normalize_
 from detect.models.detector import Detector, ProposalScores, StageTimer
 
 
-# ----------------------------------------------------------------------------------------------
-# Image preparation (shared by training and test)
-# ----------------------------------------------------------------------------------------------
-
-
 def resize_scale(height: int, width: int, target_size: int, max_size: int) -> float:
     """[FRCN] ``prep_im_for_blob``: the shorter side becomes ``target_size`` unless the longer
     side would then exceed ``max_size``, in which case the longer side becomes ``max_size``."""
@@ -65,11 +60,6 @@ def prepare_image(image: Tensor, *, target_size: int, max_size: int,
     if (new_h, new_w) != (height, width):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
     return normalize_pixels(x[0], pixel_mean, pixel_std), (new_w / width, new_h / height)
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
 
 
 class FastRCNN(Detector):

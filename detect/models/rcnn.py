@@ -25,10 +25,6 @@ from detect.common.runtime import autocast
 from detect.models.backbones import Backbone, inference_copy, normalize_pixels
 from detect.models.detector import Detector, ProposalScores, StageTimer
 
-# ----------------------------------------------------------------------------------------------
-# Warping
-# ----------------------------------------------------------------------------------------------
-
 
 def warp_regions(image: Tensor, boxes: Tensor, *, crop_size: int, context_pad: int = 16,
                  fill: Tensor | None = None) -> Tensor:
@@ -62,11 +58,6 @@ def normalize_image(image: np.ndarray, *, pixel_mean, pixel_std, device: torch.d
     """uint8 RGB [H, W, 3] -> normalised float [3, H, W] on ``device`` (``normalize_pixels``)."""
     x = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).to(device).permute(2, 0, 1).float()
     return normalize_pixels(x, pixel_mean, pixel_std)  # [3, H, W]
-
-
-# ----------------------------------------------------------------------------------------------
-# The network
-# ----------------------------------------------------------------------------------------------
 
 
 class RegionNet(nn.Module):
@@ -111,11 +102,6 @@ def region_features(net: RegionNet, image: Tensor, boxes: Tensor, *, crop_size: 
         pool5_out.append(pool5.flatten(1).float())
         fc7_out.append(fc7.float())
     return torch.cat(pool5_out), torch.cat(fc7_out)
-
-
-# ----------------------------------------------------------------------------------------------
-# The detector
-# ----------------------------------------------------------------------------------------------
 
 
 class RCNN(Detector):

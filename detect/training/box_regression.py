@@ -23,13 +23,9 @@ class RidgeAccumulator:
     """Ridge regression with a penalised bias column, from examples streamed in chunks.
 
     Minimises ``||x w + b - y||^2 + lam (||w||^2 + b^2)`` as [RCNN]
-    ``rcnn_train_bbox_regressor.m`` does (a column of ones appended to X and regularised with
-    the weights, solved by Cholesky). Only the upper triangle of the D x D Gram matrix x^T x
-    (updated in place by BLAS syrk), the column sums, the count and x^T y are kept, in float64;
-    each chunk of at most ``chunk_rows`` rows is converted to float64 for its products (float32
-    products lose about 1e-4 of the solution). The bias is eliminated by its Schur complement
-    (a rank-1 update in place) and the D x D system factorised in place, so peak memory is about
-    ``8 D^2`` bytes whatever the number of examples (4.7 GiB for VGG16's 25088-d pool5).
+    ``rcnn_train_bbox_regressor.m`` does. Keeps the upper triangle of the D x D Gram matrix
+    (BLAS syrk, in place), the column sums, the count and x^T y in float64, from float64 chunks
+    of ``chunk_rows`` rows; peak memory is about ``8 D^2`` bytes whatever the number of examples.
     """
 
     def __init__(self, dim: int, targets: int, *, chunk_rows: int = 512):
@@ -108,15 +104,11 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
                          min_iou: float = 0.6, progress: bool = True) -> BoxRegressors:
     """Per-class ridge regression from pool5 to (tx, ty, tw, th) ([RCNN] appendix C).
 
-    Examples: rows with IoU > ``min_iou`` (strictly, as ``O > opts.min_overlap`` in [RCNN]
-    ``rcnn_train_bbox_regressor.m``) to their best-overlapping gt box, for the class of that gt
-    box (gt rows included, target 0). Targets are ``detect.common.boxes.encode_boxes``,
-    normalised per class to zero mean and unit std (the [RCNN] code whitened them with the full
-    4 x 4 covariance; per-coordinate is the same idea); features are scaled by ``feat_scale``
-    (average norm 20 over random rows, ``feature_cache.mean_feature_norm``); lambda = 1000
-    penalises the weights and the bias alike. Solved by the primal streamed from ``source`` one
-    image at a time (``RidgeAccumulator``) or the dual on a float32 copy (``fit_ridge_dual``),
-    whichever needs less memory (``dual_is_smaller``).
+    Examples: rows with IoU > ``min_iou`` to their best-overlapping gt box, for that box's class
+    (gt rows included). Targets (``detect.common.boxes.encode_boxes``) are normalised per class
+    to zero mean and unit std; features are scaled by ``feat_scale``. Solved by the primal
+    streamed from ``source`` (``RidgeAccumulator``) or the dual on a float32 copy
+    (``fit_ridge_dual``), whichever needs less memory (``dual_is_smaller``).
     """
     per_class: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in range(1, num_classes + 1)}
     for i in range(source.num_images):

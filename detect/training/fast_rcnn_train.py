@@ -1,9 +1,8 @@
 """Fast R-CNN training ([FRCN] section 2.3): RoI sampling, the multi-task loss, mini-batches.
 
 Hierarchical sampling (``lib/roi_data_layer/minibatch.py``): N images per mini-batch, then
-R / N RoIs per image with 25% foreground; multi-task loss = log loss + lambda * smooth-L1 on
-the true class's deltas of foreground RoIs. ``train_fast_rcnn`` runs ``engine.train_loop``
-over a ``FastRCNN`` and a ``FastRCNNTrainData`` (a dataset's records and a proposal source).
+R / N RoIs per image. ``train_fast_rcnn`` runs ``engine.train_loop`` over a ``FastRCNN`` and a
+``FastRCNNTrainData`` (a dataset's records and a proposal source).
 
 Shapes as in ``detect.models.fast_rcnn``: N images, R RoIs, P proposals and G gt boxes of one
 image, K object classes.
@@ -30,27 +29,23 @@ from detect.data.images import ImageReadError, read_image
 from detect.models.fast_rcnn import FastRCNN, prepare_image
 from detect.training.engine import train_loop
 
+
 def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *, num_rois: int = 64,
                 fg_fraction: float = 0.25, fg_iou: float = 0.5, bg_iou_low: float = 0.1,
                 bg_iou_high: float = 0.5, bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """[FRCN] ``_sample_rois``: up to ``num_rois`` RoIs of one image, ``fg_fraction`` foreground.
 
-    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; the trained-on gt,
-    ``datasets.training_gt``), ``gt_classes`` [G] in 1..K. The ground-truth boxes join the
-    candidates. Foreground: IoU >= ``fg_iou`` with some gt box (label = its class); background: max IoU in
-    [``bg_iou_low``, ``bg_iou_high``) (label 0). As [FRCN], fewer foreground than the quota means
-    more background. Unlike [FRCN] (which drops such images), when the [low, high) band holds too
-    few candidates the background is topped up with IoU < ``bg_iou_low`` ones, so images without
-    gt still train the background class; with too few candidates in all, fewer RoIs come back
-    (zero when P = G = 0).
-
-    Returns ``roi_boxes`` [R, 4], ``labels`` [R] (foreground first) and ``box_targets`` [R, 4]:
-    deltas to the matched gt divided by ``bbox_std``, zeros for background.
+    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; the trained-on gt),
+    ``gt_classes`` [G] in 1..K; the gt boxes join the candidates. Foreground: IoU >= ``fg_iou``
+    (label = the gt's class); background: max IoU in [``bg_iou_low``, ``bg_iou_high``), topped
+    up with IoU < ``bg_iou_low`` ones when too few (unlike [FRCN], which drops such images); fewer
+    candidates give fewer RoIs. Returns ``roi_boxes`` [R, 4], ``labels`` [R] (foreground first)
+    and ``box_targets`` [R, 4]: deltas to the matched gt divided by ``bbox_std``, zeros for background.
     """
     device = proposal_boxes.device
-    boxes = torch.cat([gt_boxes.to(device, torch.float32), proposal_boxes.float()])  # [G + P, 4]
     gt_boxes = gt_boxes.to(device, torch.float32)
+    boxes = torch.cat([gt_boxes, proposal_boxes.float()])  # [G + P, 4]
     gt_classes = gt_classes.to(device, torch.int64)
     if gt_boxes.shape[0] > 0:
         max_iou, matched_gt = box_iou(boxes, gt_boxes).max(dim=1)  # [G + P]
@@ -84,10 +79,9 @@ def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box
     """[FRCN] eq. 1: log loss over all RoIs + lambda * smooth-L1 (beta = 1) on foreground RoIs.
 
     ``class_logits`` [R, K+1], ``box_deltas`` [R, K, 4] and ``box_targets`` [R, 4] (both
-    normalised by bbox_std), ``labels`` [R] in 0..K. Only the true class's deltas of foreground
-    RoIs enter the box loss, which is summed and divided by R (as [FRCN]'s SmoothL1Loss layer
-    normalises by the batch). No foreground gives a box loss of exactly 0; R = 0 gives zero
-    losses that still carry gradients.
+    normalised by bbox_std), ``labels`` [R] in 0..K. The box loss (the true class's deltas) is
+    summed and divided by R, as [FRCN]'s SmoothL1Loss layer; R = 0 gives zero losses that still
+    carry gradients.
     """
     num_rois = class_logits.shape[0]
     if num_rois == 0:
@@ -98,11 +92,6 @@ def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box
     fg_deltas = box_deltas[fg, labels[fg] - 1].float()  # [F, 4]
     loss_box = F.smooth_l1_loss(fg_deltas, box_targets[fg].float(), beta=1.0, reduction="sum")
     return {"loss_cls": loss_cls, "loss_box": loss_box * (bbox_loss_weight / num_rois)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Training mini-batches ([FRCN] hierarchical sampling)
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,24 +112,18 @@ def _generator(*keys: int) -> torch.Generator:
 
 def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
     """Mask [B] of the boxes [B, 4] that are finite with positive width and height."""
-    ok = np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return ok
+    return np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
 class FastRCNNTrainData:
     """Builds the mini-batch of any iteration deterministically from (seed, iteration).
 
-    Image order: per epoch a permutation of ``records`` drawn from a generator seeded with
-    (seed, epoch); the epochs are concatenated and global batch i takes the next
-    ``images_per_batch * world_size`` positions, of which rank r takes its own
-    ``images_per_batch``. Scale (from ``scales``), flip and RoI sampling of each image use a
-    generator seeded with (seed, iteration, global image slot), so a resumed run rebuilds
-    exactly the batches it would have seen, with no sampler state in the checkpoint.
-    An image that cannot be read is passed over for the next one in the sequence and named in
-    ``TrainBatch.skipped_files`` (the first time only). Degenerate and crowd gt boxes are left
-    out; VOC difficult ones are trained on when ``use_difficult`` (the default, as fast-rcnn
-    ``lib/datasets/pascal_voc.py::_load_pascal_annotation``, which keeps them: see
-    ``detect.data.datasets.training_gt``).
+    Image order: the concatenated per-epoch permutations of ``records`` (seeded with (seed,
+    epoch)); global batch i takes the next ``images_per_batch * world_size`` positions, rank r
+    its own ``images_per_batch``. Scale, flip and RoI sampling of each image are seeded with
+    (seed, iteration, global image slot). An unreadable image is passed over for the next one and
+    named in ``TrainBatch.skipped_files`` (the first time only). The gt boxes trained on are
+    ``detect.data.datasets.training_gt``'s, without degenerate ones.
     ``get_proposals(image_id)`` returns proposals [P, 4] xyxy in original-image pixels.
     """
 
@@ -259,7 +242,6 @@ class _Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-
 def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
                     lr_scale_of: Callable[[str], float] = lambda name: 1.0) -> torch.optim.SGD:
     """SGD over the trainable parameters; [FRCN] and [RCNN]: biases get 2x the lr and no weight
@@ -285,9 +267,7 @@ def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | 
                     eval_fn: Callable[[nn.Module, int], dict] | None = None, eval_period: int = 0) -> int:
     """Train ``model`` in place on the mini-batches of ``data``; returns the number of
     unreadable training images that were passed over (each is warned about once).
-
-    ``num_workers`` threads build the coming batches ahead of the loop; the rest are
-    ``engine.train_loop``'s arguments.
+    ``num_workers`` threads build the coming batches; the rest are ``engine.train_loop``'s.
     """
     prefetcher = _Prefetcher(data, num_workers=num_workers, max_iter=max_iter)
     skipped: list[str] = []

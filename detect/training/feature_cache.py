@@ -75,11 +75,6 @@ class FeatureSource(Protocol):
     def pool5(self, i: int, rows: np.ndarray) -> np.ndarray: ...  # [len(rows), D5] float32
 
 
-# ----------------------------------------------------------------------------------------------
-# Feature cache: writer and reader
-# ----------------------------------------------------------------------------------------------
-
-
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
 
@@ -224,21 +219,14 @@ def feature_cache_bytes(cache_dir: str | Path) -> dict:
     return {"total": total, "per_image": total / n, **{f"{k}_per_image": v / n for k, v in parts.items()}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Feature scaling ([RCNN] rcnn_feature_stats.m / rcnn_scale_features.m)
-# ----------------------------------------------------------------------------------------------
-
-
 def norm_sample_images(num_images: int, *, max_images: int = 200, seed: int = 0) -> set[int]:
-    """The images whose rows the feature norm is measured on: a seeded random subset of
-    ``max_images`` ([RCNN] ``rcnn_feature_stats.m``: 200 random images)."""
+    """The images whose rows the feature norm is measured on: ``max_images`` seeded random ones."""
     return set(np.random.default_rng(seed).permutation(num_images)[:max_images].tolist())
 
 
 def norm_sample_rows(i: int, num_rows: int, *, rows_per_image: int = 200, seed: int = 0) -> np.ndarray:
     """Sorted row indices of image ``i`` in the norm sample: ``rows_per_image`` random rows of
-    any IoU ([RCNN]: 200 random boxes per image), seeded by (seed, i) so every rank and a
-    resumed run draw the same rows."""
+    any IoU, seeded by (seed, i) so every rank and a resumed run draw the same rows."""
     return np.sort(np.random.default_rng([seed, i]).permutation(num_rows)[:rows_per_image])
 
 
@@ -253,14 +241,10 @@ def _checked_mean(total: float, count: int, layer: str) -> float:
 
 def mean_feature_norm(source: FeatureSource, layer: str, *, max_images: int = 200,
                       rows_per_image: int = 200, seed: int = 0) -> float:
-    """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over a seeded sample of rows.
-
-    As [RCNN] ``rcnn_feature_stats.m``: ``rows_per_image`` random rows (any IoU) of each of
-    ``max_images`` random training images; features are then scaled by ``20 / mean_norm``
-    (``rcnn_scale_features.m``), the scale lambda = 1000 of the box regression assumes. The
-    feature cache holds pool5 only for box-regression rows, so its pool5 norm was measured on
-    this same sample during extraction (``FeatureCache.pool5_norm``) and is read from there.
-    """
+    """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over ``rows_per_image`` random rows
+    (any IoU) of ``max_images`` random images ([RCNN] ``rcnn_feature_stats.m``). A
+    ``FeatureCache`` holds pool5 only for box-regression rows: its pool5 norm was measured on
+    this sample during extraction (``FeatureCache.pool5_norm``)."""
     if layer == "pool5" and isinstance(source, FeatureCache):
         return source.pool5_norm
     total, count = 0.0, 0

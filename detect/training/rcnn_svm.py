@@ -91,15 +91,12 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
               passes: int = 1, progress: bool = False) -> dict[int, ClassSVM]:
     """Train one linear SVM per class in ``classes`` (1..K) with hard-negative mining.
 
-    Defaults from [RCNN] rcnn_train.m. Positives: the ground-truth rows of the class. Negatives:
-    rows whose IoU with every gt box of the class is below ``neg_iou``. Starting from w = 0 (so
-    the first image contributes all its negatives), each image adds its negatives scoring above
-    ``hard_thresh`` that are not cached yet; the SVM is retrained after the first image, whenever
-    more than ``retrain_limit`` negatives were added, and at the end; after each retrain,
-    negatives scoring below ``evict_thresh`` leave the cache. Since negatives below -1 carry no
-    hinge loss, the result approaches the SVM trained on all negatives at once. Features are
-    multiplied by ``feat_scale`` (average norm 20). Classes share each image's features, so a
-    streaming source computes them once for all ``classes``.
+    Positives: the class's ground-truth rows. Negatives: rows with IoU < ``neg_iou`` with every
+    gt box of the class. From w = 0, each image adds its uncached negatives scoring above
+    ``hard_thresh``; the SVM is retrained after the first image, whenever more than
+    ``retrain_limit`` were added, and at the end, and then negatives below ``evict_thresh``
+    leave the cache. Features are multiplied by ``feat_scale``. The classes share each image's
+    features (computed once by a streaming source).
     """
     t_start = time.perf_counter()
     cols = np.asarray(classes, np.int64) - 1
@@ -206,10 +203,9 @@ def train_svms(source: FeatureSource, svm_dir: str | os.PathLike, *, num_classes
                progress: bool = True, **settings) -> tuple[np.ndarray, np.ndarray, dict]:
     """Train (or resume) the K class SVMs; returns weight [K, D], bias [K] and per-class stats.
 
-    Each finished class is saved as ``class_KKK.npz`` + ``.json`` (settings, time, counts) and
-    skipped by a resumed run. With a ``FeatureCache`` the classes train in ``workers`` processes
-    (0 = all cores), each reading the cache itself; a streaming source trains all classes in
-    this process, sharing each image's features. ``settings`` are ``mine_svms``' keywords.
+    Each finished class is saved as ``class_KKK.npz`` + ``.json`` and skipped by a resumed run.
+    With a ``FeatureCache`` the classes train in ``workers`` processes (0 = all cores); a
+    streaming source trains them all here. ``settings`` are ``mine_svms``' keywords.
     """
     svm_dir = Path(svm_dir)
     svm_dir.mkdir(parents=True, exist_ok=True)

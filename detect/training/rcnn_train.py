@@ -39,11 +39,6 @@ from detect.training.fast_rcnn_train import build_optimizer
 from detect.training.rcnn_svm import load_arrays, save_arrays, train_svms
 
 
-# ----------------------------------------------------------------------------------------------
-# Regions of a training image
-# ----------------------------------------------------------------------------------------------
-
-
 def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, bbox_min_iou: float,
                use_difficult: bool = True) -> ImageRows:
     """The rows of one training image: its trained-on gt boxes (``training_gt``) first, then its proposals.
@@ -74,11 +69,6 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
     return ImageRows(image_id=int(record.image_id), boxes=boxes, gt_classes=row_gt, overlaps=overlaps,
                      best_iou=best_iou.astype(np.float32), best_classes=best_classes, best_gt_boxes=best_gt_boxes,
                      has_pool5=best_iou > bbox_min_iou)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 1: fine-tuning batches
-# ----------------------------------------------------------------------------------------------
 
 
 class FineTuneSampler:
@@ -151,11 +141,6 @@ class FineTuneSampler:
             mirror = torch.from_numpy(rng.random(pick.size) < 0.5).to(self.device)
             crops_t = torch.where(mirror.view(-1, 1, 1, 1), crops_t.flip(-1), crops_t)
         return crops_t, torch.from_numpy(labels[pick]).to(self.device)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2: features (cached to disk, or streamed)
-# ----------------------------------------------------------------------------------------------
 
 
 class StreamingFeatures:
@@ -256,11 +241,6 @@ def extract_features(source: StreamingFeatures, cache_dir: str | Path, *, images
             bar.update(1)
         writer.close()
     bar.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: the four stages
-# ----------------------------------------------------------------------------------------------
 
 
 def _stage_done(stage_dir: Path, settings: dict) -> bool:

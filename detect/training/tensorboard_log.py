@@ -1,11 +1,8 @@
-"""TensorBoard event files of a training run (``RUN/tb/``), when ``tensorboard`` is installed.
+"""TensorBoard event files of a training run (``RUN/tb/``), when the optional ``tensorboard``
+extra is installed (``pip install .[tb]``); without it a run says so once and carries on.
 
-It is an optional extra (``pip install .[tb]``). ``log.jsonl`` stays the record: every line the
-training loop appends there is mirrored here, each key under detectron2's scalar name where it
-has one (``TAGS``, as its ``EventStorage`` names them), so a detectron2 user's TensorBoard
-layouts apply. Periodic evaluation goes under ``bbox/AP`` and ``bbox/AP50`` in percent, as
-detectron2's ``COCOEvaluator`` reports them (log.jsonl keeps fractions). Without the package a
-run says once that TensorBoard logging is off, and carries on.
+``log.jsonl`` stays the record: every line is mirrored here under detectron2's scalar names
+(``TAGS``), evaluation under ``bbox/AP`` and ``bbox/AP50`` in percent, as its ``COCOEvaluator``.
 
     tensorboard --logdir runs/frcn/tb
 """
