@@ -124,7 +124,7 @@ class StageTimer:
 class Detector(nn.Module):
     """Base class of ``FastRCNN`` and ``RCNN``: complete after construction.
 
-    Subclasses implement ``score_proposals``; everything else is shared: ``detect`` trims the
+    Subclasses implement ``_score``; everything else is shared: ``detect`` trims the
     proposals to ``proposal_top_k`` (selective search's ranking; 0 = all), scores them, and
     runs the one ``postprocess``. Images are uint8 RGB numpy arrays [H, W, 3] as returned by
     ``detect.data.images.read_image``; the detector moves them to its own device. Proposals
@@ -184,8 +184,19 @@ class Detector(nn.Module):
         """The network ``score_proposals`` runs, as a ``detect.models.backbones.inference_copy``."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
                         timer: StageTimer | None = None) -> ProposalScores:
+        """Scores [R, K] and un-normalised deltas [R, K, 4] of proposals [R, 4] (xyxy, original
+        pixels) of a uint8 RGB image [H, W, 3]. Zero proposals give empty outputs at once."""
+        proposal_boxes = proposal_boxes.to(device=self.device, dtype=torch.float32).reshape(-1, 4)
+        if proposal_boxes.shape[0] == 0:
+            k = self.num_classes
+            return ProposalScores(proposal_boxes, proposal_boxes.new_zeros((0, k)), proposal_boxes.new_zeros((0, k, 4)))
+        return self._score(image, proposal_boxes, timer or StageTimer(self.device))
+
+    def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
+        """``score_proposals`` of R >= 1 proposals [R, 4] float32 on the detector's device."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -148,21 +148,10 @@ class FastRCNN(Detector):
             box_deltas = self.bbox_pred(x).view(-1, self.num_classes, 4)  # [R, K, 4]
         return class_logits, box_deltas
 
-    @torch.no_grad()
-    def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
-                        timer: StageTimer | None = None) -> ProposalScores:
-        """Softmax scores [R, K] and un-normalised deltas [R, K, 4] of each proposal.
-
-        ``image``: uint8 RGB [H, W, 3]; ``proposal_boxes``: [R, 4] xyxy original pixels. Call
-        ``.eval()`` first (dropout). Zero proposals give empty outputs without running the net.
-        """
-        timer = timer or StageTimer(self.device)
+    def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
+        """Softmax scores (``score_proposals``); call ``.eval()`` first (dropout)."""
         device = self.device
-        proposal_boxes = proposal_boxes.to(device=device, dtype=torch.float32).reshape(-1, 4)
         num_props, num_classes = proposal_boxes.shape[0], self.num_classes
-        if num_props == 0:
-            return ProposalScores(proposal_boxes, torch.zeros((0, num_classes), device=device),
-                                  torch.zeros((0, num_classes, 4), device=device))
         with timer("backbone"):
             pixels = torch.tensor(image, dtype=torch.uint8, device=device)  # [H, W, 3], a copy
             body = self.inference_module()

@@ -141,22 +141,10 @@ class RCNN(Detector):
     def make_inference_module(self) -> RegionNet:
         return inference_copy(self.net)
 
-    @torch.no_grad()
-    def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
-                        timer: StageTimer | None = None) -> ProposalScores:
-        """Scores [R, K] and deltas [R, K, 4] (un-normalised) of proposals [R, 4] of a uint8 image.
-
-        Scores are the SVM margins squashed by a sigmoid (monotone: AP is unchanged; margin 0 is
-        0.5). Proposals go through in chunks of ``test_chunk``; timer stages: warp, features,
-        svm, bbox_reg.
-        """
-        timer = timer or StageTimer(self.device)
-        device = self.device
-        proposal_boxes = proposal_boxes.to(device=device, dtype=torch.float32)
-        num_classes = self.num_classes
-        if proposal_boxes.shape[0] == 0:
-            return ProposalScores(proposal_boxes, proposal_boxes.new_zeros((0, num_classes)),
-                                  proposal_boxes.new_zeros((0, num_classes, 4)))
+    def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
+        """SVM margins squashed by a sigmoid (monotone: AP is unchanged; margin 0 is 0.5), in
+        chunks of ``test_chunk`` proposals; timer stages: warp, features, svm, bbox_reg."""
+        device, num_classes = self.device, self.num_classes
         with timer("warp"):
             image_t = normalize_image(image, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std, device=device)
         bbox_weight = self.bbox_weight.permute(1, 0, 2).reshape(self.bbox_weight.shape[1], -1)  # [D5, K * 4]
