@@ -3,10 +3,9 @@
     body:  normalised images [N, 3, H, W]  ->  feature map [N, C, ~H/16, ~W/16]
     head:  pooled RoI features [R, C, S, S] ->  [R, head_dim]
 
-``feature_stride = 8`` (for small objects) makes the body's last stride-2 step stride 1 and
-dilates every later conv of that stage by 2 (DeepLab's "atrous" conversion, torchvision's
-``replace_stride_with_dilation``); a stride-2 max-pool becomes 3x3 / stride 1 / pad 1.
-densenet121's stride-16 step is an average pool, and it raises ValueError.
+``feature_stride = 8`` makes the body's last stride-2 step stride 1 and dilates every later conv
+of that stage by 2 (DeepLab's "atrous" conversion); a stride-2 max-pool becomes 3x3 / stride 1 /
+pad 1. densenet121's stride-16 step is an average pool: ValueError.
 
 Backbones (``name``; C and head widths: README "Backbones"):
 - ``vgg16`` ([FRCN] model L) / ``alexnet`` (close to model S): body = the convs + ReLU without
@@ -27,8 +26,7 @@ Weights (``detect.common.config.ModelConfig.weights``): "none", a torchvision we
 path to a state_dict of the whole torchvision (or ``efficientnet_lite_pytorch``) model.
 
 Freezing (``freeze_at``): the parameters of the layers before the named one are frozen. Names:
-- vgg16: conv1_1 conv1_2 conv2_1 conv2_2 conv3_1 .. conv3_3 conv4_1 .. conv4_3 conv5_1 .. conv5_3
-  fc6 fc7
+- vgg16: conv1_1 conv1_2 conv2_1 conv2_2 conv3_1 .. conv3_3 conv4_1 .. conv4_3 conv5_1 .. conv5_3 fc6 fc7
 - alexnet: conv1 .. conv5 fc6 fc7
 - resnet18 / resnet50: stem layer1 layer2 layer3 layer4
 - mobilenet_v3_large: stem block1 .. block15 last_conv (features[0], [1..15], [16])
@@ -66,14 +64,11 @@ logger = logging.getLogger(__name__)
 BACKBONE_NAMES = ("vgg16", "alexnet", "resnet18", "resnet50", "mobilenet_v3_large", "googlenet", "densenet121",
                   "efficientnet_lite0")
 
-# torchvision's ImageNet normalisation (RGB, 0..1 scale); TF-Lite's (x - 127) / 128 for
-# efficientnet_lite0.
+# RGB, 0..1 scale: torchvision's ImageNet normalisation, TF-Lite's (efficientnet_lite0) and GoogLeNet's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TFLITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
 TFLITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
-# torchvision's GoogLeNet weights (ported from TensorFlow) take [-1, 1] inputs: its
-# transform_input maps ImageNet-normalised inputs to (x - 0.5) / 0.5; we call its layers directly.
 HALF = (0.5, 0.5, 0.5)
 
 

@@ -75,16 +75,14 @@ def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: 
     cfg = from_dict(data, f"{source} (config{' + ' + ' '.join(overrides) if overrides else ''})")
     class_names, category_ids = list(ckpt["class_names"]), ckpt.get("category_ids")  # None: 1..K
     if kind == "fast_rcnn":
-        model = build_fast_rcnn(cfg, class_names, category_ids,
-                                backbone=build_backbone_from(cfg, weights="none"))
-        model.load_state_dict(ckpt["model"])
-        if cfg.test.svd:
-            model.apply_svd(cfg.test.svd_fc6, cfg.test.svd_fc7)
+        model = build_fast_rcnn(cfg, class_names, category_ids, backbone=build_backbone_from(cfg, weights="none"))
     elif kind == "rcnn":
         model = build_rcnn(cfg, class_names, ckpt["extra"], category_ids)
-        model.load_state_dict(ckpt["model"])
     else:
         raise ValueError(f"{source}: unknown detector kind {kind!r} (expected fast_rcnn or rcnn)")
+    model.load_state_dict(ckpt["model"])
+    if kind == "fast_rcnn" and cfg.test.svd:
+        model.apply_svd(cfg.test.svd_fc6, cfg.test.svd_fc7)
     return model.eval()
 
 

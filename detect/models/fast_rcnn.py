@@ -195,8 +195,6 @@ def assign_levels(proposal_boxes: Tensor, factors: Tensor) -> Tensor:
     """The pyramid level [R] (int64) each proposal [R, 4] is scored on, given the levels'
     (scale_x, scale_y) factors [L, 2]: the level where the proposal's scaled area is closest to
     224 x 224 (fast-rcnn ``lib/fast_rcnn/test.py::_project_im_rois``, with continuous widths)."""
-    if factors.shape[0] == 1:
-        return torch.zeros(proposal_boxes.shape[0], dtype=torch.int64, device=proposal_boxes.device)
     widths = proposal_boxes[:, 2] - proposal_boxes[:, 0]  # [R]
     heights = proposal_boxes[:, 3] - proposal_boxes[:, 1]  # [R]
     scaled_areas = (widths * heights)[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [R, L]

@@ -204,12 +204,9 @@ class FastRCNNTrainData:
             labels.append(roi_labels)
             targets.append(roi_targets)
             image_ids.append(record.image_id)
-        height = max(x.shape[1] for x in images)
-        width = max(x.shape[2] for x in images)
-        batch_images = images[0].new_zeros((len(images), 3, height, width))  # [N, 3, H, W]
-        for i, x in enumerate(images):
-            batch_images[i, :, : x.shape[1], : x.shape[2]] = x
-        return TrainBatch(batch_images, torch.cat(rois), torch.cat(labels), torch.cat(targets),
+        height, width = max(x.shape[1] for x in images), max(x.shape[2] for x in images)
+        padded = [F.pad(x, (0, width - x.shape[2], 0, height - x.shape[1])) for x in images]  # [3, H, W] each
+        return TrainBatch(torch.stack(padded), torch.cat(rois), torch.cat(labels), torch.cat(targets),
                           image_ids, skipped)
 
 

@@ -117,7 +117,7 @@ class ShardWriter:
             self._norm_sum += float(np.sum(np.asarray(pool5_norms, np.float64)))
             self._norm_count += int(np.size(pool5_norms))
 
-    def close(self) -> Path:
+    def close(self) -> None:
         for f in (self._fc7, self._pool5):
             f.flush()
             os.fsync(f.fileno())
@@ -129,7 +129,6 @@ class ShardWriter:
             "fc7_dim": self.fc7_dim, "pool5_dim": self.pool5_dim,
             "pool5_norm_sum": self._norm_sum, "pool5_norm_count": self._norm_count})
         os.replace(self.tmp, self.final)
-        return self.final
 
 
 class FeatureCache:
@@ -148,7 +147,6 @@ class FeatureCache:
         self.num_images = int(meta["num_images"])
         self.images_per_shard = int(meta["images_per_shard"])
         self.fc7_dim, self.pool5_dim = int(meta["fc7_dim"]), int(meta["pool5_dim"])
-        self.image_ids = [int(i) for i in meta["image_ids"]]
         self._shard_index = -1
         self._shard: dict = {}
 
