@@ -94,11 +94,8 @@ class Backbone:
 
 
 class FcHead(nn.Module):
-    """Flatten, then fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout ([FRCN] fc6/fc7).
-
-    ``fc6`` and ``fc7`` are plain attributes so truncated SVD can replace them
-    (``FastRCNN.apply_svd``).
-    """
+    """Flatten, then fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout ([FRCN] fc6/fc7); ``fc6`` and
+    ``fc7`` are plain attributes so ``FastRCNN.apply_svd`` can replace them."""
 
     def __init__(self, *, fc6: nn.Linear, fc7: nn.Linear, dropout: float):
         super().__init__()
@@ -384,11 +381,8 @@ def _efficientnet_lite0(weights: str) -> nn.Module:
 
 
 def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a state_dict file into ``model`` where names and shapes match.
-
-    Missing, unexpected and mis-shaped keys are reported in one warning; a file in which nothing
-    matches raises ValueError naming it (the wrong model's weights, most likely).
-    """
+    """Load a state_dict file into ``model`` where names and shapes match: the others in one
+    warning, and ValueError naming the file when nothing matches."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")

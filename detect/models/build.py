@@ -61,12 +61,9 @@ def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: l
 
 
 def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: list[str] = ()) -> Detector:
-    """Rebuild a trained detector from a detector checkpoint dict (``load_checkpoint``).
-
-    The config inside gives the architecture (built with weights "none", then the state dict
-    is loaded strictly); a Fast R-CNN config with ``test.svd`` gets truncated SVD after loading.
-    ``overrides`` (``key=value``, as on the command line) change its test-time settings, e.g.
-    ``test.svd=true``, ``test.box_regression=false`` or ``proposals.top_k=100`` (ablations).
+    """Rebuild a trained detector from a detector checkpoint dict (``load_checkpoint``): the
+    config inside gives the architecture, the state dict is loaded strictly, then ``test.svd``
+    applies. ``overrides`` (``key=value``) change test-time settings, e.g. ``proposals.top_k=100``.
     """
     kind = ckpt.get("kind")
     data = copy.deepcopy(ckpt["config"])

@@ -25,11 +25,9 @@ from detect.proposals.selective_search import first_proposals, selective_search
 
 @dataclass
 class ProposalScores:
-    """What a detector says about each proposal of one image.
-
-    ``scores[r, k - 1]`` scores class k for proposal r: a softmax probability (Fast R-CNN) or a
-    squashed SVM margin (R-CNN); higher is better. ``deltas[r, k - 1]`` is the class-specific
-    box regression (tx, ty, tw, th), un-normalised, relative to ``proposal_boxes[r]``.
+    """What a detector says about each proposal of one image: ``scores[r, k - 1]`` of class k for
+    proposal r (a softmax probability or a squashed SVM margin; higher is better) and its
+    un-normalised box regression ``deltas[r, k - 1]`` (tx, ty, tw, th) from ``proposal_boxes[r]``.
     """
 
     proposal_boxes: Tensor  # [R, 4] xyxy, original-image pixels
@@ -75,10 +73,8 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
     labels = torch.arange(1, num_classes + 1, device=scores.device).expand(num_props, num_classes)
 
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = scores > score_thresh
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    keep &= (w > 1e-3) & (h > 1e-3) & torch.isfinite(boxes).all(dim=1)
+    keep = (scores > score_thresh) & (boxes[:, 2] - boxes[:, 0] > 1e-3) & (boxes[:, 3] - boxes[:, 1] > 1e-3)
+    keep &= torch.isfinite(boxes).all(dim=1)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     if per_class_top_k > 0:
         keep = _top_k_per_class(scores, labels, per_class_top_k)
@@ -101,10 +97,8 @@ def _top_k_per_class(scores: Tensor, labels: Tensor, k: int) -> Tensor:
 
 
 class StageTimer:
-    """Wall-clock milliseconds per named stage, summed over calls.
-
-    On CUDA it synchronises before reading the clock, so a stage's time is its own.
-    """
+    """Wall-clock milliseconds per named stage, summed over calls (on CUDA synchronised, so a
+    stage's time is its own)."""
 
     def __init__(self, device: torch.device | str | None = None):
         self.totals_ms: dict[str, float] = {}
@@ -122,15 +116,12 @@ class StageTimer:
 
 
 class Detector(nn.Module):
-    """Base class of ``FastRCNN`` and ``RCNN``: complete after construction.
+    """Base class of ``FastRCNN`` and ``RCNN``, which implement ``_score``; complete after construction.
 
-    Subclasses implement ``_score``; everything else is shared: ``detect`` trims the
-    proposals to ``proposal_top_k`` (selective search's ranking; 0 = all), scores them, and
-    runs the one ``postprocess``. Images are uint8 RGB numpy arrays [H, W, 3] as returned by
-    ``detect.data.images.read_image``; the detector moves them to its own device. Proposals
-    are an explicit input; None runs selective search with ``proposal_settings``.
-    ``category_ids[k - 1]`` is the dataset category id of class k (default k); ``amp`` runs the
-    network under bf16/fp16 autocast on CUDA (scores and deltas are computed in float32).
+    ``detect`` trims the proposals to ``proposal_top_k`` (0 = all; None runs selective search
+    with ``proposal_settings``), scores them and runs ``postprocess``. Images are uint8 RGB
+    numpy arrays [H, W, 3] (``detect.data.images.read_image``). ``category_ids[k - 1]`` is the
+    dataset category id of class k (default k); ``amp``: bf16/fp16 autocast on CUDA.
     """
 
     kind: str = ""

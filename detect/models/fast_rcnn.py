@@ -47,9 +47,8 @@ def prepare_image(image: Tensor, *, target_size: int, max_size: int,
                   flip: bool = False) -> tuple[Tensor, tuple[float, float]]:
     """uint8 RGB [H, W, 3] (on any device) -> normalised float [3, h, w] and (scale_x, scale_y).
 
-    Optionally mirrored left-right first; then resized bilinearly (as [FRCN]'s cv2.resize,
-    no anti-aliasing) by ``resize_scale``; then ``(x / 255 - mean) / std``. The returned
-    per-axis factors map original pixels to resized ones: x' = x * scale_x.
+    Optionally mirrored, then resized bilinearly by ``resize_scale`` (no anti-aliasing, as
+    [FRCN]'s cv2.resize), then normalised. x' = x * scale_x maps original pixels to resized ones.
     """
     height, width = int(image.shape[0]), int(image.shape[1])
     scale = resize_scale(height, width, target_size, max_size)
@@ -65,13 +64,10 @@ def prepare_image(image: Tensor, *, target_size: int, max_size: int,
 class FastRCNN(Detector):
     """Backbone body -> RoI pool (S x S, 1/stride) -> head -> cls_score [K+1], bbox_pred [4K].
 
-    Class-specific box regression, one (tx, ty, tw, th) per object class (no background row).
-    Test-time resizing: shorter side ``test_scale``, longer side <= ``test_max_size``;
-    ``test_scales`` (overriding ``test_scale``) is [FRCN]'s multi-scale test, each proposal
-    scored once, on the level ``assign_levels`` picks. ``roi_chunk`` bounds the RoIs run through
-    the head at once at test time. ``roi_sampling_ratio`` and ``roi_aligned`` are
-    ``torchvision.ops.roi_align``'s (``roi_op="roi_align"`` only). The other keywords
-    (``class_names``, ``score_thresh`` ...) are ``Detector``'s.
+    Class-specific box regression (no background row). Test images: shorter side ``test_scale``
+    (or each of ``test_scales``, [FRCN]'s multi-scale test: ``assign_levels``), longer side <=
+    ``test_max_size``, at most ``roi_chunk`` RoIs through the head at once. ``roi_sampling_ratio``
+    and ``roi_aligned`` are ``torchvision.ops.roi_align``'s. Other keywords go to ``Detector``.
     """
 
     kind = "fast_rcnn"
@@ -110,14 +106,12 @@ class FastRCNN(Detector):
         return self.roi_heads(self.features(images), rois)
 
     def features(self, images: Tensor, body: nn.Module | None = None) -> Tensor:
-        """Normalised images [N, 3, H, W] -> feature map [N, C, ceil(H / stride), ceil(W / stride)].
-        ``body``: ``self.body`` by default; at test time its channels-last inference copy
-        (``Detector.inference_module``), fed channels-last images.
+        """Normalised images [N, 3, H, W] -> feature map [N, C, ceil(H / stride), ceil(W / stride)];
+        ``body``: ``self.body``, or at test time its inference copy (fed channels-last).
 
-        The images are zero-padded on the right and bottom to a multiple of ``stride`` first
-        (moving no RoI): then a backbone with TensorFlow "same" padding (efficientnet_lite0),
-        which pads an odd-sized input of a stride-2 layer one pixel more on the left or top,
-        sees even sizes only, and its feature grid has one offset whatever the image size.
+        The images are zero-padded on the right and bottom to a multiple of ``stride`` first: then
+        TensorFlow "same" padding (efficientnet_lite0), which pads odd sizes one pixel more on the
+        left or top, sees even sizes only, and the feature grid's offset is one constant.
         """
         height, width = images.shape[-2:]
         pad_h, pad_w = -height % self.stride, -width % self.stride

@@ -130,8 +130,8 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
         targets = {}
         for i, idx in per_class[k]:
             rows = source.rows(i)
-            proposal_boxes, gt_boxes = torch.from_numpy(rows.boxes[idx]), torch.from_numpy(rows.best_gt_boxes[idx])
-            targets[i] = encode_boxes(proposal_boxes, gt_boxes).numpy()  # [n, 4]
+            targets[i] = encode_boxes(torch.from_numpy(rows.boxes[idx]),
+                                      torch.from_numpy(rows.best_gt_boxes[idx])).numpy()  # [n, 4]
         t = np.concatenate(list(targets.values()))  # [N, 4]
         mean[k - 1] = t.mean(axis=0)
         std[k - 1] = np.where(t.std(axis=0) > 1e-6, t.std(axis=0), 1.0)

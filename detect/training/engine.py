@@ -50,12 +50,10 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
                keep_checkpoints: int = 2, desc: str = "train", tb_dir: str | Path | None = None) -> nn.Module:
     """Run ``step_fn`` from the last checkpoint (``resume``) or iteration 0 up to ``max_iter``.
 
-    ``step_fn(model, iteration)`` returns a dict of scalar losses; their sum is minimised.
-    ``optimizer``'s param groups may carry ``lr_scale`` (e.g. 2 for biases, as [FRCN]).
-    Raises ``FloatingPointError`` on a non-finite loss, after which the last good checkpoint
-    is still the newest one on disk. Each log.jsonl line is also written as TensorBoard scalars
-    to ``tb_dir`` (default ``output_dir/tb``) when tensorboard is installed
-    (``detect.training.tensorboard_log``).
+    ``step_fn(model, iteration)`` returns a dict of scalar losses; their sum is minimised, each
+    param group at ``lr_at(iteration)`` times its ``lr_scale``. A non-finite loss raises
+    ``FloatingPointError`` (the newest checkpoint on disk is the last good one). TensorBoard
+    scalars go to ``tb_dir`` (default ``output_dir/tb``).
     """
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
@@ -70,7 +68,7 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
     use_amp = amp and device.type == "cuda"
     amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    start_iter = 0
+    start_iter, log_path = 0, output_dir / "log.jsonl"
     prev = last_checkpoint(output_dir)
     if prev is not None and not resume:
         raise ValueError(f"{output_dir}: holds checkpoints already ({prev.name}); pass --resume to "
@@ -87,7 +85,7 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
         set_rng_state(rng_state_of_rank(state["rng"], rank, world))
         if main:
             print(f"resuming from {prev} at iteration {start_iter}")
-            append_jsonl(output_dir / "log.jsonl", {"iteration": start_iter, "resumed_from": str(prev)})
+            append_jsonl(log_path, {"iteration": start_iter, "resumed_from": str(prev)})
 
     train_model: nn.Module = model
     if world > 1:
@@ -109,7 +107,6 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
         for p in sorted(ckpt_dir.glob("iter_*.pt"))[:-keep_checkpoints]:
             p.unlink(missing_ok=True)
 
-    log_path = output_dir / "log.jsonl"
     tb = open_tensorboard(tb_dir or output_dir / "tb", max_iter=max_iter, start_iter=start_iter) \
         if main else None
     bar = tqdm(total=max_iter, initial=start_iter, desc=desc, unit="it", disable=not main, dynamic_ncols=True)

@@ -78,10 +78,9 @@ def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box
                    bbox_loss_weight: float = 1.0) -> dict[str, Tensor]:
     """[FRCN] eq. 1: log loss over all RoIs + lambda * smooth-L1 (beta = 1) on foreground RoIs.
 
-    ``class_logits`` [R, K+1], ``box_deltas`` [R, K, 4] and ``box_targets`` [R, 4] (both
-    normalised by bbox_std), ``labels`` [R] in 0..K. The box loss (the true class's deltas) is
-    summed and divided by R, as [FRCN]'s SmoothL1Loss layer; R = 0 gives zero losses that still
-    carry gradients.
+    ``class_logits`` [R, K+1], ``box_deltas`` [R, K, 4] and ``box_targets`` [R, 4] (normalised
+    by bbox_std), ``labels`` [R] in 0..K. The box loss is summed and divided by R (as [FRCN]'s
+    SmoothL1Loss layer); R = 0 gives zero losses that still carry gradients.
     """
     num_rois = class_logits.shape[0]
     if num_rois == 0:
@@ -118,13 +117,11 @@ def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
 class FastRCNNTrainData:
     """Builds the mini-batch of any iteration deterministically from (seed, iteration).
 
-    Image order: the concatenated per-epoch permutations of ``records`` (seeded with (seed,
-    epoch)); global batch i takes the next ``images_per_batch * world_size`` positions, rank r
-    its own ``images_per_batch``. Scale, flip and RoI sampling of each image are seeded with
-    (seed, iteration, global image slot). An unreadable image is passed over for the next one and
-    named in ``TrainBatch.skipped_files`` (the first time only). The gt boxes trained on are
-    ``detect.data.datasets.training_gt``'s, without degenerate ones.
-    ``get_proposals(image_id)`` returns proposals [P, 4] xyxy in original-image pixels.
+    Image order: the per-epoch permutations of ``records`` (seeded with (seed, epoch)), batch i
+    taking the next ``images_per_batch * world_size`` positions, rank r its own share; scale,
+    flip and RoI sampling are seeded with (seed, iteration, image slot). An unreadable image is
+    passed over and named once in ``TrainBatch.skipped_files``. Trained-on gt: ``training_gt``'s,
+    minus degenerate boxes. ``get_proposals(image_id)``: [P, 4] xyxy, original pixels.
     """
 
     def __init__(self, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
@@ -211,11 +208,8 @@ class FastRCNNTrainData:
 
 
 class _Prefetcher:
-    """Builds the batches of the coming iterations in background threads, handed out in order.
-
-    Threads, not processes: image decoding and resizing release the GIL, and the proposal store
-    need not be picklable. Asking for an unexpected iteration (a resume) restarts from there.
-    """
+    """Builds the batches of the coming iterations in background threads (decoding and resizing
+    release the GIL; the proposal store need not pickle). An unexpected iteration restarts there."""
 
     def __init__(self, data: FastRCNNTrainData, *, num_workers: int, max_iter: int):
         self.data, self.max_iter = data, max_iter

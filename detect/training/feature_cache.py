@@ -132,11 +132,8 @@ class ShardWriter:
 
 
 class FeatureCache:
-    """Reads the cache folder described in the module docstring. Implements ``FeatureSource``.
-
-    Image ``i`` is the i-th image of the dataset the cache was made from. Features come back as
-    float32 copies of the memory-mapped rows asked for; only those rows are read from disk.
-    """
+    """A ``FeatureSource`` reading the cache folder of the module docstring; image ``i`` is the
+    dataset's i-th. Features are float32 copies of the memory-mapped rows asked for."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

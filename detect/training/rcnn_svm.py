@@ -91,12 +91,10 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
               passes: int = 1, progress: bool = False) -> dict[int, ClassSVM]:
     """Train one linear SVM per class in ``classes`` (1..K) with hard-negative mining.
 
-    Positives: the class's ground-truth rows. Negatives: rows with IoU < ``neg_iou`` with every
-    gt box of the class. From w = 0, each image adds its uncached negatives scoring above
-    ``hard_thresh``; the SVM is retrained after the first image, whenever more than
-    ``retrain_limit`` were added, and at the end, and then negatives below ``evict_thresh``
-    leave the cache. Features are multiplied by ``feat_scale``. The classes share each image's
-    features (computed once by a streaming source).
+    Positives: the class's gt rows; negatives: rows with IoU < ``neg_iou`` with all its gt. From
+    w = 0, each image adds its uncached negatives scoring above ``hard_thresh``; the SVM is
+    retrained after the first image, after ``retrain_limit`` more and at the end, each time
+    evicting negatives below ``evict_thresh``. Features are multiplied by ``feat_scale``.
     """
     t_start = time.perf_counter()
     cols = np.asarray(classes, np.int64) - 1

@@ -74,11 +74,10 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
 class FineTuneSampler:
     """Fine-tuning mini-batches ([RCNN] code: Caffe WindowDataLayer), built from (seed, iteration).
 
-    Each batch has ``batch_size`` warped windows, ``fg_per_batch`` of them foreground (IoU >=
-    ``fg_iou`` with a gt box, labelled with its class) and the rest background (label 0). Unlike
-    the original (windows drawn from the whole dataset), the windows are drawn among those of
-    ``images_per_batch`` random images, with replacement only when too few; mirrored with
-    probability 0.5 (``flip``). Under DDP, rank r takes its own images of each global batch.
+    ``batch_size`` warped windows, ``fg_per_batch`` of them foreground (IoU >= ``fg_iou``, labelled
+    with the gt's class), the rest background (0), drawn (unlike the original's, from the whole
+    dataset) among those of ``images_per_batch`` random images, with replacement only when too
+    few; mirrored with probability 0.5 (``flip``). Under DDP, rank r takes its own images.
     """
 
     def __init__(self, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
@@ -202,11 +201,9 @@ class StreamingFeatures:
 
 def extract_features(source: StreamingFeatures, cache_dir: str | Path, *, images_per_shard: int = 64,
                      rank: int = 0, world_size: int = 1, progress: bool = True) -> None:
-    """Cache fc7 of every row and pool5 of rows with IoU > bbox_min_iou (format: ``feature_cache``).
-
-    The pool5 norm that scales the box-regression features is measured here, on the rows of
-    ``feature_cache.norm_sample_images`` / ``norm_sample_rows``, and kept in the shards' meta.
-    Rank r writes the shards k with k % world_size == r; existing shards are skipped (resume).
+    """Cache fc7 of every row and pool5 of rows with IoU > bbox_min_iou (format: ``feature_cache``),
+    and the pool5 norms of ``feature_cache.norm_sample_rows``. Rank r writes the shards k with
+    k % world_size == r; existing shards are skipped (resume).
     """
     cache_dir = Path(cache_dir)
     records, fc7_dim, pool5_dim = source.records, source.fc7_dim, source.pool5_dim
@@ -296,15 +293,13 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                fingerprint: dict | None = None, resume: bool = False, use_difficult: bool = True,
                device: torch.device = torch.device("cpu"),
                progress: bool = True) -> dict[str, np.ndarray] | None:
-    """Train R-CNN's four stages in order ([RCNN]) on ``records`` and their proposals.
+    """Train R-CNN's four stages in order ([RCNN]); ``backbone`` is fine-tuned in place.
 
-    ``backbone`` is fine-tuned in place. Returns the ``extra`` arrays of ``build_rcnn`` on rank 0;
-    the other ranks return None after the features and wait for rank 0 in
-    ``runtime.long_wait_group`` (the SVMs may outlast NCCL's timeout). ``fingerprint`` (data,
-    proposals, model) goes into every stage marker, so a resumed run with other data is refused.
-    A stage whose ``done`` marker records the same settings is skipped; ``resume`` continues the
-    unfinished one (fine-tuning from its checkpoint, features by shard, SVMs by class). The SVMs
-    train in spawned processes: a calling script needs the ``if __name__ == "__main__":`` guard.
+    Returns the ``extra`` arrays of ``build_rcnn`` on rank 0; the other ranks return None after
+    the features, to wait in ``runtime.long_wait_group``. ``fingerprint`` (data, proposals,
+    model) goes into every stage marker. A stage whose marker records these settings is
+    skipped; ``resume`` continues the unfinished one. The SVMs train in spawned processes: a
+    calling script needs the ``if __name__ == "__main__":`` guard.
     """
     output_dir = Path(output_dir)
     stage_dirs = {name: output_dir / name for name in ("finetune", "features", "svm", "bbox_reg")}
