@@ -111,12 +111,9 @@ class FcHead(nn.Module):
 
 def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", head_dim: int = 4096,
                    dropout: float = 0.5, roi_size: int = 7, feature_stride: int = 16) -> Backbone:
-    """Build backbone ``name`` with ``weights``, frozen before layer ``freeze_at`` (see module doc).
-
-    ``roi_size`` is the pooled size S (7 for vgg16, 6 for alexnet, any S >= 1 for the others);
-    ``feature_stride`` is 16 or 8. Raises ValueError for an unknown name, weights or freeze_at
-    name, a head_dim the backbone cannot have or a stride it cannot give.
-    """
+    """Build backbone ``name`` with ``weights``, frozen before layer ``freeze_at`` (module doc);
+    ``roi_size`` S is 7 for vgg16, 6 for alexnet, any S >= 1 for the others. ValueError for an
+    unknown name, weights or freeze_at, or a head_dim or stride the backbone cannot have."""
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
     if feature_stride not in (8, 16):
@@ -278,13 +275,10 @@ _CONV_NORM_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
 
 
 def inference_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` (a backbone's body, head, or a module holding them) for inference
-    only, equal up to float rounding, with less work per call (BENCHMARKS.md, "R-CNN test-time
-    feature pass: speed-up"): each FrozenBatchNorm2d applied straight to a conv's output is
-    folded into it (norms before a conv, DenseNet's, stay); efficientnet_lite0's stride-1
-    "same"-padded convs become plain convs with the same symmetric padding; ReLU6 runs in place;
-    eval mode and channels-last weights (feed it channels-last inputs). The parameters are
-    detached and ``module`` is unchanged; the copy's state_dict has other keys (save the original).
+    """A detached, eval-mode, channels-last copy of ``module`` (a body, head, or a module holding
+    them) for inference, equal up to float rounding (BENCHMARKS.md, "R-CNN test-time feature
+    pass: speed-up"): FrozenBatchNorm2d after a conv folded into it, efficientnet_lite0's stride-1
+    "same" convs made plain, ReLU6 in place. Feed it channels-last inputs; save the original.
     """
     module = copy.deepcopy(module)
     for block in list(module.modules()):

@@ -1,12 +1,8 @@
 """Fast R-CNN ([FRCN] Girshick 2015): one conv feature map per image, RoI pooling, two siblings.
 
-Shape shorthand used in this file:
-    N: number of images in the mini-batch
-    R: number of RoIs, summed over the images of the batch (or the proposals of one test image)
-    P: number of proposals of one image;  G: number of ground-truth boxes of one image
-    K: number of object classes (background is class 0 and is not counted in K)
-    C, S: channels of the feature map; RoI pooled size (S x S)
-    D: width of the head's output feature (head_dim)
+Shapes: N images in the mini-batch, R RoIs (summed over its images, or the proposals of one
+test image), P proposals and G gt boxes of one image, K object classes (background is class 0,
+not counted in K), C channels of the feature map, S x S the pooled size, D the head's width.
 
 Naming: ``proposal_boxes`` and ``gt_boxes`` are xyxy float pixels of the ORIGINAL image;
 ``rois`` [R, 5] are (batch index, x1, y1, x2, y2) in pixels of the RESIZED image the network

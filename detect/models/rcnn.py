@@ -31,10 +31,9 @@ def warp_regions(image: Tensor, boxes: Tensor, *, crop_size: int, context_pad: i
     """Warp regions of one image to squares: image [3, H, W] float, boxes [R, 4] xyxy ->
     [R, 3, crop_size, crop_size], batched on the image's device (one ``roi_align`` call).
 
-    Each output pixel is one bilinear sample (no anti-aliasing, as Caffe/OpenCV resizing) of the
-    dilated box (module docstring). Whatever falls outside the image is exactly ``fill`` [3] (the
-    image mean in the image's units; None = 0, right for a mean-subtracted image), the half-pixel
-    border included: the image is padded with one pixel of ``fill``.
+    Each output pixel is one bilinear sample (no anti-aliasing) of the dilated box. Whatever falls
+    outside the image, the half-pixel border included, is exactly ``fill`` [3] (the image mean in
+    its units; None = 0, right for a mean-subtracted image).
     """
     num_boxes = boxes.shape[0]
     if num_boxes == 0:
@@ -108,10 +107,9 @@ class RCNN(Detector):
     """R-CNN at test time: warp each proposal, run the CNN, score with SVMs, regress boxes.
 
     ``svm_weight`` [K, D] and ``svm_bias`` [K] act on fc7 x ``feat_scale``; ``bbox_weight``
-    [K, D5, 4] and ``bbox_bias`` [K, 4] act on raw flattened pool5 and give normalised deltas,
-    de-normalised with ``bbox_target_mean`` / ``bbox_target_std`` [K, 4]. All are buffers, so
-    ``.to(device)`` moves them; they are not in ``state_dict()`` (the checkpoint keeps them in
-    ``extra``). The other keywords (``class_names``, ``score_thresh`` ...) are ``Detector``'s.
+    [K, D5, 4] and ``bbox_bias`` [K, 4] on raw flattened pool5, giving deltas normalised by
+    ``bbox_target_mean`` / ``bbox_target_std`` [K, 4]. They are buffers outside ``state_dict()``
+    (the checkpoint's ``extra``). Other keywords go to ``Detector``.
     """
 
     kind = "rcnn"

@@ -22,10 +22,9 @@ from detect.training.feature_cache import FeatureSource
 class RidgeAccumulator:
     """Ridge regression with a penalised bias column, from examples streamed in chunks.
 
-    Minimises ``||x w + b - y||^2 + lam (||w||^2 + b^2)`` as [RCNN]
-    ``rcnn_train_bbox_regressor.m`` does. Keeps the upper triangle of the D x D Gram matrix
-    (BLAS syrk, in place), the column sums, the count and x^T y in float64, from float64 chunks
-    of ``chunk_rows`` rows; peak memory is about ``8 D^2`` bytes whatever the number of examples.
+    Minimises ``||x w + b - y||^2 + lam (||w||^2 + b^2)`` ([RCNN] ``rcnn_train_bbox_regressor.m``)
+    from float64 chunks of ``chunk_rows`` rows, keeping the D x D Gram matrix's upper triangle
+    (BLAS syrk, in place): about ``8 D^2`` bytes whatever the number of examples.
     """
 
     def __init__(self, dim: int, targets: int, *, chunk_rows: int = 512):
@@ -104,11 +103,9 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
                          min_iou: float = 0.6, progress: bool = True) -> BoxRegressors:
     """Per-class ridge regression from pool5 to (tx, ty, tw, th) ([RCNN] appendix C).
 
-    Examples: rows with IoU > ``min_iou`` to their best-overlapping gt box, for that box's class
-    (gt rows included). Targets (``detect.common.boxes.encode_boxes``) are normalised per class
-    to zero mean and unit std; features are scaled by ``feat_scale``. Solved by the primal
-    streamed from ``source`` (``RidgeAccumulator``) or the dual on a float32 copy
-    (``fit_ridge_dual``), whichever needs less memory (``dual_is_smaller``).
+    Examples: rows with IoU > ``min_iou`` to their best gt box, for its class; targets
+    (``detect.common.boxes.encode_boxes``) normalised per class; features scaled by ``feat_scale``.
+    Solved by ``RidgeAccumulator`` or ``fit_ridge_dual``, whichever needs less memory.
     """
     per_class: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in range(1, num_classes + 1)}
     for i in range(source.num_images):

@@ -87,10 +87,8 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             print(f"resuming from {prev} at iteration {start_iter}")
             append_jsonl(log_path, {"iteration": start_iter, "resumed_from": str(prev)})
 
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     train_model.train()
 
     def save(iteration: int) -> None:

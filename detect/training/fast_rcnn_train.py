@@ -36,12 +36,11 @@ def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *,
                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """[FRCN] ``_sample_rois``: up to ``num_rois`` RoIs of one image, ``fg_fraction`` foreground.
 
-    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; the trained-on gt),
-    ``gt_classes`` [G] in 1..K; the gt boxes join the candidates. Foreground: IoU >= ``fg_iou``
-    (label = the gt's class); background: max IoU in [``bg_iou_low``, ``bg_iou_high``), topped
-    up with IoU < ``bg_iou_low`` ones when too few (unlike [FRCN], which drops such images); fewer
-    candidates give fewer RoIs. Returns ``roi_boxes`` [R, 4], ``labels`` [R] (foreground first)
-    and ``box_targets`` [R, 4]: deltas to the matched gt divided by ``bbox_std``, zeros for background.
+    ``proposal_boxes`` [P, 4] and the trained-on ``gt_boxes`` [G, 4] (xyxy), which join the
+    candidates, ``gt_classes`` [G] in 1..K. Foreground: IoU >= ``fg_iou``; background: max IoU in
+    [``bg_iou_low``, ``bg_iou_high``), topped up with lower IoU when too few (unlike [FRCN]).
+    Returns ``roi_boxes`` [R, 4], ``labels`` [R] (foreground first) and ``box_targets`` [R, 4]
+    (deltas to the matched gt / ``bbox_std``; zeros for background).
     """
     device = proposal_boxes.device
     gt_boxes = gt_boxes.to(device, torch.float32)
@@ -137,8 +136,7 @@ class FastRCNNTrainData:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if images_per_batch <= 0 or rois_per_image <= 0 or not scales:
             raise ValueError("images_per_batch and rois_per_image must be positive and scales non-empty")
-        self.records = list(records)
-        self.get_proposals = get_proposals
+        self.records, self.get_proposals = list(records), get_proposals
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.images_per_batch, self.rois_per_image = images_per_batch, rois_per_image
         self.scales, self.max_size, self.flip = list(scales), max_size, flip

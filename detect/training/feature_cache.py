@@ -1,7 +1,6 @@
 """R-CNN's feature cache: per-image rows (regions) and their fc7 / pool5 features on disk.
 
-numpy only (no torch at import): the SVM worker processes start fast and read the
-memory-mapped cache themselves. ``detect.training.rcnn_train`` computes the features.
+numpy only, for the SVM worker processes; ``detect.training.rcnn_train`` computes the features.
 
 Shapes: R rows of one image (its ground-truth boxes, then its proposals), K object classes,
 D fc7 width (SVM features), D5 flattened pool5 width (box-regression features).
@@ -137,10 +136,9 @@ class FeatureCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta = read_json(self.path / "meta.json")
+        self.meta = meta = read_json(self.path / "meta.json")
         if meta.get("format") != FEATURE_FORMAT:
             raise ValueError(f"{self.path / 'meta.json'}: not an R-CNN feature cache (format {meta.get('format')!r})")
-        self.meta = meta
         self.num_images = int(meta["num_images"])
         self.images_per_shard = int(meta["images_per_shard"])
         self.fc7_dim, self.pool5_dim = int(meta["fc7_dim"]), int(meta["pool5_dim"])

@@ -1,8 +1,7 @@
 """R-CNN's per-class linear SVMs with hard-negative mining ([RCNN] code ``rcnn_train.m``).
 
-numpy and scikit-learn only: with an on-disk ``FeatureCache`` the classes train in worker
-processes that read the memory-mapped cache themselves. Shapes: R rows of one image, K object
-classes, D fc7 width.
+numpy and scikit-learn only: the worker processes read the memory-mapped ``FeatureCache``
+themselves. Shapes: R rows of one image, K object classes, D fc7 width.
 """
 
 from __future__ import annotations
@@ -199,12 +198,9 @@ def _svm_worker(cache_dir: str, svm_dir: str, k: int, settings: dict) -> int:
 
 def train_svms(source: FeatureSource, svm_dir: str | os.PathLike, *, num_classes: int, workers: int = 0,
                progress: bool = True, **settings) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Train (or resume) the K class SVMs; returns weight [K, D], bias [K] and per-class stats.
-
-    Each finished class is saved as ``class_KKK.npz`` + ``.json`` and skipped by a resumed run.
-    With a ``FeatureCache`` the classes train in ``workers`` processes (0 = all cores); a
-    streaming source trains them all here. ``settings`` are ``mine_svms``' keywords.
-    """
+    """Train (or resume: each class is saved as ``class_KKK.npz`` + ``.json``) the K class SVMs,
+    from a ``FeatureCache`` in ``workers`` processes (0 = all cores), else here; ``settings`` are
+    ``mine_svms``' keywords. Returns weight [K, D], bias [K] and per-class stats."""
     svm_dir = Path(svm_dir)
     svm_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in settings.items()}

@@ -41,11 +41,9 @@ from detect.training.rcnn_svm import load_arrays, save_arrays, train_svms
 
 def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, bbox_min_iou: float,
                use_difficult: bool = True) -> ImageRows:
-    """The rows of one training image: its trained-on gt boxes (``training_gt``) first, then its proposals.
-
-    Overlaps per class use every gt box (a proposal on an ignored object is no negative); best
-    IoU / class / box use the trained-on ones. ``has_pool5``: best IoU > ``bbox_min_iou``.
-    """
+    """The rows of one training image: its trained-on gt boxes (``training_gt``) first, then its
+    proposals. Overlaps per class use every gt box (a proposal on an ignored object is no
+    negative), best IoU / class / box the trained-on ones; ``has_pool5``: best IoU > ``bbox_min_iou``."""
     gt_boxes = np.asarray(record.gt_boxes, np.float32).reshape(-1, 4)
     gt_classes = np.asarray(record.gt_classes, np.int64).reshape(-1)
     easy = training_gt(record, use_difficult)
@@ -94,8 +92,7 @@ class FineTuneSampler:
         self.pixel_mean, self.pixel_std, self.device = pixel_mean, pixel_std, device
         self.batch_size, self.fg_per_batch, self.fg_iou = batch_size, fg_per_batch, fg_iou
         self.images_per_batch, self.flip, self.seed = images_per_batch, flip, seed
-        self.rank, self.world_size = rank, world_size
-        self.use_difficult = use_difficult
+        self.rank, self.world_size, self.use_difficult = rank, world_size, use_difficult
         self.unreadable: dict[str, str] = {}
 
     def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
@@ -151,11 +148,10 @@ class StreamingFeatures:
                  num_classes: int, crop_size: int, context_pad: int, pixel_mean, pixel_std, bbox_min_iou: float,
                  batch_size: int, amp: bool, fc7_dim: int, pool5_dim: int, use_difficult: bool = True):
         self.net, self.records, self.get_proposals = net, records, get_proposals
-        self.use_difficult = use_difficult
         self.num_images, self.num_classes, self.bbox_min_iou = len(records), num_classes, bbox_min_iou
         self.crop_size, self.context_pad = crop_size, context_pad
         self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
-        self.batch_size, self.amp = batch_size, amp
+        self.batch_size, self.amp, self.use_difficult = batch_size, amp, use_difficult
         self.fc7_dim, self.pool5_dim = fc7_dim, pool5_dim
         self.device = next(net.parameters()).device
         self.unreadable: dict[str, str] = {}
@@ -307,6 +303,7 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         raise ValueError(f"{output_dir}: holds R-CNN stages already; pass --resume to continue (finished stages "
                          f"are skipped), or choose another --output-dir")
     barrier()  # every rank has looked before any writes
+    ft_dir, feat_dir, svm_dir, bbox_dir = stage_dirs.values()
     rank, world = rank_and_world()
     fc7_dim, pool5_dim = backbone.head_dim, backbone.out_channels * backbone.roi_size ** 2
     net = RegionNet(body=backbone.body, head=backbone.head, roi_size=backbone.roi_size)
@@ -314,7 +311,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                 pixel_std=backbone.pixel_std)
 
     # 1. Fine-tune the CNN on warped regions.
-    ft_dir = stage_dirs["finetune"]
     ft_settings = {"data": fingerprint or {}, "crop_size": crop_size, "context_pad": context_pad,
                    "finetune": asdict(finetune), "use_difficult": use_difficult}
     if not _stage_done(ft_dir, ft_settings):
@@ -327,8 +323,7 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
 
         def step_fn(train_model: nn.Module, iteration: int) -> dict[str, Tensor]:
             crops, labels = sampler.batch(iteration)
-            if labels.numel() == 0:  # no readable image with a region: a zero loss keeps the loop simple
-                # (through train_model, on the empty batch: under DDP every rank must join the all-reduce)
+            if labels.numel() == 0:  # no readable region: a zero loss through train_model (DDP's all-reduce)
                 return {"loss_cls": train_model(crops).sum() * 0.0}
             return {"loss_cls": F.cross_entropy(train_model(crops).float(), labels)}
 
@@ -341,7 +336,7 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                    max_iter=finetune.max_iter, output_dir=ft_dir, checkpoint_period=finetune.checkpoint_period,
                    log_period=finetune.log_period, amp=amp, device=device,
                    checkpoint_extra={"stage": "rcnn_finetune"}, resume=resume, desc="R-CNN fine-tune",
-                   tb_dir=Path(output_dir) / "tb")
+                   tb_dir=output_dir / "tb")
         if rank == 0:
             save_checkpoint(ft_dir / "net.pt", {k: v.detach().cpu() for k, v in net.state_dict().items()})
             _mark_done(ft_dir, ft_settings, time.perf_counter() - t0, unreadable_images=sampler.unreadable)
@@ -354,7 +349,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                                   amp=amp, fc7_dim=fc7_dim, pool5_dim=pool5_dim, use_difficult=use_difficult, **warp)
 
     # 2. Features: cached as float16 shards (all ranks), or streamed.
-    feat_dir = stage_dirs["features"]
     feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou,
                      "pool5_rows": "iou > bbox_min_iou", "format_version": FEATURE_VERSION}
     if cache_features:
@@ -371,7 +365,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         return None  # the caller waits for rank 0 in a group with a long timeout (``long_wait_group``)
 
     # 3. One linear SVM per class on fc7, with hard-negative mining.
-    svm_dir = stage_dirs["svm"]
     svm_options = {k: v for k, v in asdict(svm).items() if k not in ("feat_norm", "workers")}
     svm_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, **svm_options}
     if not _stage_done(svm_dir, svm_settings):
@@ -383,7 +376,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         _mark_done(svm_dir, svm_settings, time.perf_counter() - t0, classes=stats)
 
     # 4. Per-class ridge regression from pool5 to box deltas.
-    bbox_dir = stage_dirs["bbox_reg"]
     bbox_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, "lambda": bbox_lambda,
                      "min_iou": bbox_min_iou}
     if not _stage_done(bbox_dir, bbox_settings):

@@ -53,8 +53,7 @@ class TensorBoardLog:
 
 
 def open_tensorboard(log_dir: str | Path, *, max_iter: int, start_iter: int = 0) -> TensorBoardLog | None:
-    """A ``TensorBoardLog`` in ``log_dir``, or None (saying so once per process) without the
-    tensorboard package."""
+    """A ``TensorBoardLog`` in ``log_dir``, or None (said once per process) without tensorboard."""
     global _said_off
     if SummaryWriter is None:
         if not _said_off:
