@@ -31,8 +31,7 @@ Freezing (``freeze_at``): the parameters of the layers before the named one are 
 - resnet18 / resnet50: stem layer1 layer2 layer3 layer4
 - mobilenet_v3_large: stem block1 .. block15 last_conv (features[0], [1..15], [16])
 - efficientnet_lite0: stem block0 .. block15 last_conv
-- googlenet: conv1 conv2 conv3 inception3a inception3b inception4a .. inception4e inception5a
-  inception5b
+- googlenet: conv1 conv2 conv3 inception3a inception3b inception4a .. inception4e inception5a inception5b
 - densenet121: stem (conv0, norm0) denseblock1 transition1 denseblock2 transition2 denseblock3
   transition3 denseblock4 norm5
 - with ``head_dim > 0`` the conv backbones' lists end with fc6 fc7 (their last stage is unused)
@@ -192,8 +191,8 @@ def _split_fc_backbone(name: str, model: nn.Module, dropout: float):
 
 
 def _split_conv_backbone(name: str, model: nn.Module):
-    """Resnets, MobileNetV3, GoogLeNet, DenseNet-121, EfficientNet-Lite0: body to stride 16,
-    head = the rest + avg pool. Returns (body, head, stages, C, head width, pixel_mean, pixel_std)."""
+    """The conv backbones: body to stride 16, head = the rest + avg pool. Returns (body, head,
+    stages, C, head width, pixel_mean, pixel_std)."""
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
     if name in ("resnet18", "resnet50"):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
@@ -227,9 +226,8 @@ def _split_conv_backbone(name: str, model: nn.Module):
             "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3", "transition3",
             "denseblock4", "norm5")]
         return body, head, stages, 1024, 1024, IMAGENET_MEAN, IMAGENET_STD
-    # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2.
-    # Calling the blocks directly (not through EfficientNet.extract_features) leaves out
-    # drop-connect, the model's training-time stochastic depth.
+    # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2. Calling the
+    # blocks directly (not EfficientNet.extract_features) leaves out drop-connect (stochastic depth).
     blocks = list(model._blocks)
     stem = nn.Sequential(model._conv_stem, model._bn0, nn.ReLU6())
     last_conv = nn.Sequential(model._conv_head, model._bn1, nn.ReLU6())

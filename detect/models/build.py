@@ -49,9 +49,8 @@ def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int]
 
 def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: list[int] | None = None, *,
                backbone: Backbone | None = None) -> RCNN:
-    """An ``RCNN`` from a config and its trained SVM / regressor tensors ``extra`` (see
-    ``detect.training.rcnn_train``). Without ``backbone`` it starts random (weights "none"):
-    load the trained state dict next."""
+    """An ``RCNN`` from a config and the trained tensors ``extra`` of ``detect.training.rcnn_train``;
+    without ``backbone`` it starts random (weights "none"): load the trained state dict next."""
     backbone = backbone or build_backbone_from(cfg, weights="none")
     arrays = {k: extra[k] for k in ("svm_weight", "svm_bias", "bbox_weight", "bbox_bias", "bbox_target_mean",
                                     "bbox_target_std")}
@@ -85,9 +84,8 @@ def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device | None = None, *,
                   overrides: list[str] = ()) -> Detector:
-    """Rebuild the detector saved in ``checkpoint`` (either kind), in eval mode on ``device``
-    ('' or None: the GPU when there is one), with test-time config ``overrides``
-    (``build_from_checkpoint``)."""
+    """The detector saved in ``checkpoint``, in eval mode on ``device`` ('' or None: the GPU when
+    there is one), with test-time config ``overrides`` (``build_from_checkpoint``)."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("format") != DETECTOR_FORMAT:
         raise ValueError(f"{checkpoint}: a training-state checkpoint, not a trained detector "

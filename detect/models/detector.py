@@ -1,8 +1,7 @@
 """The one ``Detector`` interface and the one post-processing path both detectors share.
 
-R-CNN and Fast R-CNN differ only in ``score_proposals``: given an image and its proposals it
-returns per-class scores and per-class box deltas (as ``im_detect`` in rbgirshick/fast-rcnn).
-Everything after that is ``postprocess``: decode, clip, threshold, per-class NMS, top-k.
+R-CNN and Fast R-CNN differ only in ``score_proposals``, per-class scores and box deltas of an
+image's proposals (fast-rcnn's ``im_detect``); everything after that is ``postprocess``.
 
 Shapes: R proposals, K object classes (background is not a column), D detections.
 """
@@ -58,11 +57,9 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
                 score_thresh: float = 0.05, nms_thresh: float = 0.3,
                 detections_per_image: int = 100, per_class_top_k: int = 0) -> Detections:
     """Decode, clip, threshold, keep the top ``per_class_top_k`` of each class (0 = all),
-    per-class NMS, keep the top ``detections_per_image`` over all classes (0 = all).
-
-    The shared step of both detectors (as torchvision's ``postprocess_detections``). The caps are
-    the two papers' test code (``detect.common.config.TestConfig``); ties at either cap are
-    broken by order (torch's stable sort), not kept as the originals' ``>=`` does.
+    per-class NMS, keep the top ``detections_per_image`` over all classes (0 = all): both
+    detectors' last step (torchvision's ``postprocess_detections``; caps:
+    ``detect.common.config.TestConfig``). Ties at a cap are broken by order (a stable sort).
     """
     scores = out.scores.float()  # [R, K]
     num_props, num_classes = scores.shape
@@ -165,8 +162,8 @@ class Detector(nn.Module):
         return super().train(mode)
 
     def inference_module(self) -> nn.Module:
-        """``make_inference_module()`` on the detector's device, built on first use and again after
-        ``.train()`` / ``.eval()`` or a move: after changing the weights, call ``.eval()`` again."""
+        """``make_inference_module()`` on the detector's device, rebuilt after ``.train()`` / ``.eval()``
+        or a move (after changing the weights, call ``.eval()`` again)."""
         if self._inference is None or self._inference[0] != self.device:
             self._inference = (self.device, self.make_inference_module())
         return self._inference[1]

@@ -6,10 +6,9 @@ not counted in K), C channels of the feature map, S x S the pooled size, D the h
 
 Naming: ``proposal_boxes`` and ``gt_boxes`` are xyxy float pixels of the ORIGINAL image;
 ``rois`` [R, 5] are (batch index, x1, y1, x2, y2) in pixels of the RESIZED image the network
-sees; ``box_deltas`` from the network are normalised by ``bbox_std``
-(``detect.common.config.TrainConfig.bbox_std``), ``deltas`` in ``ProposalScores`` are not.
-Deltas are scale invariant (tx = dx / w, tw = log(w' / w)): predicted in the resized image,
-they apply unchanged to boxes of the original image.
+sees; ``box_deltas`` from the network are normalised by ``bbox_std`` (``ProposalScores``'
+``deltas`` are not). Deltas are scale invariant (tx = dx / w, tw = log(w' / w)): predicted in the
+resized image, they apply unchanged to boxes of the original image.
 
 Training (sampling, loss, mini-batches) is in ``detect.training.fast_rcnn_train``.
 """
@@ -130,8 +129,7 @@ class FastRCNN(Detector):
             pooled = roi_align(features, rois, self.roi_size, 1.0 / self.stride,
                                sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)  # [R, C, S, S]
         x = self.head(pooled)  # [R, D]
-        # The two output layers in float32, outside autocast: bf16 logits would quantise the
-        # softmax scores into ties.
+        # The two output layers in float32, outside autocast: bf16 logits would quantise scores into ties.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             class_logits = self.cls_score(x)  # [R, K+1]
@@ -172,8 +170,7 @@ class FastRCNN(Detector):
 
     @torch.no_grad()
     def apply_svd(self, fc6_rank: int = 1024, fc7_rank: int = 256) -> None:
-        """[FRCN] section 3.1: replace fc6 and fc7 by their rank-t truncated SVDs (``_svd_linear``),
-        in place. Ranks above min(out, in) are clamped. Only heads with fc layers."""
+        """[FRCN] section 3.1: fc6 and fc7 become their truncated SVDs (``_svd_linear``), in place."""
         if not isinstance(self.head, FcHead) or not isinstance(self.head.fc6, nn.Linear):
             raise ValueError("truncated SVD needs a head with plain fc6/fc7 layers (vgg16, alexnet, or "
                              "a conv backbone with model.head_dim > 0), applied once")
@@ -193,10 +190,8 @@ def assign_levels(proposal_boxes: Tensor, factors: Tensor) -> Tensor:
 
 def _svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     """Linear W [out, in] -> Sequential(Linear(in, t, no bias), Linear(t, out)) whose product is
-    W's rank-t truncated SVD, U_t Sigma_t V_t^T, from the eigenvectors of the smaller Gram
-    matrix in float64 (seconds, not minutes, for VGG16's fc6). When out <= in, the layers are
-    U_t^T W and U_t, as [FRCN]; otherwise V_t^T and W V_t. At full rank the product is W.
-    """
+    W's rank-t truncated SVD (t <= min(out, in)), from the eigenvectors of the smaller Gram
+    matrix in float64: U_t^T W and U_t when out <= in, as [FRCN], else V_t^T and W V_t."""
     weight = layer.weight.detach().double()  # [out, in]
     out_features, in_features = weight.shape
     t = max(1, min(rank, out_features, in_features))

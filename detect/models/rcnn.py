@@ -3,9 +3,8 @@
 Shapes: R regions (proposals, and ground truth during training), B crops in a batch, K object
 classes (background is not a column), C x S x S the pool5 map, D the fc7 width, D5 = C * S * S.
 
-The network is the shared ``detect.models.backbones.Backbone`` applied to a warped crop
-[B, 3, crop, crop]: pool5 = adaptive max pool of ``body(crop)`` to S x S, fc7 = ``head(pool5)``.
-Training is in ``detect.training.rcnn_train``.
+The network is the shared ``detect.models.backbones.Backbone`` on warped crops [B, 3, crop, crop]:
+pool5 = ``body(crop)`` max-pooled to S x S, fc7 = ``head(pool5)``. Training: ``detect.training.rcnn_train``.
 
 Region warping (``warp_regions``) follows [RCNN] rcnn_im_crop.m "warp" mode: the box is dilated
 about its centre by crop / (crop - 2 * context_pad) and warped anisotropically; content outside
@@ -89,8 +88,8 @@ class FineTuneNet(nn.Module):
 
 def region_features(net: RegionNet, image: Tensor, boxes: Tensor, *, crop_size: int, context_pad: int,
                     batch_size: int, amp: bool) -> tuple[Tensor, Tensor]:
-    """pool5 [R, D5] (flattened) and fc7 [R, D] of regions of one normalised image, in batches of
-    ``batch_size`` crops; ``net`` is best its ``inference_copy`` (crops go in channels-last)."""
+    """pool5 [R, D5] (flattened) and fc7 [R, D] of regions of one normalised image, ``batch_size``
+    crops at a time (channels-last: ``net`` is best an ``inference_copy``)."""
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, 0)), boxes.new_zeros((0, 0))
     pool5_out, fc7_out = [], []

@@ -46,11 +46,9 @@ class RidgeAccumulator:
             self.count += len(xs)
 
     def solve(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
-        """-> w [D, T], b [T]. Consumes the accumulator (the Gram matrix is factorised in place).
-
-        The system [[G + lam I, s], [s^T, n + lam]] [w; b] = [r; r0] with s = x^T 1: b =
-        (r0 - s^T w) / (n + lam), and (G + lam I - s s^T / (n + lam)) w = r - s r0 / (n + lam).
-        """
+        """-> w [D, T], b [T], consuming the accumulator (the Gram matrix is factorised in place):
+        [[G + lam I, s], [s^T, n + lam]] [w; b] = [r; r0] with s = x^T 1 gives b =
+        (r0 - s^T w) / (n + lam), and (G + lam I - s s^T / (n + lam)) w = r - s r0 / (n + lam)."""
         gram, self.gram = self.gram, None
         corner = self.count + lam
         for s in range(0, self.dim, self.chunk_rows):  # rank-1 update, in blocks of columns
@@ -63,9 +61,8 @@ class RidgeAccumulator:
 
 
 def fit_ridge_dual(x: np.ndarray, y: np.ndarray, lam: float, *, chunk_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """The same minimiser as ``RidgeAccumulator`` through the N x N dual, for N < D: with
-    A = [x 1], ``beta = A^T (A A^T + lam I)^-1 y``. Keeps x as given (float32 from the cache)
-    and the N x N system in float64, formed from float64 blocks of ``chunk_rows`` rows."""
+    """``RidgeAccumulator``'s minimiser through the N x N dual, ``beta = A^T (A A^T + lam I)^-1 y``
+    with A = [x 1]: x stays as given (float32), the system is float64 from ``chunk_rows`` blocks."""
     n = len(x)
     kernel = np.ones((n, n), np.float64)  # [N, N]: A A^T = x x^T + 1 1^T
     for s in range(0, n, chunk_rows):
@@ -85,8 +82,7 @@ def fit_ridge_dual(x: np.ndarray, y: np.ndarray, lam: float, *, chunk_rows: int 
 
 
 def dual_is_smaller(n: int, d: int) -> bool:
-    """True when the dual (x kept as float32 plus an N x N float64 system) needs less memory
-    than the primal D x D float64 Gram matrix."""
+    """True when the dual (float32 x, N x N float64) needs less memory than the D x D primal."""
     return n * d * 4 + n * n * 8 < d * d * 8
 
 

@@ -233,11 +233,8 @@ class _Prefetcher:
 
 def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
                     lr_scale_of: Callable[[str], float] = lambda name: 1.0) -> torch.optim.SGD:
-    """SGD over the trainable parameters; [FRCN] and [RCNN]: biases get 2x the lr and no weight
-    decay, and ``lr_scale_of(name)`` scales a parameter's lr further.
-
-    The groups, by increasing ``lr_scale``, carry it for ``engine.train_loop``, which sets the lr.
-    """
+    """SGD over the trainable parameters, biases at 2x the lr without weight decay ([FRCN], [RCNN]),
+    times ``lr_scale_of(name)``; groups by increasing ``lr_scale``, which ``engine.train_loop`` reads."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -254,10 +251,8 @@ def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | 
                     bbox_loss_weight: float = 1.0, num_workers: int = 2,
                     device: torch.device = torch.device("cpu"), resume: bool = False,
                     eval_fn: Callable[[nn.Module, int], dict] | None = None, eval_period: int = 0) -> int:
-    """Train ``model`` in place on the mini-batches of ``data``; returns the number of
-    unreadable training images that were passed over (each is warned about once).
-    ``num_workers`` threads build the coming batches; the rest are ``engine.train_loop``'s.
-    """
+    """Train ``model`` in place on ``data``'s mini-batches, built ahead by ``num_workers`` threads
+    (the rest: ``engine.train_loop``'s); returns how many unreadable images were passed over."""
     prefetcher = _Prefetcher(data, num_workers=num_workers, max_iter=max_iter)
     skipped: list[str] = []
 

@@ -60,8 +60,7 @@ class ImageRows:
 
 
 class FeatureSource(Protocol):
-    """Per-image rows and their features: the on-disk ``FeatureCache`` or a streaming source
-    that recomputes features with the network (``detect.training.rcnn_train.StreamingFeatures``)."""
+    """Per-image rows and their features: ``FeatureCache``, or ``detect.training.rcnn_train.StreamingFeatures``."""
 
     num_images: int
     fc7_dim: int  # D
@@ -96,8 +95,8 @@ class ShardWriter:
         self._norm_sum, self._norm_count = 0.0, 0
 
     def add(self, rows: ImageRows, fc7: np.ndarray, pool5: np.ndarray, pool5_norms: np.ndarray | None = None) -> None:
-        """``fc7`` [R, D] for every row; ``pool5`` [P, D5] for the rows with ``has_pool5``;
-        ``pool5_norms`` the pool5 L2 norms of this image's rows in the norm sample (if any)."""
+        """``fc7`` [R, D] of every row, ``pool5`` [P, D5] of the ``has_pool5`` rows, ``pool5_norms``
+        the pool5 L2 norms of the image's rows in the norm sample (if any)."""
         n, p = len(rows), int(rows.has_pool5.sum())
         if fc7.shape != (n, self.fc7_dim) or pool5.shape != (p, self.pool5_dim):
             raise ValueError(f"image {rows.image_id}: fc7 {fc7.shape} / pool5 {pool5.shape} do not match "
@@ -235,9 +234,8 @@ def _checked_mean(total: float, count: int, layer: str) -> float:
 def mean_feature_norm(source: FeatureSource, layer: str, *, max_images: int = 200,
                       rows_per_image: int = 200, seed: int = 0) -> float:
     """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over ``rows_per_image`` random rows
-    (any IoU) of ``max_images`` random images ([RCNN] ``rcnn_feature_stats.m``). A
-    ``FeatureCache`` holds pool5 only for box-regression rows: its pool5 norm was measured on
-    this sample during extraction (``FeatureCache.pool5_norm``)."""
+    of ``max_images`` random images ([RCNN] ``rcnn_feature_stats.m``); a ``FeatureCache``'s pool5
+    norm was measured on this sample at extraction (``FeatureCache.pool5_norm``)."""
     if layer == "pool5" and isinstance(source, FeatureCache):
         return source.pool5_norm
     total, count = 0.0, 0

@@ -1,7 +1,7 @@
 """R-CNN's per-class linear SVMs with hard-negative mining ([RCNN] code ``rcnn_train.m``).
 
 numpy and scikit-learn only: the worker processes read the memory-mapped ``FeatureCache``
-themselves. Shapes: R rows of one image, K object classes, D fc7 width.
+themselves. Shapes: as in ``detect.training.feature_cache``.
 """
 
 from __future__ import annotations
@@ -113,9 +113,8 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
         warnings.warn(f"R-CNN SVM: class {k} has no ground-truth boxes in the training set; it will never fire")
     fit = dict(C=C, pos_weight=pos_weight, intercept_scaling=intercept_scaling, evict_thresh=evict_thresh)
 
-    total = passes * source.num_images
-    bar = tqdm(total=total, desc=f"svm {classes if len(classes) < 4 else len(classes)}", unit="img",
-               disable=not progress or not mining, dynamic_ncols=True)
+    bar = tqdm(total=passes * source.num_images, desc=f"svm {classes if len(classes) < 4 else len(classes)}",
+               unit="img", disable=not progress or not mining, dynamic_ncols=True)
     for p in range(passes):
         for i in range(source.num_images):
             bar.update(1)

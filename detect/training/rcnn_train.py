@@ -4,8 +4,7 @@ Each stage is a folder of ``output_dir`` finished by a ``done`` settings marker:
 (``engine.train_loop``), features/ (``feature_cache``), svm/ (``rcnn_svm``), bbox_reg/
 (``box_regression``). ``train_rcnn`` returns the arrays ``detect.models.build.build_rcnn`` takes.
 
-Shapes: R rows of one image (its ground-truth boxes, then its proposals), K object classes,
-D fc7 width, D5 flattened pool5 width.
+Shapes: as in ``detect.training.feature_cache``.
 """
 
 from __future__ import annotations
@@ -140,9 +139,8 @@ class FineTuneSampler:
 
 
 class StreamingFeatures:
-    """A ``detect.training.feature_cache.FeatureSource`` that computes pool5 / fc7 of any rows of a
-    training image with ``net`` (eval mode) when asked, reading one image at a time: the source
-    of ``cache_features: false``, and what ``extract_features`` writes to disk."""
+    """A ``detect.training.feature_cache.FeatureSource`` computing pool5 / fc7 with ``net`` when asked
+    (one image read at a time): ``cache_features: false``'s source, and ``extract_features``'s."""
 
     def __init__(self, net: RegionNet, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
                  num_classes: int, crop_size: int, context_pad: int, pixel_mean, pixel_std, bbox_min_iou: float,
@@ -197,10 +195,8 @@ class StreamingFeatures:
 
 def extract_features(source: StreamingFeatures, cache_dir: str | Path, *, images_per_shard: int = 64,
                      rank: int = 0, world_size: int = 1, progress: bool = True) -> None:
-    """Cache fc7 of every row and pool5 of rows with IoU > bbox_min_iou (format: ``feature_cache``),
-    and the pool5 norms of ``feature_cache.norm_sample_rows``. Rank r writes the shards k with
-    k % world_size == r; existing shards are skipped (resume).
-    """
+    """Cache fc7 of every row, pool5 of rows with IoU > bbox_min_iou and the norm sample's pool5
+    norms (``feature_cache``); rank r writes the missing shards k with k % world_size == r."""
     cache_dir = Path(cache_dir)
     records, fc7_dim, pool5_dim = source.records, source.fc7_dim, source.pool5_dim
     num_shards = (len(records) + images_per_shard - 1) // images_per_shard
