@@ -72,9 +72,9 @@ class FineTuneSampler:
     """Fine-tuning mini-batches ([RCNN] code: Caffe WindowDataLayer), built from (seed, iteration).
 
     ``batch_size`` warped windows, ``fg_per_batch`` of them foreground (IoU >= ``fg_iou``, labelled
-    with the gt's class), the rest background (0), drawn (unlike the original's, from the whole
-    dataset) among those of ``images_per_batch`` random images, with replacement only when too
-    few; mirrored with probability 0.5 (``flip``). Under DDP, rank r takes its own images.
+    with the gt's class), the rest background (0). Unlike the original (the whole dataset), they
+    are drawn among the windows of ``images_per_batch`` random images, with replacement only when
+    too few; mirrored with probability 0.5 (``flip``). Under DDP, rank r takes its own images.
     """
 
     def __init__(self, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
@@ -139,8 +139,8 @@ class FineTuneSampler:
 
 
 class StreamingFeatures:
-    """A ``detect.training.feature_cache.FeatureSource`` computing pool5 / fc7 with ``net`` when asked
-    (one image read at a time): ``cache_features: false``'s source, and ``extract_features``'s."""
+    """A ``detect.training.feature_cache.FeatureSource`` computing pool5 / fc7 with ``net`` when asked,
+    one image read at a time: the source without a cache, and what ``extract_features`` writes."""
 
     def __init__(self, net: RegionNet, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
                  num_classes: int, crop_size: int, context_pad: int, pixel_mean, pixel_std, bbox_min_iou: float,
