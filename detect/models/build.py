@@ -1,14 +1,6 @@
 """Config -> detector: the one place that knows every detector kind (a plain if/elif, as DETR's
-``build(args)``), and the loader of trained detectors.
-
-- ``build_backbone_from(cfg)``: the backbone a config asks for (both detectors share it).
-- ``build_fast_rcnn(cfg, ...)`` / ``build_rcnn(cfg, ...)``: a detector, complete after
-  construction (classes, category ids, proposal settings, post-processing, AMP).
-- ``load_detector(checkpoint, device)``: rebuild a trained detector of either kind from its
-  ``model_final.pt`` (the config saved inside gives the architecture).
-
-The config object is read here and in ``detect.commands`` only; everything below takes plain
-values.
+``build(args)``), and the loader of trained detectors (``load_detector``). The config object is
+read here and in ``detect.commands`` only; everything below takes plain values.
 """
 
 from __future__ import annotations
@@ -51,32 +43,26 @@ def build_fast_rcnn(cfg: Config, class_names: list[str], category_ids: list[int]
     m = cfg.model
     return FastRCNN(backbone=backbone or build_backbone_from(cfg), roi_op=m.roi_op,
                     roi_sampling_ratio=m.roi_sampling_ratio, roi_aligned=m.roi_aligned,
-                    bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale,
-                    test_scales=cfg.test.scales,
+                    bbox_std=tuple(cfg.train.bbox_std), test_scale=cfg.test.scale, test_scales=cfg.test.scales,
                     test_max_size=cfg.test.max_size, **_detector_settings(cfg, class_names, category_ids))
 
 
 def build_rcnn(cfg: Config, class_names: list[str], extra: dict, category_ids: list[int] | None = None, *,
                backbone: Backbone | None = None) -> RCNN:
-    """An ``RCNN`` from a config and its trained SVM / regressor tensors ``extra`` (see
-    ``detect.training.rcnn_train``). Without ``backbone`` it starts random (weights "none"):
-    load the trained state dict next."""
+    """An ``RCNN`` from a config and the trained tensors ``extra`` of ``detect.training.rcnn_train``;
+    without ``backbone`` it starts random (weights "none"): load the trained state dict next."""
     backbone = backbone or build_backbone_from(cfg, weights="none")
+    arrays = {k: extra[k] for k in ("svm_weight", "svm_bias", "bbox_weight", "bbox_bias", "bbox_target_mean",
+                                    "bbox_target_std")}
     return RCNN(backbone=backbone, crop_size=cfg.rcnn.crop_size or backbone.crop_size,
-                context_pad=cfg.rcnn.context_pad, svm_weight=extra["svm_weight"], svm_bias=extra["svm_bias"],
-                feat_scale=float(extra["feat_scale"]), bbox_weight=extra["bbox_weight"],
-                bbox_bias=extra["bbox_bias"], bbox_target_mean=extra["bbox_target_mean"],
-                bbox_target_std=extra["bbox_target_std"], test_chunk=cfg.rcnn.test_chunk,
-                **_detector_settings(cfg, class_names, category_ids))
+                context_pad=cfg.rcnn.context_pad, feat_scale=float(extra["feat_scale"]),
+                test_chunk=cfg.rcnn.test_chunk, **arrays, **_detector_settings(cfg, class_names, category_ids))
 
 
 def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: list[str] = ()) -> Detector:
-    """Rebuild a trained detector from a detector checkpoint dict (``load_checkpoint``).
-
-    The config inside gives the architecture (built with weights "none", then the state dict
-    is loaded strictly); a Fast R-CNN config with ``test.svd`` gets truncated SVD after loading.
-    ``overrides`` (``key=value``, as on the command line) change its test-time settings, e.g.
-    ``test.svd=true``, ``test.box_regression=false`` or ``proposals.top_k=100`` (ablations).
+    """Rebuild a trained detector from a detector checkpoint dict (``load_checkpoint``): the
+    config inside gives the architecture, the state dict is loaded strictly, then ``test.svd``
+    applies. ``overrides`` (``key=value``) change test-time settings, e.g. ``proposals.top_k=100``.
     """
     kind = ckpt.get("kind")
     data = copy.deepcopy(ckpt["config"])
@@ -85,24 +71,21 @@ def build_from_checkpoint(ckpt: dict, source: str = "checkpoint", *, overrides: 
     cfg = from_dict(data, f"{source} (config{' + ' + ' '.join(overrides) if overrides else ''})")
     class_names, category_ids = list(ckpt["class_names"]), ckpt.get("category_ids")  # None: 1..K
     if kind == "fast_rcnn":
-        model = build_fast_rcnn(cfg, class_names, category_ids,
-                                backbone=build_backbone_from(cfg, weights="none"))
-        model.load_state_dict(ckpt["model"])
-        if cfg.test.svd:
-            model.apply_svd(cfg.test.svd_fc6, cfg.test.svd_fc7)
+        model = build_fast_rcnn(cfg, class_names, category_ids, backbone=build_backbone_from(cfg, weights="none"))
     elif kind == "rcnn":
         model = build_rcnn(cfg, class_names, ckpt["extra"], category_ids)
-        model.load_state_dict(ckpt["model"])
     else:
         raise ValueError(f"{source}: unknown detector kind {kind!r} (expected fast_rcnn or rcnn)")
+    model.load_state_dict(ckpt["model"])
+    if kind == "fast_rcnn" and cfg.test.svd:
+        model.apply_svd(cfg.test.svd_fc6, cfg.test.svd_fc7)
     return model.eval()
 
 
 def load_detector(checkpoint: str | Path, device: str | torch.device | None = None, *,
                   overrides: list[str] = ()) -> Detector:
-    """Rebuild the detector saved in ``checkpoint`` (either kind), in eval mode on ``device``
-    ('' or None: the GPU when there is one), with test-time config ``overrides``
-    (``build_from_checkpoint``)."""
+    """The detector saved in ``checkpoint``, in eval mode on ``device`` ('' or None: the GPU when
+    there is one), with test-time config ``overrides`` (``build_from_checkpoint``)."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("format") != DETECTOR_FORMAT:
         raise ValueError(f"{checkpoint}: a training-state checkpoint, not a trained detector "

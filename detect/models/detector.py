@@ -1,8 +1,7 @@
 """The one ``Detector`` interface and the one post-processing path both detectors share.
 
-R-CNN and Fast R-CNN differ only in ``score_proposals``: given an image and its proposals it
-returns per-class scores and per-class box deltas (as ``im_detect`` in rbgirshick/fast-rcnn).
-Everything after that is ``postprocess``: decode, clip, threshold, per-class NMS, top-k.
+R-CNN and Fast R-CNN differ only in ``score_proposals``, per-class scores and box deltas of an
+image's proposals (fast-rcnn's ``im_detect``); everything after that is ``postprocess``.
 
 Shapes: R proposals, K object classes (background is not a column), D detections.
 """
@@ -25,11 +24,9 @@ from detect.proposals.selective_search import first_proposals, selective_search
 
 @dataclass
 class ProposalScores:
-    """What a detector says about each proposal of one image.
-
-    ``scores[r, k - 1]`` scores class k for proposal r: a softmax probability (Fast R-CNN) or a
-    squashed SVM margin (R-CNN); higher is better. ``deltas[r, k - 1]`` is the class-specific
-    box regression (tx, ty, tw, th), un-normalised, relative to ``proposal_boxes[r]``.
+    """What a detector says about each proposal of one image: ``scores[r, k - 1]`` of class k for
+    proposal r (a softmax probability or a squashed SVM margin; higher is better) and its
+    un-normalised box regression ``deltas[r, k - 1]`` (tx, ty, tw, th) from ``proposal_boxes[r]``.
     """
 
     proposal_boxes: Tensor  # [R, 4] xyxy, original-image pixels
@@ -60,15 +57,9 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
                 score_thresh: float = 0.05, nms_thresh: float = 0.3,
                 detections_per_image: int = 100, per_class_top_k: int = 0) -> Detections:
     """Decode, clip, threshold, keep the top ``per_class_top_k`` of each class (0 = all),
-    per-class NMS, keep the top ``detections_per_image`` over all classes (0 = all).
-
-    The shared step of both detectors (as torchvision's ``postprocess_detections`` and
-    detectron2's ``fast_rcnn_inference_single_image``). The two caps are the two papers' test
-    code: rbgirshick/rcnn ``rcnn_test.m`` keeps the 100 best-scoring boxes per class per image
-    before NMS (``max_per_image``) and caps nothing after; rbgirshick/fast-rcnn
-    ``lib/fast_rcnn/test.py::test_net`` keeps the 100 best over all classes after NMS. Ties at
-    either cap are broken by order (torch's stable sort), not kept as the originals' ``>=`` does.
-    Defaults: [FRCN] test config.
+    per-class NMS, keep the top ``detections_per_image`` over all classes (0 = all): both
+    detectors' last step (torchvision's ``postprocess_detections``; caps:
+    ``detect.common.config.TestConfig``). Ties at a cap are broken by order (a stable sort).
     """
     scores = out.scores.float()  # [R, K]
     num_props, num_classes = scores.shape
@@ -79,10 +70,8 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
     labels = torch.arange(1, num_classes + 1, device=scores.device).expand(num_props, num_classes)
 
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-    keep = scores > score_thresh
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    keep &= (w > 1e-3) & (h > 1e-3) & torch.isfinite(boxes).all(dim=1)
+    keep = (scores > score_thresh) & (boxes[:, 2] - boxes[:, 0] > 1e-3) & (boxes[:, 3] - boxes[:, 1] > 1e-3)
+    keep &= torch.isfinite(boxes).all(dim=1)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     if per_class_top_k > 0:
         keep = _top_k_per_class(scores, labels, per_class_top_k)
@@ -105,10 +94,8 @@ def _top_k_per_class(scores: Tensor, labels: Tensor, k: int) -> Tensor:
 
 
 class StageTimer:
-    """Wall-clock milliseconds per named stage, summed over calls.
-
-    On CUDA it synchronises before reading the clock, so a stage's time is its own.
-    """
+    """Wall-clock milliseconds per named stage, summed over calls (on CUDA synchronised, so a
+    stage's time is its own)."""
 
     def __init__(self, device: torch.device | str | None = None):
         self.totals_ms: dict[str, float] = {}
@@ -126,15 +113,12 @@ class StageTimer:
 
 
 class Detector(nn.Module):
-    """Base class of ``FastRCNN`` and ``RCNN``: complete after construction.
+    """Base class of ``FastRCNN`` and ``RCNN``, which implement ``_score``; complete after construction.
 
-    Subclasses implement ``score_proposals``; everything else is shared: ``detect`` trims the
-    proposals to ``proposal_top_k`` (selective search's ranking; 0 = all), scores them, and
-    runs the one ``postprocess``. Images are uint8 RGB numpy arrays [H, W, 3] as returned by
-    ``detect.data.images.read_image``; the detector moves them to its own device. Proposals
-    are an explicit input; None runs selective search with ``proposal_settings``.
-    ``category_ids[k - 1]`` is the dataset category id of class k (default k); ``amp`` runs the
-    network under bf16/fp16 autocast on CUDA (scores and deltas are computed in float32).
+    ``detect`` trims the proposals to ``proposal_top_k`` (0 = all; None runs selective search
+    with ``proposal_settings``), scores them and runs ``postprocess``. Images are uint8 RGB
+    numpy arrays [H, W, 3] (``detect.data.images.read_image``). ``category_ids[k - 1]`` is the
+    dataset category id of class k (default k); ``amp``: bf16/fp16 autocast on CUDA.
     """
 
     kind: str = ""
@@ -153,18 +137,15 @@ class Detector(nn.Module):
             raise ValueError(f"{len(self.category_ids)} category ids for {len(self.class_names)} classes")
         if proposal_top_k < 0:
             raise ValueError(f"proposal_top_k must be >= 0 (0 = all), got {proposal_top_k}")
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
         if detections_per_image < 0 or per_class_top_k < 0:
             raise ValueError(f"detections_per_image and per_class_top_k must be >= 0 (0 = no cap), got "
                              f"{detections_per_image} and {per_class_top_k}")
-        self.detections_per_image = detections_per_image
-        self.per_class_top_k = per_class_top_k
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.detections_per_image, self.per_class_top_k = detections_per_image, per_class_top_k
         self.proposal_settings = dict(proposal_settings or {})  # selective search's, when detect() gets None
         self.proposal_top_k = proposal_top_k
         self._inference: tuple[torch.device, nn.Module] | None = None  # a tuple, not a submodule
-        self.backbone_name = backbone_name
-        self.amp = amp
+        self.backbone_name, self.amp = backbone_name, amp
         self.box_regression = box_regression  # False: boxes are the proposals (an ablation, [RCNN] Table 2)
 
     @property
@@ -181,8 +162,8 @@ class Detector(nn.Module):
         return super().train(mode)
 
     def inference_module(self) -> nn.Module:
-        """``make_inference_module()`` on the detector's device, built on first use and again after
-        ``.train()`` / ``.eval()`` or a move: after changing the weights, call ``.eval()`` again."""
+        """``make_inference_module()`` on the detector's device, rebuilt after ``.train()`` / ``.eval()``
+        or a move (after changing the weights, call ``.eval()`` again)."""
         if self._inference is None or self._inference[0] != self.device:
             self._inference = (self.device, self.make_inference_module())
         return self._inference[1]
@@ -191,8 +172,19 @@ class Detector(nn.Module):
         """The network ``score_proposals`` runs, as a ``detect.models.backbones.inference_copy``."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
                         timer: StageTimer | None = None) -> ProposalScores:
+        """Scores [R, K] and un-normalised deltas [R, K, 4] of proposals [R, 4] (xyxy, original
+        pixels) of a uint8 RGB image [H, W, 3]. Zero proposals give empty outputs at once."""
+        proposal_boxes = proposal_boxes.to(device=self.device, dtype=torch.float32).reshape(-1, 4)
+        if proposal_boxes.shape[0] == 0:
+            k = self.num_classes
+            return ProposalScores(proposal_boxes, proposal_boxes.new_zeros((0, k)), proposal_boxes.new_zeros((0, k, 4)))
+        return self._score(image, proposal_boxes, timer or StageTimer(self.device))
+
+    def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
+        """``score_proposals`` of R >= 1 proposals [R, 4] float32 on the detector's device."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -210,7 +202,6 @@ class Detector(nn.Module):
             out = ProposalScores(out.proposal_boxes, out.scores, torch.zeros_like(out.deltas))  # [R, K, 4]
         with timer("postprocess"):
             dets = postprocess(out, image.shape[0], image.shape[1], score_thresh=self.score_thresh,
-                               nms_thresh=self.nms_thresh,
-                               detections_per_image=self.detections_per_image,
+                               nms_thresh=self.nms_thresh, detections_per_image=self.detections_per_image,
                                per_class_top_k=self.per_class_top_k)
         return dets.to("cpu")

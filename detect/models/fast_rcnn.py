@@ -1,21 +1,14 @@
 """Fast R-CNN ([FRCN] Girshick 2015): one conv feature map per image, RoI pooling, two siblings.
 
-Shape shorthand used in this file:
-    N: number of images in the mini-batch
-    R: number of RoIs, summed over the images of the batch (or the proposals of one test image)
-    P: number of proposals of one image;  G: number of ground-truth boxes of one image
-    K: number of object classes (background is class 0 and is not counted in K)
-    C, S: channels of the feature map; RoI pooled size (S x S)
-    D: width of the head's output feature (head_dim)
+Shapes: N images in the mini-batch, R RoIs (summed over its images, or the proposals of one
+test image), P proposals and G gt boxes of one image, K object classes (background is class 0,
+not counted in K), C channels of the feature map, S x S the pooled size, D the head's width.
 
 Naming: ``proposal_boxes`` and ``gt_boxes`` are xyxy float pixels of the ORIGINAL image;
 ``rois`` [R, 5] are (batch index, x1, y1, x2, y2) in pixels of the RESIZED image the network
-sees; ``box_deltas`` from the network are normalised by ``bbox_std`` (the fixed stds of
-py-faster-rcnn's BBOX_NORMALIZE_STDS; [FRCN] measured per-class stds on the training set,
-roidb.py add_bbox_regression_targets, and folded them into bbox_pred when snapshotting),
-``deltas`` in ``ProposalScores`` are not. Deltas are scale invariant
-(tx = dx / w, tw = log(w' / w)), so deltas predicted in the resized image apply unchanged to
-boxes of the original image, even when the two axes are scaled by slightly different factors.
+sees; ``box_deltas`` from the network are normalised by ``bbox_std`` (``ProposalScores``'
+``deltas`` are not). Deltas are scale invariant (tx = dx / w, tw = log(w' / w)): predicted in the
+resized image, they apply unchanged to boxes of the original image.
 
 Training (sampling, loss, mini-batches) is in ``detect.training.fast_rcnn_train``.
 """
@@ -34,14 +27,6 @@ from detect.common.runtime import autocast
 from detect.models.backbones import Backbone, FcHead, inference_copy, normalize_pixels
 from detect.models.detector import Detector, ProposalScores, StageTimer
 
-__all__ = ["FastRCNN", "resize_scale", "prepare_image", "assign_levels"]
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Image preparation (shared by training and test)
-# ----------------------------------------------------------------------------------------------
-
 
 def resize_scale(height: int, width: int, target_size: int, max_size: int) -> float:
     """[FRCN] ``prep_im_for_blob``: the shorter side becomes ``target_size`` unless the longer
@@ -57,9 +42,8 @@ def prepare_image(image: Tensor, *, target_size: int, max_size: int,
                   flip: bool = False) -> tuple[Tensor, tuple[float, float]]:
     """uint8 RGB [H, W, 3] (on any device) -> normalised float [3, h, w] and (scale_x, scale_y).
 
-    Optionally mirrored left-right first; then resized bilinearly (as [FRCN]'s cv2.resize,
-    no anti-aliasing) by ``resize_scale``; then ``(x / 255 - mean) / std``. The returned
-    per-axis factors map original pixels to resized ones: x' = x * scale_x.
+    Optionally mirrored, then resized bilinearly by ``resize_scale`` (no anti-aliasing, as
+    [FRCN]'s cv2.resize), then normalised. x' = x * scale_x maps original pixels to resized ones.
     """
     height, width = int(image.shape[0]), int(image.shape[1])
     scale = resize_scale(height, width, target_size, max_size)
@@ -72,41 +56,22 @@ def prepare_image(image: Tensor, *, target_size: int, max_size: int,
     return normalize_pixels(x[0], pixel_mean, pixel_std), (new_w / width, new_h / height)
 
 
-# ----------------------------------------------------------------------------------------------
-# The model
-# ----------------------------------------------------------------------------------------------
-
-
 class FastRCNN(Detector):
     """Backbone body -> RoI pool (S x S, 1/stride) -> head -> cls_score [K+1], bbox_pred [4K].
 
-    Class-specific box regression, one (tx, ty, tw, th) per object class (no background row).
-    Test-time resizing: shorter side ``test_scale``, longer side <= ``test_max_size`` ([FRCN]
-    600 / 1000). ``test_scales`` (several sizes, overriding ``test_scale``) is [FRCN]'s
-    multi-scale test (Table 7: 480, 576, 688, 864, 1200): an image pyramid, one level per size,
-    and each proposal scored once, on the level where its scaled area is closest to 224 x 224
-    (``assign_levels``). No scores are averaged or max-pooled over levels.
-    The parameters from ``score_thresh`` on are ``Detector``'s. ``score_proposals`` runs the
-    body's channels-last ``inference_copy`` (``Detector.inference_module``). ``roi_chunk`` bounds the RoIs run through the head at once at test time (the
-    memory of conv heads grows with R x S x S). ``roi_sampling_ratio`` and ``roi_aligned`` are
-    ``torchvision.ops.roi_align``'s ``sampling_ratio`` and ``aligned`` (``roi_op="roi_align"`` only).
+    Class-specific box regression (no background row). Test images: shorter side ``test_scale``
+    (or each of ``test_scales``, [FRCN]'s multi-scale test: ``assign_levels``), longer side <=
+    ``test_max_size``, at most ``roi_chunk`` RoIs through the head at once. ``roi_sampling_ratio``
+    and ``roi_aligned`` are ``torchvision.ops.roi_align``'s. Other keywords go to ``Detector``.
     """
 
     kind = "fast_rcnn"
 
-    def __init__(self, *, backbone: Backbone, class_names: list[str], roi_op: str = "roi_pool",
-                 roi_sampling_ratio: int = 2, roi_aligned: bool = True,
-                 bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
+    def __init__(self, *, backbone: Backbone, roi_op: str = "roi_pool", roi_sampling_ratio: int = 2,
+                 roi_aligned: bool = True, bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
                  test_max_size: int = 1000, test_scales: Sequence[int] | None = None, roi_chunk: int = 1024,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
-                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
-                 proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
-                 amp: bool = True, box_regression: bool = True):
-        super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                         detections_per_image=detections_per_image, per_class_top_k=per_class_top_k,
-                         category_ids=category_ids, proposal_settings=proposal_settings,
-                         proposal_top_k=proposal_top_k, backbone_name=backbone_name, amp=amp,
-                         box_regression=box_regression)
+                 **detector_settings):
+        super().__init__(**detector_settings)
         if roi_op not in ("roi_pool", "roi_align"):
             raise ValueError(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
         if len(bbox_std) != 4 or any(s <= 0 for s in bbox_std):
@@ -114,22 +79,15 @@ class FastRCNN(Detector):
         test_scales = list(test_scales) if test_scales else [test_scale]
         if min(test_scales) <= 0 or test_max_size <= 0 or roi_chunk <= 0:
             raise ValueError("test_scale(s), test_max_size and roi_chunk must be positive")
-        self.body = backbone.body
-        self.head = backbone.head
         if roi_sampling_ratio < 0:
             raise ValueError(f"roi_sampling_ratio must be >= 0 (0 = adaptive), got {roi_sampling_ratio}")
-        self.roi_op = roi_op
-        self.roi_sampling_ratio, self.roi_aligned = roi_sampling_ratio, roi_aligned
-        self.roi_size = backbone.roi_size
-        self.stride = backbone.stride
-        self.pixel_mean = tuple(backbone.pixel_mean)
-        self.pixel_std = tuple(backbone.pixel_std)
-        self.test_scales = test_scales
-        self.test_max_size = test_max_size
-        self.roi_chunk = roi_chunk
-        num_classes = len(self.class_names)
-        self.cls_score = nn.Linear(backbone.head_dim, num_classes + 1)
-        self.bbox_pred = nn.Linear(backbone.head_dim, 4 * num_classes)
+        self.body, self.head = backbone.body, backbone.head
+        self.roi_op, self.roi_sampling_ratio, self.roi_aligned = roi_op, roi_sampling_ratio, roi_aligned
+        self.roi_size, self.stride = backbone.roi_size, backbone.stride
+        self.pixel_mean, self.pixel_std = tuple(backbone.pixel_mean), tuple(backbone.pixel_std)
+        self.test_scales, self.test_max_size, self.roi_chunk = test_scales, test_max_size, roi_chunk
+        self.cls_score = nn.Linear(backbone.head_dim, self.num_classes + 1)
+        self.bbox_pred = nn.Linear(backbone.head_dim, 4 * self.num_classes)
         # [FRCN]: Gaussian init, std 0.01 for the classifier and 0.001 for the box regressor.
         nn.init.normal_(self.cls_score.weight, std=0.01)
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
@@ -143,20 +101,12 @@ class FastRCNN(Detector):
         return self.roi_heads(self.features(images), rois)
 
     def features(self, images: Tensor, body: nn.Module | None = None) -> Tensor:
-        """Normalised images [N, 3, H, W] -> feature map [N, C, ceil(H / stride), ceil(W / stride)].
-        ``body``: ``self.body`` by default; at test time its channels-last inference copy
-        (``Detector.inference_module``), fed channels-last images.
+        """Normalised images [N, 3, H, W] -> feature map [N, C, ceil(H / stride), ceil(W / stride)];
+        ``body``: ``self.body``, or at test time its inference copy (fed channels-last).
 
-        The images are zero-padded on the right and bottom to a multiple of ``stride`` first
-        (which moves no RoI coordinate). RoI pooling assumes that feature cell i covers pixels
-        [i * stride, (i + 1) * stride); a backbone with TensorFlow "same" padding
-        (efficientnet_lite0) pads a stride-2 layer's input on the left or top by one more pixel
-        when that input's size is odd, which moved its grid by up to stride - 1 pixels with the
-        image size's parity (an odd size at every stride-2 layer: -15 px against an even
-        one at stride 16), different between training batches and test images. Padded to a
-        multiple of the stride, every stride-2 layer sees an even size and the grid's offset is
-        one constant. Backbones with symmetric padding (torchvision's) have a constant offset
-        at any size; for them the padding only adds a border of zeros.
+        The images are zero-padded on the right and bottom to a multiple of ``stride`` first: then
+        TensorFlow "same" padding (efficientnet_lite0), which pads odd sizes one pixel more on the
+        left or top, sees even sizes only, and the feature grid's offset is one constant.
         """
         height, width = images.shape[-2:]
         pad_h, pad_w = -height % self.stride, -width % self.stride
@@ -179,29 +129,17 @@ class FastRCNN(Detector):
             pooled = roi_align(features, rois, self.roi_size, 1.0 / self.stride,
                                sampling_ratio=self.roi_sampling_ratio, aligned=self.roi_aligned)  # [R, C, S, S]
         x = self.head(pooled)  # [R, D]
-        # The two output layers in float32, outside autocast: bf16 logits would quantise the
-        # softmax scores into ties.
+        # The two output layers in float32, outside autocast: bf16 logits would quantise scores into ties.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
             class_logits = self.cls_score(x)  # [R, K+1]
             box_deltas = self.bbox_pred(x).view(-1, self.num_classes, 4)  # [R, K, 4]
         return class_logits, box_deltas
 
-    @torch.no_grad()
-    def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
-                        timer: StageTimer | None = None) -> ProposalScores:
-        """Softmax scores [R, K] and un-normalised deltas [R, K, 4] of each proposal.
-
-        ``image``: uint8 RGB [H, W, 3]; ``proposal_boxes``: [R, 4] xyxy original pixels. Call
-        ``.eval()`` first (dropout). Zero proposals give empty outputs without running the net.
-        """
-        timer = timer or StageTimer(self.device)
+    def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
+        """Softmax scores (``score_proposals``); call ``.eval()`` first (dropout)."""
         device = self.device
-        proposal_boxes = proposal_boxes.to(device=device, dtype=torch.float32).reshape(-1, 4)
         num_props, num_classes = proposal_boxes.shape[0], self.num_classes
-        if num_props == 0:
-            return ProposalScores(proposal_boxes, torch.zeros((0, num_classes), device=device),
-                                  torch.zeros((0, num_classes, 4), device=device))
         with timer("backbone"):
             pixels = torch.tensor(image, dtype=torch.uint8, device=device)  # [H, W, 3], a copy
             body = self.inference_module()
@@ -232,13 +170,7 @@ class FastRCNN(Detector):
 
     @torch.no_grad()
     def apply_svd(self, fc6_rank: int = 1024, fc7_rank: int = 256) -> None:
-        """[FRCN] section 3.1: replace fc6 and fc7 by their truncated SVDs, in place.
-
-        A Linear W [out, in] becomes Linear(in, t, no bias) with weight Sigma_t V_t^T, then
-        Linear(t, out) with weight U_t and W's bias (see ``_svd_linear``). Ranks above
-        min(out, in) are clamped (then the result equals the original up to rounding). Only
-        heads with fc layers. VGG16's fc6 takes about a minute on a 2-core CPU.
-        """
+        """[FRCN] section 3.1: fc6 and fc7 become their truncated SVDs (``_svd_linear``), in place."""
         if not isinstance(self.head, FcHead) or not isinstance(self.head.fc6, nn.Linear):
             raise ValueError("truncated SVD needs a head with plain fc6/fc7 layers (vgg16, alexnet, or "
                              "a conv backbone with model.head_dim > 0), applied once")
@@ -249,12 +181,7 @@ class FastRCNN(Detector):
 def assign_levels(proposal_boxes: Tensor, factors: Tensor) -> Tensor:
     """The pyramid level [R] (int64) each proposal [R, 4] is scored on, given the levels'
     (scale_x, scale_y) factors [L, 2]: the level where the proposal's scaled area is closest to
-    224 x 224. rbgirshick/fast-rcnn ``lib/fast_rcnn/test.py::_project_im_rois`` does this with
-    ``+ 1`` inclusive widths and one factor per level; our boxes are continuous (width x2 - x1)
-    and the two axes may differ by rounding, so the area scales by scale_x * scale_y. With one
-    level every proposal gets level 0, as there."""
-    if factors.shape[0] == 1:
-        return torch.zeros(proposal_boxes.shape[0], dtype=torch.int64, device=proposal_boxes.device)
+    224 x 224 (fast-rcnn ``lib/fast_rcnn/test.py::_project_im_rois``, with continuous widths)."""
     widths = proposal_boxes[:, 2] - proposal_boxes[:, 0]  # [R]
     heights = proposal_boxes[:, 3] - proposal_boxes[:, 1]  # [R]
     scaled_areas = (widths * heights)[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [R, L]
@@ -263,13 +190,8 @@ def assign_levels(proposal_boxes: Tensor, factors: Tensor) -> Tensor:
 
 def _svd_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     """Linear W [out, in] -> Sequential(Linear(in, t, no bias), Linear(t, out)) whose product is
-    W's rank-t truncated SVD, U_t Sigma_t V_t^T.
-
-    Computed from the eigenvectors of the smaller Gram matrix (W W^T or W^T W) in float64: for
-    VGG16's fc6 (4096 x 25088) that takes seconds where a full SVD takes minutes on a CPU. When
-    out <= in, the layers are Sigma_t V_t^T = U_t^T W and U_t, as [FRCN]; otherwise V_t^T and
-    W V_t = U_t Sigma_t. Neither divides by a singular value, and at full rank the product is W.
-    """
+    W's rank-t truncated SVD (t <= min(out, in)), from the eigenvectors of the smaller Gram
+    matrix in float64: U_t^T W and U_t when out <= in, as [FRCN], else V_t^T and W V_t."""
     weight = layer.weight.detach().double()  # [out, in]
     out_features, in_features = weight.shape
     t = max(1, min(rank, out_features, in_features))

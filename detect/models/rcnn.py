@@ -3,19 +3,13 @@
 Shapes: R regions (proposals, and ground truth during training), B crops in a batch, K object
 classes (background is not a column), C x S x S the pool5 map, D the fc7 width, D5 = C * S * S.
 
-The network is the shared ``detect.models.backbones.Backbone`` applied to a warped crop
-[B, 3, crop, crop]: pool5 = adaptive max pool of ``body(crop)`` to S x S (VGG16's pool5 at 224,
-AlexNet's at 227), fc7 = ``head(pool5)``. Fast R-CNN uses the same backbone object, so the two
-detectors differ only in how regions reach the head.
+The network is the shared ``detect.models.backbones.Backbone`` on warped crops [B, 3, crop, crop]:
+pool5 = ``body(crop)`` max-pooled to S x S, fc7 = ``head(pool5)``. Training: ``detect.training.rcnn_train``.
 
-Training (fine-tuning, features, SVMs, box regression) is in ``detect.training.rcnn_train``.
-
-Region warping (``warp_regions``) follows [RCNN] rcnn_im_crop.m "warp" mode with 16 pixels of
-context: the box is dilated about its centre by crop / (crop - 2 * 16) and warped
-anisotropically; image content outside the image is the mean. Difference from the MATLAB code:
-it clipped the dilated box to the image, resized the in-image part and pasted it at a rounded
-offset into a mean-filled crop; we sample the whole dilated box directly, so the geometry is the
-same without the rounding to whole pixels.
+Region warping (``warp_regions``) follows [RCNN] rcnn_im_crop.m "warp" mode: the box is dilated
+about its centre by crop / (crop - 2 * context_pad) and warped anisotropically; content outside
+the image is the mean. The MATLAB code clipped the dilated box, resized the in-image part and
+pasted it at a rounded offset; we sample the whole dilated box, without that rounding.
 """
 
 from __future__ import annotations
@@ -30,42 +24,29 @@ from detect.common.runtime import autocast
 from detect.models.backbones import Backbone, inference_copy, normalize_pixels
 from detect.models.detector import Detector, ProposalScores, StageTimer
 
-# ----------------------------------------------------------------------------------------------
-# Warping
-# ----------------------------------------------------------------------------------------------
-
-
-def context_boxes(boxes: Tensor, *, crop_size: int, context_pad: int) -> Tensor:
-    """Dilate boxes [R, 4] about their centres so that ``context_pad`` pixels of context remain on
-    each side after warping to ``crop_size`` ([RCNN]: scale = crop / (crop - 2 p))."""
-    if not 0 <= 2 * context_pad < crop_size:
-        raise ValueError(f"context_pad {context_pad} must be >= 0 and below half of crop_size {crop_size}")
-    scale = crop_size / (crop_size - 2 * context_pad)
-    center = (boxes[:, :2] + boxes[:, 2:]) / 2  # [R, 2]
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * scale  # [R, 2]
-    return torch.cat([center - half, center + half], dim=1)  # [R, 4]
-
 
 def warp_regions(image: Tensor, boxes: Tensor, *, crop_size: int, context_pad: int = 16,
                  fill: Tensor | None = None) -> Tensor:
     """Warp regions of one image to squares: image [3, H, W] float, boxes [R, 4] xyxy ->
     [R, 3, crop_size, crop_size], batched on the image's device (one ``roi_align`` call).
 
-    Each output pixel is the bilinear sample of the image at the matching point of the dilated
-    box (see the module docstring), one sample per pixel as Caffe/OpenCV resizing does (no
-    anti-aliasing). Whatever falls outside the image is exactly ``fill`` [3] (the image mean in
-    the image's units; None = 0, right for a mean-subtracted image), including the half-pixel
-    border where bilinear weights straddle the edge: the image is padded with one pixel of
-    ``fill`` so those samples blend with it, as a mean-padded image would.
+    Each output pixel is one bilinear sample (no anti-aliasing) of the dilated box. Whatever falls
+    outside the image, the half-pixel border included, is exactly ``fill`` [3] (the image mean in
+    its units; None = 0, right for a mean-subtracted image).
     """
     num_boxes = boxes.shape[0]
     if num_boxes == 0:
         return image.new_zeros((0, 3, crop_size, crop_size))
+    if not 0 <= 2 * context_pad < crop_size:
+        raise ValueError(f"context_pad {context_pad} must be >= 0 and below half of crop_size {crop_size}")
     fill = torch.zeros(3) if fill is None else fill
     fill = fill.to(device=image.device, dtype=image.dtype).view(3, 1, 1)
     padded = F.pad(image - fill, (1, 1, 1, 1))  # [3, H + 2, W + 2]; 0 outside = fill
-    big = context_boxes(boxes.to(image.dtype), crop_size=crop_size, context_pad=context_pad) + 1.0
-    rois = torch.cat([big.new_zeros((num_boxes, 1)), big], dim=1)  # [R, 5]; +1: the pad
+    boxes = boxes.to(image.dtype)
+    center = (boxes[:, :2] + boxes[:, 2:]) / 2  # [R, 2]
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * (crop_size / (crop_size - 2 * context_pad))  # [R, 2], with context
+    big = torch.cat([center - half, center + half], dim=1) + 1.0  # [R, 4]; +1: the pad
+    rois = torch.cat([big.new_zeros((num_boxes, 1)), big], dim=1)  # [R, 5]
     crops = roi_align(padded[None], rois, output_size=crop_size, spatial_scale=1.0, sampling_ratio=1,
                       aligned=True)  # [R, 3, crop, crop]
     return crops + fill
@@ -75,11 +56,6 @@ def normalize_image(image: np.ndarray, *, pixel_mean, pixel_std, device: torch.d
     """uint8 RGB [H, W, 3] -> normalised float [3, H, W] on ``device`` (``normalize_pixels``)."""
     x = torch.from_numpy(np.array(image, dtype=np.uint8, order="C")).to(device).permute(2, 0, 1).float()
     return normalize_pixels(x, pixel_mean, pixel_std)  # [3, H, W]
-
-
-# ----------------------------------------------------------------------------------------------
-# The network
-# ----------------------------------------------------------------------------------------------
 
 
 class RegionNet(nn.Module):
@@ -112,8 +88,8 @@ class FineTuneNet(nn.Module):
 
 def region_features(net: RegionNet, image: Tensor, boxes: Tensor, *, crop_size: int, context_pad: int,
                     batch_size: int, amp: bool) -> tuple[Tensor, Tensor]:
-    """pool5 [R, D5] (flattened) and fc7 [R, D] of regions of one normalised image, in batches of
-    ``batch_size`` crops; ``net`` is best its ``inference_copy`` (crops go in channels-last)."""
+    """pool5 [R, D5] (flattened) and fc7 [R, D] of regions of one normalised image, ``batch_size``
+    crops at a time (channels-last: ``net`` is best an ``inference_copy``)."""
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, 0)), boxes.new_zeros((0, 0))
     pool5_out, fc7_out = [], []
@@ -126,38 +102,22 @@ def region_features(net: RegionNet, image: Tensor, boxes: Tensor, *, crop_size: 
     return torch.cat(pool5_out), torch.cat(fc7_out)
 
 
-# ----------------------------------------------------------------------------------------------
-# The detector
-# ----------------------------------------------------------------------------------------------
-
-
 class RCNN(Detector):
     """R-CNN at test time: warp each proposal, run the CNN, score with SVMs, regress boxes.
 
     ``svm_weight`` [K, D] and ``svm_bias`` [K] act on fc7 x ``feat_scale``; ``bbox_weight``
-    [K, D5, 4] and ``bbox_bias`` [K, 4] act on raw flattened pool5 and give normalised deltas,
-    de-normalised with ``bbox_target_mean`` / ``bbox_target_std`` [K, 4]. All are buffers, so
-    ``.to(device)`` moves them; they are not in ``state_dict()`` (the checkpoint keeps them in
-    ``extra``). The parameters from ``score_thresh`` on are ``Detector``'s.
-
-    Scoring runs ``inference_copy(self.net)`` (``Detector.inference_module``).
+    [K, D5, 4] and ``bbox_bias`` [K, 4] on raw flattened pool5, giving deltas normalised by
+    ``bbox_target_mean`` / ``bbox_target_std`` [K, 4]. They are buffers outside ``state_dict()``
+    (the checkpoint's ``extra``). Other keywords go to ``Detector``.
     """
 
     kind = "rcnn"
 
-    def __init__(self, *, backbone: Backbone, class_names: list[str], crop_size: int, context_pad: int = 16,
-                 svm_weight: Tensor, svm_bias: Tensor, feat_scale: float, bbox_weight: Tensor, bbox_bias: Tensor,
-                 bbox_target_mean: Tensor, bbox_target_std: Tensor, test_chunk: int = 512,
-                 score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
-                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
-                 proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
-                 amp: bool = True, box_regression: bool = True):
-        super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                         detections_per_image=detections_per_image, per_class_top_k=per_class_top_k,
-                         category_ids=category_ids, proposal_settings=proposal_settings,
-                         proposal_top_k=proposal_top_k, backbone_name=backbone_name, amp=amp,
-                         box_regression=box_regression)
-        k, d = len(class_names), backbone.head_dim
+    def __init__(self, *, backbone: Backbone, crop_size: int, context_pad: int = 16, svm_weight: Tensor,
+                 svm_bias: Tensor, feat_scale: float, bbox_weight: Tensor, bbox_bias: Tensor,
+                 bbox_target_mean: Tensor, bbox_target_std: Tensor, test_chunk: int = 512, **detector_settings):
+        super().__init__(**detector_settings)
+        k, d = self.num_classes, backbone.head_dim
         d5 = backbone.out_channels * backbone.roi_size ** 2
         for name, t, shape in (("svm_weight", svm_weight, (k, d)), ("svm_bias", svm_bias, (k,)),
                                ("bbox_weight", bbox_weight, (k, d5, 4)), ("bbox_bias", bbox_bias, (k, 4)),
@@ -178,23 +138,10 @@ class RCNN(Detector):
     def make_inference_module(self) -> RegionNet:
         return inference_copy(self.net)
 
-    @torch.no_grad()
-    def score_proposals(self, image: np.ndarray, proposal_boxes: Tensor,
-                        timer: StageTimer | None = None) -> ProposalScores:
-        """Scores [R, K] and deltas [R, K, 4] (un-normalised) of proposals [R, 4] of a uint8 image.
-
-        Scores are the SVM margins squashed by a sigmoid: monotone, so AP is unchanged, and a
-        score threshold means roughly what it means for Fast R-CNN's probabilities (margin 0 is
-        0.5). Proposals go through in chunks of ``test_chunk`` (bounded memory); timer stages:
-        warp, features, svm, bbox_reg.
-        """
-        timer = timer or StageTimer(self.device)
-        device = self.device
-        proposal_boxes = proposal_boxes.to(device=device, dtype=torch.float32)
-        num_classes = self.num_classes
-        if proposal_boxes.shape[0] == 0:
-            return ProposalScores(proposal_boxes, proposal_boxes.new_zeros((0, num_classes)),
-                                  proposal_boxes.new_zeros((0, num_classes, 4)))
+    def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
+        """SVM margins squashed by a sigmoid (monotone: AP is unchanged; margin 0 is 0.5), in
+        chunks of ``test_chunk`` proposals; timer stages: warp, features, svm, bbox_reg."""
+        device, num_classes = self.device, self.num_classes
         with timer("warp"):
             image_t = normalize_image(image, pixel_mean=self.pixel_mean, pixel_std=self.pixel_std, device=device)
         bbox_weight = self.bbox_weight.permute(1, 0, 2).reshape(self.bbox_weight.shape[1], -1)  # [D5, K * 4]

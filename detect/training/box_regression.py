@@ -22,14 +22,9 @@ from detect.training.feature_cache import FeatureSource
 class RidgeAccumulator:
     """Ridge regression with a penalised bias column, from examples streamed in chunks.
 
-    Minimises ``||x w + b - y||^2 + lam (||w||^2 + b^2)`` as [RCNN]
-    ``rcnn_train_bbox_regressor.m`` does (a column of ones appended to X and regularised with
-    the weights, solved by Cholesky). Only the upper triangle of the D x D Gram matrix x^T x
-    (updated in place by BLAS syrk), the column sums, the count and x^T y are kept, in float64;
-    each chunk of at most ``chunk_rows`` rows is converted to float64 for its products (float32
-    products lose about 1e-4 of the solution). The bias is eliminated by its Schur complement
-    (a rank-1 update in place) and the D x D system factorised in place, so peak memory is about
-    ``8 D^2`` bytes whatever the number of examples (4.7 GiB for VGG16's 25088-d pool5).
+    Minimises ``||x w + b - y||^2 + lam (||w||^2 + b^2)`` ([RCNN] ``rcnn_train_bbox_regressor.m``)
+    from float64 chunks of ``chunk_rows`` rows, keeping the D x D Gram matrix's upper triangle
+    (BLAS syrk, in place): about ``8 D^2`` bytes whatever the number of examples.
     """
 
     def __init__(self, dim: int, targets: int, *, chunk_rows: int = 512):
@@ -51,11 +46,9 @@ class RidgeAccumulator:
             self.count += len(xs)
 
     def solve(self, lam: float) -> tuple[np.ndarray, np.ndarray]:
-        """-> w [D, T], b [T]. Consumes the accumulator (the Gram matrix is factorised in place).
-
-        The system [[G + lam I, s], [s^T, n + lam]] [w; b] = [r; r0] with s = x^T 1: b =
-        (r0 - s^T w) / (n + lam), and (G + lam I - s s^T / (n + lam)) w = r - s r0 / (n + lam).
-        """
+        """-> w [D, T], b [T], consuming the accumulator (the Gram matrix is factorised in place):
+        [[G + lam I, s], [s^T, n + lam]] [w; b] = [r; r0] with s = x^T 1 gives b =
+        (r0 - s^T w) / (n + lam), and (G + lam I - s s^T / (n + lam)) w = r - s r0 / (n + lam)."""
         gram, self.gram = self.gram, None
         corner = self.count + lam
         for s in range(0, self.dim, self.chunk_rows):  # rank-1 update, in blocks of columns
@@ -68,9 +61,8 @@ class RidgeAccumulator:
 
 
 def fit_ridge_dual(x: np.ndarray, y: np.ndarray, lam: float, *, chunk_rows: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """The same minimiser as ``RidgeAccumulator`` through the N x N dual, for N < D: with
-    A = [x 1], ``beta = A^T (A A^T + lam I)^-1 y``. Keeps x as given (float32 from the cache)
-    and the N x N system in float64, formed from float64 blocks of ``chunk_rows`` rows."""
+    """``RidgeAccumulator``'s minimiser through the N x N dual, ``beta = A^T (A A^T + lam I)^-1 y``
+    with A = [x 1]: x stays as given (float32), the system is float64 from ``chunk_rows`` blocks."""
     n = len(x)
     kernel = np.ones((n, n), np.float64)  # [N, N]: A A^T = x x^T + 1 1^T
     for s in range(0, n, chunk_rows):
@@ -90,8 +82,7 @@ def fit_ridge_dual(x: np.ndarray, y: np.ndarray, lam: float, *, chunk_rows: int 
 
 
 def dual_is_smaller(n: int, d: int) -> bool:
-    """True when the dual (x kept as float32 plus an N x N float64 system) needs less memory
-    than the primal D x D float64 Gram matrix."""
+    """True when the dual (float32 x, N x N float64) needs less memory than the D x D primal."""
     return n * d * 4 + n * n * 8 < d * d * 8
 
 
@@ -108,15 +99,9 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
                          min_iou: float = 0.6, progress: bool = True) -> BoxRegressors:
     """Per-class ridge regression from pool5 to (tx, ty, tw, th) ([RCNN] appendix C).
 
-    Examples: rows with IoU > ``min_iou`` (strictly, as ``O > opts.min_overlap`` in [RCNN]
-    ``rcnn_train_bbox_regressor.m``) to their best-overlapping gt box, for the class of that gt
-    box (gt rows included, target 0). Targets are ``detect.common.boxes.encode_boxes``,
-    normalised per class to zero mean and unit std (the [RCNN] code whitened them with the full
-    4 x 4 covariance; per-coordinate is the same idea); features are scaled by ``feat_scale``
-    (average norm 20 over random rows, ``feature_cache.mean_feature_norm``); lambda = 1000
-    penalises the weights and the bias alike. Solved by the primal streamed from ``source`` one
-    image at a time (``RidgeAccumulator``) or the dual on a float32 copy (``fit_ridge_dual``),
-    whichever needs less memory (``dual_is_smaller``).
+    Examples: rows with IoU > ``min_iou`` to their best gt box, for its class; targets
+    (``detect.common.boxes.encode_boxes``) normalised per class; features scaled by ``feat_scale``.
+    Solved by ``RidgeAccumulator`` or ``fit_ridge_dual``, whichever needs less memory.
     """
     per_class: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in range(1, num_classes + 1)}
     for i in range(source.num_images):
@@ -138,8 +123,8 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
         targets = {}
         for i, idx in per_class[k]:
             rows = source.rows(i)
-            proposal_boxes, gt_boxes = torch.from_numpy(rows.boxes[idx]), torch.from_numpy(rows.best_gt_boxes[idx])
-            targets[i] = encode_boxes(proposal_boxes, gt_boxes).numpy()  # [n, 4]
+            targets[i] = encode_boxes(torch.from_numpy(rows.boxes[idx]),
+                                      torch.from_numpy(rows.best_gt_boxes[idx])).numpy()  # [n, 4]
         t = np.concatenate(list(targets.values()))  # [N, 4]
         mean[k - 1] = t.mean(axis=0)
         std[k - 1] = np.where(t.std(axis=0) > 1e-6, t.std(axis=0), 1.0)

@@ -1,15 +1,11 @@
 """The training loop: one plain function for Fast R-CNN training and R-CNN fine-tuning.
 
-As torchvision's ``references/detection/engine.py`` and DETR's ``engine.py``, it imports no
-detector: the caller gives ``step_fn(model, iteration) -> losses``, which builds the mini-batch
-of that iteration deterministically from (seed, iteration), so a resumed run sees exactly the
-batches an uninterrupted run would have seen without any sampler state. The loop does the
-rest: mixed precision on CUDA, the non-finite-loss guard, the learning rate, JSON-lines logs
-(mirrored to TensorBoard when it is installed), atomic checkpoints
-(``detect.common.checkpoints``), exact resume and periodic evaluation.
-
-Under ``torchrun`` the model is wrapped in DistributedDataParallel, only rank 0 writes logs and
-checkpoints, and ``step_fn`` is expected to give each rank its own share of the batch.
+It imports no detector: the caller's ``step_fn(model, iteration) -> losses`` builds the
+mini-batch of that iteration from (seed, iteration), so a resumed run sees the same batches
+with no sampler state. The loop does mixed precision on CUDA, the non-finite-loss guard, the
+learning rate, JSON-lines logs (and TensorBoard), atomic checkpoints, exact resume and
+periodic evaluation. Under ``torchrun`` the model is wrapped in DistributedDataParallel, only
+rank 0 writes, and ``step_fn`` gives each rank its own share of the batch.
 """
 
 from __future__ import annotations
@@ -45,15 +41,6 @@ def step_lr(base_lr: float, steps: list[int], gamma: float = 0.1, warmup_iters: 
     return lr_at
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-# ----------------------------------------------------------------------------------------------
-
-
 def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str, Tensor]],
                optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float], max_iter: int,
                output_dir: str | Path, checkpoint_period: int, log_period: int = 20,
@@ -63,12 +50,10 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
                keep_checkpoints: int = 2, desc: str = "train", tb_dir: str | Path | None = None) -> nn.Module:
     """Run ``step_fn`` from the last checkpoint (``resume``) or iteration 0 up to ``max_iter``.
 
-    ``step_fn(model, iteration)`` returns a dict of scalar losses; their sum is minimised.
-    ``optimizer``'s param groups may carry ``lr_scale`` (e.g. 2 for biases, as [FRCN]).
-    Raises ``FloatingPointError`` on a non-finite loss, after which the last good checkpoint
-    is still the newest one on disk. Each log.jsonl line is also written as TensorBoard scalars
-    to ``tb_dir`` (default ``output_dir/tb``) when tensorboard is installed
-    (``detect.training.tensorboard_log``).
+    ``step_fn(model, iteration)`` returns a dict of scalar losses; their sum is minimised, each
+    param group at ``lr_at(iteration)`` times its ``lr_scale``. A non-finite loss raises
+    ``FloatingPointError`` (the newest checkpoint on disk is the last good one). TensorBoard
+    scalars go to ``tb_dir`` (default ``output_dir/tb``).
     """
     output_dir = Path(output_dir)
     ckpt_dir = output_dir / "checkpoints"
@@ -80,8 +65,10 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             stale.unlink(missing_ok=True)
     model.to(device)
 
-    start_iter = 0
-    scaler_state = None
+    use_amp = amp and device.type == "cuda"
+    amp_dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    start_iter, log_path = 0, output_dir / "log.jsonl"
     prev = last_checkpoint(output_dir)
     if prev is not None and not resume:
         raise ValueError(f"{output_dir}: holds checkpoints already ({prev.name}); pass --resume to "
@@ -92,23 +79,16 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             raise ValueError(f"{prev}: not a training checkpoint")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler_state = state.get("scaler")
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_iter = int(state["iteration"])
         set_rng_state(rng_state_of_rank(state["rng"], rank, world))
         if main:
             print(f"resuming from {prev} at iteration {start_iter}")
-            append_jsonl(output_dir / "log.jsonl", {"iteration": start_iter, "resumed_from": str(prev)})
+            append_jsonl(log_path, {"iteration": start_iter, "resumed_from": str(prev)})
 
-    use_amp = amp and device.type == "cuda"
-    amp_dtype = autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    if scaler_state:
-        scaler.load_state_dict(scaler_state)
-
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     train_model.train()
 
     def save(iteration: int) -> None:
@@ -117,16 +97,14 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             return
         name = f"iter_{iteration:07d}.pt"
         save_checkpoint(ckpt_dir / name, {
-            "format": TRAIN_FORMAT, "version": FORMAT_VERSION, "model": _unwrap(train_model).state_dict(),
+            "format": TRAIN_FORMAT, "version": FORMAT_VERSION, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
             "rng": rng, "lr_schedule": {"lr": lr_at(iteration)}, "extra": checkpoint_extra or {},
         })
         write_text_atomic(ckpt_dir / "last", name + "\n")
-        old = sorted(ckpt_dir.glob("iter_*.pt"))[:-keep_checkpoints]
-        for p in old:
+        for p in sorted(ckpt_dir.glob("iter_*.pt"))[:-keep_checkpoints]:
             p.unlink(missing_ok=True)
 
-    log_path = output_dir / "log.jsonl"
     tb = open_tensorboard(tb_dir or output_dir / "tb", max_iter=max_iter, start_iter=start_iter) \
         if main else None
     bar = tqdm(total=max_iter, initial=start_iter, desc=desc, unit="it", disable=not main, dynamic_ncols=True)
@@ -161,10 +139,9 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
                 torch.distributed.all_reduce(means)
                 means = means.cpu() / world
             if main:
-                record = {"iteration": done, "lr": lr, **{k: float(v) for k, v in zip(names, means)}}
-                record["loss"] = float(means.sum())
-                record["time_per_iter_s"] = (now - t_last) / len(window_losses)
-                record["max_mem_mb"] = peak_memory_mb(device)
+                record = {"iteration": done, "lr": lr, **{k: float(v) for k, v in zip(names, means)},
+                          "loss": float(means.sum()), "time_per_iter_s": (now - t_last) / len(window_losses),
+                          "max_mem_mb": peak_memory_mb(device)}
                 append_jsonl(log_path, record)
                 if tb is not None:
                     tb.write(record)
@@ -173,9 +150,9 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
         if done % checkpoint_period == 0 or done == max_iter:
             save(done)
         if eval_fn is not None and eval_period > 0 and done % eval_period == 0 and done != max_iter:
-            _unwrap(train_model).eval()
-            metrics = eval_fn(_unwrap(train_model), done)
-            _unwrap(train_model).train()
+            model.eval()
+            metrics = eval_fn(model, done)
+            model.train()
             if main:
                 append_jsonl(log_path, {"iteration": done, "eval": metrics})
                 if tb is not None:
@@ -185,4 +162,4 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
     bar.close()
     if tb is not None:
         tb.close()
-    return _unwrap(train_model)
+    return model

@@ -1,9 +1,8 @@
 """Fast R-CNN training ([FRCN] section 2.3): RoI sampling, the multi-task loss, mini-batches.
 
 Hierarchical sampling (``lib/roi_data_layer/minibatch.py``): N images per mini-batch, then
-R / N RoIs per image with 25% foreground; multi-task loss = log loss + lambda * smooth-L1 on
-the true class's deltas of foreground RoIs. ``train_fast_rcnn`` runs ``engine.train_loop``
-over a ``FastRCNN`` and a ``FastRCNNTrainData`` (a dataset's records and a proposal source).
+R / N RoIs per image. ``train_fast_rcnn`` runs ``engine.train_loop`` over a ``FastRCNN`` and a
+``FastRCNNTrainData`` (a dataset's records and a proposal source).
 
 Shapes as in ``detect.models.fast_rcnn``: N images, R RoIs, P proposals and G gt boxes of one
 image, K object classes.
@@ -30,27 +29,22 @@ from detect.data.images import ImageReadError, read_image
 from detect.models.fast_rcnn import FastRCNN, prepare_image
 from detect.training.engine import train_loop
 
+
 def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *, num_rois: int = 64,
                 fg_fraction: float = 0.25, fg_iou: float = 0.5, bg_iou_low: float = 0.1,
                 bg_iou_high: float = 0.5, bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """[FRCN] ``_sample_rois``: up to ``num_rois`` RoIs of one image, ``fg_fraction`` foreground.
 
-    ``proposal_boxes`` [P, 4], ``gt_boxes`` [G, 4] (xyxy, same pixels; the trained-on gt,
-    ``datasets.training_gt``), ``gt_classes`` [G] in 1..K. The ground-truth boxes join the
-    candidates. Foreground: IoU >= ``fg_iou`` with some gt box (label = its class); background: max IoU in
-    [``bg_iou_low``, ``bg_iou_high``) (label 0). As [FRCN], fewer foreground than the quota means
-    more background. Unlike [FRCN] (which drops such images), when the [low, high) band holds too
-    few candidates the background is topped up with IoU < ``bg_iou_low`` ones, so images without
-    gt still train the background class; with too few candidates in all, fewer RoIs come back
-    (zero when P = G = 0).
-
-    Returns ``roi_boxes`` [R, 4], ``labels`` [R] (foreground first) and ``box_targets`` [R, 4]:
-    deltas to the matched gt divided by ``bbox_std``, zeros for background.
+    ``proposal_boxes`` [P, 4] and the trained-on ``gt_boxes`` [G, 4] (xyxy), which join the
+    candidates, ``gt_classes`` [G] in 1..K. Foreground: IoU >= ``fg_iou``; background: max IoU in
+    [``bg_iou_low``, ``bg_iou_high``), topped up with lower IoU when too few (unlike [FRCN]).
+    Returns ``roi_boxes`` [R, 4], ``labels`` [R] (foreground first) and ``box_targets`` [R, 4]
+    (deltas to the matched gt / ``bbox_std``; zeros for background).
     """
     device = proposal_boxes.device
-    boxes = torch.cat([gt_boxes.to(device, torch.float32), proposal_boxes.float()])  # [G + P, 4]
     gt_boxes = gt_boxes.to(device, torch.float32)
+    boxes = torch.cat([gt_boxes, proposal_boxes.float()])  # [G + P, 4]
     gt_classes = gt_classes.to(device, torch.int64)
     if gt_boxes.shape[0] > 0:
         max_iou, matched_gt = box_iou(boxes, gt_boxes).max(dim=1)  # [G + P]
@@ -83,11 +77,9 @@ def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box
                    bbox_loss_weight: float = 1.0) -> dict[str, Tensor]:
     """[FRCN] eq. 1: log loss over all RoIs + lambda * smooth-L1 (beta = 1) on foreground RoIs.
 
-    ``class_logits`` [R, K+1], ``box_deltas`` [R, K, 4] and ``box_targets`` [R, 4] (both
-    normalised by bbox_std), ``labels`` [R] in 0..K. Only the true class's deltas of foreground
-    RoIs enter the box loss, which is summed and divided by R (as [FRCN]'s SmoothL1Loss layer
-    normalises by the batch). No foreground gives a box loss of exactly 0; R = 0 gives zero
-    losses that still carry gradients.
+    ``class_logits`` [R, K+1], ``box_deltas`` [R, K, 4] and ``box_targets`` [R, 4] (normalised
+    by bbox_std), ``labels`` [R] in 0..K. The box loss is summed and divided by R (as [FRCN]'s
+    SmoothL1Loss layer); R = 0 gives zero losses that still carry gradients.
     """
     num_rois = class_logits.shape[0]
     if num_rois == 0:
@@ -98,11 +90,6 @@ def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box
     fg_deltas = box_deltas[fg, labels[fg] - 1].float()  # [F, 4]
     loss_box = F.smooth_l1_loss(fg_deltas, box_targets[fg].float(), beta=1.0, reduction="sum")
     return {"loss_cls": loss_cls, "loss_box": loss_box * (bbox_loss_weight / num_rois)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Training mini-batches ([FRCN] hierarchical sampling)
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,25 +110,17 @@ def _generator(*keys: int) -> torch.Generator:
 
 def _valid_boxes(boxes: np.ndarray) -> np.ndarray:
     """Mask [B] of the boxes [B, 4] that are finite with positive width and height."""
-    ok = np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return ok
+    return np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
 class FastRCNNTrainData:
     """Builds the mini-batch of any iteration deterministically from (seed, iteration).
 
-    Image order: per epoch a permutation of ``records`` drawn from a generator seeded with
-    (seed, epoch); the epochs are concatenated and global batch i takes the next
-    ``images_per_batch * world_size`` positions, of which rank r takes its own
-    ``images_per_batch``. Scale (from ``scales``), flip and RoI sampling of each image use a
-    generator seeded with (seed, iteration, global image slot), so a resumed run rebuilds
-    exactly the batches it would have seen, with no sampler state in the checkpoint.
-    An image that cannot be read is passed over for the next one in the sequence and named in
-    ``TrainBatch.skipped_files`` (the first time only). Degenerate and crowd gt boxes are left
-    out; VOC difficult ones are trained on when ``use_difficult`` (the default, as fast-rcnn
-    ``lib/datasets/pascal_voc.py::_load_pascal_annotation``, which keeps them: see
-    ``detect.data.datasets.training_gt``).
-    ``get_proposals(image_id)`` returns proposals [P, 4] xyxy in original-image pixels.
+    Image order: the per-epoch permutations of ``records`` (seeded with (seed, epoch)), batch i
+    taking the next ``images_per_batch * world_size`` positions, rank r its own share; scale,
+    flip and RoI sampling are seeded with (seed, iteration, image slot). An unreadable image is
+    passed over and named once in ``TrainBatch.skipped_files``. Trained-on gt: ``training_gt``'s,
+    minus degenerate boxes. ``get_proposals(image_id)``: [P, 4] xyxy, original pixels.
     """
 
     def __init__(self, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
@@ -157,8 +136,7 @@ class FastRCNNTrainData:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if images_per_batch <= 0 or rois_per_image <= 0 or not scales:
             raise ValueError("images_per_batch and rois_per_image must be positive and scales non-empty")
-        self.records = list(records)
-        self.get_proposals = get_proposals
+        self.records, self.get_proposals = list(records), get_proposals
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.images_per_batch, self.rois_per_image = images_per_batch, rois_per_image
         self.scales, self.max_size, self.flip = list(scales), max_size, flip
@@ -221,21 +199,15 @@ class FastRCNNTrainData:
             labels.append(roi_labels)
             targets.append(roi_targets)
             image_ids.append(record.image_id)
-        height = max(x.shape[1] for x in images)
-        width = max(x.shape[2] for x in images)
-        batch_images = images[0].new_zeros((len(images), 3, height, width))  # [N, 3, H, W]
-        for i, x in enumerate(images):
-            batch_images[i, :, : x.shape[1], : x.shape[2]] = x
-        return TrainBatch(batch_images, torch.cat(rois), torch.cat(labels), torch.cat(targets),
+        height, width = max(x.shape[1] for x in images), max(x.shape[2] for x in images)
+        padded = [F.pad(x, (0, width - x.shape[2], 0, height - x.shape[1])) for x in images]  # [3, H, W] each
+        return TrainBatch(torch.stack(padded), torch.cat(rois), torch.cat(labels), torch.cat(targets),
                           image_ids, skipped)
 
 
 class _Prefetcher:
-    """Builds the batches of the coming iterations in background threads, handed out in order.
-
-    Threads, not processes: image decoding and resizing release the GIL, and the proposal store
-    need not be picklable. Asking for an unexpected iteration (a resume) restarts from there.
-    """
+    """Builds the batches of the coming iterations in background threads (decoding and resizing
+    release the GIL; the proposal store need not pickle). An unexpected iteration restarts there."""
 
     def __init__(self, data: FastRCNNTrainData, *, num_workers: int, max_iter: int):
         self.data, self.max_iter = data, max_iter
@@ -259,17 +231,18 @@ class _Prefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-
-def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD over the trainable parameters; [FRCN]: biases get 2x the lr and no weight decay.
-
-    The groups carry ``lr_scale`` (read by ``engine.train_loop`` when it sets the lr).
-    """
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".bias")]
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".bias")]
-    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": biases, "lr": 2 * lr, "weight_decay": 0.0, "lr_scale": 2.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum)
+def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
+                    lr_scale_of: Callable[[str], float] = lambda name: 1.0) -> torch.optim.SGD:
+    """SGD over the trainable parameters, biases at 2x the lr without weight decay ([FRCN], [RCNN]),
+    times ``lr_scale_of(name)``; groups by increasing ``lr_scale``, which ``engine.train_loop`` reads."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_bias = name.endswith(".bias")
+            key = (lr_scale_of(name) * (2.0 if is_bias else 1.0), 0.0 if is_bias else weight_decay)
+            groups.setdefault(key, []).append(p)
+    return torch.optim.SGD([{"params": ps, "lr": s * lr, "weight_decay": wd, "lr_scale": s}
+                            for (s, wd), ps in sorted(groups.items())], lr=lr, momentum=momentum)
 
 
 def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | Path, *,
@@ -278,12 +251,8 @@ def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | 
                     bbox_loss_weight: float = 1.0, num_workers: int = 2,
                     device: torch.device = torch.device("cpu"), resume: bool = False,
                     eval_fn: Callable[[nn.Module, int], dict] | None = None, eval_period: int = 0) -> int:
-    """Train ``model`` in place on the mini-batches of ``data``; returns the number of
-    unreadable training images that were passed over (each is warned about once).
-
-    ``num_workers`` threads build the coming batches ahead of the loop; the rest are
-    ``engine.train_loop``'s arguments.
-    """
+    """Train ``model`` in place on ``data``'s mini-batches, built ahead by ``num_workers`` threads
+    (the rest: ``engine.train_loop``'s); returns how many unreadable images were passed over."""
     prefetcher = _Prefetcher(data, num_workers=num_workers, max_iter=max_iter)
     skipped: list[str] = []
 

@@ -1,7 +1,6 @@
 """R-CNN's feature cache: per-image rows (regions) and their fc7 / pool5 features on disk.
 
-numpy only (no torch at import): the SVM worker processes start fast and read the
-memory-mapped cache themselves. ``detect.training.rcnn_train`` computes the features.
+numpy only, for the SVM worker processes; ``detect.training.rcnn_train`` computes the features.
 
 Shapes: R rows of one image (its ground-truth boxes, then its proposals), K object classes,
 D fc7 width (SVM features), D5 flattened pool5 width (box-regression features).
@@ -61,8 +60,7 @@ class ImageRows:
 
 
 class FeatureSource(Protocol):
-    """Per-image rows and their features: the on-disk ``FeatureCache`` or a streaming source
-    that recomputes features with the network (``detect.training.rcnn_train.StreamingFeatures``)."""
+    """Per-image rows and their features: ``FeatureCache``, or ``detect.training.rcnn_train.StreamingFeatures``."""
 
     num_images: int
     fc7_dim: int  # D
@@ -73,11 +71,6 @@ class FeatureSource(Protocol):
     def fc7(self, i: int, rows: np.ndarray) -> np.ndarray: ...  # [len(rows), D] float32
 
     def pool5(self, i: int, rows: np.ndarray) -> np.ndarray: ...  # [len(rows), D5] float32
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature cache: writer and reader
-# ----------------------------------------------------------------------------------------------
 
 
 def shard_name(index: int) -> str:
@@ -102,8 +95,8 @@ class ShardWriter:
         self._norm_sum, self._norm_count = 0.0, 0
 
     def add(self, rows: ImageRows, fc7: np.ndarray, pool5: np.ndarray, pool5_norms: np.ndarray | None = None) -> None:
-        """``fc7`` [R, D] for every row; ``pool5`` [P, D5] for the rows with ``has_pool5``;
-        ``pool5_norms`` the pool5 L2 norms of this image's rows in the norm sample (if any)."""
+        """``fc7`` [R, D] of every row, ``pool5`` [P, D5] of the ``has_pool5`` rows, ``pool5_norms``
+        the pool5 L2 norms of the image's rows in the norm sample (if any)."""
         n, p = len(rows), int(rows.has_pool5.sum())
         if fc7.shape != (n, self.fc7_dim) or pool5.shape != (p, self.pool5_dim):
             raise ValueError(f"image {rows.image_id}: fc7 {fc7.shape} / pool5 {pool5.shape} do not match "
@@ -122,7 +115,7 @@ class ShardWriter:
             self._norm_sum += float(np.sum(np.asarray(pool5_norms, np.float64)))
             self._norm_count += int(np.size(pool5_norms))
 
-    def close(self) -> Path:
+    def close(self) -> None:
         for f in (self._fc7, self._pool5):
             f.flush()
             os.fsync(f.fileno())
@@ -134,26 +127,20 @@ class ShardWriter:
             "fc7_dim": self.fc7_dim, "pool5_dim": self.pool5_dim,
             "pool5_norm_sum": self._norm_sum, "pool5_norm_count": self._norm_count})
         os.replace(self.tmp, self.final)
-        return self.final
 
 
 class FeatureCache:
-    """Reads the cache folder described in the module docstring. Implements ``FeatureSource``.
-
-    Image ``i`` is the i-th image of the dataset the cache was made from. Features come back as
-    float32 copies of the memory-mapped rows asked for; only those rows are read from disk.
-    """
+    """A ``FeatureSource`` reading the cache folder of the module docstring; image ``i`` is the
+    dataset's i-th. Features are float32 copies of the memory-mapped rows asked for."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        meta = read_json(self.path / "meta.json")
+        self.meta = meta = read_json(self.path / "meta.json")
         if meta.get("format") != FEATURE_FORMAT:
             raise ValueError(f"{self.path / 'meta.json'}: not an R-CNN feature cache (format {meta.get('format')!r})")
-        self.meta = meta
         self.num_images = int(meta["num_images"])
         self.images_per_shard = int(meta["images_per_shard"])
         self.fc7_dim, self.pool5_dim = int(meta["fc7_dim"]), int(meta["pool5_dim"])
-        self.image_ids = [int(i) for i in meta["image_ids"]]
         self._shard_index = -1
         self._shard: dict = {}
 
@@ -224,21 +211,14 @@ def feature_cache_bytes(cache_dir: str | Path) -> dict:
     return {"total": total, "per_image": total / n, **{f"{k}_per_image": v / n for k, v in parts.items()}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Feature scaling ([RCNN] rcnn_feature_stats.m / rcnn_scale_features.m)
-# ----------------------------------------------------------------------------------------------
-
-
 def norm_sample_images(num_images: int, *, max_images: int = 200, seed: int = 0) -> set[int]:
-    """The images whose rows the feature norm is measured on: a seeded random subset of
-    ``max_images`` ([RCNN] ``rcnn_feature_stats.m``: 200 random images)."""
+    """The images whose rows the feature norm is measured on: ``max_images`` seeded random ones."""
     return set(np.random.default_rng(seed).permutation(num_images)[:max_images].tolist())
 
 
 def norm_sample_rows(i: int, num_rows: int, *, rows_per_image: int = 200, seed: int = 0) -> np.ndarray:
     """Sorted row indices of image ``i`` in the norm sample: ``rows_per_image`` random rows of
-    any IoU ([RCNN]: 200 random boxes per image), seeded by (seed, i) so every rank and a
-    resumed run draw the same rows."""
+    any IoU, seeded by (seed, i) so every rank and a resumed run draw the same rows."""
     return np.sort(np.random.default_rng([seed, i]).permutation(num_rows)[:rows_per_image])
 
 
@@ -253,14 +233,9 @@ def _checked_mean(total: float, count: int, layer: str) -> float:
 
 def mean_feature_norm(source: FeatureSource, layer: str, *, max_images: int = 200,
                       rows_per_image: int = 200, seed: int = 0) -> float:
-    """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over a seeded sample of rows.
-
-    As [RCNN] ``rcnn_feature_stats.m``: ``rows_per_image`` random rows (any IoU) of each of
-    ``max_images`` random training images; features are then scaled by ``20 / mean_norm``
-    (``rcnn_scale_features.m``), the scale lambda = 1000 of the box regression assumes. The
-    feature cache holds pool5 only for box-regression rows, so its pool5 norm was measured on
-    this same sample during extraction (``FeatureCache.pool5_norm``) and is read from there.
-    """
+    """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over ``rows_per_image`` random rows
+    of ``max_images`` random images ([RCNN] ``rcnn_feature_stats.m``); a ``FeatureCache``'s pool5
+    norm was measured on this sample at extraction (``FeatureCache.pool5_norm``)."""
     if layer == "pool5" and isinstance(source, FeatureCache):
         return source.pool5_norm
     total, count = 0.0, 0

@@ -1,8 +1,7 @@
 """R-CNN's per-class linear SVMs with hard-negative mining ([RCNN] code ``rcnn_train.m``).
 
-numpy and scikit-learn only: with an on-disk ``FeatureCache`` the classes train in worker
-processes that read the memory-mapped cache themselves. Shapes: R rows of one image, K object
-classes, D fc7 width.
+numpy and scikit-learn only: the worker processes read the memory-mapped ``FeatureCache``
+themselves. Shapes: as in ``detect.training.feature_cache``.
 """
 
 from __future__ import annotations
@@ -91,15 +90,10 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
               passes: int = 1, progress: bool = False) -> dict[int, ClassSVM]:
     """Train one linear SVM per class in ``classes`` (1..K) with hard-negative mining.
 
-    Defaults from [RCNN] rcnn_train.m. Positives: the ground-truth rows of the class. Negatives:
-    rows whose IoU with every gt box of the class is below ``neg_iou``. Starting from w = 0 (so
-    the first image contributes all its negatives), each image adds its negatives scoring above
-    ``hard_thresh`` that are not cached yet; the SVM is retrained after the first image, whenever
-    more than ``retrain_limit`` negatives were added, and at the end; after each retrain,
-    negatives scoring below ``evict_thresh`` leave the cache. Since negatives below -1 carry no
-    hinge loss, the result approaches the SVM trained on all negatives at once. Features are
-    multiplied by ``feat_scale`` (average norm 20). Classes share each image's features, so a
-    streaming source computes them once for all ``classes``.
+    Positives: the class's gt rows; negatives: rows with IoU < ``neg_iou`` with all its gt. From
+    w = 0, each image adds its uncached negatives scoring above ``hard_thresh``; the SVM is
+    retrained after the first image, after ``retrain_limit`` more and at the end, each time
+    evicting negatives below ``evict_thresh``. Features are multiplied by ``feat_scale``.
     """
     t_start = time.perf_counter()
     cols = np.asarray(classes, np.int64) - 1
@@ -119,9 +113,8 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
         warnings.warn(f"R-CNN SVM: class {k} has no ground-truth boxes in the training set; it will never fire")
     fit = dict(C=C, pos_weight=pos_weight, intercept_scaling=intercept_scaling, evict_thresh=evict_thresh)
 
-    total = passes * source.num_images
-    bar = tqdm(total=total, desc=f"svm {classes if len(classes) < 4 else len(classes)}", unit="img",
-               disable=not progress or not mining, dynamic_ncols=True)
+    bar = tqdm(total=passes * source.num_images, desc=f"svm {classes if len(classes) < 4 else len(classes)}",
+               unit="img", disable=not progress or not mining, dynamic_ncols=True)
     for p in range(passes):
         for i in range(source.num_images):
             bar.update(1)
@@ -163,6 +156,17 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
     return out
 
 
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez`` written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
 def _class_files(svm_dir: Path, k: int) -> tuple[Path, Path]:
     return svm_dir / f"class_{k:03d}.npz", svm_dir / f"class_{k:03d}.json"
 
@@ -173,15 +177,13 @@ def _load_class(svm_dir: Path, k: int, settings: dict) -> ClassSVM | None:
     hint = f"delete {svm_dir} to retrain the SVMs with these settings, or use another --output-dir"
     if not (npz.is_file() and check_settings(meta, settings, hint=hint)):
         return None
-    with np.load(npz, allow_pickle=False) as z:
-        return ClassSVM(z["weight"], float(z["bias"]), read_json(meta)["stats"])
+    arrays = load_arrays(npz)
+    return ClassSVM(arrays["weight"], float(arrays["bias"]), read_json(meta)["stats"])
 
 
 def _save_class(svm_dir: Path, k: int, svm: ClassSVM, settings: dict) -> None:
     npz, meta = _class_files(svm_dir, k)
-    with atomic_path(npz) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, weight=svm.weight, bias=np.float32(svm.bias))
+    save_arrays(npz, weight=svm.weight, bias=np.float32(svm.bias))
     write_settings(meta, settings, **{"class": k, "stats": svm.stats})
 
 
@@ -195,13 +197,9 @@ def _svm_worker(cache_dir: str, svm_dir: str, k: int, settings: dict) -> int:
 
 def train_svms(source: FeatureSource, svm_dir: str | os.PathLike, *, num_classes: int, workers: int = 0,
                progress: bool = True, **settings) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Train (or resume) the K class SVMs; returns weight [K, D], bias [K] and per-class stats.
-
-    Each finished class is saved as ``class_KKK.npz`` + ``.json`` (settings, time, counts) and
-    skipped by a resumed run. With a ``FeatureCache`` the classes train in ``workers`` processes
-    (0 = all cores), each reading the cache itself; a streaming source trains all classes in
-    this process, sharing each image's features. ``settings`` are ``mine_svms``' keywords.
-    """
+    """Train (or resume: each class is saved as ``class_KKK.npz`` + ``.json``) the K class SVMs,
+    from a ``FeatureCache`` in ``workers`` processes (0 = all cores), else here; ``settings`` are
+    ``mine_svms``' keywords. Returns weight [K, D], bias [K] and per-class stats."""
     svm_dir = Path(svm_dir)
     svm_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in settings.items()}

@@ -1,14 +1,10 @@
 """R-CNN training ([RCNN]): four resumable stages on warped regions.
 
-Each stage is a folder of ``output_dir`` finished by a ``done`` marker that records its
-settings (``detect.common.fileio.check_settings``): finetune/ (the CNN on warped regions,
-``engine.train_loop``), features/ (fc7 and pool5 cached as float16, ``feature_cache``), svm/
-(per-class SVMs with hard-negative mining, ``rcnn_svm``), bbox_reg/ (per-class ridge
-regression on pool5, ``box_regression``). ``train_rcnn`` returns the trained tensors that
-``detect.models.build.build_rcnn`` turns into an ``RCNN``.
+Each stage is a folder of ``output_dir`` finished by a ``done`` settings marker: finetune/
+(``engine.train_loop``), features/ (``feature_cache``), svm/ (``rcnn_svm``), bbox_reg/
+(``box_regression``). ``train_rcnn`` returns the arrays ``detect.models.build.build_rcnn`` takes.
 
-Shapes: R rows of one image (its ground-truth boxes, then its proposals), K object classes,
-D fc7 width, D5 flattened pool5 width.
+Shapes: as in ``detect.training.feature_cache``.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from tqdm import tqdm
 
 from detect.common.box_ops import box_iou
 from detect.common.checkpoints import save_checkpoint
-from detect.common.fileio import atomic_path, check_settings, read_json, write_json_atomic, write_settings
+from detect.common.fileio import check_settings, read_json, write_json_atomic, write_settings
 from detect.common.runtime import barrier, rank_and_world
 from detect.data.datasets import ImageRecord, training_gt
 from detect.data.images import ImageReadError, read_image
@@ -38,26 +34,15 @@ from detect.training.engine import step_lr, train_loop
 from detect.training.feature_cache import (FEATURE_FORMAT, FEATURE_VERSION, FeatureCache, ImageRows,
                                            ShardWriter, feature_cache_bytes, mean_feature_norm, norm_sample_images,
                                            norm_sample_rows, shard_name)
-from detect.training.rcnn_svm import train_svms
-
-
-# ----------------------------------------------------------------------------------------------
-# Regions of a training image
-# ----------------------------------------------------------------------------------------------
+from detect.training.fast_rcnn_train import build_optimizer
+from detect.training.rcnn_svm import load_arrays, save_arrays, train_svms
 
 
 def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, bbox_min_iou: float,
                use_difficult: bool = True) -> ImageRows:
-    """The rows of one training image: its trained-on gt boxes first, then its proposals.
-
-    The trained-on gt boxes (``training_gt``) are all but crowd boxes, and VOC difficult ones
-    too unless ``use_difficult`` is False: rbgirshick/rcnn ``imdb/roidb_from_voc.m`` makes a
-    positive of every object, difficult included. Overlaps per class use every gt box (a
-    proposal on an ignored object is no negative); best IoU / class / box use the trained-on
-    ones (what a row may be trained to become).
-    ``has_pool5`` marks the box-regression examples: best IoU strictly above ``bbox_min_iou``
-    ([RCNN] ``rcnn_train_bbox_regressor.m``: ``O > opts.min_overlap``).
-    """
+    """The rows of one training image: its trained-on gt boxes (``training_gt``) first, then its
+    proposals. Overlaps per class use every gt box (a proposal on an ignored object is no
+    negative), best IoU / class / box the trained-on ones; ``has_pool5``: best IoU > ``bbox_min_iou``."""
     gt_boxes = np.asarray(record.gt_boxes, np.float32).reshape(-1, 4)
     gt_classes = np.asarray(record.gt_classes, np.int64).reshape(-1)
     easy = training_gt(record, use_difficult)
@@ -83,22 +68,13 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
                      has_pool5=best_iou > bbox_min_iou)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 1: fine-tuning batches
-# ----------------------------------------------------------------------------------------------
-
-
 class FineTuneSampler:
     """Fine-tuning mini-batches ([RCNN] code: Caffe WindowDataLayer), built from (seed, iteration).
 
-    Each batch has ``batch_size`` warped windows, ``fg_per_batch`` of them foreground (IoU >=
-    ``fg_iou`` with a gt box, labelled with its class; the gt boxes are windows too) and the rest
-    background (label 0; [RCNN] fine-tuning calls every other proposal background). The original
-    drew windows uniformly from the whole dataset; we draw ``images_per_batch`` images per batch
-    (uniformly, without replacement) and sample the windows among theirs, with replacement only
-    when an image set has too few. Windows are mirrored with probability 0.5 (``flip``). The
-    batch depends only on (seed, iteration), so a resumed run sees the same batches. Under DDP,
-    rank r takes its own ``images_per_batch`` images of each global batch.
+    ``batch_size`` warped windows, ``fg_per_batch`` of them foreground (IoU >= ``fg_iou``, labelled
+    with the gt's class), the rest background (0). Unlike the original (the whole dataset), they
+    are drawn among the windows of ``images_per_batch`` random images, with replacement only when
+    too few; mirrored with probability 0.5 (``flip``). Under DDP, rank r takes its own images.
     """
 
     def __init__(self, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
@@ -115,8 +91,7 @@ class FineTuneSampler:
         self.pixel_mean, self.pixel_std, self.device = pixel_mean, pixel_std, device
         self.batch_size, self.fg_per_batch, self.fg_iou = batch_size, fg_per_batch, fg_iou
         self.images_per_batch, self.flip, self.seed = images_per_batch, flip, seed
-        self.rank, self.world_size = rank, world_size
-        self.use_difficult = use_difficult
+        self.rank, self.world_size, self.use_difficult = rank, world_size, use_difficult
         self.unreadable: dict[str, str] = {}
 
     def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
@@ -163,37 +138,19 @@ class FineTuneSampler:
         return crops_t, torch.from_numpy(labels[pick]).to(self.device)
 
 
-def finetune_param_groups(model: FineTuneNet, *, weight_decay: float) -> list[dict]:
-    """SGD groups as the [RCNN] fine-tuning prototxt: biases at 2x lr without weight decay, the
-    new classifier at 10x lr (its bias 20x). ``lr_scale`` is applied by ``engine.train_loop``."""
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        scale = 10.0 if name.startswith("cls_score.") else 1.0
-        is_bias = name.endswith("bias")
-        key = (scale * (2.0 if is_bias else 1.0), 0.0 if is_bias else weight_decay)
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
-
-
-# ----------------------------------------------------------------------------------------------
-# Stage 2: features (cached to disk, or streamed)
-# ----------------------------------------------------------------------------------------------
-
-
-class _RegionFeaturizer:
-    """Reads a training image once and computes pool5/fc7 of any of its rows (eval mode)."""
+class StreamingFeatures:
+    """A ``detect.training.feature_cache.FeatureSource`` computing pool5 / fc7 with ``net`` when asked,
+    one image read at a time: the source without a cache, and what ``extract_features`` writes."""
 
     def __init__(self, net: RegionNet, *, records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
                  num_classes: int, crop_size: int, context_pad: int, pixel_mean, pixel_std, bbox_min_iou: float,
-                 batch_size: int, amp: bool, use_difficult: bool = True):
+                 batch_size: int, amp: bool, fc7_dim: int, pool5_dim: int, use_difficult: bool = True):
         self.net, self.records, self.get_proposals = net, records, get_proposals
-        self.use_difficult = use_difficult
-        self.num_classes, self.bbox_min_iou = num_classes, bbox_min_iou
+        self.num_images, self.num_classes, self.bbox_min_iou = len(records), num_classes, bbox_min_iou
         self.crop_size, self.context_pad = crop_size, context_pad
         self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
-        self.batch_size, self.amp = batch_size, amp
+        self.batch_size, self.amp, self.use_difficult = batch_size, amp, use_difficult
+        self.fc7_dim, self.pool5_dim = fc7_dim, pool5_dim
         self.device = next(net.parameters()).device
         self.unreadable: dict[str, str] = {}
         self._cached: tuple[int, ImageRows, Tensor | None] | None = None
@@ -226,45 +183,26 @@ class _RegionFeaturizer:
         return region_features(self.net, image_t, boxes, crop_size=self.crop_size, context_pad=self.context_pad,
                                batch_size=self.batch_size, amp=self.amp)
 
-
-class StreamingFeatures:
-    """A ``detect.training.feature_cache.FeatureSource`` that recomputes features when asked (``cache_features:
-    false``): no disk, but every SVM / regression pass runs the network again."""
-
-    def __init__(self, featurizer: _RegionFeaturizer, *, fc7_dim: int, pool5_dim: int):
-        self.featurizer = featurizer
-        self.num_images = len(featurizer.records)
-        self.fc7_dim, self.pool5_dim = fc7_dim, pool5_dim
-
     def rows(self, i: int) -> ImageRows:
-        return self.featurizer.load(i)[0]
+        return self.load(i)[0]
 
     def fc7(self, i: int, rows: np.ndarray) -> np.ndarray:
-        return self.featurizer.features(i, rows)[1].cpu().numpy().reshape(-1, self.fc7_dim)
+        return self.features(i, rows)[1].cpu().numpy().reshape(-1, self.fc7_dim)
 
     def pool5(self, i: int, rows: np.ndarray) -> np.ndarray:
-        return self.featurizer.features(i, rows)[0].cpu().numpy().reshape(-1, self.pool5_dim)
+        return self.features(i, rows)[0].cpu().numpy().reshape(-1, self.pool5_dim)
 
 
-def extract_features(featurizer: _RegionFeaturizer, cache_dir: str | Path, *, fc7_dim: int, pool5_dim: int,
-                     images_per_shard: int = 64, rank: int = 0, world_size: int = 1,
-                     progress: bool = True) -> bool:
-    """Cache fc7 of every row and pool5 of rows with IoU > bbox_min_iou (format: ``feature_cache``).
-
-    pool5 is computed for every row anyway, so the pool5 norm that scales the box-regression
-    features is measured here, on ``feature_cache.norm_sample_images`` / ``norm_sample_rows``
-    (random rows of any IoU, as [RCNN] ``rcnn_feature_stats.m``), and kept in the shards' meta.
-
-    Shard k holds images [k * images_per_shard, (k + 1) * images_per_shard); rank r writes the
-    shards with k % world_size == r; existing shards are skipped (resume). Returns True when every
-    shard of the cache exists (the caller then writes the stage's ``done`` marker).
-    """
+def extract_features(source: StreamingFeatures, cache_dir: str | Path, *, images_per_shard: int = 64,
+                     rank: int = 0, world_size: int = 1, progress: bool = True) -> None:
+    """Cache fc7 of every row, pool5 of rows with IoU > bbox_min_iou and the norm sample's pool5
+    norms (``feature_cache``); rank r writes the missing shards k with k % world_size == r."""
     cache_dir = Path(cache_dir)
-    records = featurizer.records
+    records, fc7_dim, pool5_dim = source.records, source.fc7_dim, source.pool5_dim
     num_shards = (len(records) + images_per_shard - 1) // images_per_shard
     meta = {"format": FEATURE_FORMAT, "version": FEATURE_VERSION, "num_images": len(records),
             "images_per_shard": images_per_shard, "num_shards": num_shards, "fc7_dim": fc7_dim,
-            "pool5_dim": pool5_dim, "num_classes": featurizer.num_classes, "bbox_min_iou": featurizer.bbox_min_iou,
+            "pool5_dim": pool5_dim, "num_classes": source.num_classes, "bbox_min_iou": source.bbox_min_iou,
             "image_ids": [int(r.image_id) for r in records]}
     meta_path = cache_dir / "meta.json"
     if meta_path.is_file():
@@ -275,14 +213,13 @@ def extract_features(featurizer: _RegionFeaturizer, cache_dir: str | Path, *, fc
         write_json_atomic(meta_path, meta)
     mine = [k for k in range(num_shards) if k % world_size == rank and not (cache_dir / shard_name(k)).is_dir()]
     norm_images = norm_sample_images(len(records))
-    featurizer.net.eval()
     bar = tqdm(total=sum(len(records[k * images_per_shard:(k + 1) * images_per_shard]) for k in mine),
                desc="features", unit="img", disable=not progress, dynamic_ncols=True)
     for k in mine:
         writer = ShardWriter(cache_dir, k, fc7_dim=fc7_dim, pool5_dim=pool5_dim)
         for i in range(k * images_per_shard, min((k + 1) * images_per_shard, len(records))):
-            rows, _ = featurizer.load(i)
-            pool5, fc7 = featurizer.features(i, np.arange(len(rows)))
+            rows = source.rows(i)
+            pool5, fc7 = source.features(i, np.arange(len(rows)))
             pool5 = pool5.reshape(len(rows), pool5_dim)  # [R, D5]
             norms = None
             if i in norm_images:
@@ -293,12 +230,6 @@ def extract_features(featurizer: _RegionFeaturizer, cache_dir: str | Path, *, fc
             bar.update(1)
         writer.close()
     bar.close()
-    return all((cache_dir / shard_name(k)).is_dir() for k in range(num_shards))
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: the four stages
-# ----------------------------------------------------------------------------------------------
 
 
 def _stage_done(stage_dir: Path, settings: dict) -> bool:
@@ -310,23 +241,6 @@ def _stage_done(stage_dir: Path, settings: dict) -> bool:
 
 def _mark_done(stage_dir: Path, settings: dict, seconds: float, **info) -> None:
     write_settings(stage_dir / "done", settings, seconds=round(seconds, 3), **info)
-
-
-def _save_arrays(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _load_arrays(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-
-
-# ----------------------------------------------------------------------------------------------
-# The four stages
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -371,22 +285,13 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                fingerprint: dict | None = None, resume: bool = False, use_difficult: bool = True,
                device: torch.device = torch.device("cpu"),
                progress: bool = True) -> dict[str, np.ndarray] | None:
-    """Train R-CNN's four stages in order ([RCNN]) on ``records`` and their proposals.
+    """Train R-CNN's four stages in order ([RCNN]); ``backbone`` is fine-tuned in place.
 
-    ``backbone`` is fine-tuned in place. Returns the SVM and box-regressor arrays (the ``extra``
-    of ``build_rcnn``) on rank 0, and None at once on the other ranks after the features: the
-    caller makes them wait for rank 0 in ``runtime.long_wait_group`` (the SVMs may take longer
-    than NCCL's 10-minute timeout) while rank 0 trains the SVMs and saves the detector.
-    ``use_difficult``: VOC difficult objects are positives (see ``image_rows``). ``fingerprint`` (the dataset,
-    its proposals and the model, as plain data) goes into every stage marker, so a resumed run
-    with other data is refused.
-
-    A stage whose folder has a ``done`` marker with the same settings is skipped, so ``resume``
-    continues an interrupted run where it stopped (fine-tuning from its last checkpoint, features
-    from the last finished shard, SVMs from the last finished class). Without ``resume`` an
-    output folder that already holds stages is an error, as for ``engine.train_loop``. The SVMs
-    train in spawned processes: a script calling this needs the ``if __name__ == "__main__":``
-    guard (``detect train`` has it).
+    Returns the ``extra`` arrays of ``build_rcnn`` on rank 0; the other ranks return None after
+    the features, to wait in ``runtime.long_wait_group``. ``fingerprint`` (data, proposals,
+    model) goes into every stage marker. A stage whose marker records these settings is
+    skipped; ``resume`` continues the unfinished one. The SVMs train in spawned processes: a
+    calling script needs the ``if __name__ == "__main__":`` guard.
     """
     output_dir = Path(output_dir)
     stage_dirs = {name: output_dir / name for name in ("finetune", "features", "svm", "bbox_reg")}
@@ -394,6 +299,7 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         raise ValueError(f"{output_dir}: holds R-CNN stages already; pass --resume to continue (finished stages "
                          f"are skipped), or choose another --output-dir")
     barrier()  # every rank has looked before any writes
+    ft_dir, feat_dir, svm_dir, bbox_dir = stage_dirs.values()
     rank, world = rank_and_world()
     fc7_dim, pool5_dim = backbone.head_dim, backbone.out_channels * backbone.roi_size ** 2
     net = RegionNet(body=backbone.body, head=backbone.head, roi_size=backbone.roi_size)
@@ -401,7 +307,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                 pixel_std=backbone.pixel_std)
 
     # 1. Fine-tune the CNN on warped regions.
-    ft_dir = stage_dirs["finetune"]
     ft_settings = {"data": fingerprint or {}, "crop_size": crop_size, "context_pad": context_pad,
                    "finetune": asdict(finetune), "use_difficult": use_difficult}
     if not _stage_done(ft_dir, ft_settings):
@@ -414,19 +319,20 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
 
         def step_fn(train_model: nn.Module, iteration: int) -> dict[str, Tensor]:
             crops, labels = sampler.batch(iteration)
-            if labels.numel() == 0:  # no readable image with a region: a zero loss keeps the loop simple
-                # (through train_model, on the empty batch: under DDP every rank must join the all-reduce)
+            if labels.numel() == 0:  # no readable region: a zero loss through train_model (DDP's all-reduce)
                 return {"loss_cls": train_model(crops).sum() * 0.0}
             return {"loss_cls": F.cross_entropy(train_model(crops).float(), labels)}
 
-        optimizer = torch.optim.SGD(finetune_param_groups(model, weight_decay=finetune.weight_decay),
-                                    lr=finetune.lr, momentum=finetune.momentum)
+        # [RCNN] fine-tuning prototxt: the new classifier at 10x lr
+        optimizer = build_optimizer(model, lr=finetune.lr, momentum=finetune.momentum,
+                                    weight_decay=finetune.weight_decay,
+                                    lr_scale_of=lambda name: 10.0 if name.startswith("cls_score.") else 1.0)
         train_loop(model=model, step_fn=step_fn, optimizer=optimizer,
                    lr_at=step_lr(finetune.lr, finetune.steps, finetune.gamma, 0, 1.0),  # [RCNN]: no warm-up
                    max_iter=finetune.max_iter, output_dir=ft_dir, checkpoint_period=finetune.checkpoint_period,
                    log_period=finetune.log_period, amp=amp, device=device,
                    checkpoint_extra={"stage": "rcnn_finetune"}, resume=resume, desc="R-CNN fine-tune",
-                   tb_dir=Path(output_dir) / "tb")
+                   tb_dir=output_dir / "tb")
         if rank == 0:
             save_checkpoint(ft_dir / "net.pt", {k: v.detach().cpu() for k, v in net.state_dict().items()})
             _mark_done(ft_dir, ft_settings, time.perf_counter() - t0, unreadable_images=sampler.unreadable)
@@ -434,32 +340,27 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     net.load_state_dict(torch.load(ft_dir / "net.pt", map_location="cpu", weights_only=True))
     net.to(device).eval()
     # Features come from the fine-tuned net with BatchNorm folded (equal up to float rounding).
-    featurizer = _RegionFeaturizer(inference_copy(net), records=records, get_proposals=get_proposals, num_classes=num_classes,
-                                   bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size, amp=amp,
-                                   use_difficult=use_difficult, **warp)
+    streaming = StreamingFeatures(inference_copy(net), records=records, get_proposals=get_proposals,
+                                  num_classes=num_classes, bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size,
+                                  amp=amp, fc7_dim=fc7_dim, pool5_dim=pool5_dim, use_difficult=use_difficult, **warp)
 
     # 2. Features: cached as float16 shards (all ranks), or streamed.
-    feat_dir = stage_dirs["features"]
     feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou,
                      "pool5_rows": "iou > bbox_min_iou", "format_version": FEATURE_VERSION}
     if cache_features:
         if not _stage_done(feat_dir, feat_settings):
             t0 = time.perf_counter()
-            extract_features(featurizer, feat_dir, fc7_dim=fc7_dim, pool5_dim=pool5_dim, rank=rank,
-                             world_size=world, progress=progress)
+            extract_features(streaming, feat_dir, rank=rank, world_size=world, progress=progress)
             barrier()  # every rank has written its shards
             if rank == 0:
                 _mark_done(feat_dir, feat_settings, time.perf_counter() - t0, bytes=feature_cache_bytes(feat_dir),
-                           unreadable_images=featurizer.unreadable)
+                           unreadable_images=streaming.unreadable)
             barrier()
-        source = FeatureCache(feat_dir)
-    else:
-        source = StreamingFeatures(featurizer, fc7_dim=fc7_dim, pool5_dim=pool5_dim)
+    source = FeatureCache(feat_dir) if cache_features else streaming
     if rank != 0:  # the SVMs and regressors are cheap next to the CNN: rank 0 alone trains them
         return None  # the caller waits for rank 0 in a group with a long timeout (``long_wait_group``)
 
     # 3. One linear SVM per class on fc7, with hard-negative mining.
-    svm_dir = stage_dirs["svm"]
     svm_options = {k: v for k, v in asdict(svm).items() if k not in ("feat_norm", "workers")}
     svm_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, **svm_options}
     if not _stage_done(svm_dir, svm_settings):
@@ -467,12 +368,10 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         feat_scale = svm.feat_norm / mean_feature_norm(source, "fc7")
         weight, bias, stats = train_svms(source, svm_dir, num_classes=num_classes, workers=svm.workers,
                                          feat_scale=feat_scale, progress=progress, **svm_options)
-        _save_arrays(svm_dir / "svm.npz", weight=weight, bias=bias, feat_scale=np.float64(feat_scale))
+        save_arrays(svm_dir / "svm.npz", weight=weight, bias=bias, feat_scale=np.float64(feat_scale))
         _mark_done(svm_dir, svm_settings, time.perf_counter() - t0, classes=stats)
-    svm_arrays = _load_arrays(svm_dir / "svm.npz")
 
     # 4. Per-class ridge regression from pool5 to box deltas.
-    bbox_dir = stage_dirs["bbox_reg"]
     bbox_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, "lambda": bbox_lambda,
                      "min_iou": bbox_min_iou}
     if not _stage_done(bbox_dir, bbox_settings):
@@ -480,14 +379,12 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         pool5_scale = svm.feat_norm / mean_feature_norm(source, "pool5")
         reg = train_box_regressors(source, num_classes=num_classes, feat_scale=pool5_scale, lam=bbox_lambda,
                                    min_iou=bbox_min_iou, progress=progress)
-        bbox_dir.mkdir(parents=True, exist_ok=True)
-        _save_arrays(bbox_dir / "bbox_reg.npz", weight=reg.weight, bias=reg.bias, target_mean=reg.target_mean,
+        save_arrays(bbox_dir / "bbox_reg.npz", weight=reg.weight, bias=reg.bias, target_mean=reg.target_mean,
                      target_std=reg.target_std, pool5_scale=np.float64(pool5_scale))
         _mark_done(bbox_dir, bbox_settings, time.perf_counter() - t0, classes=reg.stats)
-    reg_arrays = _load_arrays(bbox_dir / "bbox_reg.npz")
 
     times = {name: read_json(d / "done")["seconds"] for name, d in stage_dirs.items() if (d / "done").is_file()}
     write_json_atomic(output_dir / "rcnn_stages.json", {"seconds": times})
+    svm_arrays, reg_arrays = load_arrays(svm_dir / "svm.npz"), load_arrays(bbox_dir / "bbox_reg.npz")
     return {"svm_weight": svm_arrays["weight"], "svm_bias": svm_arrays["bias"], "feat_scale": svm_arrays["feat_scale"],
-            "bbox_weight": reg_arrays["weight"], "bbox_bias": reg_arrays["bias"],
-            "bbox_target_mean": reg_arrays["target_mean"], "bbox_target_std": reg_arrays["target_std"]}
+            **{f"bbox_{k}": reg_arrays[k] for k in ("weight", "bias", "target_mean", "target_std")}}

@@ -1,11 +1,7 @@
-"""TensorBoard event files of a training run (``RUN/tb/``), when ``tensorboard`` is installed.
+"""TensorBoard event files of a training run (``RUN/tb/``), with the optional extra ``.[tb]``.
 
-It is an optional extra (``pip install .[tb]``). ``log.jsonl`` stays the record: every line the
-training loop appends there is mirrored here, each key under detectron2's scalar name where it
-has one (``TAGS``, as its ``EventStorage`` names them), so a detectron2 user's TensorBoard
-layouts apply. Periodic evaluation goes under ``bbox/AP`` and ``bbox/AP50`` in percent, as
-detectron2's ``COCOEvaluator`` reports them (log.jsonl keeps fractions). Without the package a
-run says once that TensorBoard logging is off, and carries on.
+Every ``log.jsonl`` line (the record) is mirrored here under detectron2's scalar names (``TAGS``),
+evaluation under ``bbox/AP`` and ``bbox/AP50`` in percent, as its ``COCOEvaluator``.
 
     tensorboard --logdir runs/frcn/tb
 """
@@ -28,8 +24,7 @@ _said_off = False
 
 
 class TensorBoardLog:
-    """Writes log.jsonl records as scalars at their "iteration"; ``eta_seconds`` (detectron2's
-    name) is the window's time per iteration times the iterations left."""
+    """Writes log.jsonl records as scalars at their "iteration", and detectron2's ``eta_seconds``."""
 
     def __init__(self, log_dir: str | Path, *, max_iter: int, purge_step: int | None = None):
         # purge_step: TensorBoard hides the events of this step and later in the earlier files
@@ -56,8 +51,7 @@ class TensorBoardLog:
 
 
 def open_tensorboard(log_dir: str | Path, *, max_iter: int, start_iter: int = 0) -> TensorBoardLog | None:
-    """A ``TensorBoardLog`` in ``log_dir``, or None (saying so once per process) without the
-    tensorboard package."""
+    """A ``TensorBoardLog`` in ``log_dir``, or None (said once per process) without tensorboard."""
     global _said_off
     if SummaryWriter is None:
         if not _said_off:
@@ -70,8 +64,7 @@ def open_tensorboard(log_dir: str | Path, *, max_iter: int, start_iter: int = 0)
 
 
 def log_final_eval(log_dir: str | Path, step: int, metrics: dict) -> None:
-    """The end-of-training evaluation (metrics.json's "coco") at ``step``, under the periodic
-    evaluation's tags; nothing without tensorboard."""
+    """The end-of-training evaluation (metrics.json's "coco") at ``step``, under the eval tags."""
     if SummaryWriter is None:
         return
     log = TensorBoardLog(log_dir, max_iter=step)
