@@ -70,8 +70,15 @@ class FastRCNN(Detector):
     def __init__(self, *, backbone: Backbone, roi_op: str = "roi_pool", roi_sampling_ratio: int = 2,
                  roi_aligned: bool = True, bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
                  test_max_size: int = 1000, test_scales: Sequence[int] | None = None, roi_chunk: int = 1024,
-                 **detector_settings):
-        super().__init__(**detector_settings)
+                 class_names: list[str], score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
+                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
+                 proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
+                 amp: bool = True, box_regression: bool = True):
+        super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                         detections_per_image=detections_per_image, per_class_top_k=per_class_top_k,
+                         category_ids=category_ids, proposal_settings=proposal_settings,
+                         proposal_top_k=proposal_top_k, backbone_name=backbone_name, amp=amp,
+                         box_regression=box_regression)
         if roi_op not in ("roi_pool", "roi_align"):
             raise ValueError(f"roi_op must be 'roi_pool' or 'roi_align', got {roi_op!r}")
         if len(bbox_std) != 4 or any(s <= 0 for s in bbox_std):

@@ -115,8 +115,16 @@ class RCNN(Detector):
 
     def __init__(self, *, backbone: Backbone, crop_size: int, context_pad: int = 16, svm_weight: Tensor,
                  svm_bias: Tensor, feat_scale: float, bbox_weight: Tensor, bbox_bias: Tensor,
-                 bbox_target_mean: Tensor, bbox_target_std: Tensor, test_chunk: int = 512, **detector_settings):
-        super().__init__(**detector_settings)
+                 bbox_target_mean: Tensor, bbox_target_std: Tensor, test_chunk: int = 512,
+                 class_names: list[str], score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
+                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
+                 proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
+                 amp: bool = True, box_regression: bool = True):
+        super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                         detections_per_image=detections_per_image, per_class_top_k=per_class_top_k,
+                         category_ids=category_ids, proposal_settings=proposal_settings,
+                         proposal_top_k=proposal_top_k, backbone_name=backbone_name, amp=amp,
+                         box_regression=box_regression)
         k, d = self.num_classes, backbone.head_dim
         d5 = backbone.out_channels * backbone.roi_size ** 2
         for name, t, shape in (("svm_weight", svm_weight, (k, d)), ("svm_bias", svm_bias, (k,)),
