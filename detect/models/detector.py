@@ -140,12 +140,15 @@ class Detector(nn.Module):
         if detections_per_image < 0 or per_class_top_k < 0:
             raise ValueError(f"detections_per_image and per_class_top_k must be >= 0 (0 = no cap), got "
                              f"{detections_per_image} and {per_class_top_k}")
-        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
-        self.detections_per_image, self.per_class_top_k = detections_per_image, per_class_top_k
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_image = detections_per_image
+        self.per_class_top_k = per_class_top_k
         self.proposal_settings = dict(proposal_settings or {})  # selective search's, when detect() gets None
         self.proposal_top_k = proposal_top_k
         self._inference: tuple[torch.device, nn.Module] | None = None  # a tuple, not a submodule
-        self.backbone_name, self.amp = backbone_name, amp
+        self.backbone_name = backbone_name
+        self.amp = amp
         self.box_regression = box_regression  # False: boxes are the proposals (an ablation, [RCNN] Table 2)
 
     @property

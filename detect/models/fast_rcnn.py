@@ -88,11 +88,18 @@ class FastRCNN(Detector):
             raise ValueError("test_scale(s), test_max_size and roi_chunk must be positive")
         if roi_sampling_ratio < 0:
             raise ValueError(f"roi_sampling_ratio must be >= 0 (0 = adaptive), got {roi_sampling_ratio}")
-        self.body, self.head = backbone.body, backbone.head
-        self.roi_op, self.roi_sampling_ratio, self.roi_aligned = roi_op, roi_sampling_ratio, roi_aligned
-        self.roi_size, self.stride = backbone.roi_size, backbone.stride
-        self.pixel_mean, self.pixel_std = tuple(backbone.pixel_mean), tuple(backbone.pixel_std)
-        self.test_scales, self.test_max_size, self.roi_chunk = test_scales, test_max_size, roi_chunk
+        self.body = backbone.body
+        self.head = backbone.head
+        self.roi_op = roi_op
+        self.roi_sampling_ratio = roi_sampling_ratio
+        self.roi_aligned = roi_aligned
+        self.roi_size = backbone.roi_size
+        self.stride = backbone.stride
+        self.pixel_mean = tuple(backbone.pixel_mean)
+        self.pixel_std = tuple(backbone.pixel_std)
+        self.test_scales = test_scales
+        self.test_max_size = test_max_size
+        self.roi_chunk = roi_chunk
         self.cls_score = nn.Linear(backbone.head_dim, self.num_classes + 1)
         self.bbox_pred = nn.Linear(backbone.head_dim, 4 * self.num_classes)
         # [FRCN]: Gaussian init, std 0.01 for the classifier and 0.001 for the box regressor.

@@ -138,7 +138,8 @@ class RCNN(Detector):
         if test_chunk <= 0:
             raise ValueError(f"test_chunk must be > 0, got {test_chunk}")
         self.net = RegionNet(body=backbone.body, head=backbone.head, roi_size=backbone.roi_size)
-        self.pixel_mean, self.pixel_std = tuple(backbone.pixel_mean), tuple(backbone.pixel_std)
+        self.pixel_mean = tuple(backbone.pixel_mean)
+        self.pixel_std = tuple(backbone.pixel_std)
         self.crop_size, self.context_pad = crop_size, context_pad
         self.feat_scale = float(feat_scale)
         self.test_chunk = test_chunk

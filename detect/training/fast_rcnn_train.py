@@ -136,7 +136,8 @@ class FastRCNNTrainData:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if images_per_batch <= 0 or rois_per_image <= 0 or not scales:
             raise ValueError("images_per_batch and rois_per_image must be positive and scales non-empty")
-        self.records, self.get_proposals = list(records), get_proposals
+        self.records = list(records)
+        self.get_proposals = get_proposals
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.images_per_batch, self.rois_per_image = images_per_batch, rois_per_image
         self.scales, self.max_size, self.flip = list(scales), max_size, flip

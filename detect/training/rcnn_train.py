@@ -91,7 +91,9 @@ class FineTuneSampler:
         self.pixel_mean, self.pixel_std, self.device = pixel_mean, pixel_std, device
         self.batch_size, self.fg_per_batch, self.fg_iou = batch_size, fg_per_batch, fg_iou
         self.images_per_batch, self.flip, self.seed = images_per_batch, flip, seed
-        self.rank, self.world_size, self.use_difficult = rank, world_size, use_difficult
+        self.rank = rank
+        self.world_size = world_size
+        self.use_difficult = use_difficult
         self.unreadable: dict[str, str] = {}
 
     def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
@@ -146,10 +148,14 @@ class StreamingFeatures:
                  num_classes: int, crop_size: int, context_pad: int, pixel_mean, pixel_std, bbox_min_iou: float,
                  batch_size: int, amp: bool, fc7_dim: int, pool5_dim: int, use_difficult: bool = True):
         self.net, self.records, self.get_proposals = net, records, get_proposals
-        self.num_images, self.num_classes, self.bbox_min_iou = len(records), num_classes, bbox_min_iou
+        self.num_images = len(records)
+        self.num_classes = num_classes
+        self.bbox_min_iou = bbox_min_iou
         self.crop_size, self.context_pad = crop_size, context_pad
         self.pixel_mean, self.pixel_std = pixel_mean, pixel_std
-        self.batch_size, self.amp, self.use_difficult = batch_size, amp, use_difficult
+        self.batch_size = batch_size
+        self.amp = amp
+        self.use_difficult = use_difficult
         self.fc7_dim, self.pool5_dim = fc7_dim, pool5_dim
         self.device = next(net.parameters()).device
         self.unreadable: dict[str, str] = {}
