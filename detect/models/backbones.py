@@ -1,7 +1,5 @@
-"""ImageNet backbones split into a shared conv ``body`` and a per-RoI ``head`` ([FRCN] section 2.1).
-
-    body:  normalised images [N, 3, H, W]  ->  feature map [N, C, ~H/16, ~W/16]
-    head:  pooled RoI features [R, C, S, S] ->  [R, head_dim]
+"""ImageNet backbones split into a shared conv ``body`` and a per-RoI ``head`` ([FRCN] section 2.1;
+shapes: ``Backbone``).
 
 ``feature_stride = 8`` makes the body's last stride-2 step stride 1 and dilates every later conv
 of that stage by 2 (DeepLab's "atrous" conversion); a stride-2 max-pool becomes 3x3 / stride 1 /
@@ -133,16 +131,13 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
         if head_dim not in (0, 4096):
             raise ValueError(f"{name}'s fc6/fc7 are 4096 wide: set model.head_dim=4096 (got {head_dim})")
     model = _pretrained_model(name, weights)
-    if name in ("vgg16", "alexnet"):
-        body, head, stages, channels, width, mean, std = _split_fc_backbone(name, model, dropout)
-    else:
-        _freeze_batchnorm(model)
-        body, head, stages, channels, width, mean, std = _split_conv_backbone(name, model)
-        if head_dim > 0:  # [FRCN]-style fc6/fc7 on the pooled features; the last stage goes unused
-            head = FcHead(fc6=nn.Linear(channels * roi_size * roi_size, head_dim),
-                          fc7=nn.Linear(head_dim, head_dim), dropout=dropout)
-            stages += [("fc6", head.fc6), ("fc7", head.fc7)]
-            width = head_dim
+    _freeze_batchnorm(model)  # (VGG16 and AlexNet have no BatchNorm)
+    body, head, stages, channels, width, mean, std = _split(name, model, dropout)
+    if head_dim > 0 and name not in ("vgg16", "alexnet"):  # [FRCN]-style fc6/fc7; the last stage goes unused
+        head = FcHead(fc6=nn.Linear(channels * roi_size * roi_size, head_dim),
+                      fc7=nn.Linear(head_dim, head_dim), dropout=dropout)
+        stages += [("fc6", head.fc6), ("fc7", head.fc7)]
+        width = head_dim
     if feature_stride == 8:
         _dilate_last_stage(body)
     _freeze_before(name, stages, freeze_at)
@@ -151,8 +146,7 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
 
 
 def _dilate_last_stage(body: nn.Sequential) -> None:
-    """Stride 16 -> 8, in place: from the body's last child holding a stride-2 layer on, stride-2
-    layers get stride 1 and every later conv wider than 1x1 gets dilation 2 (the module doc)."""
+    """Stride 16 -> 8 in place (the module doc), from the body's last child holding a stride-2 layer on."""
     def strided(m: nn.Module) -> bool:
         return isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and 2 in _pair(m.stride)
 
@@ -170,25 +164,21 @@ def _dilate_last_stage(body: nn.Sequential) -> None:
                 m.padding = tuple(k - 1 for k in m.kernel_size)  # 2 x (k - 1) / 2
 
 
-def _split_fc_backbone(name: str, model: nn.Module, dropout: float):
-    """VGG16 / AlexNet: the conv body without the last max-pool (stride 16, as [FRCN]), head =
-    the classifier's fc6, fc7. Returns what ``_split_conv_backbone`` does."""
-    body = nn.Sequential(*list(model.features.children())[:-1])
-    if name == "vgg16":  # classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
-        fc6, fc7 = model.classifier[0], model.classifier[3]
-        conv_names = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
-    else:  # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear
-        fc6, fc7 = model.classifier[1], model.classifier[4]
-        conv_names = [f"conv{i}" for i in range(1, 6)]
-    convs = [m for m in body if isinstance(m, nn.Conv2d)]
-    stages = list(zip(conv_names, convs)) + [("fc6", fc6), ("fc7", fc7)]
-    head = FcHead(fc6=fc6, fc7=fc7, dropout=dropout)
-    return body, head, stages, convs[-1].out_channels, 4096, IMAGENET_MEAN, IMAGENET_STD
-
-
-def _split_conv_backbone(name: str, model: nn.Module):
-    """The conv backbones: body to stride 16, head = the rest + avg pool. Returns (body, head,
-    stages, C, head width, pixel_mean, pixel_std)."""
+def _split(name: str, model: nn.Module, dropout: float):
+    """Body to stride 16 and head (the module doc): VGG16 / AlexNet's fc6, fc7 with ``dropout``, the
+    others' rest + avg pool. Returns (body, head, stages, C, head width, pixel_mean, pixel_std)."""
+    if name in ("vgg16", "alexnet"):  # the conv body without the last max-pool (stride 16, as [FRCN])
+        body = nn.Sequential(*list(model.features.children())[:-1])
+        if name == "vgg16":  # classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+            fc6, fc7 = model.classifier[0], model.classifier[3]
+            conv_names = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
+        else:  # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear
+            fc6, fc7 = model.classifier[1], model.classifier[4]
+            conv_names = [f"conv{i}" for i in range(1, 6)]
+        convs = [m for m in body if isinstance(m, nn.Conv2d)]
+        stages = list(zip(conv_names, convs)) + [("fc6", fc6), ("fc7", fc7)]
+        head = FcHead(fc6=fc6, fc7=fc7, dropout=dropout)
+        return body, head, stages, convs[-1].out_channels, 4096, IMAGENET_MEAN, IMAGENET_STD
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
     if name in ("resnet18", "resnet50"):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)

@@ -139,10 +139,9 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
     out = {}
     for k in classes:
         cache = caches[k]
-        if k in mining and (cache.num_added or not cache.trained):
+        if k in mining and cache.num_added:  # (an untrained cache has no negatives but the added ones)
             t0 = time.perf_counter()
-            if cache.num_added or len(cache.x_neg):
-                cache.retrain(**fit)
+            cache.retrain(**fit)
             cache.seconds += time.perf_counter() - t0
         weight, bias = cache.weight, cache.bias
         if not cache.trained:  # no positives, or no negatives at all: a detector that never fires

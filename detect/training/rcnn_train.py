@@ -208,12 +208,11 @@ def extract_features(source: StreamingFeatures, cache_dir: str | Path, *, images
             "pool5_dim": pool5_dim, "num_classes": source.num_classes, "bbox_min_iou": source.bbox_min_iou,
             "image_ids": [int(r.image_id) for r in records]}
     meta_path = cache_dir / "meta.json"
-    if meta_path.is_file():
-        if read_json(meta_path) != meta:
-            raise ValueError(f"{meta_path}: a feature cache of another dataset or network is here; delete "
-                             f"{cache_dir} or use another --output-dir")
-    else:
+    if not meta_path.is_file():
         write_json_atomic(meta_path, meta)
+    elif read_json(meta_path) != meta:
+        raise ValueError(f"{meta_path}: a feature cache of another dataset or network is here; delete "
+                         f"{cache_dir} or use another --output-dir")
     mine = [k for k in range(num_shards) if k % world_size == rank and not (cache_dir / shard_name(k)).is_dir()]
     norm_images = norm_sample_images(len(records))
     bar = tqdm(total=sum(len(records[k * images_per_shard:(k + 1) * images_per_shard]) for k in mine),
