@@ -184,8 +184,7 @@ def _split(name: str, model: nn.Module, dropout: float):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         body = nn.Sequential(stem, model.layer1, model.layer2, model.layer3)
         head = nn.Sequential(model.layer4, *pool)
-        stages = [("stem", stem), ("layer1", model.layer1), ("layer2", model.layer2),
-                  ("layer3", model.layer3), ("layer4", model.layer4)]
+        stages = [("stem", stem)] + [(n, getattr(model, n)) for n in ("layer1", "layer2", "layer3", "layer4")]
         channels = 1024 if name == "resnet50" else 256
         return body, head, stages, channels, model.fc.in_features, IMAGENET_MEAN, IMAGENET_STD
     if name == "mobilenet_v3_large":

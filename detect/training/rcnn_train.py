@@ -308,7 +308,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     warp = dict(crop_size=crop_size, context_pad=context_pad, pixel_mean=backbone.pixel_mean,
                 pixel_std=backbone.pixel_std)
 
-    # 1. Fine-tune the CNN on warped regions.
     ft_settings = {"data": fingerprint or {}, "crop_size": crop_size, "context_pad": context_pad,
                    "finetune": asdict(finetune), "use_difficult": use_difficult}
     if not _stage_done(ft_dir, ft_settings):
@@ -346,7 +345,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                                   num_classes=num_classes, bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size,
                                   amp=amp, fc7_dim=fc7_dim, pool5_dim=pool5_dim, use_difficult=use_difficult, **warp)
 
-    # 2. Features: cached as float16 shards (all ranks), or streamed.
     feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou,
                      "pool5_rows": "iou > bbox_min_iou", "format_version": FEATURE_VERSION}
     if cache_features:
@@ -362,7 +360,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     if rank != 0:  # the SVMs and regressors are cheap next to the CNN: rank 0 alone trains them
         return None  # the caller waits for rank 0 in a group with a long timeout (``long_wait_group``)
 
-    # 3. One linear SVM per class on fc7, with hard-negative mining.
     svm_options = {k: v for k, v in asdict(svm).items() if k not in ("feat_norm", "workers")}
     svm_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, **svm_options}
     if not _stage_done(svm_dir, svm_settings):
@@ -373,7 +370,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         save_arrays(svm_dir / "svm.npz", weight=weight, bias=bias, feat_scale=np.float64(feat_scale))
         _mark_done(svm_dir, svm_settings, time.perf_counter() - t0, classes=stats)
 
-    # 4. Per-class ridge regression from pool5 to box deltas.
     bbox_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, "lambda": bbox_lambda,
                      "min_iou": bbox_min_iou}
     if not _stage_done(bbox_dir, bbox_settings):
