@@ -191,11 +191,9 @@ class FeatureCache:
     @property
     def pool5_norm(self) -> float:
         """Mean pool5 L2 norm over the random row sample measured during extraction (any IoU)."""
-        total, count = 0.0, 0
-        for k in range(int(self.meta["num_shards"])):
-            meta = read_json(self.path / shard_name(k) / "meta.json")
-            total, count = total + float(meta["pool5_norm_sum"]), count + int(meta["pool5_norm_count"])
-        return _checked_mean(total, count, "pool5")
+        shards = [read_json(self.path / shard_name(k) / "meta.json") for k in range(int(self.meta["num_shards"]))]
+        return _checked_mean(sum(float(m["pool5_norm_sum"]) for m in shards),
+                             sum(int(m["pool5_norm_count"]) for m in shards), "pool5")
 
 
 def feature_cache_bytes(cache_dir: str | Path) -> dict:

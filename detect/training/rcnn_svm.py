@@ -129,8 +129,7 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
                     continue
                 t0 = time.perf_counter()
                 cache = caches[k]
-                sel = is_neg[need, c]
-                hard = sel & (cache.scores(x) > hard_thresh)
+                hard = is_neg[need, c] & (cache.scores(x) > hard_thresh)
                 cache.add(x[hard], i * (1 << 32) + need[hard].astype(np.int64), dedupe=p > 0)
                 if (not cache.trained and cache.num_added) or cache.num_added > retrain_limit:
                     cache.retrain(**fit)
