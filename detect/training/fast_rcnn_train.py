@@ -1,11 +1,7 @@
 """Fast R-CNN training ([FRCN] section 2.3): RoI sampling, the multi-task loss, mini-batches.
 
-Hierarchical sampling (``lib/roi_data_layer/minibatch.py``): N images per mini-batch, then
-R / N RoIs per image. ``train_fast_rcnn`` runs ``engine.train_loop`` over a ``FastRCNN`` and a
-``FastRCNNTrainData`` (a dataset's records and a proposal source).
-
-Shapes as in ``detect.models.fast_rcnn``: N images, R RoIs, P proposals and G gt boxes of one
-image, K object classes.
+Hierarchical sampling (``lib/roi_data_layer/minibatch.py``, ``FastRCNNTrainData``): N images
+per mini-batch, then R / N RoIs per image. Shapes as in ``detect.models.fast_rcnn``.
 """
 
 from __future__ import annotations
@@ -183,8 +179,7 @@ class FastRCNNTrainData:
                                                   pixel_std=self.pixel_std, flip=flip)
             proposal_boxes = np.array(self.get_proposals(record.image_id), np.float32).reshape(-1, 4)
             height, width = image.shape[:2]
-            proposal_boxes[:, 0::2] = proposal_boxes[:, 0::2].clip(0, width)
-            proposal_boxes[:, 1::2] = proposal_boxes[:, 1::2].clip(0, height)
+            proposal_boxes = proposal_boxes.clip(0, np.float32([width, height, width, height]))
             proposal_boxes = proposal_boxes[_valid_boxes(proposal_boxes)]  # [P, 4], inside the image
             gt_boxes = np.asarray(record.gt_boxes, np.float32).reshape(-1, 4)
             keep = _valid_boxes(gt_boxes) & training_gt(record, self.use_difficult)

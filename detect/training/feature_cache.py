@@ -191,35 +191,30 @@ class FeatureCache:
     @property
     def pool5_norm(self) -> float:
         """Mean pool5 L2 norm over the random row sample measured during extraction (any IoU)."""
-        total, count = 0.0, 0
-        for k in range(int(self.meta["num_shards"])):
-            meta = read_json(self.path / shard_name(k) / "meta.json")
-            total, count = total + float(meta["pool5_norm_sum"]), count + int(meta["pool5_norm_count"])
-        return _checked_mean(total, count, "pool5")
+        shards = [read_json(self.path / shard_name(k) / "meta.json") for k in range(int(self.meta["num_shards"]))]
+        return _checked_mean(sum(float(m["pool5_norm_sum"]) for m in shards),
+                             sum(int(m["pool5_norm_count"]) for m in shards), "pool5")
 
 
 def feature_cache_bytes(cache_dir: str | Path) -> dict:
     """Bytes on disk of a feature cache, in total and per image (fc7, pool5, row metadata)."""
-    cache = FeatureCache(cache_dir)
     parts = {"fc7": 0, "pool5": 0, "rows": 0}
-    for shard in sorted(Path(cache_dir).glob("shard_*")):
-        for f in shard.iterdir():
-            key = "fc7" if f.name == "fc7.f16" else "pool5" if f.name == "pool5.f16" else "rows"
-            parts[key] += f.stat().st_size
+    for f in Path(cache_dir).glob("shard_*/*"):
+        parts["fc7" if f.name == "fc7.f16" else "pool5" if f.name == "pool5.f16" else "rows"] += f.stat().st_size
     total = sum(parts.values())
-    n = max(cache.num_images, 1)
+    n = max(FeatureCache(cache_dir).num_images, 1)
     return {"total": total, "per_image": total / n, **{f"{k}_per_image": v / n for k, v in parts.items()}}
 
 
-def norm_sample_images(num_images: int, *, max_images: int = 200, seed: int = 0) -> set[int]:
-    """The images whose rows the feature norm is measured on: ``max_images`` seeded random ones."""
-    return set(np.random.default_rng(seed).permutation(num_images)[:max_images].tolist())
+def norm_sample_images(num_images: int) -> set[int]:
+    """The images whose rows the feature norm is measured on: 200 seeded random ones."""
+    return set(np.random.default_rng(0).permutation(num_images)[:200].tolist())
 
 
-def norm_sample_rows(i: int, num_rows: int, *, rows_per_image: int = 200, seed: int = 0) -> np.ndarray:
-    """Sorted row indices of image ``i`` in the norm sample: ``rows_per_image`` random rows of
-    any IoU, seeded by (seed, i) so every rank and a resumed run draw the same rows."""
-    return np.sort(np.random.default_rng([seed, i]).permutation(num_rows)[:rows_per_image])
+def norm_sample_rows(i: int, num_rows: int) -> np.ndarray:
+    """Sorted row indices of image ``i`` in the norm sample: 200 random rows of any IoU, seeded
+    by (0, i) so every rank and a resumed run draw the same rows."""
+    return np.sort(np.random.default_rng([0, i]).permutation(num_rows)[:200])
 
 
 def _checked_mean(total: float, count: int, layer: str) -> float:
@@ -231,16 +226,15 @@ def _checked_mean(total: float, count: int, layer: str) -> float:
     return mean
 
 
-def mean_feature_norm(source: FeatureSource, layer: str, *, max_images: int = 200,
-                      rows_per_image: int = 200, seed: int = 0) -> float:
-    """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over ``rows_per_image`` random rows
-    of ``max_images`` random images ([RCNN] ``rcnn_feature_stats.m``); a ``FeatureCache``'s pool5
-    norm was measured on this sample at extraction (``FeatureCache.pool5_norm``)."""
+def mean_feature_norm(source: FeatureSource, layer: str) -> float:
+    """Mean L2 norm of ``layer`` ("fc7" or "pool5") features over the norm sample's rows
+    ([RCNN] ``rcnn_feature_stats.m``); a ``FeatureCache``'s pool5 norm was measured on this
+    sample at extraction (``FeatureCache.pool5_norm``)."""
     if layer == "pool5" and isinstance(source, FeatureCache):
         return source.pool5_norm
     total, count = 0.0, 0
-    for i in sorted(norm_sample_images(source.num_images, max_images=max_images, seed=seed)):
-        pick = norm_sample_rows(i, len(source.rows(i)), rows_per_image=rows_per_image, seed=seed)
+    for i in sorted(norm_sample_images(source.num_images)):
+        pick = norm_sample_rows(i, len(source.rows(i)))
         if pick.size == 0:
             continue
         feats = source.fc7(i, pick) if layer == "fc7" else source.pool5(i, pick)

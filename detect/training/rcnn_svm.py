@@ -129,8 +129,7 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
                     continue
                 t0 = time.perf_counter()
                 cache = caches[k]
-                sel = is_neg[need, c]
-                hard = sel & (cache.scores(x) > hard_thresh)
+                hard = is_neg[need, c] & (cache.scores(x) > hard_thresh)
                 cache.add(x[hard], i * (1 << 32) + need[hard].astype(np.int64), dedupe=p > 0)
                 if (not cache.trained and cache.num_added) or cache.num_added > retrain_limit:
                     cache.retrain(**fit)
@@ -139,10 +138,9 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
     out = {}
     for k in classes:
         cache = caches[k]
-        if k in mining and (cache.num_added or not cache.trained):
+        if k in mining and cache.num_added:  # (an untrained cache has no negatives but the added ones)
             t0 = time.perf_counter()
-            if cache.num_added or len(cache.x_neg):
-                cache.retrain(**fit)
+            cache.retrain(**fit)
             cache.seconds += time.perf_counter() - t0
         weight, bias = cache.weight, cache.bias
         if not cache.trained:  # no positives, or no negatives at all: a detector that never fires

@@ -53,18 +53,15 @@ def image_rows(record: ImageRecord, proposals: np.ndarray, *, num_classes: int, 
     overlaps = np.zeros((num_rows, num_classes), np.float32)
     for k in np.unique(gt_classes).tolist():
         overlaps[:, k - 1] = iou[:, gt_classes == k].max(axis=1)
-    best_iou = np.zeros(num_rows, np.float32)
-    best_classes = np.zeros(num_rows, np.int16)
-    best_gt_boxes = np.zeros((num_rows, 4), np.float32)
-    if easy.any():
-        easy_iou = iou[:, easy]
-        arg = easy_iou.argmax(axis=1)
-        best_iou = easy_iou[np.arange(num_rows), arg]
-        best_classes = gt_classes[easy][arg].astype(np.int16)
-        best_gt_boxes = gt_boxes[easy][arg]
+    # the best trained-on gt box of each row; a last null box (IoU 0, class 0) wins only when there is none
+    easy_iou = np.concatenate([iou[:, easy], np.zeros((num_rows, 1), np.float32)], axis=1)  # [R, E + 1]
+    arg = easy_iou.argmax(axis=1)
+    best_iou = easy_iou[np.arange(num_rows), arg]
+    best_classes = np.append(gt_classes[easy], 0)[arg].astype(np.int16)
+    best_gt_boxes = np.concatenate([gt_boxes[easy], np.zeros((1, 4), np.float32)])[arg]
     row_gt = np.concatenate([gt_classes[easy], np.zeros(len(proposals), np.int64)]).astype(np.int16)
     return ImageRows(image_id=int(record.image_id), boxes=boxes, gt_classes=row_gt, overlaps=overlaps,
-                     best_iou=best_iou.astype(np.float32), best_classes=best_classes, best_gt_boxes=best_gt_boxes,
+                     best_iou=best_iou, best_classes=best_classes, best_gt_boxes=best_gt_boxes,
                      has_pool5=best_iou > bbox_min_iou)
 
 
@@ -211,12 +208,11 @@ def extract_features(source: StreamingFeatures, cache_dir: str | Path, *, images
             "pool5_dim": pool5_dim, "num_classes": source.num_classes, "bbox_min_iou": source.bbox_min_iou,
             "image_ids": [int(r.image_id) for r in records]}
     meta_path = cache_dir / "meta.json"
-    if meta_path.is_file():
-        if read_json(meta_path) != meta:
-            raise ValueError(f"{meta_path}: a feature cache of another dataset or network is here; delete "
-                             f"{cache_dir} or use another --output-dir")
-    else:
+    if not meta_path.is_file():
         write_json_atomic(meta_path, meta)
+    elif read_json(meta_path) != meta:
+        raise ValueError(f"{meta_path}: a feature cache of another dataset or network is here; delete "
+                         f"{cache_dir} or use another --output-dir")
     mine = [k for k in range(num_shards) if k % world_size == rank and not (cache_dir / shard_name(k)).is_dir()]
     norm_images = norm_sample_images(len(records))
     bar = tqdm(total=sum(len(records[k * images_per_shard:(k + 1) * images_per_shard]) for k in mine),
@@ -312,7 +308,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     warp = dict(crop_size=crop_size, context_pad=context_pad, pixel_mean=backbone.pixel_mean,
                 pixel_std=backbone.pixel_std)
 
-    # 1. Fine-tune the CNN on warped regions.
     ft_settings = {"data": fingerprint or {}, "crop_size": crop_size, "context_pad": context_pad,
                    "finetune": asdict(finetune), "use_difficult": use_difficult}
     if not _stage_done(ft_dir, ft_settings):
@@ -350,7 +345,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                                   num_classes=num_classes, bbox_min_iou=bbox_min_iou, batch_size=feature_batch_size,
                                   amp=amp, fc7_dim=fc7_dim, pool5_dim=pool5_dim, use_difficult=use_difficult, **warp)
 
-    # 2. Features: cached as float16 shards (all ranks), or streamed.
     feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou,
                      "pool5_rows": "iou > bbox_min_iou", "format_version": FEATURE_VERSION}
     if cache_features:
@@ -366,7 +360,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
     if rank != 0:  # the SVMs and regressors are cheap next to the CNN: rank 0 alone trains them
         return None  # the caller waits for rank 0 in a group with a long timeout (``long_wait_group``)
 
-    # 3. One linear SVM per class on fc7, with hard-negative mining.
     svm_options = {k: v for k, v in asdict(svm).items() if k not in ("feat_norm", "workers")}
     svm_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, **svm_options}
     if not _stage_done(svm_dir, svm_settings):
@@ -377,7 +370,6 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
         save_arrays(svm_dir / "svm.npz", weight=weight, bias=bias, feat_scale=np.float64(feat_scale))
         _mark_done(svm_dir, svm_settings, time.perf_counter() - t0, classes=stats)
 
-    # 4. Per-class ridge regression from pool5 to box deltas.
     bbox_settings = {"upstream": feat_settings, "feat_norm": svm.feat_norm, "lambda": bbox_lambda,
                      "min_iou": bbox_min_iou}
     if not _stage_done(bbox_dir, bbox_settings):

@@ -16,7 +16,6 @@ try:
 except ImportError:  # the optional extra is not installed
     SummaryWriter = None
 
-# log.jsonl key -> TensorBoard tag (detectron2's name where it has one; others keep their key).
 TAGS = {"loss": "total_loss", "loss_cls": "loss_cls", "loss_box": "loss_box_reg", "lr": "lr",
         "time_per_iter_s": "time", "max_mem_mb": "max_mem_mb"}
 EVAL_TAGS = {"AP": "bbox/AP", "AP50": "bbox/AP50"}  # x100, as detectron2's COCOEvaluator
@@ -27,7 +26,6 @@ class TensorBoardLog:
     """Writes log.jsonl records as scalars at their "iteration", and detectron2's ``eta_seconds``."""
 
     def __init__(self, log_dir: str | Path, *, max_iter: int, purge_step: int | None = None):
-        # purge_step: TensorBoard hides the events of this step and later in the earlier files
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.max_iter = max_iter
 
@@ -59,7 +57,7 @@ def open_tensorboard(log_dir: str | Path, *, max_iter: int, start_iter: int = 0)
                   "'.[tb]'); log.jsonl has the training log", file=sys.stderr)
             _said_off = True
         return None
-    # a resumed run: the steps after its checkpoint's are hidden (a killed run logged them)
+    # a resumed run: TensorBoard hides the earlier files' events from purge_step on (a killed run logged them)
     return TensorBoardLog(log_dir, max_iter=max_iter, purge_step=start_iter + 1 if start_iter else None)
 
 
