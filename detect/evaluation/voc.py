@@ -24,7 +24,7 @@ import torch
 
 from detect.common.box_ops import box_iou, xywh_to_xyxy
 from detect.data.datasets import Dataset, gt_flags
-from detect.evaluation.coco import class_of_category
+from detect.evaluation.coco import class_of_category, mean_defined
 from detect.models.detector import Detections
 
 METRICS = ("voc07", "voc")
@@ -96,11 +96,7 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) ->
         recall, precision, num_pos = class_pr(dets, gt)
         for m in METRICS:
             per_class[m][name] = average_precision(recall, precision, m) if num_pos else -1.0
-    out = {}
-    for m in METRICS:
-        defined = [v for v in per_class[m].values() if v >= 0]
-        out[m] = {"mAP": float(np.mean(defined)) if defined else -1.0, "per_class_AP": per_class[m]}
-    return out
+    return {m: {"mAP": mean_defined(list(per_class[m].values())), "per_class_AP": per_class[m]} for m in METRICS}
 
 
 def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, Detections]:
