@@ -112,6 +112,5 @@ def error_breakdown(images: list[ImageBoxes], num_classes: int) -> dict:
             d_ap[error] = _ap50(dets, pos) - base if (pos > 0).any() else 0.0
         else:
             d_ap[error] = _ap50(_fix(dets, error, images), num_pos) - base
-    counts = {t: sum(e["type"] == t for e in dets) for t in ERROR_TYPES[:-1]}
-    counts["missed"] = len(missed)
+    counts = {t: sum(e["type"] == t for e in dets) for t in ERROR_TYPES[:-1]} | {"missed": len(missed)}
     return {"AP50": base, "dAP50": d_ap, "counts": counts, "fg_iou": FG_IOU, "bg_iou": BG_IOU}

@@ -164,10 +164,9 @@ def detection_grid(records: list[ImageRecord], class_names: list[str], runs: lis
             image = _downscale(read_image(record.file_name))  # [h, w, 3] uint8
         except ImageReadError:
             image, unreadable = np.full((8, 8, 3), 200, np.uint8), True  # a grey cell
-        extent = (0, record.width, record.height, 0)  # draw in original-image pixels
         for col in range(ncols):
             ax = axes[row, col]
-            ax.imshow(image, extent=extent, interpolation="bilinear")
+            ax.imshow(image, extent=(0, record.width, record.height, 0), interpolation="bilinear")  # original pixels
             ax.set(xlim=(0, record.width), ylim=(record.height, 0), xticks=[], yticks=[])
             if col == 0:
                 for box, k in zip(record.gt_boxes.tolist(), record.gt_classes.tolist()):
