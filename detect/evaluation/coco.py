@@ -287,8 +287,7 @@ def dataset_to_coco(dataset: Dataset) -> dict:
             area = areas[j] if areas and areas[j] > 0 else bbox[2] * bbox[3]  # NaN > 0 is False: the box area
             annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
                                 "category_id": category_id, "bbox": bbox, "area": area, "iscrowd": int(difficult)})
-    categories = [{"id": int(cat_id), "name": name}
-                  for cat_id, name in zip(dataset.category_ids, dataset.class_names)]
     return {"info": {"description": dataset.name}, "images": images, "annotations": annotations,
-            "categories": categories}
+            "categories": [{"id": int(cat_id), "name": name}
+                           for cat_id, name in zip(dataset.category_ids, dataset.class_names)]}
 

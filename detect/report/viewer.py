@@ -138,12 +138,11 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
                       "w": int(rec.width), "h": int(rec.height),
                       "ap": [None if a[i] is None else round(a[i], 4) for a in ap50],
                       "miss": [m[i] for m in misses], "cls": sorted(int(c) for c in present)})
-    data = {"runs": [{"label": r.label, "kind": r.detector, "color": r.color, "store": s, "top_k": k}
+    return {"runs": [{"label": r.label, "kind": r.detector, "color": r.color, "store": s, "top_k": k}
                      for r, s, k in zip(ordered, store_of_run, top_ks)],
             "classes": list(dataset.class_names), "types": list(TYPES), "colors": COLORS,
             "page_size": PAGE_SIZE, "view_size": VIEW_SIZE, "cover_iou": COVER_IOU, "folder": FOLDER,
-            "images": index}
-    return data, boxes
+            "images": index}, boxes
 
 
 def write_viewer(runs: list[Run], dataset: Dataset, output_dir: str | Path, *, proposals: str = "",
