@@ -116,8 +116,7 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
     totals, out_dets = [], []  # totals: per detector, {DETECTOR_TOTAL, END_TO_END: ms per image}
     for name, kind, stages in zip(names, kinds, timings["detectors"]):
-        det_total = np.sum([np.asarray(v, dtype=np.float64) for v in stages.values()], axis=0) \
-            if stages else np.zeros_like(prop)
+        det_total = sum((np.asarray(v, dtype=np.float64) for v in stages.values()), np.zeros_like(prop))
         totals.append({DETECTOR_TOTAL: det_total, END_TO_END: det_total + prop})
         out_dets.append({"name": name, "kind": kind, "stages": {s: summarize(v) for s, v in stages.items()},
                          **{key: summarize(v) for key, v in totals[-1].items()},

@@ -280,7 +280,7 @@ def proposal_tuning(result: dict) -> bytes:
     every search on the probe images); the target dashed, the chosen setting a star."""
     ax_boxes, ax_time = _figure(11.0, 4.4).subplots(1, 2)
     metric, target = result["metric"], result["target"]["recall"]
-    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
+    modes = list(dict.fromkeys([r["mode"] for r in result["rows"]] + [k.split("_")[0] for k in result["probe"]]))
     k_scales = sorted({r["k_scale"] for r in result["rows"]}, reverse=True)
     styles = dict(zip(k_scales, ("-", "--", ":", "-.") * len(k_scales)))
     for best in best_per_search(result):
@@ -294,10 +294,8 @@ def proposal_tuning(result: dict) -> bytes:
                       color=color, label=label, markersize=3, linewidth=1.2)
         ax_time.plot([best["seconds_per_image"]], [best[metric]], "o", color=color, markersize=5)
     for key, probe in result["probe"].items():  # every search tried, on the probe images: hollow
-        mode = key.split("_")[0]
-        modes += [] if mode in modes else [mode]
         ax_time.plot([probe["seconds_per_image"]], [probe["best_recall"]], "o", mfc="none", markersize=5,
-                     color=TAB10_HEX[modes.index(mode) % len(TAB10_HEX)])
+                     color=TAB10_HEX[modes.index(key.split("_")[0]) % len(TAB10_HEX)])
     ax_time.legend(handles=[Line2D([], [], marker="o", linestyle="", color=TAB10_HEX[i % len(TAB10_HEX)], label=m)
                             for i, m in enumerate(modes)]
                    + [Line2D([], [], marker="o", linestyle="", mfc="none", color="#555",
