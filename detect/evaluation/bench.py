@@ -83,7 +83,7 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
     settings = detectors[0].proposal_settings
     proposal_ms: list[float] = []
     num_proposals: list[int] = []
-    per_detector: list[list[dict[str, float]]] = [[] for _ in detectors]
+    per_image: list[list[dict[str, float]]] = []  # per counted image: each detector's {stage: ms}
     for i, rec in enumerate(tqdm(records, desc="bench", unit="img", disable=not progress, dynamic_ncols=True)):
         image = read_image(rec.file_name)
         t0 = time.perf_counter()
@@ -98,9 +98,8 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
             continue
         proposal_ms.append(prop_ms)
         num_proposals.append(int(np.asarray(proposals).reshape(-1, 4).shape[0]))
-        for store, st in zip(per_detector, stages):
-            store.append(st)
-    lists = [timing_lists(per_image)["timing_ms_per_image_list"] for per_image in per_detector]
+        per_image.append(stages)
+    lists = [timing_lists([st[j] for st in per_image])["timing_ms_per_image_list"] for j in range(len(detectors))]
     return {PROPOSALS: proposal_ms, "num_proposals": num_proposals, "detectors": lists}
 
 

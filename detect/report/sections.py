@@ -357,11 +357,10 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
     if not run_dirs:
         raise ValueError("no run folders given")
     runs = [load_run(d) for d in run_dirs]
-    seen: dict[str, int] = {}
     for i, run in enumerate(runs):  # unique display names: a repeated name gets " (2)", ...
-        seen[run.name] = seen.get(run.name, 0) + 1
+        n = sum(r.name == run.name for r in runs[:i]) + 1
         run.color = figures.RUN_COLORS[i % len(figures.RUN_COLORS)]
-        run.label = run.name if seen[run.name] == 1 else f"{run.name} ({seen[run.name]})"
+        run.label = run.name if n == 1 else f"{run.name} ({n})"
     bench_result = load_bench(bench) if bench else None
     if bench_result is not None and not apply_bench(runs, bench_result):
         warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")
