@@ -61,11 +61,10 @@ def fast_rcnn_flops(*, body: nn.Module, roi_head: nn.Module, out_channels: int, 
                     input_hw: tuple[int, int], num_proposals: int,
                     roi_op: str = "roi_pool") -> dict[str, int]:
     """{"backbone", "roi_head"} FLOPs of Fast R-CNN on a network input of ``input_hw``."""
-    h, w = input_hw
     c, s = out_channels, roi_size
     per_roi = count_flops(roi_head, (1, c, s, s))
     pooling = num_proposals * c * s * s * ROI_FLOPS_PER_OUTPUT[roi_op]
-    return {"backbone": count_flops(body, (1, 3, h, w)), "roi_head": num_proposals * per_roi + pooling}
+    return {"backbone": count_flops(body, (1, 3, *input_hw)), "roi_head": num_proposals * per_roi + pooling}
 
 
 def rcnn_flops(*, net: nn.Module, crop_size: int, num_proposals: int, head_dim: int, pool5_dim: int,
