@@ -388,8 +388,7 @@ def _evaluate_checkpoint(checkpoint: str | Path, data_spec: dict, proposals: str
         raise ValueError(f"{checkpoint}: trained on classes {detector.class_names}, but {data_spec['path']} "
                          f"has {dataset.class_names}")
     tt = output_dir / "train_time.json"
-    metrics = evaluate_detector(detector, dataset, output_dir, store=store, name=output_dir.name,
-                                data_spec=data_spec,
+    metrics = evaluate_detector(detector, dataset, output_dir, store=store, data_spec=data_spec,
                                 train_time_s=read_json(tt)["seconds"] if tt.is_file() else None)
     if metrics:
         print_metrics(metrics, metric)

@@ -83,7 +83,7 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
     settings = detectors[0].proposal_settings
     proposal_ms: list[float] = []
     num_proposals: list[int] = []
-    per_detector: list[list[dict[str, float]]] = [[] for _ in detectors]
+    per_image: list[list[dict[str, float]]] = []  # per counted image: each detector's {stage: ms}
     for i, rec in enumerate(tqdm(records, desc="bench", unit="img", disable=not progress, dynamic_ncols=True)):
         image = read_image(rec.file_name)
         t0 = time.perf_counter()
@@ -98,9 +98,8 @@ def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord
             continue
         proposal_ms.append(prop_ms)
         num_proposals.append(int(np.asarray(proposals).reshape(-1, 4).shape[0]))
-        for store, st in zip(per_detector, stages):
-            store.append(st)
-    lists = [timing_lists(per_image)["timing_ms_per_image_list"] for per_image in per_detector]
+        per_image.append(stages)
+    lists = [timing_lists([st[j] for st in per_image])["timing_ms_per_image_list"] for j in range(len(detectors))]
     return {PROPOSALS: proposal_ms, "num_proposals": num_proposals, "detectors": lists}
 
 
@@ -116,8 +115,7 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
     totals, out_dets = [], []  # totals: per detector, {DETECTOR_TOTAL, END_TO_END: ms per image}
     for name, kind, stages in zip(names, kinds, timings["detectors"]):
-        det_total = np.sum([np.asarray(v, dtype=np.float64) for v in stages.values()], axis=0) \
-            if stages else np.zeros_like(prop)
+        det_total = sum((np.asarray(v, dtype=np.float64) for v in stages.values()), np.zeros_like(prop))
         totals.append({DETECTOR_TOTAL: det_total, END_TO_END: det_total + prop})
         out_dets.append({"name": name, "kind": kind, "stages": {s: summarize(v) for s, v in stages.items()},
                          **{key: summarize(v) for key, v in totals[-1].items()},

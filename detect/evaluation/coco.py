@@ -143,29 +143,25 @@ def _precision_metrics(coco_eval, categories: list[dict]) -> dict:
     """Per-class AP and AP50, IoU-0.5 PR curves and AP per IoU from ``coco_eval.eval["precision"]``
     (area "all", 100 detections), keyed by category name (a repeated name gets its id appended)."""
     params = coco_eval.params
-    precision = coco_eval.eval["precision"]  # [T iou, R recall, K classes, A areas, M maxDets]
+    precision = coco_eval.eval["precision"][:, :, :, 0, -1]  # [T iou, R recall, K classes] of [T, R, K, A, M]
     iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
     names = [str(c.get("name", c["id"])) for c in categories]
     name_by_id = {c["id"]: f"{n} (id {c['id']})" if names.count(n) > 1 else n for n, c in zip(names, categories)}
-
-    per_class_ap, per_class_ap50, curves = {}, {}, {}
-    for k, cat_id in enumerate(params.catIds):
-        name = name_by_id[cat_id]
-        p_50 = precision[iou50, :, k, 0, -1]  # [R]
-        per_class_ap[name] = _mean_defined(precision[:, :, k, 0, -1])  # over [T, R]
-        per_class_ap50[name] = _mean_defined(p_50)
-        curves[name] = [float(v) for v in p_50]
-
+    classes = [name_by_id[cat_id] for cat_id in params.catIds]  # [K]
+    curves = {name: precision[iou50, :, k].tolist() for k, name in enumerate(classes)}
     with_gt = [c for c in curves.values() if c[0] > -1]  # a class without ground truth is all -1
     mean_curve = np.mean(with_gt, axis=0) if with_gt else -np.ones(len(params.recThrs))
-    return {"per_class_AP": per_class_ap, "per_class_AP50": per_class_ap50,
+    return {"per_class_AP": {name: mean_defined(precision[:, :, k]) for k, name in enumerate(classes)},
+            "per_class_AP50": {name: mean_defined(precision[iou50, :, k]) for k, name in enumerate(classes)},
             "pr_curve_50": {"recall": [float(r) for r in params.recThrs],
                             "precision": {"all": [float(v) for v in mean_curve], **curves}},
             "ap_per_iou": {"iou": [round(float(t), 2) for t in params.iouThrs],
-                           "AP": [_mean_defined(precision[t, :, :, 0, -1]) for t in range(precision.shape[0])]}}
+                           "AP": [mean_defined(p) for p in precision]}}
 
 
-def _mean_defined(values: np.ndarray) -> float:
+def mean_defined(values) -> float:
+    """The mean of the defined values (> -1, COCO's and VOC's n/a), -1.0 when there is none."""
+    values = np.asarray(values, np.float64)
     defined = values[values > -1]
     return float(defined.mean()) if defined.size else -1.0
 
@@ -291,8 +287,7 @@ def dataset_to_coco(dataset: Dataset) -> dict:
             area = areas[j] if areas and areas[j] > 0 else bbox[2] * bbox[3]  # NaN > 0 is False: the box area
             annotations.append({"id": len(annotations) + 1, "image_id": int(record.image_id),
                                 "category_id": category_id, "bbox": bbox, "area": area, "iscrowd": int(difficult)})
-    categories = [{"id": int(cat_id), "name": name}
-                  for cat_id, name in zip(dataset.category_ids, dataset.class_names)]
     return {"info": {"description": dataset.name}, "images": images, "annotations": annotations,
-            "categories": categories}
+            "categories": [{"id": int(cat_id), "name": name}
+                           for cat_id, name in zip(dataset.category_ids, dataset.class_names)]}
 

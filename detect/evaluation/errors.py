@@ -106,12 +106,10 @@ def error_breakdown(images: list[ImageBoxes], num_classes: int) -> dict:
     d_ap = {}
     for error in ERROR_TYPES:
         if error == "missed":
-            pos = num_pos.copy()
-            for i, g in missed:
-                pos[images[i].gt_classes[g] - 1] -= 1
+            missed_classes = np.array([images[i].gt_classes[g] - 1 for i, g in missed], np.int64)  # [M] 0..K-1
+            pos = num_pos - np.bincount(missed_classes, minlength=len(num_pos))
             d_ap[error] = _ap50(dets, pos) - base if (pos > 0).any() else 0.0
         else:
             d_ap[error] = _ap50(_fix(dets, error, images), num_pos) - base
-    counts = {t: sum(e["type"] == t for e in dets) for t in ERROR_TYPES[:-1]}
-    counts["missed"] = len(missed)
+    counts = {t: sum(e["type"] == t for e in dets) for t in ERROR_TYPES[:-1]} | {"missed": len(missed)}
     return {"AP50": base, "dAP50": d_ap, "counts": counts, "fg_iou": FG_IOU, "bg_iou": BG_IOU}

@@ -61,11 +61,10 @@ def fast_rcnn_flops(*, body: nn.Module, roi_head: nn.Module, out_channels: int, 
                     input_hw: tuple[int, int], num_proposals: int,
                     roi_op: str = "roi_pool") -> dict[str, int]:
     """{"backbone", "roi_head"} FLOPs of Fast R-CNN on a network input of ``input_hw``."""
-    h, w = input_hw
     c, s = out_channels, roi_size
     per_roi = count_flops(roi_head, (1, c, s, s))
     pooling = num_proposals * c * s * s * ROI_FLOPS_PER_OUTPUT[roi_op]
-    return {"backbone": count_flops(body, (1, 3, h, w)), "roi_head": num_proposals * per_roi + pooling}
+    return {"backbone": count_flops(body, (1, 3, *input_hw)), "roi_head": num_proposals * per_roi + pooling}
 
 
 def rcnn_flops(*, net: nn.Module, crop_size: int, num_proposals: int, head_dim: int, pool5_dim: int,
@@ -84,14 +83,16 @@ def detector_flops(detector: Detector, image_hw: tuple[int, int], num_proposals:
     r = min(num_proposals, detector.proposal_top_k) if detector.proposal_top_k > 0 else num_proposals
     if isinstance(detector, FastRCNN):  # multi-scale test: the backbone runs at every scale
         h, w = image_hw
+        body = copy.deepcopy(detector.body).to("meta")
+        roi_head = _RoIHead(detector.head, detector.cls_score, detector.bbox_pred)
         total: dict[str, int] = {}
         for i, size in enumerate(detector.test_scales):
             scale = resize_scale(h, w, size, detector.test_max_size)
             input_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
-            out_channels = _out_channels(detector.body, input_hw)
-            stages = fast_rcnn_flops(body=detector.body, roi_head=_RoIHead(detector.head, detector.cls_score,
-                                                                           detector.bbox_pred),
-                                     out_channels=out_channels, roi_size=detector.roi_size, input_hw=input_hw,
+            with torch.no_grad():
+                out_channels = int(body(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
+            stages = fast_rcnn_flops(body=body, roi_head=roi_head, out_channels=out_channels,
+                                     roi_size=detector.roi_size, input_hw=input_hw,
                                      num_proposals=r if i == 0 else 0, roi_op=detector.roi_op)
             total = {k: total.get(k, 0) + v for k, v in stages.items()}  # each RoI on one scale only
         return total
@@ -100,12 +101,6 @@ def detector_flops(detector: Detector, image_hw: tuple[int, int], num_proposals:
                           head_dim=detector.svm_weight.shape[1], pool5_dim=detector.bbox_weight.shape[1],
                           num_classes=detector.num_classes)
     raise ValueError(f"FLOP count: unknown detector kind {detector.kind!r}")
-
-
-def _out_channels(body: nn.Module, input_hw: tuple[int, int]) -> int:
-    meta = copy.deepcopy(body).to("meta")
-    with torch.no_grad():
-        return int(meta(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
 
 
 @functools.lru_cache(maxsize=1)  # deterministic; building VGG16 on meta takes seconds

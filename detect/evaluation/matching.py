@@ -79,7 +79,8 @@ class MatchTable:
 
 def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5, 0.75)) -> MatchTable:
     """Match every image's detections to its ground truth at each IoU threshold (COCO's rules)."""
-    idx, labels, scores, flags = [], [], [], []
+    idx, labels, scores = [], [], []  # per kept detection
+    flags = [np.zeros((0, len(iou_thresholds)), np.int8)]  # [D, T] per image and class
     num_gt = np.zeros((len(images), num_classes), np.int64)
     for i, im in enumerate(images):
         for k in range(1, num_classes + 1):
@@ -93,15 +94,12 @@ def match_images(images: list[ImageBoxes], num_classes: int, iou_thresholds=(0.5
             for t, thr in enumerate(iou_thresholds):
                 m = match_detections(ious, ign, thr)
                 f[m > -1, t] = np.where(ign[m[m > -1]], -1, 1)
-            idx.append(np.full(d.size, i))
-            labels.append(np.full(d.size, k))
-            scores.append(im.scores[d])
+            idx += [i] * d.size
+            labels += [k] * d.size
+            scores += im.scores[d].tolist()
             flags.append(f)
-    t = len(iou_thresholds)
-    cat = (lambda xs, empty: np.concatenate(xs) if xs else empty)
-    return MatchTable(cat(idx, np.zeros(0, np.int64)), cat(labels, np.zeros(0, np.int64)),
-                      cat(scores, np.zeros(0)), cat(flags, np.zeros((0, t), np.int8)), num_gt,
-                      tuple(iou_thresholds))
+    return MatchTable(np.array(idx, np.int64), np.array(labels, np.int64), np.array(scores, np.float64),
+                      np.concatenate(flags), num_gt, tuple(iou_thresholds))
 
 
 def ap_from_flags(flags: np.ndarray, weights: np.ndarray, num_pos: float) -> float:

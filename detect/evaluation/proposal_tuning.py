@@ -144,14 +144,11 @@ def evaluate_search(search: Search, records: list, cache: SearchCache, grid: Gri
                 num_boxes[v, k].append(min(k, len(boxes)) if k > 0 else len(boxes))
     classes = np.concatenate(classes)
     search_s = float(np.mean(search_seconds))
-    rows = []
-    for (v, k), match in matches.items():
-        matched = np.concatenate([m for m, _ in match])
-        rows.append({**asdict(search), "min_size": v[0], "ranking": v[1], "nms_iou": v[2], "top_k": k,
-                     "boxes_per_image": float(np.mean(num_boxes[v, k])), **recall_summary(match, classes),
-                     f"recall@{target_iou:g}": float((matched >= target_iou).mean()),
-                     "search_seconds_per_image": search_s,
-                     "seconds_per_image": search_s + float(np.mean(filter_seconds[v]))})
+    rows = [{**asdict(search), "min_size": v[0], "ranking": v[1], "nms_iou": v[2], "top_k": k,
+             "boxes_per_image": float(np.mean(num_boxes[v, k])), **recall_summary(match, classes),
+             f"recall@{target_iou:g}": float((np.concatenate([m for m, _ in match]) >= target_iou).mean()),
+             "search_seconds_per_image": search_s,
+             "seconds_per_image": search_s + float(np.mean(filter_seconds[v]))} for (v, k), match in matches.items()]
     return rows, search_s
 
 

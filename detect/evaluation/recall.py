@@ -38,25 +38,20 @@ def proposal_recall(dataset, store, top_ks: Iterable[int] = RECALL_TOP_KS, progr
     if hasattr(store, "check_dataset"):
         store.check_dataset(dataset)
     matches = {k: [] for k in top_ks}  # k -> (matched IoU [G_i], best IoU [G_i]) per image
-    used = {k: [] for k in top_ks}  # k -> number of proposals used per image
+    counts = []  # proposals per image (at most the largest k)
     gt_classes = []
     for record in tqdm(dataset.records, desc="recall", unit="img", disable=None if progress else True):
         proposal_boxes = store.get(record.image_id)[:top_ks[-1]]  # [R, 4]
-        for k in top_ks:
-            used[k].append(min(k, len(proposal_boxes)))
+        counts.append(len(proposal_boxes))
         gt_boxes, classes = counted_gt(record)  # [G, 4], [G]
         if len(gt_boxes):
             gt_classes.append(classes)
             for k, match in match_at_top_ks(proposal_boxes, gt_boxes, top_ks).items():
                 matches[k].append(match)
     classes = np.concatenate(gt_classes) if gt_classes else np.zeros(0, np.int64)  # [G_total]
-    result: dict[str, list] = {"top_k": top_ks}
-    for k in top_ks:
-        summary = recall_summary(matches[k], classes)
-        summary["avg_proposals"] = float(np.mean(used[k])) if used[k] else 0.0
-        for key, value in summary.items():
-            result.setdefault(key, []).append(value)
-    return result
+    summaries = [{**recall_summary(matches[k], classes),
+                  "avg_proposals": float(np.mean(np.minimum(counts, k))) if counts else 0.0} for k in top_ks]
+    return {"top_k": top_ks, **{key: [s[key] for s in summaries] for key in summaries[0]}}
 
 
 def match_at_top_ks(proposal_boxes: np.ndarray, gt_boxes: np.ndarray, top_ks) -> dict:

@@ -71,7 +71,7 @@ def run_detector(detector: Detector, records: list[ImageRecord], *, store=None, 
 
 
 def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Path, *, store=None,
-                      name: str = "", data_spec: dict | None = None, train_time_s: float | None = None) -> dict:
+                      data_spec: dict | None = None, train_time_s: float | None = None) -> dict:
     """Run ``detector`` over ``dataset``, write detections.json and metrics.json, return metrics."""
     output_dir = Path(output_dir)
     device = detector.device
@@ -91,7 +91,7 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
         own = detector.proposal_top_k or max((store.num_boxes(r.image_id) for r in dataset.records), default=1)
         recall = proposal_recall(dataset, store, top_ks=sorted({*RECALL_TOP_KS, max(own, 1)}))
     metrics = {
-        "detector": detector.kind, "name": name or output_dir.name, "backbone": detector.backbone_name,
+        "detector": detector.kind, "name": output_dir.name, "backbone": detector.backbone_name,
         "device": device_name(device), "num_parameters": sum(p.numel() for p in detector.parameters()),
         "num_images": len(dataset), "num_detections": m["num_detections"], "coco": {k: m[k] for k in COCO_KEYS},
         **{k: m[k] for k in ("per_class_AP", "per_class_AP50", "pr_curve_50")},

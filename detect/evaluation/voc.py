@@ -24,7 +24,7 @@ import torch
 
 from detect.common.box_ops import box_iou, xywh_to_xyxy
 from detect.data.datasets import Dataset, gt_flags
-from detect.evaluation.coco import class_of_category
+from detect.evaluation.coco import class_of_category, mean_defined
 from detect.models.detector import Detections
 
 METRICS = ("voc07", "voc")
@@ -55,7 +55,7 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]],
     num_pos = int(sum((~difficult).sum() for _, difficult in gt.values()))
     order = np.argsort([-d[0] for d in dets], kind="stable")
     matched = {image_id: np.zeros(len(boxes), bool) for image_id, (boxes, _) in gt.items()}
-    tp, fp = [], []
+    tp = []  # per counted detection; the others are false positives
     for i in order:
         _, image_id, box = dets[i]
         boxes, difficult = gt.get(image_id, (np.zeros((0, 4), np.float32), np.zeros(0, bool)))
@@ -66,13 +66,11 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]],
                 if difficult[j]:
                     continue  # neither TP nor FP
                 tp.append(not matched[image_id][j])
-                fp.append(matched[image_id][j])
                 matched[image_id][j] = True
                 continue
         tp.append(False)
-        fp.append(True)
     tp_cum = np.cumsum(np.asarray(tp, np.float64))
-    fp_cum = np.cumsum(np.asarray(fp, np.float64))
+    fp_cum = np.cumsum(1.0 - np.asarray(tp, np.float64))
     recall = tp_cum / max(num_pos, 1)
     precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
     return recall, precision, num_pos
@@ -96,11 +94,7 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) ->
         recall, precision, num_pos = class_pr(dets, gt)
         for m in METRICS:
             per_class[m][name] = average_precision(recall, precision, m) if num_pos else -1.0
-    out = {}
-    for m in METRICS:
-        defined = [v for v in per_class[m].values() if v >= 0]
-        out[m] = {"mAP": float(np.mean(defined)) if defined else -1.0, "per_class_AP": per_class[m]}
-    return out
+    return {m: {"mAP": mean_defined(list(per_class[m].values())), "per_class_AP": per_class[m]} for m in METRICS}
 
 
 def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, Detections]:

@@ -45,8 +45,7 @@ def _png(fig: MplFigure) -> bytes:
 def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
     """Per-class AP, one bar per run, grouped by class."""
     num_classes, num_runs = len(class_names), len(runs)
-    fig = _figure(min(max(7.0, 0.25 * num_classes * num_runs + 2.0), 30.0), 4.4)
-    ax = fig.add_subplot()
+    ax = _figure(min(max(7.0, 0.25 * num_classes * num_runs + 2.0), 30.0), 4.4).add_subplot()
     x = np.arange(num_classes)
     width = 0.8 / num_runs
     top = 0.0
@@ -62,7 +61,7 @@ def per_class_ap_bars(runs: list[Run], class_names: list[str]) -> bytes:
     ax.set(xlim=(-0.6, num_classes - 0.4), ylim=(0, min(1.0, top * 1.2 + 0.02)), ylabel="AP (IoU 0.50:0.95)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=9)
-    return _png(fig)
+    return _png(ax.figure)
 
 
 def _pr_axes(ax, title: str, fontsize: float) -> None:
@@ -73,8 +72,7 @@ def _pr_axes(ax, title: str, fontsize: float) -> None:
 
 def pr_overall(runs: list[Run]) -> bytes:
     """Precision against recall at IoU 0.5, all classes, one line per run."""
-    fig = _figure(6.0, 4.6)
-    ax = fig.add_subplot()
+    ax = _figure(6.0, 4.6).add_subplot()
     for run in runs:
         if "all" in run.pr_precision:
             ap50 = "n/a" if run.coco["AP50"] is None else f"{run.coco['AP50']:.3f}"
@@ -83,7 +81,7 @@ def pr_overall(runs: list[Run]) -> bytes:
     _pr_axes(ax, "all classes, IoU 0.5", 11)
     ax.set(xlabel="recall", ylabel="precision")
     ax.legend(loc="lower left", fontsize=9)
-    return _png(fig)
+    return _png(ax.figure)
 
 
 def pr_per_class(runs: list[Run], class_names: list[str]) -> bytes:
@@ -166,10 +164,9 @@ def detection_grid(records: list[ImageRecord], class_names: list[str], runs: lis
             image = _downscale(read_image(record.file_name))  # [h, w, 3] uint8
         except ImageReadError:
             image, unreadable = np.full((8, 8, 3), 200, np.uint8), True  # a grey cell
-        extent = (0, record.width, record.height, 0)  # draw in original-image pixels
         for col in range(ncols):
             ax = axes[row, col]
-            ax.imshow(image, extent=extent, interpolation="bilinear")
+            ax.imshow(image, extent=(0, record.width, record.height, 0), interpolation="bilinear")  # original pixels
             ax.set(xlim=(0, record.width), ylim=(record.height, 0), xticks=[], yticks=[])
             if col == 0:
                 for box, k in zip(record.gt_boxes.tolist(), record.gt_classes.tolist()):
@@ -193,20 +190,18 @@ def detection_grid(records: list[ImageRecord], class_names: list[str], runs: lis
 
 def ap_vs_iou(runs: list[Run]) -> bytes:
     """One curve per run: AP at each IoU threshold 0.50:0.95."""
-    fig = _figure(6.5, 4.2)
-    ax = fig.add_subplot()
+    ax = _figure(6.5, 4.2).add_subplot()
     for run in runs:
         ax.plot(run.ap_per_iou["iou"], run.ap_per_iou["AP"], "o-", color=run.color, label=run.label)
     ax.set(xlabel="IoU threshold", ylabel="AP (mean over classes)", ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
-    return _png(fig)
+    return _png(ax.figure)
 
 
 def error_bars(labels: list[str], colors: list[str], errors: list[dict]) -> bytes:
     """dAP50 per error type, one bar per run."""
-    fig = _figure(7.5, 4.2)
-    ax = fig.add_subplot()
+    ax = _figure(7.5, 4.2).add_subplot()
     x = np.arange(len(ERROR_TYPES))
     width = 0.8 / max(len(labels), 1)
     for i, (label, color, e) in enumerate(zip(labels, colors, errors)):
@@ -216,13 +211,12 @@ def error_bars(labels: list[str], colors: list[str], errors: list[dict]) -> byte
     ax.set_ylabel("dAP50 (points): AP50 gained by fixing this error type")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=9)
-    return _png(fig)
+    return _png(ax.figure)
 
 
 def stage_bars(runs: list[Run], stages: list[str]) -> bytes:
     """Horizontal stacked bars of ms per image per stage, selective search included."""
-    fig = _figure(7.5, 1.2 + 0.6 * len(runs))
-    ax = fig.add_subplot()
+    ax = _figure(7.5, 1.2 + 0.6 * len(runs)).add_subplot()
     cmap = matplotlib.colormaps["tab20"]
     left = np.zeros(len(runs))
     for j, stage in enumerate(stages):
@@ -233,13 +227,12 @@ def stage_bars(runs: list[Run], stages: list[str]) -> bytes:
     ax.set_xlabel("ms per image (median), stacked by stage")
     ax.legend(fontsize=8, ncols=min(4, len(stages)), loc="lower right")
     ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
+    return _png(ax.figure)
 
 
 def speed_vs_accuracy(runs: list[Run]) -> bytes:
     """AP50 against time per image: detector-only (filled) and end to end (hollow) points."""
-    fig = _figure(7.0, 4.4)
-    ax = fig.add_subplot()
+    ax = _figure(7.0, 4.4).add_subplot()
     xs = []
     for run in runs:
         ap50 = run.coco["AP50"]
@@ -261,13 +254,12 @@ def speed_vs_accuracy(runs: list[Run]) -> bytes:
     ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color="#555", label="detector only"),
                        Line2D([], [], marker="o", linestyle="", mfc="none", color="#555",
                               label="end to end (with selective search)")], fontsize=9, loc="lower right")
-    return _png(fig)
+    return _png(ax.figure)
 
 
 def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
     """AP50 (left) and detector ms per image (right) against top-k proposals, per detector."""
-    fig = _figure(9.0, 3.8)
-    ax_ap, ax_t = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax_ap, ax_t = _figure(9.0, 3.8).subplots(1, 2)
     for kind, runs in sweeps.items():
         ks = [r.test_settings.get("proposal_top_k", 0) for r in runs]
         xs = [k if k else max(ks) * 2 for k in ks]  # 0 = all proposals: at the right end, past the largest k
@@ -279,17 +271,16 @@ def proposal_sweep(sweeps: dict[str, list[Run]]) -> bytes:
         ax.set(xscale="log", xlabel="proposals per image (top-k; rightmost: all)", ylabel=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _png(fig)
+    return _png(ax_ap.figure)
 
 
 def proposal_tuning(result: dict) -> bytes:
     """``detect tune-proposals``: recall against boxes per image (each measured search's budgets at
     its best min size and ranking) and seconds per image (one point per measured search, hollow:
     every search on the probe images); the target dashed, the chosen setting a star."""
-    fig = _figure(11.0, 4.4)
-    ax_boxes, ax_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax_boxes, ax_time = _figure(11.0, 4.4).subplots(1, 2)
     metric, target = result["metric"], result["target"]["recall"]
-    modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
+    modes = list(dict.fromkeys([r["mode"] for r in result["rows"]] + [k.split("_")[0] for k in result["probe"]]))
     k_scales = sorted({r["k_scale"] for r in result["rows"]}, reverse=True)
     styles = dict(zip(k_scales, ("-", "--", ":", "-.") * len(k_scales)))
     for best in best_per_search(result):
@@ -303,10 +294,8 @@ def proposal_tuning(result: dict) -> bytes:
                       color=color, label=label, markersize=3, linewidth=1.2)
         ax_time.plot([best["seconds_per_image"]], [best[metric]], "o", color=color, markersize=5)
     for key, probe in result["probe"].items():  # every search tried, on the probe images: hollow
-        mode = key.split("_")[0]
-        modes += [] if mode in modes else [mode]
         ax_time.plot([probe["seconds_per_image"]], [probe["best_recall"]], "o", mfc="none", markersize=5,
-                     color=TAB10_HEX[modes.index(mode) % len(TAB10_HEX)])
+                     color=TAB10_HEX[modes.index(key.split("_")[0]) % len(TAB10_HEX)])
     ax_time.legend(handles=[Line2D([], [], marker="o", linestyle="", color=TAB10_HEX[i % len(TAB10_HEX)], label=m)
                             for i, m in enumerate(modes)]
                    + [Line2D([], [], marker="o", linestyle="", mfc="none", color="#555",
@@ -323,4 +312,4 @@ def proposal_tuning(result: dict) -> bytes:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     ax_boxes.legend(fontsize=6, loc="lower right")
-    return _png(fig)
+    return _png(ax_boxes.figure)

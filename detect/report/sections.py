@@ -15,9 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib.style
-import numpy as np
 
-from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json, write_bytes_atomic, write_text_atomic
 from detect.data.datasets import Dataset, load_dataset
 from detect.data.images import ImageReadError
@@ -62,6 +60,10 @@ def _fmt_duration(seconds: float | None) -> str:
 def _union(names) -> list[str]:
     """Distinct names in first-seen order."""
     return list(dict.fromkeys(names))
+
+
+def _unavailable_for(what: str, labels: list[str]) -> list[Text]:
+    return [Text(f"{what} not available for: {', '.join(labels)}.")] if labels else []
 
 
 def _settings_text(settings: dict | None) -> str:
@@ -231,11 +233,9 @@ def _speed_section(runs: list[Run], bench: dict | None = None) -> Section:
 
 
 def _pr_section(runs: list[Run]) -> Section:
-    section = Section([Heading("Precision-recall at IoU 0.5")])
     with_pr = [r for r in runs if r.pr_recall is not None and r.pr_precision]
-    missing = [r.label for r in runs if r.pr_recall is None or not r.pr_precision]
-    if missing:
-        section.blocks.append(Text("Precision-recall curve not available for: " + ", ".join(missing) + "."))
+    section = Section([Heading("Precision-recall at IoU 0.5"),
+                       *_unavailable_for("Precision-recall curve", [r.label for r in runs if r not in with_pr])])
     if not with_pr:
         return section
     section.add_figure("pr_overall.png", figures.pr_overall(with_pr), "All classes (mean precision over "
@@ -247,16 +247,12 @@ def _pr_section(runs: list[Run]) -> Section:
 
 
 def _proposal_section(runs: list[Run]) -> Section:
-    section = Section([Heading("Proposal recall")])
+    section = Section([Heading("Proposal recall"), *_unavailable_for(
+        "Proposal recall", [r.label for r in runs if r.proposal_recall is None])])
     # Runs that share one proposal store report the same figures: show each distinct set once.
-    distinct: list[dict] = []
-    for r in runs:
-        if r.proposal_recall is not None and r.proposal_recall not in distinct:
-            distinct.append(r.proposal_recall)
-    groups = [([r for r in runs if r.proposal_recall == recall], recall) for recall in distinct]
-    missing = [r.label for r in runs if r.proposal_recall is None]
-    if missing:
-        section.blocks.append(Text("Proposal recall not available for: " + ", ".join(missing) + "."))
+    recalls = [r.proposal_recall for r in runs if r.proposal_recall is not None]
+    groups = [([r for r in runs if r.proposal_recall == recall], recall)
+              for i, recall in enumerate(recalls) if recall not in recalls[:i]]
     if not groups:
         return section
     labels = [", ".join(r.label for r in members) for members, _ in groups]
@@ -302,9 +298,7 @@ def _grid_section(runs: list[Run], dataset: Dataset | None, reason: str, num_ima
     image_ids = {r.image_id for r in records}
     classes = class_of_category(dataset.category_ids)
     detections_per_run = [_grid_detections(run, image_ids, classes) for run in runs]
-    missing = [r.label for r, d in zip(runs, detections_per_run) if d is None]
-    if missing:
-        section.blocks.append(Text("Detections not available for: " + ", ".join(missing) + "."))
+    section.blocks += _unavailable_for("Detections", [r.label for r, d in zip(runs, detections_per_run) if d is None])
     section.add_figure(
         "detections.png", figures.detection_grid(records, dataset.class_names, runs, detections_per_run),
         f"The first {len(records)} val images (by image id) with ground truth; left the ground truth, "
@@ -343,8 +337,7 @@ def _grid_detections(run: Run, image_ids: set[int], classes: dict[int, int]
         if category_id not in classes:
             unknown += 1
         elif score >= GRID_SCORE_THRESH:
-            box = tuple(xywh_to_xyxy(np.array([[x, y, w, h]], np.float64))[0].tolist())
-            by_image[image_id].append((score, classes[category_id], box))
+            by_image[image_id].append((score, classes[category_id], (x, y, x + w, y + h)))
     if malformed or unknown:
         warn(f"{run.detections_path}: skipped {malformed} malformed entries and {unknown} with a "
               "category id not in the dataset")
@@ -364,11 +357,10 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
     if not run_dirs:
         raise ValueError("no run folders given")
     runs = [load_run(d) for d in run_dirs]
-    seen: dict[str, int] = {}
     for i, run in enumerate(runs):  # unique display names: a repeated name gets " (2)", ...
-        seen[run.name] = seen.get(run.name, 0) + 1
+        n = sum(r.name == run.name for r in runs[:i]) + 1
         run.color = figures.RUN_COLORS[i % len(figures.RUN_COLORS)]
-        run.label = run.name if seen[run.name] == 1 else f"{run.name} ({seen[run.name]})"
+        run.label = run.name if n == 1 else f"{run.name} ({n})"
     bench_result = load_bench(bench) if bench else None
     if bench_result is not None and not apply_bench(runs, bench_result):
         warn(f"{bench}: none of its detectors matches a run (by checkpoint folder or name); not used")

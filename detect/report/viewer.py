@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from detect.common.fileio import write_text_atomic
 from detect.common.palette import TAB10_HEX
-from detect.data.datasets import Dataset, gt_flags
+from detect.data.datasets import Dataset
 from detect.data.images import ImageReadError, read_image
 from detect.evaluation.errors import classify_detections, per_image_ap50
 from detect.evaluation.recall import first_covering
@@ -58,26 +58,21 @@ FOLDER = "viewer"  # beside viewer.html: img/NNNNNN.jpg and data/NNNNNN.js when 
 def _stores(runs: list[Run], dataset: Dataset, override: str) -> tuple[list[ProposalStore], list[int]]:
     """The runs' distinct proposal stores (``override``, else each run's "proposals", resolved by
     ``resolve_path``) and each run's index into them (-1: none, or not matching the dataset)."""
-    stores, paths, index = [], [], []
+    opened: dict[str, ProposalStore] = {}  # real path -> store, in first-use order
+    index = []
     for run in runs:
         name = override or run.proposals
-        if not name:
-            index.append(-1)
-            continue
-        path = resolve_path(name, run.run_dir)
-        key = os.path.realpath(path)
-        if key not in paths:
+        path = resolve_path(name, run.run_dir) if name else ""
+        key = os.path.realpath(path) if name else ""
+        if name and key not in opened:
             try:
                 store = ProposalStore(path)
                 store.check_dataset(dataset)
+                opened[key] = store
             except (OSError, ValueError) as e:
                 warn(f"viewer: no proposals for {run.label} ({e})")
-                index.append(-1)
-                continue
-            stores.append(store)
-            paths.append(key)
-        index.append(paths.index(key))
-    return stores, index
+        index.append(list(opened).index(key) if key in opened else -1)
+    return list(opened.values()), index
 
 
 def _thumbnail(path: str) -> bytes | None:
@@ -111,7 +106,7 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
     n = len(dataset.records)
     dets_by_image, ap50, misses = [], [], []
     for run in ordered:
-        images = image_boxes(run, dataset)
+        images = image_boxes(run, dataset)  # the same ground truth for every run
         dets, _, missed = classify_detections(images, num_classes)
         by_image: list[list[list]] = [[] for _ in range(n)]
         for e in dets:
@@ -132,26 +127,22 @@ def viewer_data(runs: list[Run], dataset: Dataset, *, proposals: str = "") -> tu
     if len(files) == 1 or os.path.isfile(root):
         root = os.path.dirname(root)
     index, boxes = [], []
-    for i, rec in enumerate(dataset.records):
-        gt = np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4)
-        ignored = gt_flags(rec.gt_difficult, len(gt))
-        classes = np.asarray(rec.gt_classes, np.int64).reshape(-1)
+    for i, (rec, gt) in enumerate(zip(dataset.records, images)):
         props = [store.get(rec.image_id)[:k] for store, k in zip(stores, store_k)]
-        boxes.append({"gt": [b + [int(c), int(g)] for b, c, g in zip(_ints(gt), classes, ignored)],
+        boxes.append({"gt": [b + [int(c), int(g)] for b, c, g in zip(_ints(gt.gt_boxes), gt.gt_classes, gt.gt_ignore)],
                       "det": [d[i] for d in dets_by_image],
                       "prop": [_ints(p) for p in props],
-                      "cover": [first_covering(p, gt, COVER_IOU).tolist() for p in props]})
-        present = set(classes.tolist()) | {d[4] for run_dets in dets_by_image for d in run_dets[i]}
+                      "cover": [first_covering(p, gt.gt_boxes, COVER_IOU).tolist() for p in props]})
+        present = set(gt.gt_classes.tolist()) | {d[4] for run_dets in dets_by_image for d in run_dets[i]}
         index.append({"file": os.path.relpath(rec.file_name, root) if root else rec.file_name,
                       "w": int(rec.width), "h": int(rec.height),
                       "ap": [None if a[i] is None else round(a[i], 4) for a in ap50],
                       "miss": [m[i] for m in misses], "cls": sorted(int(c) for c in present)})
-    data = {"runs": [{"label": r.label, "kind": r.detector, "color": r.color, "store": s, "top_k": k}
+    return {"runs": [{"label": r.label, "kind": r.detector, "color": r.color, "store": s, "top_k": k}
                      for r, s, k in zip(ordered, store_of_run, top_ks)],
             "classes": list(dataset.class_names), "types": list(TYPES), "colors": COLORS,
             "page_size": PAGE_SIZE, "view_size": VIEW_SIZE, "cover_iou": COVER_IOU, "folder": FOLDER,
-            "images": index}
-    return data, boxes
+            "images": index}, boxes
 
 
 def write_viewer(runs: list[Run], dataset: Dataset, output_dir: str | Path, *, proposals: str = "",
