@@ -39,20 +39,14 @@ from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn
 from detect.predict.batch import predict as predict_images
 from detect.predict.drawing import write_recall_drawings
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals, parse_shard
-from detect.proposals.export import FORMATS as EXPORT_FORMATS
-from detect.proposals.export import export_proposals
 from detect.proposals.selective_search import first_proposals, selective_search
-from detect.proposals.store import ProposalStore
+from detect.proposals.store import EXPORT_FORMATS, ProposalStore, export_proposals
 from detect.report.figures import proposal_tuning as proposal_tuning_figure
 from detect.report.sections import make_report
 from detect.training.engine import step_lr
 from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, train_fast_rcnn
 from detect.training.rcnn_train import FineTuneSettings, SVMSettings, train_rcnn
 from detect.training.tensorboard_log import log_final_eval
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
 
 
 def make_synthetic(args: argparse.Namespace) -> int:
@@ -85,11 +79,6 @@ def _load_spec(spec: dict, classes: list[str] | None = None) -> Dataset:
     """The dataset of a ``DatasetConfig`` dict; ``classes`` (the detector's) before the spec's."""
     return load_dataset(spec["format"], spec["path"], spec["images"], spec["split"],
                         classes=classes or spec.get("classes") or None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Proposals
-# ----------------------------------------------------------------------------------------------
 
 
 def propose(args: argparse.Namespace) -> int:
@@ -183,11 +172,6 @@ def tune_proposals(args: argparse.Namespace) -> int:
             Path(f"{args.out}_vis"), args.visualize, top_k=result["settings"]["top_k"])
         print(f"wrote {len(written)} drawings of the chosen settings' proposals into {args.out}_vis/")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
 
 
 def train(args: argparse.Namespace) -> int:
@@ -320,11 +304,6 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-
-
 def evaluate(args: argparse.Namespace) -> int:
     """``detect eval``: score a results file (``--results``) or a trained detector (``--checkpoint``)."""
     if bool(args.results) == bool(args.checkpoint):
@@ -424,11 +403,6 @@ def bench(args: argparse.Namespace) -> int:
     write_json_atomic(Path(args.output), result)
     print(f"wrote {args.output}")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Batch detection and reports
-# ----------------------------------------------------------------------------------------------
 
 
 def predict(args: argparse.Namespace) -> int:

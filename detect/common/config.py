@@ -26,11 +26,6 @@ class ConfigError(ValueError):
     """A bad config file, key or value. The message names the key and the file."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Sections
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class DatasetConfig:
     # "coco": an instances JSON plus an image folder. "voc": a VOC2007-style folder with
@@ -254,10 +249,6 @@ FAST_RCNN_ONLY = {"train": ("images_per_batch", "rois_per_image", "fg_fraction",
                             "steps", "gamma", "warmup_iters", "warmup_factor", "bbox_loss_weight", "bbox_std",
                             "eval_period", "num_workers")}
 RCNN_ONLY = {"rcnn": tuple(f.name for f in dataclasses.fields(RCNNConfig))}
-
-# ----------------------------------------------------------------------------------------------
-# Loading, overrides, saving
-# ----------------------------------------------------------------------------------------------
 
 T = typing.TypeVar("T")
 _SCALARS = {float: ((int, float), "a number"), int: (int, "an integer"), bool: (bool, "true or false"),

@@ -17,6 +17,9 @@ A store is a folder, written by ``detect propose``::
     STORE/files.json  a JSON list of {"image_id", "file"} (one per line, in input order).
     STORE/config.yaml the resolved config of the `detect propose` run (not part of the format).
 
+``export_proposals`` writes a store as the precomputed-proposal pickles detectron2 and
+mmdetection read (this package never loads a pickle).
+
 No pickle, no timestamps: the same inputs and settings give byte-identical files. Reading
 loads only the index (``boxes.f32`` is memory-mapped), so a COCO-sized store opens in
 milliseconds. Read one image without this package::
@@ -32,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,7 +44,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from detect.common.config import check_proposal_settings
-from detect.common.fileio import read_json
+from detect.common.fileio import read_json, write_bytes_atomic
 
 FORMAT = "detect-proposals"
 VERSION = 1
@@ -50,6 +54,7 @@ INDEX_FILE = "index.npy"
 META_FILE = "meta.json"
 FILES_FILE = "files.json"
 BOX_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the machine
+EXPORT_FORMATS = ("detectron2", "mmdet")
 
 
 def dataset_fingerprint(items: Iterable[tuple[int, str]]) -> str:
@@ -250,3 +255,22 @@ class ProposalStore:
     def __repr__(self) -> str:
         return (f"ProposalStore({str(self.path)!r}, images={len(self)}, boxes={self.meta['num_boxes']}, "
                 f"mode={self.meta.get('mode')!r})")
+
+
+def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
+    """Write ``store`` as ``fmt`` (one of ``EXPORT_FORMATS``) to ``path``, atomically; returns the
+    image count. ``detectron2``: ``{"ids": [image ids], "boxes": [float32 [R, 4] XYXY_ABS],
+    "objectness_logits": [float32 [R]], "bbox_mode": 0}``, as
+    ``detectron2.data.detection_utils.load_proposals_into_dataset`` reads (logits: minus the
+    ranking value). ``mmdet``: a list, in store order, of float32 [R, 5] arrays (x1, y1, x2, y2,
+    score) as mmdetection's ``proposal_file``, score = 1 / (1 + ranking value), in (0, 1]."""
+    ids = store.image_ids
+    boxes = [store.get(image_id) for image_id in ids]  # [R, 4] xyxy each
+    values = [store.scores(image_id) for image_id in ids]  # [R] ranking values, ascending
+    if fmt == "detectron2":
+        data = {"ids": ids, "boxes": boxes, "objectness_logits": [-v for v in values], "bbox_mode": 0}
+    else:
+        data = [np.concatenate([b, (1.0 / (1.0 + v))[:, None]], axis=1).astype(np.float32)
+                for b, v in zip(boxes, values)]
+    write_bytes_atomic(path, pickle.dumps(data, protocol=4))
+    return len(ids)
