@@ -11,7 +11,6 @@ file; ``key=value`` overrides (``train.lr=0.01``) are parsed as YAML scalars and
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,23 +256,15 @@ _SCALARS = {float: ((int, float), "a number"), int: (int, "an integer"), bool: (
 
 def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
     """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key`` and ``source``."""
-    origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key, source)
-    if origin is list:
+    if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
         return [_check_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _check_value(value, arg, key, source)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{source}: '{key}' has the wrong type: {value!r}")
     if tp in _SCALARS:
         accepted, what = _SCALARS[tp]
         if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
@@ -294,13 +285,12 @@ def _build(cls: type[T], data: dict, prefix: str, source: str) -> T:
     return cls(**kwargs)
 
 
-def from_dict(data: dict, source: str = "<dict>", cls: type[T] = Config) -> T:
+def from_dict(data: dict, source: str = "<dict>") -> Config:
     """Build a config from a nested dict, strictly. ``source`` names the origin in errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    cfg = _build(cls, data, "", source)
-    if isinstance(cfg, Config):
-        validate(cfg, source)
+    cfg = _build(Config, data, "", source)
+    validate(cfg, source)
     return cfg
 
 

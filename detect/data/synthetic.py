@@ -226,8 +226,7 @@ def _silhouette(rng: np.random.Generator, name: str, w: int, h: int) -> np.ndarr
     if name == "box":
         alpha[:] = 255
     elif name in ("disc", "ring"):
-        center = (round((w - 1) / 2 * s), round((h - 1) / 2 * s))
-        axes = (round((w - 1) / 2 * s), round((h - 1) / 2 * s))
+        center = axes = (round((w - 1) / 2 * s), round((h - 1) / 2 * s))  # the box's centre and half sides
         cv2.ellipse(alpha, center, axes, 0, 0, 360, 255, -1, cv2.LINE_AA, 4)
         if name == "ring":
             k = rng.uniform(0.45, 0.7)  # hole size relative to the outer ellipse

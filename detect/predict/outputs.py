@@ -39,12 +39,8 @@ def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
     parts = [p for p in Path(rel).parts if p not in ("", os.sep)]
     if not parts or parts[0] == "..":
         parts = [os.path.basename(path) or "image"]
-    safe_parts = []
-    for part in parts:
-        safe = _SAFE_CHARS.sub("_", part)[:100]
-        if not safe or safe.startswith("."):
-            safe = "_" + safe
-        safe_parts.append(safe)
+    safe_parts = [_SAFE_CHARS.sub("_", part)[:100] for part in parts]
+    safe_parts = [safe if safe and not safe.startswith(".") else "_" + safe for safe in safe_parts]
     name = "/".join(safe_parts)
     if safe_parts != parts:
         digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:8]

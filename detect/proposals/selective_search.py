@@ -118,9 +118,7 @@ def _strategy(name: str):
              "S": seg.createSelectiveSearchSegmentationStrategySize,
              "F": seg.createSelectiveSearchSegmentationStrategyFill}
     strategies = [parts[letter]() for letter in name]  # fresh objects: they hold state
-    if len(strategies) == 1:
-        return strategies[0]
-    return seg.createSelectiveSearchSegmentationStrategyMultiple(*strategies)
+    return strategies[0] if len(strategies) == 1 else seg.createSelectiveSearchSegmentationStrategyMultiple(*strategies)
 
 
 def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: float = 1.0) -> np.ndarray:
@@ -132,9 +130,6 @@ def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: floa
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ss = seg.createSelectiveSearchSegmentation()
     ss.setBaseImage(bgr)
-    ss.clearImages()
-    ss.clearGraphSegmentations()
-    ss.clearStrategies()
     conversions = {"hsv": cv2.COLOR_BGR2HSV, "lab": cv2.COLOR_BGR2Lab}  # else the paper's rgI, H x 3, I x 3
     for name in colour_spaces:
         ss.addImage(cv2.cvtColor(bgr, conversions[name]) if name in conversions else colour_space(image, name)[0])
