@@ -352,30 +352,26 @@ def validate(cfg: Config, source: str) -> None:
         ds = getattr(cfg.data, name)
         need(ds.format in ("coco", "voc"), f"data.{name}.format", f"must be coco or voc, got {ds.format!r}")
     _validate_proposals(cfg.proposals, source, "proposals.")
+    for key in ("model.roi_size", "train.images_per_batch", "train.rois_per_image", "train.lr", "train.max_iter",
+                "train.checkpoint_period", "rcnn.svm_C", "rcnn.test_chunk"):
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) > 0, key, "must be > 0")
     m = cfg.model
     need(m.roi_op in ("roi_pool", "roi_align"), "model.roi_op", f"must be roi_pool or roi_align, got {m.roi_op!r}")
-    need(m.roi_size > 0, "model.roi_size", "must be > 0")
     need(m.feature_stride in (8, 16), "model.feature_stride", f"must be 16 or 8, got {m.feature_stride}")
     need(m.roi_sampling_ratio >= 0, "model.roi_sampling_ratio", "must be >= 0 (0 = adaptive)")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     t = cfg.train
-    need(t.images_per_batch > 0, "train.images_per_batch", "must be > 0")
-    need(t.rois_per_image > 0, "train.rois_per_image", "must be > 0")
     need(0.0 <= t.fg_fraction <= 1.0, "train.fg_fraction", "must be in [0, 1]")
     need(0.0 <= t.bg_iou_low <= t.bg_iou_high <= t.fg_iou <= 1.0, "train.bg_iou_low",
          "needs 0 <= bg_iou_low <= bg_iou_high <= fg_iou <= 1")
     need(len(t.scales) > 0 and all(s > 0 for s in t.scales), "train.scales", "must be positive sizes")
-    need(t.lr > 0, "train.lr", "must be > 0")
-    need(t.max_iter > 0, "train.max_iter", "must be > 0")
     need(len(t.bbox_std) == 4 and all(s > 0 for s in t.bbox_std), "train.bbox_std", "must be 4 positive numbers")
-    need(t.checkpoint_period > 0, "train.checkpoint_period", "must be > 0")
     need(t.eval_period >= 0, "train.eval_period", "must be >= 0 (0 = only at the end)")
     r = cfg.rcnn
     need(r.context_pad >= 0, "rcnn.context_pad", "must be >= 0")
     need(0 < r.ft_fg_per_batch <= r.ft_batch_size, "rcnn.ft_fg_per_batch", "must be in (0, ft_batch_size]")
-    need(r.svm_C > 0, "rcnn.svm_C", "must be > 0")
     need(r.svm_evict_thresh < r.svm_hard_thresh, "rcnn.svm_evict_thresh", "must be below svm_hard_thresh")
-    need(r.test_chunk > 0, "rcnn.test_chunk", "must be > 0")
     e = cfg.test
     need(0.0 <= e.nms_thresh <= 1.0, "test.nms_thresh", "must be in [0, 1]")
     need(e.detections_per_image >= 0, "test.detections_per_image", "must be >= 0 (0 = no cap)")

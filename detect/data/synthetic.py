@@ -262,8 +262,7 @@ def _texture(rng: np.random.Generator, kind: str, colour: np.ndarray, h: int, w:
     xs = np.arange(w, dtype=np.float32)[None, :]  # [1, w]
     short = min(w, h)
     if kind == "radial":
-        t = np.sqrt(((xs + 0.5) / (w / 2) - 1) ** 2 + ((ys + 0.5) / (h / 2) - 1) ** 2)  # [h, w]
-        t = np.clip(t, 0, 1)
+        t = np.clip(np.sqrt(((xs + 0.5) / (w / 2) - 1) ** 2 + ((ys + 0.5) / (h / 2) - 1) ** 2), 0, 1)  # [h, w]
     elif kind == "stripes":
         angle = rng.uniform(0, math.pi)
         period = rng.uniform(4, max(6.0, short / 2.5))
@@ -274,8 +273,7 @@ def _texture(rng: np.random.Generator, kind: str, colour: np.ndarray, h: int, w:
     elif kind == "dots":
         spacing = rng.uniform(5, max(7.0, short / 2.5))
         radius = spacing * rng.uniform(0.2, 0.38)
-        t = (((xs % spacing) - spacing / 2) ** 2 + ((ys % spacing) - spacing / 2) ** 2 < radius ** 2)
-        t = t.astype(np.float32)
+        t = (((xs % spacing) - spacing / 2) ** 2 + ((ys % spacing) - spacing / 2) ** 2 < radius ** 2).astype(np.float32)
     else:  # speckle
         t = np.clip(rng.normal(0.15, 0.2, size=(h, w)), 0, 1).astype(np.float32)
     return colour + t[:, :, None] * (second - colour)  # [h, w, 3]
