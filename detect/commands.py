@@ -62,10 +62,6 @@ def make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset_from_args(args: argparse.Namespace) -> Dataset:
-    return _load_spec(_dataset_spec(args))
-
-
 def _store_for(path: str, dataset: Dataset) -> ProposalStore | None:
     return ProposalStore(path).check_dataset(dataset) if path else None
 
@@ -94,7 +90,7 @@ def propose(args: argparse.Namespace) -> int:
     if args.input:
         items = [(i + 1, str(path)) for i, path in enumerate(find_images(args.input))]
     elif args.data:
-        dataset = _dataset_from_args(args)
+        dataset = _load_spec(_dataset_spec(args))
         items = [(r.image_id, r.file_name) for r in dataset.records]
     else:
         raise ValueError("give --data (a dataset) or --input (image files, folders or globs)")
@@ -133,7 +129,7 @@ def recall(args: argparse.Namespace) -> int:
     """``detect recall``: ``proposal_recall`` of a store, with "num_images", "num_gt" and drawings."""
     if not args.data:
         raise ValueError("detect recall needs --data (the dataset the proposals were made for)")
-    dataset = _dataset_from_args(args)
+    dataset = _load_spec(_dataset_spec(args))
     store = ProposalStore(args.proposals)
     result = proposal_recall(dataset, store, progress=True)
     num_gt = sum(len(counted_gt(r)[0]) for r in dataset.records)
@@ -160,7 +156,7 @@ def tune_proposals(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     grid = Grid(*map(tuple, (args.modes, args.resizes, args.k_scales, args.min_sizes)), rankings(args.nms_ious))
     options = ("num_images", "seed", "target_recall", "target_iou", "max_boxes", "probe_images", "exhaustive")
-    records = _dataset_from_args(args).records
+    records = _load_spec(_dataset_spec(args)).records
     result = tune_to_files(records, args.out, base=to_dict(cfg.proposals), grid=grid, cache_dir=args.cache,
                            data_spec=_dataset_spec(args), figure=proposal_tuning_figure,
                            **{key: getattr(args, key) for key in options})
@@ -321,7 +317,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
 
     results_path = Path(args.results)
-    metrics = score_results_file(_dataset_from_args(args), results_path,
+    metrics = score_results_file(_load_spec(_dataset_spec(args)), results_path,
                                  Path(args.output_dir) if args.output_dir else results_path.parent, limit=args.limit)
     print_metrics(metrics, args.metric)
     return 0

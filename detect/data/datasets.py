@@ -184,8 +184,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
     records: list[ImageRecord] = []
     seen_images: dict[int, int] = {}
     for i, entry in enumerate(data["images"]):
-        where = f"images[{i}]"
-        image_id = _field(entry, "id", int, src, where)
+        image_id = _field(entry, "id", int, src, f"images[{i}]")
         where = f"images[{i}] (id {image_id})"
         file_name = _field(entry, "file_name", str, src, where)
         width = _field(entry, "width", (int, float), src, where)
@@ -266,8 +265,7 @@ def _field(entry: Any, key: str, types: type | tuple[type, ...], src: str, where
 
 def _explain_bad_annotation(ann: Any, i: int, src: str, row_of_image: dict, class_of_category: dict) -> None:
     """Raise the ValueError that says what is wrong with annotation ``i``."""
-    where = f"annotations[{i}]"
-    ann_id = _field(ann, "id", int, src, where)
+    ann_id = _field(ann, "id", int, src, f"annotations[{i}]")
     where = f"annotations[{i}] (id {ann_id})"
     image_id = _field(ann, "image_id", int, src, where)
     category_id = _field(ann, "category_id", int, src, where)

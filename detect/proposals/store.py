@@ -17,9 +17,6 @@ A store is a folder, written by ``detect propose``::
     STORE/files.json  a JSON list of {"image_id", "file"} (one per line, in input order).
     STORE/config.yaml the resolved config of the `detect propose` run (not part of the format).
 
-``export_proposals`` writes a store as the precomputed-proposal pickles detectron2 and
-mmdetection read (this package never loads a pickle).
-
 No pickle, no timestamps: the same inputs and settings give byte-identical files. Reading
 loads only the index (``boxes.f32`` is memory-mapped), so a COCO-sized store opens in
 milliseconds. Read one image without this package::
@@ -258,12 +255,11 @@ class ProposalStore:
 
 
 def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
-    """Write ``store`` as ``fmt`` (one of ``EXPORT_FORMATS``) to ``path``, atomically; returns the
-    image count. ``detectron2``: ``{"ids": [image ids], "boxes": [float32 [R, 4] XYXY_ABS],
-    "objectness_logits": [float32 [R]], "bbox_mode": 0}``, as
-    ``detectron2.data.detection_utils.load_proposals_into_dataset`` reads (logits: minus the
-    ranking value). ``mmdet``: a list, in store order, of float32 [R, 5] arrays (x1, y1, x2, y2,
-    score) as mmdetection's ``proposal_file``, score = 1 / (1 + ranking value), in (0, 1]."""
+    """Write ``store`` as the precomputed-proposal pickle ``fmt`` (``EXPORT_FORMATS``) reads, to
+    ``path``, atomically; returns the image count. detectron2 (``load_proposals_into_dataset``):
+    {"ids", "boxes": float32 [R, 4] XYXY_ABS, "objectness_logits": minus the ranking values [R],
+    "bbox_mode": 0}; mmdet (``proposal_file``): a list of float32 [R, 5] (x1, y1, x2, y2, score =
+    1 / (1 + ranking value), in (0, 1]), in store order. This package never loads a pickle."""
     ids = store.image_ids
     boxes = [store.get(image_id) for image_id in ids]  # [R, 4] xyxy each
     values = [store.scores(image_id) for image_id in ids]  # [R] ranking values, ascending
