@@ -5,10 +5,6 @@ Loaders convert each format's boxes once, here: COCO ``[x, y, w, h]`` (``load_co
 (malformed files, missing fields, duplicate or dangling ids) raise ``ValueError`` naming the
 file and the entry; bad boxes are skipped or clipped and counted in a ``LoadReport``
 (``dataset.report``), summarised in one ``DatasetWarning``.
-
-``gt_difficult`` marks boxes that evaluation ignores: VOC ``difficult`` and COCO ``iscrowd``
-(``gt_crowd``: the crowd ones among them, never trained on; training's use of the difficult
-ones: ``detect.common.config.TrainConfig.use_difficult``).
 """
 
 from __future__ import annotations

@@ -111,9 +111,7 @@ def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_name
             found = rec["detections"]
             entries = detections_to_coco(image_id, [d["box"] for d in found], [d["score"] for d in found],
                                          [int(d["label"]) for d in found], category_ids)
-            for entry in entries:
-                entry["bbox"] = [round(v, 3) for v in entry["bbox"]]
-            coco += entries
+            coco += [{**entry, "bbox": [round(v, 3) for v in entry["bbox"]]} for entry in entries]
             dets = [{"box": d["box"], "label": class_names[int(d["label"]) - 1], "score": d["score"]}
                     for d in found]
             lines.append(json.dumps({"image_id": image_id, "file": file, "width": rec["width"],

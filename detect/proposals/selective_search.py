@@ -34,8 +34,7 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
                      threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of uint8 RGB ``image`` [H, W, 3]: float32 [R, 4] xyxy in its pixels
     (R may be 0), in the ranking's order; with ``return_scores`` also the ranking values float32
-    [R], ascending. ``raw_proposals`` then ``finish_proposals``; ``threads``: our engine runs this
-    image's hierarchies in parallel, same output. The detectors cut with ``first_proposals``."""
+    [R], ascending. ``threads``: our engine runs this image's hierarchies in parallel, same output."""
     raw = raw_proposals(image, engine=engine, mode=mode, resize=resize, resize_side=resize_side, seed=seed,
                         k_scale=k_scale, threads=threads)
     boxes, scores = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou)
