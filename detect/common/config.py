@@ -113,8 +113,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    # Both detectors: flip, use_difficult, amp, checkpoint/log periods, seed. The rest is Fast
-    # R-CNN's sampling and schedule; R-CNN's fine-tuning has its own in `rcnn` (FAST_RCNN_ONLY).
+    # Both detectors read SHARED_TRAIN; the rest is Fast R-CNN's (R-CNN fine-tunes with `rcnn`'s ft_*).
     # [FRCN] hierarchical sampling: N=2 images, R=128 RoIs per mini-batch (64 per image).
     images_per_batch: int = 2
     rois_per_image: int = 64
@@ -243,10 +242,8 @@ class Config:
 
 # The keys one detector does not read: setting one (to other than its default) is an error, not
 # silently ignored. R-CNN reads from `train` only what both detectors share.
-FAST_RCNN_ONLY = {"train": ("images_per_batch", "rois_per_image", "fg_fraction", "fg_iou", "bg_iou_low",
-                            "bg_iou_high", "scales", "max_size", "lr", "momentum", "weight_decay", "max_iter",
-                            "steps", "gamma", "warmup_iters", "warmup_factor", "bbox_loss_weight", "bbox_std",
-                            "eval_period", "num_workers")}
+SHARED_TRAIN = ("flip", "use_difficult", "amp", "checkpoint_period", "log_period", "seed")
+FAST_RCNN_ONLY = {"train": tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in SHARED_TRAIN)}
 RCNN_ONLY = {"rcnn": tuple(f.name for f in dataclasses.fields(RCNNConfig))}
 
 T = typing.TypeVar("T")
