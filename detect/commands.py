@@ -426,9 +426,8 @@ def predict(args: argparse.Namespace) -> int:
 
 def compare(args: argparse.Namespace) -> int:
     """``detect compare``: report.md, report.html and viewer.html of evaluated runs."""
-    data = _dataset_spec(args) if args.data else None
-    md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir), data=data,
-                                     num_grid_images=args.grid_images, bench=args.bench or None,
-                                     proposals=args.proposals)
+    md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir),
+                                     data=_dataset_spec(args) if args.data else None, num_grid_images=args.grid_images,
+                                     bench=args.bench or None, proposals=args.proposals)
     print(f"wrote {md_path} and {html_path}")
     return 0

@@ -114,11 +114,7 @@ def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
             raise FileNotFoundError(f"--input {item!r}: no such file or folder{hint}")
     if exclude is not None:
         excluded = {absolute(exclude), Path(exclude).resolve()}
-
-        def kept(paths: set[Path]) -> set[Path]:
-            return {p for p in paths if not any(p.is_relative_to(e) for e in excluded)}
-
-        found, others = kept(found), kept(others)
+        found, others = ({p for p in group if not any(map(p.is_relative_to, excluded))} for group in (found, others))
     if unsupported is not None:
         unsupported.extend(sorted(others - found, key=str))
     return sorted(found, key=str)

@@ -177,8 +177,7 @@ def generate_image(seed: int, split_index: int,
         sigma = np.float32(rng.uniform(*NOISE_SIGMA))
         canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * sigma
     np.clip(canvas, 0, 255, out=canvas)
-    image = np.rint(canvas, out=canvas).astype(np.uint8)  # [H, W, 3]
-    return image, _ground_truth(owner, placed)
+    return np.rint(canvas, out=canvas).astype(np.uint8), _ground_truth(owner, placed)  # [H, W, 3] uint8 RGB
 
 
 def _ground_truth(owner: np.ndarray, placed: list) -> list[SyntheticObject]:

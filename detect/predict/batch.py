@@ -248,8 +248,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         device=str(detector.device), rank=rank, world_size=world_size,
         ms_per_image={k: round(v / max(len(todo), 1), 3)
                       for k, v in {**worker_ms, **timer.totals_ms}.items()})
-    name = "summary.json" if world_size == 1 else f"summary.rank{rank}.json"
-    write_json_atomic(output_dir / name, asdict(summary))
+    write_json_atomic(output_dir / ("summary.json" if world_size == 1 else f"summary.rank{rank}.json"), asdict(summary))
     return summary
 
 

@@ -79,9 +79,8 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
     if todo and len(todo) < len(mine):
         print(f"proposals: resuming {partial}: {len(mine) - len(todo)} of {len(mine)} chunks already done",
               file=sys.stderr)
-    desc = "proposals" if shard is None else f"proposals {shard[0]}/{shard[1]}"
-    _compute_chunks(items, todo, partial, settings, workers=workers, chunk_size=chunk_size,
-                    progress=progress, desc=desc)
+    _compute_chunks(items, todo, partial, settings, workers=workers, chunk_size=chunk_size, progress=progress,
+                    desc="proposals" if shard is None else f"proposals {shard[0]}/{shard[1]}")
 
     missing = sum(not _chunk_path(partial, k).is_file() for k in range(num_chunks))
     if missing and merge:
