@@ -25,8 +25,7 @@ from detect.common.cpus import available_cores
 from detect.common.runtime import (barrier, init_distributed, is_main_process, local_world_size,
                                    long_wait_group, rank_and_world, resolve_device, seed_everything,
                                    try_init_gloo)
-from detect.data.datasets import Dataset, load_coco, load_dataset
-from detect.data.voc import read_class_names
+from detect.data.datasets import Dataset, load_coco, load_dataset, read_class_names
 from detect.data.images import find_images, read_image
 from detect.data.synthetic import make_synthetic as write_synthetic
 from detect.evaluation.bench import bench as bench_detectors
