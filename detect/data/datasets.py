@@ -463,8 +463,7 @@ def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
             raise ValueError(f"{xml_path}: no <size>, and its image {image_path} cannot be read for it "
                              f"({e})") from None
     else:
-        width = _voc_number(annotation, "size/width", xml_path, "<annotation>")
-        height = _voc_number(annotation, "size/height", xml_path, "<annotation>")
+        width, height = (_voc_number(annotation, f"size/{k}", xml_path, "<annotation>") for k in ("width", "height"))
     if not (width > 0 and height > 0):
         raise ValueError(f"{xml_path}: width and height must be positive, got {width:g}x{height:g}")
     boxes, names, difficult = [], [], []
