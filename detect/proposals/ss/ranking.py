@@ -19,18 +19,12 @@ from numba import njit
 def hierarchy_positions(n_initial: int, n_boxes: int, include_initial: bool) -> tuple[np.ndarray, np.ndarray]:
     """Which of a hierarchy's n_boxes regions (creation order: n_initial initial ones, then the
     merges) are listed, and their positions: (indices int64 [L], positions float64 [L])."""
-    n_merges = n_boxes - n_initial
     merged = np.arange(n_initial, n_boxes, dtype=np.int64)
-    merged_pos = np.arange(n_merges, 0, -1, dtype=np.float64)  # last merge -> 1
-    if n_merges == 0:  # single region: its box, position 1 (listed once per segmentation)
-        if not include_initial:
-            return np.zeros(0, np.int64), np.zeros(0)
-        return np.arange(n_initial, dtype=np.int64), np.ones(n_initial)
+    merged_pos = np.arange(n_boxes - n_initial, 0, -1, dtype=np.float64)  # last merge -> 1
     if not include_initial:
         return merged, merged_pos
-    initial = np.arange(n_initial, dtype=np.int64)
-    return (np.concatenate([initial, merged]),
-            np.concatenate([np.full(n_initial, float(n_initial)), merged_pos]))
+    # The initial regions, then the merges (a single region: its box, position n_initial = 1).
+    return np.arange(n_boxes, dtype=np.int64), np.concatenate([np.full(n_initial, float(n_initial)), merged_pos])
 
 
 def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
