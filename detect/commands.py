@@ -36,7 +36,7 @@ from detect.evaluation.recall import counted_gt, format_recall_table, proposal_r
 from detect.evaluation.run import evaluate_detector, print_metrics, run_detector, score_results_file
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
-from detect.predict.drawing import write_recall_drawings
+from detect.predict.outputs import write_recall_drawings
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals, parse_shard
 from detect.proposals.selective_search import first_proposals, selective_search
 from detect.proposals.store import EXPORT_FORMATS, ProposalStore, export_proposals

@@ -50,8 +50,8 @@ from detect.common.fileio import start_or_resume, write_json_atomic
 from detect.common.cpus import available_cores
 from detect.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, read_image
 from detect.models.detector import Detections, Detector, StageTimer
-from detect.predict.drawing import write_visualisation
-from detect.predict.outputs import journal_record, load_results, open_journal, safe_relative_name, write_outputs
+from detect.predict.outputs import (journal_record, load_results, open_journal, safe_relative_name,
+                                    write_outputs, write_visualisation)
 from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore
 
