@@ -381,10 +381,8 @@ def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
     if duplicates:
         raise ValueError(f"{split_file}: duplicate image names {duplicates[:10]}")
     digits = [n.replace("_", "") for n in names]
-    if all(d.isdigit() for d in digits) and len({int(d) for d in digits}) == len(digits):
-        image_ids = [int(d) for d in digits]
-    else:
-        image_ids = list(range(1, len(names) + 1))
+    numeric = all(d.isdigit() for d in digits) and len({int(d) for d in digits}) == len(digits)
+    image_ids = [int(d) for d in digits] if numeric else list(range(1, len(names) + 1))
 
     report = LoadReport(source=str(split_file))
     records, object_names = [], []

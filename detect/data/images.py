@@ -59,15 +59,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # one channel, more than 8 bits: scaled to 0..255
         a = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if a.max(initial=0) > 255 else 255.0
-        a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min(initial=0)), float(a.max(initial=1))
-        a = ((a - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
+        if im.mode == "F":
+            lo, hi = float(a.min(initial=0)), float(a.max(initial=1))
+            a = ((a - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
+        else:
+            peak = 65535.0 if a.max(initial=0) > 255 else 255.0
+            a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(a[:, :, None], 3, axis=2)
     if im.mode != "RGB":
         im = im.convert("RGB")
