@@ -149,8 +149,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
               check_images: bool = False) -> Dataset:
     """Load a COCO instances JSON (``file_name`` relative to ``image_dir``, default its folder):
     ascending category ids become classes 1..K, boxes are converted in float64 (bit for bit).
-    ``check_images=True`` reads every image header and skips missing, unreadable or wrongly
-    sized images; by default images are only read when used."""
+    ``check_images``: skip images missing, unreadable or of another size (else read when used)."""
     json_path = Path(json_path)
     src = str(json_path)
     data = read_json(json_path)
@@ -440,8 +439,7 @@ def voc_class_names(found: set[str]) -> list[str]:
 def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
     """Parse ``xml_path``; its image is ``image_dir/<name>.jpg``, else ``image_dir/<filename>``
     (LabelImg/CVAT). A missing ``<size>`` is read from the image, a missing ``<difficult>`` is 0.
-    VOC's 1-based inclusive corners become ``(xmin - 1, ymin - 1, xmax, ymax)``, continuous
-    0-based. Errors name the file and the object."""
+    VOC's 1-based inclusive corners become ``(xmin - 1, ymin - 1, xmax, ymax)``, continuous 0-based."""
     try:
         tree = ET.parse(xml_path)
     except FileNotFoundError:
