@@ -40,10 +40,9 @@ def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
         all_values.append(positions * factors)
     if not all_boxes:
         return np.zeros((0, 4), np.int32), np.zeros(0)
-    boxes = np.concatenate(all_boxes).astype(np.int64)
     values = np.concatenate(all_values)
     order = np.argsort(values, kind="stable")
-    boxes = boxes[order]
+    boxes = np.concatenate(all_boxes).astype(np.int64)[order]
     values = values[order]
     span = int(boxes.max()) + 2 if boxes.size else 1  # coordinates are in 0..span-2
     if span ** 4 < 2 ** 63:  # one int64 key per box
