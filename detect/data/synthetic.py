@@ -136,9 +136,7 @@ def _write_json_if_changed(path: Path, obj: dict) -> Path:
 
 def _remove_images(image_dir: Path, first_index: int) -> None:
     """Delete the images this generator named (``000123.png``) from ``first_index`` on."""
-    if not image_dir.is_dir():
-        return
-    for path in image_dir.iterdir():
+    for path in image_dir.glob("*.png"):  # none in a missing folder
         match = re.fullmatch(r"(\d{6})\.png", path.name)
         if match and int(match.group(1)) >= first_index:
             path.unlink()

@@ -64,8 +64,7 @@ def open_journal(path: Path):
     if path.exists():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+            os.truncate(path, data.rfind(b"\n") + 1)
     return open(path, "a", encoding="utf-8")
 
 
