@@ -120,8 +120,7 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
         result = boxes.astype(np.float32)
         result[:, 2:] += 1.0  # inclusive -> exclusive
     if timings is not None:
-        timings.update(seconds)
-        timings["total"] = time.perf_counter() - start
+        timings.update(seconds, total=time.perf_counter() - start)
     return result, values.astype(np.float32)
 
 
