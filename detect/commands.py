@@ -28,8 +28,7 @@ from detect.common.runtime import (barrier, init_distributed, is_main_process, l
 from detect.data.datasets import Dataset, load_coco, load_dataset, read_class_names
 from detect.data.images import find_images, read_image
 from detect.data.synthetic import make_synthetic as write_synthetic
-from detect.evaluation.bench import bench as bench_detectors
-from detect.evaluation.bench import format_bench
+from detect.evaluation.bench import bench as bench_detectors, format_bench
 from detect.evaluation.coco import evaluate_detections
 from detect.evaluation.proposal_tuning import Grid, rankings, sample_records, tune_to_files
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall, warn_if_low_recall
