@@ -146,7 +146,6 @@ def journal_record(file: str, image: np.ndarray, dets: Detections, score_thresho
 
 # Proposal recall: a ground-truth box some proposal reaches, one none reaches, the best proposal.
 REACHED_RGB, UNREACHED_RGB, PROPOSAL_RGB = TAB10_RGB[2], TAB10_RGB[3], TAB10_RGB[0]
-RECALL_MIN_SIDE = 512  # recall drawings of smaller images are enlarged to this shorter side
 
 
 def draw_boxes(image: np.ndarray, boxes: np.ndarray, colors: list[tuple[int, int, int]],
@@ -174,7 +173,7 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, colors: list[tuple[int, int
 
 
 def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes: np.ndarray, *,
-                         iou: float = 0.5, min_side: int = RECALL_MIN_SIDE) -> np.ndarray:
+                         iou: float = 0.5, min_side: int = 512) -> np.ndarray:
     """``gt_boxes`` [G, 4] (red: reached by no proposal at ``iou``, else green) and each one's
     best of ``proposal_boxes`` [R, 4] in blue, labelled with its IoU, under a caption; an image
     with a shorter side under ``min_side`` is enlarged first. Returns uint8 RGB [H', W', 3]."""
@@ -190,10 +189,9 @@ def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes
     boxes = np.concatenate([proposal_boxes[best[has_best]], gt_boxes]) * scale
     colors = [PROPOSAL_RGB] * int(has_best.sum()) + [REACHED_RGB if r else UNREACHED_RGB for r in reached]
     texts = [f"{v:.2f}" for v in best_iou[has_best]] + [""] * len(gt_boxes)
-    canvas = draw_boxes(image, boxes, colors, texts)
     caption = (f"{int(reached.sum())}/{len(gt_boxes)} boxes reached at IoU {iou:g} by {len(proposal_boxes)} "
                "proposals; red: by none; blue: the best, its IoU")
-    return _with_caption(canvas, caption)
+    return _with_caption(draw_boxes(image, boxes, colors, texts), caption)
 
 
 def _with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
@@ -227,8 +225,7 @@ def write_visualisation(vis_dir: Path, name: str, image: np.ndarray, record: dic
 
 
 def write_recall_drawings(records: list[ImageRecord], get_proposals: Callable[[int], np.ndarray],
-                          out_dir: str | Path, num_images: int, *, top_k: int = 0,
-                          iou: float = 0.5) -> list[Path]:
+                          out_dir: str | Path, num_images: int, *, top_k: int = 0) -> list[Path]:
     """``draw_proposal_recall`` of the first ``num_images`` records with counted ground truth and
     the first ``top_k`` proposals of ``get_proposals(image_id)`` (0: all), as
     ``out_dir/<image id>_<file name>.jpg``; returns the paths (an unreadable image is skipped)."""
@@ -250,6 +247,6 @@ def write_recall_drawings(records: list[ImageRecord], get_proposals: Callable[[i
         proposals = first_proposals(get_proposals(record.image_id), top_k)
         name = safe_relative_name(record.file_name, Path(record.file_name).parent)
         path = out_dir / f"{record.image_id:06d}_{name}"
-        write_jpeg(path, draw_proposal_recall(image, gt_boxes, proposals, iou=iou))
+        write_jpeg(path, draw_proposal_recall(image, gt_boxes, proposals))
         written.append(path)
     return written
