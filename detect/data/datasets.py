@@ -64,8 +64,7 @@ class LoadReport:
     def add_many(self, problem: str, indices: Sequence[int], message_of: Callable[[int], str]) -> None:
         """Count ``len(indices)`` of ``problem``; ``message_of(i)`` writes only the examples kept."""
         self.problems[problem] += len(indices)
-        for i in indices[:max(0, self.max_examples - len(self.examples))]:
-            self.examples.append(message_of(int(i)))
+        self.examples += [message_of(int(i)) for i in indices[:max(0, self.max_examples - len(self.examples))]]
 
     @property
     def num_problems(self) -> int:
@@ -182,8 +181,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         image_id = _field(entry, "id", int, src, f"images[{i}]")
         where = f"images[{i}] (id {image_id})"
         file_name = _field(entry, "file_name", str, src, where)
-        width = _field(entry, "width", (int, float), src, where)
-        height = _field(entry, "height", (int, float), src, where)
+        width, height = (_field(entry, key, (int, float), src, where) for key in ("width", "height"))
         if not (width > 0 and height > 0):
             raise ValueError(f"{src}: {where}: width and height must be positive, got {width}x{height}")
         if image_id in seen_images:
@@ -262,8 +260,7 @@ def _explain_bad_annotation(ann: Any, i: int, src: str, row_of_image: dict, clas
     """Raise the ValueError that says what is wrong with annotation ``i``."""
     ann_id = _field(ann, "id", int, src, f"annotations[{i}]")
     where = f"annotations[{i}] (id {ann_id})"
-    image_id = _field(ann, "image_id", int, src, where)
-    category_id = _field(ann, "category_id", int, src, where)
+    image_id, category_id = (_field(ann, key, int, src, where) for key in ("image_id", "category_id"))
     bbox = _field(ann, "bbox", list, src, where)
     if image_id not in row_of_image:
         raise ValueError(f"{src}: {where} refers to unknown image id {image_id}")
