@@ -177,9 +177,8 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     worker_ms = {"read_in_workers": 0.0, "proposals_in_workers": 0.0}  # summed over workers
     since_merge, last_merge = 0, time.perf_counter()
     # One image to do: its hierarchies on all cores (the same boxes); else one image per worker.
-    call_settings = dict(proposal_settings)
-    if propose_fn is selective_search and len(todo) == 1:
-        call_settings["threads"] = available_cores()
+    one_image = propose_fn is selective_search and len(todo) == 1
+    call_settings = {**proposal_settings, "threads": available_cores()} if one_image else proposal_settings
     worker_fn = None if store is not None else propose_fn
     pending: collections.deque[tuple[int, Future]] = collections.deque()  # (index, Loaded), in order
     to_submit = iter(todo)
