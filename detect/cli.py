@@ -121,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="", help="trained detector to run and score")
     p.add_argument("--proposals", default="", help="proposal store for --checkpoint")
     p.add_argument("--output-dir", default="", help="where metrics.json (and detections) go")
-    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
     p.add_argument("--metric", default="coco", choices=["coco", "voc07", "voc"],
                    help="table to print: COCO AP, VOC2007 11-point AP or VOC2010+ all-point AP "
@@ -141,14 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch and OpenCV (0: their defaults). 1 keeps the ratio steady "
                         "on a shared machine: another process then slows both detectors alike")
-    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     _add_ablation_args(p)
 
     p = sub.add_parser("train", help="train a detector from a config")
     _add_config_args(p, required=True)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
 
     p = sub.add_parser("predict", help="detect objects in image files, folders or globs")
     p.add_argument("--checkpoint", required=True, help="a trained detector (a run's model_final.pt)")
@@ -158,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detections.json/.jsonl, images.json, errors.json, summary.json; "
                         "re-run into the same folder to resume")
     p.add_argument("--score-threshold", type=float, default=0.5, help="drop detections below this")
-    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes reading images and proposing ahead of the detector (default: all cores)")
     p.add_argument("--proposals", default="",
@@ -180,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole story on the synthetic dataset (README's main command)")
     p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
+    for name in ("eval", "bench", "train", "predict", "demo"):
+        sub.choices[name].add_argument("--device", default="", help="cuda or cpu (default: cuda if available)")
     return parser
 
 

@@ -25,34 +25,26 @@ from detect.common.cpus import available_cores
 from detect.common.runtime import (barrier, init_distributed, is_main_process, local_world_size,
                                    long_wait_group, rank_and_world, resolve_device, seed_everything,
                                    try_init_gloo)
-from detect.data.datasets import Dataset, load_coco, load_dataset
-from detect.data.voc import read_class_names
+from detect.data.datasets import Dataset, load_coco, load_dataset, read_class_names
 from detect.data.images import find_images, read_image
 from detect.data.synthetic import make_synthetic as write_synthetic
-from detect.evaluation.bench import bench as bench_detectors
-from detect.evaluation.bench import format_bench
+from detect.evaluation.bench import bench as bench_detectors, format_bench
 from detect.evaluation.coco import evaluate_detections
 from detect.evaluation.proposal_tuning import Grid, rankings, sample_records, tune_to_files
 from detect.evaluation.recall import counted_gt, format_recall_table, proposal_recall, warn_if_low_recall
 from detect.evaluation.run import evaluate_detector, print_metrics, run_detector, score_results_file
 from detect.models.build import build_backbone_from, build_fast_rcnn, build_rcnn, load_detector
 from detect.predict.batch import predict as predict_images
-from detect.predict.drawing import write_recall_drawings
+from detect.predict.outputs import write_recall_drawings
 from detect.proposals.batch import DEFAULT_CHUNK_SIZE, generate_proposals, parse_shard
-from detect.proposals.export import FORMATS as EXPORT_FORMATS
-from detect.proposals.export import export_proposals
 from detect.proposals.selective_search import first_proposals, selective_search
-from detect.proposals.store import ProposalStore
+from detect.proposals.store import EXPORT_FORMATS, ProposalStore, export_proposals
 from detect.report.figures import proposal_tuning as proposal_tuning_figure
 from detect.report.sections import make_report
 from detect.training.engine import step_lr
 from detect.training.fast_rcnn_train import FastRCNNTrainData, build_optimizer, train_fast_rcnn
 from detect.training.rcnn_train import FineTuneSettings, SVMSettings, train_rcnn
 from detect.training.tensorboard_log import log_final_eval
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
 
 
 def make_synthetic(args: argparse.Namespace) -> int:
@@ -66,10 +58,6 @@ def make_synthetic(args: argparse.Namespace) -> int:
         print(f"{json_path}: {len(dataset)} images, {per_class} "
               f"({dataset.report.num_difficult} mostly occluded, ignored)")
     return 0
-
-
-def _dataset_from_args(args: argparse.Namespace) -> Dataset:
-    return _load_spec(_dataset_spec(args))
 
 
 def _store_for(path: str, dataset: Dataset) -> ProposalStore | None:
@@ -87,11 +75,6 @@ def _load_spec(spec: dict, classes: list[str] | None = None) -> Dataset:
                         classes=classes or spec.get("classes") or None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Proposals
-# ----------------------------------------------------------------------------------------------
-
-
 def propose(args: argparse.Namespace) -> int:
     """``detect propose``: a store for a dataset (``--data``) or for files (``--input``, ids as
     ``detect predict`` gives them). Hidden: ``DETECT_PROPOSAL_CHUNK`` sets the images per chunk
@@ -105,7 +88,7 @@ def propose(args: argparse.Namespace) -> int:
     if args.input:
         items = [(i + 1, str(path)) for i, path in enumerate(find_images(args.input))]
     elif args.data:
-        dataset = _dataset_from_args(args)
+        dataset = _load_spec(_dataset_spec(args))
         items = [(r.image_id, r.file_name) for r in dataset.records]
     else:
         raise ValueError("give --data (a dataset) or --input (image files, folders or globs)")
@@ -144,7 +127,7 @@ def recall(args: argparse.Namespace) -> int:
     """``detect recall``: ``proposal_recall`` of a store, with "num_images", "num_gt" and drawings."""
     if not args.data:
         raise ValueError("detect recall needs --data (the dataset the proposals were made for)")
-    dataset = _dataset_from_args(args)
+    dataset = _load_spec(_dataset_spec(args))
     store = ProposalStore(args.proposals)
     result = proposal_recall(dataset, store, progress=True)
     num_gt = sum(len(counted_gt(r)[0]) for r in dataset.records)
@@ -171,7 +154,7 @@ def tune_proposals(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     grid = Grid(*map(tuple, (args.modes, args.resizes, args.k_scales, args.min_sizes)), rankings(args.nms_ious))
     options = ("num_images", "seed", "target_recall", "target_iou", "max_boxes", "probe_images", "exhaustive")
-    records = _dataset_from_args(args).records
+    records = _load_spec(_dataset_spec(args)).records
     result = tune_to_files(records, args.out, base=to_dict(cfg.proposals), grid=grid, cache_dir=args.cache,
                            data_spec=_dataset_spec(args), figure=proposal_tuning_figure,
                            **{key: getattr(args, key) for key in options})
@@ -183,11 +166,6 @@ def tune_proposals(args: argparse.Namespace) -> int:
             Path(f"{args.out}_vis"), args.visualize, top_k=result["settings"]["top_k"])
         print(f"wrote {len(written)} drawings of the chosen settings' proposals into {args.out}_vis/")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
 
 
 def train(args: argparse.Namespace) -> int:
@@ -320,11 +298,6 @@ def _train_rcnn(cfg: Config, dataset: Dataset, get_proposals, output_dir: Path, 
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-
-
 def evaluate(args: argparse.Namespace) -> int:
     """``detect eval``: score a results file (``--results``) or a trained detector (``--checkpoint``)."""
     if bool(args.results) == bool(args.checkpoint):
@@ -342,7 +315,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
 
     results_path = Path(args.results)
-    metrics = score_results_file(_dataset_from_args(args), results_path,
+    metrics = score_results_file(_load_spec(_dataset_spec(args)), results_path,
                                  Path(args.output_dir) if args.output_dir else results_path.parent, limit=args.limit)
     print_metrics(metrics, args.metric)
     return 0
@@ -425,11 +398,6 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Batch detection and reports
-# ----------------------------------------------------------------------------------------------
-
-
 def predict(args: argparse.Namespace) -> int:
     """``detect predict``: ``detect.predict.batch.predict`` with a checkpoint (torchrun: a share per rank)."""
     rank, world_size = rank_and_world()
@@ -455,9 +423,8 @@ def predict(args: argparse.Namespace) -> int:
 
 def compare(args: argparse.Namespace) -> int:
     """``detect compare``: report.md, report.html and viewer.html of evaluated runs."""
-    data = _dataset_spec(args) if args.data else None
-    md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir), data=data,
-                                     num_grid_images=args.grid_images, bench=args.bench or None,
-                                     proposals=args.proposals)
+    md_path, html_path = make_report([Path(r) for r in args.runs], Path(args.output_dir),
+                                     data=_dataset_spec(args) if args.data else None, num_grid_images=args.grid_images,
+                                     bench=args.bench or None, proposals=args.proposals)
     print(f"wrote {md_path} and {html_path}")
     return 0

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect.data.datasets import DatasetWarning, load_coco, load_dataset, load_voc, training_gt
-from detect.data.voc import VOC_CLASSES
+from detect.data.datasets import (VOC_CLASSES, DatasetWarning, load_coco, load_dataset, load_voc, read_class_names,
+                                  training_gt)
 from detect.data.images import ImageReadError, read_image
 from detect.common.fileio import write_json_atomic
 from detect.evaluation.coco import dataset_to_coco
@@ -514,7 +514,6 @@ def test_voc_folder_with_its_own_class_names_from_labelimg(tmp_path):
 def test_voc_names_keep_the_standard_order_and_a_classes_file_sets_another(tmp_path):
     root = _labelimg_root(tmp_path, objects=(("dog", "person"), ("cat", "dog")))
     assert load_voc(root, "train").class_names == list(VOC_CLASSES)  # ids 1..20 as PASCAL VOC
-    from detect.data.voc import read_class_names
     classes_file = tmp_path / "classes.txt"
     classes_file.write_text("person\ncat\n\ndog\n")
     assert read_class_names(classes_file) == ["person", "cat", "dog"]

@@ -8,9 +8,8 @@ import numpy as np
 from PIL import Image
 
 from detect.cli import main
-from detect.proposals.export import export_proposals
 from detect.proposals.selective_search import selective_search
-from detect.proposals.store import ProposalStore, write_store
+from detect.proposals.store import ProposalStore, export_proposals, write_store
 
 
 def _store(tmp_path, with_scores: bool):

@@ -21,7 +21,7 @@ from detect.data.datasets import Dataset, ImageRecord
 from detect.data.images import read_image
 from detect.proposals.store import BOXES_FILE, INDEX_FILE, META_FILE, ProposalStore, write_store
 from detect.evaluation.recall import best_proposals, first_covering, proposal_recall
-from detect.predict.drawing import PROPOSAL_RGB, REACHED_RGB, UNREACHED_RGB, draw_proposal_recall
+from detect.predict.outputs import PROPOSAL_RGB, REACHED_RGB, UNREACHED_RGB, draw_proposal_recall
 from detect.proposals.batch import generate_proposals
 from detect.proposals.selective_search import first_proposals, selective_search
 from detect.proposals.ss import MODES

@@ -50,6 +50,4 @@ def decode_boxes(deltas: Tensor, proposal_boxes: Tensor,
 
 def clip_boxes(boxes: Tensor, height: int, width: int) -> Tensor:
     """Clip xyxy boxes [..., 4] to the image [0, width] x [0, height]."""
-    x = boxes[..., 0::2].clamp(0, width)
-    y = boxes[..., 1::2].clamp(0, height)
-    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+    return boxes.clamp(min=0).minimum(boxes.new_tensor([width, height, width, height]))

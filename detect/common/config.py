@@ -11,7 +11,6 @@ file; ``key=value`` overrides (``train.lr=0.01``) are parsed as YAML scalars and
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +25,6 @@ class ConfigError(ValueError):
     """A bad config file, key or value. The message names the key and the file."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Sections
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass
 class DatasetConfig:
     # "coco": an instances JSON plus an image folder. "voc": a VOC2007-style folder with
@@ -42,7 +36,7 @@ class DatasetConfig:
     images: str = ""
     # voc: the split name in ImageSets/Main. coco: unused.
     split: str = ""
-    # voc: class names of classes 1..K (empty: detect.data.voc.voc_class_names of the split's; the
+    # voc: class names of classes 1..K (empty: detect.data.datasets.voc_class_names of the split's; the
     # val split uses the trained detector's). coco: the categories' names, checked when given.
     classes: list[str] = field(default_factory=list)
 
@@ -119,8 +113,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    # Both detectors: flip, use_difficult, amp, checkpoint/log periods, seed. The rest is Fast
-    # R-CNN's sampling and schedule; R-CNN's fine-tuning has its own in `rcnn` (FAST_RCNN_ONLY).
+    # Both detectors read SHARED_TRAIN; the rest is Fast R-CNN's (R-CNN fine-tunes with `rcnn`'s ft_*).
     # [FRCN] hierarchical sampling: N=2 images, R=128 RoIs per mini-batch (64 per image).
     images_per_batch: int = 2
     rois_per_image: int = 64
@@ -249,15 +242,9 @@ class Config:
 
 # The keys one detector does not read: setting one (to other than its default) is an error, not
 # silently ignored. R-CNN reads from `train` only what both detectors share.
-FAST_RCNN_ONLY = {"train": ("images_per_batch", "rois_per_image", "fg_fraction", "fg_iou", "bg_iou_low",
-                            "bg_iou_high", "scales", "max_size", "lr", "momentum", "weight_decay", "max_iter",
-                            "steps", "gamma", "warmup_iters", "warmup_factor", "bbox_loss_weight", "bbox_std",
-                            "eval_period", "num_workers")}
+SHARED_TRAIN = ("flip", "use_difficult", "amp", "checkpoint_period", "log_period", "seed")
+FAST_RCNN_ONLY = {"train": tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in SHARED_TRAIN)}
 RCNN_ONLY = {"rcnn": tuple(f.name for f in dataclasses.fields(RCNNConfig))}
-
-# ----------------------------------------------------------------------------------------------
-# Loading, overrides, saving
-# ----------------------------------------------------------------------------------------------
 
 T = typing.TypeVar("T")
 _SCALARS = {float: ((int, float), "a number"), int: (int, "an integer"), bool: (bool, "true or false"),
@@ -266,23 +253,15 @@ _SCALARS = {float: ((int, float), "a number"), int: (int, "an integer"), bool: (
 
 def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
     """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key`` and ``source``."""
-    origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key, source)
-    if origin is list:
+    if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
         return [_check_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _check_value(value, arg, key, source)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{source}: '{key}' has the wrong type: {value!r}")
     if tp in _SCALARS:
         accepted, what = _SCALARS[tp]
         if not isinstance(value, accepted) or (isinstance(value, bool) and tp is not bool):
@@ -303,13 +282,12 @@ def _build(cls: type[T], data: dict, prefix: str, source: str) -> T:
     return cls(**kwargs)
 
 
-def from_dict(data: dict, source: str = "<dict>", cls: type[T] = Config) -> T:
+def from_dict(data: dict, source: str = "<dict>") -> Config:
     """Build a config from a nested dict, strictly. ``source`` names the origin in errors."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    cfg = _build(cls, data, "", source)
-    if isinstance(cfg, Config):
-        validate(cfg, source)
+    cfg = _build(Config, data, "", source)
+    validate(cfg, source)
     return cfg
 
 
@@ -371,30 +349,26 @@ def validate(cfg: Config, source: str) -> None:
         ds = getattr(cfg.data, name)
         need(ds.format in ("coco", "voc"), f"data.{name}.format", f"must be coco or voc, got {ds.format!r}")
     _validate_proposals(cfg.proposals, source, "proposals.")
+    for key in ("model.roi_size", "train.images_per_batch", "train.rois_per_image", "train.lr", "train.max_iter",
+                "train.checkpoint_period", "rcnn.svm_C", "rcnn.test_chunk"):
+        section, name = key.split(".")
+        need(getattr(getattr(cfg, section), name) > 0, key, "must be > 0")
     m = cfg.model
     need(m.roi_op in ("roi_pool", "roi_align"), "model.roi_op", f"must be roi_pool or roi_align, got {m.roi_op!r}")
-    need(m.roi_size > 0, "model.roi_size", "must be > 0")
     need(m.feature_stride in (8, 16), "model.feature_stride", f"must be 16 or 8, got {m.feature_stride}")
     need(m.roi_sampling_ratio >= 0, "model.roi_sampling_ratio", "must be >= 0 (0 = adaptive)")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     t = cfg.train
-    need(t.images_per_batch > 0, "train.images_per_batch", "must be > 0")
-    need(t.rois_per_image > 0, "train.rois_per_image", "must be > 0")
     need(0.0 <= t.fg_fraction <= 1.0, "train.fg_fraction", "must be in [0, 1]")
     need(0.0 <= t.bg_iou_low <= t.bg_iou_high <= t.fg_iou <= 1.0, "train.bg_iou_low",
          "needs 0 <= bg_iou_low <= bg_iou_high <= fg_iou <= 1")
     need(len(t.scales) > 0 and all(s > 0 for s in t.scales), "train.scales", "must be positive sizes")
-    need(t.lr > 0, "train.lr", "must be > 0")
-    need(t.max_iter > 0, "train.max_iter", "must be > 0")
     need(len(t.bbox_std) == 4 and all(s > 0 for s in t.bbox_std), "train.bbox_std", "must be 4 positive numbers")
-    need(t.checkpoint_period > 0, "train.checkpoint_period", "must be > 0")
     need(t.eval_period >= 0, "train.eval_period", "must be >= 0 (0 = only at the end)")
     r = cfg.rcnn
     need(r.context_pad >= 0, "rcnn.context_pad", "must be >= 0")
     need(0 < r.ft_fg_per_batch <= r.ft_batch_size, "rcnn.ft_fg_per_batch", "must be in (0, ft_batch_size]")
-    need(r.svm_C > 0, "rcnn.svm_C", "must be > 0")
     need(r.svm_evict_thresh < r.svm_hard_thresh, "rcnn.svm_evict_thresh", "must be below svm_hard_thresh")
-    need(r.test_chunk > 0, "rcnn.test_chunk", "must be > 0")
     e = cfg.test
     need(0.0 <= e.nms_thresh <= 1.0, "test.nms_thresh", "must be in [0, 1]")
     need(e.detections_per_image >= 0, "test.detections_per_image", "must be >= 0 (0 = no cap)")

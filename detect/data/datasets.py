@@ -1,20 +1,17 @@
 """Datasets in one internal representation (conventions: ``detect``), and their loaders.
 
 Loaders convert each format's boxes once, here: COCO ``[x, y, w, h]`` (``load_coco``), VOC
-1-based inclusive corners (``load_voc``, through ``detect.data.voc``). Structural problems
+1-based inclusive corners (``load_voc``, one file: ``read_voc_xml``). Structural problems
 (malformed files, missing fields, duplicate or dangling ids) raise ``ValueError`` naming the
 file and the entry; bad boxes are skipped or clipped and counted in a ``LoadReport``
 (``dataset.report``), summarised in one ``DatasetWarning``.
-
-``gt_difficult`` marks boxes that evaluation ignores: VOC ``difficult`` and COCO ``iscrowd``
-(``gt_crowd``: the crowd ones among them, never trained on; training's use of the difficult
-ones: ``detect.common.config.TrainConfig.use_difficult``).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +24,6 @@ from tqdm import tqdm
 from detect.common.box_ops import xywh_to_xyxy
 from detect.common.fileio import read_json
 from detect.data.images import image_size
-from detect.data.voc import read_voc_xml, voc_class_names
 
 # Boxes sticking out of the image by at most this many pixels are clipped without being
 # counted: annotation tools round, and COCO has many boxes 0.01 px past the border.
@@ -68,8 +64,7 @@ class LoadReport:
     def add_many(self, problem: str, indices: Sequence[int], message_of: Callable[[int], str]) -> None:
         """Count ``len(indices)`` of ``problem``; ``message_of(i)`` writes only the examples kept."""
         self.problems[problem] += len(indices)
-        for i in indices[:max(0, self.max_examples - len(self.examples))]:
-            self.examples.append(message_of(int(i)))
+        self.examples += [message_of(int(i)) for i in indices[:max(0, self.max_examples - len(self.examples))]]
 
     @property
     def num_problems(self) -> int:
@@ -153,8 +148,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
               check_images: bool = False) -> Dataset:
     """Load a COCO instances JSON (``file_name`` relative to ``image_dir``, default its folder):
     ascending category ids become classes 1..K, boxes are converted in float64 (bit for bit).
-    ``check_images=True`` reads every image header and skips missing, unreadable or wrongly
-    sized images; by default images are only read when used."""
+    ``check_images``: skip images missing, unreadable or of another size (else read when used)."""
     json_path = Path(json_path)
     src = str(json_path)
     data = read_json(json_path)
@@ -184,12 +178,10 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
     records: list[ImageRecord] = []
     seen_images: dict[int, int] = {}
     for i, entry in enumerate(data["images"]):
-        where = f"images[{i}]"
-        image_id = _field(entry, "id", int, src, where)
+        image_id = _field(entry, "id", int, src, f"images[{i}]")
         where = f"images[{i}] (id {image_id})"
         file_name = _field(entry, "file_name", str, src, where)
-        width = _field(entry, "width", (int, float), src, where)
-        height = _field(entry, "height", (int, float), src, where)
+        width, height = (_field(entry, key, (int, float), src, where) for key in ("width", "height"))
         if not (width > 0 and height > 0):
             raise ValueError(f"{src}: {where}: width and height must be positive, got {width}x{height}")
         if image_id in seen_images:
@@ -266,11 +258,9 @@ def _field(entry: Any, key: str, types: type | tuple[type, ...], src: str, where
 
 def _explain_bad_annotation(ann: Any, i: int, src: str, row_of_image: dict, class_of_category: dict) -> None:
     """Raise the ValueError that says what is wrong with annotation ``i``."""
-    where = f"annotations[{i}]"
-    ann_id = _field(ann, "id", int, src, where)
+    ann_id = _field(ann, "id", int, src, f"annotations[{i}]")
     where = f"annotations[{i}] (id {ann_id})"
-    image_id = _field(ann, "image_id", int, src, where)
-    category_id = _field(ann, "category_id", int, src, where)
+    image_id, category_id = (_field(ann, key, int, src, where) for key in ("image_id", "category_id"))
     bbox = _field(ann, "bbox", list, src, where)
     if image_id not in row_of_image:
         raise ValueError(f"{src}: {where} refers to unknown image id {image_id}")
@@ -387,10 +377,8 @@ def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
     if duplicates:
         raise ValueError(f"{split_file}: duplicate image names {duplicates[:10]}")
     digits = [n.replace("_", "") for n in names]
-    if all(d.isdigit() for d in digits) and len({int(d) for d in digits}) == len(digits):
-        image_ids = [int(d) for d in digits]
-    else:
-        image_ids = list(range(1, len(names) + 1))
+    numeric = all(d.isdigit() for d in digits) and len({int(d) for d in digits}) == len(digits)
+    image_ids = [int(d) for d in digits] if numeric else list(range(1, len(names) + 1))
 
     report = LoadReport(source=str(split_file))
     records, object_names = [], []
@@ -422,3 +410,94 @@ def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
     dataset = Dataset(name=f"{root.name}_{split}", records=records, class_names=class_names,
                       category_ids=list(range(1, len(class_names) + 1)), report=report)
     return _finish_loading(dataset, check_images, str(split_file))
+
+
+# The 20 PASCAL VOC classes in the standard order: class k is the same whatever the split holds.
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+
+@dataclass
+class VocAnnotation:
+    image_path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # [G, 4] float64 xyxy, 0-based continuous, not yet checked against the image
+    names: list[str]  # [G] class names as written
+    difficult: np.ndarray  # [G] bool
+
+
+def voc_class_names(found: set[str]) -> list[str]:
+    """Classes 1..K of a split with object names ``found``: ``VOC_CLASSES`` if all are VOC's, else sorted."""
+    return list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
+
+
+def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
+    """Parse ``xml_path``; its image is ``image_dir/<name>.jpg``, else ``image_dir/<filename>``
+    (LabelImg/CVAT). A missing ``<size>`` is read from the image, a missing ``<difficult>`` is 0.
+    VOC's 1-based inclusive corners become ``(xmin - 1, ymin - 1, xmax, ymax)``, continuous 0-based."""
+    try:
+        tree = ET.parse(xml_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{xml_path}: annotation file not found (its image is in the split "
+                                "file)") from None
+    except ET.ParseError as e:
+        raise ValueError(f"{xml_path}: malformed XML ({e})") from None
+    annotation = tree.getroot()
+    image_path = image_dir / f"{name}.jpg"
+    file_name = (annotation.findtext("filename") or "").strip()
+    if not image_path.is_file() and file_name and (image_dir / file_name).is_file():
+        image_path = image_dir / file_name
+    if annotation.find("size/width") is None and annotation.find("size/height") is None:
+        try:
+            width, height = image_size(image_path)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{xml_path}: no <size>, and its image {image_path} cannot be read for it "
+                             f"({e})") from None
+    else:
+        width, height = (_voc_number(annotation, f"size/{k}", xml_path, "<annotation>") for k in ("width", "height"))
+    if not (width > 0 and height > 0):
+        raise ValueError(f"{xml_path}: width and height must be positive, got {width:g}x{height:g}")
+    boxes, names, difficult = [], [], []
+    for j, obj in enumerate(annotation.findall("object")):
+        where = f"object {j}"
+        class_name = (obj.findtext("name") or "").strip()
+        if not class_name:
+            raise ValueError(f"{xml_path}: {where} has no <name>")
+        xmin, ymin, xmax, ymax = (_voc_number(obj, f"bndbox/{k}", xml_path, where)
+                                  for k in ("xmin", "ymin", "xmax", "ymax"))
+        flag = (obj.findtext("difficult") or "0").strip()
+        if flag not in ("0", "1"):
+            raise ValueError(f"{xml_path}: {where}: <difficult> must be 0 or 1, got {flag!r}")
+        boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based continuous
+        names.append(class_name)
+        difficult.append(flag == "1")
+    return VocAnnotation(image_path=image_path, width=int(width), height=int(height),
+                         boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4), names=names,
+                         difficult=np.array(difficult, dtype=bool).reshape(-1))
+
+
+def _voc_number(element: ET.Element, path: str, xml_path: Path, where: str) -> float:
+    text = element.findtext(path)
+    if text is None or not text.strip():
+        raise ValueError(f"{xml_path}: {where} is missing <{path}>")
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{xml_path}: {where}: <{path}> is not a number: {text.strip()!r}") from None
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """``--classes FILE``: one class name a line, in class order; blank lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--classes {path}: no such file") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--classes {path}: no class names in the file (one per line)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"--classes {path}: duplicate class names {duplicates}")
+    return names

@@ -59,15 +59,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # one channel, more than 8 bits: scaled to 0..255
         a = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if a.max(initial=0) > 255 else 255.0
-        a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(a[:, :, None], 3, axis=2)
-    if im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = float(a.min(initial=0)), float(a.max(initial=1))
-        a = ((a - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
+        if im.mode == "F":
+            lo, hi = float(a.min(initial=0)), float(a.max(initial=1))
+            a = ((a - lo) / max(hi - lo, 1e-12) * 255.0).astype(np.uint8)
+        else:
+            peak = 65535.0 if a.max(initial=0) > 255 else 255.0
+            a = np.clip(a / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(a[:, :, None], 3, axis=2)
     if im.mode != "RGB":
         im = im.convert("RGB")
@@ -89,13 +88,10 @@ def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
     def absolute(path: str | os.PathLike) -> Path:  # normalised, but a link still names itself
         return Path(os.path.abspath(path))
 
-    def add(path: Path) -> None:
-        if path.is_dir():
-            for root, _, names in os.walk(path):
-                for name in names:
-                    add(Path(root, name))
-        else:
-            (found if path.suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(path))
+    def add(path: Path) -> None:  # a folder: every file under it
+        walked = (Path(root, name) for root, _, names in os.walk(path) for name in names)
+        for file in walked if path.is_dir() else [path]:
+            (found if file.suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(file))
 
     for item in inputs:
         path = Path(item).expanduser()
@@ -114,11 +110,7 @@ def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
             raise FileNotFoundError(f"--input {item!r}: no such file or folder{hint}")
     if exclude is not None:
         excluded = {absolute(exclude), Path(exclude).resolve()}
-
-        def kept(paths: set[Path]) -> set[Path]:
-            return {p for p in paths if not any(p.is_relative_to(e) for e in excluded)}
-
-        found, others = kept(found), kept(others)
+        found, others = ({p for p in group if not any(map(p.is_relative_to, excluded))} for group in (found, others))
     if unsupported is not None:
         unsupported.extend(sorted(others - found, key=str))
     return sorted(found, key=str)

@@ -136,9 +136,7 @@ def _write_json_if_changed(path: Path, obj: dict) -> Path:
 
 def _remove_images(image_dir: Path, first_index: int) -> None:
     """Delete the images this generator named (``000123.png``) from ``first_index`` on."""
-    if not image_dir.is_dir():
-        return
-    for path in image_dir.iterdir():
+    for path in image_dir.glob("*.png"):  # none in a missing folder
         match = re.fullmatch(r"(\d{6})\.png", path.name)
         if match and int(match.group(1)) >= first_index:
             path.unlink()
@@ -177,8 +175,7 @@ def generate_image(seed: int, split_index: int,
         sigma = np.float32(rng.uniform(*NOISE_SIGMA))
         canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * sigma
     np.clip(canvas, 0, 255, out=canvas)
-    image = np.rint(canvas, out=canvas).astype(np.uint8)  # [H, W, 3]
-    return image, _ground_truth(owner, placed)
+    return np.rint(canvas, out=canvas).astype(np.uint8), _ground_truth(owner, placed)  # [H, W, 3] uint8 RGB
 
 
 def _ground_truth(owner: np.ndarray, placed: list) -> list[SyntheticObject]:
@@ -226,8 +223,7 @@ def _silhouette(rng: np.random.Generator, name: str, w: int, h: int) -> np.ndarr
     if name == "box":
         alpha[:] = 255
     elif name in ("disc", "ring"):
-        center = (round((w - 1) / 2 * s), round((h - 1) / 2 * s))
-        axes = (round((w - 1) / 2 * s), round((h - 1) / 2 * s))
+        center = axes = (round((w - 1) / 2 * s), round((h - 1) / 2 * s))  # the box's centre and half sides
         cv2.ellipse(alpha, center, axes, 0, 0, 360, 255, -1, cv2.LINE_AA, 4)
         if name == "ring":
             k = rng.uniform(0.45, 0.7)  # hole size relative to the outer ellipse
@@ -263,8 +259,7 @@ def _texture(rng: np.random.Generator, kind: str, colour: np.ndarray, h: int, w:
     xs = np.arange(w, dtype=np.float32)[None, :]  # [1, w]
     short = min(w, h)
     if kind == "radial":
-        t = np.sqrt(((xs + 0.5) / (w / 2) - 1) ** 2 + ((ys + 0.5) / (h / 2) - 1) ** 2)  # [h, w]
-        t = np.clip(t, 0, 1)
+        t = np.clip(np.sqrt(((xs + 0.5) / (w / 2) - 1) ** 2 + ((ys + 0.5) / (h / 2) - 1) ** 2), 0, 1)  # [h, w]
     elif kind == "stripes":
         angle = rng.uniform(0, math.pi)
         period = rng.uniform(4, max(6.0, short / 2.5))
@@ -275,8 +270,7 @@ def _texture(rng: np.random.Generator, kind: str, colour: np.ndarray, h: int, w:
     elif kind == "dots":
         spacing = rng.uniform(5, max(7.0, short / 2.5))
         radius = spacing * rng.uniform(0.2, 0.38)
-        t = (((xs % spacing) - spacing / 2) ** 2 + ((ys % spacing) - spacing / 2) ** 2 < radius ** 2)
-        t = t.astype(np.float32)
+        t = (((xs % spacing) - spacing / 2) ** 2 + ((ys % spacing) - spacing / 2) ** 2 < radius ** 2).astype(np.float32)
     else:  # speckle
         t = np.clip(rng.normal(0.15, 0.2, size=(h, w)), 0, 1).astype(np.float32)
     return colour + t[:, :, None] * (second - colour)  # [h, w, 3]

@@ -50,8 +50,8 @@ from detect.common.fileio import start_or_resume, write_json_atomic
 from detect.common.cpus import available_cores
 from detect.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, read_image
 from detect.models.detector import Detections, Detector, StageTimer
-from detect.predict.drawing import write_visualisation
-from detect.predict.outputs import journal_record, load_results, open_journal, safe_relative_name, write_outputs
+from detect.predict.outputs import (journal_record, load_results, open_journal, safe_relative_name,
+                                    write_outputs, write_visualisation)
 from detect.proposals.selective_search import selective_search
 from detect.proposals.store import ProposalStore
 
@@ -177,9 +177,8 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
     worker_ms = {"read_in_workers": 0.0, "proposals_in_workers": 0.0}  # summed over workers
     since_merge, last_merge = 0, time.perf_counter()
     # One image to do: its hierarchies on all cores (the same boxes); else one image per worker.
-    call_settings = dict(proposal_settings)
-    if propose_fn is selective_search and len(todo) == 1:
-        call_settings["threads"] = available_cores()
+    one_image = propose_fn is selective_search and len(todo) == 1
+    call_settings = {**proposal_settings, "threads": available_cores()} if one_image else proposal_settings
     worker_fn = None if store is not None else propose_fn
     pending: collections.deque[tuple[int, Future]] = collections.deque()  # (index, Loaded), in order
     to_submit = iter(todo)
@@ -248,8 +247,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         device=str(detector.device), rank=rank, world_size=world_size,
         ms_per_image={k: round(v / max(len(todo), 1), 3)
                       for k, v in {**worker_ms, **timer.totals_ms}.items()})
-    name = "summary.json" if world_size == 1 else f"summary.rank{rank}.json"
-    write_json_atomic(output_dir / name, asdict(summary))
+    write_json_atomic(output_dir / ("summary.json" if world_size == 1 else f"summary.rank{rank}.json"), asdict(summary))
     return summary
 
 

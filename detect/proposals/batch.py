@@ -53,8 +53,7 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
     """Selective search on every ``(image_id, path)`` of ``items`` into the store ``out_dir``
     (returned as is if already there with the same images and settings). ``settings``:
     ``ProposalConfig`` as a dict. ``workers`` processes (0 = all cores; 1 = in this process).
-    A failed image gets 0 boxes and is listed in meta.json "failures" (all failed: ValueError).
-    Returns None while chunks are missing (other shards' work) or with ``merge=False``."""
+    ValueError if every image fails. None while chunks are missing (other shards' work) or with ``merge=False``."""
     out = Path(out_dir)
     settings = check_proposal_settings(settings)
     items = [(int(image_id), str(path)) for image_id, path in items]
@@ -79,9 +78,8 @@ def generate_proposals(items: list[tuple[int, str]], out_dir: str | os.PathLike,
     if todo and len(todo) < len(mine):
         print(f"proposals: resuming {partial}: {len(mine) - len(todo)} of {len(mine)} chunks already done",
               file=sys.stderr)
-    desc = "proposals" if shard is None else f"proposals {shard[0]}/{shard[1]}"
-    _compute_chunks(items, todo, partial, settings, workers=workers, chunk_size=chunk_size,
-                    progress=progress, desc=desc)
+    _compute_chunks(items, todo, partial, settings, workers=workers, chunk_size=chunk_size, progress=progress,
+                    desc="proposals" if shard is None else f"proposals {shard[0]}/{shard[1]}")
 
     missing = sum(not _chunk_path(partial, k).is_file() for k in range(num_chunks))
     if missing and merge:

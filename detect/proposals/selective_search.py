@@ -34,8 +34,7 @@ def selective_search(image: np.ndarray, *, engine: str = "ours", mode: str = "fa
                      threads: int = 1, return_scores: bool = False):
     """Selective-search boxes of uint8 RGB ``image`` [H, W, 3]: float32 [R, 4] xyxy in its pixels
     (R may be 0), in the ranking's order; with ``return_scores`` also the ranking values float32
-    [R], ascending. ``raw_proposals`` then ``finish_proposals``; ``threads``: our engine runs this
-    image's hierarchies in parallel, same output. The detectors cut with ``first_proposals``."""
+    [R], ascending. ``threads``: our engine runs this image's hierarchies in parallel, same output."""
     raw = raw_proposals(image, engine=engine, mode=mode, resize=resize, resize_side=resize_side, seed=seed,
                         k_scale=k_scale, threads=threads)
     boxes, scores = finish_proposals(raw, min_size=min_size, ranking=ranking, nms_iou=nms_iou)
@@ -118,9 +117,7 @@ def _strategy(name: str):
              "S": seg.createSelectiveSearchSegmentationStrategySize,
              "F": seg.createSelectiveSearchSegmentationStrategyFill}
     strategies = [parts[letter]() for letter in name]  # fresh objects: they hold state
-    if len(strategies) == 1:
-        return strategies[0]
-    return seg.createSelectiveSearchSegmentationStrategyMultiple(*strategies)
+    return strategies[0] if len(strategies) == 1 else seg.createSelectiveSearchSegmentationStrategyMultiple(*strategies)
 
 
 def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: float = 1.0) -> np.ndarray:
@@ -132,9 +129,6 @@ def opencv_selective_search(image: np.ndarray, mode: str = "fast", k_scale: floa
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ss = seg.createSelectiveSearchSegmentation()
     ss.setBaseImage(bgr)
-    ss.clearImages()
-    ss.clearGraphSegmentations()
-    ss.clearStrategies()
     conversions = {"hsv": cv2.COLOR_BGR2HSV, "lab": cv2.COLOR_BGR2Lab}  # else the paper's rgI, H x 3, I x 3
     for name in colour_spaces:
         ss.addImage(cv2.cvtColor(bgr, conversions[name]) if name in conversions else colour_space(image, name)[0])

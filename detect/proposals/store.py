@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from detect.common.config import check_proposal_settings
-from detect.common.fileio import read_json
+from detect.common.fileio import read_json, write_bytes_atomic
 
 FORMAT = "detect-proposals"
 VERSION = 1
@@ -50,6 +51,7 @@ INDEX_FILE = "index.npy"
 META_FILE = "meta.json"
 FILES_FILE = "files.json"
 BOX_DTYPE = np.dtype("<f4")  # little-endian float32, whatever the machine
+EXPORT_FORMATS = ("detectron2", "mmdet")
 
 
 def dataset_fingerprint(items: Iterable[tuple[int, str]]) -> str:
@@ -250,3 +252,21 @@ class ProposalStore:
     def __repr__(self) -> str:
         return (f"ProposalStore({str(self.path)!r}, images={len(self)}, boxes={self.meta['num_boxes']}, "
                 f"mode={self.meta.get('mode')!r})")
+
+
+def export_proposals(store: ProposalStore, fmt: str, path: str | os.PathLike) -> int:
+    """Write ``store`` as the precomputed-proposal pickle ``fmt`` (``EXPORT_FORMATS``) reads, to
+    ``path``, atomically; returns the image count. detectron2 (``load_proposals_into_dataset``):
+    {"ids", "boxes": float32 [R, 4] XYXY_ABS, "objectness_logits": minus the ranking values [R],
+    "bbox_mode": 0}; mmdet (``proposal_file``): a list of float32 [R, 5] (x1, y1, x2, y2, score =
+    1 / (1 + ranking value), in (0, 1]), in store order. This package never loads a pickle."""
+    ids = store.image_ids
+    boxes = [store.get(image_id) for image_id in ids]  # [R, 4] xyxy each
+    values = [store.scores(image_id) for image_id in ids]  # [R] ranking values, ascending
+    if fmt == "detectron2":
+        data = {"ids": ids, "boxes": boxes, "objectness_logits": [-v for v in values], "bbox_mode": 0}
+    else:
+        data = [np.concatenate([b, (1.0 / (1.0 + v))[:, None]], axis=1).astype(np.float32)
+                for b, v in zip(boxes, values)]
+    write_bytes_atomic(path, pickle.dumps(data, protocol=4))
+    return len(ids)

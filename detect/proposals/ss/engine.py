@@ -82,12 +82,11 @@ def _colour_space_hierarchies(image: np.ndarray, colour_index: int, mode: str,
                 labels, n_regions, colour_bins, texture_bins)
         for s_index, strategy in enumerate(strategies):
             index = (k_index * len(colour_spaces) + colour_index) * len(strategies) + s_index
-            if n_regions == 1:
-                out[index] = (boxes, 1, s_index == 0)
-                continue
-            with _timed(seconds, "grouping"):
-                all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
-                                                  height * width, *STRATEGIES[strategy])[0]
+            all_boxes = boxes  # a single region: its box
+            if n_regions > 1:
+                with _timed(seconds, "grouping"):
+                    all_boxes = hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs,
+                                                      height * width, *STRATEGIES[strategy])[0]
             out[index] = (all_boxes, n_regions, s_index == 0)
     return out, seconds
 
@@ -121,8 +120,7 @@ def selective_search_boxes(image: np.ndarray, *, mode: str = "fast", seed: int =
         result = boxes.astype(np.float32)
         result[:, 2:] += 1.0  # inclusive -> exclusive
     if timings is not None:
-        timings.update(seconds)
-        timings["total"] = time.perf_counter() - start
+        timings.update(seconds, total=time.perf_counter() - start)
     return result, values.astype(np.float32)
 
 

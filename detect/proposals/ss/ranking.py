@@ -19,18 +19,12 @@ from numba import njit
 def hierarchy_positions(n_initial: int, n_boxes: int, include_initial: bool) -> tuple[np.ndarray, np.ndarray]:
     """Which of a hierarchy's n_boxes regions (creation order: n_initial initial ones, then the
     merges) are listed, and their positions: (indices int64 [L], positions float64 [L])."""
-    n_merges = n_boxes - n_initial
     merged = np.arange(n_initial, n_boxes, dtype=np.int64)
-    merged_pos = np.arange(n_merges, 0, -1, dtype=np.float64)  # last merge -> 1
-    if n_merges == 0:  # single region: its box, position 1 (listed once per segmentation)
-        if not include_initial:
-            return np.zeros(0, np.int64), np.zeros(0)
-        return np.arange(n_initial, dtype=np.int64), np.ones(n_initial)
+    merged_pos = np.arange(n_boxes - n_initial, 0, -1, dtype=np.float64)  # last merge -> 1
     if not include_initial:
         return merged, merged_pos
-    initial = np.arange(n_initial, dtype=np.int64)
-    return (np.concatenate([initial, merged]),
-            np.concatenate([np.full(n_initial, float(n_initial)), merged_pos]))
+    # The initial regions, then the merges (a single region: its box, position n_initial = 1).
+    return np.arange(n_boxes, dtype=np.int64), np.concatenate([np.full(n_initial, float(n_initial)), merged_pos])
 
 
 def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
@@ -46,10 +40,9 @@ def rank_boxes(hierarchies: list[tuple[np.ndarray, int, bool]], seed: int = 0,
         all_values.append(positions * factors)
     if not all_boxes:
         return np.zeros((0, 4), np.int32), np.zeros(0)
-    boxes = np.concatenate(all_boxes).astype(np.int64)
     values = np.concatenate(all_values)
     order = np.argsort(values, kind="stable")
-    boxes = boxes[order]
+    boxes = np.concatenate(all_boxes).astype(np.int64)[order]
     values = values[order]
     span = int(boxes.max()) + 2 if boxes.size else 1  # coordinates are in 0..span-2
     if span ** 4 < 2 ** 63:  # one int64 key per box
