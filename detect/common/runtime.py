@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+
 def _in_process_group() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
