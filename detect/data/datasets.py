@@ -191,33 +191,26 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         records.append(ImageRecord(image_id=image_id, file_name=str(image_dir / file_name),
                                    width=int(width), height=int(height)))
 
-    # A lean loop for well-formed annotations; _explain_bad_annotation names what is wrong.
-    ann_ids, rows, classes, crowd, bboxes, areas = [], [], [], [], [], []
-    for i, ann in enumerate(data["annotations"]):
+    # A lean check of every annotation (_explain_bad_annotation names what is wrong), then its columns.
+    annotations = data["annotations"]
+    for i, ann in enumerate(annotations):
         try:
-            ann_id, image_id, category_id, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
-            iscrowd = ann.get("iscrowd", 0)
-            row, cls = row_of_image[image_id], class_of_category[category_id]
-            well_formed = (type(ann_id) is int and type(image_id) is int and type(category_id) is int
-                           and type(bbox) is list and len(bbox) == 4 and iscrowd in (0, 1))
+            image_id, category_id, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
+            well_formed = (type(ann["id"]) is int and type(image_id) is int and image_id in row_of_image
+                           and type(category_id) is int and category_id in class_of_category
+                           and type(bbox) is list and len(bbox) == 4 and ann.get("iscrowd", 0) in (0, 1))
         except (KeyError, TypeError, AttributeError):
             well_formed = False
         if not well_formed:
             _explain_bad_annotation(ann, i, src, row_of_image, class_of_category)
-        ann_ids.append(ann_id)
-        rows.append(row)
-        classes.append(cls)
-        crowd.append(bool(iscrowd))
-        bboxes.append(bbox)
-        area = ann.get("area")
-        areas.append(float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else np.nan)
+    ann_ids = [ann["id"] for ann in annotations]
     if len(set(ann_ids)) != len(ann_ids):
         duplicates = sorted(a for a, n in Counter(ann_ids).items() if n > 1)
         where = [i for i, a in enumerate(ann_ids) if a == duplicates[0]]
         raise ValueError(f"{src}: duplicate annotation id {duplicates[0]} (annotations[{where[0]}] and "
                          f"annotations[{where[1]}]); {len(duplicates)} duplicated ids in all")
-    xyxy = xywh_to_xyxy(_number_array(bboxes, ann_ids, src))  # [A, 4] float64
-    rows = np.asarray(rows, dtype=np.int64)  # [A]
+    xyxy = xywh_to_xyxy(_number_array([ann["bbox"] for ann in annotations], ann_ids, src))  # [A, 4] float64
+    rows = np.array([row_of_image[ann["image_id"]] for ann in annotations], dtype=np.int64)  # [A]
     sizes = np.array([(r.width, r.height) for r in records], dtype=np.float64).reshape(-1, 2)[rows]  # [A, 2]
     boxes, keep = clean_boxes(xyxy, sizes[:, 0], sizes[:, 1], report, lambda j: (
         f"{src}: annotations[{j}] (id {ann_ids[j]}), image id {records[rows[j]].image_id}"))
@@ -226,9 +219,11 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
     kept = np.flatnonzero(keep)[np.argsort(rows[keep], kind="stable")]  # [A']
     starts = np.concatenate([[0], np.cumsum(np.bincount(rows[kept], minlength=len(records)))])
     boxes = boxes[kept].astype(np.float32)  # [A', 4]
-    classes = np.asarray(classes, dtype=np.int64)[kept]  # [A']
-    crowd = np.asarray(crowd, dtype=bool)[kept]  # [A']
-    areas = np.asarray(areas, dtype=np.float32)[kept]  # [A']
+    classes = np.array([class_of_category[ann["category_id"]] for ann in annotations], dtype=np.int64)[kept]  # [A']
+    crowd = np.array([ann.get("iscrowd", 0) for ann in annotations], dtype=bool)[kept]  # [A']
+    areas = (ann.get("area") for ann in annotations)  # COCO's own; not a number: unknown (NaN)
+    areas = np.array([float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else np.nan
+                      for a in areas], dtype=np.float32)[kept]  # [A']
     for row, record in enumerate(records):
         record.gt_boxes = boxes[starts[row]:starts[row + 1]]
         record.gt_classes = classes[starts[row]:starts[row + 1]]
