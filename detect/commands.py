@@ -7,7 +7,6 @@ the dataset and its proposals, and passes plain values to the stage functions.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -95,9 +94,8 @@ def propose(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     workers = args.workers
     distributed = False
-    rank, world_size = rank_and_world()
-    if shard is None and world_size > 1:  # under torchrun
-        shard = (rank, world_size)
+    if shard is None and rank_and_world()[1] > 1:  # under torchrun: (rank, world size)
+        shard = rank_and_world()
         if workers <= 0:  # share the node's cores between its ranks
             workers = max(1, available_cores() // local_world_size())
         distributed = try_init_gloo("proposals: each rank computes its shard and the last to finish merges")
@@ -178,16 +176,14 @@ def train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     init_distributed(device)
     if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_settings(output_dir / "run.json", {"detector": cfg.detector})
         save_config(cfg, output_dir / "config.yaml")
     t0 = time.perf_counter()
     checkpoint = train_from_config(cfg, output_dir, device=device, resume=args.resume)
     seconds, train_time = time.perf_counter() - t0, output_dir / "train_time.json"
-    if is_main_process():
-        if math.isfinite(seconds):  # this session's seconds: a resumed run adds up
-            before = read_json(train_time)["seconds"] if train_time.is_file() else 0.0
-            write_json_atomic(train_time, {"seconds": before + seconds})
+    if is_main_process():  # this session's seconds: a resumed run adds up
+        before = read_json(train_time)["seconds"] if train_time.is_file() else 0.0
+        write_json_atomic(train_time, {"seconds": before + seconds})
         print(f"trained {cfg.detector}: {checkpoint}")
     val = cfg.data.val
     if not val.path:

@@ -40,7 +40,4 @@ def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
 
 def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     """Mirror xyxy boxes [R, 4] horizontally in an image of ``width`` pixels."""
-    out = boxes.copy()
-    out[:, 0] = width - boxes[:, 2]
-    out[:, 2] = width - boxes[:, 0]
-    return out
+    return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)

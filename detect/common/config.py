@@ -36,7 +36,7 @@ class DatasetConfig:
     images: str = ""
     # voc: the split name in ImageSets/Main. coco: unused.
     split: str = ""
-    # voc: class names of classes 1..K (empty: detect.data.datasets.voc_class_names of the split's; the
+    # voc: class names of classes 1..K (empty: as detect.data.datasets.load_voc chooses them; the
     # val split uses the trained detector's). coco: the categories' names, checked when given.
     classes: list[str] = field(default_factory=list)
 

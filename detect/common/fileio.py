@@ -66,10 +66,9 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line and flush it (logs: a killed run keeps every finished line)."""
+    """Append one JSON line, flushed on return (logs: a killed run keeps every finished line)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-        f.flush()
 
 
 class SettingsMismatch(ValueError):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+
 def _in_process_group() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -160,11 +161,8 @@ def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated, or the peak resident memory since ``reset_peak_memory`` (MiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # whole-process peak

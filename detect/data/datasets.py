@@ -176,7 +176,7 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
     class_of_category = {cat_id: k + 1 for k, cat_id in enumerate(category_ids)}
 
     records: list[ImageRecord] = []
-    seen_images: dict[int, int] = {}
+    row_of_image: dict[int, int] = {}  # image id -> its row in records (= its index in "images")
     for i, entry in enumerate(data["images"]):
         image_id = _field(entry, "id", int, src, f"images[{i}]")
         where = f"images[{i}] (id {image_id})"
@@ -184,64 +184,55 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         width, height = (_field(entry, key, (int, float), src, where) for key in ("width", "height"))
         if not (width > 0 and height > 0):
             raise ValueError(f"{src}: {where}: width and height must be positive, got {width}x{height}")
-        if image_id in seen_images:
-            raise ValueError(f"{src}: duplicate image id {image_id} (images[{seen_images[image_id]}] "
+        if image_id in row_of_image:
+            raise ValueError(f"{src}: duplicate image id {image_id} (images[{row_of_image[image_id]}] "
                              f"and images[{i}])")
-        seen_images[image_id] = i
+        row_of_image[image_id] = i
         records.append(ImageRecord(image_id=image_id, file_name=str(image_dir / file_name),
                                    width=int(width), height=int(height)))
 
-    # A lean loop for well-formed annotations; _explain_bad_annotation names what is wrong.
-    row_of_image = {r.image_id: row for row, r in enumerate(records)}
-    ann_ids, rows, classes, crowd, bboxes, areas = [], [], [], [], [], []
-    for i, ann in enumerate(data["annotations"]):
+    # A lean check of every annotation (_explain_bad_annotation names what is wrong), then its columns.
+    annotations = data["annotations"]
+    for i, ann in enumerate(annotations):
         try:
-            ann_id, image_id, category_id, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
-            iscrowd = ann.get("iscrowd", 0)
-            row, cls = row_of_image[image_id], class_of_category[category_id]
-            well_formed = (type(ann_id) is int and type(image_id) is int and type(category_id) is int
-                           and type(bbox) is list and len(bbox) == 4 and iscrowd in (0, 1))
+            image_id, category_id, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
+            well_formed = (type(ann["id"]) is int and type(image_id) is int and image_id in row_of_image
+                           and type(category_id) is int and category_id in class_of_category
+                           and type(bbox) is list and len(bbox) == 4 and ann.get("iscrowd", 0) in (0, 1))
         except (KeyError, TypeError, AttributeError):
             well_formed = False
         if not well_formed:
             _explain_bad_annotation(ann, i, src, row_of_image, class_of_category)
-        ann_ids.append(ann_id)
-        rows.append(row)
-        classes.append(cls)
-        crowd.append(bool(iscrowd))
-        bboxes.append(bbox)
-        area = ann.get("area")
-        areas.append(float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else np.nan)
+    ann_ids = [ann["id"] for ann in annotations]
     if len(set(ann_ids)) != len(ann_ids):
         duplicates = sorted(a for a, n in Counter(ann_ids).items() if n > 1)
         where = [i for i, a in enumerate(ann_ids) if a == duplicates[0]]
         raise ValueError(f"{src}: duplicate annotation id {duplicates[0]} (annotations[{where[0]}] and "
                          f"annotations[{where[1]}]); {len(duplicates)} duplicated ids in all")
-    xyxy = xywh_to_xyxy(_number_array(bboxes, ann_ids, src))  # [A, 4] float64
-    rows = np.asarray(rows, dtype=np.int64)  # [A]
-    widths = np.array([r.width for r in records], dtype=np.float64)[rows]  # [A]
-    heights = np.array([r.height for r in records], dtype=np.float64)[rows]  # [A]
-    boxes, keep = clean_boxes(xyxy, widths, heights, report, lambda j: (
+    xyxy = xywh_to_xyxy(_number_array([ann["bbox"] for ann in annotations], ann_ids, src))  # [A, 4] float64
+    rows = np.array([row_of_image[ann["image_id"]] for ann in annotations], dtype=np.int64)  # [A]
+    sizes = np.array([(r.width, r.height) for r in records], dtype=np.float64).reshape(-1, 2)[rows]  # [A, 2]
+    boxes, keep = clean_boxes(xyxy, sizes[:, 0], sizes[:, 1], report, lambda j: (
         f"{src}: annotations[{j}] (id {ann_ids[j]}), image id {records[rows[j]].image_id}"))
 
     # Group the kept boxes by image, keeping the file's order within an image.
-    kept = np.flatnonzero(keep)
-    kept = kept[np.argsort(rows[kept], kind="stable")]  # [A']
+    kept = np.flatnonzero(keep)[np.argsort(rows[keep], kind="stable")]  # [A']
     starts = np.concatenate([[0], np.cumsum(np.bincount(rows[kept], minlength=len(records)))])
     boxes = boxes[kept].astype(np.float32)  # [A', 4]
-    classes = np.asarray(classes, dtype=np.int64)[kept]  # [A']
-    crowd = np.asarray(crowd, dtype=bool)[kept]  # [A']
-    areas = np.asarray(areas, dtype=np.float32)[kept]  # [A']
+    classes = np.array([class_of_category[ann["category_id"]] for ann in annotations], dtype=np.int64)[kept]  # [A']
+    crowd = np.array([ann.get("iscrowd", 0) for ann in annotations], dtype=bool)[kept]  # [A']
+    areas = (ann.get("area") for ann in annotations)  # COCO's own; not a number: unknown (NaN)
+    areas = np.array([float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else np.nan
+                      for a in areas], dtype=np.float32)[kept]  # [A']
     for row, record in enumerate(records):
         record.gt_boxes = boxes[starts[row]:starts[row + 1]]
         record.gt_classes = classes[starts[row]:starts[row + 1]]
         record.gt_difficult = crowd[starts[row]:starts[row + 1]]
         record.gt_crowd = record.gt_difficult
         record.gt_areas = areas[starts[row]:starts[row + 1]]
-    dataset = Dataset(name=json_path.stem, records=records,
-                      class_names=[names_by_id[c] for c in category_ids],
-                      category_ids=category_ids, report=report)
-    return _finish_loading(dataset, check_images, src)
+    return _finish_loading(Dataset(name=json_path.stem, records=records,
+                                   class_names=[names_by_id[c] for c in category_ids],
+                                   category_ids=category_ids, report=report), check_images)
 
 
 def _field(entry: Any, key: str, types: type | tuple[type, ...], src: str, where: str) -> Any:
@@ -304,22 +295,18 @@ def clean_boxes(boxes: np.ndarray, widths: np.ndarray, heights: np.ndarray, repo
         clipped = np.stack([np.maximum(x1, 0), np.maximum(y1, 0), np.minimum(x2, widths),
                             np.minimum(y2, heights)], axis=1)  # [N, 4]
         moved = keep & (np.abs(clipped - boxes).max(axis=1) > CLIP_TOLERANCE)
-
-    def size(j: int) -> str:
-        return f"{widths[j]:g}x{heights[j]:g}"
-
     report.add_many("boxes_nonfinite", np.flatnonzero(~finite),
                     lambda j: f"{describe(j)}: non-finite box {boxes[j].tolist()}")
     report.add_many("boxes_empty", np.flatnonzero(empty),
                     lambda j: f"{describe(j)}: empty box, width {x2[j] - x1[j]:g}, height {y2[j] - y1[j]:g}")
-    report.add_many("boxes_outside", np.flatnonzero(outside),
-                    lambda j: f"{describe(j)}: box {boxes[j].tolist()} outside the {size(j)} image")
-    report.add_many("boxes_clipped", np.flatnonzero(moved),
-                    lambda j: f"{describe(j)}: box {boxes[j].tolist()} clipped to the {size(j)} image")
+    report.add_many("boxes_outside", np.flatnonzero(outside), lambda j: (
+        f"{describe(j)}: box {boxes[j].tolist()} outside the {widths[j]:g}x{heights[j]:g} image"))
+    report.add_many("boxes_clipped", np.flatnonzero(moved), lambda j: (
+        f"{describe(j)}: box {boxes[j].tolist()} clipped to the {widths[j]:g}x{heights[j]:g} image"))
     return clipped, keep
 
 
-def _finish_loading(dataset: Dataset, check_images: bool, src: str) -> Dataset:
+def _finish_loading(dataset: Dataset, check_images: bool) -> Dataset:
     """Shared end of every loader: optional image checks, counts, the warning, the empty check."""
     report = dataset.report
     if check_images:
@@ -332,7 +319,7 @@ def _finish_loading(dataset: Dataset, check_images: bool, src: str) -> Dataset:
     if not dataset.records:
         skipped = sum(report.problems[name] for name in PROBLEMS if name.startswith("images_"))
         reason = f" left: all {skipped} were skipped ({report.summary()})" if skipped else ""
-        raise ValueError(f"{src}: the dataset has no images{reason}")
+        raise ValueError(f"{report.source}: the dataset has no images{reason}")
     return dataset
 
 
@@ -362,9 +349,10 @@ def _check_image_files(records: list[ImageRecord], report: LoadReport) -> list[I
 def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
              classes: Sequence[str] | None = None) -> Dataset:
     """Load a VOC-style folder (PASCAL VOC, LabelImg, CVAT): ``Annotations/<name>.xml`` of each
-    name in ``ImageSets/Main/<split>.txt``. Classes: ``classes``, else ``voc_class_names`` of the
-    names found (category ids 1..K). Image ids: the names as integers ("2008_000008" ->
-    2008000008) when all are distinct digits, else 1-based positions."""
+    name in ``ImageSets/Main/<split>.txt``. Classes (category ids 1..K): ``classes``, else the 20
+    ``VOC_CLASSES`` if every name found is one of them, else the names found, sorted. Image ids:
+    the names as integers ("2008_000008" -> 2008000008) when all are distinct digits, else
+    1-based positions."""
     root = Path(root)
     if not split:
         raise ValueError(f"{root}: a VOC dataset needs a split name (e.g. --split test)")
@@ -381,35 +369,28 @@ def load_voc(root: str | os.PathLike, split: str, *, check_images: bool = False,
     image_ids = [int(d) for d in digits] if numeric else list(range(1, len(names) + 1))
 
     report = LoadReport(source=str(split_file))
-    records, object_names = [], []
-    for i in tqdm(range(len(names)), desc="reading VOC annotations", unit="img", disable=None):
-        xml_path = root / "Annotations" / f"{names[i]}.xml"
-        ann = read_voc_xml(xml_path, root / "JPEGImages", names[i])
-        widths, heights = np.full(len(ann.boxes), float(ann.width)), np.full(len(ann.boxes), float(ann.height))
-        boxes, keep = clean_boxes(ann.boxes, widths, heights, report, lambda j: f"{xml_path}: object {j}")
-        records.append(ImageRecord(
-            image_id=image_ids[i], file_name=str(ann.image_path.absolute()), width=ann.width, height=ann.height,
-            gt_boxes=boxes[keep].astype(np.float32), gt_classes=np.flatnonzero(keep),  # object index, for now
-            gt_difficult=ann.difficult[keep]))
-        object_names.append([n for n, k in zip(ann.names, keep) if k])
+    read = [read_voc_xml(root / "Annotations" / f"{name}.xml", root / "JPEGImages", name, image_id, report)
+            for name, image_id in tqdm(zip(names, image_ids), total=len(names), desc="reading VOC annotations",
+                                       unit="img", disable=None)]
+    records = [record for record, _ in read]
+    object_names = [kept_names for _, kept_names in read]  # [G'] of each record
     if classes:
         class_names = list(classes)
         if len(set(class_names)) != len(class_names):
             raise ValueError(f"duplicate class names in {class_names}")
     else:
-        class_names = voc_class_names({name for found in object_names for name in found})
+        found = {name for kept_names in object_names for name in kept_names}
+        class_names = list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
     class_of_name = {name: k + 1 for k, name in enumerate(class_names)}
-    for i, record in enumerate(records):
-        unknown = [j for j, name in enumerate(object_names[i]) if name not in class_of_name]
+    for record, kept_names, name in zip(records, object_names, names):
+        unknown = [j for j, n in enumerate(kept_names) if n not in class_of_name]
         if unknown:
-            xml_path = root / "Annotations" / f"{names[i]}.xml"
-            raise ValueError(f"{xml_path}: object {record.gt_classes[unknown[0]]}: class "
-                             f"{object_names[i][unknown[0]]!r} is not one of the {len(class_names)} "
+            raise ValueError(f"{root / 'Annotations' / name}.xml: object {record.gt_classes[unknown[0]]}: class "
+                             f"{kept_names[unknown[0]]!r} is not one of the {len(class_names)} "
                              f"training classes {class_names}")
-        record.gt_classes = np.array([class_of_name[n] for n in object_names[i]], np.int64).reshape(-1)
-    dataset = Dataset(name=f"{root.name}_{split}", records=records, class_names=class_names,
-                      category_ids=list(range(1, len(class_names) + 1)), report=report)
-    return _finish_loading(dataset, check_images, str(split_file))
+        record.gt_classes = np.array([class_of_name[n] for n in kept_names], np.int64)
+    return _finish_loading(Dataset(name=f"{root.name}_{split}", records=records, class_names=class_names,
+                                   category_ids=list(range(1, len(class_names) + 1)), report=report), check_images)
 
 
 # The 20 PASCAL VOC classes in the standard order: class k is the same whatever the split holds.
@@ -418,25 +399,13 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "sheep", "sofa", "train", "tvmonitor")
 
 
-@dataclass
-class VocAnnotation:
-    image_path: Path
-    width: int
-    height: int
-    boxes: np.ndarray  # [G, 4] float64 xyxy, 0-based continuous, not yet checked against the image
-    names: list[str]  # [G] class names as written
-    difficult: np.ndarray  # [G] bool
-
-
-def voc_class_names(found: set[str]) -> list[str]:
-    """Classes 1..K of a split with object names ``found``: ``VOC_CLASSES`` if all are VOC's, else sorted."""
-    return list(VOC_CLASSES) if found <= set(VOC_CLASSES) else sorted(found)
-
-
-def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
-    """Parse ``xml_path``; its image is ``image_dir/<name>.jpg``, else ``image_dir/<filename>``
-    (LabelImg/CVAT). A missing ``<size>`` is read from the image, a missing ``<difficult>`` is 0.
-    VOC's 1-based inclusive corners become ``(xmin - 1, ymin - 1, xmax, ymax)``, continuous 0-based."""
+def read_voc_xml(xml_path: Path, image_dir: Path, name: str, image_id: int,
+                 report: LoadReport) -> tuple[ImageRecord, list[str]]:
+    """Image ``image_id``'s record from ``xml_path`` (boxes cleaned into ``report``, ``gt_classes``
+    the kept objects' indices until ``load_voc`` maps their names), and those names. The image is
+    ``image_dir/<name>.jpg``, else ``image_dir/<filename>`` (LabelImg/CVAT). A missing ``<size>``
+    is read from the image, a missing ``<difficult>`` is 0. VOC's 1-based inclusive corners
+    become ``(xmin - 1, ymin - 1, xmax, ymax)``, continuous 0-based."""
     try:
         tree = ET.parse(xml_path)
     except FileNotFoundError:
@@ -473,9 +442,12 @@ def read_voc_xml(xml_path: Path, image_dir: Path, name: str) -> VocAnnotation:
         boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based continuous
         names.append(class_name)
         difficult.append(flag == "1")
-    return VocAnnotation(image_path=image_path, width=int(width), height=int(height),
-                         boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4), names=names,
-                         difficult=np.array(difficult, dtype=bool).reshape(-1))
+    boxes, keep = clean_boxes(np.array(boxes, dtype=np.float64).reshape(-1, 4), np.full(len(boxes), float(int(width))),
+                              np.full(len(boxes), float(int(height))), report, lambda j: f"{xml_path}: object {j}")
+    record = ImageRecord(image_id=image_id, file_name=str(image_path.absolute()), width=int(width),
+                         height=int(height), gt_boxes=boxes[keep].astype(np.float32), gt_classes=np.flatnonzero(keep),
+                         gt_difficult=np.array(difficult, dtype=bool)[keep])
+    return record, [n for n, k in zip(names, keep) if k]
 
 
 def _voc_number(element: ET.Element, path: str, xml_path: Path, where: str) -> float:

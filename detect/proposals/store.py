@@ -98,8 +98,7 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
             os.fsync(f.fileno())
         if num_written != len(image_ids):
             raise ValueError(f"{path}: {num_written} box arrays for {len(image_ids)} image ids")
-        with open(scratch / INDEX_FILE, "wb") as f:
-            np.save(f, index, allow_pickle=False)
+        np.save(scratch / INDEX_FILE, index, allow_pickle=False)  # the name ends in .npy: kept as is
         full_meta = {"format": FORMAT, "version": VERSION, **meta,
                      "num_images": len(image_ids), "num_boxes": num_boxes}
         full_meta["failures"] = full_meta.pop("failures", [])  # last: the list may be long
