@@ -32,12 +32,8 @@ METRICS = ("voc07", "voc")
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str) -> float:
     """AP from cumulative recall [D] and precision [D] (voc_eval.py ``voc_ap``)."""
-    if metric == "voc07":
-        ap = 0.0
-        for t in np.arange(0.0, 1.1, 0.1):
-            above = precision[recall >= t]
-            ap += (above.max() if above.size else 0.0) / 11.0
-        return float(ap)
+    if metric == "voc07":  # precision is >= 0: max(initial=0.0) is 0 only where no recall reaches t
+        return float(sum(precision[recall >= t].max(initial=0.0) / 11.0 for t in np.arange(0.0, 1.1, 0.1)))
     if metric == "voc":
         mrec = np.concatenate([[0.0], recall, [1.0]])
         mpre = np.concatenate([[0.0], precision, [0.0]])

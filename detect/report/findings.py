@@ -102,9 +102,7 @@ def like_for_like(runs: list[Run]) -> tuple[dict[str, dict[str, str]], list[str]
 
 def _versus(values: dict[str, str]) -> str:
     """'2000 (a, b) vs 300 (c)'."""
-    by_value: dict[str, list[str]] = {}
-    for label, v in values.items():
-        by_value.setdefault(v, []).append(label)
+    by_value = {v: [label for label, x in values.items() if x == v] for v in values.values()}
     return " vs ".join(f"{v} ({', '.join(labels)})" for v, labels in by_value.items())
 
 
