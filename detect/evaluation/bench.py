@@ -131,11 +131,10 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
 
 
 def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence[ImageRecord], *,
-          get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
-          num_resamples: int = 2000, seed: int = 0, progress: bool = True) -> dict:
+          get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3, num_resamples: int = 2000) -> dict:
     """``run_interleaved`` + ``bench_summary`` + the environment: bench.json's content."""
-    timings = run_interleaved(detectors, records, get_proposals=get_proposals, warmup=warmup, progress=progress)
-    result = bench_summary(timings, names, [d.kind for d in detectors], num_resamples=num_resamples, seed=seed)
+    timings = run_interleaved(detectors, records, get_proposals=get_proposals, warmup=warmup)
+    result = bench_summary(timings, names, [d.kind for d in detectors], num_resamples=num_resamples)
     # FLOPs at the bench's median image size and proposal count (machine-independent).
     image_hw = (int(np.median([r.height for r in records[warmup:]])), int(np.median([r.width for r in records[warmup:]])))
     num_props = int(np.median(timings["num_proposals"]))

@@ -103,13 +103,9 @@ def error_breakdown(images: list[ImageBoxes], num_classes: int) -> dict:
     """{"AP50", "dAP50": {type: cost}, "counts": {type: n}} (see the module docstring)."""
     dets, num_pos, missed = classify_detections(images, num_classes)
     base = _ap50(dets, num_pos)
-    d_ap = {}
-    for error in ERROR_TYPES:
-        if error == "missed":
-            missed_classes = np.array([images[i].gt_classes[g] - 1 for i, g in missed], np.int64)  # [M] 0..K-1
-            pos = num_pos - np.bincount(missed_classes, minlength=len(num_pos))
-            d_ap[error] = _ap50(dets, pos) - base if (pos > 0).any() else 0.0
-        else:
-            d_ap[error] = _ap50(_fix(dets, error, images), num_pos) - base
+    d_ap = {error: _ap50(_fix(dets, error, images), num_pos) - base for error in ERROR_TYPES[:-1]}
+    missed_classes = np.array([images[i].gt_classes[g] - 1 for i, g in missed], np.int64)  # [M] 0..K-1
+    pos = num_pos - np.bincount(missed_classes, minlength=len(num_pos))
+    d_ap["missed"] = _ap50(dets, pos) - base if (pos > 0).any() else 0.0
     counts = {t: sum(e["type"] == t for e in dets) for t in ERROR_TYPES[:-1]} | {"missed": len(missed)}
     return {"AP50": base, "dAP50": d_ap, "counts": counts, "fg_iou": FG_IOU, "bg_iou": BG_IOU}

@@ -121,18 +121,16 @@ def average_precision(table: MatchTable, image_weights: np.ndarray | None = None
     counts each image that many times (a bootstrap sample). -1 when no class has ground truth."""
     w_img = np.ones(table.num_gt.shape[0]) if image_weights is None else np.asarray(image_weights, float)
     num_pos = w_img @ table.num_gt  # [K]
+    w_det = w_img[table.image_index]  # [N]
     out = {}
     for t, thr in enumerate(table.iou_thresholds):
         aps = []
         for k in range(1, table.num_gt.shape[1] + 1):
             if num_pos[k - 1] <= 0:
                 continue
-            sel = np.flatnonzero(table.labels == k)
-            sel = sel[table.flags[sel, t] != -1]
+            sel = np.flatnonzero((table.labels == k) & (table.flags[:, t] != -1) & (w_det > 0))
             sel = sel[np.argsort(-table.scores[sel], kind="mergesort")]
-            w = w_img[table.image_index[sel]]
-            keep = w > 0
-            aps.append(ap_from_flags(table.flags[sel, t][keep], w[keep], num_pos[k - 1]))
+            aps.append(ap_from_flags(table.flags[sel, t], w_det[sel], num_pos[k - 1]))
         out[thr] = float(np.mean(aps)) if aps else -1.0
     return out
 

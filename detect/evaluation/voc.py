@@ -66,10 +66,8 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]],
                 continue
         tp.append(False)
     tp_cum = np.cumsum(np.asarray(tp, np.float64))
-    fp_cum = np.cumsum(1.0 - np.asarray(tp, np.float64))
-    recall = tp_cum / max(num_pos, 1)
-    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-    return recall, precision, num_pos
+    precision = tp_cum / np.arange(1, len(tp) + 1)  # TP + FP: the detections counted so far
+    return tp_cum / max(num_pos, 1), precision, num_pos
 
 
 def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) -> dict[str, dict]:

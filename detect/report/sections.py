@@ -4,9 +4,8 @@
 self-contained (``detect.report.render``) but for one link to ``viewer.html``
 (``detect.report.viewer``). For the same runs both are identical apart from the ``Generated:``
 line, and the PNGs byte-identical (``detect.report.figures``, in matplotlib's default style
-whatever the user's matplotlibrc). The run folders it reads: ``detect.report.runs``. The detection
-grid shows the first ``num_grid_images`` image ids with ground truth of the dataset named by
-``data`` or the first run's metrics.json (relative paths: from the current folder, else the run's).
+whatever the user's matplotlibrc). The run folders it reads: ``detect.report.runs``; the paths
+they name: ``detect.report.runs.resolve_path``.
 """
 
 from __future__ import annotations
