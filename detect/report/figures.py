@@ -21,7 +21,7 @@ from PIL import Image
 from detect.common.palette import TAB10_HEX
 from detect.data.datasets import ImageRecord
 from detect.data.images import ImageReadError, read_image
-from detect.evaluation.errors import ERROR_TYPES
+from detect.evaluation.matching import ERROR_TYPES
 from detect.evaluation.proposal_tuning import best_per_search, ranking_name
 from detect.report.runs import Run
 

@@ -18,8 +18,7 @@ import numpy as np
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset, gt_flags
 from detect.evaluation.bench import ratio_text, reference_index
-from detect.evaluation.errors import ERROR_TYPES, error_breakdown
-from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
+from detect.evaluation.matching import ERROR_TYPES, ImageBoxes, bootstrap_ap, error_breakdown, match_images
 from detect.evaluation.voc import detections_from_results
 from detect.report import figures
 from detect.report.render import Heading, Section, Table, Text
