@@ -193,8 +193,7 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
         raise ValueError(f"tune-proposals: target recall must be in (0, 1], got {target_recall}")
     if max_boxes < 1 or num_images < 1 or probe_images < 1:
         raise ValueError("tune-proposals: max boxes, number of images and probe images must be >= 1")
-    budgets = sorted({b for b in grid.budgets if b <= max_boxes} | {max_boxes})
-    grid = replace(grid, budgets=tuple(budgets))
+    grid = replace(grid, budgets=tuple(sorted({b for b in grid.budgets if b <= max_boxes} | {max_boxes})))
     sample = sample_records(records, num_images, seed)
     cache = SearchCache(cache_dir, base, sample)
     if base["engine"] == "ours":

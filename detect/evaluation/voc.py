@@ -74,17 +74,16 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) ->
     """``{metric: {"mAP", "per_class_AP": {class name: AP}}}`` of ``detections`` (image id ->
     ``Detections``, labels 1..K) on ``dataset`` for each of ``METRICS``; -1 where undefined."""
     per_class: dict[str, dict[str, float]] = {m: {} for m in METRICS}
+    arrays = [(image_id, d.labels.cpu().numpy(), d.scores.cpu().numpy(), d.boxes.cpu().numpy())
+              for image_id, d in detections.items()]
     for k, name in enumerate(dataset.class_names, start=1):
         gt = {}
         for record in dataset.records:
             mine = np.asarray(record.gt_classes).reshape(-1) == k
             difficult = gt_flags(record.gt_difficult, len(mine))
             gt[record.image_id] = (np.asarray(record.gt_boxes).reshape(-1, 4)[mine], difficult[mine])
-        dets = []
-        for image_id, d in detections.items():
-            labels = d.labels.cpu().numpy()
-            boxes, scores = d.boxes.cpu().numpy()[labels == k], d.scores.cpu().numpy()[labels == k]
-            dets.extend((float(s), image_id, b) for s, b in zip(scores, boxes))
+        dets = [(float(s), image_id, b) for image_id, labels, scores, boxes in arrays
+                for s, b in zip(scores[labels == k], boxes[labels == k])]
         recall, precision, num_pos = class_pr(dets, gt)
         for m in METRICS:
             per_class[m][name] = average_precision(recall, precision, m) if num_pos else -1.0

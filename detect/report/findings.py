@@ -30,15 +30,12 @@ FLOOR_AP50 = 0.05  # an AP50 whose interval reaches below this bounds its own dr
 
 def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
     """The run's detections.json and the dataset's ground truth, image by image (dataset order)."""
-    detections = detections_from_results(dataset, read_json(run.detections_path))
+    detections = {image_id: (d.boxes.numpy(), d.scores.numpy(), d.labels.numpy()) for image_id, d
+                  in detections_from_results(dataset, read_json(run.detections_path)).items()}
     none = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
-    images = []
-    for rec in dataset.records:
-        d = detections.get(rec.image_id)
-        gt_boxes = np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4)
-        images.append(ImageBoxes(gt_boxes, np.asarray(rec.gt_classes), gt_flags(rec.gt_difficult, len(gt_boxes)),
-                                 *(none if d is None else (d.boxes.numpy(), d.scores.numpy(), d.labels.numpy()))))
-    return images
+    return [ImageBoxes(np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4), np.asarray(rec.gt_classes),
+                       gt_flags(rec.gt_difficult, len(rec.gt_boxes)), *detections.get(rec.image_id, none))
+            for rec in dataset.records]
 
 
 def reference_first(runs: list[Run]) -> list[Run]:

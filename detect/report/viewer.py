@@ -9,11 +9,9 @@ reference, ``detect.evaluation.matching.per_image_ap50``, images without gt last
 name) and each run's proposals (its top-k, at most ``MAX_PROPOSALS``; gt none covers at IoU
 ``COVER_IOU`` highlighted). The state is kept in the URL's fragment (``viewer.html#sort=d1&t=0.3``).
 
-Offline: ``viewer_template.html`` (CSS and vanilla JavaScript) with the data inlined; images as
-JPEGs of ``VIEW_SIZE`` px on the longer side. Up to ``EMBED_MAX_IMAGES`` images everything is
-embedded; beyond, viewer.html holds an index (about 105 bytes plus the file name per image,
-under ``INDEX_MAX_BYTES`` at 5,000 images) and each image's JPEG and boxes are files in
-``viewer/``, loaded when their page (``PAGE_SIZE`` images) is shown.
+Offline: ``viewer_template.html`` (CSS and vanilla JavaScript) with the data inlined, the images
+as JPEGs. Beyond ``EMBED_MAX_IMAGES`` images viewer.html holds an index (about 105 bytes plus the
+file name per image) and each image's JPEG and boxes are files in ``FOLDER``, loaded with their page.
 """
 
 from __future__ import annotations
