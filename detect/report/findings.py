@@ -1,13 +1,12 @@
 """Box accuracy explained, and the "Findings" the report opens with.
 
-``box_accuracy`` computes from each run's detections.json (``detect.evaluation``): AP50 and AP75
-with paired bootstrap 95% intervals over images, the difference to the reference run
-(``detect.evaluation.bench.reference_index``), the drop from AP50 to AP75 (how much AP needs
-tight boxes) and the TIDE-style error breakdown; ``explained_section`` shows them.
-``like_for_like`` finds what the runs do not share (``_setup``). ``findings`` turns all that, the
-bench and the FLOPs into sentences (a pure function of dicts): an interval containing 0 is "no
-significant difference", each verdict names the differences between its runs, and the
-box-accuracy claim is judged on like-for-like runs only."""
+``box_accuracy`` computes from each run's detections.json: AP50 and AP75 with paired bootstrap 95%
+intervals over images, the difference to the reference run (``reference_first``), the drop from
+AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error breakdown;
+``explained_section`` shows them. ``findings`` turns them, ``like_for_like``'s differences and the
+bench into sentences (a pure function of dicts): an interval containing 0 is "no significant
+difference", each verdict names the differences between its runs, and the box-accuracy claim is
+judged on like-for-like runs only."""
 
 from __future__ import annotations
 

@@ -86,12 +86,9 @@ def _runs_section(runs: list[Run]) -> Section:
     section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
                                                "test settings", "proposal recall@0.5", "folder"], rows)])
     # Ablations: runs of one detector that differ only in their number of proposals.
-    sweeps = {}
-    for r in runs:
-        if r.test_settings and r.test_settings.get("box_regression", True) and r.test_ms:
-            sweeps.setdefault(r.detector, []).append(r)
-    sweeps = {k: v for k, v in sweeps.items()
-              if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
+    swept = [r for r in runs if r.test_settings and r.test_settings.get("box_regression", True) and r.test_ms]
+    sweeps = {kind: [r for r in swept if r.detector == kind] for kind in _union(r.detector for r in swept)}
+    sweeps = {k: v for k, v in sweeps.items() if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
     if sweeps:
         section.add_figure("proposals_sweep.png", figures.proposal_sweep(sweeps), "AP50 and detector time per "
                            "image against the number of proposals (test-time ablation, [FRCN] Section 5.5).")
