@@ -76,12 +76,11 @@ def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) ->
     per_class: dict[str, dict[str, float]] = {m: {} for m in METRICS}
     arrays = [(image_id, d.labels.cpu().numpy(), d.scores.cpu().numpy(), d.boxes.cpu().numpy())
               for image_id, d in detections.items()]
+    gt_arrays = [(r.image_id, np.asarray(r.gt_classes).reshape(-1), np.asarray(r.gt_boxes).reshape(-1, 4),
+                  gt_flags(r.gt_difficult, len(r.gt_classes))) for r in dataset.records]
     for k, name in enumerate(dataset.class_names, start=1):
-        gt = {}
-        for record in dataset.records:
-            mine = np.asarray(record.gt_classes).reshape(-1) == k
-            difficult = gt_flags(record.gt_difficult, len(mine))
-            gt[record.image_id] = (np.asarray(record.gt_boxes).reshape(-1, 4)[mine], difficult[mine])
+        gt = {image_id: (boxes[classes == k], difficult[classes == k])
+              for image_id, classes, boxes, difficult in gt_arrays}
         dets = [(float(s), image_id, b) for image_id, labels, scores, boxes in arrays
                 for s, b in zip(scores[labels == k], boxes[labels == k])]
         recall, precision, num_pos = class_pr(dets, gt)
@@ -98,13 +97,10 @@ def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, 
     for entry in results:
         if entry.get("category_id") in class_of:
             grouped.setdefault(entry["image_id"], []).append(entry)
-    out = {}
-    for image_id, entries in grouped.items():
-        boxes = xywh_to_xyxy(np.array([e["bbox"] for e in entries], np.float64))  # [D, 4]
-        out[image_id] = Detections(torch.from_numpy(boxes),
-                                   torch.from_numpy(np.array([e["score"] for e in entries], np.float64)),
-                                   torch.tensor([class_of[e["category_id"]] for e in entries]))
-    return out
+    return {image_id: Detections(torch.from_numpy(xywh_to_xyxy(np.array([e["bbox"] for e in entries], np.float64))),
+                                 torch.from_numpy(np.array([e["score"] for e in entries], np.float64)),
+                                 torch.tensor([class_of[e["category_id"]] for e in entries]))
+            for image_id, entries in grouped.items()}
 
 
 def format_voc_table(result: dict, metric: str) -> str:

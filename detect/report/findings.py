@@ -243,8 +243,7 @@ def explained_section(runs: list[Run], acc: dict | None) -> Section:
                             f"({boot['num_resamples']} resamples, seed {boot['seed']}).")]
     rows = [[label] + [f"{100 * e['dAP50'][t]:.1f} ({e['counts'][t]})" for t in ERROR_TYPES]
             for label, e in zip(acc["labels"], acc["errors"])]
-    section.blocks.append(Heading("Error breakdown (TIDE-style)", 3))
-    section.blocks.append(Table(["run", *ERROR_TYPES], rows))
+    section.blocks += [Heading("Error breakdown (TIDE-style)", 3), Table(["run", *ERROR_TYPES], rows)]
     colors = {r.label: r.color for r in runs}
     section.add_figure("error_breakdown.png",
                        figures.error_bars(acc["labels"], [colors[x] for x in acc["labels"]], acc["errors"]),
