@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detect.evaluation.errors import ERROR_TYPES, classify_detections, error_breakdown, per_image_ap50
+from detect.evaluation.matching import ERROR_TYPES, classify_detections, error_breakdown, per_image_ap50
 from detect.evaluation.matching import ImageBoxes
 
 GT = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], float)

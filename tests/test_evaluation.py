@@ -303,7 +303,7 @@ def test_print_metrics_prints_the_table_and_the_test_time_once(capsys):
 
 def test_numpy_only_modules_do_not_import_torch():
     """The proposal workers, `detect recall` and the tuner start without torch (detect.common.box_ops)."""
-    modules = ("detect.proposals.batch, detect.evaluation.recall, detect.evaluation.errors, "
+    modules = ("detect.proposals.batch, detect.evaluation.recall, detect.evaluation.matching, "
                "detect.evaluation.proposal_tuning")
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from detect.common.config import Config
-from detect.evaluation.flops import count_flops, detector_flops, paper_flops
+from detect.evaluation.bench import count_flops, detector_flops, paper_flops
 from detect.models.build import build_fast_rcnn
 
 

@@ -1,4 +1,4 @@
-"""``detect bench``: time two or more detectors so that machine noise cancels.
+"""``detect bench``: time two or more detectors so that machine noise cancels; their FLOPs beside.
 
 Timed one after the other, whatever else the machine does decides the ratio. Here they run
 **interleaved, image by image**, in one process (image 1 with A, then B, image 2 with A, then
@@ -7,11 +7,21 @@ counted. The summary gives medians, p10/p90 and the ratio of medians with a pair
 interval over images (one resample for all detectors). Selective search (or the store read)
 runs once per image as the shared "proposals" stage; end to end is proposals + detector, the
 wait in ``detect predict``.
+
+FLOPs per image and stage, machine-independent and deterministic, are counted by
+``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add) on **meta**
+tensors, where only shapes flow; per-RoI work (R-CNN's CNN on one warp, Fast R-CNN's head on one
+pooled RoI) is counted once and multiplied by the number of proposals. Added by formula, unseen
+by the counter: RoI pooling, ``R * C * S * S * k`` with k = 1 comparison per output for max
+pooling (a lower bound) or 32 for RoI align (2 x 2 samples of 4 bilinear taps), either under
+0.1% of VGG16's fc6; R-CNN's warp, 4 bilinear taps per output value (8 FLOPs).
+``detector_flops`` counts a detector at its settings, ``paper_flops`` both at the papers'.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import time
 from typing import Callable, Sequence
@@ -20,19 +30,32 @@ import cv2
 import numpy as np
 import torch
 import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from detect.common.runtime import device_name
 from detect.data.datasets import ImageRecord
 from detect.data.images import read_image
-from detect.evaluation.flops import detector_flops, paper_flops
 from detect.evaluation.run import timing_lists
+from detect.models.backbones import build_backbone
 from detect.models.detector import Detector, StageTimer
+from detect.models.fast_rcnn import FastRCNN, resize_scale
+from detect.models.rcnn import RCNN, RegionNet
 from detect.proposals.selective_search import selective_search
 
 PROPOSALS = "proposals"  # the shared stage: selective search (or the store read), once per image
 DETECTOR_TOTAL = "detector"  # sum of a detector's own stages
 END_TO_END = "end_to_end"  # proposals + detector
+ROI_FLOPS_PER_OUTPUT = {"roi_pool": 1, "roi_align": 32}  # see the module docstring
+WARP_FLOPS_PER_OUTPUT = 8  # bilinear: 4 taps x (multiply + add)
+PAPER_NUM_PROPOSALS = 2000
+PAPER_FAST_RCNN_INPUT = (600, 1000)  # [FRCN] shorter side 600, longer side capped at 1000
+PAPER_RCNN_CROP = 224  # VGG16's input, which our configs use; [RCNN]'s 227 is AlexNet's
+PAPER_NUM_CLASSES = 20  # PASCAL VOC
+PAPER_SETTINGS = (f"VGG16 without weights, {PAPER_NUM_PROPOSALS} proposals, {PAPER_NUM_CLASSES} classes; Fast R-CNN "
+                  f"on a {PAPER_FAST_RCNN_INPUT[0]} x {PAPER_FAST_RCNN_INPUT[1]} input, R-CNN on {PAPER_RCNN_CROP} x "
+                  f"{PAPER_RCNN_CROP} warps (VGG16's input; the R-CNN paper's 227 is AlexNet's)")
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
@@ -130,12 +153,97 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
             "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": seed}
 
 
+def count_flops(module: nn.Module, *inputs_shapes: tuple[int, ...]) -> int:
+    """FLOPs of one ``module(*inputs)`` call with inputs of these shapes, counted on meta
+    tensors (``module`` is copied to the meta device unless it already lives there)."""
+    if next(module.parameters(), torch.empty(0, device="meta")).device.type != "meta":
+        module = copy.deepcopy(module).to("meta")
+    inputs = [torch.empty(shape, device="meta") for shape in inputs_shapes]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+class _RoIHead(nn.Module):
+    """Fast R-CNN's per-RoI work after pooling: head, then the two sibling layers."""
+
+    def __init__(self, head: nn.Module, cls_score: nn.Module, bbox_pred: nn.Module):
+        super().__init__()
+        self.head, self.cls_score, self.bbox_pred = head, cls_score, bbox_pred
+
+    def forward(self, pooled):
+        x = self.head(pooled)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def fast_rcnn_flops(*, body: nn.Module, roi_head: nn.Module, out_channels: int, roi_size: int,
+                    input_hw: tuple[int, int], num_proposals: int,
+                    roi_op: str = "roi_pool") -> dict[str, int]:
+    """{"backbone", "roi_head"} FLOPs of Fast R-CNN on a network input of ``input_hw``."""
+    c, s = out_channels, roi_size
+    per_roi = count_flops(roi_head, (1, c, s, s))
+    pooling = num_proposals * c * s * s * ROI_FLOPS_PER_OUTPUT[roi_op]
+    return {"backbone": count_flops(body, (1, 3, *input_hw)), "roi_head": num_proposals * per_roi + pooling}
+
+
+def rcnn_flops(*, net: nn.Module, crop_size: int, num_proposals: int, head_dim: int, pool5_dim: int,
+               num_classes: int) -> dict[str, int]:
+    """{"warp", "features", "svm", "bbox_reg"} FLOPs of R-CNN on ``num_proposals`` warps."""
+    r, k = num_proposals, num_classes
+    return {"warp": r * 3 * crop_size * crop_size * WARP_FLOPS_PER_OUTPUT,
+            "features": r * count_flops(net, (1, 3, crop_size, crop_size)),
+            "svm": r * 2 * head_dim * k,
+            "bbox_reg": r * 2 * pool5_dim * 4 * k}
+
+
+def detector_flops(detector: Detector, image_hw: tuple[int, int], num_proposals: int) -> dict[str, int]:
+    """FLOPs per stage of ``detector`` at its settings on one image of ``image_hw`` (original
+    pixels) with ``num_proposals`` proposals (cut to its ``proposal_top_k`` when set)."""
+    r = min(num_proposals, detector.proposal_top_k) if detector.proposal_top_k > 0 else num_proposals
+    if isinstance(detector, FastRCNN):  # multi-scale test: the backbone runs at every scale
+        h, w = image_hw
+        body = copy.deepcopy(detector.body).to("meta")
+        roi_head = _RoIHead(detector.head, detector.cls_score, detector.bbox_pred)
+        total: dict[str, int] = {}
+        for i, size in enumerate(detector.test_scales):
+            scale = resize_scale(h, w, size, detector.test_max_size)
+            input_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+            with torch.no_grad():
+                out_channels = int(body(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
+            stages = fast_rcnn_flops(body=body, roi_head=roi_head, out_channels=out_channels,
+                                     roi_size=detector.roi_size, input_hw=input_hw,
+                                     num_proposals=r if i == 0 else 0, roi_op=detector.roi_op)
+            total = {k: total.get(k, 0) + v for k, v in stages.items()}  # each RoI on one scale only
+        return total
+    if isinstance(detector, RCNN):
+        return rcnn_flops(net=detector.net, crop_size=detector.crop_size, num_proposals=r,
+                          head_dim=detector.svm_weight.shape[1], pool5_dim=detector.bbox_weight.shape[1],
+                          num_classes=detector.num_classes)
+    raise ValueError(f"FLOP count: unknown detector kind {detector.kind!r}")
+
+
+@functools.lru_cache(maxsize=1)  # deterministic; building VGG16 on meta takes seconds
+def paper_flops() -> dict:
+    """Both detectors at ``PAPER_SETTINGS`` (VGG16 built on meta): {"settings", "fast_rcnn":
+    {stage: FLOPs}, "rcnn": {stage: FLOPs}, "rcnn_over_fast_rcnn"}. Cached: copy it to change it."""
+    with torch.device("meta"):
+        bb = build_backbone("vgg16", weights="none", head_dim=4096, roi_size=7)
+        k = PAPER_NUM_CLASSES
+        roi_head = _RoIHead(bb.head, nn.Linear(bb.head_dim, k + 1), nn.Linear(bb.head_dim, 4 * k))
+        net = RegionNet(body=bb.body, head=bb.head, roi_size=bb.roi_size)
+    fast = fast_rcnn_flops(body=bb.body, roi_head=roi_head, out_channels=bb.out_channels, roi_size=bb.roi_size,
+                           input_hw=PAPER_FAST_RCNN_INPUT, num_proposals=PAPER_NUM_PROPOSALS)
+    slow = rcnn_flops(net=net, crop_size=PAPER_RCNN_CROP, num_proposals=PAPER_NUM_PROPOSALS, head_dim=bb.head_dim,
+                      pool5_dim=bb.out_channels * bb.roi_size ** 2, num_classes=k)
+    return {"settings": PAPER_SETTINGS, "fast_rcnn": fast, "rcnn": slow,
+            "rcnn_over_fast_rcnn": sum(slow.values()) / sum(fast.values())}
+
+
 def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence[ImageRecord], *,
-          get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
-          num_resamples: int = 2000, seed: int = 0, progress: bool = True) -> dict:
+          get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3, num_resamples: int = 2000) -> dict:
     """``run_interleaved`` + ``bench_summary`` + the environment: bench.json's content."""
-    timings = run_interleaved(detectors, records, get_proposals=get_proposals, warmup=warmup, progress=progress)
-    result = bench_summary(timings, names, [d.kind for d in detectors], num_resamples=num_resamples, seed=seed)
+    timings = run_interleaved(detectors, records, get_proposals=get_proposals, warmup=warmup)
+    result = bench_summary(timings, names, [d.kind for d in detectors], num_resamples=num_resamples)
     # FLOPs at the bench's median image size and proposal count (machine-independent).
     image_hw = (int(np.median([r.height for r in records[warmup:]])), int(np.median([r.width for r in records[warmup:]])))
     num_props = int(np.median(timings["num_proposals"]))

@@ -84,11 +84,10 @@ def coco_results(dataset: Dataset, detections: dict[int, Detections]) -> list[di
     return results
 
 
-def evaluate_detections(dataset: Dataset, detections: dict[int, Detections], *,
-                        log_path: str | Path | None = None) -> dict:
+def evaluate_detections(dataset: Dataset, detections: dict[int, Detections]) -> dict:
     """COCO metrics of in-memory ``detections`` (image id -> ``Detections``) on ``dataset``; its
     images missing from ``detections`` count as images with no detections."""
-    return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections), log_path=log_path)
+    return evaluate_coco(dataset_to_coco(dataset), coco_results(dataset, detections))
 
 
 def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, *,

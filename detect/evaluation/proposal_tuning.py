@@ -78,9 +78,6 @@ class Grid:
     rankings: tuple = RANKINGS
     budgets: tuple = BUDGETS
 
-    def searches(self) -> list[Search]:
-        return [Search(m, int(r), float(k)) for m in self.modes for r in self.resizes for k in self.k_scales]
-
 
 def sample_records(records: list, num_images: int, seed: int) -> list:
     """Up to ``num_images`` records with counted ground truth, drawn with ``seed``, in dataset order."""
@@ -193,8 +190,7 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
         raise ValueError(f"tune-proposals: target recall must be in (0, 1], got {target_recall}")
     if max_boxes < 1 or num_images < 1 or probe_images < 1:
         raise ValueError("tune-proposals: max boxes, number of images and probe images must be >= 1")
-    budgets = sorted({b for b in grid.budgets if b <= max_boxes} | {max_boxes})
-    grid = replace(grid, budgets=tuple(budgets))
+    grid = replace(grid, budgets=tuple(sorted({b for b in grid.budgets if b <= max_boxes} | {max_boxes})))
     sample = sample_records(records, num_images, seed)
     cache = SearchCache(cache_dir, base, sample)
     if base["engine"] == "ours":
@@ -206,7 +202,8 @@ def tune(records: list, *, base: dict, cache_dir: str | Path, grid: Grid | None 
 
     probe_set = sample[:probe_images]
     probe, status, all_rows = {}, {}, []
-    order = sorted(grid.searches(), key=lambda s: estimated_cost(s, sample, base["resize_side"]))
+    searches = [Search(m, int(r), float(k)) for m in grid.modes for r in grid.resizes for k in grid.k_scales]
+    order = sorted(searches, key=lambda s: estimated_cost(s, sample, base["resize_side"]))
     for i, search in enumerate(order):
         rows, seconds = evaluate_search(search, probe_set, cache, grid, target_iou, progress,
                                         desc=f"{i + 1}/{len(order)} {search.key} (probe)")

@@ -26,7 +26,6 @@ from detect.evaluation.recall import RECALL_TOP_KS, proposal_recall
 from detect.evaluation.voc import detections_from_results, evaluate_voc_metrics, format_voc_table
 from detect.models.detector import Detections, Detector, StageTimer
 
-
 TIMING_WARMUP = 3  # images left out of the medians: the first calls pay for allocation and caches
 
 

@@ -32,12 +32,8 @@ METRICS = ("voc07", "voc")
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, metric: str) -> float:
     """AP from cumulative recall [D] and precision [D] (voc_eval.py ``voc_ap``)."""
-    if metric == "voc07":
-        ap = 0.0
-        for t in np.arange(0.0, 1.1, 0.1):
-            above = precision[recall >= t]
-            ap += (above.max() if above.size else 0.0) / 11.0
-        return float(ap)
+    if metric == "voc07":  # precision is >= 0: max(initial=0.0) is 0 only where no recall reaches t
+        return float(sum(precision[recall >= t].max(initial=0.0) / 11.0 for t in np.arange(0.0, 1.1, 0.1)))
     if metric == "voc":
         mrec = np.concatenate([[0.0], recall, [1.0]])
         mpre = np.concatenate([[0.0], precision, [0.0]])
@@ -70,27 +66,23 @@ def class_pr(dets: list[tuple[float, int, np.ndarray]],
                 continue
         tp.append(False)
     tp_cum = np.cumsum(np.asarray(tp, np.float64))
-    fp_cum = np.cumsum(1.0 - np.asarray(tp, np.float64))
-    recall = tp_cum / max(num_pos, 1)
-    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-    return recall, precision, num_pos
+    precision = tp_cum / np.arange(1, len(tp) + 1)  # TP + FP: the detections counted so far
+    return tp_cum / max(num_pos, 1), precision, num_pos
 
 
 def evaluate_voc_metrics(dataset: Dataset, detections: dict[int, Detections]) -> dict[str, dict]:
     """``{metric: {"mAP", "per_class_AP": {class name: AP}}}`` of ``detections`` (image id ->
     ``Detections``, labels 1..K) on ``dataset`` for each of ``METRICS``; -1 where undefined."""
     per_class: dict[str, dict[str, float]] = {m: {} for m in METRICS}
+    arrays = [(image_id, d.labels.cpu().numpy(), d.scores.cpu().numpy(), d.boxes.cpu().numpy())
+              for image_id, d in detections.items()]
+    gt_arrays = [(r.image_id, np.asarray(r.gt_classes).reshape(-1), np.asarray(r.gt_boxes).reshape(-1, 4),
+                  gt_flags(r.gt_difficult, len(r.gt_classes))) for r in dataset.records]
     for k, name in enumerate(dataset.class_names, start=1):
-        gt = {}
-        for record in dataset.records:
-            mine = np.asarray(record.gt_classes).reshape(-1) == k
-            difficult = gt_flags(record.gt_difficult, len(mine))
-            gt[record.image_id] = (np.asarray(record.gt_boxes).reshape(-1, 4)[mine], difficult[mine])
-        dets = []
-        for image_id, d in detections.items():
-            labels = d.labels.cpu().numpy()
-            boxes, scores = d.boxes.cpu().numpy()[labels == k], d.scores.cpu().numpy()[labels == k]
-            dets.extend((float(s), image_id, b) for s, b in zip(scores, boxes))
+        gt = {image_id: (boxes[classes == k], difficult[classes == k])
+              for image_id, classes, boxes, difficult in gt_arrays}
+        dets = [(float(s), image_id, b) for image_id, labels, scores, boxes in arrays
+                for s, b in zip(scores[labels == k], boxes[labels == k])]
         recall, precision, num_pos = class_pr(dets, gt)
         for m in METRICS:
             per_class[m][name] = average_precision(recall, precision, m) if num_pos else -1.0
@@ -105,13 +97,10 @@ def detections_from_results(dataset: Dataset, results: list[dict]) -> dict[int, 
     for entry in results:
         if entry.get("category_id") in class_of:
             grouped.setdefault(entry["image_id"], []).append(entry)
-    out = {}
-    for image_id, entries in grouped.items():
-        boxes = xywh_to_xyxy(np.array([e["bbox"] for e in entries], np.float64))  # [D, 4]
-        out[image_id] = Detections(torch.from_numpy(boxes),
-                                   torch.from_numpy(np.array([e["score"] for e in entries], np.float64)),
-                                   torch.tensor([class_of[e["category_id"]] for e in entries]))
-    return out
+    return {image_id: Detections(torch.from_numpy(xywh_to_xyxy(np.array([e["bbox"] for e in entries], np.float64))),
+                                 torch.from_numpy(np.array([e["score"] for e in entries], np.float64)),
+                                 torch.tensor([class_of[e["category_id"]] for e in entries]))
+            for image_id, entries in grouped.items()}
 
 
 def format_voc_table(result: dict, metric: str) -> str:

@@ -21,7 +21,7 @@ from PIL import Image
 from detect.common.palette import TAB10_HEX
 from detect.data.datasets import ImageRecord
 from detect.data.images import ImageReadError, read_image
-from detect.evaluation.errors import ERROR_TYPES
+from detect.evaluation.matching import ERROR_TYPES
 from detect.evaluation.proposal_tuning import best_per_search, ranking_name
 from detect.report.runs import Run
 
@@ -281,13 +281,14 @@ def proposal_tuning(result: dict) -> bytes:
     ax_boxes, ax_time = _figure(11.0, 4.4).subplots(1, 2)
     metric, target = result["metric"], result["target"]["recall"]
     modes = list(dict.fromkeys([r["mode"] for r in result["rows"]] + [k.split("_")[0] for k in result["probe"]]))
+    mode_colors = {m: TAB10_HEX[i % len(TAB10_HEX)] for i, m in enumerate(modes)}
     k_scales = sorted({r["k_scale"] for r in result["rows"]}, reverse=True)
     styles = dict(zip(k_scales, ("-", "--", ":", "-.") * len(k_scales)))
     for best in best_per_search(result):
         same = ("mode", "resize", "k_scale", "min_size", "ranking", "nms_iou")
         rows = sorted((r for r in result["rows"] if all(r[k] == best[k] for k in same)),
                       key=lambda r: r["boxes_per_image"])
-        color = TAB10_HEX[modes.index(best["mode"]) % len(TAB10_HEX)]
+        color = mode_colors[best["mode"]]
         label = (f"{best['mode']} {best['resize'] or 'native'} k x{best['k_scale']:g} min {best['min_size']} "
                  + ranking_name(best))
         ax_boxes.plot([r["boxes_per_image"] for r in rows], [r[metric] for r in rows], "o" + styles[best["k_scale"]],
@@ -295,9 +296,8 @@ def proposal_tuning(result: dict) -> bytes:
         ax_time.plot([best["seconds_per_image"]], [best[metric]], "o", color=color, markersize=5)
     for key, probe in result["probe"].items():  # every search tried, on the probe images: hollow
         ax_time.plot([probe["seconds_per_image"]], [probe["best_recall"]], "o", mfc="none", markersize=5,
-                     color=TAB10_HEX[modes.index(key.split("_")[0]) % len(TAB10_HEX)])
-    ax_time.legend(handles=[Line2D([], [], marker="o", linestyle="", color=TAB10_HEX[i % len(TAB10_HEX)], label=m)
-                            for i, m in enumerate(modes)]
+                     color=mode_colors[key.split("_")[0]])
+    ax_time.legend(handles=[Line2D([], [], marker="o", linestyle="", color=c, label=m) for m, c in mode_colors.items()]
                    + [Line2D([], [], marker="o", linestyle="", mfc="none", color="#555",
                              label=f"probe ({result['probe_images']} images, best setting)")],
                    fontsize=7, loc="lower right")

@@ -1,13 +1,12 @@
 """Box accuracy explained, and the "Findings" the report opens with.
 
-``box_accuracy`` computes from each run's detections.json (``detect.evaluation``): AP50 and AP75
-with paired bootstrap 95% intervals over images, the difference to the reference run
-(``detect.evaluation.bench.reference_index``), the drop from AP50 to AP75 (how much AP needs
-tight boxes) and the TIDE-style error breakdown; ``explained_section`` shows them.
-``like_for_like`` finds what the runs do not share (``_setup``). ``findings`` turns all that, the
-bench and the FLOPs into sentences (a pure function of dicts): an interval containing 0 is "no
-significant difference", each verdict names the differences between its runs, and the
-box-accuracy claim is judged on like-for-like runs only."""
+``box_accuracy`` computes from each run's detections.json: AP50 and AP75 with paired bootstrap 95%
+intervals over images, the difference to the reference run (``reference_first``), the drop from
+AP50 to AP75 (how much AP needs tight boxes) and the TIDE-style error breakdown;
+``explained_section`` shows them. ``findings`` turns them, ``like_for_like``'s differences and the
+bench into sentences (a pure function of dicts): an interval containing 0 is "no significant
+difference", each verdict names the differences between its runs, and the box-accuracy claim is
+judged on like-for-like runs only."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ import numpy as np
 from detect.common.fileio import read_json
 from detect.data.datasets import Dataset, gt_flags
 from detect.evaluation.bench import ratio_text, reference_index
-from detect.evaluation.errors import ERROR_TYPES, error_breakdown
-from detect.evaluation.matching import ImageBoxes, bootstrap_ap, match_images
+from detect.evaluation.matching import ERROR_TYPES, ImageBoxes, bootstrap_ap, error_breakdown, match_images
 from detect.evaluation.voc import detections_from_results
 from detect.report import figures
 from detect.report.render import Heading, Section, Table, Text
@@ -31,15 +29,12 @@ FLOOR_AP50 = 0.05  # an AP50 whose interval reaches below this bounds its own dr
 
 def image_boxes(run: Run, dataset: Dataset) -> list[ImageBoxes]:
     """The run's detections.json and the dataset's ground truth, image by image (dataset order)."""
-    detections = detections_from_results(dataset, read_json(run.detections_path))
+    detections = {image_id: (d.boxes.numpy(), d.scores.numpy(), d.labels.numpy()) for image_id, d
+                  in detections_from_results(dataset, read_json(run.detections_path)).items()}
     none = (np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64))
-    images = []
-    for rec in dataset.records:
-        d = detections.get(rec.image_id)
-        gt_boxes = np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4)
-        images.append(ImageBoxes(gt_boxes, np.asarray(rec.gt_classes), gt_flags(rec.gt_difficult, len(gt_boxes)),
-                                 *(none if d is None else (d.boxes.numpy(), d.scores.numpy(), d.labels.numpy()))))
-    return images
+    return [ImageBoxes(np.asarray(rec.gt_boxes, np.float64).reshape(-1, 4), np.asarray(rec.gt_classes),
+                       gt_flags(rec.gt_difficult, len(rec.gt_boxes)), *detections.get(rec.image_id, none))
+            for rec in dataset.records]
 
 
 def reference_first(runs: list[Run]) -> list[Run]:
@@ -102,9 +97,7 @@ def like_for_like(runs: list[Run]) -> tuple[dict[str, dict[str, str]], list[str]
 
 def _versus(values: dict[str, str]) -> str:
     """'2000 (a, b) vs 300 (c)'."""
-    by_value: dict[str, list[str]] = {}
-    for label, v in values.items():
-        by_value.setdefault(v, []).append(label)
+    by_value = {v: [label for label, x in values.items() if x == v] for v in values.values()}
     return " vs ".join(f"{v} ({', '.join(labels)})" for v, labels in by_value.items())
 
 
@@ -250,8 +243,7 @@ def explained_section(runs: list[Run], acc: dict | None) -> Section:
                             f"({boot['num_resamples']} resamples, seed {boot['seed']}).")]
     rows = [[label] + [f"{100 * e['dAP50'][t]:.1f} ({e['counts'][t]})" for t in ERROR_TYPES]
             for label, e in zip(acc["labels"], acc["errors"])]
-    section.blocks.append(Heading("Error breakdown (TIDE-style)", 3))
-    section.blocks.append(Table(["run", *ERROR_TYPES], rows))
+    section.blocks += [Heading("Error breakdown (TIDE-style)", 3), Table(["run", *ERROR_TYPES], rows)]
     colors = {r.label: r.color for r in runs}
     section.add_figure("error_breakdown.png",
                        figures.error_bars(acc["labels"], [colors[x] for x in acc["labels"]], acc["errors"]),

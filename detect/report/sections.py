@@ -4,9 +4,8 @@
 self-contained (``detect.report.render``) but for one link to ``viewer.html``
 (``detect.report.viewer``). For the same runs both are identical apart from the ``Generated:``
 line, and the PNGs byte-identical (``detect.report.figures``, in matplotlib's default style
-whatever the user's matplotlibrc). The run folders it reads: ``detect.report.runs``. The detection
-grid shows the first ``num_grid_images`` image ids with ground truth of the dataset named by
-``data`` or the first run's metrics.json (relative paths: from the current folder, else the run's).
+whatever the user's matplotlibrc). The run folders it reads: ``detect.report.runs``; the paths
+they name: ``detect.report.runs.resolve_path``.
 """
 
 from __future__ import annotations
@@ -50,11 +49,8 @@ def _fmt_ratio(ratio: float) -> str:
 def _fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
+    return (f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600
+            else f"{seconds / 3600:.2f} h")
 
 
 def _union(names) -> list[str]:
@@ -90,12 +86,9 @@ def _runs_section(runs: list[Run]) -> Section:
     section = Section([Heading("Runs"), Table(["run", "detector", "backbone", "device", "val images",
                                                "test settings", "proposal recall@0.5", "folder"], rows)])
     # Ablations: runs of one detector that differ only in their number of proposals.
-    sweeps = {}
-    for r in runs:
-        if r.test_settings and r.test_settings.get("box_regression", True) and r.test_ms:
-            sweeps.setdefault(r.detector, []).append(r)
-    sweeps = {k: v for k, v in sweeps.items()
-              if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
+    swept = [r for r in runs if r.test_settings and r.test_settings.get("box_regression", True) and r.test_ms]
+    sweeps = {kind: [r for r in swept if r.detector == kind] for kind in _union(r.detector for r in swept)}
+    sweeps = {k: v for k, v in sweeps.items() if len({r.test_settings.get("proposal_top_k", 0) for r in v}) >= 2}
     if sweeps:
         section.add_figure("proposals_sweep.png", figures.proposal_sweep(sweeps), "AP50 and detector time per "
                            "image against the number of proposals (test-time ablation, [FRCN] Section 5.5).")

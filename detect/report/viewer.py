@@ -2,18 +2,16 @@
 
 Every image of the dataset, the runs side by side (the reference first), the ground truth on
 each and every detection coloured by its type in the error breakdown
-(``detect.evaluation.errors.classify_detections``); a gt box is drawn as missed when no detection
+(``detect.evaluation.matching.classify_detections``); a gt box is drawn as missed when no detection
 above the score threshold is its true positive or its classification or localisation error.
 Controls: the score threshold, a class filter, the sort (per-image AP50 difference to the
-reference, ``detect.evaluation.errors.per_image_ap50``, images without gt last; misses; file
+reference, ``detect.evaluation.matching.per_image_ap50``, images without gt last; misses; file
 name) and each run's proposals (its top-k, at most ``MAX_PROPOSALS``; gt none covers at IoU
 ``COVER_IOU`` highlighted). The state is kept in the URL's fragment (``viewer.html#sort=d1&t=0.3``).
 
-Offline: ``viewer_template.html`` (CSS and vanilla JavaScript) with the data inlined; images as
-JPEGs of ``VIEW_SIZE`` px on the longer side. Up to ``EMBED_MAX_IMAGES`` images everything is
-embedded; beyond, viewer.html holds an index (about 105 bytes plus the file name per image,
-under ``INDEX_MAX_BYTES`` at 5,000 images) and each image's JPEG and boxes are files in
-``viewer/``, loaded when their page (``PAGE_SIZE`` images) is shown.
+Offline: ``viewer_template.html`` (CSS and vanilla JavaScript) with the data inlined, the images
+as JPEGs. Beyond ``EMBED_MAX_IMAGES`` images viewer.html holds an index (about 105 bytes plus the
+file name per image) and each image's JPEG and boxes are files in ``FOLDER``, loaded with their page.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from detect.common.fileio import write_text_atomic
 from detect.common.palette import TAB10_HEX
 from detect.data.datasets import Dataset
 from detect.data.images import ImageReadError, read_image
-from detect.evaluation.errors import classify_detections, per_image_ap50
+from detect.evaluation.matching import classify_detections, per_image_ap50
 from detect.evaluation.recall import first_covering
 from detect.proposals.store import ProposalStore
 from detect.report.findings import image_boxes, reference_first
