@@ -94,8 +94,9 @@ def write_store(path: str | os.PathLike, *, image_ids: list[int],
                 index[i] = (image_ids[i], num_boxes, len(boxes))
                 num_boxes += len(boxes)
                 num_written += 1
-            f.flush()
-            os.fsync(f.fileno())
+            for out in (f, g):  # both on disk before the rename publishes the store
+                out.flush()
+                os.fsync(out.fileno())
         if num_written != len(image_ids):
             raise ValueError(f"{path}: {num_written} box arrays for {len(image_ids)} image ids")
         np.save(scratch / INDEX_FILE, index, allow_pickle=False)  # the name ends in .npy: kept as is
