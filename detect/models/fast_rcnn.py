@@ -102,11 +102,9 @@ class FastRCNN(Detector):
         self.roi_chunk = roi_chunk
         self.cls_score = nn.Linear(backbone.head_dim, self.num_classes + 1)
         self.bbox_pred = nn.Linear(backbone.head_dim, 4 * self.num_classes)
-        # [FRCN]: Gaussian init, std 0.01 for the classifier and 0.001 for the box regressor.
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
+        for layer, std in ((self.cls_score, 0.01), (self.bbox_pred, 0.001)):  # [FRCN]'s Gaussian init
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
         self.register_buffer("bbox_std", torch.tensor(bbox_std, dtype=torch.float32), persistent=False)
 
     def forward(self, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
