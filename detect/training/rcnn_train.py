@@ -347,15 +347,14 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
 
     feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou,
                      "pool5_rows": "iou > bbox_min_iou", "format_version": FEATURE_VERSION}
-    if cache_features:
-        if not _stage_done(feat_dir, feat_settings):
-            t0 = time.perf_counter()
-            extract_features(streaming, feat_dir, rank=rank, world_size=world, progress=progress)
-            barrier()  # every rank has written its shards
-            if rank == 0:
-                _mark_done(feat_dir, feat_settings, time.perf_counter() - t0, bytes=feature_cache_bytes(feat_dir),
-                           unreadable_images=streaming.unreadable)
-            barrier()
+    if cache_features and not _stage_done(feat_dir, feat_settings):
+        t0 = time.perf_counter()
+        extract_features(streaming, feat_dir, rank=rank, world_size=world, progress=progress)
+        barrier()  # every rank has written its shards
+        if rank == 0:
+            _mark_done(feat_dir, feat_settings, time.perf_counter() - t0, bytes=feature_cache_bytes(feat_dir),
+                       unreadable_images=streaming.unreadable)
+        barrier()
     source = FeatureCache(feat_dir) if cache_features else streaming
     if rank != 0:  # the SVMs and regressors are cheap next to the CNN: rank 0 alone trains them
         return None  # the caller waits for rank 0 in a group with a long timeout (``long_wait_group``)
