@@ -172,10 +172,8 @@ class FastRCNN(Detector):
                 rois = torch.cat([proposal_boxes.new_zeros((len(index), 1)), proposal_boxes[index] * scale], dim=1)
                 with autocast(device, self.amp):
                     for start in range(0, len(index), self.roi_chunk):
-                        chunk = index[start:start + self.roi_chunk]
-                        chunk_logits, chunk_deltas = self.roi_heads(features, rois[start:start + self.roi_chunk])
-                        logits[chunk] = chunk_logits.float()
-                        deltas[chunk] = chunk_deltas.float()
+                        chunk = index[start:start + self.roi_chunk]  # float32 outputs (roi_heads)
+                        logits[chunk], deltas[chunk] = self.roi_heads(features, rois[start:start + self.roi_chunk])
             scores = torch.softmax(logits, dim=1)[:, 1:]  # [R, K], background dropped
             deltas = deltas * self.bbox_std  # [R, K, 4], un-normalised
         return ProposalScores(proposal_boxes, scores, deltas)

@@ -1,9 +1,8 @@
 """R-CNN's feature cache: per-image rows (regions) and their fc7 / pool5 features on disk.
 
 numpy only, for the SVM worker processes; ``detect.training.rcnn_train`` computes the features.
-
-Shapes: R rows of one image (its ground-truth boxes, then its proposals), K object classes,
-D fc7 width (SVM features), D5 flattened pool5 width (box-regression features).
+Shapes: R rows of one image (``ImageRows``); K, D (the SVMs' fc7) and D5 (box regression's
+flattened pool5) as in ``detect.models.rcnn``.
 
 Feature cache (one folder, written by ``detect.training.rcnn_train.extract_features``)::
 

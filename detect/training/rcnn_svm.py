@@ -142,12 +142,10 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
             t0 = time.perf_counter()
             cache.retrain(**fit)
             cache.seconds += time.perf_counter() - t0
-        weight, bias = cache.weight, cache.bias
-        if not cache.trained:  # no positives, or no negatives at all: a detector that never fires
-            if k in mining:
-                warnings.warn(f"R-CNN SVM: class {k} has no negatives to train against; it will never fire")
-            weight, bias = np.zeros(dim, np.float32), -10.0
-        out[k] = ClassSVM(weight, bias, {
+        if k in mining and not cache.trained:
+            warnings.warn(f"R-CNN SVM: class {k} has no negatives to train against; it will never fire")
+        # untrained (no positives, or no negatives at all): w = 0 and a bias that never fires
+        out[k] = ClassSVM(cache.weight, cache.bias if cache.trained else -10.0, {
             "num_pos": len(cache.x_pos), "num_neg_cached": len(cache.x_neg), "hard_negatives_added": cache.hard_added,
             "retrains": cache.retrains, "objective": cache.objective, "train_seconds": round(cache.seconds, 3),
             "wall_seconds": round(time.perf_counter() - t_start, 3)})

@@ -2,9 +2,7 @@
 
 Each stage is a folder of ``output_dir`` finished by a ``done`` settings marker: finetune/
 (``engine.train_loop``), features/ (``feature_cache``), svm/ (``rcnn_svm``), bbox_reg/
-(``box_regression``). ``train_rcnn`` returns the arrays ``detect.models.build.build_rcnn`` takes.
-
-Shapes: as in ``detect.training.feature_cache``.
+(``box_regression``). Shapes: as in ``detect.training.feature_cache``.
 """
 
 from __future__ import annotations
@@ -289,9 +287,9 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                progress: bool = True) -> dict[str, np.ndarray] | None:
     """Train R-CNN's four stages in order ([RCNN]); ``backbone`` is fine-tuned in place.
 
-    Returns the ``extra`` arrays of ``build_rcnn`` on rank 0; the other ranks return None after
-    the features, to wait in ``runtime.long_wait_group``. ``fingerprint`` (data, proposals,
-    model) goes into every stage marker. A stage whose marker records these settings is
+    Returns the ``extra`` arrays of ``detect.models.build.build_rcnn`` on rank 0; the other ranks
+    return None after the features, to wait in ``runtime.long_wait_group``. ``fingerprint`` (data,
+    proposals, model) goes into every stage marker. A stage whose marker records these settings is
     skipped; ``resume`` continues the unfinished one. The SVMs train in spawned processes: a
     calling script needs the ``if __name__ == "__main__":`` guard.
     """
