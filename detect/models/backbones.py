@@ -203,13 +203,10 @@ def _split(name: str, model: nn.Module, dropout: float):
         stages = [(n, getattr(model, n)) for n in names + ["inception5a", "inception5b"] if "maxpool" not in n]
         return body, head, stages, 832, 1024, HALF, HALF
     if name == "densenet121":  # transition3 halves the resolution to stride 32: the head's start
-        f = model.features
-        stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
-        body = nn.Sequential(stem, f.denseblock1, f.transition1, f.denseblock2, f.transition2, f.denseblock3)
-        head = nn.Sequential(f.transition3, f.denseblock4, f.norm5, nn.ReLU(), *pool)  # DenseNet.forward's ReLU
-        stages = [("stem", stem)] + [(n, getattr(f, n)) for n in (
-            "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3", "transition3",
-            "denseblock4", "norm5")]
+        f = model.features  # conv0, norm0, relu0, pool0 (the stem), then the stages denseblock1 .. norm5
+        stages = [("stem", nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0))] + list(f.named_children())[4:]
+        body = nn.Sequential(*(m for _, m in stages[:6]))  # stem .. denseblock3
+        head = nn.Sequential(*(m for _, m in stages[6:]), nn.ReLU(), *pool)  # DenseNet.forward's ReLU
         return body, head, stages, 1024, 1024, IMAGENET_MEAN, IMAGENET_STD
     # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2. Calling the
     # blocks directly (not EfficientNet.extract_features) leaves out drop-connect (stochastic depth).
