@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align, roi_pool
+from torchvision.ops import box_area, roi_align, roi_pool
 
 from detect.common.runtime import autocast
 from detect.models.backbones import Backbone, FcHead, inference_copy, normalize_pixels
@@ -192,9 +192,7 @@ def assign_levels(proposal_boxes: Tensor, factors: Tensor) -> Tensor:
     """The pyramid level [R] (int64) each proposal [R, 4] is scored on, given the levels'
     (scale_x, scale_y) factors [L, 2]: the level where the proposal's scaled area is closest to
     224 x 224 (fast-rcnn ``lib/fast_rcnn/test.py::_project_im_rois``, with continuous widths)."""
-    widths = proposal_boxes[:, 2] - proposal_boxes[:, 0]  # [R]
-    heights = proposal_boxes[:, 3] - proposal_boxes[:, 1]  # [R]
-    scaled_areas = (widths * heights)[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [R, L]
+    scaled_areas = box_area(proposal_boxes)[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [R, L]
     return (scaled_areas - 224 * 224).abs().argmin(dim=1)  # first level on ties, as np.argmin
 
 
