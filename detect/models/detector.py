@@ -116,9 +116,8 @@ class Detector(nn.Module):
     """Base class of ``FastRCNN`` and ``RCNN``, which implement ``_score``; complete after construction.
 
     ``detect`` trims the proposals to ``proposal_top_k`` (0 = all; None runs selective search
-    with ``proposal_settings``), scores them and runs ``postprocess``. Images are uint8 RGB
-    numpy arrays [H, W, 3] (``detect.data.images.read_image``). ``category_ids[k - 1]`` is the
-    dataset category id of class k (default k); ``amp``: bf16/fp16 autocast on CUDA.
+    with ``proposal_settings``), scores them and runs ``postprocess``. ``category_ids[k - 1]`` is
+    the dataset category id of class k (default k); ``amp``: bf16/fp16 autocast on CUDA.
     """
 
     kind: str = ""
@@ -193,7 +192,7 @@ class Detector(nn.Module):
     @torch.no_grad()
     def detect(self, image: np.ndarray, proposals: np.ndarray | Tensor | None = None,
                timer: StageTimer | None = None) -> Detections:
-        """Detect objects in one uint8 RGB image [H, W, 3] given proposals [R, 4] xyxy."""
+        """Detect objects in one uint8 RGB image [H, W, 3] (as ``read_image``) given proposals [R, 4] xyxy."""
         timer = timer or StageTimer(self.device)
         if proposals is None:
             with timer("proposals"):

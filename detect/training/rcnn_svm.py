@@ -96,7 +96,8 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
     """
     t_start = time.perf_counter()
     cols = np.asarray(classes, np.int64) - 1
-    pos: dict[int, list[np.ndarray]] = {k: [] for k in classes}
+    dim = source.fc7_dim
+    pos: dict[int, list[np.ndarray]] = {k: [np.zeros((0, dim), np.float32)] for k in classes}
     for i in range(source.num_images):
         rows = source.rows(i)
         gt_rows = np.flatnonzero(np.isin(rows.gt_classes, classes))
@@ -104,9 +105,7 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
             x = source.fc7(i, gt_rows) * feat_scale
             for k in classes:
                 pos[k].append(x[rows.gt_classes[gt_rows] == k])
-    dim = source.fc7_dim
-    caches = {k: _MiningCache(np.concatenate(pos[k]) if pos[k] else np.zeros((0, dim), np.float32), dim)
-              for k in classes}
+    caches = {k: _MiningCache(np.concatenate(pos[k]), dim) for k in classes}
     mining = [k for k in classes if len(caches[k].x_pos)]
     for k in sorted(set(classes) - set(mining)):
         warnings.warn(f"R-CNN SVM: class {k} has no ground-truth boxes in the training set; it will never fire")

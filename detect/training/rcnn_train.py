@@ -95,8 +95,7 @@ class FineTuneSampler:
         """crops [B, 3, crop, crop] (normalised, on the device) and labels [B] (0 = background)."""
         rng = np.random.default_rng([self.seed, iteration])
         per_rank = min(self.images_per_batch, max(len(self.records) // self.world_size, 1))
-        order = rng.permutation(len(self.records))[: per_rank * self.world_size]
-        chosen = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        chosen = rng.permutation(len(self.records))[self.rank * per_rank:(self.rank + 1) * per_rank]
         images, windows = [], []
         for i in chosen.tolist():
             record = self.records[i]
