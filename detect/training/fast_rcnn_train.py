@@ -56,14 +56,11 @@ def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *,
     if bg.numel() < num_bg:
         bg = torch.cat([bg, pick(torch.nonzero(max_iou < bg_iou_low).flatten(), num_bg - bg.numel())])
     keep = torch.cat([fg, bg])  # [R]
-    roi_boxes = boxes[keep]  # [R, 4]
     labels = torch.zeros(keep.numel(), dtype=torch.int64, device=device)  # [R]
+    labels[: fg.numel()] = gt_classes[matched_gt[fg]]
     box_targets = boxes.new_zeros((keep.numel(), 4))  # [R, 4]
-    if fg.numel() > 0:
-        labels[: fg.numel()] = gt_classes[matched_gt[fg]]
-        weights = tuple(1.0 / s for s in bbox_std)
-        box_targets[: fg.numel()] = encode_boxes(boxes[fg], gt_boxes[matched_gt[fg]], weights)
-    return roi_boxes, labels, box_targets
+    box_targets[: fg.numel()] = encode_boxes(boxes[fg], gt_boxes[matched_gt[fg]], tuple(1.0 / s for s in bbox_std))
+    return boxes[keep], labels, box_targets
 
 
 def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box_targets: Tensor, *,

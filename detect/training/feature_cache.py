@@ -171,9 +171,8 @@ class FeatureCache:
 
     def rows(self, i: int) -> ImageRows:
         shard, start, count = self._locate(i)
-        sl = slice(start, start + count)
         return ImageRows(image_id=int(shard["index"][i % self.images_per_shard, 0]),
-                         **{k: shard[k][sl] for k in _ROW_FIELDS})
+                         **{k: shard[k][start:start + count] for k in _ROW_FIELDS})
 
     def fc7(self, i: int, rows: np.ndarray) -> np.ndarray:
         shard, start, _ = self._locate(i)
