@@ -198,8 +198,7 @@ class Detector(nn.Module):
             with timer("proposals"):
                 proposals = selective_search(image, **self.proposal_settings)
         proposals = first_proposals(proposals, self.proposal_top_k)  # [R, 4], best-ranked first
-        proposal_boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4).to(self.device)
-        out = self.score_proposals(image, proposal_boxes, timer)
+        out = self.score_proposals(image, torch.as_tensor(np.asarray(proposals, dtype=np.float32)), timer)
         if not self.box_regression:
             out = ProposalScores(out.proposal_boxes, out.scores, torch.zeros_like(out.deltas))  # [R, K, 4]
         with timer("postprocess"):

@@ -50,8 +50,7 @@ class _MiningCache:
 
     def add(self, x: np.ndarray, keys: np.ndarray, *, dedupe: bool) -> None:
         if dedupe:  # a later pass: drop negatives already cached
-            seen = np.concatenate([self.keys] + self.key_chunks)
-            new = ~np.isin(keys, seen)
+            new = ~np.isin(keys, np.concatenate([self.keys] + self.key_chunks))
             x, keys = x[new], keys[new]
         if keys.size:
             self.neg_chunks.append(x)
