@@ -144,9 +144,7 @@ class FastRCNN(Detector):
         # The two output layers in float32, outside autocast: bf16 logits would quantise scores into ties.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            class_logits = self.cls_score(x)  # [R, K+1]
-            box_deltas = self.bbox_pred(x).view(-1, self.num_classes, 4)  # [R, K, 4]
-        return class_logits, box_deltas
+            return self.cls_score(x), self.bbox_pred(x).view(-1, self.num_classes, 4)  # [R, K+1], [R, K, 4]
 
     def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
         """Softmax scores (``score_proposals``); call ``.eval()`` first (dropout)."""
@@ -162,8 +160,7 @@ class FastRCNN(Detector):
                 with autocast(device, self.amp):
                     levels.append((self.features(x[None], body), factors))
         with timer("roi_head"):
-            factors = torch.tensor([f for _, f in levels], device=device)  # [L, 2]
-            level_of = assign_levels(proposal_boxes, factors)  # [R]
+            level_of = assign_levels(proposal_boxes, torch.tensor([f for _, f in levels], device=device))  # [R]
             logits = torch.zeros((num_props, num_classes + 1), device=device)  # [R, K+1]
             deltas = torch.zeros((num_props, num_classes, 4), device=device)  # [R, K, 4]
             for level, (features, (scale_x, scale_y)) in enumerate(levels):

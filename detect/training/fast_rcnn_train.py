@@ -129,7 +129,7 @@ class FastRCNNTrainData:
         self.records = list(records)
         self.get_proposals = get_proposals
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
-        self.images_per_batch, self.rois_per_image = images_per_batch, rois_per_image
+        self.images_per_batch = images_per_batch
         self.scales, self.max_size, self.flip = list(scales), max_size, flip
         self.sampling = dict(num_rois=rois_per_image, fg_fraction=fg_fraction, fg_iou=fg_iou,
                              bg_iou_low=bg_iou_low, bg_iou_high=bg_iou_high, bbox_std=tuple(bbox_std))

@@ -40,8 +40,7 @@ class TensorBoardLog:
                 if key != "iteration" and isinstance(value, (int, float)):
                     self.writer.add_scalar(TAGS.get(key, key), float(value), step)
             if "time_per_iter_s" in record:
-                eta = record["time_per_iter_s"] * max(0, self.max_iter - step)
-                self.writer.add_scalar("eta_seconds", eta, step)
+                self.writer.add_scalar("eta_seconds", record["time_per_iter_s"] * max(0, self.max_iter - step), step)
         self.writer.flush()  # a killed run keeps what log.jsonl has
 
 
