@@ -319,9 +319,8 @@ def _pretrained_model(name: str, weights: str) -> nn.Module:
         raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, default "
                          f"(the packaged ImageNet weights), IMAGENET, or a path to a state_dict file")
     enum = torchvision.models.get_model_weights(name)
-    key = "DEFAULT" if weights.lower() == "default" else weights
     try:
-        weights_enum = enum[key]
+        weights_enum = enum["DEFAULT" if weights.lower() == "default" else weights]
     except KeyError:
         valid = ", ".join(["none", "default"] + [w.name for w in enum])
         raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}, "
