@@ -232,7 +232,7 @@ def mean_feature_norm(source: FeatureSource, layer: str) -> float:
         return source.pool5_norm
     total, count = 0.0, 0
     for i in sorted(norm_sample_images(source.num_images)):
-        pick = norm_sample_rows(i, len(source.rows(i)))  # none of an image without rows: adds nothing
+        pick = norm_sample_rows(i, len(source.rows(i)))  # an image without rows adds an empty sum
         feats = source.fc7(i, pick) if layer == "fc7" else source.pool5(i, pick)
         norms = np.linalg.norm(feats.astype(np.float64), axis=1)
         total, count = total + float(norms.sum()), count + norms.size
