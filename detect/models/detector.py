@@ -65,8 +65,7 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
     num_props, num_classes = scores.shape
     if num_props == 0:
         return Detections.empty().to(scores.device)
-    boxes = decode_boxes(out.deltas.float(), out.proposal_boxes.float())  # [R, K, 4]
-    boxes = clip_boxes(boxes, image_height, image_width)
+    boxes = clip_boxes(decode_boxes(out.deltas.float(), out.proposal_boxes.float()), image_height, image_width)
     labels = torch.arange(1, num_classes + 1, device=scores.device).expand(num_props, num_classes)
 
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
