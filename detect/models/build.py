@@ -95,5 +95,4 @@ def load_detector(checkpoint: str | Path, device: str | torch.device | None = No
     except (RuntimeError, KeyError) as e:
         raise ValueError(f"{checkpoint}: does not match a {ckpt.get('kind')} model "
                          f"({str(e).splitlines()[0]})") from None
-    device = resolve_device(str(device) if device is not None else "")
-    return detector.to(device).eval()
+    return detector.to(resolve_device(str(device) if device is not None else "")).eval()

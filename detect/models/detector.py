@@ -65,8 +65,7 @@ def postprocess(out: ProposalScores, image_height: int, image_width: int, *,
     num_props, num_classes = scores.shape
     if num_props == 0:
         return Detections.empty().to(scores.device)
-    boxes = decode_boxes(out.deltas.float(), out.proposal_boxes.float())  # [R, K, 4]
-    boxes = clip_boxes(boxes, image_height, image_width)
+    boxes = clip_boxes(decode_boxes(out.deltas.float(), out.proposal_boxes.float()), image_height, image_width)
     labels = torch.arange(1, num_classes + 1, device=scores.device).expand(num_props, num_classes)
 
     boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
@@ -116,9 +115,8 @@ class Detector(nn.Module):
     """Base class of ``FastRCNN`` and ``RCNN``, which implement ``_score``; complete after construction.
 
     ``detect`` trims the proposals to ``proposal_top_k`` (0 = all; None runs selective search
-    with ``proposal_settings``), scores them and runs ``postprocess``. Images are uint8 RGB
-    numpy arrays [H, W, 3] (``detect.data.images.read_image``). ``category_ids[k - 1]`` is the
-    dataset category id of class k (default k); ``amp``: bf16/fp16 autocast on CUDA.
+    with ``proposal_settings``), scores them and runs ``postprocess``. ``category_ids[k - 1]`` is
+    the dataset category id of class k (default k); ``amp``: bf16/fp16 autocast on CUDA.
     """
 
     kind: str = ""
@@ -193,14 +191,13 @@ class Detector(nn.Module):
     @torch.no_grad()
     def detect(self, image: np.ndarray, proposals: np.ndarray | Tensor | None = None,
                timer: StageTimer | None = None) -> Detections:
-        """Detect objects in one uint8 RGB image [H, W, 3] given proposals [R, 4] xyxy."""
+        """Detect objects in one uint8 RGB image [H, W, 3] (as ``read_image``) given proposals [R, 4] xyxy."""
         timer = timer or StageTimer(self.device)
         if proposals is None:
             with timer("proposals"):
                 proposals = selective_search(image, **self.proposal_settings)
         proposals = first_proposals(proposals, self.proposal_top_k)  # [R, 4], best-ranked first
-        proposal_boxes = torch.as_tensor(np.asarray(proposals, dtype=np.float32)).reshape(-1, 4).to(self.device)
-        out = self.score_proposals(image, proposal_boxes, timer)
+        out = self.score_proposals(image, torch.as_tensor(np.asarray(proposals, dtype=np.float32)), timer)
         if not self.box_regression:
             out = ProposalScores(out.proposal_boxes, out.scores, torch.zeros_like(out.deltas))  # [R, K, 4]
         with timer("postprocess"):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align, roi_pool
+from torchvision.ops import box_area, roi_align, roi_pool
 
 from detect.common.runtime import autocast
 from detect.models.backbones import Backbone, FcHead, inference_copy, normalize_pixels
@@ -102,11 +102,9 @@ class FastRCNN(Detector):
         self.roi_chunk = roi_chunk
         self.cls_score = nn.Linear(backbone.head_dim, self.num_classes + 1)
         self.bbox_pred = nn.Linear(backbone.head_dim, 4 * self.num_classes)
-        # [FRCN]: Gaussian init, std 0.01 for the classifier and 0.001 for the box regressor.
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
+        for layer, std in ((self.cls_score, 0.01), (self.bbox_pred, 0.001)):  # [FRCN]'s Gaussian init
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
         self.register_buffer("bbox_std", torch.tensor(bbox_std, dtype=torch.float32), persistent=False)
 
     def forward(self, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
@@ -146,9 +144,7 @@ class FastRCNN(Detector):
         # The two output layers in float32, outside autocast: bf16 logits would quantise scores into ties.
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            class_logits = self.cls_score(x)  # [R, K+1]
-            box_deltas = self.bbox_pred(x).view(-1, self.num_classes, 4)  # [R, K, 4]
-        return class_logits, box_deltas
+            return self.cls_score(x), self.bbox_pred(x).view(-1, self.num_classes, 4)  # [R, K+1], [R, K, 4]
 
     def _score(self, image: np.ndarray, proposal_boxes: Tensor, timer: StageTimer) -> ProposalScores:
         """Softmax scores (``score_proposals``); call ``.eval()`` first (dropout)."""
@@ -164,8 +160,7 @@ class FastRCNN(Detector):
                 with autocast(device, self.amp):
                     levels.append((self.features(x[None], body), factors))
         with timer("roi_head"):
-            factors = torch.tensor([f for _, f in levels], device=device)  # [L, 2]
-            level_of = assign_levels(proposal_boxes, factors)  # [R]
+            level_of = assign_levels(proposal_boxes, torch.tensor([f for _, f in levels], device=device))  # [R]
             logits = torch.zeros((num_props, num_classes + 1), device=device)  # [R, K+1]
             deltas = torch.zeros((num_props, num_classes, 4), device=device)  # [R, K, 4]
             for level, (features, (scale_x, scale_y)) in enumerate(levels):
@@ -174,10 +169,8 @@ class FastRCNN(Detector):
                 rois = torch.cat([proposal_boxes.new_zeros((len(index), 1)), proposal_boxes[index] * scale], dim=1)
                 with autocast(device, self.amp):
                     for start in range(0, len(index), self.roi_chunk):
-                        chunk = index[start:start + self.roi_chunk]
-                        chunk_logits, chunk_deltas = self.roi_heads(features, rois[start:start + self.roi_chunk])
-                        logits[chunk] = chunk_logits.float()
-                        deltas[chunk] = chunk_deltas.float()
+                        chunk = index[start:start + self.roi_chunk]  # float32 outputs (roi_heads)
+                        logits[chunk], deltas[chunk] = self.roi_heads(features, rois[start:start + self.roi_chunk])
             scores = torch.softmax(logits, dim=1)[:, 1:]  # [R, K], background dropped
             deltas = deltas * self.bbox_std  # [R, K, 4], un-normalised
         return ProposalScores(proposal_boxes, scores, deltas)
@@ -196,9 +189,7 @@ def assign_levels(proposal_boxes: Tensor, factors: Tensor) -> Tensor:
     """The pyramid level [R] (int64) each proposal [R, 4] is scored on, given the levels'
     (scale_x, scale_y) factors [L, 2]: the level where the proposal's scaled area is closest to
     224 x 224 (fast-rcnn ``lib/fast_rcnn/test.py::_project_im_rois``, with continuous widths)."""
-    widths = proposal_boxes[:, 2] - proposal_boxes[:, 0]  # [R]
-    heights = proposal_boxes[:, 3] - proposal_boxes[:, 1]  # [R]
-    scaled_areas = (widths * heights)[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [R, L]
+    scaled_areas = box_area(proposal_boxes)[:, None] * (factors[:, 0] * factors[:, 1])[None, :]  # [R, L]
     return (scaled_areas - 224 * 224).abs().argmin(dim=1)  # first level on ties, as np.argmin
 
 

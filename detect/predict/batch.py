@@ -214,12 +214,11 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
             submit_more(pool)
             worker_ms["read_in_workers"] += loaded.read_ms
             worker_ms["proposals_in_workers"] += loaded.propose_ms
-            file, error = files[index], loaded.error
-            if not error:
+            file = files[index]
+            record = {"file": file, "error": loaded.error}
+            if not loaded.error:
                 proposals = store.get(store_ids[file]) if store is not None else loaded.proposals  # [R, 4]
-                record, error = _detect_one(detector, file, loaded.image, proposals, score_threshold, timer)
-            if error:
-                record = {"file": file, "error": error}
+                record = _detect_one(detector, file, loaded.image, proposals, score_threshold, timer)
             journal.write(json.dumps(record) + "\n")
             journal.flush()
             if visualize and "error" not in record:
@@ -252,14 +251,14 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
 
 
 def _detect_one(detector: Detector, file: str, image: np.ndarray, proposals: np.ndarray,
-                score_threshold: float, timer: StageTimer) -> tuple[dict | None, str]:
-    """Run the detector on one image -> (journal record, "") or (None, reason) on GPU OOM."""
+                score_threshold: float, timer: StageTimer) -> dict:
+    """Run the detector on one image -> its journal record ({"file", "error"} on GPU OOM)."""
     if len(proposals) == 0:  # nothing to score (e.g. a tiny image): no detections
-        return journal_record(file, image, Detections.empty(), score_threshold), ""
+        return journal_record(file, image, Detections.empty(), score_threshold)
     try:
         dets = detector.detect(image, proposals, timer=timer)
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return None, (f"out of GPU memory ({image.shape[1]}x{image.shape[0]} image, "
-                      f"{len(proposals)} proposals)")
-    return journal_record(file, image, dets, score_threshold), ""
+        return {"file": file, "error": f"out of GPU memory ({image.shape[1]}x{image.shape[0]} image, "
+                                       f"{len(proposals)} proposals)"}
+    return journal_record(file, image, dets, score_threshold)

@@ -108,8 +108,7 @@ def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_name
             print(f"detect predict: warning: skipped {bad} unreadable journal line(s) in "
                   f"{partial_dir}", file=sys.stderr)
         coco, images, lines, error_list = [], [], [], []
-        for index, file in enumerate(files):
-            image_id = index + 1
+        for image_id, file in enumerate(files, start=1):
             rec = results.get(file)
             if rec is None:
                 if file in errors:

@@ -103,12 +103,15 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
     (``detect.common.boxes.encode_boxes``) normalised per class; features scaled by ``feat_scale``.
     Solved by ``RidgeAccumulator`` or ``fit_ridge_dual``, whichever needs less memory.
     """
-    per_class: dict[int, list[tuple[int, np.ndarray]]] = {k: [] for k in range(1, num_classes + 1)}
+    # class -> (image, its example rows, their targets [n, 4]) per image with examples of the class
+    per_class: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {k: [] for k in range(1, num_classes + 1)}
     for i in range(source.num_images):
         rows = source.rows(i)
         use = rows.has_pool5 & (rows.best_iou > min_iou) & (rows.best_classes > 0)
         for k in np.unique(rows.best_classes[use]).tolist():
-            per_class[k].append((i, np.flatnonzero(use & (rows.best_classes == k))))
+            idx = np.flatnonzero(use & (rows.best_classes == k))
+            targets = encode_boxes(torch.from_numpy(rows.boxes[idx]), torch.from_numpy(rows.best_gt_boxes[idx]))
+            per_class[k].append((i, idx, targets.numpy()))
     weight = np.zeros((num_classes, source.pool5_dim, 4), np.float32)  # [K, D5, 4]
     bias = np.zeros((num_classes, 4), np.float32)
     mean, std = np.zeros((num_classes, 4), np.float32), np.ones((num_classes, 4), np.float32)
@@ -120,29 +123,23 @@ def train_box_regressors(source: FeatureSource, *, num_classes: int, feat_scale:
             warnings.warn(f"R-CNN box regression: class {k} has no examples; its boxes stay as proposed")
             stats[str(k)] = {"num_examples": 0, "seconds": 0.0}
             continue
-        targets = {}
-        for i, idx in per_class[k]:
-            rows = source.rows(i)
-            targets[i] = encode_boxes(torch.from_numpy(rows.boxes[idx]),
-                                      torch.from_numpy(rows.best_gt_boxes[idx])).numpy()  # [n, 4]
-        t = np.concatenate(list(targets.values()))  # [N, 4]
+        t = np.concatenate([targets for _, _, targets in per_class[k]])  # [N, 4]
         mean[k - 1] = t.mean(axis=0)
         std[k - 1] = np.where(t.std(axis=0) > 1e-6, t.std(axis=0), 1.0)
-        y = (t - mean[k - 1]) / std[k - 1]  # [N, 4]
         if dual_is_smaller(len(t), source.pool5_dim):
-            x = np.concatenate([source.pool5(i, idx) for i, idx in per_class[k]]) * np.float32(feat_scale)
-            w, b = fit_ridge_dual(x, y, lam)
+            x = np.concatenate([source.pool5(i, idx) for i, idx, _ in per_class[k]]) * np.float32(feat_scale)
+            w, b = fit_ridge_dual(x, (t - mean[k - 1]) / std[k - 1], lam)
             del x
         else:
             acc = RidgeAccumulator(source.pool5_dim, 4)
-            for (i, idx), ys in zip(per_class[k], np.split(y, np.cumsum([len(v) for v in targets.values()])[:-1])):
-                acc.add(source.pool5(i, idx) * np.float32(feat_scale), ys)
+            for i, idx, targets in per_class[k]:
+                acc.add(source.pool5(i, idx) * np.float32(feat_scale), (targets - mean[k - 1]) / std[k - 1])
             w, b = acc.solve(lam)
         weight[k - 1], bias[k - 1] = w * feat_scale, b  # scale folded in: the weights take raw pool5
         sq_err = 0.0
-        for i, idx in per_class[k]:  # a third pass for the fit's residual (a report figure only)
+        for i, idx, targets in per_class[k]:  # a third pass for the fit's residual (a report figure only)
             pred = (source.pool5(i, idx) @ weight[k - 1] + bias[k - 1]) * std[k - 1] + mean[k - 1]
-            sq_err += float(((pred - targets[i]) ** 2).sum())
+            sq_err += float(((pred - targets) ** 2).sum())
         stats[str(k)] = {"num_examples": int(len(t)), "seconds": round(time.perf_counter() - t0, 3),
                          "target_rmse_before": float(np.sqrt((t ** 2).mean())),
                          "target_rmse_after": float(np.sqrt(sq_err / t.size))}

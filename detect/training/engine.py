@@ -29,8 +29,6 @@ from detect.training.tensorboard_log import open_tensorboard
 def step_lr(base_lr: float, steps: list[int], gamma: float = 0.1, warmup_iters: int = 0,
             warmup_factor: float = 0.001) -> Callable[[int], float]:
     """Linear warm-up from ``base_lr * warmup_factor``, then x``gamma`` at each of ``steps``."""
-    steps = sorted(steps)
-
     def lr_at(iteration: int) -> float:
         lr = base_lr * gamma ** sum(1 for s in steps if iteration >= s)
         if iteration < warmup_iters:
@@ -160,5 +158,5 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             barrier()
     bar.close()
     if tb is not None:
-        tb.close()
+        tb.writer.close()
     return model

@@ -42,11 +42,8 @@ def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *,
     gt_boxes = gt_boxes.to(device, torch.float32)
     boxes = torch.cat([gt_boxes, proposal_boxes.float()])  # [G + P, 4]
     gt_classes = gt_classes.to(device, torch.int64)
-    if gt_boxes.shape[0] > 0:
-        max_iou, matched_gt = box_iou(boxes, gt_boxes).max(dim=1)  # [G + P]
-    else:
-        max_iou = boxes.new_zeros(boxes.shape[0])
-        matched_gt = torch.zeros(boxes.shape[0], dtype=torch.int64, device=device)
+    iou = torch.cat([box_iou(boxes, gt_boxes), boxes.new_zeros((len(boxes), 1))], dim=1)  # [G + P, G + 1]
+    max_iou, matched_gt = iou.max(dim=1)  # [G + P]; the null last column: max IoU 0 without gt
 
     def pick(candidates: Tensor, count: int) -> Tensor:
         order = torch.randperm(candidates.numel(), generator=generator).to(device)
@@ -59,14 +56,11 @@ def sample_rois(proposal_boxes: Tensor, gt_boxes: Tensor, gt_classes: Tensor, *,
     if bg.numel() < num_bg:
         bg = torch.cat([bg, pick(torch.nonzero(max_iou < bg_iou_low).flatten(), num_bg - bg.numel())])
     keep = torch.cat([fg, bg])  # [R]
-    roi_boxes = boxes[keep]  # [R, 4]
     labels = torch.zeros(keep.numel(), dtype=torch.int64, device=device)  # [R]
+    labels[: fg.numel()] = gt_classes[matched_gt[fg]]
     box_targets = boxes.new_zeros((keep.numel(), 4))  # [R, 4]
-    if fg.numel() > 0:
-        labels[: fg.numel()] = gt_classes[matched_gt[fg]]
-        weights = tuple(1.0 / s for s in bbox_std)
-        box_targets[: fg.numel()] = encode_boxes(boxes[fg], gt_boxes[matched_gt[fg]], weights)
-    return roi_boxes, labels, box_targets
+    box_targets[: fg.numel()] = encode_boxes(boxes[fg], gt_boxes[matched_gt[fg]], tuple(1.0 / s for s in bbox_std))
+    return boxes[keep], labels, box_targets
 
 
 def fast_rcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, box_targets: Tensor, *,
@@ -135,7 +129,7 @@ class FastRCNNTrainData:
         self.records = list(records)
         self.get_proposals = get_proposals
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
-        self.images_per_batch, self.rois_per_image = images_per_batch, rois_per_image
+        self.images_per_batch = images_per_batch
         self.scales, self.max_size, self.flip = list(scales), max_size, flip
         self.sampling = dict(num_rois=rois_per_image, fg_fraction=fg_fraction, fg_iou=fg_iou,
                              bg_iou_low=bg_iou_low, bg_iou_high=bg_iou_high, bbox_std=tuple(bbox_std))
@@ -201,32 +195,6 @@ class FastRCNNTrainData:
                           image_ids, skipped)
 
 
-class _Prefetcher:
-    """Builds the batches of the coming iterations in background threads (decoding and resizing
-    release the GIL; the proposal store need not pickle). An unexpected iteration restarts there."""
-
-    def __init__(self, data: FastRCNNTrainData, *, num_workers: int, max_iter: int):
-        self.data, self.max_iter = data, max_iter
-        self.depth = 2 * num_workers
-        self.pool = ThreadPoolExecutor(num_workers, "frcn-data") if num_workers > 0 else None
-        self.pending: dict[int, Future] = {}
-
-    def get(self, iteration: int) -> TrainBatch:
-        if self.pool is None:
-            return self.data.batch(iteration)
-        for it in range(iteration, min(iteration + self.depth, self.max_iter)):
-            if it not in self.pending:
-                self.pending[it] = self.pool.submit(self.data.batch, it)
-        future = self.pending.pop(iteration, None) or self.pool.submit(self.data.batch, iteration)
-        for stale in [it for it in self.pending if it < iteration]:
-            self.pending.pop(stale).cancel()
-        return future.result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float,
                     lr_scale_of: Callable[[str], float] = lambda name: 1.0) -> torch.optim.SGD:
     """SGD over the trainable parameters, biases at 2x the lr without weight decay ([FRCN], [RCNN]),
@@ -249,11 +217,25 @@ def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | 
                     eval_fn: Callable[[nn.Module, int], dict] | None = None, eval_period: int = 0) -> int:
     """Train ``model`` in place on ``data``'s mini-batches, built ahead by ``num_workers`` threads
     (the rest: ``engine.train_loop``'s); returns how many unreadable images were passed over."""
-    prefetcher = _Prefetcher(data, num_workers=num_workers, max_iter=max_iter)
+    # The threads build the batches of the coming iterations (decoding and resizing release the GIL;
+    # the proposal store need not pickle). An unexpected iteration restarts there.
+    pool = ThreadPoolExecutor(num_workers, "frcn-data") if num_workers > 0 else None
+    pending: dict[int, Future] = {}  # iteration -> its batch
     skipped: list[str] = []
 
+    def next_batch(iteration: int) -> TrainBatch:
+        if pool is None:
+            return data.batch(iteration)
+        for it in range(iteration, min(iteration + 2 * num_workers, max_iter)):
+            if it not in pending:
+                pending[it] = pool.submit(data.batch, it)
+        future = pending.pop(iteration, None) or pool.submit(data.batch, iteration)
+        for stale in [it for it in pending if it < iteration]:
+            pending.pop(stale).cancel()
+        return future.result()
+
     def step_fn(train_model: nn.Module, iteration: int) -> dict[str, Tensor]:
-        batch = prefetcher.get(iteration)
+        batch = next_batch(iteration)
         for reason in batch.skipped_files:
             warnings.warn(f"skipping unreadable training image {reason}", stacklevel=2)
         skipped.extend(batch.skipped_files)
@@ -269,7 +251,8 @@ def train_fast_rcnn(model: FastRCNN, data: FastRCNNTrainData, output_dir: str | 
                    checkpoint_extra={"class_names": model.class_names}, eval_fn=eval_fn,
                    eval_period=eval_period, desc="train fast_rcnn")
     finally:
-        prefetcher.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if skipped:
         print(f"skipped {len(skipped)} unreadable training images (listed in the warnings above)")
     return len(skipped)

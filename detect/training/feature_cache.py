@@ -1,9 +1,8 @@
 """R-CNN's feature cache: per-image rows (regions) and their fc7 / pool5 features on disk.
 
 numpy only, for the SVM worker processes; ``detect.training.rcnn_train`` computes the features.
-
-Shapes: R rows of one image (its ground-truth boxes, then its proposals), K object classes,
-D fc7 width (SVM features), D5 flattened pool5 width (box-regression features).
+Shapes: R rows of one image (``ImageRows``); K, D (the SVMs' fc7) and D5 (box regression's
+flattened pool5) as in ``detect.models.rcnn``.
 
 Feature cache (one folder, written by ``detect.training.rcnn_train.extract_features``)::
 
@@ -172,9 +171,8 @@ class FeatureCache:
 
     def rows(self, i: int) -> ImageRows:
         shard, start, count = self._locate(i)
-        sl = slice(start, start + count)
         return ImageRows(image_id=int(shard["index"][i % self.images_per_shard, 0]),
-                         **{k: shard[k][sl] for k in _ROW_FIELDS})
+                         **{k: shard[k][start:start + count] for k in _ROW_FIELDS})
 
     def fc7(self, i: int, rows: np.ndarray) -> np.ndarray:
         shard, start, _ = self._locate(i)
@@ -234,9 +232,7 @@ def mean_feature_norm(source: FeatureSource, layer: str) -> float:
         return source.pool5_norm
     total, count = 0.0, 0
     for i in sorted(norm_sample_images(source.num_images)):
-        pick = norm_sample_rows(i, len(source.rows(i)))
-        if pick.size == 0:
-            continue
+        pick = norm_sample_rows(i, len(source.rows(i)))  # an image without rows adds an empty sum
         feats = source.fc7(i, pick) if layer == "fc7" else source.pool5(i, pick)
         norms = np.linalg.norm(feats.astype(np.float64), axis=1)
         total, count = total + float(norms.sum()), count + norms.size

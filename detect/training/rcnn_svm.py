@@ -41,8 +41,7 @@ class _MiningCache:
         self.keys = np.zeros(0, np.int64)
         self.weight = np.zeros(dim, np.float32)
         self.bias = 0.0  # w = 0: every negative of the first image is "hard" ([RCNN]: first_time)
-        self.trained = False
-        self.num_added = self.hard_added = self.retrains = 0
+        self.num_added = self.hard_added = self.retrains = 0  # retrains 0: untrained
         self.seconds = 0.0
         self.objective = float("nan")
 
@@ -51,8 +50,7 @@ class _MiningCache:
 
     def add(self, x: np.ndarray, keys: np.ndarray, *, dedupe: bool) -> None:
         if dedupe:  # a later pass: drop negatives already cached
-            seen = np.concatenate([self.keys] + self.key_chunks)
-            new = ~np.isin(keys, seen)
+            new = ~np.isin(keys, np.concatenate([self.keys] + self.key_chunks))
             x, keys = x[new], keys[new]
         if keys.size:
             self.neg_chunks.append(x)
@@ -75,7 +73,7 @@ class _MiningCache:
             svm.fit(x, y)
         self.weight = svm.coef_[0].astype(np.float32)
         self.bias = float(svm.intercept_[0])
-        self.trained, self.num_added = True, 0
+        self.num_added = 0
         self.retrains += 1
         z_pos, z_neg = self.scores(self.x_pos), self.scores(self.x_neg)
         self.objective = float(C * pos_weight * np.maximum(0, 1 - z_pos).sum() + C * np.maximum(0, 1 + z_neg).sum()
@@ -97,7 +95,8 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
     """
     t_start = time.perf_counter()
     cols = np.asarray(classes, np.int64) - 1
-    pos: dict[int, list[np.ndarray]] = {k: [] for k in classes}
+    dim = source.fc7_dim
+    pos: dict[int, list[np.ndarray]] = {k: [np.zeros((0, dim), np.float32)] for k in classes}
     for i in range(source.num_images):
         rows = source.rows(i)
         gt_rows = np.flatnonzero(np.isin(rows.gt_classes, classes))
@@ -105,9 +104,7 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
             x = source.fc7(i, gt_rows) * feat_scale
             for k in classes:
                 pos[k].append(x[rows.gt_classes[gt_rows] == k])
-    dim = source.fc7_dim
-    caches = {k: _MiningCache(np.concatenate(pos[k]) if pos[k] else np.zeros((0, dim), np.float32), dim)
-              for k in classes}
+    caches = {k: _MiningCache(np.concatenate(pos[k]), dim) for k in classes}
     mining = [k for k in classes if len(caches[k].x_pos)]
     for k in sorted(set(classes) - set(mining)):
         warnings.warn(f"R-CNN SVM: class {k} has no ground-truth boxes in the training set; it will never fire")
@@ -131,7 +128,7 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
                 cache = caches[k]
                 hard = is_neg[need, c] & (cache.scores(x) > hard_thresh)
                 cache.add(x[hard], i * (1 << 32) + need[hard].astype(np.int64), dedupe=p > 0)
-                if (not cache.trained and cache.num_added) or cache.num_added > retrain_limit:
+                if (not cache.retrains and cache.num_added) or cache.num_added > retrain_limit:
                     cache.retrain(**fit)
                 cache.seconds += time.perf_counter() - t0
     bar.close()
@@ -142,12 +139,10 @@ def mine_svms(source: FeatureSource, classes: list[int], *, feat_scale: float, C
             t0 = time.perf_counter()
             cache.retrain(**fit)
             cache.seconds += time.perf_counter() - t0
-        weight, bias = cache.weight, cache.bias
-        if not cache.trained:  # no positives, or no negatives at all: a detector that never fires
-            if k in mining:
-                warnings.warn(f"R-CNN SVM: class {k} has no negatives to train against; it will never fire")
-            weight, bias = np.zeros(dim, np.float32), -10.0
-        out[k] = ClassSVM(weight, bias, {
+        if k in mining and not cache.retrains:
+            warnings.warn(f"R-CNN SVM: class {k} has no negatives to train against; it will never fire")
+        # untrained (no positives, or no negatives at all): w = 0 and a bias that never fires
+        out[k] = ClassSVM(cache.weight, cache.bias if cache.retrains else -10.0, {
             "num_pos": len(cache.x_pos), "num_neg_cached": len(cache.x_neg), "hard_negatives_added": cache.hard_added,
             "retrains": cache.retrains, "objective": cache.objective, "train_seconds": round(cache.seconds, 3),
             "wall_seconds": round(time.perf_counter() - t_start, 3)})

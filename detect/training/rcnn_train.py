@@ -2,9 +2,7 @@
 
 Each stage is a folder of ``output_dir`` finished by a ``done`` settings marker: finetune/
 (``engine.train_loop``), features/ (``feature_cache``), svm/ (``rcnn_svm``), bbox_reg/
-(``box_regression``). ``train_rcnn`` returns the arrays ``detect.models.build.build_rcnn`` takes.
-
-Shapes: as in ``detect.training.feature_cache``.
+(``box_regression``). Shapes: as in ``detect.training.feature_cache``.
 """
 
 from __future__ import annotations
@@ -97,8 +95,7 @@ class FineTuneSampler:
         """crops [B, 3, crop, crop] (normalised, on the device) and labels [B] (0 = background)."""
         rng = np.random.default_rng([self.seed, iteration])
         per_rank = min(self.images_per_batch, max(len(self.records) // self.world_size, 1))
-        order = rng.permutation(len(self.records))[: per_rank * self.world_size]
-        chosen = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        chosen = rng.permutation(len(self.records))[self.rank * per_rank:(self.rank + 1) * per_rank]
         images, windows = [], []
         for i in chosen.tolist():
             record = self.records[i]
@@ -289,9 +286,9 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
                progress: bool = True) -> dict[str, np.ndarray] | None:
     """Train R-CNN's four stages in order ([RCNN]); ``backbone`` is fine-tuned in place.
 
-    Returns the ``extra`` arrays of ``build_rcnn`` on rank 0; the other ranks return None after
-    the features, to wait in ``runtime.long_wait_group``. ``fingerprint`` (data, proposals,
-    model) goes into every stage marker. A stage whose marker records these settings is
+    Returns the ``extra`` arrays of ``detect.models.build.build_rcnn`` on rank 0; the other ranks
+    return None after the features, to wait in ``runtime.long_wait_group``. ``fingerprint`` (data,
+    proposals, model) goes into every stage marker. A stage whose marker records these settings is
     skipped; ``resume`` continues the unfinished one. The SVMs train in spawned processes: a
     calling script needs the ``if __name__ == "__main__":`` guard.
     """
@@ -347,15 +344,14 @@ def train_rcnn(backbone: Backbone, records: list[ImageRecord], get_proposals: Ca
 
     feat_settings = {"upstream": ft_settings, "cache_features": cache_features, "bbox_min_iou": bbox_min_iou,
                      "pool5_rows": "iou > bbox_min_iou", "format_version": FEATURE_VERSION}
-    if cache_features:
-        if not _stage_done(feat_dir, feat_settings):
-            t0 = time.perf_counter()
-            extract_features(streaming, feat_dir, rank=rank, world_size=world, progress=progress)
-            barrier()  # every rank has written its shards
-            if rank == 0:
-                _mark_done(feat_dir, feat_settings, time.perf_counter() - t0, bytes=feature_cache_bytes(feat_dir),
-                           unreadable_images=streaming.unreadable)
-            barrier()
+    if cache_features and not _stage_done(feat_dir, feat_settings):
+        t0 = time.perf_counter()
+        extract_features(streaming, feat_dir, rank=rank, world_size=world, progress=progress)
+        barrier()  # every rank has written its shards
+        if rank == 0:
+            _mark_done(feat_dir, feat_settings, time.perf_counter() - t0, bytes=feature_cache_bytes(feat_dir),
+                       unreadable_images=streaming.unreadable)
+        barrier()
     source = FeatureCache(feat_dir) if cache_features else streaming
     if rank != 0:  # the SVMs and regressors are cheap next to the CNN: rank 0 alone trains them
         return None  # the caller waits for rank 0 in a group with a long timeout (``long_wait_group``)

@@ -40,12 +40,8 @@ class TensorBoardLog:
                 if key != "iteration" and isinstance(value, (int, float)):
                     self.writer.add_scalar(TAGS.get(key, key), float(value), step)
             if "time_per_iter_s" in record:
-                eta = record["time_per_iter_s"] * max(0, self.max_iter - step)
-                self.writer.add_scalar("eta_seconds", eta, step)
+                self.writer.add_scalar("eta_seconds", record["time_per_iter_s"] * max(0, self.max_iter - step), step)
         self.writer.flush()  # a killed run keeps what log.jsonl has
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def open_tensorboard(log_dir: str | Path, *, max_iter: int, start_iter: int = 0) -> TensorBoardLog | None:
@@ -67,4 +63,4 @@ def log_final_eval(log_dir: str | Path, step: int, metrics: dict) -> None:
         return
     log = TensorBoardLog(log_dir, max_iter=step)
     log.write({"iteration": step, "eval": metrics["coco"]})
-    log.close()
+    log.writer.close()
