@@ -181,7 +181,8 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         image_id = _field(entry, "id", int, src, f"images[{i}]")
         where = f"images[{i}] (id {image_id})"
         file_name = _field(entry, "file_name", str, src, where)
-        width, height = (_field(entry, key, (int, float), src, where) for key in ("width", "height"))
+        width = _field(entry, "width", (int, float), src, where)
+        height = _field(entry, "height", (int, float), src, where)
         if not (width > 0 and height > 0):
             raise ValueError(f"{src}: {where}: width and height must be positive, got {width}x{height}")
         if image_id in row_of_image:
@@ -251,7 +252,8 @@ def _explain_bad_annotation(ann: Any, i: int, src: str, row_of_image: dict, clas
     """Raise the ValueError that says what is wrong with annotation ``i``."""
     ann_id = _field(ann, "id", int, src, f"annotations[{i}]")
     where = f"annotations[{i}] (id {ann_id})"
-    image_id, category_id = (_field(ann, key, int, src, where) for key in ("image_id", "category_id"))
+    image_id = _field(ann, "image_id", int, src, where)
+    category_id = _field(ann, "category_id", int, src, where)
     bbox = _field(ann, "bbox", list, src, where)
     if image_id not in row_of_image:
         raise ValueError(f"{src}: {where} refers to unknown image id {image_id}")
@@ -425,7 +427,8 @@ def read_voc_xml(xml_path: Path, image_dir: Path, name: str, image_id: int,
             raise ValueError(f"{xml_path}: no <size>, and its image {image_path} cannot be read for it "
                              f"({e})") from None
     else:
-        width, height = (_voc_number(annotation, f"size/{k}", xml_path, "<annotation>") for k in ("width", "height"))
+        width = _voc_number(annotation, "size/width", xml_path, "<annotation>")
+        height = _voc_number(annotation, "size/height", xml_path, "<annotation>")
     if not (width > 0 and height > 0):
         raise ValueError(f"{xml_path}: width and height must be positive, got {width:g}x{height:g}")
     boxes, names, difficult = [], [], []

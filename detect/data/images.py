@@ -110,7 +110,8 @@ def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
             raise FileNotFoundError(f"--input {item!r}: no such file or folder{hint}")
     if exclude is not None:
         excluded = {absolute(exclude), Path(exclude).resolve()}
-        found, others = ({p for p in group if not any(map(p.is_relative_to, excluded))} for group in (found, others))
+        found = {p for p in found if not any(map(p.is_relative_to, excluded))}
+        others = {p for p in others if not any(map(p.is_relative_to, excluded))}
     if unsupported is not None:
         unsupported.extend(sorted(others - found, key=str))
     return sorted(found, key=str)
