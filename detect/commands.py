@@ -94,8 +94,9 @@ def propose(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     workers = args.workers
     distributed = False
-    if shard is None and rank_and_world()[1] > 1:  # under torchrun: (rank, world size)
-        shard = rank_and_world()
+    rank, world_size = rank_and_world()
+    if shard is None and world_size > 1:  # under torchrun
+        shard = (rank, world_size)
         if workers <= 0:  # share the node's cores between its ranks
             workers = max(1, available_cores() // local_world_size())
         distributed = try_init_gloo("proposals: each rank computes its shard and the last to finish merges")

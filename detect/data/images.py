@@ -88,10 +88,13 @@ def find_images(inputs: list[str], *, exclude: str | os.PathLike | None = None,
     def absolute(path: str | os.PathLike) -> Path:  # normalised, but a link still names itself
         return Path(os.path.abspath(path))
 
-    def add(path: Path) -> None:  # a folder: every file under it
-        walked = (Path(root, name) for root, _, names in os.walk(path) for name in names)
-        for file in walked if path.is_dir() else [path]:
-            (found if file.suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(file))
+    def add(path: Path) -> None:
+        if path.is_dir():  # every file under it
+            for root, _, names in os.walk(path):
+                for name in names:
+                    add(Path(root, name))
+        else:
+            (found if path.suffix.lower() in IMAGE_EXTENSIONS else others).add(absolute(path))
 
     for item in inputs:
         path = Path(item).expanduser()

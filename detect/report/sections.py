@@ -49,8 +49,11 @@ def _fmt_ratio(ratio: float) -> str:
 def _fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
-    return (f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 3600
-            else f"{seconds / 3600:.2f} h")
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 def _union(names) -> list[str]:

@@ -158,5 +158,5 @@ def train_loop(*, model: nn.Module, step_fn: Callable[[nn.Module, int], dict[str
             barrier()
     bar.close()
     if tb is not None:
-        tb.writer.close()
+        tb.close()
     return model

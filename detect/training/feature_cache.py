@@ -204,15 +204,24 @@ def feature_cache_bytes(cache_dir: str | Path) -> dict:
     return {"total": total, "per_image": total / n, **{f"{k}_per_image": v / n for k, v in parts.items()}}
 
 
+# The feature-norm sample ([RCNN] rcnn_feature_stats.m): this many random images, this many random
+# rows of each, drawn with this seed.
+NORM_SAMPLE_IMAGES = 200
+NORM_SAMPLE_ROWS = 200
+NORM_SAMPLE_SEED = 0
+
+
 def norm_sample_images(num_images: int) -> set[int]:
-    """The images whose rows the feature norm is measured on: 200 seeded random ones."""
-    return set(np.random.default_rng(0).permutation(num_images)[:200].tolist())
+    """The images whose rows the feature norm is measured on: ``NORM_SAMPLE_IMAGES`` seeded random ones."""
+    rng = np.random.default_rng(NORM_SAMPLE_SEED)
+    return set(rng.permutation(num_images)[:NORM_SAMPLE_IMAGES].tolist())
 
 
 def norm_sample_rows(i: int, num_rows: int) -> np.ndarray:
-    """Sorted row indices of image ``i`` in the norm sample: 200 random rows of any IoU, seeded
-    by (0, i) so every rank and a resumed run draw the same rows."""
-    return np.sort(np.random.default_rng([0, i]).permutation(num_rows)[:200])
+    """Sorted row indices of image ``i`` in the norm sample: ``NORM_SAMPLE_ROWS`` random rows of
+    any IoU, seeded by (``NORM_SAMPLE_SEED``, i) so every rank and a resumed run draw the same rows."""
+    rng = np.random.default_rng([NORM_SAMPLE_SEED, i])
+    return np.sort(rng.permutation(num_rows)[:NORM_SAMPLE_ROWS])
 
 
 def _checked_mean(total: float, count: int, layer: str) -> float:

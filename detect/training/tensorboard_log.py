@@ -43,6 +43,9 @@ class TensorBoardLog:
                 self.writer.add_scalar("eta_seconds", record["time_per_iter_s"] * max(0, self.max_iter - step), step)
         self.writer.flush()  # a killed run keeps what log.jsonl has
 
+    def close(self) -> None:
+        self.writer.close()
+
 
 def open_tensorboard(log_dir: str | Path, *, max_iter: int, start_iter: int = 0) -> TensorBoardLog | None:
     """A ``TensorBoardLog`` in ``log_dir``, or None (said once per process) without tensorboard."""
@@ -63,4 +66,4 @@ def log_final_eval(log_dir: str | Path, step: int, metrics: dict) -> None:
         return
     log = TensorBoardLog(log_dir, max_iter=step)
     log.write({"iteration": step, "eval": metrics["coco"]})
-    log.writer.close()
+    log.close()
