@@ -194,14 +194,10 @@ def region_features(labels: np.ndarray, n_regions: int, colour_bins: np.ndarray,
             p = y * width + x
             label = labels[y, x]
             sizes[label] += 1
-            if x < boxes[label, 0]:
-                boxes[label, 0] = x
-            if y < boxes[label, 1]:
-                boxes[label, 1] = y
-            if x > boxes[label, 2]:
-                boxes[label, 2] = x
-            if y > boxes[label, 3]:
-                boxes[label, 3] = y
+            boxes[label, 0] = min(boxes[label, 0], x)
+            boxes[label, 1] = min(boxes[label, 1], y)
+            boxes[label, 2] = max(boxes[label, 2], x)
+            boxes[label, 3] = max(boxes[label, 3], y)
             for c in range(channels):
                 colour_counts[label, c * COLOUR_BINS + colour_bins[p, c]] += 1
             for t in range(n_tex):
@@ -218,13 +214,6 @@ def region_features(labels: np.ndarray, n_regions: int, colour_bins: np.ndarray,
     pairs = np.empty((keys.size, 2), np.int32)
     pairs[:, 0] = keys // n_regions
     pairs[:, 1] = keys % n_regions
-    colour_hist = np.empty((n_regions, COLOUR_BINS * channels), np.float32)
-    texture_hist = np.empty((n_regions, TEXTURE_BINS * n_tex), np.float32)
-    for r in range(n_regions):
-        colour_norm = 1.0 / (sizes[r] * channels)
-        for i in range(COLOUR_BINS * channels):
-            colour_hist[r, i] = colour_counts[r, i] * colour_norm
-        texture_norm = 1.0 / (sizes[r] * n_tex)
-        for i in range(TEXTURE_BINS * n_tex):
-            texture_hist[r, i] = texture_counts[r, i] * texture_norm
+    colour_hist = (colour_counts * (1.0 / (sizes * channels))[:, np.newaxis]).astype(np.float32)
+    texture_hist = (texture_counts * (1.0 / (sizes * n_tex))[:, np.newaxis]).astype(np.float32)
     return sizes, boxes, colour_hist, texture_hist, pairs
