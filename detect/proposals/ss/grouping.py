@@ -175,17 +175,14 @@ def hierarchical_grouping(colour_hist, texture_hist, sizes, boxes, pairs, im_siz
     ent_a = np.empty(capacity, np.int32)
     ent_b = np.empty(capacity, np.int32)
     heap = np.empty(capacity, np.uint64)
-    n_ent = 0
+    n_ent = pairs.shape[0]  # entry e is pair e
     n_heap = 0
-    for e in range(pairs.shape[0]):
-        a = pairs[e, 0]
-        b = pairs[e, 1]
-        ent_a[n_ent] = a
-        ent_b[n_ent] = b
-        sim = _similarity(a, b, all_colour, all_texture, all_sizes, all_boxes,
+    ent_a[:n_ent] = pairs[:, 0]
+    ent_b[:n_ent] = pairs[:, 1]
+    for e in range(n_ent):
+        sim = _similarity(pairs[e, 0], pairs[e, 1], all_colour, all_texture, all_sizes, all_boxes,
                           im_size_f, use_colour, use_texture, use_size, use_fill)
-        n_heap = _heap_push(heap, n_heap, _heap_key(sim, n_ent))
-        n_ent += 1
+        n_heap = _heap_push(heap, n_heap, _heap_key(sim, e))
 
     n_merges = 0
     while n_heap > 0:
