@@ -141,7 +141,13 @@ def build_backbone(name: str, *, weights: str = "none", freeze_at: str = "", hea
         width = head_dim
     if feature_stride == 8:
         _dilate_last_stage(body)
-    _freeze_before(name, stages, freeze_at)
+    if freeze_at:  # the stages before freeze_at
+        names = [n for n, _ in stages]
+        if freeze_at not in names:
+            raise ValueError(f"unknown freeze_at {freeze_at!r} for {name}; valid: {', '.join(names)} "
+                             f"(or '' to freeze nothing)")
+        for _, module in stages[:names.index(freeze_at)]:
+            module.requires_grad_(False)
     return Backbone(body=body, head=head, out_channels=channels, stride=feature_stride, head_dim=width,
                     roi_size=roi_size, pixel_mean=mean, pixel_std=std, crop_size=227 if name == "alexnet" else 224)
 
@@ -217,17 +223,6 @@ def _split(name: str, model: nn.Module, dropout: float):
     head = nn.Sequential(*blocks[11:], last_conv, *pool)
     stages = [("stem", stem)] + [(f"block{i}", b) for i, b in enumerate(blocks)] + [("last_conv", last_conv)]
     return body, head, stages, 112, 1280, TFLITE_MEAN, TFLITE_STD
-
-
-def _freeze_before(name: str, stages: list[tuple[str, nn.Module]], freeze_at: str) -> None:
-    if not freeze_at:
-        return
-    names = [n for n, _ in stages]
-    if freeze_at not in names:
-        raise ValueError(f"unknown freeze_at {freeze_at!r} for {name}; valid: {', '.join(names)} "
-                         f"(or '' to freeze nothing)")
-    for _, module in stages[:names.index(freeze_at)]:
-        module.requires_grad_(False)
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
