@@ -2,8 +2,7 @@
 
 As ``Image2HierarchicalGrouping.m``: within one hierarchy of n initial regions the LAST merge
 has position 1, ..., the first merge n - 1, the initial regions n (listed once per
-segmentation, with the first strategy's hierarchy). A single-region segmentation gives its box,
-position 1.
+segmentation, with the first strategy's hierarchy); a single region: its box at position 1.
 
 value = position * U[0, 1), drawn from ``np.random.default_rng([seed, hierarchy_index])`` in
 list order (independent of threads or processes). All hierarchies are pooled, sorted by value
