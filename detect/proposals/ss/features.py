@@ -202,11 +202,14 @@ def region_features(labels: np.ndarray, n_regions: int, colour_bins: np.ndarray,
                 colour_counts[label, c * COLOUR_BINS + colour_bins[p, c]] += 1
             for t in range(n_tex):
                 texture_counts[label, t * TEXTURE_BINS + texture_bins[p, t]] += 1
-            for other in (labels[y, x + 1] if x + 1 < width else label,
-                          labels[y + 1, x] if y + 1 < height else label):  # right, down
-                if other != label:
-                    keys[n_keys] = min(label, other) * np.int64(n_regions) + max(label, other)
-                    n_keys += 1
+            if x + 1 < width and labels[y, x + 1] != label:
+                other = labels[y, x + 1]
+                keys[n_keys] = min(label, other) * np.int64(n_regions) + max(label, other)
+                n_keys += 1
+            if y + 1 < height and labels[y + 1, x] != label:
+                other = labels[y + 1, x]
+                keys[n_keys] = min(label, other) * np.int64(n_regions) + max(label, other)
+                n_keys += 1
     keys = np.unique(keys[:n_keys])  # sorted
     pairs = np.empty((keys.size, 2), np.int32)
     pairs[:, 0] = keys // n_regions
