@@ -93,12 +93,9 @@ def environment() -> dict:
 def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord], *,
                     get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
                     progress: bool = True) -> dict:
-    """Run every detector on every record, interleaved; per-image stage times after warm-up.
-
-    Proposals, once per image for all: ``get_proposals(image_id)`` (a store), else selective
-    search with the first detector's settings. Returns {"proposals": [ms], "num_proposals": [R],
-    "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards).
-    """
+    """The module docstring's interleaved run; proposals from ``get_proposals(image_id)``, else selective
+    search at the first detector's settings. Returns {"proposals": [ms], "num_proposals": [R],
+    "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards)."""
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if len(records) <= warmup:
@@ -131,8 +128,7 @@ def reference_index(kinds: Sequence[str]) -> int:
     return list(kinds).index("fast_rcnn") if "rcnn" in kinds and "fast_rcnn" in kinds else 0
 
 
-def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000,
-                  seed: int = 0) -> dict:
+def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000) -> dict:
     """Median/p10/p90 of ``run_interleaved``'s timings per detector and stage, detector-only and end to
     end, and each detector's ratio of medians to the reference (> 1: slower), with intervals."""
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
@@ -147,10 +143,10 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
     for i, d in enumerate(out_dets):
         if i != ref:
             d["ratio_to_reference"] = {
-                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples, seed=seed)
+                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples)
                 for key, v in totals[i].items()}
     return {"reference": names[ref], PROPOSALS: summarize(prop), "proposals_per_image_ms": list(map(float, prop)),
-            "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": seed}
+            "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": 0}
 
 
 def count_flops(module: nn.Module, *inputs_shapes: tuple[int, ...]) -> int:
