@@ -172,11 +172,12 @@ class _RoIHead(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def fast_rcnn_flops(*, body: nn.Module, roi_head: nn.Module, out_channels: int, roi_size: int,
-                    input_hw: tuple[int, int], num_proposals: int,
-                    roi_op: str = "roi_pool") -> dict[str, int]:
-    """{"backbone", "roi_head"} FLOPs of Fast R-CNN on a network input of ``input_hw``."""
-    c, s = out_channels, roi_size
+def fast_rcnn_flops(*, body: nn.Module, roi_head: nn.Module, roi_size: int, input_hw: tuple[int, int],
+                    num_proposals: int, roi_op: str = "roi_pool") -> dict[str, int]:
+    """{"backbone", "roi_head"} FLOPs of Fast R-CNN on a network input of ``input_hw`` (``body`` on meta)."""
+    with torch.no_grad():  # the body's output channels, from its forward on meta
+        c = int(body(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
+    s = roi_size
     per_roi = count_flops(roi_head, (1, c, s, s))
     pooling = num_proposals * c * s * s * ROI_FLOPS_PER_OUTPUT[roi_op]
     return {"backbone": count_flops(body, (1, 3, *input_hw)), "roi_head": num_proposals * per_roi + pooling}
@@ -204,10 +205,7 @@ def detector_flops(detector: Detector, image_hw: tuple[int, int], num_proposals:
         for i, size in enumerate(detector.test_scales):
             scale = resize_scale(h, w, size, detector.test_max_size)
             input_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
-            with torch.no_grad():
-                out_channels = int(body(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
-            stages = fast_rcnn_flops(body=body, roi_head=roi_head, out_channels=out_channels,
-                                     roi_size=detector.roi_size, input_hw=input_hw,
+            stages = fast_rcnn_flops(body=body, roi_head=roi_head, roi_size=detector.roi_size, input_hw=input_hw,
                                      num_proposals=r if i == 0 else 0, roi_op=detector.roi_op)
             total = {k: total.get(k, 0) + v for k, v in stages.items()}  # each RoI on one scale only
         return total
@@ -227,8 +225,8 @@ def paper_flops() -> dict:
         k = PAPER_NUM_CLASSES
         roi_head = _RoIHead(bb.head, nn.Linear(bb.head_dim, k + 1), nn.Linear(bb.head_dim, 4 * k))
         net = RegionNet(body=bb.body, head=bb.head, roi_size=bb.roi_size)
-    fast = fast_rcnn_flops(body=bb.body, roi_head=roi_head, out_channels=bb.out_channels, roi_size=bb.roi_size,
-                           input_hw=PAPER_FAST_RCNN_INPUT, num_proposals=PAPER_NUM_PROPOSALS)
+    fast = fast_rcnn_flops(body=bb.body, roi_head=roi_head, roi_size=bb.roi_size, input_hw=PAPER_FAST_RCNN_INPUT,
+                           num_proposals=PAPER_NUM_PROPOSALS)
     slow = rcnn_flops(net=net, crop_size=PAPER_RCNN_CROP, num_proposals=PAPER_NUM_PROPOSALS, head_dim=bb.head_dim,
                       pool5_dim=bb.out_channels * bb.roi_size ** 2, num_classes=k)
     return {"settings": PAPER_SETTINGS, "fast_rcnn": fast, "rcnn": slow,
