@@ -81,7 +81,6 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
         return {}
-    output_dir.mkdir(parents=True, exist_ok=True)
     results = coco_results(dataset, detections)
     write_json_atomic(output_dir / "detections.json", results, indent=None)
     m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")
