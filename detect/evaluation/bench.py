@@ -15,7 +15,6 @@ pooled RoI) is counted once and multiplied by the number of proposals. Added by 
 by the counter: RoI pooling, ``R * C * S * S * k`` with k = 1 comparison per output for max
 pooling (a lower bound) or 32 for RoI align (2 x 2 samples of 4 bilinear taps), either under
 0.1% of VGG16's fc6; R-CNN's warp, 4 bilinear taps per output value (8 FLOPs).
-``detector_flops`` counts a detector at its settings, ``paper_flops`` both at the papers'.
 """
 
 from __future__ import annotations
