@@ -15,7 +15,6 @@ pooled RoI) is counted once and multiplied by the number of proposals. Added by 
 by the counter: RoI pooling, ``R * C * S * S * k`` with k = 1 comparison per output for max
 pooling (a lower bound) or 32 for RoI align (2 x 2 samples of 4 bilinear taps), either under
 0.1% of VGG16's fc6; R-CNN's warp, 4 bilinear taps per output value (8 FLOPs).
-``detector_flops`` counts a detector at its settings, ``paper_flops`` both at the papers'.
 """
 
 from __future__ import annotations
@@ -93,12 +92,9 @@ def environment() -> dict:
 def run_interleaved(detectors: Sequence[Detector], records: Sequence[ImageRecord], *,
                     get_proposals: Callable[[int], np.ndarray] | None = None, warmup: int = 3,
                     progress: bool = True) -> dict:
-    """Run every detector on every record, interleaved; per-image stage times after warm-up.
-
-    Proposals, once per image for all: ``get_proposals(image_id)`` (a store), else selective
-    search with the first detector's settings. Returns {"proposals": [ms], "num_proposals": [R],
-    "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards).
-    """
+    """The module docstring's interleaved run; proposals from ``get_proposals(image_id)``, else selective
+    search at the first detector's settings. Returns {"proposals": [ms], "num_proposals": [R],
+    "detectors": [{stage: [ms]}]} per counted image (``warmup`` onwards)."""
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if len(records) <= warmup:
@@ -131,8 +127,7 @@ def reference_index(kinds: Sequence[str]) -> int:
     return list(kinds).index("fast_rcnn") if "rcnn" in kinds and "fast_rcnn" in kinds else 0
 
 
-def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000,
-                  seed: int = 0) -> dict:
+def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000) -> dict:
     """Median/p10/p90 of ``run_interleaved``'s timings per detector and stage, detector-only and end to
     end, and each detector's ratio of medians to the reference (> 1: slower), with intervals."""
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
@@ -147,10 +142,10 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
     for i, d in enumerate(out_dets):
         if i != ref:
             d["ratio_to_reference"] = {
-                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples, seed=seed)
+                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples)
                 for key, v in totals[i].items()}
     return {"reference": names[ref], PROPOSALS: summarize(prop), "proposals_per_image_ms": list(map(float, prop)),
-            "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": seed}
+            "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": 0}
 
 
 def count_flops(module: nn.Module, *inputs_shapes: tuple[int, ...]) -> int:
@@ -176,11 +171,12 @@ class _RoIHead(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def fast_rcnn_flops(*, body: nn.Module, roi_head: nn.Module, out_channels: int, roi_size: int,
-                    input_hw: tuple[int, int], num_proposals: int,
-                    roi_op: str = "roi_pool") -> dict[str, int]:
-    """{"backbone", "roi_head"} FLOPs of Fast R-CNN on a network input of ``input_hw``."""
-    c, s = out_channels, roi_size
+def fast_rcnn_flops(*, body: nn.Module, roi_head: nn.Module, roi_size: int, input_hw: tuple[int, int],
+                    num_proposals: int, roi_op: str = "roi_pool") -> dict[str, int]:
+    """{"backbone", "roi_head"} FLOPs of Fast R-CNN on a network input of ``input_hw`` (``body`` on meta)."""
+    with torch.no_grad():  # the body's output channels, from its forward on meta
+        c = int(body(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
+    s = roi_size
     per_roi = count_flops(roi_head, (1, c, s, s))
     pooling = num_proposals * c * s * s * ROI_FLOPS_PER_OUTPUT[roi_op]
     return {"backbone": count_flops(body, (1, 3, *input_hw)), "roi_head": num_proposals * per_roi + pooling}
@@ -208,10 +204,7 @@ def detector_flops(detector: Detector, image_hw: tuple[int, int], num_proposals:
         for i, size in enumerate(detector.test_scales):
             scale = resize_scale(h, w, size, detector.test_max_size)
             input_hw = (max(1, round(h * scale)), max(1, round(w * scale)))
-            with torch.no_grad():
-                out_channels = int(body(torch.empty((1, 3, *input_hw), device="meta")).shape[1])
-            stages = fast_rcnn_flops(body=body, roi_head=roi_head, out_channels=out_channels,
-                                     roi_size=detector.roi_size, input_hw=input_hw,
+            stages = fast_rcnn_flops(body=body, roi_head=roi_head, roi_size=detector.roi_size, input_hw=input_hw,
                                      num_proposals=r if i == 0 else 0, roi_op=detector.roi_op)
             total = {k: total.get(k, 0) + v for k, v in stages.items()}  # each RoI on one scale only
         return total
@@ -231,8 +224,8 @@ def paper_flops() -> dict:
         k = PAPER_NUM_CLASSES
         roi_head = _RoIHead(bb.head, nn.Linear(bb.head_dim, k + 1), nn.Linear(bb.head_dim, 4 * k))
         net = RegionNet(body=bb.body, head=bb.head, roi_size=bb.roi_size)
-    fast = fast_rcnn_flops(body=bb.body, roi_head=roi_head, out_channels=bb.out_channels, roi_size=bb.roi_size,
-                           input_hw=PAPER_FAST_RCNN_INPUT, num_proposals=PAPER_NUM_PROPOSALS)
+    fast = fast_rcnn_flops(body=bb.body, roi_head=roi_head, roi_size=bb.roi_size, input_hw=PAPER_FAST_RCNN_INPUT,
+                           num_proposals=PAPER_NUM_PROPOSALS)
     slow = rcnn_flops(net=net, crop_size=PAPER_RCNN_CROP, num_proposals=PAPER_NUM_PROPOSALS, head_dim=bb.head_dim,
                       pool5_dim=bb.out_channels * bb.roi_size ** 2, num_classes=k)
     return {"settings": PAPER_SETTINGS, "fast_rcnn": fast, "rcnn": slow,

@@ -94,13 +94,12 @@ def evaluate_coco(coco_gt: dict | str | Path, results: list[dict] | str | Path, 
                   log_path: str | Path | None = None) -> dict:
     """Score COCO box ``results`` against ground truth ``coco_gt`` with pycocotools' COCOeval.
 
-    ``coco_gt``: a COCO instances dict or JSON file; ``results``: a list of ``{"image_id",
-    "category_id", "bbox": [x, y, w, h], "score"}`` or a JSON file of one. Only the images of
-    ``coco_gt`` count. The inputs are not modified (the traps above, a missing ``area`` = w * h and
-    ``iscrowd`` = 0 are handled on copies); malformed input raises ValueError naming the file and
-    entry. Returns the ``COCO_KEYS``, "per_class_AP", "per_class_AP50", "pr_curve_50" (IoU 0.5, all
-    areas, 100 detections; "all": the mean over classes with gt) and "ap_per_iou" as metrics.json
-    holds them (``detect.report.runs``), "num_images" and "num_detections".
+    ``coco_gt``: a COCO instances dict or JSON file; ``results``: ``detections_to_coco``'s entries
+    or a JSON file of them. Only the images of ``coco_gt`` count. The inputs are not modified (the
+    traps above, a missing ``area`` = w * h and ``iscrowd`` = 0 are handled on copies); malformed input
+    raises ValueError naming the file and entry. Returns the ``COCO_KEYS``, "per_class_AP",
+    "per_class_AP50", "pr_curve_50" and "ap_per_iou" as metrics.json holds them
+    (``detect.report.runs``), "num_images" and "num_detections".
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -267,13 +266,10 @@ def format_metrics_table(metrics: dict) -> str:
 
 
 def dataset_to_coco(dataset: Dataset) -> dict:
-    """A COCO ground-truth dict for ``dataset``; annotation ids from 1.
-
-    ``area`` is the source's own (COCO: the segmentation area, which decides APs/APm/APl), else
-    the box area. Difficult and crowd boxes become ``iscrowd=1``, which COCOeval ignores as VOC
-    ignores difficult ones (but a crowd box matches by intersection over the detection's area,
-    so the detections inside it are ignored too).
-    """
+    """A COCO ground-truth dict for ``dataset``; annotation ids from 1, ``area`` from
+    ``detect.data.datasets.ImageRecord.gt_areas``. Difficult and crowd boxes become ``iscrowd=1``,
+    which COCOeval ignores as VOC ignores difficult ones (but a crowd box matches by intersection
+    over the detection's area, so the detections inside it are ignored too)."""
     images, annotations = [], []
     for record in dataset.records:
         images.append({"id": int(record.image_id), "file_name": record.file_name,

@@ -32,13 +32,11 @@ TIMING_WARMUP = 3  # images left out of the medians: the first calls pay for all
 def run_detector(detector: Detector, records: list[ImageRecord], *, store=None, progress: bool = True,
                  per_image_ms: list[dict[str, float]] | None = None,
                  skipped: list[dict] | None = None) -> dict[int, Detections]:
-    """Detect on every record (this rank's share under torchrun); returns {image_id: Detections}.
-
-    Proposals: ``store`` (a ``ProposalStore``), else selective search with the detector's settings
-    (the "proposals" stage). ``per_image_ms`` receives each of this rank's images' {stage: ms}. An
-    unreadable image gets no detections, a warning and an entry {"file", "reason"} in ``skipped``
-    (every rank's, on every rank); no rank raises, so the ranks stay in step for the gather.
-    """
+    """Detect on every record (this rank's share under torchrun), with the module docstring's proposals
+    (``store``: a ``ProposalStore``); returns {image_id: Detections}. ``per_image_ms`` receives each
+    of this rank's images' {stage: ms}. An unreadable image gets no detections, a warning and an entry
+    {"file", "reason"} in ``skipped`` (every rank's, on every rank); no rank raises, so the ranks stay
+    in step for the gather."""
     rank, world = rank_and_world()
     mine = records[rank::world]
     results: dict[int, Detections] = {}
@@ -81,7 +79,6 @@ def evaluate_detector(detector: Detector, dataset: Dataset, output_dir: str | Pa
     elapsed = time.perf_counter() - t0
     if rank_and_world()[0] != 0:
         return {}
-    output_dir.mkdir(parents=True, exist_ok=True)
     results = coco_results(dataset, detections)
     write_json_atomic(output_dir / "detections.json", results, indent=None)
     m = evaluate_coco(dataset_to_coco(dataset), results, log_path=output_dir / "coco_eval.log")

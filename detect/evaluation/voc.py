@@ -107,7 +107,6 @@ def format_voc_table(result: dict, metric: str) -> str:
     """Per-class AP and the mean, in percent, as a text table."""
     title = {"voc07": "VOC2007 11-point AP", "voc": "VOC2010+ all-point AP"}[metric]
     width = max([len(n) for n in result["per_class_AP"]] + [3])
-    lines = [f"{title} (IoU > 0.5, difficult ignored)"]
-    for name, ap in [*result["per_class_AP"].items(), ("mAP", result["mAP"])]:
-        lines.append(f"  {name:<{width}}  {'n/a' if ap < 0 else f'{100 * ap:5.1f}'}")
-    return "\n".join(lines)
+    lines = [f"  {name:<{width}}  {'n/a' if ap < 0 else f'{100 * ap:5.1f}'}"
+             for name, ap in [*result["per_class_AP"].items(), ("mAP", result["mAP"])]]
+    return "\n".join([f"{title} (IoU > 0.5, difficult ignored)", *lines])

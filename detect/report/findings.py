@@ -203,10 +203,8 @@ def _localisation_claim(acc: dict, differ: list[str], unknown: list[str]) -> str
         return claim + (f"cannot be judged: the AP50 of {' and '.join(floor)} is near zero (its 95% interval "
                         f"reaches below {_pts(FLOOR_AP50)} points), so its drop to AP75 is bounded by its AP50, "
                         "not by its boxes. " + facts)
-    # diff_to_first is against the reference (index 0, Fast R-CNN here): R-CNN's drop minus Fast R-CNN's.
-    d = boot["drop_diff_to_first"][r] if f == 0 else None
-    if d is None:
-        return claim + facts
+    # diff_to_first is against the reference, Fast R-CNN (index 0, ``reference_first``): R-CNN's drop minus its.
+    d = boot["drop_diff_to_first"][r]
     fast_minus_rcnn = {"value": -d["value"], "lo": -d["hi"], "hi": -d["lo"]}
     if fast_minus_rcnn["lo"] > 0:
         verdict = "supported by these data: Fast R-CNN loses significantly more AP at strict IoU"

@@ -391,7 +391,6 @@ def make_report(run_dirs: list[Path], output_dir: Path, *, timestamp: str | None
         blocks += section.blocks
         pngs.update(section.pngs)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     for file_name, png in pngs.items():
         write_bytes_atomic(output_dir / file_name, png)
     md_path, html_path = output_dir / "report.md", output_dir / "report.html"
