@@ -71,9 +71,10 @@ def render_markdown(blocks: list, timestamp: str) -> str:
             text = f"[{block.text}]({block.href})" if block.href else block.text
             lines += [f"**{text}**" if block.strong else text, ""]
         elif isinstance(block, Table):
-            lines += ["| " + " | ".join(_md_cell(h) for h in block.header) + " |",
-                      "|" + "|".join("---:" if n else ":---" for n in block.numeric_columns()) + "|",
-                      *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows), ""]
+            lines.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
+            lines.append("|" + "|".join("---:" if n else ":---" for n in block.numeric_columns()) + "|")
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+            lines.append("")
         elif isinstance(block, Figure):
             lines += [f"![{block.caption}]({block.file_name})", "", f"*{block.caption}*", ""]
     return "\n".join(lines)
