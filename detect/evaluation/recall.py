@@ -149,6 +149,8 @@ def greedy_match(iou: np.ndarray) -> np.ndarray:
 def format_recall_table(recall: dict) -> str:
     """The ``proposal_recall`` result as a text table, one row per top-k."""
     keys = ["avg_proposals", "recall@0.5", "recall@0.7", "AR", "ABO", "MABO"]
-    rows = [f"{k:>6}  " + "  ".join(format(recall[key][i], "13.1f" if key == "avg_proposals" else "13.4f")
-                                   for key in keys) for i, k in enumerate(recall["top_k"])]
-    return "\n".join([f"{'top-k':>6}  " + "  ".join(f"{key:>13}" for key in keys), *rows])
+    rows = [f"{'top-k':>6}  " + "  ".join(f"{k:>13}" for k in keys)]
+    for i, k in enumerate(recall["top_k"]):
+        cells = [f"{recall[key][i]:13.1f}" if key == "avg_proposals" else f"{recall[key][i]:13.4f}" for key in keys]
+        rows.append(f"{k:>6}  " + "  ".join(cells))
+    return "\n".join(rows)
