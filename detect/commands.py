@@ -22,8 +22,7 @@ from detect.common.config import Config, check_proposal_settings, load_config, s
 from detect.common.fileio import check_settings, read_json, write_json_atomic, write_settings
 from detect.common.cpus import available_cores
 from detect.common.runtime import (barrier, init_distributed, is_main_process, local_world_size,
-                                   long_wait_group, rank_and_world, resolve_device, seed_everything,
-                                   try_init_gloo)
+                                   long_wait_group, rank_and_world, resolve_device, seed_everything)
 from detect.data.datasets import Dataset, load_coco, load_dataset, read_class_names
 from detect.data.images import find_images, read_image
 from detect.data.synthetic import make_synthetic as write_synthetic
@@ -99,7 +98,11 @@ def propose(args: argparse.Namespace) -> int:
         shard = (rank, world_size)
         if workers <= 0:  # share the node's cores between its ranks
             workers = max(1, available_cores() // local_world_size())
-        distributed = try_init_gloo("proposals: each rank computes its shard and the last to finish merges")
+        try:  # gloo (no device): the ranks only meet at the barrier below
+            distributed = init_distributed()
+        except Exception as e:  # noqa: BLE001 -- then the last shard to finish merges
+            print(f"no process group ({type(e).__name__}: {e}); proposals: each rank computes its shard "
+                  "and the last to finish merges", file=sys.stderr)
     run = {"settings": to_dict(cfg.proposals), "workers": workers,
            "chunk_size": int(os.environ.get("DETECT_PROPOSAL_CHUNK", DEFAULT_CHUNK_SIZE))}
     store = generate_proposals(items, args.out, shard=shard, merge=not distributed, **run)
