@@ -114,16 +114,15 @@ def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_name
                 if file in errors:
                     error_list.append({"file": file, "reason": errors[file]})
                 continue
-            images.append({"id": image_id, "file_name": file, "width": rec["width"],
-                           "height": rec["height"]})
+            size = {"width": rec["width"], "height": rec["height"]}
+            images.append({"id": image_id, "file_name": file, **size})
             found = rec["detections"]
             entries = detections_to_coco(image_id, [d["box"] for d in found], [d["score"] for d in found],
                                          [int(d["label"]) for d in found], category_ids)
             coco += [{**entry, "bbox": [round(v, 3) for v in entry["bbox"]]} for entry in entries]
             dets = [{"box": d["box"], "label": class_names[int(d["label"]) - 1], "score": d["score"]}
                     for d in found]
-            lines.append(json.dumps({"image_id": image_id, "file": file, "width": rec["width"],
-                                     "height": rec["height"], "detections": dets}))
+            lines.append(json.dumps({"image_id": image_id, "file": file, **size, "detections": dets}))
         error_list += [{"file": file, "reason": "unsupported file type"} for file in unsupported]
         categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names)]
         write_json_atomic(output_dir / "detections.json", coco, indent=None)
