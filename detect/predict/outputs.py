@@ -189,16 +189,13 @@ def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes
     texts = [f"{v:.2f}" for v in best_iou[has_best]] + [""] * len(gt_boxes)
     caption = (f"{int(reached.sum())}/{len(gt_boxes)} boxes reached at IoU {iou:g} by {len(proposal_boxes)} "
                "proposals; red: by none; blue: the best, its IoU")
-    return _with_caption(draw_boxes(image, boxes, colors, texts), caption)
-
-
-def _with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
-    """``canvas`` under a white strip holding one line of ``text``, shrunk to fit."""
-    (width_at_1, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+    canvas = draw_boxes(image, boxes, colors, texts)
+    # The caption: one line on a white strip above the drawing, shrunk to fit its width.
+    (width_at_1, _), _ = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
     font_scale = min(max(0.4, canvas.shape[1] / 1400), (canvas.shape[1] - 8) / width_at_1)
-    (_, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    (_, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
     strip = np.full((th + base + 8, canvas.shape[1], 3), 255, np.uint8)
-    cv2.putText(strip, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(strip, caption, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([strip, canvas])
 
 
