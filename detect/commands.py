@@ -207,12 +207,11 @@ def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.devi
     if not cfg.data.train_proposals:
         raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
     store = ProposalStore(cfg.data.train_proposals).check_dataset(dataset)
-    top_k = cfg.proposals.top_k
     if is_main_process():
-        warn_if_low_recall(dataset, store, top_k, to_dict(cfg.data.train))
+        warn_if_low_recall(dataset, store, cfg.proposals.top_k, to_dict(cfg.data.train))
 
     def get_proposals(image_id: int) -> np.ndarray:  # [P, 4] xyxy, selective search's best first
-        return first_proposals(store.get(image_id), top_k)
+        return first_proposals(store.get(image_id), cfg.proposals.top_k)
 
     if cfg.detector == "fast_rcnn":
         return _train_fast_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume)
