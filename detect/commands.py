@@ -405,12 +405,9 @@ def predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     stat = checkpoint.stat()
     detector = load_detector(checkpoint, args.device)  # '' = cuda if available, else cpu
-    workers = args.workers
-    if workers == 0 and world_size > 1:  # share the node's cores between its ranks
-        workers = max(1, available_cores() // local_world_size())
     summary = predict_images(
         detector, args.input, args.output_dir, score_threshold=args.score_threshold,
-        proposal_settings=detector.proposal_settings, workers=workers, proposal_store=args.proposals or None,
+        proposal_settings=detector.proposal_settings, workers=args.workers, proposal_store=args.proposals or None,
         visualize=args.visualize, rank=rank, world_size=world_size,
         model_fingerprint=f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     print(f"detect predict: {summary.num_images} image(s), {summary.num_detections} detection(s) "
