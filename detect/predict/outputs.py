@@ -17,7 +17,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from detect.common.fileio import write_bytes_atomic, write_json_atomic
+from detect.common.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from detect.common.palette import TAB10_RGB
 from detect.data.datasets import ImageRecord
 from detect.data.images import ImageReadError, read_image
@@ -128,8 +128,7 @@ def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_name
         write_json_atomic(output_dir / "detections.json", coco, indent=None)
         write_json_atomic(output_dir / "images.json", images, indent=None)
         write_json_atomic(output_dir / "categories.json", categories)
-        write_bytes_atomic(output_dir / "detections.jsonl",
-                           "".join(line + "\n" for line in lines).encode("utf-8"))
+        write_text_atomic(output_dir / "detections.jsonl", "".join(line + "\n" for line in lines))
         write_json_atomic(output_dir / "errors.json", error_list)
     return {"images": len(images), "errors": len(error_list), "detections": len(coco)}
 
