@@ -305,17 +305,15 @@ def evaluate(args: argparse.Namespace) -> int:
     if not args.data:
         raise ValueError(f"--data is required with {'--checkpoint' if args.checkpoint else '--results'}: "
                          "the ground-truth dataset to score against")
+    output_dir = Path(args.output_dir or Path(args.checkpoint or args.results).parent)
     if args.checkpoint:
         device = resolve_device(args.device)
         init_distributed(device)
-        output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         _evaluate_checkpoint(args.checkpoint, _dataset_spec(args), args.proposals, output_dir, device=device,
                              limit=args.limit, metric=args.metric, ablation=_ablation(args))
         return 0
 
-    results_path = Path(args.results)
-    metrics = score_results_file(_load_spec(_dataset_spec(args)), results_path,
-                                 Path(args.output_dir) if args.output_dir else results_path.parent, limit=args.limit)
+    metrics = score_results_file(_load_spec(_dataset_spec(args)), Path(args.results), output_dir, limit=args.limit)
     print_metrics(metrics, args.metric)
     return 0
 
