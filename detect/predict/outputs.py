@@ -61,10 +61,9 @@ def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
 def open_journal(path: Path):
     """Open a journal for appending, first cutting off a torn last line (no final newline)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            os.truncate(path, data.rfind(b"\n") + 1)
+    data = path.read_bytes() if path.exists() else b""
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
     return open(path, "a", encoding="utf-8")
 
 
