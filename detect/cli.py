@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"make-synthetic": commands.make_synthetic, "propose": commands.propose, "recall": commands.recall,
             "tune-proposals": commands.tune_proposals, "eval": commands.evaluate, "bench": commands.bench,
-            "train": commands.train, "predict": commands.predict, "compare": commands.compare}
+            "train": commands.train, "predict": commands.predict, "compare": commands.compare,
+            "demo": lambda args: demo.run_demo(args.output_dir, device=args.device, run_command=main)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,8 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     # A warning is one line, as an error is (not Python's header and source line).
     warnings.showwarning = lambda message, *_: print(f"detect {args.command}: warning: {message}", file=sys.stderr)
     try:
-        if args.command == "demo":
-            return demo.run_demo(args.output_dir, device=args.device, run_command=main) or 0
         return COMMANDS[args.command](args) or 0
     except (ConfigError, ImageReadError, OSError, ValueError) as e:
         print(f"detect {args.command}: error: {e}", file=sys.stderr)

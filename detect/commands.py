@@ -22,8 +22,7 @@ from detect.common.config import Config, check_proposal_settings, load_config, s
 from detect.common.fileio import check_settings, read_json, write_json_atomic, write_settings
 from detect.common.cpus import available_cores
 from detect.common.runtime import (barrier, init_distributed, is_main_process, local_world_size,
-                                   long_wait_group, rank_and_world, resolve_device, seed_everything,
-                                   try_init_gloo)
+                                   long_wait_group, rank_and_world, resolve_device, seed_everything)
 from detect.data.datasets import Dataset, load_coco, load_dataset, read_class_names
 from detect.data.images import find_images, read_image
 from detect.data.synthetic import make_synthetic as write_synthetic
@@ -99,7 +98,11 @@ def propose(args: argparse.Namespace) -> int:
         shard = (rank, world_size)
         if workers <= 0:  # share the node's cores between its ranks
             workers = max(1, available_cores() // local_world_size())
-        distributed = try_init_gloo("proposals: each rank computes its shard and the last to finish merges")
+        try:  # gloo (no device): the ranks only meet at the barrier below
+            distributed = init_distributed()
+        except Exception as e:  # noqa: BLE001 -- then the last shard to finish merges
+            print(f"no process group ({type(e).__name__}: {e}); proposals: each rank computes its shard "
+                  "and the last to finish merges", file=sys.stderr)
     run = {"settings": to_dict(cfg.proposals), "workers": workers,
            "chunk_size": int(os.environ.get("DETECT_PROPOSAL_CHUNK", DEFAULT_CHUNK_SIZE))}
     store = generate_proposals(items, args.out, shard=shard, merge=not distributed, **run)
@@ -204,12 +207,11 @@ def train_from_config(cfg: Config, output_dir: str | Path, *, device: torch.devi
     if not cfg.data.train_proposals:
         raise ValueError("data.train_proposals is empty: compute a proposal store with `detect propose`")
     store = ProposalStore(cfg.data.train_proposals).check_dataset(dataset)
-    top_k = cfg.proposals.top_k
     if is_main_process():
-        warn_if_low_recall(dataset, store, top_k, to_dict(cfg.data.train))
+        warn_if_low_recall(dataset, store, cfg.proposals.top_k, to_dict(cfg.data.train))
 
     def get_proposals(image_id: int) -> np.ndarray:  # [P, 4] xyxy, selective search's best first
-        return first_proposals(store.get(image_id), top_k)
+        return first_proposals(store.get(image_id), cfg.proposals.top_k)
 
     if cfg.detector == "fast_rcnn":
         return _train_fast_rcnn(cfg, dataset, get_proposals, output_dir, device=device, resume=resume)
@@ -303,17 +305,15 @@ def evaluate(args: argparse.Namespace) -> int:
     if not args.data:
         raise ValueError(f"--data is required with {'--checkpoint' if args.checkpoint else '--results'}: "
                          "the ground-truth dataset to score against")
+    output_dir = Path(args.output_dir or Path(args.checkpoint or args.results).parent)
     if args.checkpoint:
         device = resolve_device(args.device)
         init_distributed(device)
-        output_dir = Path(args.output_dir or Path(args.checkpoint).parent)
         _evaluate_checkpoint(args.checkpoint, _dataset_spec(args), args.proposals, output_dir, device=device,
                              limit=args.limit, metric=args.metric, ablation=_ablation(args))
         return 0
 
-    results_path = Path(args.results)
-    metrics = score_results_file(_load_spec(_dataset_spec(args)), results_path,
-                                 Path(args.output_dir) if args.output_dir else results_path.parent, limit=args.limit)
+    metrics = score_results_file(_load_spec(_dataset_spec(args)), Path(args.results), output_dir, limit=args.limit)
     print_metrics(metrics, args.metric)
     return 0
 
@@ -403,12 +403,9 @@ def predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     stat = checkpoint.stat()
     detector = load_detector(checkpoint, args.device)  # '' = cuda if available, else cpu
-    workers = args.workers
-    if workers == 0 and world_size > 1:  # share the node's cores between its ranks
-        workers = max(1, available_cores() // local_world_size())
     summary = predict_images(
         detector, args.input, args.output_dir, score_threshold=args.score_threshold,
-        proposal_settings=detector.proposal_settings, workers=workers, proposal_store=args.proposals or None,
+        proposal_settings=detector.proposal_settings, workers=args.workers, proposal_store=args.proposals or None,
         visualize=args.visualize, rank=rank, world_size=world_size,
         model_fingerprint=f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     print(f"detect predict: {summary.num_images} image(s), {summary.num_detections} detection(s) "

@@ -271,13 +271,12 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
 
 
 def _build(cls: type[T], data: dict, prefix: str, source: str) -> T:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # field name -> type, for every field
     kwargs = {}
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        if k not in hints:
+            raise ConfigError(f"{source}: unknown key '{key}' (known: {', '.join(sorted(hints))})")
         kwargs[k] = _check_value(v, hints[k], key, source)
     return cls(**kwargs)
 
@@ -294,9 +293,8 @@ def from_dict(data: dict, source: str = "<dict>") -> Config:
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
     data: dict = {}
-    source = "<defaults>"
+    source = "<defaults>" if path is None else str(path)
     if path is not None:
-        source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:

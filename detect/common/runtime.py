@@ -8,7 +8,6 @@ import datetime
 import os
 import random
 import resource
-import sys
 import warnings
 from typing import Any
 
@@ -49,8 +48,8 @@ def long_wait_group():
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
 
 
-def init_distributed(device: torch.device | None = None, backend: str = "") -> bool:
-    """Join torchrun's process group (``backend``, default NCCL for CUDA, else gloo); True if > 1 rank."""
+def init_distributed(device: torch.device | None = None) -> bool:
+    """Join torchrun's process group (NCCL for a CUDA ``device``, else gloo); True if > 1 rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if torch.distributed.is_initialized():
@@ -58,17 +57,8 @@ def init_distributed(device: torch.device | None = None, backend: str = "") -> b
     cuda = device is not None and device.type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend=backend or ("nccl" if cuda else "gloo"))
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
     return True
-
-
-def try_init_gloo(fallback: str) -> bool:
-    """Join torchrun's process group with gloo; on failure print why and ``fallback``, return False."""
-    try:
-        return init_distributed(backend="gloo")
-    except Exception as e:  # noqa: BLE001 -- the caller has a fallback
-        print(f"no process group ({type(e).__name__}: {e}); {fallback}", file=sys.stderr)
-        return False
 
 
 def resolve_device(name: str = "") -> torch.device:

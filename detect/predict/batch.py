@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from detect.common.fileio import start_or_resume, write_json_atomic
 from detect.common.cpus import available_cores
+from detect.common.runtime import local_world_size
 from detect.data.images import IMAGE_EXTENSIONS, ImageReadError, find_images, read_image
 from detect.models.detector import Detections, Detector, StageTimer
 from detect.predict.outputs import (journal_record, load_results, open_journal, safe_relative_name,
@@ -133,8 +134,9 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
             rank: int = 0, world_size: int = 1, model_fingerprint: str = "") -> PredictSummary:
     """Detect objects in every image of ``inputs`` into the outputs of the module docstring,
     resuming a run in ``output_dir``. Proposals: ``propose_fn(image, **proposal_settings)``
-    (default ``selective_search``) or ``proposal_store``. ``workers``: processes (0 = all cores).
-    ``model_fingerprint`` identifies the checkpoint: a resume with another model is refused."""
+    (default ``selective_search``) or ``proposal_store``. ``workers``: processes (0 = all cores,
+    shared by the machine's torchrun ranks). ``model_fingerprint`` identifies the checkpoint: a
+    resume with another model is refused."""
     start = time.perf_counter()
     if workers < 0:
         raise ValueError(f"workers must be >= 0 (0 = all cores), got {workers}")
@@ -142,7 +144,7 @@ def predict(detector: Detector, inputs: list[str], output_dir: str | os.PathLike
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
     class_names, category_ids = list(detector.class_names), list(detector.category_ids)
     proposal_settings = proposal_settings or {}
-    workers = workers or available_cores()
+    workers = workers or max(1, available_cores() // local_world_size())
     output_dir = Path(output_dir)
     partial_dir = output_dir / "partial"
 

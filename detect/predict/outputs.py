@@ -17,7 +17,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from detect.common.fileio import write_bytes_atomic, write_json_atomic
+from detect.common.fileio import write_bytes_atomic, write_json_atomic, write_text_atomic
 from detect.common.palette import TAB10_RGB
 from detect.data.datasets import ImageRecord
 from detect.data.images import ImageReadError, read_image
@@ -61,10 +61,9 @@ def safe_relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
 def open_journal(path: Path):
     """Open a journal for appending, first cutting off a torn last line (no final newline)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            os.truncate(path, data.rfind(b"\n") + 1)
+    data = path.read_bytes() if path.exists() else b""
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
     return open(path, "a", encoding="utf-8")
 
 
@@ -114,23 +113,21 @@ def write_outputs(output_dir: str | os.PathLike, files: list[str], *, class_name
                 if file in errors:
                     error_list.append({"file": file, "reason": errors[file]})
                 continue
-            images.append({"id": image_id, "file_name": file, "width": rec["width"],
-                           "height": rec["height"]})
+            size = {"width": rec["width"], "height": rec["height"]}
+            images.append({"id": image_id, "file_name": file, **size})
             found = rec["detections"]
             entries = detections_to_coco(image_id, [d["box"] for d in found], [d["score"] for d in found],
                                          [int(d["label"]) for d in found], category_ids)
             coco += [{**entry, "bbox": [round(v, 3) for v in entry["bbox"]]} for entry in entries]
             dets = [{"box": d["box"], "label": class_names[int(d["label"]) - 1], "score": d["score"]}
                     for d in found]
-            lines.append(json.dumps({"image_id": image_id, "file": file, "width": rec["width"],
-                                     "height": rec["height"], "detections": dets}))
+            lines.append(json.dumps({"image_id": image_id, "file": file, **size, "detections": dets}))
         error_list += [{"file": file, "reason": "unsupported file type"} for file in unsupported]
         categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names)]
         write_json_atomic(output_dir / "detections.json", coco, indent=None)
         write_json_atomic(output_dir / "images.json", images, indent=None)
         write_json_atomic(output_dir / "categories.json", categories)
-        write_bytes_atomic(output_dir / "detections.jsonl",
-                           "".join(line + "\n" for line in lines).encode("utf-8"))
+        write_text_atomic(output_dir / "detections.jsonl", "".join(line + "\n" for line in lines))
         write_json_atomic(output_dir / "errors.json", error_list)
     return {"images": len(images), "errors": len(error_list), "detections": len(coco)}
 
@@ -190,16 +187,13 @@ def draw_proposal_recall(image: np.ndarray, gt_boxes: np.ndarray, proposal_boxes
     texts = [f"{v:.2f}" for v in best_iou[has_best]] + [""] * len(gt_boxes)
     caption = (f"{int(reached.sum())}/{len(gt_boxes)} boxes reached at IoU {iou:g} by {len(proposal_boxes)} "
                "proposals; red: by none; blue: the best, its IoU")
-    return _with_caption(draw_boxes(image, boxes, colors, texts), caption)
-
-
-def _with_caption(canvas: np.ndarray, text: str) -> np.ndarray:
-    """``canvas`` under a white strip holding one line of ``text``, shrunk to fit."""
-    (width_at_1, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
+    canvas = draw_boxes(image, boxes, colors, texts)
+    # The caption: one line on a white strip above the drawing, shrunk to fit its width.
+    (width_at_1, _), _ = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 1)
     font_scale = min(max(0.4, canvas.shape[1] / 1400), (canvas.shape[1] - 8) / width_at_1)
-    (_, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+    (_, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
     strip = np.full((th + base + 8, canvas.shape[1], 3), 255, np.uint8)
-    cv2.putText(strip, text, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(strip, caption, (4, th + 4), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([strip, canvas])
 
 
