@@ -195,7 +195,8 @@ def train(args: argparse.Namespace) -> int:
         return 0
     metrics = _evaluate_checkpoint(checkpoint, to_dict(val), cfg.data.val_proposals, output_dir, device=device)
     if metrics:  # rank 0: the final AP in TensorBoard too, at the last iteration
-        log_final_eval(output_dir / "tb", cfg.rcnn.ft_max_iter if cfg.detector == "rcnn" else cfg.train.max_iter, metrics)
+        last_iteration = cfg.rcnn.ft_max_iter if cfg.detector == "rcnn" else cfg.train.max_iter
+        log_final_eval(output_dir / "tb", last_iteration, metrics)
     return 0
 
 

@@ -29,7 +29,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         size = path.stat().st_size
     except FileNotFoundError:
         if path.is_symlink():
-            raise ImageReadError(path, f"broken symbolic link (its target {os.readlink(path)} does not exist)") from None
+            raise ImageReadError(path, f"broken symbolic link (its target {os.readlink(path)} "
+                                       "does not exist)") from None
         raise ImageReadError(path, "file not found") from None
     except OSError as e:
         raise ImageReadError(path, f"cannot stat: {e.strerror}") from None

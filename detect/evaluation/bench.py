@@ -238,7 +238,8 @@ def bench(detectors: Sequence[Detector], names: Sequence[str], records: Sequence
     timings = run_interleaved(detectors, records, get_proposals=get_proposals, warmup=warmup)
     result = bench_summary(timings, names, [d.kind for d in detectors], num_resamples=num_resamples)
     # FLOPs at the bench's median image size and proposal count (machine-independent).
-    image_hw = (int(np.median([r.height for r in records[warmup:]])), int(np.median([r.width for r in records[warmup:]])))
+    counted = records[warmup:]
+    image_hw = (int(np.median([r.height for r in counted])), int(np.median([r.width for r in counted])))
     num_props = int(np.median(timings["num_proposals"]))
     ref = reference_index([d.kind for d in detectors])
     flops = [detector_flops(d, image_hw, num_props) for d in detectors]

@@ -336,9 +336,10 @@ def tune_to_files(records: list, out: str | Path, *, data_spec: dict, figure, ca
     ``.png`` (``figure(result)``) and ``.json``, print the table and the verdict; returns the result."""
     out = Path(out)
     result = tune(records, cache_dir=cache_dir or f"{out}.cache", **options)
+    target = result["target"]
     command = (f"detect tune-proposals --data {data_arguments(data_spec)} --num-images "
-               f"{options.get('num_images', 50)} --seed {result['seed']} --target-recall {result['target']['recall']:g} --target-iou "
-               f"{result['target']['iou']:g} --max-boxes {result['target']['max_boxes']} ({time.strftime('%Y-%m-%d')})")
+               f"{options.get('num_images', 50)} --seed {result['seed']} --target-recall {target['recall']:g} "
+               f"--target-iou {target['iou']:g} --max-boxes {target['max_boxes']} ({time.strftime('%Y-%m-%d')})")
     summary = summary_line(result)
     write_text_atomic(out, proposals_yaml(result, command))
     write_text_atomic(out.with_suffix(".md"), f"{command}\n\n{summary}\n\nBest setting of each search measured on "

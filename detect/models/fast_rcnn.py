@@ -70,8 +70,8 @@ class FastRCNN(Detector):
     def __init__(self, *, backbone: Backbone, roi_op: str = "roi_pool", roi_sampling_ratio: int = 2,
                  roi_aligned: bool = True, bbox_std: Sequence[float] = (0.1, 0.1, 0.2, 0.2), test_scale: int = 600,
                  test_max_size: int = 1000, test_scales: Sequence[int] | None = None, roi_chunk: int = 1024,
-                 class_names: list[str], score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
-                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
+                 class_names: list[str], score_thresh: float = 0.05, nms_thresh: float = 0.3,
+                 detections_per_image: int = 100, per_class_top_k: int = 0, category_ids: list[int] | None = None,
                  proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
                  amp: bool = True, box_regression: bool = True):
         super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,

@@ -116,8 +116,8 @@ class RCNN(Detector):
     def __init__(self, *, backbone: Backbone, crop_size: int, context_pad: int = 16, svm_weight: Tensor,
                  svm_bias: Tensor, feat_scale: float, bbox_weight: Tensor, bbox_bias: Tensor,
                  bbox_target_mean: Tensor, bbox_target_std: Tensor, test_chunk: int = 512,
-                 class_names: list[str], score_thresh: float = 0.05, nms_thresh: float = 0.3, detections_per_image: int = 100,
-                 per_class_top_k: int = 0, category_ids: list[int] | None = None,
+                 class_names: list[str], score_thresh: float = 0.05, nms_thresh: float = 0.3,
+                 detections_per_image: int = 100, per_class_top_k: int = 0, category_ids: list[int] | None = None,
                  proposal_settings: dict | None = None, proposal_top_k: int = 0, backbone_name: str = "",
                  amp: bool = True, box_regression: bool = True):
         super().__init__(class_names=class_names, score_thresh=score_thresh, nms_thresh=nms_thresh,

@@ -161,8 +161,9 @@ def findings(acc: dict | None, bench: dict | None, differ: dict | None = None, u
                     if "flops_ratio_to_reference" in d else "")
             apart = (["backbone"] * ("backbone" in differ)
                      + ["proposal top_k"] * (top_k[d["name"]] != top_k[bench["reference"]]))
-            out.append(f"Speed ({bench['num_images']} images, interleaved): {d['name']} takes {ratio_text(r['detector'])} "
-                       f"the time of {bench['reference']} detector-only and {ratio_text(r['end_to_end'])} end to end "
+            out.append(f"Speed ({bench['num_images']} images, interleaved): {d['name']} takes "
+                       f"{ratio_text(r['detector'])} the time of {bench['reference']} detector-only and "
+                       f"{ratio_text(r['end_to_end'])} end to end "
                        f"with selective search{flop}." + _caveat(apart))
         paper = bench.get("paper_flops")
         if paper:
