@@ -127,7 +127,8 @@ def reference_index(kinds: Sequence[str]) -> int:
     return list(kinds).index("fast_rcnn") if "rcnn" in kinds and "fast_rcnn" in kinds else 0
 
 
-def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000) -> dict:
+def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, num_resamples: int = 2000,
+                  seed: int = 0) -> dict:
     """Median/p10/p90 of ``run_interleaved``'s timings per detector and stage, detector-only and end to
     end, and each detector's ratio of medians to the reference (> 1: slower), with intervals."""
     prop = np.asarray(timings[PROPOSALS], dtype=np.float64)
@@ -142,10 +143,10 @@ def bench_summary(timings: dict, names: Sequence[str], kinds: Sequence[str], *, 
     for i, d in enumerate(out_dets):
         if i != ref:
             d["ratio_to_reference"] = {
-                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples)
+                key: ratio_of_medians(v, totals[ref][key], num_resamples=num_resamples, seed=seed)
                 for key, v in totals[i].items()}
     return {"reference": names[ref], PROPOSALS: summarize(prop), "proposals_per_image_ms": list(map(float, prop)),
-            "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": 0}
+            "num_images": int(prop.size), "detectors": out_dets, "num_resamples": num_resamples, "seed": seed}
 
 
 def count_flops(module: nn.Module, *inputs_shapes: tuple[int, ...]) -> int:
