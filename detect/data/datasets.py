@@ -192,26 +192,33 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
         records.append(ImageRecord(image_id=image_id, file_name=str(image_dir / file_name),
                                    width=int(width), height=int(height)))
 
-    # A lean check of every annotation (_explain_bad_annotation names what is wrong), then its columns.
-    annotations = data["annotations"]
-    for i, ann in enumerate(annotations):
+    # One lean pass over the annotations collects their columns; _explain_bad_annotation names what is wrong.
+    ann_ids, rows, classes, crowd, bboxes, areas = [], [], [], [], [], []
+    for i, ann in enumerate(data["annotations"]):
         try:
-            image_id, category_id, bbox = ann["image_id"], ann["category_id"], ann["bbox"]
-            well_formed = (type(ann["id"]) is int and type(image_id) is int and image_id in row_of_image
+            ann_id, image_id, category_id, bbox = ann["id"], ann["image_id"], ann["category_id"], ann["bbox"]
+            iscrowd = ann.get("iscrowd", 0)
+            well_formed = (type(ann_id) is int and type(image_id) is int and image_id in row_of_image
                            and type(category_id) is int and category_id in class_of_category
-                           and type(bbox) is list and len(bbox) == 4 and ann.get("iscrowd", 0) in (0, 1))
+                           and type(bbox) is list and len(bbox) == 4 and iscrowd in (0, 1))
         except (KeyError, TypeError, AttributeError):
             well_formed = False
         if not well_formed:
             _explain_bad_annotation(ann, i, src, row_of_image, class_of_category)
-    ann_ids = [ann["id"] for ann in annotations]
+        ann_ids.append(ann_id)
+        rows.append(row_of_image[image_id])
+        classes.append(class_of_category[category_id])
+        crowd.append(bool(iscrowd))
+        bboxes.append(bbox)
+        area = ann.get("area")  # COCO's own; not a number: unknown (NaN)
+        areas.append(float(area) if isinstance(area, (int, float)) and not isinstance(area, bool) else np.nan)
     if len(set(ann_ids)) != len(ann_ids):
         duplicates = sorted(a for a, n in Counter(ann_ids).items() if n > 1)
         where = [i for i, a in enumerate(ann_ids) if a == duplicates[0]]
         raise ValueError(f"{src}: duplicate annotation id {duplicates[0]} (annotations[{where[0]}] and "
                          f"annotations[{where[1]}]); {len(duplicates)} duplicated ids in all")
-    xyxy = xywh_to_xyxy(_number_array([ann["bbox"] for ann in annotations], ann_ids, src))  # [A, 4] float64
-    rows = np.array([row_of_image[ann["image_id"]] for ann in annotations], dtype=np.int64)  # [A]
+    xyxy = xywh_to_xyxy(_number_array(bboxes, ann_ids, src))  # [A, 4] float64
+    rows = np.asarray(rows, dtype=np.int64)  # [A]
     sizes = np.array([(r.width, r.height) for r in records], dtype=np.float64).reshape(-1, 2)[rows]  # [A, 2]
     boxes, keep = clean_boxes(xyxy, sizes[:, 0], sizes[:, 1], report, lambda j: (
         f"{src}: annotations[{j}] (id {ann_ids[j]}), image id {records[rows[j]].image_id}"))
@@ -220,11 +227,9 @@ def load_coco(json_path: str | os.PathLike, image_dir: str | os.PathLike | None 
     kept = np.flatnonzero(keep)[np.argsort(rows[keep], kind="stable")]  # [A']
     starts = np.concatenate([[0], np.cumsum(np.bincount(rows[kept], minlength=len(records)))])
     boxes = boxes[kept].astype(np.float32)  # [A', 4]
-    classes = np.array([class_of_category[ann["category_id"]] for ann in annotations], dtype=np.int64)[kept]  # [A']
-    crowd = np.array([ann.get("iscrowd", 0) for ann in annotations], dtype=bool)[kept]  # [A']
-    areas = (ann.get("area") for ann in annotations)  # COCO's own; not a number: unknown (NaN)
-    areas = np.array([float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else np.nan
-                      for a in areas], dtype=np.float32)[kept]  # [A']
+    classes = np.asarray(classes, dtype=np.int64)[kept]  # [A']
+    crowd = np.asarray(crowd, dtype=bool)[kept]  # [A']
+    areas = np.asarray(areas, dtype=np.float32)[kept]  # [A']
     for row, record in enumerate(records):
         record.gt_boxes = boxes[starts[row]:starts[row + 1]]
         record.gt_classes = classes[starts[row]:starts[row + 1]]
@@ -445,10 +450,11 @@ def read_voc_xml(xml_path: Path, image_dir: Path, name: str, image_id: int,
         boxes.append((xmin - 1, ymin - 1, xmax, ymax))  # 1-based inclusive -> 0-based continuous
         names.append(class_name)
         difficult.append(flag == "1")
-    boxes, keep = clean_boxes(np.array(boxes, dtype=np.float64).reshape(-1, 4), np.full(len(boxes), float(int(width))),
-                              np.full(len(boxes), float(int(height))), report, lambda j: f"{xml_path}: object {j}")
-    record = ImageRecord(image_id=image_id, file_name=str(image_path.absolute()), width=int(width),
-                         height=int(height), gt_boxes=boxes[keep].astype(np.float32), gt_classes=np.flatnonzero(keep),
+    width, height = int(width), int(height)  # the record's size, which the boxes are checked against
+    boxes, keep = clean_boxes(np.array(boxes, dtype=np.float64).reshape(-1, 4), np.full(len(boxes), float(width)),
+                              np.full(len(boxes), float(height)), report, lambda j: f"{xml_path}: object {j}")
+    record = ImageRecord(image_id=image_id, file_name=str(image_path.absolute()), width=width, height=height,
+                         gt_boxes=boxes[keep].astype(np.float32), gt_classes=np.flatnonzero(keep),
                          gt_difficult=np.array(difficult, dtype=bool)[keep])
     return record, [n for n, k in zip(names, keep) if k]
 
